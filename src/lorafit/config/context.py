@@ -1,0 +1,35 @@
+"""What a builder may need to know about the build it is part of.
+
+`lorafit validate` builds models on the meta device and loads no weights; `lorafit run` under FSDP2
+may also build on meta and load weights after sharding. Builders read the current context instead of
+taking these as config keys, so the same YAML serves both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from contextvars import ContextVar
+from dataclasses import dataclass, replace
+
+
+@dataclass(frozen=True)
+class BuildContext:
+    meta_device: bool = False  # build models without weights (validate, or before sharding)
+    load_weights: bool = True  # False together with meta_device: weights are loaded later, or never
+
+
+_CURRENT: ContextVar[BuildContext] = ContextVar("lorafit_build_context", default=BuildContext())
+
+
+def current_context() -> BuildContext:
+    return _CURRENT.get()
+
+
+@contextlib.contextmanager
+def build_context(**changes) -> Iterator[BuildContext]:
+    token = _CURRENT.set(replace(_CURRENT.get(), **changes))
+    try:
+        yield _CURRENT.get()
+    finally:
+        _CURRENT.reset(token)

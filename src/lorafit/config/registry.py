@@ -1,0 +1,129 @@
+"""The component registry: (component_key, variant_key) -> builder + pydantic config model.
+
+A component module declares its config model and builder side by side and registers them in the same file:
+
+    class LoraConfig(ComponentConfig):
+        r: int = Field(ge=1)
+        model: Component("model")
+
+    @register_component("model", "lora", LoraConfig)
+    def build_lora_model(config: LoraConfig) -> torch.nn.Module: ...
+
+Config values that are components (inline `{component_key, variant_key, config}` blocks or
+`{instance_key, pass_type}` references) reach the builder already built.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict
+
+from lorafit.errors import did_you_mean
+
+
+class ComponentConfig(BaseModel):
+    """Base class of every component's config: unknown keys are errors, built objects are allowed."""
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True, protected_namespaces=())
+
+
+class Pending:
+    """Stands in for a component while a config is validated without building anything."""
+
+    def __init__(self, component_key: str, variant_key: str, path: str):
+        self.component_key = component_key
+        self.variant_key = variant_key
+        self.path = path
+
+    def __repr__(self) -> str:
+        return f"<{self.component_key}/{self.variant_key} at {self.path}>"
+
+
+_PLAIN = (str, int, float, bool, dict, list, tuple, type(None))
+
+
+def Component(*component_keys: str) -> Any:  # noqa: N802 - reads as a type in config models
+    """Type for a config field that must hold a built component of one of `component_keys`."""
+    wanted = " or ".join(f"'{k}'" for k in component_keys)
+
+    def check(value: Any) -> Any:
+        if isinstance(value, Pending):
+            if value.component_key not in component_keys:
+                raise ValueError(
+                    f"expected a {wanted} component, got '{value.component_key}/{value.variant_key}' ({value.path})"
+                )
+            return value
+        if isinstance(value, _PLAIN):
+            raise ValueError(
+                f"expected a {wanted} component: an inline {{component_key, variant_key, config}} block "
+                f"or a reference {{instance_key: NAME, pass_type: BY_REFERENCE}}, got {type(value).__name__} {value!r}"
+            )
+        return value
+
+    return Annotated[Any, BeforeValidator(check), {"component": component_keys}]
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    component_key: str
+    variant_key: str
+    config_model: type[BaseModel]
+    builder: Callable[[Any], Any]
+
+    @property
+    def doc(self) -> str:
+        text = (self.builder.__doc__ or self.config_model.__doc__ or "").strip()
+        return text.splitlines()[0] if text else ""
+
+
+class Registry:
+    def __init__(self) -> None:
+        self._specs: dict[tuple[str, str], ComponentSpec] = {}
+
+    def register(self, component_key: str, variant_key: str, config_model: type[BaseModel]):
+        def decorator(builder: Callable[[Any], Any]):
+            key = (component_key, variant_key)
+            if key in self._specs and self._specs[key].builder is not builder:
+                raise ValueError(f"component {component_key}/{variant_key} is already registered")
+            self._specs[key] = ComponentSpec(component_key, variant_key, config_model, builder)
+            return builder
+
+        return decorator
+
+    def component_keys(self) -> list[str]:
+        return sorted({ck for ck, _ in self._specs})
+
+    def variant_keys(self, component_key: str) -> list[str]:
+        return sorted(vk for ck, vk in self._specs if ck == component_key)
+
+    def get(self, component_key: str, variant_key: str) -> ComponentSpec:
+        """The spec, or a ValueError whose message lists the valid choices and the nearest one."""
+        if (component_key, variant_key) in self._specs:
+            return self._specs[(component_key, variant_key)]
+        keys = self.component_keys()
+        if component_key not in keys:
+            raise LookupError(
+                "component_key",
+                f"unknown component_key '{component_key}'{did_you_mean(component_key, keys)}; "
+                f"valid: {', '.join(keys)}",
+            )
+        variants = self.variant_keys(component_key)
+        raise LookupError(
+            "variant_key",
+            f"unknown variant_key '{variant_key}' for component_key '{component_key}'"
+            f"{did_you_mean(variant_key, variants)}; valid: {', '.join(variants)}",
+        )
+
+    def specs(self) -> list[ComponentSpec]:
+        return [self._specs[k] for k in sorted(self._specs)]
+
+
+REGISTRY = Registry()
+
+
+def register_component(component_key: str, variant_key: str, config_model: type[BaseModel]):
+    """Public API: register a builder for (component_key, variant_key) with its pydantic config model."""
+    return REGISTRY.register(component_key, variant_key, config_model)

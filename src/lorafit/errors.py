@@ -1,0 +1,71 @@
+"""User-facing errors.
+
+Anything the user can fix (a config key, a file, an argument) is raised as a `UserError`. The CLI prints
+it without a traceback and exits with its `exit_code`; every other exception is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One problem, located by a YAML-style path such as `lora_model.config.target_layers[2]`."""
+
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}" if self.path else self.message
+
+
+class UserError(Exception):
+    """An error the user can fix. `field` is a path relative to the component being built, if any.
+
+    The config builder prefixes `field` with the component's YAML path, so a builder can say
+    `raise UserError("file not found: x.bin", field="checkpoint_path")` and the user reads
+    `checkpointed_model.config.checkpoint_path: file not found: x.bin`.
+    """
+
+    exit_code = 2
+
+    def __init__(self, message: str, *, field: str | None = None, problems: list[Problem] | None = None):
+        self.problems = list(problems) if problems else [Problem(field or "", message)]
+        super().__init__(self.render())
+
+    def render(self) -> str:
+        if len(self.problems) == 1:
+            return str(self.problems[0])
+        lines = [f"{len(self.problems)} problems:"]
+        lines += [f"  - {p}" for p in self.problems]
+        return "\n".join(lines)
+
+    def prefixed(self, prefix: str) -> UserError:
+        """The same error with every problem path placed under `prefix`."""
+        return UserError("", problems=[Problem(join_path(prefix, p.path), p.message) for p in self.problems])
+
+
+class ConfigError(UserError):
+    """A problem in the YAML config (exit code 2)."""
+
+
+def join_path(prefix: str, path: str) -> str:
+    if not prefix:
+        return path
+    if not path:
+        return prefix
+    return prefix + path if path.startswith("[") else f"{prefix}.{path}"
+
+
+def nearest(word: str, choices: list[str] | set[str] | tuple[str, ...]) -> str | None:
+    """The closest valid choice, for 'did you mean' hints."""
+    import difflib
+
+    found = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.5)
+    return found[0] if found else None
+
+
+def did_you_mean(word: str, choices) -> str:
+    best = nearest(word, choices)
+    return f" (did you mean '{best}'?)" if best else ""
