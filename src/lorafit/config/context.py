@@ -19,7 +19,7 @@ class BuildContext:
     load_weights: bool = True  # False together with meta_device: weights are loaded later, or never
 
 
-_CURRENT: ContextVar[BuildContext] = ContextVar("lorafit_build_context", default=BuildContext())
+_CURRENT: ContextVar[BuildContext] = ContextVar("lorafit_build_context", default=BuildContext())  # noqa: B039 - frozen
 
 
 def current_context() -> BuildContext:

@@ -107,8 +107,7 @@ class Registry:
         if component_key not in keys:
             raise LookupError(
                 "component_key",
-                f"unknown component_key '{component_key}'{did_you_mean(component_key, keys)}; "
-                f"valid: {', '.join(keys)}",
+                f"unknown component_key '{component_key}'{did_you_mean(component_key, keys)}; valid: {', '.join(keys)}",
             )
         variants = self.variant_keys(component_key)
         raise LookupError(

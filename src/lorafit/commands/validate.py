@@ -1,0 +1,22 @@
+"""`lorafit validate --config_file_path X`: check a whole run config without training.
+
+Models are built on the meta device (no weights loaded), so this takes seconds even for large models.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser("validate", help="check a config without training")
+    parser.add_argument("--config_file_path", type=Path, required=True)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from lorafit.job import validate_config
+
+    print(validate_config(args.config_file_path))
+    return 0

@@ -1,0 +1,12 @@
+"""The built-in components. Importing a component module registers it; this is the one list of them."""
+
+from __future__ import annotations
+
+import importlib
+
+BUILTIN_COMPONENT_MODULES = []
+
+
+def load_builtin_components() -> None:
+    for module in BUILTIN_COMPONENT_MODULES:
+        importlib.import_module(module)

@@ -1,0 +1,72 @@
+"""Human-readable descriptions of registered components (for `lorafit components` and docs/configs.md)."""
+
+from __future__ import annotations
+
+import typing
+from typing import Any
+
+from pydantic import BaseModel
+from pydantic_core import PydanticUndefined
+
+from lorafit.config.registry import Registry
+
+
+def type_name(annotation: Any) -> str:
+    metadata = getattr(annotation, "__metadata__", None)
+    if metadata:
+        for item in metadata:
+            if isinstance(item, dict) and "component" in item:
+                return "component " + "|".join(item["component"])
+        annotation = typing.get_args(annotation)[0]
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Literal:
+        return " | ".join(repr(a) for a in args)
+    if origin is not None and args:
+        inner = ", ".join(type_name(a) for a in args)
+        name = getattr(origin, "__name__", str(origin)).replace("UnionType", "Union")
+        if name in ("Union", "UnionType"):
+            return " | ".join(type_name(a) for a in args)
+        return f"{name}[{inner}]"
+    if annotation is type(None):
+        return "null"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def field_rows(model: type[BaseModel]) -> list[tuple[str, str, str, str]]:
+    rows = []
+    for name, field in model.model_fields.items():
+        if field.default is PydanticUndefined and field.default_factory is None:
+            default = "(required)"
+        elif field.default_factory is not None:
+            default = repr(field.default_factory())
+        else:
+            default = repr(field.default)
+        constraints = " ".join(
+            str(m) for m in field.metadata if not isinstance(m, (dict,)) and "Validator" not in type(m).__name__
+        )
+        rows.append((name, type_name(field.annotation), default, (field.description or constraints).strip()))
+    return rows
+
+
+def describe_components(registry: Registry, only: str | None = None, markdown: bool = False) -> str:
+    lines: list[str] = []
+    for spec in registry.specs():
+        if only and spec.component_key != only:
+            continue
+        if markdown:
+            lines += [
+                f"### `{spec.component_key}` / `{spec.variant_key}`",
+                "",
+                spec.doc,
+                "",
+                "| key | type | default | notes |",
+                "|---|---|---|---|",
+            ]
+            lines += [f"| `{n}` | `{t}` | `{d}` | {c} |" for n, t, d, c in field_rows(spec.config_model)]
+            lines.append("")
+        else:
+            lines.append(f"{spec.component_key} / {spec.variant_key}" + (f"  — {spec.doc}" if spec.doc else ""))
+            for name, tname, default, notes in field_rows(spec.config_model):
+                lines.append(f"    {name}: {tname} = {default}" + (f"  [{notes}]" if notes else ""))
+            lines.append("")
+    return "\n".join(lines).rstrip() + "\n"

@@ -1,0 +1,153 @@
+"""Read a YAML config and resolve its `${...}` interpolations with OmegaConf.
+
+YAML is parsed with `yaml.safe_load` (no Python tags, so a config can never construct arbitrary objects) and only
+then handed to OmegaConf, which gives us interpolation and the resolvers Modalities configs use:
+`${cuda_env:LOCAL_RANK|RANK|WORLD_SIZE}` and `${lorafit_env:...}` (alias `${modalities_env:...}`).
+Every value that fails to resolve is reported, each with its YAML path, in one error.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from lorafit.errors import ConfigError, Problem, join_path
+
+
+@dataclass(frozen=True)
+class ConfigEnv:
+    """Values behind `${lorafit_env:NAME}`."""
+
+    experiment_id: str = ""
+    config_file_path: str = ""
+    config_folder_path: str = ""
+    experiments_root_path: str = "experiments"
+
+
+_ENV: ContextVar[ConfigEnv] = ContextVar("lorafit_config_env", default=ConfigEnv())  # noqa: B039 - frozen
+
+_CUDA_ENV_DEFAULTS = {"LOCAL_RANK": 0, "RANK": 0, "WORLD_SIZE": 1}
+
+
+def _cuda_env(name: str) -> int:
+    if name not in _CUDA_ENV_DEFAULTS:
+        raise ValueError(f"cuda_env knows {', '.join(_CUDA_ENV_DEFAULTS)}, not '{name}'")
+    return int(os.environ.get(name, _CUDA_ENV_DEFAULTS[name]))
+
+
+def _lorafit_env(name: str) -> str:
+    env = _ENV.get()
+    if name not in ConfigEnv.__dataclass_fields__:
+        raise ValueError(f"lorafit_env knows {', '.join(ConfigEnv.__dataclass_fields__)}, not '{name}'")
+    return getattr(env, name)
+
+
+def _register_resolvers() -> None:
+    for name, fn in (("cuda_env", _cuda_env), ("lorafit_env", _lorafit_env), ("modalities_env", _lorafit_env)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_resolver(name, fn)
+
+
+@contextmanager
+def config_env(env: ConfigEnv) -> Iterator[None]:
+    token = _ENV.set(env)
+    try:
+        yield
+    finally:
+        _ENV.reset(token)
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """Parse the file safely; syntax errors carry the file, line and column."""
+    path = Path(path)
+    if not path.is_file():
+        hint = " (it is a directory)" if path.is_dir() else ""
+        raise ConfigError(f"config file not found: {path}{hint}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a UTF-8 text file ({e.reason} at byte {e.start})") from None
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
+        raise ConfigError(f"{path}: invalid YAML at {where}: {e.problem or e.context}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    if data is None:
+        raise ConfigError(f"{path}: the config file is empty")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of names to components, not {type(data).__name__}")
+    bad_keys = [k for k in data if not isinstance(k, str)]
+    if bad_keys:
+        raise ConfigError(f"{path}: top-level keys must be strings, got {bad_keys!r}")
+    return data
+
+
+def resolve(data: dict[str, Any], env: ConfigEnv | None = None) -> dict[str, Any]:
+    """Resolve all `${...}`; collect every failure with its path."""
+    _register_resolvers()
+    try:
+        cfg = OmegaConf.create(data, flags={"allow_objects": False})
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"cannot read config: {_first_line(e)}") from None
+    problems: list[Problem] = []
+    with config_env(env or _ENV.get()):
+        resolved = _resolve_node(cfg, "", problems)
+    if problems:
+        raise ConfigError("", problems=problems)
+    return resolved
+
+
+def load_config(path: Path, env: ConfigEnv | None = None) -> dict[str, Any]:
+    path = Path(path)
+    env = env or ConfigEnv(config_file_path=str(path), config_folder_path=str(path.parent))
+    return resolve(read_yaml(path), env)
+
+
+def _resolve_node(node: Any, path: str, problems: list[Problem]) -> Any:
+    if isinstance(node, DictConfig):
+        out = {}
+        for key in node:
+            child_path = join_path(path, str(key))
+            try:
+                child = node._get_node(key)  # the raw node: its interpolation resolves below, one at a time
+                value = node[key] if not isinstance(child, (DictConfig, ListConfig)) else child
+            except OmegaConfBaseException as e:
+                problems.append(Problem(child_path, f"cannot resolve {_raw(node, key)}: {_first_line(e)}"))
+                continue
+            out[key] = _resolve_node(value, child_path, problems)
+        return out
+    if isinstance(node, ListConfig):
+        out_list = []
+        for i in range(len(node)):
+            child_path = f"{path}[{i}]"
+            try:
+                child = node._get_node(i)
+                value = node[i] if not isinstance(child, (DictConfig, ListConfig)) else child
+            except OmegaConfBaseException as e:
+                problems.append(Problem(child_path, f"cannot resolve {_raw(node, i)}: {_first_line(e)}"))
+                continue
+            out_list.append(_resolve_node(value, child_path, problems))
+        return out_list
+    return node
+
+
+def _raw(node: Any, key: Any) -> str:
+    try:
+        return repr(node._get_node(key)._value())
+    except Exception:  # the raw text is only decoration for the message
+        return "value"
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__

@@ -1,0 +1,134 @@
+"""From a config file to built run entities: checking, building, and `lorafit validate`'s report.
+
+The order is fixed: resolve `${...}` -> check the whole graph and the run spec (every problem at once) -> build.
+Nothing is built from a config that has a known problem.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from lorafit.components import load_builtin_components
+from lorafit.config.context import build_context
+from lorafit.config.graph import ConfigGraph, is_component, is_reference, pydantic_problems
+from lorafit.config.loader import ConfigEnv, load_config
+from lorafit.config.registry import REGISTRY
+from lorafit.config.run_spec import DEFAULT_COMPONENTS, RUN_ENTITIES, RunSettings, RunSpec, num_steps, settings_of
+from lorafit.errors import ConfigError, Problem, UserError, did_you_mean
+
+
+@dataclass
+class BuiltRun:
+    settings: RunSettings
+    model: Any
+    train_dataset: Any
+    tokenizer: Any = None
+    eval_datasets: dict[str, Any] = field(default_factory=dict)
+    optimizer: Any = None
+    scheduler: Any = None
+    parallelism: Any = None
+    evaluators: list[Any] = field(default_factory=list)
+
+
+def check_run_config(config: dict[str, Any]) -> ConfigGraph:
+    """The graph of a run config, or a ConfigError listing every problem found."""
+    load_builtin_components()
+    graph = ConfigGraph(config)
+    problems = graph.check()
+    for key, value in config.items():
+        if key == "settings" or key in RUN_ENTITIES or is_component(value) or is_reference(value):
+            continue
+        problems.append(
+            Problem(
+                key,
+                f"unknown top-level key '{key}'{did_you_mean(key, [*RUN_ENTITIES, 'settings'])}"
+                f"; the top level holds settings, the run entities ({', '.join(RUN_ENTITIES)}) "
+                "and named components {component_key, variant_key, config}",
+            )
+        )
+    values: dict[str, Any] = {"settings": settings_of(config)}
+    for key in RUN_ENTITIES:
+        if key in config:
+            values[key] = graph.placeholder(config[key], key, [])
+    try:
+        RunSpec.model_validate(values)
+    except ValidationError as e:
+        problems += [
+            p
+            if p.message != "missing required key"
+            else Problem(p.path, f"a run needs a top-level '{p.path}' entity (a component or a reference to one)")
+            for p in pydantic_problems(e, "", RunSpec)
+        ]
+    if problems:
+        raise ConfigError("", problems=sorted(set(problems), key=lambda p: p.path))
+    return graph
+
+
+def build_run(graph: ConfigGraph) -> BuiltRun:
+    config = graph.config
+    settings = RunSettings.model_validate(settings_of(config))
+    built: dict[str, Any] = {}
+    for key in RUN_ENTITIES:
+        if key in config:
+            built[key] = graph.build(key)
+        elif key in DEFAULT_COMPONENTS:
+            spec = REGISTRY.get(*DEFAULT_COMPONENTS[key])
+            built[key] = spec.builder(spec.config_model.model_validate({}))
+    run = BuiltRun(settings=settings, **built)
+    _check_sequence_length(run)
+    return run
+
+
+def _check_sequence_length(run: BuiltRun) -> None:
+    seq = run.settings.step_profile.sequence_length
+    limit = getattr(getattr(run.model, "config", None), "max_position_embeddings", None)
+    if limit and seq > limit:
+        raise ConfigError(
+            f"{seq} is above the model's maximum sequence length {limit} (max_position_embeddings)",
+            field="settings.step_profile.sequence_length",
+        )
+
+
+def load_run_config(config_path: Path, env: ConfigEnv | None = None) -> tuple[dict[str, Any], ConfigGraph]:
+    config = load_config(Path(config_path), env)
+    return config, check_run_config(config)
+
+
+def validate_config(config_path: Path) -> str:
+    """Check everything, build the model on the meta device, and say what a run would do."""
+    _config, graph = load_run_config(config_path)
+    with build_context(meta_device=True, load_weights=False):
+        run = build_run(graph)
+    sp = run.settings.step_profile
+    lines = [f"config OK: {config_path}"]
+    lines.append(f"model: {type(run.model).__name__}")
+    lines.append(_describe_model(run.model))
+    tokens = sp.local_train_micro_batch_size * sp.gradient_accumulation_steps * sp.sequence_length
+    lines.append(
+        f"steps: {num_steps(run.settings, 1)} (one process); tokens per step per process: {tokens} "
+        f"= micro batch {sp.local_train_micro_batch_size} x accumulation {sp.gradient_accumulation_steps} "
+        f"x sequence {sp.sequence_length}"
+    )
+    return "\n".join(lines)
+
+
+def _describe_model(model: Any) -> str:
+    from lorafit.lora import count_parameters, describe_lora, has_lora
+
+    if has_lora(model):
+        return describe_lora(model)
+    trainable, total = count_parameters(model)
+    return f"no LoRA layers; trainable params: {trainable:,} / {total:,} (full fine-tuning)"
+
+
+def require(value: Any, what: str, key: str) -> Any:
+    if value is None:
+        raise ConfigError(f"{what} needs a top-level '{key}' entity", field=key)
+    return value
+
+
+__all__ = ["BuiltRun", "UserError", "build_run", "check_run_config", "load_run_config", "require", "validate_config"]
