@@ -98,6 +98,12 @@ def load_run_config(config_path: Path, env: ConfigEnv | None = None) -> tuple[di
     return config, check_run_config(config)
 
 
+def build_run_entities(config_path: Path, names: list[str]) -> dict[str, Any]:
+    """Only the named run entities of a config (e.g. the model and tokenizer for `lorafit merge`)."""
+    config, graph = load_run_config(config_path)
+    return {name: graph.build(name) for name in names if name in config}
+
+
 def validate_config(config_path: Path) -> str:
     """Check everything, build the model on the meta device, and say what a run would do."""
     _config, graph = load_run_config(config_path)
@@ -131,4 +137,13 @@ def require(value: Any, what: str, key: str) -> Any:
     return value
 
 
-__all__ = ["BuiltRun", "UserError", "build_run", "check_run_config", "load_run_config", "require", "validate_config"]
+__all__ = [
+    "BuiltRun",
+    "UserError",
+    "build_run",
+    "build_run_entities",
+    "check_run_config",
+    "load_run_config",
+    "require",
+    "validate_config",
+]

@@ -1,0 +1,64 @@
+"""Merged export: the adapter folded into the base weights, saved as a plain Hugging Face folder.
+
+Before reporting success, the merged model's logits on a probe batch are compared with the unmerged
+adapter model's; the export is refused (and nothing is left behind) if they differ beyond tolerance.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+from pathlib import Path
+
+import torch
+
+from lorafit.console import info
+from lorafit.errors import UserError
+
+PROBE_TEXT = "The quick brown fox jumps over the lazy dog. What is the capital of France?"
+
+
+def probe_batch(model, tokenizer) -> torch.Tensor:
+    if tokenizer is not None:
+        ids = tokenizer(PROBE_TEXT, return_tensors="pt")["input_ids"]
+    else:
+        generator = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, model.config.vocab_size, (1, 16), generator=generator)
+    return ids.to(next(model.parameters()).device)
+
+
+@torch.no_grad()
+def export_merged(model, tokenizer, output_dir: Path, *, overwrite: bool = False, atol: float | None = None) -> float:
+    """Write `output_dir` with the merged model (safetensors), config and tokenizer; returns the max logit difference."""
+    from lorafit.lora import merge_and_unload
+
+    output_dir = Path(output_dir)
+    if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
+        raise UserError(f"output folder is not empty: {output_dir}; choose a new --output_dir")
+    model = model.eval()
+    ids = probe_batch(model, tokenizer)
+    expected = model(input_ids=ids).logits.float()
+    merged = merge_and_unload(copy.deepcopy(model))
+    got = merged(input_ids=ids).logits.float()
+    diff = (got - expected).abs().max().item()
+    dtype = next(merged.parameters()).dtype
+    tolerance = (
+        atol if atol is not None else (1e-4 if dtype == torch.float32 else 5e-2) * max(1.0, expected.abs().max().item())
+    )
+    if not diff <= tolerance:
+        raise UserError(
+            f"merged model differs from the adapter model: max |logit diff| {diff:.3g} > {tolerance:.3g}; "
+            "nothing was written"
+        )
+    tmp = output_dir.with_name(output_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged.save_pretrained(tmp, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    if output_dir.exists():
+        shutil.rmtree(output_dir)
+    tmp.rename(output_dir)
+    info(
+        f"merged model written to {output_dir} (max |logit diff| vs adapter model {diff:.2e}, tolerance {tolerance:.1e})"
+    )
+    return diff

@@ -1,0 +1,133 @@
+"""`lorafit run`: one run from a config, the same code on one process or under torchrun.
+
+Order: process group -> one experiment id for all ranks -> resolve + check the config (every rank, so every rank
+fails the same way) -> run folder (rank 0 creates; never overwritten) -> build -> evaluate the base ->
+train -> evaluate the result -> export. Evaluators and exports run on rank 0 only.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lorafit.config.loader import ConfigEnv
+from lorafit.console import info
+from lorafit.errors import UserError
+from lorafit.experiment import create_run_dir, default_experiment_id, read_resolved
+from lorafit.job import BuiltRun, build_run, load_run_config
+from lorafit.resume import check_same_training, find_run_to_resume
+
+
+@dataclass
+class RunRequest:
+    config_file_path: Path
+    experiments_root_path: Path = Path("experiments")
+    experiment_id: str | None = None
+    resume_from: str | None = None
+    allow_config_change: bool = False
+
+
+def run(request: RunRequest) -> Path:
+    from lorafit.distributed.env import init_distributed
+
+    dist_env = init_distributed()
+    config_path = Path(request.config_file_path)
+    if not config_path.is_file():
+        raise UserError(f"config file not found: {config_path}")
+    root = Path(request.experiments_root_path)
+
+    run_dir, checkpoint = None, None
+    if request.resume_from:
+        run_dir, checkpoint = on_rank0_then_all(
+            dist_env, find_run_to_resume, request.resume_from, root, request.experiment_id
+        )
+        experiment_id = run_dir.name
+    else:
+        experiment_id = on_rank0_then_all(dist_env, lambda: request.experiment_id or default_experiment_id(config_path))
+    env = ConfigEnv(
+        experiment_id=experiment_id,
+        config_file_path=str(config_path),
+        config_folder_path=str(config_path.parent),
+        experiments_root_path=str(root),
+    )
+    config, graph = load_run_config(config_path, env)
+
+    if run_dir is None:
+        run_dir = on_rank0_then_all(dist_env, create_run_dir, root, experiment_id, config_path, config)
+    else:
+        diffs = check_same_training(read_resolved(run_dir), config, run_dir, request.allow_config_change)
+        for d in diffs:
+            info(f"resuming with a changed config (allowed): {d}")
+    info(f"run folder: {run_dir}")
+
+    built = build_run(graph)
+    before = evaluate(built, run_dir, "before", dist_env) if not request.resume_from else None
+    result = train(built, run_dir, dist_env, checkpoint)
+    after = evaluate(built, run_dir, "after", dist_env, trained=result)
+    if dist_env.rank == 0:
+        export(built, run_dir, result)
+        write_report(run_dir, result, before, after)
+    dist_env.barrier()
+    return run_dir
+
+
+def on_rank0_then_all(dist_env, fn, *args):
+    """Run `fn` on rank 0 and give its result, or its UserError, to every rank: no rank hangs or goes on alone."""
+    outcome: list[Any] = [None]
+    if dist_env.rank == 0:
+        try:
+            outcome[0] = ("ok", fn(*args))
+        except UserError as e:
+            outcome[0] = ("error", e.render())
+    outcome = dist_env.broadcast_object(outcome[0])
+    if outcome[0] == "error":
+        raise UserError(outcome[1])
+    return outcome[1]
+
+
+def train(built: BuiltRun, run_dir: Path, dist_env, checkpoint: str | None):
+    from lorafit.training.loop import train_from_run
+
+    return train_from_run(built, run_dir, dist_env, resume_from=checkpoint)
+
+
+def evaluate(built: BuiltRun, run_dir: Path, when: str, dist_env, trained=None) -> dict[str, Any] | None:
+    """Run the evaluators on rank 0 with the unmerged model (`when` = before/after training)."""
+    if not built.evaluators:
+        return None
+    results: dict[str, Any] | None = None
+    if dist_env.rank == 0:
+        model = built.model if trained is None else trained.model_for_eval()
+        results = {}
+        for i, evaluator in enumerate(built.evaluators):
+            name = getattr(evaluator, "name", f"evaluator_{i}")
+            results[name] = evaluator.run(model, built.tokenizer)
+            info(
+                f"[{when} training] {name}: "
+                + ", ".join(
+                    f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                    for k, v in results[name].items()
+                    if isinstance(v, (int, float))
+                )
+            )
+        (run_dir / f"eval_{when}.json").write_text(json.dumps(results, indent=2, default=str))
+    dist_env.barrier()
+    return results
+
+
+def export(built: BuiltRun, run_dir: Path, result) -> None:
+    if built.settings.export.merged_model:
+        from lorafit.export import export_merged
+
+        export_merged(result.model_for_eval(), built.tokenizer, run_dir / "merged")
+        info(f"merged model: {run_dir / 'merged'}")
+
+
+def write_report(run_dir: Path, result, before, after) -> None:
+    from lorafit.report import render_report
+
+    text = render_report(result, before, after)
+    (run_dir / "report.md").write_text(text)
+    info(text)
