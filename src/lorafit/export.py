@@ -29,7 +29,7 @@ def probe_batch(model, tokenizer) -> torch.Tensor:
 
 @torch.no_grad()
 def export_merged(model, tokenizer, output_dir: Path, *, overwrite: bool = False, atol: float | None = None) -> float:
-    """Write `output_dir` with the merged model (safetensors), config and tokenizer; returns the max logit difference."""
+    """Write `output_dir`: merged model (safetensors), config, tokenizer. Returns the max logit difference."""
     from lorafit.lora import merge_and_unload
 
     output_dir = Path(output_dir)
@@ -59,6 +59,7 @@ def export_merged(model, tokenizer, output_dir: Path, *, overwrite: bool = False
         shutil.rmtree(output_dir)
     tmp.rename(output_dir)
     info(
-        f"merged model written to {output_dir} (max |logit diff| vs adapter model {diff:.2e}, tolerance {tolerance:.1e})"
+        f"merged model written to {output_dir} "
+        f"(max |logit diff| vs adapter model {diff:.2e}, tolerance {tolerance:.1e})"
     )
     return diff

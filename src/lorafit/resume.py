@@ -64,7 +64,8 @@ def config_differences(old: Any, new: Any, path: str = "") -> list[str]:
                 out += config_differences(old[key], new[key], sub)
         return out
     if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
-        return [d for i, (a, b) in enumerate(zip(old, new)) for d in config_differences(a, b, f"{path}[{i}]")]
+        pairs = enumerate(zip(old, new, strict=True))
+        return [d for i, (a, b) in pairs for d in config_differences(a, b, f"{path}[{i}]")]
     return [] if old == new else [f"{path}: {old!r} -> {new!r}"]
 
 
