@@ -1,0 +1,285 @@
+"""Adapters on disk in PEFT's format: `adapter_config.json` + `adapter_model.safetensors`.
+
+Keys are PEFT's, adapter name stripped: `base_model.model.<module>.lora_A.weight` / `.lora_B.weight`, embeddings
+`base_model.model.<module>.lora_embedding_A` / `_B`. `target_modules` is written so that PEFT's own matching
+selects exactly the adapted modules (leaf names when they are exact, longer suffixes or a full-match regex
+otherwise), and rsLoRA is written as `use_rslora`: the file means the same to every loader.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lorafit.errors import Problem, UserError
+from lorafit.lora.layers import copy_full_tensor
+from lorafit.lora.matching import ALL_LINEAR, Target, candidates
+from lorafit.lora.model import (
+    LoraSettings,
+    canonical_name,
+    get_settings,
+    has_lora,
+    inject,
+    lora_layers,
+    named_lora_parameters,
+    remove_lora,
+    unwrap,
+)
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+LORA_SUFFIXES = ("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B")
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    full_tensor = getattr(tensor, "full_tensor", None)  # a DTensor: gathering is a collective, all ranks call it
+    tensor = full_tensor() if callable(full_tensor) else tensor
+    return tensor.detach().to("cpu").contiguous().clone()
+
+
+def adapter_state_dict(source: nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The adapter tensors under PEFT's key names, on CPU.
+
+    `source` is the model, or a full (gathered) state dict with our module names, e.g. from
+    `get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))`; only LoRA keys are
+    taken from it (a gathered dict can hold frozen base keys such as a tied `lm_head.weight`).
+    """
+    if isinstance(source, nn.Module):
+        items = list(named_lora_parameters(source))
+    else:
+        items = [(canonical_name(k), v) for k, v in source.items() if k.endswith(LORA_SUFFIXES)]
+    return {PREFIX + name: _full(value) for name, value in sorted(items)}
+
+
+def expected_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {PREFIX + name: tuple(p.shape) for name, p in named_lora_parameters(model)}
+
+
+def peft_target_modules(model: nn.Module, modules: list[str]) -> list[str] | str:
+    """A `target_modules` that PEFT resolves to exactly `modules` on this model."""
+    wanted = set(modules)
+    names = {canonical_name(c.name) for c in candidates(unwrap(model))}
+    for depth in (1, 2, 3):
+        suffixes = sorted({".".join(n.split(".")[-depth:]) for n in wanted})
+        hit = {n for n in names if any(n == s or n.endswith("." + s) for s in suffixes)}
+        if hit == wanted:
+            return suffixes
+    # a string is matched by PEFT with re.fullmatch against each qualified name
+    return "|".join(re.escape(n) for n in sorted(wanted))
+
+
+def adapter_config(model: nn.Module, base_model_name_or_path: str | None = None) -> dict:
+    settings = get_settings(model)
+    if base_model_name_or_path is None:
+        base_model_name_or_path = getattr(getattr(unwrap(model), "config", None), "_name_or_path", None) or None
+    alpha = int(settings.alpha) if float(settings.alpha).is_integer() else settings.alpha
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": settings.r,
+        "lora_alpha": alpha,
+        "use_rslora": settings.use_rslora,
+        "target_modules": peft_target_modules(model, list(settings.modules)),
+        "lora_dropout": settings.dropout,
+        "fan_in_fan_out": settings.fan_in_fan_out,
+        "bias": "none",
+        "use_dora": False,
+        "init_lora_weights": True if settings.init == "kaiming" else settings.init,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "inference_mode": True,
+    }
+
+
+def save_adapter(
+    model: nn.Module,
+    path: str | os.PathLike,
+    state_dict: Mapping[str, torch.Tensor] | None = None,
+    *,
+    base_model_name_or_path: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write the adapter folder atomically (temp folder + rename). Tensors come from `state_dict` if given.
+
+    Under FSDP2 pass the gathered full state dict and call this on rank 0 only. An existing non-empty
+    folder is replaced only with `overwrite=True`.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"cannot write an adapter to {path}: it is a file")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise UserError(f"adapter folder {path} exists and is not empty (pass overwrite=True to replace it)")
+    config = adapter_config(model, base_model_name_or_path)
+    tensors = adapter_state_dict(model if state_dict is None else state_dict)
+    _check_complete(tensors, expected_shapes(model), "the state dict to save")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.mkdir()
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        old = None
+        if path.exists():
+            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(path, old)
+        os.rename(tmp, path)
+        if old is not None:
+            shutil.rmtree(old)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return path
+
+
+def _check_complete(tensors: Mapping[str, torch.Tensor], shapes: dict[str, tuple[int, ...]], what: str) -> None:
+    missing = sorted(set(shapes) - set(tensors))
+    extra = sorted(set(tensors) - set(shapes))
+    wrong = [f"{k}: {tuple(tensors[k].shape)} instead of {shapes[k]}" for k in sorted(set(shapes) & set(tensors))
+             if tuple(tensors[k].shape) != shapes[k]]  # fmt: skip
+    if missing or extra or wrong:
+        raise ValueError(f"{what} does not match the model's adapters: " + _listing(missing, extra, wrong))
+
+
+def _listing(missing: list[str], extra: list[str], wrong: list[str]) -> str:
+    def cut(keys: list[str]) -> str:
+        return ", ".join(keys[:8]) + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "")
+
+    parts = [f"missing keys: {cut(missing)}" if missing else "", f"unexpected keys: {cut(extra)}" if extra else "",
+             f"wrong shapes: {cut(wrong)}" if wrong else ""]  # fmt: skip
+    return "; ".join(p for p in parts if p)
+
+
+# adapter_config.json fields whose non-default values change what the adapter computes; we refuse them
+_UNSUPPORTED = {
+    "use_dora": lambda v: not v,
+    "layers_to_transform": lambda v: v is None or v == [],
+    "rank_pattern": lambda v: not v,
+    "alpha_pattern": lambda v: not v,
+    "modules_to_save": lambda v: not v,
+    "bias": lambda v: v in (None, "none"),
+    "lora_bias": lambda v: not v,
+    "target_parameters": lambda v: not v,
+    "exclude_modules": lambda v: not v,
+    "trainable_token_indices": lambda v: not v,
+    "use_qalora": lambda v: not v,
+    "alora_invocation_tokens": lambda v: not v,
+}
+
+
+def read_adapter_config(path: Path) -> dict:
+    """adapter_config.json, checked for what lorafit can load (every problem listed at once)."""
+    file = path / CONFIG_NAME
+    if not path.is_dir():
+        raise UserError(f"adapter folder not found: {path}")
+    if not file.is_file():
+        raise UserError(f"{file} not found: an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+    try:
+        config = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UserError(f"{file} is not valid JSON: {error}") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{file} must hold a JSON object")
+    problems = []
+    if config.get("peft_type", "LORA") != "LORA":
+        problems.append(Problem("peft_type", f"only LORA adapters are supported, got {config.get('peft_type')!r}"))
+    r, alpha = config.get("r"), config.get("lora_alpha")
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        problems.append(Problem("r", f"must be an integer >= 1, got {r!r}"))
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or alpha <= 0:
+        problems.append(Problem("lora_alpha", f"must be a number > 0, got {alpha!r}"))
+    targets = config.get("target_modules")
+    if not (isinstance(targets, str) and targets) and not (isinstance(targets, list) and targets):
+        problems.append(Problem("target_modules", f"must be a non-empty list or a regex string, got {targets!r}"))
+    for key, is_default in _UNSUPPORTED.items():
+        if key in config and not is_default(config[key]):
+            problems.append(Problem(key, f"{config[key]!r} is not supported by lorafit"))
+    if problems:
+        raise UserError("", problems=[Problem(f"{file}: {p.path}", p.message) for p in problems])
+    return config
+
+
+def _peft_targets(targets: list[str] | str) -> list[Target]:
+    """PEFT's `target_modules` semantics: a string is a full-match regex (or all-linear), list items are names."""
+    if isinstance(targets, str):
+        return [Target("all-linear", ALL_LINEAR, targets) if targets.lower() == ALL_LINEAR
+                else Target("regex", targets, "re:" + targets)]  # fmt: skip
+    return [Target("name", t, t) for t in targets]
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load an adapter saved by lorafit or by `peft` into `model` (injecting LoRA first if it has none).
+
+    Tensors load strictly: missing, unexpected or mis-shaped keys are a UserError naming the file.
+    """
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    config = read_adapter_config(path)
+    targets = _peft_targets(config["target_modules"])
+    settings = LoraSettings(
+        r=config["r"],
+        alpha=float(config["lora_alpha"]),
+        target_layers=[t.text for t in targets],
+        modules={},
+        dropout=float(config.get("lora_dropout") or 0.0),
+        use_rslora=bool(config.get("use_rslora", False)),
+        init="gaussian" if str(config.get("init_lora_weights")).lower() == "gaussian" else "kaiming",
+    )
+    where = f"{path / CONFIG_NAME}: target_modules"
+    weights = path / WEIGHTS_NAME
+    if not weights.is_file():
+        other = " (only safetensors adapters are supported)" if (path / "adapter_model.bin").exists() else ""
+        raise UserError(f"{weights} not found{other}")
+    tensors = load_file(str(weights))
+    fresh = not has_lora(model)
+    trainable = {id(p): p.requires_grad for p in model.parameters()}
+    if fresh:
+        inject(model, settings, targets, field_name=where, each_must_match=False, seed=None)
+    else:
+        _check_same_adapter(model, settings, targets, where)
+    try:
+        _check_complete(tensors, expected_shapes(model), str(weights))
+    except ValueError as error:
+        if fresh:  # leave the model as it came
+            remove_lora(model)
+            for param in model.parameters():
+                param.requires_grad_(trainable[id(param)])
+        raise UserError(str(error)) from None
+    params = dict(named_lora_parameters(model))
+    for key, value in tensors.items():
+        copy_full_tensor(params[key[len(PREFIX) :]], value)
+    return model
+
+
+def _check_same_adapter(model: nn.Module, settings: LoraSettings, targets: list[Target], where: str) -> None:
+    from lorafit.lora.matching import resolve_targets
+
+    current = get_settings(model)
+    if any(layer.merged for _, layer in lora_layers(model)):
+        raise UserError("cannot load an adapter into a merged model: unmerge it first")
+    resolved = {canonical_name(n) for n in resolve_targets(unwrap(model), targets, field=where, each_must_match=False)}
+    differences = [
+        f"{what}: model has {ours!r}, adapter has {theirs!r}"
+        for what, ours, theirs in [("r", current.r, settings.r), ("lora_alpha", current.alpha, settings.alpha),
+                                   ("use_rslora", current.use_rslora, settings.use_rslora)]
+        if ours != theirs
+    ]  # fmt: skip
+    if resolved != set(current.modules):
+        differences.append(f"modules: model has LoRA on {len(current.modules)}, adapter targets {len(resolved)}")
+    if differences:
+        raise UserError("the adapter does not fit the LoRA already in the model: " + "; ".join(differences))

@@ -1,0 +1,53 @@
+"""The `model/lora` component: a model with LoRA adapters on its `target_layers`, base frozen.
+
+    lora_model:
+      component_key: model
+      variant_key: lora
+      config:
+        model: {instance_key: hf_model, pass_type: BY_REFERENCE}
+        r: 8
+        alpha: 16
+        target_layers: [q_proj, v_proj]   # or [all-linear], [mlp.down_proj], ["re:model\\.layers\\.0\\..*_proj"]
+        dropout: 0.05                     # optional, adapter branch only
+        init: kaiming                     # optional: kaiming (PEFT's default) or gaussian
+        use_rslora: false                 # optional: scaling alpha/sqrt(r) instead of alpha/r
+
+Embeddings: name the nn.Embedding in `target_layers` (e.g. `[all-linear, embed_tokens]`, GPT-2: `wte`);
+`all-linear` alone never includes embeddings nor the output head.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+from torch import nn
+
+from lorafit.config.registry import Component, ComponentConfig, register_component
+from lorafit.console import info
+from lorafit.errors import UserError
+from lorafit.lora.model import apply_lora, trainable_summary
+
+
+class LoraModelConfig(ComponentConfig):
+    """LoRA on a built model. `target_layers`: leaf names, dotted suffixes, `re:<regex>` or `all-linear`."""
+
+    model: Component("model")
+    r: int = Field(ge=1)
+    alpha: float = Field(gt=0)
+    target_layers: list[str] = Field(min_length=1)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    init: Literal["kaiming", "gaussian"] = "kaiming"
+    use_rslora: bool = False
+
+
+@register_component("model", "lora", LoraModelConfig)
+def build_lora_model(config: LoraModelConfig) -> nn.Module:
+    """A model with LoRA adapters on `target_layers` (base frozen; works on meta-device models)."""
+    model = config.model
+    if not isinstance(model, nn.Module):
+        raise UserError(f"expected a torch model, got {type(model).__name__}", field="model")
+    apply_lora(model, config.r, config.alpha, config.target_layers, dropout=config.dropout, init=config.init,
+               use_rslora=config.use_rslora)  # fmt: skip
+    info(trainable_summary(model))
+    return model

@@ -1,0 +1,79 @@
+"""Explicit merge / unmerge / merge-and-unload. Nothing merges implicitly (not in train(), not in eval()).
+
+Run these on an unsharded model (after gathering a full state dict, or on one process): merging into FSDP
+shards is the corruption Modalities' eval-time merge caused. A merged model must not be saved as a base
+checkpoint of a LoRA model (the delta would be applied twice on reload): export with `merge_and_unload`.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from torch import nn
+
+from lorafit.errors import UserError
+from lorafit.lora.layers import LoraLayer
+from lorafit.lora.model import _replace, canonical_name, lora_layers, unwrap
+
+
+def _shared_weights(model: nn.Module, layers: list[tuple[str, LoraLayer]]) -> list[str]:
+    """Messages for LoRA base weights that other modules also use (tied embeddings): merging would change those."""
+    owners: dict[int, list[str]] = defaultdict(list)
+    for module_name, module in model.named_modules():
+        for param_name, param in module._parameters.items():
+            if param is not None:
+                owners[id(param)].append(f"{module_name}.{param_name}" if module_name else param_name)
+    found = []
+    for name, layer in layers:
+        users = owners[id(layer.weight)]
+        if len(users) > 1:
+            others = ", ".join(canonical_name(u) for u in users if u != f"{name}.weight")
+            found.append(f"{canonical_name(name)}.weight is tied to {others}")
+    return found
+
+
+def merge_lora(model: nn.Module) -> None:
+    """Add every adapter into its base weight (delta computed in fp32, rounded once to the weight's dtype).
+
+    Refuses, before changing anything, when a merged weight would be non-finite, when a weight is on the
+    meta device, or when a LoRA weight is tied to another module (merging would change that module too).
+    """
+    model = unwrap(model)
+    layers = [(name, layer) for name, layer in lora_layers(model) if not layer.merged]
+    if not layers:
+        return
+    if any(layer.weight.device.type == "meta" for _, layer in layers):
+        raise UserError("cannot merge LoRA into a model on the meta device: load its weights first")
+    tied = _shared_weights(model, layers)
+    if tied:
+        raise UserError(
+            "cannot merge LoRA into a tied weight, it would change the other module too: " + "; ".join(tied)
+            + ". Keep the adapter separate, or train with untied embeddings (tie_word_embeddings: false)"
+        )  # fmt: skip
+    broken = []
+    for name, layer in layers:
+        weight = layer.weight
+        merged = (weight.float() + layer.delta_weight()).to(weight.dtype)
+        if not torch.isfinite(merged).all():
+            broken.append(canonical_name(name))
+    if broken:
+        raise UserError(f"refusing to merge: the adapter makes non-finite weights in {', '.join(broken)}")
+    for _, layer in layers:
+        layer.merge()
+
+
+def unmerge_lora(model: nn.Module) -> None:
+    """Subtract every merged adapter again."""
+    for _, layer in lora_layers(model):
+        layer.unmerge()
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Merge, then put the plain base modules back (same Parameters): a plain transformers model, no LoRA left."""
+    model = unwrap(model)
+    merge_lora(model)
+    for name, layer in lora_layers(model):
+        _replace(model, name, layer.to_base())
+    model.__dict__.pop("lora_config", None)
+    return model

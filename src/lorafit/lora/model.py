@@ -1,0 +1,232 @@
+"""Putting LoRA into a model, and the model-level view of it: settings, parameters, freezing, (re)initialisation.
+
+Order that works for large and sharded models (see torchtune/torchtitan): build the model (meta device if
+large) -> `apply_lora` (A/B are created on meta too) -> FSDP2 `fully_shard` / DDP -> load base weights ->
+`reset_lora_parameters(model, seed)`. Base parameter names do not change, so the base checkpoint loads by
+its own keys; only `*.lora_A.weight`, `*.lora_B.weight`, `*.lora_embedding_A/B` are new.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from lorafit.errors import Problem, UserError
+from lorafit.lora.layers import INITS, LoraLayer, wrap
+from lorafit.lora.matching import Target, resolve_targets
+
+# wrapper segments that torch.compile / activation checkpointing / FSDP1 put into parameter names
+_WRAPPER_SEGMENTS = ("_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
+
+
+@dataclass
+class LoraSettings:
+    """The LoRA hyper-parameters of a model, kept on it as `model.lora_config` (what save_adapter writes)."""
+
+    r: int
+    alpha: float
+    target_layers: list[str]  # as given (ours: `q_proj`, `mlp.down_proj`, `re:...`, `all-linear`)
+    modules: dict[str, str]  # qualified module name -> the target entry that matched it
+    kinds: dict[str, str] = field(default_factory=dict)  # qualified module name -> Linear / Embedding / Conv1D
+    dropout: float = 0.0
+    use_rslora: bool = False
+    init: str = "kaiming"
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    @property
+    def target_modules(self) -> list[str]:
+        """Distinct leaf names of the adapted modules (what a PEFT user would list)."""
+        return sorted({name.rsplit(".", 1)[-1] for name in self.modules})
+
+    @property
+    def embedding_targets(self) -> list[str]:
+        return sorted({n.rsplit(".", 1)[-1] for n, kind in self.kinds.items() if kind == "Embedding"})
+
+    @property
+    def fan_in_fan_out(self) -> bool:
+        return any(kind == "Conv1D" for kind in self.kinds.values())
+
+
+def canonical_name(name: str) -> str:
+    """A parameter/module name without wrapper segments, i.e. the name in the plain transformers model."""
+    for segment in _WRAPPER_SEGMENTS:
+        name = name.replace(segment, "")
+    return name
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DDP wrapper or a torch.compile OptimizedModule (FSDP2 does not wrap)."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def lora_layers(model: nn.Module) -> list[tuple[str, LoraLayer]]:
+    """(name in `unwrap(model)`, layer) for every LoRA layer, in model order."""
+    return [(name, m) for name, m in unwrap(model).named_modules() if isinstance(m, LoraLayer)]
+
+
+def has_lora(model: nn.Module) -> bool:
+    return bool(lora_layers(model))
+
+
+def get_settings(model: nn.Module) -> LoraSettings:
+    settings = getattr(unwrap(model), "lora_config", None)
+    if not isinstance(settings, LoraSettings):
+        raise UserError("the model has no LoRA adapters (apply_lora or load_adapter first)")
+    return settings
+
+
+def named_lora_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    """(canonical name, parameter) of every A and B."""
+    for name, layer in lora_layers(model):
+        for suffix, param in zip(layer.lora_param_suffixes(), layer.lora_factors(), strict=True):
+            yield f"{canonical_name(name)}.{suffix}", param
+
+
+def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The adapter parameters, e.g. for the optimizer."""
+    return [p for _, p in named_lora_parameters(model)]
+
+
+def mark_only_lora_trainable(model: nn.Module) -> None:
+    """Freeze everything except LoRA's A and B."""
+    keep = {id(p) for p in lora_parameters(model)}
+    for param in model.parameters():
+        param.requires_grad_(id(param) in keep)
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total), tied parameters counted once; works on meta and on FSDP2 (global sizes)."""
+    trainable = total = 0
+    for param in model.parameters():
+        total += param.numel()
+        trainable += param.numel() if param.requires_grad else 0
+    return trainable, total
+
+
+def trainable_summary(model: nn.Module) -> str:
+    trainable, total = count_parameters(model)
+    share = 100.0 * trainable / total if total else 0.0
+    return f"trainable params: {trainable:,} / {total:,} ({share:.2f}%)"
+
+
+def _check_hyper(r, alpha, dropout, init) -> list[Problem]:
+    problems = []
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        problems.append(Problem("r", f"must be an integer >= 1, got {r!r}"))
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not math.isfinite(alpha) or alpha <= 0:
+        problems.append(Problem("alpha", f"must be a number > 0, got {alpha!r}"))
+    if isinstance(dropout, bool) or not isinstance(dropout, int | float) or not 0 <= dropout < 1:
+        problems.append(Problem("dropout", f"must be in [0, 1), got {dropout!r}"))
+    if init not in INITS:
+        problems.append(Problem("init", f"must be one of {', '.join(INITS)}, got {init!r}"))
+    return problems
+
+
+def inject(model: nn.Module, settings: LoraSettings, targets: list[Target] | list[str], *, field_name: str,
+           each_must_match: bool, seed: int | None) -> nn.Module:  # fmt: skip
+    """Resolve `targets`, replace each matched module by its LoRA layer, freeze the base, record `settings`."""
+    model = unwrap(model)
+    if has_lora(model):
+        raise UserError(
+            f"the model already has LoRA on {len(lora_layers(model))} modules; use merge_and_unload first, "
+            "or apply LoRA to a fresh model"
+        )
+    matched = resolve_targets(model, targets, field=field_name, each_must_match=each_must_match)
+    for name, entry in matched.items():
+        base = model.get_submodule(name)
+        layer = wrap(base, settings.r, settings.alpha, dropout=settings.dropout, use_rslora=settings.use_rslora,
+                     init=settings.init)  # fmt: skip
+        _replace(model, name, layer)
+        settings.modules[canonical_name(name)] = entry
+        settings.kinds[canonical_name(name)] = layer.base_kind
+    model.lora_config = settings
+    mark_only_lora_trainable(model)
+    if seed is not None:  # the layers initialised themselves from the global RNG already
+        reset_lora_parameters(model, seed=seed)
+    return model
+
+
+def apply_lora(
+    model: nn.Module,
+    r: int,
+    alpha: float,
+    target_layers: list[str] | str,
+    *,
+    dropout: float = 0.0,
+    init: str = "kaiming",
+    use_rslora: bool = False,
+    seed: int | None = None,
+) -> nn.Module:
+    """Put LoRA on the modules `target_layers` selects; freeze all else. Returns the same model, changed in place.
+
+    `target_layers` entries: a leaf name (`q_proj`), a dotted suffix (`mlp.down_proj`), `re:<regex>` on the full
+    qualified name, or `all-linear` (every Linear/Conv1D except the output head). Naming an nn.Embedding
+    (`embed_tokens`) puts LoRA on the embedding. On a meta-device model A/B are created on meta; initialise
+    them with `reset_lora_parameters` once real memory exists. `seed` makes the initialisation reproducible.
+    """
+    if isinstance(target_layers, str):
+        target_layers = [target_layers]
+    problems = _check_hyper(r, alpha, dropout, init)
+    if not isinstance(target_layers, list | tuple) or not target_layers:
+        problems.append(Problem("target_layers", "must be a non-empty list, e.g. [q_proj, v_proj] or [all-linear]"))
+    elif any(not isinstance(t, str) or not t.strip() for t in target_layers):
+        problems += [Problem(f"target_layers[{i}]", f"must be a non-empty string, got {t!r}")
+                     for i, t in enumerate(target_layers) if not isinstance(t, str) or not t.strip()]  # fmt: skip
+    if problems:
+        raise UserError("", problems=problems)
+    settings = LoraSettings(r=r, alpha=float(alpha), target_layers=list(target_layers), modules={},
+                            dropout=float(dropout), use_rslora=use_rslora, init=init)  # fmt: skip
+    return inject(model, settings, list(target_layers), field_name="target_layers", each_must_match=True, seed=seed)
+
+
+def reset_lora_parameters(model: nn.Module, seed: int | None = None) -> None:
+    """(Re)initialise every adapter: A kaiming-uniform or gaussian, B zero (embeddings: A zero, B normal).
+
+    With a seed the values are drawn from one generator in model order, so they do not depend on the device,
+    dtype or sharding: the same seed gives the same adapter on 1 process or under FSDP2. Meta tensors are
+    skipped. Under FSDP2 every rank must call it with the same seed.
+    """
+    layers = lora_layers(model)
+    if seed is None and any(_is_dtensor(p) for _, layer in layers for p in layer.lora_factors()):
+        raise ValueError("reset_lora_parameters on a sharded model needs a seed (the same on every rank)")
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    for _, layer in layers:
+        layer.reset_lora_parameters(generator)
+
+
+def remove_lora(model: nn.Module) -> nn.Module:
+    """Take the adapters out without merging: the plain base modules (same Parameters) go back in place."""
+    model = unwrap(model)
+    for name, layer in lora_layers(model):
+        if layer.merged:
+            layer.unmerge()
+        _replace(model, name, layer.to_base())
+    model.__dict__.pop("lora_config", None)
+    return model
+
+
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        return False
+    return isinstance(tensor, DTensor)
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, leaf = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, leaf, new)
