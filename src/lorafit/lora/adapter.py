@@ -252,8 +252,13 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         inject(model, settings, targets, field_name=where, each_must_match=False, seed=None)
     else:
         _check_same_adapter(model, settings, targets, where)
+    # PEFT also saves the whole embedding table (`save_embedding_layers`) when embeddings are targeted, and
+    # loading it replaces the base table (e.g. a resized vocabulary): do the same, so the file means what it
+    # meant there
+    base_weights = _base_layer_weights(model, tensors)
+    expected = expected_shapes(model) | {key: tuple(w.shape) for key, w in base_weights.items()}
     try:
-        _check_complete(tensors, expected_shapes(model), str(weights))
+        _check_complete(tensors, expected, str(weights))
     except ValueError as error:
         if fresh:  # leave the model as it came
             remove_lora(model)
@@ -262,8 +267,15 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         raise UserError(str(error)) from None
     params = dict(named_lora_parameters(model))
     for key, value in tensors.items():
-        copy_full_tensor(params[key[len(PREFIX) :]], value)
+        target = base_weights[key] if key in base_weights else params[key[len(PREFIX) :]]
+        copy_full_tensor(target, value)
     return model
+
+
+def _base_layer_weights(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`<lora module>.base_layer.weight` keys in a PEFT file -> that module's base weight."""
+    layers = {PREFIX + canonical_name(name) + ".base_layer.weight": layer.weight for name, layer in lora_layers(model)}
+    return {key: layers[key] for key in tensors if key in layers}
 
 
 def _check_same_adapter(model: nn.Module, settings: LoraSettings, targets: list[Target], where: str) -> None:

@@ -99,6 +99,17 @@ def _no_match_message(target: Target, cands: list[Candidate]) -> str:
     return f"'{target.text}' matches no module{hint}. LoRA-capable layers here: {', '.join(leaves) or 'none'}"
 
 
+def _by_type(cands: list[Candidate]) -> str:
+    groups: dict[str, list[str]] = {}
+    for c in cands:
+        groups.setdefault(type(c.module).__name__, []).append(c.name)
+    parts = []
+    for type_name, names in groups.items():
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        parts.append(f"{shown} ({type_name})")
+    return "; ".join(parts)
+
+
 def resolve_targets(
     model: nn.Module,
     targets: list[str] | list[Target],
@@ -135,11 +146,12 @@ def resolve_targets(
         if not hits:
             unmatched.append((i, target))
             continue
+        bad = [c for c in hits if c.kind is None]
+        if bad:
+            problems.append(Problem(where, f"'{target.text}' matched {_by_type(bad)}, which LoRA cannot wrap; "
+                                           f"supported: {SUPPORTED_TYPES}"))  # fmt: skip
         for c in hits:
-            if c.kind is None:
-                problems.append(Problem(where, f"'{target.text}' matched {c.name} ({type(c.module).__name__}), which "
-                                               f"LoRA cannot wrap; supported: {SUPPORTED_TYPES}"))  # fmt: skip
-            else:
+            if c.kind is not None:
                 chosen.setdefault(c.name, target.text)
     if each_must_match or not chosen:
         problems += [Problem(f"{field}[{i}]", _no_match_message(t, cands)) for i, t in unmatched]
