@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import importlib
 
-BUILTIN_COMPONENT_MODULES = []
+BUILTIN_COMPONENT_MODULES = [
+    "lorafit.lora.component",
+]
 
 
 def load_builtin_components() -> None:
