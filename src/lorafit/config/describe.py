@@ -8,15 +8,15 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from lorafit.config.registry import Registry
+from lorafit.config.registry import ComponentMarker, Registry
 
 
 def type_name(annotation: Any) -> str:
     metadata = getattr(annotation, "__metadata__", None)
     if metadata:
         for item in metadata:
-            if isinstance(item, dict) and "component" in item:
-                return "component " + "|".join(item["component"])
+            if isinstance(item, ComponentMarker):
+                return "component " + "|".join(item.keys)
         annotation = typing.get_args(annotation)[0]
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if origin is typing.Literal:
@@ -32,19 +32,35 @@ def type_name(annotation: Any) -> str:
     return getattr(annotation, "__name__", str(annotation))
 
 
+_CONSTRAINTS = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<", "min_length": "min length", "max_length": "max length"}
+
+
+def _constraint_text(metadata: list) -> str:
+    parts = []
+    for item in metadata:
+        for attr, symbol in _CONSTRAINTS.items():
+            value = getattr(item, attr, None)
+            if value is not None:
+                parts.append(f"{symbol} {value}")
+    return ", ".join(parts)
+
+
 def field_rows(model: type[BaseModel]) -> list[tuple[str, str, str, str]]:
+    """(name, type, default, constraints) for each field of a config model."""
     rows = []
     for name, field in model.model_fields.items():
         if field.default is PydanticUndefined and field.default_factory is None:
             default = "(required)"
         elif field.default_factory is not None:
             default = repr(field.default_factory())
+        elif isinstance(field.default, BaseModel):
+            default = "(see below)"
         else:
             default = repr(field.default)
-        constraints = " ".join(
-            str(m) for m in field.metadata if not isinstance(m, (dict,)) and "Validator" not in type(m).__name__
-        )
-        rows.append((name, type_name(field.annotation), default, (field.description or constraints).strip()))
+        markers = [m for m in field.metadata if isinstance(m, ComponentMarker)]
+        tname = "component " + "|".join(markers[0].keys) if markers else type_name(field.annotation)
+        notes = field.description or _constraint_text(field.metadata)
+        rows.append((name, tname, default, notes))
     return rows
 
 

@@ -45,6 +45,13 @@ class Pending:
 _PLAIN = (str, int, float, bool, dict, list, tuple, type(None))
 
 
+@dataclass(frozen=True)
+class ComponentMarker:
+    """Marks a config field as holding components of `keys` (read by docs and `lorafit components`)."""
+
+    keys: tuple[str, ...]
+
+
 def Component(*component_keys: str) -> Any:  # noqa: N802 - reads as a type in config models
     """Type for a config field that must hold a built component of one of `component_keys`."""
     wanted = " or ".join(f"'{k}'" for k in component_keys)
@@ -63,7 +70,7 @@ def Component(*component_keys: str) -> Any:  # noqa: N802 - reads as a type in c
             )
         return value
 
-    return Annotated[Any, BeforeValidator(check), {"component": component_keys}]
+    return Annotated[Any, BeforeValidator(check), ComponentMarker(component_keys)]
 
 
 @dataclass(frozen=True)
