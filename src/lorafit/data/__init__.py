@@ -1,0 +1,30 @@
+"""Training data: tokenize + pack (`pack_file`), read packed files (`PackedTokens`), datasets over them, the
+collator (padding only: labels are shifted in the datasets) and the resumable distributed sampler.
+
+Importing `lorafit.data.datasets` registers the `dataset/packed` and `dataset/instruction` components.
+Names are imported lazily so that `lorafit data pack` does not pay for torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "PackedInfo": "pack",
+    "PackedTokens": "pack",
+    "load_tokenizer": "pack",
+    "pack_file": "pack",
+    "ResumableSampler": "sampler",
+    "Collator": "datasets",
+    "InstructionDataset": "datasets",
+    "PackedDataset": "datasets",
+    "collate": "datasets",
+    "IGNORE_INDEX": "datasets",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'lorafit.data' has no attribute '{name}'")
+    return getattr(importlib.import_module(f"lorafit.data.{_EXPORTS[name]}"), name)
