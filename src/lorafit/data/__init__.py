@@ -1,7 +1,9 @@
 """Training data: tokenize + pack (`pack_file`), read packed files (`PackedTokens`), datasets over them, the
 collator (padding only: labels are shifted in the datasets) and the resumable distributed sampler.
 
-Importing `lorafit.data.datasets` registers the `dataset/packed` and `dataset/instruction` components.
+Importing `lorafit.data.datasets` registers the `dataset/packed` and `dataset/instruction` components
+(packed files); importing `lorafit.data.raw` registers `dataset/text` and `dataset/jsonl_instruction`
+(a raw file + a tokenizer component, packed into a cache on first use).
 Names are imported lazily so that `lorafit data pack` does not pay for torch.
 """
 
