@@ -6,6 +6,8 @@ import importlib
 
 BUILTIN_COMPONENT_MODULES = [
     "lorafit.lora.component",
+    "lorafit.data.datasets",
+    "lorafit.data.raw",
 ]
 
 
