@@ -80,6 +80,10 @@ def build_run(graph: ConfigGraph) -> BuiltRun:
             built[key] = spec.builder(spec.config_model.model_validate({}))
     run = BuiltRun(settings=settings, **built)
     _check_sequence_length(run)
+    for dataset in [run.train_dataset, *run.eval_datasets.values()]:
+        # datasets that leave sequence_length to the run take settings.step_profile.sequence_length
+        if getattr(dataset, "sequence_length", 0) is None and hasattr(dataset, "set_sequence_length"):
+            dataset.set_sequence_length(run.settings.step_profile.sequence_length)
     return run
 
 
