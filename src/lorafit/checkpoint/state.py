@@ -1,0 +1,264 @@
+"""Resumable training checkpoints: the trainable parameters (never the frozen base), the optimizer, and the
+trainer's counters, sampler position, scheduler and RNG states.
+
+Layout, under `<run_dir>/checkpoints/`:
+
+    step_000010/
+      .metadata, __0_0.distcp, ...   torch.distributed.checkpoint (DCP) of {model: adapters, optim: AdamW state}
+      trainer_state.pt              rank 0: step, tokens, sampler, scheduler, world size, config hash
+      rng_rank_00000.pt ...         each rank's torch / cuda / numpy / python RNG states
+      COMPLETE                      written last: JSON with the step and the sha256 of every other file
+
+Writing is atomic: everything goes to `step_000010.tmp/`, COMPLETE is written last, then the folder is renamed.
+A process killed while writing leaves only a `.tmp` folder, which is ignored and cleaned up by the next save;
+the older checkpoints are untouched. `find_latest` checks the checksums and skips (with a warning) a
+checkpoint that is incomplete or damaged, falling back to the one before it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from lorafit.console import info, warn
+from lorafit.distributed.env import DistEnv
+from lorafit.errors import UserError
+
+CHECKPOINTS = "checkpoints"
+COMPLETE = "COMPLETE"
+TRAINER_STATE = "trainer_state.pt"
+_NAME = re.compile(r"^step_(\d{6,})$")
+
+
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / CHECKPOINTS / f"step_{step:06d}"
+
+
+def _options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    # frozen base weights are not saved: they come from the base model at every start
+    return StateDictOptions(ignore_frozen_params=True)
+
+
+# --- RNG --------------------------------------------------------------------------------------------------------
+def capture_rng() -> dict[str, Any]:
+    """This process's RNG states, in types `torch.load(weights_only=True)` accepts."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, py_state, gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached": float(cached),
+        },
+        "python": [version, list(py_state), gauss],
+    }
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    version, py_state, gauss = state["python"]
+    random.setstate((version, tuple(py_state), gauss))
+
+
+# --- integrity --------------------------------------------------------------------------------------------------
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """None if `path` is a complete, undamaged checkpoint; otherwise what is wrong with it."""
+    marker = Path(path) / COMPLETE
+    if not marker.is_file():
+        return "incomplete (no COMPLETE marker: the write was interrupted)"
+    try:
+        record = json.loads(marker.read_text())
+        files = record["files"]
+    except (ValueError, KeyError, TypeError):
+        return "damaged COMPLETE marker"
+    for name, expected in files.items():
+        file = Path(path) / name
+        if not file.is_file():
+            return f"file {name} is missing"
+        if _sha256(file) != expected:
+            return f"file {name} does not match its checksum"
+    return None
+
+
+def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every finished-looking checkpoint folder, oldest first (not verified)."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _NAME.match(p.name))]
+    return sorted(found)
+
+
+def find_latest(run_dir: Path) -> Path | None:
+    """The newest checkpoint that verifies; damaged or incomplete newer ones are skipped with a warning."""
+    for _step, path in reversed(list_checkpoints(run_dir)):
+        problem = verify_checkpoint(path)
+        if problem is None:
+            return path
+        warn(f"skipping checkpoint {path}: {problem}; trying the previous one")
+    return None
+
+
+def resolve_resume(run_dir: Path, resume_from: str | os.PathLike | None) -> Path | None:
+    """The checkpoint folder to load: None (fresh start), 'latest', or a checkpoint path (must verify)."""
+    if resume_from is None:
+        return None
+    if str(resume_from) == "latest":
+        path = find_latest(run_dir)
+        if path is None:
+            raise UserError(f"--resume_from latest: no complete checkpoint under {Path(run_dir) / CHECKPOINTS}")
+        return path
+    path = Path(resume_from)
+    problem = verify_checkpoint(path) if path.is_dir() else "not found"
+    if problem:
+        raise UserError(f"cannot resume from {path}: {problem}")
+    return path
+
+
+# --- save / load ------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _quiet_single_process(env: DistEnv) -> Iterator[None]:
+    # DCP warns that it "assumes a single process" when no process group exists: that is the intent here
+    with warnings.catch_warnings():
+        if not env.distributed:
+            warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        yield
+
+
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    trainer_state: dict[str, Any],
+    env: DistEnv,
+    keep_last: int = 2,
+) -> Path:
+    """Write checkpoint `step` atomically (collective: every rank calls); keep the `keep_last` newest."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    final = checkpoint_dir(run_dir, step)
+    tmp = final.with_name(final.name + ".tmp")
+    if env.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while writing
+        tmp.mkdir(parents=True)
+    env.barrier()
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=_options())
+    with _quiet_single_process(env):
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp), no_dist=not env.distributed)
+    torch.save(capture_rng(), tmp / f"rng_rank_{env.rank:05d}.pt")
+    if env.is_main:
+        torch.save({**trainer_state, "step": step, "world_size": env.world_size}, tmp / TRAINER_STATE)
+    env.barrier()  # every rank's files are in tmp
+    if env.is_main:
+        files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        for name in files:
+            _fsync(tmp / name)
+        marker = tmp / (COMPLETE + ".part")
+        marker.write_text(json.dumps({"step": step, "time": time.time(), "files": files}, indent=1))
+        _fsync(marker)
+        marker.rename(tmp / COMPLETE)
+        if final.exists():  # a checkpoint of a superseded future (resumed from an earlier step)
+            shutil.rmtree(final)
+        tmp.rename(final)
+        _fsync(final.parent)
+        _prune(run_dir, keep_last, keep=final)
+    env.barrier()
+    return final
+
+
+def _prune(run_dir: Path, keep_last: int, keep: Path) -> None:
+    complete = [p for _, p in list_checkpoints(run_dir) if (p / COMPLETE).is_file()]
+    for path in complete[:-keep_last] if keep_last > 0 else complete:
+        if path != keep:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, env: DistEnv) -> dict[str, Any]:
+    """Load adapters + optimizer into the (wrapped) model; returns the trainer state with this rank's RNG
+    states under "rng" (None when the checkpoint was written by a different number of processes)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    path = Path(path)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=_options())
+    state = {"model": model_sd, "optim": optim_sd}
+    with _quiet_single_process(env):
+        dcp.load(state, checkpoint_id=str(path), no_dist=not env.distributed)
+    # strict=False because the frozen base is (by design) not in the checkpoint; trainable keys are checked here
+    loaded = set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                            options=replace(_options(), strict=False))  # fmt: skip
+    trainable = set(state["model"])
+    missing = sorted(k for k in loaded.missing_keys if k in trainable)
+    if missing or loaded.unexpected_keys:
+        unexpected = loaded.unexpected_keys[:5]
+        raise UserError(f"{path} does not fit the model: missing {missing[:5]}, unexpected {unexpected}")
+    trainer = torch.load(path / TRAINER_STATE, weights_only=True)
+    rng_file = path / f"rng_rank_{env.rank:05d}.pt"
+    if trainer.get("world_size") == env.world_size and rng_file.is_file():
+        trainer["rng"] = torch.load(rng_file, weights_only=True)
+    else:
+        trainer["rng"] = None
+        warn(f"{path} was written by {trainer.get('world_size')} processes, this run has {env.world_size}: "
+             "random states start fresh (data order and weights resume exactly)")  # fmt: skip
+    info(f"resumed from {path} (step {trainer['step']})")
+    return trainer
+
+
+def supersede_after(run_dir: Path, step: int) -> list[Path]:
+    """Rename checkpoints newer than `step` (a run resumed from an earlier one makes them a discarded future)
+    to `<name>.superseded`: kept for the user, never picked by `find_latest` nor pruned."""
+    moved = []
+    for later_step, path in list_checkpoints(run_dir):
+        if later_step > step:
+            target = path.with_name(f"{path.name}.superseded-{int(time.time())}")
+            path.rename(target)
+            warn(f"resumed from step {step}: the later checkpoint {path.name} is set aside as {target.name}")
+            moved.append(target)
+    return moved
+
+
+def checkpoint_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).iterdir() if p.is_file())

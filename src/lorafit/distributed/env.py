@@ -1,0 +1,105 @@
+"""The process group, from torchrun's environment: gloo on CPU, nccl on CUDA, nothing at all for one process.
+
+`init_distributed()` reads RANK / WORLD_SIZE / LOCAL_RANK (and MASTER_ADDR / MASTER_PORT, read by torch itself).
+Without them the run is one process and no process group is created; every collective helper on `DistEnv`
+then does the one-process thing, so callers never branch on "is distributed".
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from lorafit.errors import UserError
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    backend: str | None  # None: one process, no process group
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1 and dist.is_available() and dist.is_initialized()
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        """`obj` from rank `src` on every rank (pickled: small objects only)."""
+        if not self.distributed:
+            return obj
+        holder = [obj]
+        dist.broadcast_object_list(holder, src=src)
+        return holder[0]
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks, in place and returned (on this rank's device, as collectives need)."""
+        if self.distributed:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        if not self.distributed:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def destroy(self) -> None:
+        if self.distributed:
+            dist.destroy_process_group()
+
+
+def _int_env(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise UserError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def init_distributed(device: str | None = None) -> DistEnv:
+    """The run's `DistEnv`; creates the process group when WORLD_SIZE > 1 (idempotent).
+
+    `device`: "cpu" forces CPU even where CUDA is present; None picks cuda:LOCAL_RANK if CUDA is available.
+    """
+    world_size = _int_env("WORLD_SIZE", 1)
+    rank = _int_env("RANK", 0)
+    local_rank = _int_env("LOCAL_RANK", rank)
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise UserError(f"RANK={rank} is not a rank of WORLD_SIZE={world_size}")
+    use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
+    if use_cuda:
+        if not torch.cuda.is_available():
+            raise UserError("a CUDA device was requested but torch sees none")
+        dev = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(dev)  # nccl needs each rank on its own device before the group forms
+    else:
+        dev = torch.device("cpu")
+    backend = None
+    if world_size > 1:
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        if not dist.is_initialized():
+            for var in ("MASTER_ADDR", "MASTER_PORT"):
+                if var not in os.environ:
+                    raise UserError(f"WORLD_SIZE={world_size} but {var} is not set: start with torchrun")
+            kwargs = {"device_id": dev} if dev.type == "cuda" else {}
+            dist.init_process_group(backend=backend, rank=rank, world_size=world_size, **kwargs)
+        else:
+            backend = dist.get_backend()
+    return DistEnv(rank=rank, local_rank=local_rank, world_size=world_size, device=dev, backend=backend)

@@ -1,0 +1,78 @@
+"""Checks that stop a run which would otherwise train nothing, or train garbage, silently.
+
+Gradient flow: LoRA's B starts at zero, so in step 1 only B can receive a gradient (A's gradient is B^T (...) = 0);
+from step 2 on both must. A matrix with no gradient, a zero one, or a non-finite one means the adapter is cut
+from the graph (a custom forward that bypasses it, reentrant activation checkpointing over frozen inputs,
+a detach) and the run would end with an unchanged adapter. It is checked once, before the optimizer steps.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lorafit.distributed.env import DistEnv
+from lorafit.errors import UserError
+
+
+class GradientFlowError(UserError):
+    """Adapters received no usable gradient."""
+
+
+class NonFiniteLossError(UserError):
+    """The loss or the gradient norm became NaN or infinite."""
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    to_local = getattr(tensor, "to_local", None)  # a DTensor shard: its local piece (may be empty)
+    return to_local() if callable(to_local) else tensor
+
+
+def check_gradient_flow(model: nn.Module, step: int, env: DistEnv) -> None:
+    """After backward of optimizer step `step` (1: B matrices, 2: A and B) raise if any adapter lacks a gradient.
+
+    Collective under DDP/FSDP2: per-matrix squared norms and non-finite counts are summed over ranks, since
+    under FSDP2 each rank only sees its shard.
+    """
+    from lorafit.lora.model import named_lora_parameters
+
+    wanted = ("lora_B", "lora_embedding_B") if step == 1 else ("lora_A", "lora_B", "lora_embedding_A",
+                                                               "lora_embedding_B")  # fmt: skip
+    params = [(n, p) for n, p in named_lora_parameters(model) if any(f".{w}" in n for w in wanted)]
+    if not params:
+        return
+    stats = torch.zeros(len(params), 3, dtype=torch.float64, device=env.device)
+    for i, (_, p) in enumerate(params):
+        if p.grad is None:
+            continue
+        g = _local(p.grad).detach().double()
+        stats[i, 0] = g.pow(2).sum() if g.numel() else 0.0
+        stats[i, 1] = (~torch.isfinite(g)).sum()
+        stats[i, 2] = 1.0
+    env.all_reduce_sum(stats)
+    missing = [n for (n, _), s in zip(params, stats.tolist(), strict=True) if s[2] == 0]
+    bad = [n for (n, _), s in zip(params, stats.tolist(), strict=True) if s[2] > 0 and s[1] > 0]
+    zero = [n for (n, _), s in zip(params, stats.tolist(), strict=True) if s[2] > 0 and s[1] == 0 and s[0] == 0]
+    if not (missing or bad or zero):
+        return
+    lines = []
+    for label, names in (("no gradient", missing), ("a zero gradient", zero), ("a non-finite gradient", bad)):
+        if names:
+            shown = ", ".join(sorted(names)[:10]) + (f", ... ({len(names)} in all)" if len(names) > 10 else "")
+            lines.append(f"{label}: {shown}")
+    raise GradientFlowError(
+        f"gradient-flow check failed after step {step}: {sum(map(len, (missing, zero, bad)))} of {len(params)} "
+        f"adapter matrices got " + "; ".join(lines) + ". The adapters are not connected to the loss (a forward that "
+        "bypasses the LoRA layers, a detach, or reentrant activation checkpointing over frozen inputs)"
+    )
+
+
+def check_finite(loss: float, grad_norm: float, step: int, last_checkpoint: str | None) -> None:
+    if torch.isfinite(torch.tensor([loss, grad_norm])).all():
+        return
+    kept = f"the last good checkpoint {last_checkpoint} is kept" if last_checkpoint else "no checkpoint was written"
+    what = f"loss is {loss}" if not torch.isfinite(torch.tensor(loss)) else f"gradient norm is {grad_norm}"
+    raise NonFiniteLossError(
+        f"training stopped at step {step}: the {what}; the optimizer did not step and {kept}. "
+        "Lower the learning rate, enable gradient clipping, or use fp32 instead of bf16"
+    )

@@ -1,0 +1,119 @@
+"""What `train` takes (`TrainJob`) and gives back (`TrainResult`)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lorafit.distributed.env import DistEnv
+
+
+@dataclass
+class TrainJob:
+    """One training run. The model arrives built, with LoRA injected, frozen, and (normally) its weights loaded,
+    on CPU; `train` wraps it with `parallelism` (None: fsdp2 under torchrun, else none)."""
+
+    model: nn.Module
+    train_dataset: Any  # map-style: items {"input_ids", "labels"} (labels already shifted; -100 = ignored)
+    optimizer_factory: Callable[[nn.Module], torch.optim.Optimizer]
+    scheduler_factory: Callable[[torch.optim.Optimizer, int], torch.optim.lr_scheduler.LRScheduler]
+    env: DistEnv
+    run_dir: Path  # exists
+    num_steps: int
+    micro_batch_size: int
+    gradient_accumulation_steps: int = 1
+    collate_fn: Callable[[list[dict[str, torch.Tensor]]], dict[str, torch.Tensor]] | None = None
+    eval_datasets: Mapping[str, Any] = field(default_factory=dict)
+    parallelism: Any = None  # a strategy from lorafit.distributed.parallel
+    seed: int = 42
+    shuffle: bool = True
+    log_interval: int = 1
+    eval_interval: int | None = None  # None: evaluate at the end only
+    eval_batches: int | None = None  # cap on micro-batches per rank per eval dataset
+    checkpoint_interval: int | None = None  # None: one checkpoint at the end
+    keep_last_checkpoints: int = 2
+    grad_clip: float | None = 1.0
+    resume_from: str | os.PathLike | None = None  # None, "latest" or a checkpoint folder
+    loss_chunk_tokens: int | None = 4096  # positions x batch per chunk of output-head logits (None: no chunking)
+    load_weights: Callable[[nn.Module], None] | None = None  # for models built on meta: called after sharding
+    gather_full_model: bool = False  # keep an unsharded copy on rank 0 for model_for_eval() after FSDP2
+    config_hash: str | None = None
+    progress: bool | None = None  # rich progress bar; None: when stdout is a terminal
+    write_adapter: bool = True
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module  # as trained: possibly DDP-wrapped or sharded
+    run_dir: Path
+    env: DistEnv
+    steps: int
+    tokens: int
+    elapsed_s: float
+    losses: list[tuple[int, float]]  # (step, loss) of the steps trained by this call
+    eval_losses: dict[str, float] = field(default_factory=dict)  # the last evaluation
+    adapter_dir: Path | None = None
+    resumed_from: Path | None = None
+    last_checkpoint: Path | None = None
+    full_state_dict: dict[str, torch.Tensor] | None = None  # rank 0, when gathered for evaluation
+    _eval_model: nn.Module | None = field(default=None, repr=False)
+
+    def model_for_eval(self) -> nn.Module:
+        """An unwrapped, unsharded model with the trained adapter (rank 0), in eval mode."""
+        from lorafit.lora.model import unwrap
+
+        if self._eval_model is None:
+            inner = unwrap(self.model)
+            if not any(_is_dtensor(p) for p in inner.parameters()):
+                self._eval_model = inner
+            elif self.full_state_dict is None:
+                raise RuntimeError("the model is sharded; train with gather_full_model=True to evaluate it on rank 0")
+            else:
+                self._eval_model = _unsharded_copy(inner, self.full_state_dict)
+        return self._eval_model.eval()
+
+    def summary(self) -> str:
+        last = f"{self.losses[-1][1]:.4f}" if self.losses else "n/a"
+        first = f"{self.losses[0][1]:.4f}" if self.losses else "n/a"
+        lines = [f"steps: {self.steps}, tokens: {self.tokens:,}, time: {self.elapsed_s:.1f} s, "
+                 f"loss: {first} -> {last}"]  # fmt: skip
+        lines += [f"eval {name} loss: {value:.4f}" for name, value in self.eval_losses.items()]
+        if self.resumed_from:
+            lines.append(f"resumed from: {self.resumed_from}")
+        if self.adapter_dir:
+            lines.append(f"adapter: {self.adapter_dir}")
+        return "\n".join(lines)
+
+
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def _unsharded_copy(sharded: nn.Module, full_state_dict: dict[str, torch.Tensor]) -> nn.Module:
+    """A plain copy of an FSDP2-sharded Hugging Face model: its original class, the same LoRA, the full weights."""
+    from torch.distributed.fsdp import FSDPModule
+
+    from lorafit.lora import apply_lora, get_settings
+
+    cls = next(c for c in type(sharded).__mro__ if not issubclass(c, FSDPModule))
+    copy = cls(sharded.config)  # real (CPU) init: non-persistent buffers such as rotary tables come out right
+    s = get_settings(sharded)
+    apply_lora(copy, s.r, s.alpha, s.target_layers, dropout=s.dropout, init=s.init, use_rslora=s.use_rslora)
+    dtype = next(iter(full_state_dict.values())).dtype
+    copy.to(dtype)
+    missing, unexpected = copy.load_state_dict(full_state_dict, strict=False)
+    # a tied weight (lm_head = embed_tokens) may appear under one name only: it is loaded through the other
+    params = dict(copy.named_parameters(remove_duplicate=False))
+    loaded = {id(params[k]) for k in full_state_dict if k in params}
+    missing = [k for k in missing if not (k in params and id(params[k]) in loaded)]
+    if missing or unexpected:
+        raise RuntimeError(f"unsharded copy does not match: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return copy

@@ -1,0 +1,195 @@
+"""The training loop. Read it top to bottom: set-up, resume, the step, then what happens every N steps.
+
+The loss of a step is the mean token cross-entropy over the GLOBAL batch (micro_batch_size x accumulation x
+world_size samples). Each micro-batch's summed loss is divided by the number of target tokens of the whole
+global batch (one all-reduce before the first backward), so one process and N processes compute the same
+loss and the same gradients, whatever the padding or masking in each micro-batch.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lorafit.checkpoint.state import (
+    find_latest,
+    load_checkpoint,
+    resolve_resume,
+    restore_rng,
+    save_checkpoint,
+    supersede_after,
+)
+from lorafit.console import info, warn
+from lorafit.distributed.parallel import default_strategy, gather_adapter_state_dict, gather_full_state_dict
+from lorafit.errors import UserError
+from lorafit.training.batches import default_collate, evaluate, to_device, train_micro_batches
+from lorafit.training.checks import check_finite, check_gradient_flow
+from lorafit.training.job import TrainJob, TrainResult
+from lorafit.training.loss import IGNORE_INDEX, loss_forward
+from lorafit.training.metrics import MetricsLogger, peak_memory_mb, plot_loss
+
+
+def train(job: TrainJob) -> TrainResult:
+    from lorafit.data import ResumableSampler
+    from lorafit.lora import save_adapter
+    from lorafit.lora.adapter import PREFIX as PEFT_PREFIX
+    from lorafit.lora.model import unwrap
+
+    env, run_dir = job.env, Path(job.run_dir)
+    accum, world = job.gradient_accumulation_steps, env.world_size
+    global_batch = job.micro_batch_size * accum * world
+
+    # --- set-up: wrap (checkpointing -> compile -> shard -> weights), then the optimizer over what was wrapped
+    strategy = job.parallelism or default_strategy(env)
+    info(f"parallelism: {strategy.describe()} on {world} process(es), device {env.device}")
+    model = strategy.wrap(job.model, env, job.load_weights)
+    model.train()
+    optimizer = job.optimizer_factory(model)
+    scheduler = job.scheduler_factory(optimizer, job.num_steps)
+    sampler = ResumableSampler(len(job.train_dataset), rank=env.rank, world_size=world, seed=job.seed,
+                               shuffle=job.shuffle, global_batch_size=global_batch)  # fmt: skip
+    _seed_everything(job.seed + env.rank)  # differs per rank: dropout masks of different samples differ
+
+    # --- resume: adapters + optimizer (DCP), then scheduler, data position, counters, random states
+    step, tokens, elapsed = 0, 0, 0.0
+    resumed = _on_main(env, resolve_resume, run_dir, job.resume_from)  # checksums read once, by rank 0
+    if resumed is not None:
+        state = load_checkpoint(resumed, model, optimizer, env)
+        scheduler.load_state_dict(state["scheduler"])
+        sampler.load_state_dict(state["sampler"])
+        step, tokens, elapsed = state["step"], state["tokens"], state["elapsed_s"]
+        if job.config_hash and state.get("config_hash") not in (None, job.config_hash):
+            warn(f"{resumed} was written with a different config (hash {state['config_hash']})")
+        if env.is_main:
+            supersede_after(run_dir, step)
+        if state["rng"] is not None:
+            restore_rng(state["rng"])
+    last_checkpoint = resumed
+
+    metrics = MetricsLogger(run_dir, enabled=env.is_main, total_steps=job.num_steps, start_step=step,
+                            progress=job.progress)  # fmt: skip
+    collate = job.collate_fn or default_collate(job.train_dataset)
+    batches = train_micro_batches(job.train_dataset, sampler, job.micro_batch_size, collate)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    losses: list[tuple[int, float]] = []
+    eval_losses: dict[str, float] = {}
+    last_eval_step = last_ckpt_step = step
+    start, window_start, window_tokens = time.perf_counter() - elapsed, time.perf_counter(), 0
+
+    def run_eval() -> dict[str, float]:
+        results = evaluate(model, job.eval_datasets, env, job.micro_batch_size, job.eval_batches,
+                           lambda: strategy.autocast(env), job.collate_fn)  # fmt: skip
+        metrics.log({"step": step, **{f"eval/{k}/loss": v for k, v in results.items()}})
+        return results
+
+    def checkpoint() -> Path:
+        trainer_state = {"tokens": tokens, "elapsed_s": time.perf_counter() - start, "config_hash": job.config_hash,
+                         "sampler": sampler.state_dict(), "scheduler": scheduler.state_dict()}  # fmt: skip
+        return save_checkpoint(run_dir, step, model, optimizer, trainer_state, env, job.keep_last_checkpoints)
+
+    try:
+        with loss_forward(model, job.loss_chunk_tokens):
+            while step < job.num_steps:
+                # the whole global batch's target count first: every micro-batch loss is divided by it
+                micro = [to_device(next(batches), env.device) for _ in range(accum)]
+                counts = torch.tensor([sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro),
+                                       sum(int(b["attention_mask"].sum()) for b in micro)],
+                                      dtype=torch.float64, device=env.device)  # fmt: skip
+                n_targets, n_tokens = env.all_reduce_sum(counts).tolist()
+                if n_targets == 0:
+                    warn(f"step {step + 1}: the global batch has no target token (all labels are -100)")
+                # DDP and FSDP2 average gradients over ranks; x world turns that back into the global sum
+                scale = world / max(n_targets, 1.0)
+                loss_sum = torch.zeros((), dtype=torch.float64, device=env.device)
+                for i, batch in enumerate(micro):
+                    with strategy.accumulating(model, sync=i == accum - 1):  # reduce once, on the last micro-batch
+                        with strategy.autocast(env):
+                            summed = model(**batch)
+                        (summed * scale).backward()
+                    loss_sum += summed.detach().double()
+                loss = float(env.all_reduce_sum(loss_sum)) / max(n_targets, 1.0)
+                grad_norm = _clip_grad_norm(trainable, job.grad_clip)
+
+                # stop before the optimizer touches the adapter: the last good checkpoint stays the last one
+                check_finite(loss, grad_norm, step + 1, str(last_checkpoint) if last_checkpoint else None)
+                if step < 2:  # B gets a gradient in step 1, A from step 2 (B starts at zero)
+                    check_gradient_flow(model, step + 1, env)
+                lr = optimizer.param_groups[0]["lr"]
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                sampler.advance(global_batch)
+                step += 1
+                tokens += int(n_tokens)
+                window_tokens += int(n_tokens)
+                losses.append((step, loss))
+                metrics.advance(step, loss)
+
+                if step % job.log_interval == 0 or step == job.num_steps:
+                    now = time.perf_counter()
+                    metrics.log({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
+                                 "tokens_per_s": round(window_tokens / max(now - window_start, 1e-9), 1),
+                                 **peak_memory_mb(env.device), "elapsed_s": round(now - start, 3)})  # fmt: skip
+                    window_start, window_tokens = now, 0
+                if job.eval_datasets and job.eval_interval and step % job.eval_interval == 0:
+                    eval_losses, last_eval_step = run_eval(), step
+                if job.checkpoint_interval and step % job.checkpoint_interval == 0:
+                    last_checkpoint, last_ckpt_step = checkpoint(), step
+
+            if job.eval_datasets and last_eval_step != step:
+                eval_losses = run_eval()
+        if last_ckpt_step != step:
+            last_checkpoint = checkpoint()
+    finally:
+        metrics.close()
+
+    # --- the results: the gathered adapter in PEFT's format, the loss curve, an unsharded copy if wanted
+    adapter = gather_adapter_state_dict(model, env)  # collective under FSDP2: every rank takes part
+    adapter_dir = run_dir / "adapter" if job.write_adapter else None
+    full = gather_full_state_dict(model, env) if job.gather_full_model and env.distributed else None
+    if env.is_main:
+        if adapter_dir is not None:
+            # save_adapter takes module names and adds PEFT's prefix itself
+            by_module = {k.removeprefix(PEFT_PREFIX): v for k, v in adapter.items()}
+            save_adapter(unwrap(model), adapter_dir, state_dict=by_module, overwrite=True)
+        plot_loss(run_dir)
+    env.barrier()
+    return TrainResult(model=model, run_dir=run_dir, env=env, steps=step, tokens=tokens,
+                       elapsed_s=time.perf_counter() - start, losses=losses, eval_losses=eval_losses,
+                       adapter_dir=adapter_dir, resumed_from=resumed, last_checkpoint=last_checkpoint,
+                       full_state_dict=full or None)  # fmt: skip
+
+
+def _clip_grad_norm(params: list[torch.Tensor], max_norm: float | None) -> float:
+    """Global gradient norm (before clipping); clips when `max_norm` is set. DTensor norms are gathered."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else math.inf)
+    full = getattr(norm, "full_tensor", None)
+    return float(full() if callable(full) else norm)
+
+
+def _on_main(env, fn, *args):
+    """`fn(*args)` on rank 0, its result (or its UserError) on every rank: no rank waits alone."""
+    outcome = None
+    if env.is_main:
+        try:
+            outcome = ("ok", fn(*args))
+        except UserError as error:
+            outcome = ("error", error.render())
+    outcome = env.broadcast_object(outcome)
+    if outcome[0] == "error":
+        raise UserError(outcome[1])
+    return outcome[1]
+
+
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+__all__ = ["TrainJob", "TrainResult", "find_latest", "train"]
