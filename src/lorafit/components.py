@@ -8,6 +8,8 @@ BUILTIN_COMPONENT_MODULES = [
     "lorafit.lora.component",
     "lorafit.data.datasets",
     "lorafit.data.raw",
+    "lorafit.training.optim",
+    "lorafit.distributed.parallel",
 ]
 
 

@@ -64,13 +64,19 @@ def run(request: RunRequest) -> Path:
 
     built = build_run(graph)
     before = evaluate(built, run_dir, "before", dist_env) if not request.resume_from else None
-    result = train(built, run_dir, dist_env, checkpoint)
+    result = train(built, run_dir, dist_env, checkpoint, config_hash(config))
     after = evaluate(built, run_dir, "after", dist_env, trained=result)
     if dist_env.rank == 0:
         export(built, run_dir, result)
         write_report(run_dir, result, before, after)
     dist_env.barrier()
     return run_dir
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def on_rank0_then_all(dist_env, fn, *args):
@@ -87,10 +93,39 @@ def on_rank0_then_all(dist_env, fn, *args):
     return outcome[1]
 
 
-def train(built: BuiltRun, run_dir: Path, dist_env, checkpoint: str | None):
-    from lorafit.training.loop import train_from_run
+def train(built: BuiltRun, run_dir: Path, dist_env, checkpoint: str | None, config_hash: str):
+    """Hand the built entities and the settings to the training loop."""
+    from lorafit.config.run_spec import num_steps
+    from lorafit.training.job import TrainJob
+    from lorafit.training.loop import train as train_loop
 
-    return train_from_run(built, run_dir, dist_env, resume_from=checkpoint)
+    s = built.settings
+    sp, intervals = s.step_profile, s.intervals
+    job = TrainJob(
+        model=built.model,
+        train_dataset=built.train_dataset,
+        optimizer_factory=built.optimizer,
+        scheduler_factory=built.scheduler,
+        env=dist_env,
+        run_dir=run_dir,
+        num_steps=num_steps(s, dist_env.world_size),
+        micro_batch_size=sp.local_train_micro_batch_size,
+        gradient_accumulation_steps=sp.gradient_accumulation_steps,
+        eval_datasets=built.eval_datasets,
+        parallelism=built.parallelism,
+        seed=s.seed,
+        log_interval=intervals.training_log_interval_in_steps,
+        eval_interval=intervals.evaluation_interval_in_steps,
+        eval_batches=s.eval_max_batches,
+        checkpoint_interval=intervals.checkpointing_interval_in_steps,
+        keep_last_checkpoints=s.checkpointing.keep_last,
+        grad_clip=s.gradient_clipping,
+        resume_from=checkpoint,
+        # evaluators and the merged export need the whole model on rank 0 after a sharded run
+        gather_full_model=dist_env.world_size > 1 and bool(built.evaluators or s.export.merged_model),
+        config_hash=config_hash,
+    )
+    return train_loop(job)
 
 
 def evaluate(built: BuiltRun, run_dir: Path, when: str, dist_env, trained=None) -> dict[str, Any] | None:
