@@ -1,0 +1,315 @@
+"""Exact-match accuracy and held-out loss of a chat model on `{"messages": [...]}` jsonl examples.
+
+An example's last message is the assistant's reference answer; the messages before it are the prompt. The model
+answers the prompt greedily (chat template with the generation prompt, batched with LEFT padding so every row's
+next token sits in the last column, stopping at EOS); an answer is correct when it equals the reference after
+whitespace normalisation. The held-out loss is the mean cross-entropy over the reference tokens and the EOS that
+ends them: the tokens a chat fine-tune trains on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import Field
+
+from lorafit.config.registry import ComponentConfig, register_component
+from lorafit.errors import UserError
+
+
+@dataclass(frozen=True)
+class ChatExample:
+    prompt: list[dict[str, str]]  # the messages before the reference, ending with the user's turn
+    reference: str  # the last (assistant) message's content
+
+    @property
+    def question(self) -> str:
+        """The last prompt message's text, for showing samples."""
+        return self.prompt[-1]["content"]
+
+
+@dataclass(frozen=True)
+class Prediction:
+    question: str
+    reference: str
+    prediction: str
+
+    @property
+    def correct(self) -> bool:
+        return normalize(self.prediction) == normalize(self.reference)
+
+
+@dataclass
+class ExactMatchResult:
+    predictions: list[Prediction]  # in the order of the examples
+
+    @property
+    def n(self) -> int:
+        return len(self.predictions)
+
+    @property
+    def correct(self) -> int:
+        return sum(p.correct for p in self.predictions)
+
+    @property
+    def accuracy(self) -> float:
+        """Fraction in [0, 1] of exactly matched answers (0.0 for no examples)."""
+        return self.correct / self.n if self.n else 0.0
+
+    def samples(self, k: int = 3) -> list[Prediction]:
+        """The first `k` predictions: a fixed choice, so a before/after pair shows the same prompts."""
+        return self.predictions[:k]
+
+    def render_samples(self, k: int = 3) -> str:
+        lines = []
+        for i, p in enumerate(self.samples(k), 1):
+            mark = "correct" if p.correct else "wrong"
+            lines += [f"[{i}] {p.question}", f"    expected:  {p.reference}", f"    generated: {p.prediction} ({mark})"]
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "accuracy": self.accuracy,
+            "correct": self.correct,
+            "n": self.n,
+            "predictions": [asdict(p) | {"correct": p.correct} for p in self.predictions],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ExactMatchResult:
+        return cls([Prediction(p["question"], p["reference"], p["prediction"]) for p in data["predictions"]])
+
+
+def normalize(text: str) -> str:
+    """Whitespace-normalised text: runs of whitespace become one space, ends stripped."""
+    return " ".join(text.split())
+
+
+def load_examples(path: str | os.PathLike, limit: int | None = None) -> list[ChatExample]:
+    """Read chat jsonl; each line `{"messages": [..., {"role": "assistant", "content": REF}]}`. First `limit` only."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"evaluation file not found: {path} (resolved against {Path.cwd()})", field="path")
+    examples: list[ChatExample] = []
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            if limit is not None and len(examples) >= limit:
+                break
+            examples.append(_parse_line(line, f"{path}:{number}"))
+    if not examples:
+        raise UserError(f"{path} holds no examples", field="path")
+    return examples
+
+
+def _parse_line(line: str, where: str) -> ChatExample:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{where}: not valid JSON ({e.msg})", field="path") from None
+    messages = record.get("messages") if isinstance(record, dict) else None
+    if not isinstance(messages, list) or len(messages) < 2:
+        raise UserError(f"{where}: expected {{'messages': [prompt..., assistant answer]}}", field="path")
+    for m in messages:
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise UserError(f"{where}: every message needs string 'role' and 'content'", field="path")
+    if messages[-1]["role"] != "assistant":
+        raise UserError(
+            f"{where}: the last message must be the assistant's reference answer, got role '{messages[-1]['role']}'",
+            field="path",
+        )
+    return ChatExample(prompt=[dict(m) for m in messages[:-1]], reference=messages[-1]["content"])
+
+
+def _prompt_ids(tokenizer, example: ChatExample) -> list[int]:
+    # Render to text and tokenize without extra specials: the template already holds them, and the same ids
+    # start both the generation prompt and the loss sequence, so loss and generation see identical prompts.
+    text = tokenizer.apply_chat_template(example.prompt, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    ids = {tokenizer.eos_token_id}
+    generation_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(generation_eos if isinstance(generation_eos, list) else [generation_eos])
+    ids.discard(None)
+    if not ids:
+        raise UserError("the tokenizer has no eos_token: generation would never stop")
+    return sorted(ids)
+
+
+def _pad_id(tokenizer, eos_ids: list[int]) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+
+
+def _device_of(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _batches(order: list[int], batch_size: int) -> list[list[int]]:
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+class _EvalMode:
+    """Switch a model to eval() for the block and restore its previous mode, so evaluating mid-training is safe."""
+
+    def __init__(self, model):
+        self.model, self.was_training = model, model.training
+
+    def __enter__(self):
+        self.model.eval()
+
+    def __exit__(self, *exc):
+        self.model.train(self.was_training)
+
+
+@torch.no_grad()
+def generate_greedy(
+    model, tokenizer, examples: Sequence[ChatExample], *, max_new_tokens: int, batch_size: int = 16, device=None
+) -> list[str]:
+    """Greedy answers (decoded, special tokens removed, cut at EOS), in the order of `examples`."""
+    from transformers import GenerationConfig
+
+    from lorafit.lora.model import unwrap
+
+    model = unwrap(model)  # DDP wraps forward only; generate lives on the HF model
+    device = torch.device(device) if device is not None else _device_of(model)
+    eos_ids = _eos_ids(model, tokenizer)
+    pad_id = _pad_id(tokenizer, eos_ids)
+    prompts = [_prompt_ids(tokenizer, ex) for ex in examples]
+    # An explicit config, so sampling settings in the model's generation_config.json cannot leak into the greedy run.
+    config = GenerationConfig(
+        do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, eos_token_id=eos_ids, pad_token_id=pad_id
+    )
+    # Under FSDP every rank must run the same number of forwards, or the all-gathers deadlock.
+    synced = torch.distributed.is_available() and torch.distributed.is_initialized()
+    synced = synced and torch.distributed.get_world_size() > 1
+    answers: list[str] = [""] * len(examples)
+    # Similar lengths together: less padding, and the output does not depend on it (left padding + mask).
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    with _EvalMode(model):
+        for batch in _batches(order, batch_size):
+            width = max(len(prompts[i]) for i in batch)
+            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, i in enumerate(batch):
+                ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
+                mask[row, width - len(prompts[i]) :] = 1
+            out = model.generate(
+                input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config, synced_gpus=synced
+            )
+            for row, i in enumerate(batch):
+                new = out[row, width:].tolist()
+                cut = next((j for j, t in enumerate(new) if t in eos_ids), len(new))
+                answers[i] = tokenizer.decode(new[:cut], skip_special_tokens=True)
+    return answers
+
+
+def evaluate_exact_match(
+    model,
+    tokenizer,
+    examples: Sequence[ChatExample],
+    *,
+    max_new_tokens: int,
+    batch_size: int = 16,
+    device=None,
+) -> ExactMatchResult:
+    """Greedy-decode every example and compare with its reference after whitespace normalisation."""
+    answers = generate_greedy(
+        model, tokenizer, examples, max_new_tokens=max_new_tokens, batch_size=batch_size, device=device
+    )
+    return ExactMatchResult([Prediction(ex.question, ex.reference, a) for ex, a in zip(examples, answers, strict=True)])
+
+
+@torch.no_grad()
+def heldout_loss(model, tokenizer, examples: Sequence[ChatExample], *, batch_size: int = 16, device=None) -> float:
+    """Mean cross-entropy (nats per token) over every reference token plus its EOS, all examples pooled."""
+    device = torch.device(device) if device is not None else _device_of(model)
+    eos_ids = _eos_ids(model, tokenizer)
+    pad_id = _pad_id(tokenizer, eos_ids)
+    rows = []
+    for ex in examples:
+        prompt = _prompt_ids(tokenizer, ex)
+        answer = tokenizer(ex.reference, add_special_tokens=False)["input_ids"] + [eos_ids[0]]
+        rows.append((prompt + answer, len(prompt)))
+    total, count = 0.0, 0
+    with _EvalMode(model):
+        for batch in _batches(list(range(len(rows))), batch_size):
+            width = max(len(rows[i][0]) for i in batch)
+            # Right padding: positions then start at 0 in every row without passing position_ids.
+            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            labels = torch.full_like(ids, -100)
+            for row, i in enumerate(batch):
+                seq, n_prompt = rows[i]
+                ids[row, : len(seq)] = torch.tensor(seq)
+                mask[row, : len(seq)] = 1
+                labels[row, n_prompt : len(seq)] = torch.tensor(seq[n_prompt:])
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+            # logits at position t predict token t+1
+            loss = torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]),
+                labels[:, 1:].reshape(-1).to(logits.device),
+                ignore_index=-100,
+                reduction="sum",
+            )
+            total += loss.item()
+            count += int((labels[:, 1:] != -100).sum())
+    return total / count
+
+
+def render_before_after(before: ExactMatchResult | dict, after: ExactMatchResult | dict, k: int = 3) -> str:
+    """The first `k` held-out prompts with the reference and the answer before and after fine-tuning."""
+    before = before if isinstance(before, ExactMatchResult) else ExactMatchResult.from_dict(before)
+    after = after if isinstance(after, ExactMatchResult) else ExactMatchResult.from_dict(after)
+    lines = []
+    for i, (b, a) in enumerate(zip(before.samples(k), after.samples(k), strict=True), 1):
+        lines += [
+            f"[{i}] {b.question}",
+            f"    expected: {b.reference}",
+            f"    before:   {b.prediction!r} ({'correct' if b.correct else 'wrong'})",
+            f"    after:    {a.prediction!r} ({'correct' if a.correct else 'wrong'})",
+        ]
+    return "\n".join(lines)
+
+
+class ExactMatchEvaluatorConfig(ComponentConfig):
+    """Exact-match accuracy and held-out loss on a chat jsonl file (path relative to the working directory)."""
+
+    path: Path
+    max_new_tokens: int = Field(default=32, ge=1)
+    limit: int | None = Field(default=None, ge=1)
+    batch_size: int = Field(default=16, ge=1)
+
+
+class ExactMatchEvaluator:
+    def __init__(self, examples: list[ChatExample], config: ExactMatchEvaluatorConfig):
+        self.examples = examples
+        self.config = config
+
+    def evaluate(self, model, tokenizer) -> ExactMatchResult:
+        return evaluate_exact_match(
+            model,
+            tokenizer,
+            self.examples,
+            max_new_tokens=self.config.max_new_tokens,
+            batch_size=self.config.batch_size,
+        )
+
+    def run(self, model, tokenizer) -> dict[str, Any]:
+        """{"loss", "accuracy", "correct", "n", "predictions": [{question, reference, prediction, correct}]}."""
+        loss = heldout_loss(model, tokenizer, self.examples, batch_size=self.config.batch_size)
+        return {"loss": loss} | self.evaluate(model, tokenizer).to_dict()
+
+
+@register_component("evaluator", "exact_match", ExactMatchEvaluatorConfig)
+def build_exact_match_evaluator(config: ExactMatchEvaluatorConfig) -> ExactMatchEvaluator:
+    """Greedy exact-match accuracy + held-out loss on a chat jsonl file."""
+    return ExactMatchEvaluator(load_examples(config.path, limit=config.limit), config)
