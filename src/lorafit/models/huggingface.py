@@ -157,7 +157,12 @@ def _auto_config(source: str, field: str):
 def build_from_config(config: FromConfigModelConfig) -> nn.Module:
     """The architecture from a config.json or inline settings; random weights unless a checkpoint is loaded."""
     hf_config = load_hf_config(config.config_path, config.model_type, config.config_overrides)
-    return model_from_config(hf_config, dtype=config.dtype, attn_implementation=config.attn_implementation)
+    try:
+        return model_from_config(hf_config, dtype=config.dtype, attn_implementation=config.attn_implementation)
+    except UserError as e:  # not a causal LM: the config the user named is the cause
+        if any(p.path for p in e.problems):
+            raise
+        raise e.prefixed("config_path" if config.config_path is not None else "model_type") from None
 
 
 def load_hf_config(

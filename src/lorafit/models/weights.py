@@ -98,14 +98,16 @@ def _read_torch(file: Path, field: str | None) -> object:
             return torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        reason = next((line for line in lines if "GLOBAL" in line or "Unsupported" in line), lines[0] if lines else "")
+        reason = next((line for line in lines if "Unsupported" in line), lines[0] if lines else "unpickling failed")
+        # "WeightsUnpickler error: Unsupported global: GLOBAL builtins.exec was not an allowed global ..."
+        reason = reason.split("WeightsUnpickler error:")[-1].split(" was not an allowed global")[0].strip()
         raise UserError(
             f"refused to load {file}: it is not a plain state dict of tensors, and loading it would run pickled code "
             f"({reason}). Only weights are loaded (torch.load with weights_only=True); save the model's "
             "state_dict() with torch.save, or convert it to .safetensors",
             field=field,
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
+    except Exception as e:  # RuntimeError (zip), EOFError, IndexError (garbage opcodes), ...: the file is broken
         raise UserError(
             f"cannot read {file}: not a readable torch state dict (truncated or corrupt?): {e}", field=field
         ) from None
