@@ -24,6 +24,9 @@ HERE = Path(__file__).resolve().parent
 TESTS = HERE.parent
 STEPS = 4
 
+sys.path[:0] = [str(TESTS), str(HERE)]
+from engine_cases import one_thread  # noqa: E402, F401 - autouse fixture
+
 
 def _free_port() -> int:
     with socket.socket() as s:

@@ -56,6 +56,22 @@ def _options():
     return StateDictOptions(ignore_frozen_params=True)
 
 
+def _trainable_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """(model, optimizer) state dicts with the trainable parameters only.
+
+    `ignore_frozen_params` still lets a tied frozen weight through under its second name (lm_head.weight =
+    embed_tokens.weight: the whole embedding table), so the model's keys are filtered explicitly.
+    """
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from lorafit.lora.model import canonical_name, unwrap
+
+    named = unwrap(model).named_parameters(remove_duplicate=False)
+    trainable = {canonical_name(n) for n, p in named if p.requires_grad}
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=_options())
+    return {k: v for k, v in model_sd.items() if k in trainable}, optim_sd
+
+
 # --- RNG --------------------------------------------------------------------------------------------------------
 def capture_rng() -> dict[str, Any]:
     """This process's RNG states, in types `torch.load(weights_only=True)` accepts."""
@@ -177,7 +193,6 @@ def save_checkpoint(
 ) -> Path:
     """Write checkpoint `step` atomically (collective: every rank calls); keep the `keep_last` newest."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
 
     final = checkpoint_dir(run_dir, step)
     tmp = final.with_name(final.name + ".tmp")
@@ -185,7 +200,7 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while writing
         tmp.mkdir(parents=True)
     env.barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer, options=_options())
+    model_sd, optim_sd = _trainable_state(model, optimizer)
     with _quiet_single_process(env):
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp), no_dist=not env.distributed)
     torch.save(capture_rng(), tmp / f"rng_rank_{env.rank:05d}.pt")
@@ -220,10 +235,10 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     """Load adapters + optimizer into the (wrapped) model; returns the trainer state with this rank's RNG
     states under "rng" (None when the checkpoint was written by a different number of processes)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import set_state_dict
 
     path = Path(path)
-    model_sd, optim_sd = get_state_dict(model, optimizer, options=_options())
+    model_sd, optim_sd = _trainable_state(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
     with _quiet_single_process(env):
         dcp.load(state, checkpoint_id=str(path), no_dist=not env.distributed)

@@ -31,7 +31,8 @@ class DistEnv:
 
     @property
     def distributed(self) -> bool:
-        return self.world_size > 1 and dist.is_available() and dist.is_initialized()
+        """A process group exists (torchrun, even with one process): collectives and sharding are possible."""
+        return self.backend is not None and dist.is_available() and dist.is_initialized()
 
     def barrier(self) -> None:
         if self.distributed:
@@ -74,7 +75,7 @@ def _int_env(name: str, default: int) -> int:
 
 
 def init_distributed(device: str | None = None) -> DistEnv:
-    """The run's `DistEnv`; creates the process group when WORLD_SIZE > 1 (idempotent).
+    """The run's `DistEnv`; creates the process group under torchrun or when WORLD_SIZE > 1 (idempotent).
 
     `device`: "cpu" forces CPU even where CUDA is present; None picks cuda:LOCAL_RANK if CUDA is available.
     """
@@ -92,7 +93,10 @@ def init_distributed(device: str | None = None) -> DistEnv:
     else:
         dev = torch.device("cpu")
     backend = None
-    if world_size > 1:
+    # torchrun sets TORCHELASTIC_RUN_ID and MASTER_ADDR: a group even for one process, so that fsdp2 on one
+    # GPU really runs FSDP2 (its mixed-precision policy); plain `python` with no such variables gets none
+    under_launcher = "TORCHELASTIC_RUN_ID" in os.environ and "MASTER_ADDR" in os.environ
+    if world_size > 1 or under_launcher or dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
         if not dist.is_initialized():
             for var in ("MASTER_ADDR", "MASTER_PORT"):

@@ -40,6 +40,7 @@ class TrainJob:
     keep_last_checkpoints: int = 2
     grad_clip: float | None = 1.0
     resume_from: str | os.PathLike | None = None  # None, "latest" or a checkpoint folder
+    stop_at_step: int | None = None  # pause there (checkpoint written) although the run targets num_steps
     loss_chunk_tokens: int | None = 4096  # positions x batch per chunk of output-head logits (None: no chunking)
     load_weights: Callable[[nn.Module], None] | None = None  # for models built on meta: called after sharding
     gather_full_model: bool = False  # keep an unsharded copy on rank 0 for model_for_eval() after FSDP2
@@ -72,10 +73,15 @@ class TrainResult:
             inner = unwrap(self.model)
             if not any(_is_dtensor(p) for p in inner.parameters()):
                 self._eval_model = inner
-            elif self.full_state_dict is None:
-                raise RuntimeError("the model is sharded; train with gather_full_model=True to evaluate it on rank 0")
             else:
-                self._eval_model = _unsharded_copy(inner, self.full_state_dict)
+                full = self.full_state_dict
+                if full is None and self.env.world_size == 1:  # a one-rank group: gathering needs no other rank
+                    from lorafit.distributed.parallel import gather_full_state_dict
+
+                    full = gather_full_state_dict(self.model, self.env)
+                if full is None:
+                    raise RuntimeError("the model is sharded: train with gather_full_model=True to evaluate on rank 0")
+                self._eval_model = _unsharded_copy(inner, full)
         return self._eval_model.eval()
 
     def summary(self) -> str:

@@ -94,7 +94,7 @@ def train(job: TrainJob) -> TrainResult:
 
     try:
         with loss_forward(model, job.loss_chunk_tokens):
-            while step < job.num_steps:
+            while step < min(job.num_steps, job.stop_at_step or job.num_steps):
                 # the whole global batch's target count first: every micro-batch loss is divided by it
                 micro = [to_device(next(batches), env.device) for _ in range(accum)]
                 counts = torch.tensor([sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro),
