@@ -71,6 +71,12 @@ def prepare_smollm2(output_dir: str | Path, progress: bool = True) -> Path:
     gguf = find_gguf()
     out.mkdir(parents=True, exist_ok=True)
     _remove_abandoned_staging(out)
+    with _transformers_progress(progress):
+        _prepare(gguf, hf_dir, saved_dir, say)
+    return hf_dir
+
+
+def _prepare(gguf: Path, hf_dir: Path, saved_dir: Path, say) -> None:
     started = time.perf_counter()
     model = None
     if not is_prepared(hf_dir):
@@ -85,7 +91,27 @@ def prepare_smollm2(output_dir: str | Path, progress: bool = True) -> Path:
             say(f"writing {saved_dir / 'model.bin'} (torch state dict)")
             _write_model_bin(model, tmp, gguf)
     say(f"SmolLM2-135M ready in {time.perf_counter() - started:.0f} s: {hf_dir} and {saved_dir / 'model.bin'}")
-    return hf_dir
+
+
+@contextlib.contextmanager
+def _transformers_progress(enabled: bool) -> Iterator[None]:
+    """transformers' own progress bars (dequantising, writing) follow `progress` too."""
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging
+
+    was_enabled = logging.is_progress_bar_enabled()
+    gguf_tqdm = getattr(gguf_utils, "tqdm", None)
+    if not enabled:
+        logging.disable_progress_bar()
+        if gguf_tqdm is not None:  # the GGUF reader uses plain tqdm, which that switch does not reach
+            gguf_utils.tqdm = lambda iterable, *args, **kwargs: iterable
+    try:
+        yield
+    finally:
+        if was_enabled:
+            logging.enable_progress_bar()
+        if gguf_tqdm is not None:
+            gguf_utils.tqdm = gguf_tqdm
 
 
 def _printer(progress: bool):
