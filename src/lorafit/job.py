@@ -71,20 +71,34 @@ def check_run_config(config: dict[str, Any]) -> ConfigGraph:
 def build_run(graph: ConfigGraph) -> BuiltRun:
     config = graph.config
     settings = RunSettings.model_validate(settings_of(config))
+    from lorafit.models.deferred import deferred_init
+
     built: dict[str, Any] = {}
-    for key in RUN_ENTITIES:
-        if key in config:
-            built[key] = graph.build(key)
-        elif key in DEFAULT_COMPONENTS:
-            spec = REGISTRY.get(*DEFAULT_COMPONENTS[key])
+    with deferred_init():  # random init only for models that no checkpoint fills
+        for key in RUN_ENTITIES:
+            if key in config:
+                built[key] = graph.build(key)
+    for key, (component_key, variant_key) in DEFAULT_COMPONENTS.items():
+        if key not in built:
+            spec = REGISTRY.get(component_key, variant_key)
             built[key] = spec.builder(spec.config_model.model_validate({}))
     run = BuiltRun(settings=settings, **built)
     _check_sequence_length(run)
+    _seed_adapters(run)
     for dataset in [run.train_dataset, *run.eval_datasets.values()]:
         # datasets that leave sequence_length to the run take settings.step_profile.sequence_length
         if getattr(dataset, "sequence_length", 0) is None and hasattr(dataset, "set_sequence_length"):
             dataset.set_sequence_length(run.settings.step_profile.sequence_length)
     return run
+
+
+def _seed_adapters(run: BuiltRun) -> None:
+    """Adapters drawn from settings.seed, not from whatever state the global RNG had while building:
+    the same config gives the same initial adapter in any process, on 1 rank or N."""
+    from lorafit.lora import has_lora, reset_lora_parameters
+
+    if has_lora(run.model):
+        reset_lora_parameters(run.model, seed=run.settings.seed)
 
 
 def _check_sequence_length(run: BuiltRun) -> None:
@@ -105,7 +119,10 @@ def load_run_config(config_path: Path, env: ConfigEnv | None = None) -> tuple[di
 def build_run_entities(config_path: Path, names: list[str]) -> dict[str, Any]:
     """Only the named run entities of a config (e.g. the model and tokenizer for `lorafit merge`)."""
     config, graph = load_run_config(config_path)
-    return {name: graph.build(name) for name in names if name in config}
+    from lorafit.models.deferred import deferred_init
+
+    with deferred_init():
+        return {name: graph.build(name) for name in names if name in config}
 
 
 def validate_config(config_path: Path) -> str:

@@ -7,11 +7,11 @@ from typing import Any
 
 from lorafit.errors import UserError
 
-# Paths whose change does not change what is trained: stopping later, logging or checkpointing more often, or
-# evaluating differently is fine for a resumed run. Everything else (model, LoRA shape, data, optimizer,
-# batch shape, seed) must match, or the resumed run would not be a continuation of the same run.
+# Paths whose change does not change what is trained: logging or checkpointing more often, or evaluating
+# differently is fine for a resumed run. Everything else (model, LoRA shape, data, optimizer, batch shape, seed,
+# and the training target, which sets the length of the learning-rate schedule) must match, or the resumed run
+# would not be a continuation of the same run.
 MAY_CHANGE = (
-    "settings.training_target",
     "settings.intervals",
     "settings.checkpointing",
     "settings.export",

@@ -1,0 +1,332 @@
+"""`lorafit run` end to end on a tiny Llama: the run folder, exact resume, and the refusals that protect a run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lorafit.cli import main
+
+REPO = Path(__file__).resolve().parents[2]
+LOREM = REPO / "data" / "lorem_ipsum" / "lorem_ipsum.txt"
+
+
+def tiny_config(model_dir: Path, cache: Path, *, steps: int = 6, r: int = 4, checkpoint_every: int = 2) -> dict:
+    return {
+        "settings": {
+            "seed": 7,
+            "step_profile": {
+                "local_train_micro_batch_size": 2,
+                "gradient_accumulation_steps": 2,
+                "sequence_length": 32,
+            },
+            "training_target": {"num_target_steps": steps},
+            "intervals": {
+                "training_log_interval_in_steps": 1,
+                "checkpointing_interval_in_steps": checkpoint_every,
+                "evaluation_interval_in_steps": 3,
+            },
+            "checkpointing": {"keep_last": 2},
+        },
+        "tokenizer": {"component_key": "tokenizer", "variant_key": "huggingface", "config": {"path": str(model_dir)}},
+        "base_model": {
+            "component_key": "model",
+            "variant_key": "huggingface_pretrained_model",
+            "config": {"model_name_or_path": str(model_dir)},
+        },
+        "model": {
+            "component_key": "model",
+            "variant_key": "lora",
+            "config": {
+                "r": r,
+                "alpha": 8,
+                "target_layers": ["q_proj", "v_proj"],
+                "model": {"instance_key": "base_model", "pass_type": "BY_REFERENCE"},
+            },
+        },
+        "train_dataset": {
+            "component_key": "dataset",
+            "variant_key": "text",
+            "config": {
+                "path": str(LOREM),
+                "cache_path": str(cache / "lorem"),
+                "tokenizer": {"instance_key": "tokenizer", "pass_type": "BY_REFERENCE"},
+            },
+        },
+        "eval_datasets": {"lorem": {"instance_key": "train_dataset", "pass_type": "BY_REFERENCE"}},
+        "optimizer": {"component_key": "optimizer", "variant_key": "adamw", "config": {"lr": 3e-3}},
+        "scheduler": {"component_key": "scheduler", "variant_key": "cosine", "config": {"warmup_steps": 1}},
+    }
+
+
+def write(path: Path, config: dict) -> Path:
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def adapter_tensors(run_dir: Path):
+    from safetensors.torch import load_file
+
+    return load_file(run_dir / "adapter" / "adapter_model.safetensors")
+
+
+@pytest.fixture
+def cfg(tmp_path, tiny_model_dir):
+    return lambda **kw: write(
+        tmp_path / f"c{len(kw)}{hash(frozenset(kw.items())) & 0xFFFF}.yaml", tiny_config(tiny_model_dir, tmp_path, **kw)
+    )
+
+
+def test_run_writes_the_run_folder_and_a_peft_adapter(tmp_path, cfg, tiny_model_dir):
+    config_path = cfg()
+    root = tmp_path / "exp"
+    assert (
+        main(
+            [
+                "run",
+                "--config_file_path",
+                str(config_path),
+                "--experiments_root_path",
+                str(root),
+                "--experiment_id",
+                "straight",
+            ]
+        )
+        == 0
+    )
+    run_dir = root / "straight"
+    assert (run_dir / "config.yaml").read_bytes() == config_path.read_bytes()
+    resolved = yaml.safe_load((run_dir / "config.resolved.yaml").read_text())
+    assert resolved["model"]["config"]["r"] == 4
+    steps = losses(run_dir)
+    assert sorted(steps) == [1, 2, 3, 4, 5, 6]
+    assert steps[6] < steps[1]
+    checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert checkpoints == ["step_000004", "step_000006"]  # keep_last 2
+    assert (run_dir / "loss.png").stat().st_size > 1000
+
+    # the adapter loads in peft and computes what our LoRA model computes
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    import lorafit
+
+    ids = torch.tensor([[1, 5, 9, 33, 70, 2]])
+    peft_model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir), run_dir / "adapter"
+    ).eval()
+    ours = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    lorafit.load_adapter(ours, run_dir / "adapter")
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(ids).logits, ours.eval()(ids).logits, atol=1e-5, rtol=1e-5)
+        plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()(ids).logits
+    assert not torch.allclose(plain, ours(ids).logits)  # training changed something
+
+
+def test_killed_run_resumes_exactly(tmp_path, cfg):
+    """SIGKILL a run once its step-3 checkpoint exists, resume it: same losses and bitwise-same adapter as a run
+    that was never interrupted (one process on CPU is deterministic)."""
+    import os
+    import signal
+    import time
+
+    config_path = cfg(steps=6, checkpoint_every=1)
+    root = tmp_path / "exp"
+    assert (
+        main(
+            [
+                "run",
+                "--config_file_path",
+                str(config_path),
+                "--experiments_root_path",
+                str(root),
+                "--experiment_id",
+                "straight",
+            ]
+        )
+        == 0
+    )
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "lorafit",
+            "run",
+            "--config_file_path",
+            str(config_path),
+            "--experiments_root_path",
+            str(root),
+            "--experiment_id",
+            "killed",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    marker = root / "killed" / "checkpoints" / "step_000003"
+    deadline = time.time() + 300
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert marker.exists(), "the run ended before its step-3 checkpoint"
+    assert not (root / "killed" / "adapter").exists(), "killed too late to test anything"
+
+    assert (
+        main(
+            [
+                "run",
+                "--config_file_path",
+                str(config_path),
+                "--experiments_root_path",
+                str(root),
+                "--experiment_id",
+                "killed",
+                "--resume_from",
+                "latest",
+            ]
+        )
+        == 0
+    )
+    assert losses(root / "straight") == losses(root / "killed")
+    a, b = adapter_tensors(root / "straight"), adapter_tensors(root / "killed")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key].equal(b[key]), key
+
+
+def test_resume_with_longer_target_needs_explicit_override(tmp_path, cfg, capsys):
+    root = tmp_path / "exp"
+    assert (
+        main(
+            [
+                "run",
+                "--config_file_path",
+                str(cfg(steps=2)),
+                "--experiments_root_path",
+                str(root),
+                "--experiment_id",
+                "short",
+            ]
+        )
+        == 0
+    )
+    capsys.readouterr()
+    longer = cfg(steps=4)
+    args = [
+        "run",
+        "--config_file_path",
+        str(longer),
+        "--experiments_root_path",
+        str(root),
+        "--experiment_id",
+        "short",
+        "--resume_from",
+        "latest",
+    ]
+    assert main(args) == 2
+    assert "settings.training_target.num_target_steps: 2 -> 4" in capsys.readouterr().err
+    assert main([*args, "--allow_config_change"]) == 0
+    assert max(losses(root / "short")) == 4
+
+
+def test_resume_with_changed_lora_shape_is_refused(tmp_path, cfg, capsys):
+    root = tmp_path / "exp"
+    assert (
+        main(
+            [
+                "run",
+                "--config_file_path",
+                str(cfg(steps=2)),
+                "--experiments_root_path",
+                str(root),
+                "--experiment_id",
+                "r4",
+            ]
+        )
+        == 0
+    )
+    capsys.readouterr()
+    code = main(
+        [
+            "run",
+            "--config_file_path",
+            str(cfg(steps=4, r=8)),
+            "--experiments_root_path",
+            str(root),
+            "--experiment_id",
+            "r4",
+            "--resume_from",
+            "latest",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "refusing to resume" in err and "model.config.r: 4 -> 8" in err and "--allow_config_change" in err
+
+
+def test_existing_run_folder_is_never_overwritten(tmp_path, cfg, capsys):
+    root = tmp_path / "exp"
+    (root / "taken").mkdir(parents=True)
+    (root / "taken" / "notes.txt").write_text("mine")
+    code = main(
+        [
+            "run",
+            "--config_file_path",
+            str(cfg(steps=1)),
+            "--experiments_root_path",
+            str(root),
+            "--experiment_id",
+            "taken",
+        ]
+    )
+    assert code == 2
+    assert "run folder already exists" in capsys.readouterr().err
+    assert sorted(p.name for p in (root / "taken").iterdir()) == ["notes.txt"]
+    assert (root / "taken" / "notes.txt").read_text() == "mine"
+
+
+def test_validate_reports_every_problem_at_once_without_traceback(tmp_path, tiny_model_dir):
+    config = tiny_config(tiny_model_dir, tmp_path)
+    config["model"]["config"]["r"] = 0
+    config["optimizer"]["variant_key"] = "adamm"
+    config["train_dataset"]["config"]["tokenizer"]["instance_key"] = "tokeniser"
+    config["settings"]["step_profile"]["sequence_length"] = "long"
+    path = write(tmp_path / "broken.yaml", config)
+    proc = subprocess.run(
+        [sys.executable, "-m", "lorafit", "validate", "--config_file_path", str(path)], capture_output=True, text=True
+    )
+    assert proc.returncode == 2, proc.stderr
+    err = proc.stderr
+    assert "Traceback" not in err
+    for fragment in [
+        "model.config.r",
+        "optimizer.variant_key",
+        "did you mean 'adamw'",
+        "train_dataset.config.tokenizer.instance_key",
+        "missing instance 'tokeniser'",
+        "settings.step_profile.sequence_length",
+    ]:
+        assert fragment in err, fragment
+
+
+def test_validate_prints_matched_modules_on_meta(tmp_path, cfg):
+    proc = subprocess.run(
+        [sys.executable, "-m", "lorafit", "validate", "--config_file_path", str(cfg())], capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "config OK" in out and "q_proj" in out and "v_proj" in out and "trainable params:" in out
