@@ -47,3 +47,42 @@ def test_checkpoint_size_benchmark(tiny_model_dir, tmp_path):
     ratio = result["ratios"]["adapter_float32_over_full_float32"]
     total = sum(files["float32"]["adapter"].values()) / sum(files["float32"]["full"].values())
     assert ratio == pytest.approx(total)
+
+
+TRAIN_ARGS = ("--steps", "3", "--sequence-length", "32")
+
+
+def test_vs_trainer_peft_benchmark(tiny_model_dir, tmp_path):
+    result = run_benchmark("vs_trainer_peft.py", tiny_model_dir, tmp_path, *TRAIN_ARGS)
+    runs = result["runs"]
+    assert set(runs) == {"lorafit:fp32", "hf:fp32"}
+    ours, theirs = runs["lorafit:fp32"][0], runs["hf:fp32"][0]
+    # same job, same initial adapter, same data order, both fp32: the two tools compute the same loss curve
+    assert len(ours["losses"]) == len(theirs["losses"]) == 3
+    assert ours["losses"] == pytest.approx(theirs["losses"], rel=1e-4)
+    assert result["ratios"]["fp32"]["loss_max_rel_diff"] < 1e-4
+    assert result["best"] == {"lorafit": "lorafit:fp32", "hf": "hf:fp32"}
+    for run in (ours, theirs):  # the child's own memory: at least torch + transformers, less than the machine
+        assert 100 * 2**20 < run["peak_rss_bytes"] < 8 * 2**30
+        assert run["tokens_per_s"] > 0 and run["step_end_s"] == sorted(run["step_end_s"])
+    assert result["job"]["tokens_per_step"] == 2 * 32
+
+
+def test_lora_vs_full_benchmark(tiny_model_dir, tmp_path):
+    result = run_benchmark("lora_vs_full.py", tiny_model_dir, tmp_path, *TRAIN_ARGS)
+    lora, full = result["runs"]["lora"][0], result["runs"]["full"][0]
+    # the same model and batch: B = 0 makes step 1 of LoRA the base model's loss, as full fine-tuning's is
+    assert lora["losses"][0] == pytest.approx(full["losses"][0], rel=1e-5)
+    assert lora["losses"][1:] != pytest.approx(full["losses"][1:], rel=1e-6)  # they train different weights
+    ratio = result["ratios"]["step_time"]
+    assert ratio["median"] == pytest.approx(lora["step_s"] / full["step_s"])
+
+
+def test_engine_settings_benchmark(tiny_model_dir, tmp_path):
+    # chunks of 16 positions x 2: the 32-position sequences take 2 chunks each (the chunked path really runs)
+    result = run_benchmark("engine_settings.py", tiny_model_dir, tmp_path, *TRAIN_ARGS, "--variants", "chunked",
+                           "--chunk-tokens", "32")  # fmt: skip
+    assert result["variants"]["chunked"] == {"loss_chunk_tokens": 32}
+    # chunking the output head + cross-entropy changes how the loss is computed, not its value
+    assert result["ratios"]["chunked"]["loss_max_rel_diff"] < 1e-5
+    assert result["ratios"]["default"]["tokens_per_s"]["median"] == 1.0

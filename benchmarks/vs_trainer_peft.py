@@ -1,0 +1,139 @@
+"""lorafit vs transformers.Trainer + peft on the same LoRA job: tokens/s, peak RSS, loss-curve difference.
+
+    python benchmarks/vs_trainer_peft.py [--model DIR] [--reps 3] [--steps 12] [--variants lorafit:fp32,hf:fp32]
+
+The job (both contenders): SmolLM2-135M, LoRA r=8 (alpha 16, no dropout) on q,k,v,o, micro batch 2 x 256
+tokens, the same packed token blocks in the same order, AdamW (lr 1e-3, no weight decay), cosine decay to
+zero without warmup, gradient clipping at 1.0, and the same initial adapter (written once by lorafit, loaded by
+PEFT), so the loss curves are comparable step by step. Each run is its own process (peak RSS is that process's
+own, imports and model load included); contenders alternate within every repetition and the first one rotates.
+
+tokens/s counts steps 2..N (step 1 allocates and warms kernels up); peak RSS is the child's ru_maxrss; the loss
+difference is max over steps of |loss_lorafit - loss_hf| / loss_hf. "Best setting" is, for each tool, its
+variant with the highest median tokens/s among the variants measured (e.g. bf16 autocast, which Hugging Face
+documents as the CPU setting for Trainer, or torch.compile).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from _common import (
+    bar_with_range,
+    base_parser,
+    fmt_summary,
+    hardware,
+    markdown_table,
+    model_dir,
+    new_figure,
+    ratio_summary,
+    save_figure,
+    summary,
+    write_results,
+)
+from _train_job import max_rel_diff, prepare_job, run_contenders
+
+NAME = "vs_trainer_peft"
+TOOLS = {"lorafit": "lorafit", "hf": "Trainer+PEFT"}
+
+
+def parse_variant(text: str) -> tuple[str, tuple[str, dict]]:
+    """'lorafit:fp32+compile' -> ('lorafit:fp32+compile', ('lorafit', {'precision': 'fp32', 'compile': True}))."""
+    tool, _, settings = text.strip().partition(":")
+    precision, *flags = (settings or "fp32").split("+")
+    known = {"compile": "compile", "checkpointing": "activation_checkpointing"}
+    if tool not in TOOLS or precision not in ("fp32", "bf16") or any(f not in known for f in flags):
+        raise SystemExit(f"bad variant {text!r}: TOOL:PRECISION[+compile][+checkpointing], TOOL in {list(TOOLS)}, "
+                         "PRECISION fp32 or bf16")  # fmt: skip
+    return f"{tool}:{settings or 'fp32'}", (tool, {"precision": precision, **{known[f]: True for f in flags}})
+
+
+def main() -> None:
+    parser = base_parser(__doc__.split("\n")[0], reps=3)
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--sequence-length", type=int, default=256)
+    parser.add_argument("--micro-batch-size", type=int, default=2)
+    parser.add_argument("--accumulation", type=int, default=1)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument(
+        "--variants",
+        default="lorafit:fp32,hf:fp32",
+        help="comma-separated TOOL:SETTINGS, TOOL lorafit or hf, SETTINGS fp32 or bf16 plus optional "
+        "+compile, +checkpointing (activation checkpointing), e.g. lorafit:fp32+compile,hf:bf16. "
+        "bf16 autocast is 5-15x slower on CPUs without AVX512-BF16 or AMX (docs/benchmarks.md)",
+    )
+    args = parser.parse_args()
+    path = model_dir(args.model)
+    contenders = dict(parse_variant(v) for v in args.variants.split(",") if v.strip())
+    if {tool for tool, _ in contenders.values()} != set(TOOLS):
+        raise SystemExit(f"--variants needs at least one variant of each tool ({', '.join(TOOLS)})")
+    precisions = [p for p in ("fp32", "bf16") if all(f"{tool}:{p}" in contenders for tool in TOOLS)]
+
+    with tempfile.TemporaryDirectory(prefix="lorafit-vs-hf-") as tmp:
+        work = Path(tmp)
+        spec = prepare_job(path, work, dict(steps=args.steps, sequence_length=args.sequence_length,
+                                            micro_batch_size=args.micro_batch_size,
+                                            gradient_accumulation_steps=args.accumulation, lr=args.lr,
+                                            threads=args.threads))  # fmt: skip
+        print(f"job: {spec.steps} steps x {spec.tokens_per_step} tokens; contenders: {', '.join(contenders)}")
+        runs = run_contenders(spec, contenders, args.reps, work)
+
+    def per_run(name: str, key: str) -> list[float]:
+        return [r[key] for r in runs[name]]
+
+    best = {tool: max((n for n in contenders if contenders[n][0] == tool),
+                      key=lambda n: summary(per_run(n, "tokens_per_s"))["median"]) for tool in TOOLS}  # fmt: skip
+    comparisons = {p: (f"lorafit:{p}", f"hf:{p}") for p in precisions}
+    comparisons["best"] = (best["lorafit"], best["hf"])
+    ratios, rows = {}, []
+    for label, (ours, theirs) in comparisons.items():
+        speed = ratio_summary(per_run(ours, "tokens_per_s"), per_run(theirs, "tokens_per_s"))
+        rss = ratio_summary(per_run(ours, "peak_rss_bytes"), per_run(theirs, "peak_rss_bytes"))
+        loss = max(max_rel_diff(a["losses"], b["losses"]) for a, b in zip(runs[ours], runs[theirs], strict=True))
+        ratios[label] = {"lorafit": ours, "hf": theirs, "tokens_per_s": speed, "peak_rss": rss,
+                         "loss_max_rel_diff": loss}  # fmt: skip
+        title = f"best ({ours} vs {theirs})" if label == "best" else f"both {label}"
+        rows.append([title, fmt_summary(speed) + "x", fmt_summary(rss) + "x", f"{100 * loss:.3g} %"])
+    table = markdown_table(["comparison", "tokens/s lorafit / Trainer", "peak RSS lorafit / Trainer",
+                            "max loss difference"], rows)  # fmt: skip
+    detail_rows = [[name, fmt_summary(summary(per_run(name, "tokens_per_s"))),
+                    fmt_summary(summary([b / 2**20 for b in per_run(name, "peak_rss_bytes")]), digits=4),
+                    fmt_summary(summary(per_run(name, "train_peak_rss_mb")), digits=4),
+                    fmt_summary(summary(per_run(name, "process_wall_s"))),
+                    f"{runs[name][0]['losses'][0]:.4f} -> {runs[name][0]['losses'][-1]:.4f}"]
+                   for name in contenders]  # fmt: skip
+    detail = markdown_table(["contender", "tokens/s", "peak RSS (MiB)", "peak RSS by the last step (MiB)",
+                             "process wall (s)", "loss"], detail_rows)  # fmt: skip
+    self_check = {}
+    for name in runs:  # each setting against the fp32 run of the same tool: do the speed-ups keep the loss?
+        reference = f"{contenders[name][0]}:fp32"
+        if name != reference and reference in runs:
+            self_check[name] = max_rel_diff(runs[name][0]["losses"], runs[reference][0]["losses"])
+    print(table)
+    print()
+    print(detail)
+    print(f"(medians over {args.reps} repetitions, min-max in brackets)")
+
+    spec_out = {k: v for k, v in spec.__dict__.items() if k not in ("data_prefix", "init_adapter")}
+    result = {"hardware": hardware(), "model": str(path), "job": spec_out | {"tokens_per_step": spec.tokens_per_step},
+              "reps": args.reps, "best": best, "ratios": ratios, "loss_max_rel_diff_vs_fp32": self_check,
+              "runs": runs, "table": table, "detail_table": detail}  # fmt: skip
+    fig, axes = new_figure(3, width=5.0)
+    names = list(contenders)
+    bar_with_range(axes[0], names, [summary(per_run(n, "tokens_per_s")) for n in names], "tokens/s", "throughput")
+    bar_with_range(axes[1], names, [summary([b / 2**20 for b in per_run(n, "peak_rss_bytes")]) for n in names],
+                   "MiB", "peak RSS (whole process)")  # fmt: skip
+    for name in names:
+        losses = runs[name][0]["losses"]
+        axes[2].plot(range(1, len(losses) + 1), losses, marker=".", label=name)
+    axes[2].set_xlabel("step")
+    axes[2].set_ylabel("training loss")
+    axes[2].set_title("loss curves (repetition 1)", fontsize=10)
+    axes[2].legend(fontsize=8)
+    save_figure(fig, args.out, NAME)
+    write_results(args.out, NAME, result)
+
+
+if __name__ == "__main__":
+    main()
