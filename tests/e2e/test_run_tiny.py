@@ -32,6 +32,7 @@ def tiny_config(model_dir: Path, cache: Path, *, steps: int = 6, r: int = 4, che
                 "evaluation_interval_in_steps": 3,
             },
             "checkpointing": {"keep_last": 2},
+            "eval_max_batches": 4,
         },
         "tokenizer": {"component_key": "tokenizer", "variant_key": "huggingface", "config": {"path": str(model_dir)}},
         "base_model": {
