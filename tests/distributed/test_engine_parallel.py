@@ -23,6 +23,7 @@ import torch.multiprocessing as mp
 HERE = Path(__file__).resolve().parent
 TESTS = HERE.parent
 STEPS = 4
+PROBE = torch.arange(3, 19).reshape(2, 8)
 
 sys.path[:0] = [str(TESTS), str(HERE)]
 from engine_cases import one_thread  # noqa: E402, F401 - autouse fixture
@@ -51,8 +52,11 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     try:
         fsdp2 = FSDP2Strategy(ParallelismConfig(activation_checkpointing=True))
         run = train(make_job(f"{out}/fsdp2", env, parallelism=fsdp2, micro=1, accum=2, steps=STEPS,
-                             checkpoint_interval=2))  # fmt: skip
+                             checkpoint_interval=2, gather_full_model=True))  # fmt: skip
         results["fsdp2"] = (run.losses, run.eval_losses)
+        if rank == 0:  # an unsharded copy with the trained adapter, for rank-0 evaluators and merged export
+            with torch.no_grad():
+                results["fsdp2_eval_logits"] = run.model_for_eval()(PROBE).logits
         run = train(make_job(f"{out}/ddp", env, parallelism=DDPStrategy(), micro=2, accum=1, steps=STEPS))
         results["ddp"] = (run.losses, run.eval_losses)
         run = train(make_job(f"{out}/fsdp2_resumed", env, parallelism=FSDP2Strategy(), micro=1, accum=2, steps=STEPS,
@@ -112,3 +116,10 @@ def test_sharded_checkpoint_resumes_exactly(runs):
     assert [s for s, _ in resumed] == [3, 4]
     assert [v for _, v in resumed] == pytest.approx([v for _, v in straight[2:]], abs=1e-6, rel=0)
     torch.testing.assert_close(_adapter(_out / "fsdp2_resumed"), _adapter(_out / "fsdp2"), rtol=0, atol=1e-6)
+
+
+def test_unsharded_copy_for_rank0_evaluation(runs):
+    _out, reference, results = runs
+    with torch.no_grad():
+        expected = reference.model_for_eval()(PROBE).logits
+    torch.testing.assert_close(results["fsdp2_eval_logits"], expected, rtol=0, atol=1e-5)

@@ -168,3 +168,15 @@ def test_sigkill_while_writing_leaves_previous_checkpoints_intact(tmp_path):
     model, optimizer = _trained()  # the next save replaces the stale .tmp folder
     _save(tmp_path, 2, model, optimizer)
     assert not (checkpoints / "step_000002.tmp").exists() and find_latest(tmp_path) == checkpoints / "step_000002"
+
+
+def test_resuming_from_an_earlier_checkpoint_sets_later_ones_aside(tmp_path):
+    from lorafit.checkpoint.state import find_latest, list_checkpoints, supersede_after
+
+    model, optimizer = _trained()
+    for step in (2, 4, 6):
+        _save(tmp_path, step, model, optimizer)
+    moved = supersede_after(tmp_path, 2)  # the run continues from step 2: 4 and 6 are a discarded future
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [2] and find_latest(tmp_path).name == "step_000002"
+    assert sorted(p.name.split(".")[0] for p in moved) == ["step_000004", "step_000006"]
+    assert all(p.is_dir() and (p / "COMPLETE").is_file() for p in moved)  # kept for the user, not deleted

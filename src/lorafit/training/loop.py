@@ -98,7 +98,7 @@ def train(job: TrainJob) -> TrainResult:
                 # the whole global batch's target count first: every micro-batch loss is divided by it
                 micro = [to_device(next(batches), env.device) for _ in range(accum)]
                 counts = torch.tensor([sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro),
-                                       sum(int(b["attention_mask"].sum()) for b in micro)],
+                                       sum(_real_tokens(b) for b in micro)],
                                       dtype=torch.float64, device=env.device)  # fmt: skip
                 n_targets, n_tokens = env.all_reduce_sum(counts).tolist()
                 if n_targets == 0:
@@ -109,7 +109,8 @@ def train(job: TrainJob) -> TrainResult:
                 for i, batch in enumerate(micro):
                     with strategy.accumulating(model, sync=i == accum - 1):  # reduce once, on the last micro-batch
                         with strategy.autocast(env):
-                            summed = model(**batch)
+                            summed = model(input_ids=batch["input_ids"], labels=batch["labels"],
+                                           attention_mask=batch.get("attention_mask"))  # fmt: skip
                         (summed * scale).backward()
                     loss_sum += summed.detach().double()
                 loss = float(env.all_reduce_sum(loss_sum)) / max(n_targets, 1.0)
@@ -163,6 +164,11 @@ def train(job: TrainJob) -> TrainResult:
                        elapsed_s=time.perf_counter() - start, losses=losses, eval_losses=eval_losses,
                        adapter_dir=adapter_dir, resumed_from=resumed, last_checkpoint=last_checkpoint,
                        full_state_dict=full or None)  # fmt: skip
+
+
+def _real_tokens(batch: dict[str, torch.Tensor]) -> int:
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
 
 
 def _clip_grad_norm(params: list[torch.Tensor], max_norm: float | None) -> float:
