@@ -132,6 +132,12 @@ def test_accuracy_counts_exact_matches_in_example_order(tiny):
     assert [p.question for p in result.predictions] == QUESTIONS
     data = result.to_dict()
     assert data["accuracy"] == 0.6 and len(data["predictions"]) == 5 and data["predictions"][2]["correct"] is False
+    assert data["predictions"][1] == {
+        "question": QUESTIONS[1],
+        "reference": refs[1],
+        "prediction": answers[1],
+        "correct": True,
+    }
     assert ExactMatchResult.from_dict(json.loads(json.dumps(data))).predictions == result.predictions
 
 
@@ -179,6 +185,7 @@ def test_render_before_after_shows_the_same_three_prompts():
 
 def test_component_builds_and_runs(tmp_path, tiny, monkeypatch):
     from lorafit.config.registry import REGISTRY
+    from lorafit.report import render_report
 
     model, tokenizer = tiny
     write_jsonl(tmp_path / "held.jsonl", [chat(q, "blue") for q in QUESTIONS])
@@ -192,9 +199,15 @@ def test_component_builds_and_runs(tmp_path, tiny, monkeypatch):
         assert model.training
     finally:
         model.eval()
+    assert evaluator.name == "heldout"
     assert set(out) == {"loss", "accuracy", "correct", "n", "predictions"}
     assert out["n"] == 3 and len(out["predictions"]) == 3 and out["loss"] > 0
     assert out["loss"] == pytest.approx(heldout_loss(model, tokenizer, load_examples("held.jsonl", limit=3)))
+    # what the runner writes to eval_*.json and the report shows
+    json.dumps(out)
+    report = render_report(None, {"heldout": out}, {"heldout": out})
+    assert "| heldout | accuracy |" in report and "| heldout | loss |" in report
+    assert repr(QUESTIONS[2]) in report and "## sample 3 (heldout)" in report
     with pytest.raises(ValueError, match="extra"):
         spec.config_model.model_validate({"path": "held.jsonl", "max_tokens": 4})
     with pytest.raises(UserError, match="^path: evaluation file not found"):

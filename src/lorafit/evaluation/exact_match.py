@@ -36,7 +36,7 @@ class ChatExample:
 
 @dataclass(frozen=True)
 class Prediction:
-    question: str
+    question: str  # the last prompt message's text
     reference: str
     prediction: str
 
@@ -74,6 +74,7 @@ class ExactMatchResult:
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
+        """Numbers and every prediction, in example order (a report shows the first three)."""
         return {
             "accuracy": self.accuracy,
             "correct": self.correct,
@@ -284,6 +285,7 @@ class ExactMatchEvaluatorConfig(ComponentConfig):
     """Exact-match accuracy and held-out loss on a chat jsonl file (path relative to the working directory)."""
 
     path: Path
+    name: str = "heldout"  # the key of this evaluator's results in eval_before/after.json and the report
     max_new_tokens: int = Field(default=32, ge=1)
     limit: int | None = Field(default=None, ge=1)
     batch_size: int = Field(default=16, ge=1)
@@ -293,6 +295,7 @@ class ExactMatchEvaluator:
     def __init__(self, examples: list[ChatExample], config: ExactMatchEvaluatorConfig):
         self.examples = examples
         self.config = config
+        self.name = config.name
 
     def evaluate(self, model, tokenizer) -> ExactMatchResult:
         return evaluate_exact_match(
@@ -304,7 +307,8 @@ class ExactMatchEvaluator:
         )
 
     def run(self, model, tokenizer) -> dict[str, Any]:
-        """{"loss", "accuracy", "correct", "n", "predictions": [{question, reference, prediction, correct}]}."""
+        """{"loss", "accuracy", "correct", "n", "predictions"}, each prediction {"question", "reference",
+        "prediction", "correct"} in example order; accuracy is a fraction in [0, 1]."""
         loss = heldout_loss(model, tokenizer, self.examples, batch_size=self.config.batch_size)
         return {"loss": loss} | self.evaluate(model, tokenizer).to_dict()
 
