@@ -29,11 +29,11 @@ def render_report(result, before: dict | None, after: dict | None) -> str:
             lines.append(f"| {key[0]} | {key[1]} | {old_text} | {new:.4f} | {change} |")
         lines.append("")
     for evaluator, values in (after or {}).items():
-        samples_after = values.get("samples") or []
-        samples_before = ((before or {}).get(evaluator) or {}).get("samples") or []
+        samples_after = values.get("predictions") or []
+        samples_before = ((before or {}).get(evaluator) or {}).get("predictions") or []
         for i, sample in enumerate(samples_after[:3]):
             lines.append(f"## sample {i + 1} ({evaluator})")
-            lines.append(f"prompt:    {sample.get('prompt', '')!r}")
+            lines.append(f"prompt:    {sample.get('question', '')!r}")
             lines.append(f"reference: {sample.get('reference', '')!r}")
             if i < len(samples_before):
                 lines.append(f"before:    {samples_before[i].get('prediction', '')!r}")

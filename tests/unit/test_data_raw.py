@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -53,6 +54,35 @@ def test_validate_packs_nothing_and_ranks_do_not_race(tmp_path, tiny_tokenizer, 
     with pytest.raises(UserError, match="file not found: .*nothing.txt") as caught:
         build("text", path=str(tmp_path / "nothing.txt"), tokenizer=tiny_tokenizer)
     assert caught.value.problems[0].path == "path"
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(UserError, match=r"corpus.text.json is missing or out of date; .*lorafit data pack"):
-        build("text", path=str(src), tokenizer=tiny_tokenizer)
+
+
+def _rank_builds(rank: int, port: int, src: str, out: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    from tiny import make_tokenizer
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        dataset = build("text", path=src, tokenizer=make_tokenizer(), sequence_length=4)
+        Path(out, f"rank{rank}.txt").write_text(" ".join(str(int(t)) for t in dataset[0]["input_ids"]))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_under_torchrun_rank0_packs_and_other_ranks_read(tmp_path):
+    """Two gloo ranks build the same cached dataset: one writer, both see the same tokens."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    src = tmp_path / "corpus.txt"
+    src.write_text("The capital of France is Paris. " * 20, encoding="utf-8")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_rank_builds, args=(port, str(src), str(tmp_path)), nprocs=2, join=True)
+    assert (tmp_path / "rank0.txt").read_text() == (tmp_path / "rank1.txt").read_text() != ""
+    assert (tmp_path / "corpus.text.json").is_file() and not list(tmp_path.glob("*.tmp*"))

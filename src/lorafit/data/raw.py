@@ -10,14 +10,13 @@
         sequence_length: null             # null: the run's settings.step_profile.sequence_length
 
 The cache is packed again when its source file (size, modification time) or tokenizer (name, vocabulary size)
-differ from what its index records. Packing happens in single-process runs only: concurrent ranks writing
-the same cache would race, so a multi-process run with a missing or stale cache asks for `lorafit data pack`.
+differ from what its index records. Under torchrun rank 0 packs and the other ranks wait (concurrent writers
+would race); across nodes without a shared file system, pack on each node first with `lorafit data pack`.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -57,26 +56,54 @@ def _fingerprint(source: Path, tokenizer: Any, kind: str, jsonl_field: str | Non
 
 
 def ensure_packed(source: Path, tokenizer: Any, prefix: Path, kind: str, jsonl_field: str | None = None) -> Path:
-    """`prefix`, packed from `source` unless an up-to-date cache is already there."""
-    stamp_path = prefix.with_name(prefix.name + ".source.json")
-    wanted = _fingerprint(source, tokenizer, kind, jsonl_field)
-    meta_path = prefix.with_name(prefix.name + ".json")
-    if meta_path.is_file() and stamp_path.is_file():
+    """`prefix`, packed from `source` unless an up-to-date cache is already there.
+
+    Under torchrun, rank 0 packs while the other ranks wait for it (one writer, no race); every rank then
+    checks that it sees the cache, which fails clearly on nodes without a shared file system.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return _pack_if_stale(source, tokenizer, prefix, kind, jsonl_field)
+    outcome: list[Any] = [None]
+    if dist.get_rank() == 0:
         try:
-            if json.loads(stamp_path.read_text(encoding="utf-8")) == wanted:
-                return prefix
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            pass  # a damaged stamp: pack again
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            _pack_if_stale(source, tokenizer, prefix, kind, jsonl_field)
+            outcome[0] = ("ok", "")
+        except UserError as error:
+            outcome[0] = ("error", error.render())
+    dist.broadcast_object_list(outcome, src=0)
+    status, message = outcome[0]
+    if status == "error":
+        raise UserError(message)
+    if not _is_fresh(source, tokenizer, prefix, kind, jsonl_field):
         raise UserError(
-            f"{meta_path} is missing or out of date; pack it once before a multi-process run: "
-            f"lorafit data pack --input {source} --tokenizer <folder> --output {prefix} --overwrite",
+            f"rank {dist.get_rank()} cannot see {prefix}.json that rank 0 wrote (no shared file system?); pack it "
+            f"on every node before the run: lorafit data pack --input {source} --tokenizer <folder> --output {prefix}",
             field="cache_path",
         )
+    return prefix
+
+
+def _is_fresh(source: Path, tokenizer: Any, prefix: Path, kind: str, jsonl_field: str | None) -> bool:
+    stamp_path = prefix.with_name(prefix.name + ".source.json")
+    meta_path = prefix.with_name(prefix.name + ".json")
+    if not (meta_path.is_file() and stamp_path.is_file()):
+        return False
+    try:
+        return json.loads(stamp_path.read_text(encoding="utf-8")) == _fingerprint(source, tokenizer, kind, jsonl_field)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False  # a damaged stamp: pack again
+
+
+def _pack_if_stale(source: Path, tokenizer: Any, prefix: Path, kind: str, jsonl_field: str | None) -> Path:
+    if _is_fresh(source, tokenizer, prefix, kind, jsonl_field):
+        return prefix
     info(f"tokenizing {source} into {prefix}.bin (cached for later runs)")
     pack_file(source, tokenizer, prefix, jsonl_field=jsonl_field or "text", fmt=kind, overwrite=True,
               progress=is_main_rank())  # fmt: skip
-    stamp_path.write_text(json.dumps(wanted), encoding="utf-8")
+    stamp = prefix.with_name(prefix.name + ".source.json")
+    stamp.write_text(json.dumps(_fingerprint(source, tokenizer, kind, jsonl_field)), encoding="utf-8")
     return prefix
 
 
