@@ -41,12 +41,17 @@ class RawTextConfig(ComponentConfig):
 
 
 class RawInstructionConfig(ComponentConfig):
-    """A .jsonl file of conversations rendered with `tokenizer`'s chat template into `cache_path` on first use."""
+    """A .jsonl file of conversations rendered with `tokenizer`'s chat template into `cache_path` on first use.
+
+    `packing: true` concatenates conversations into fixed blocks of sequence_length (no padding, several
+    conversations per sample; the loss stays on the answers only); false gives one padded sample each.
+    """
 
     path: str
     tokenizer: Component("tokenizer")
     cache_path: str | None = None
     sequence_length: int | None = Field(None, ge=1)
+    packing: bool = False
 
 
 def _fingerprint(source: Path, tokenizer: Any, kind: str, jsonl_field: str | None) -> dict[str, Any]:
@@ -130,4 +135,4 @@ def build_text_dataset(config: RawTextConfig) -> PackedDataset:
 @register_component("dataset", "jsonl_instruction", RawInstructionConfig)
 def build_jsonl_instruction_dataset(config: RawInstructionConfig) -> InstructionDataset:
     """One sample per conversation of a raw .jsonl file, tokenized into a cache on first use."""
-    return _build(config, "instruction", InstructionDataset)
+    return _build(config, "instruction", PackedDataset if config.packing else InstructionDataset)
