@@ -5,11 +5,15 @@ from __future__ import annotations
 import importlib
 
 BUILTIN_COMPONENT_MODULES = [
+    "lorafit.models.huggingface",
+    "lorafit.models.checkpointed",
+    "lorafit.models.tokenizer",
     "lorafit.lora.component",
     "lorafit.data.datasets",
     "lorafit.data.raw",
     "lorafit.training.optim",
     "lorafit.distributed.parallel",
+    "lorafit.evaluation.exact_match",
 ]
 
 
