@@ -245,7 +245,11 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     if not weights.is_file():
         other = " (only safetensors adapters are supported)" if (path / "adapter_model.bin").exists() else ""
         raise UserError(f"{weights} not found{other}")
-    tensors = load_file(str(weights))
+    try:
+        tensors = load_file(str(weights))
+    except Exception as error:  # SafetensorError, OSError: a truncated or damaged file is the user's to replace
+        reason = f"not a valid safetensors file (truncated or corrupt?): {error}"
+        raise UserError(f"cannot read {weights}: {reason}") from None
     fresh = not has_lora(model)
     trainable = {id(p): p.requires_grad for p in model.parameters()}
     if fresh:
