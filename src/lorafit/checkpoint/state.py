@@ -1,10 +1,11 @@
-"""Resumable training checkpoints: the trainable parameters (never the frozen base), the optimizer, and the
-trainer's counters, sampler position, scheduler and RNG states.
+"""Resumable training checkpoints: the trainable parameters (LoRA: the adapters, never the frozen base; full
+fine-tuning: the whole model), the optimizer, and the trainer's counters, sampler position, scheduler and RNG
+states.
 
 Layout, under `<run_dir>/checkpoints/`:
 
     step_000010/
-      .metadata, __0_0.distcp, ...   torch.distributed.checkpoint (DCP) of {model: adapters, optim: AdamW state}
+      .metadata, __0_0.distcp, ...   torch.distributed.checkpoint (DCP) of {model: trainable, optim: AdamW state}
       trainer_state.pt              rank 0: step, tokens, sampler, scheduler, world size, config hash
       rng_rank_00000.pt ...         each rank's torch / cuda / numpy / python RNG states
       COMPLETE                      written last: JSON with the step and the sha256 of every other file
@@ -57,17 +58,18 @@ def _options():
 
 
 def _trainable_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-    """(model, optimizer) state dicts with the trainable parameters only.
+    """(model, optimizer) state dicts with the trainable parameters only, each parameter under one name.
 
-    `ignore_frozen_params` still lets a tied frozen weight through under its second name (lm_head.weight =
-    embed_tokens.weight: the whole embedding table), so the model's keys are filtered explicitly.
+    LoRA: the adapters. `ignore_frozen_params` still lets a tied frozen weight through under its second name
+    (lm_head.weight = embed_tokens.weight: the whole embedding table), so the keys are filtered explicitly.
+    Full fine-tuning: the whole model; a tied trainable weight is saved once, under its first name
+    (embed_tokens), and loading it there restores the head too, since it is the same parameter.
     """
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     from lorafit.lora.model import canonical_name, unwrap
 
-    named = unwrap(model).named_parameters(remove_duplicate=False)
-    trainable = {canonical_name(n) for n, p in named if p.requires_grad}
+    trainable = {canonical_name(n) for n, p in unwrap(model).named_parameters() if p.requires_grad}
     model_sd, optim_sd = get_state_dict(model, optimizer, options=_options())
     return {k: v for k, v in model_sd.items() if k in trainable}, optim_sd
 
@@ -232,8 +234,8 @@ def _prune(run_dir: Path, keep_last: int, keep: Path) -> None:
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, env: DistEnv) -> dict[str, Any]:
-    """Load adapters + optimizer into the (wrapped) model; returns the trainer state with this rank's RNG
-    states under "rng" (None when the checkpoint was written by a different number of processes)."""
+    """Load the trainable parameters + optimizer into the (wrapped) model; returns the trainer state with this
+    rank's RNG states under "rng" (None when the checkpoint was written by a different number of processes)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_state_dict
 

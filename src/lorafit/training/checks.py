@@ -4,6 +4,8 @@ Gradient flow: LoRA's B starts at zero, so in step 1 only B can receive a gradie
 from step 2 on both must. A matrix with no gradient, a zero one, or a non-finite one means the adapter is cut
 from the graph (a custom forward that bypasses it, reentrant activation checkpointing over frozen inputs,
 a detach) and the run would end with an unchanged adapter. It is checked once, before the optimizer steps.
+A model without LoRA (full fine-tuning) is checked more loosely in step 1: some trainable parameter must get a
+finite, non-zero gradient (a model may hold parameters the loss never uses, so not every one has to).
 """
 
 from __future__ import annotations
@@ -34,8 +36,12 @@ def check_gradient_flow(model: nn.Module, step: int, env: DistEnv) -> None:
     Collective under DDP/FSDP2: per-matrix squared norms and non-finite counts are summed over ranks, since
     under FSDP2 each rank only sees its shard.
     """
-    from lorafit.lora.model import named_lora_parameters
+    from lorafit.lora.model import has_lora, named_lora_parameters
 
+    if not has_lora(model):
+        if step == 1:
+            _check_some_gradient(model, env)
+        return
     wanted = ("lora_B", "lora_embedding_B") if step == 1 else ("lora_A", "lora_B", "lora_embedding_A",
                                                                "lora_embedding_B")  # fmt: skip
     params = [(n, p) for n, p in named_lora_parameters(model) if any(f".{w}" in n for w in wanted)]
@@ -64,6 +70,26 @@ def check_gradient_flow(model: nn.Module, step: int, env: DistEnv) -> None:
         f"gradient-flow check failed after step {step}: {sum(map(len, (missing, zero, bad)))} of {len(params)} "
         f"adapter matrices got " + "; ".join(lines) + ". The adapters are not connected to the loss (a forward that "
         "bypasses the LoRA layers, a detach, or reentrant activation checkpointing over frozen inputs)"
+    )
+
+
+def _check_some_gradient(model: nn.Module, env: DistEnv) -> None:
+    """Full fine-tuning: raise unless the trainable parameters' gradients are, together, finite and non-zero."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    stats = torch.zeros(2, dtype=torch.float64, device=env.device)  # squared norm, non-finite count
+    for p in params:
+        if p.grad is not None:
+            g = _local(p.grad).detach().double()
+            stats[0] += g.pow(2).sum() if g.numel() else 0.0
+            stats[1] += (~torch.isfinite(g)).sum()
+    env.all_reduce_sum(stats)
+    square, non_finite = stats.tolist()
+    if non_finite == 0 and square > 0:
+        return
+    got = f"{int(non_finite)} non-finite gradient values" if non_finite else "only zero or no gradients"
+    raise GradientFlowError(
+        f"gradient-flow check failed after step 1: the {len(params)} trainable parameters got {got}. "
+        "The parameters are not connected to the loss (a detach, or a forward that does not use them)"
     )
 
 

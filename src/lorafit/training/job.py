@@ -16,8 +16,9 @@ from lorafit.distributed.env import DistEnv
 
 @dataclass
 class TrainJob:
-    """One training run. The model arrives built, with LoRA injected, frozen, and (normally) its weights loaded,
-    on CPU; `train` wraps it with `parallelism` (None: fsdp2 under torchrun, else none)."""
+    """One training run. The model arrives built and (normally) with its weights loaded, on CPU: with LoRA
+    injected and the base frozen, or without LoRA and every parameter trainable (full fine-tuning). `train`
+    wraps it with `parallelism` (None: fsdp2 under torchrun, else none)."""
 
     model: nn.Module
     train_dataset: Any  # map-style: items {"input_ids", "labels"} (labels already shifted; -100 = ignored)
@@ -46,7 +47,8 @@ class TrainJob:
     gather_full_model: bool = False  # keep an unsharded copy on rank 0 for model_for_eval() after FSDP2
     config_hash: str | None = None
     progress: bool | None = None  # rich progress bar; None: when stdout is a terminal
-    write_adapter: bool = True
+    write_adapter: bool = True  # write the trained weights: adapter/ (LoRA) or model/ (full); False: neither
+    tokenizer: Any = None  # saved into model/ after full fine-tuning, so the folder loads and generates alone
 
 
 @dataclass
@@ -59,19 +61,22 @@ class TrainResult:
     elapsed_s: float
     losses: list[tuple[int, float]]  # (step, loss) of the steps trained by this call
     eval_losses: dict[str, float] = field(default_factory=dict)  # the last evaluation
-    adapter_dir: Path | None = None
+    adapter_dir: Path | None = None  # LoRA: the adapter in PEFT's format
+    model_dir: Path | None = None  # full fine-tuning: the whole model as a Hugging Face folder
     resumed_from: Path | None = None
     last_checkpoint: Path | None = None
     full_state_dict: dict[str, torch.Tensor] | None = None  # rank 0, when gathered for evaluation
     _eval_model: nn.Module | None = field(default=None, repr=False)
 
     def model_for_eval(self) -> nn.Module:
-        """An unwrapped, unsharded model with the trained adapter (rank 0), in eval mode."""
+        """An unwrapped, unsharded model with the trained weights (rank 0), in eval mode: the trained model
+        itself, or after FSDP2 a plain copy built from the gathered weights (with the same LoRA, if any)."""
+        from lorafit.checkpoint.weights import is_sharded, unsharded_copy
         from lorafit.lora.model import unwrap
 
         if self._eval_model is None:
             inner = unwrap(self.model)
-            if not any(_is_dtensor(p) for p in inner.parameters()):
+            if not is_sharded(inner):
                 self._eval_model = inner
             else:
                 full = self.full_state_dict
@@ -81,7 +86,7 @@ class TrainResult:
                     full = gather_full_state_dict(self.model, self.env)
                 if full is None:
                     raise RuntimeError("the model is sharded: train with gather_full_model=True to evaluate on rank 0")
-                self._eval_model = _unsharded_copy(inner, full)
+                self._eval_model = unsharded_copy(inner, full)
         return self._eval_model.eval()
 
     def summary(self) -> str:
@@ -94,32 +99,6 @@ class TrainResult:
             lines.append(f"resumed from: {self.resumed_from}")
         if self.adapter_dir:
             lines.append(f"adapter: {self.adapter_dir}")
+        if self.model_dir:
+            lines.append(f"model: {self.model_dir}")
         return "\n".join(lines)
-
-
-def _is_dtensor(tensor: torch.Tensor) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(tensor, DTensor)
-
-
-def _unsharded_copy(sharded: nn.Module, full_state_dict: dict[str, torch.Tensor]) -> nn.Module:
-    """A plain copy of an FSDP2-sharded Hugging Face model: its original class, the same LoRA, the full weights."""
-    from torch.distributed.fsdp import FSDPModule
-
-    from lorafit.lora import apply_lora, get_settings
-
-    cls = next(c for c in type(sharded).__mro__ if not issubclass(c, FSDPModule))
-    copy = cls(sharded.config)  # real (CPU) init: non-persistent buffers such as rotary tables come out right
-    s = get_settings(sharded)
-    apply_lora(copy, s.r, s.alpha, s.target_layers, dropout=s.dropout, init=s.init, use_rslora=s.use_rslora)
-    dtype = next(iter(full_state_dict.values())).dtype
-    copy.to(dtype)
-    missing, unexpected = copy.load_state_dict(full_state_dict, strict=False)
-    # a tied weight (lm_head = embed_tokens) may appear under one name only: it is loaded through the other
-    params = dict(copy.named_parameters(remove_duplicate=False))
-    loaded = {id(params[k]) for k in full_state_dict if k in params}
-    missing = [k for k in missing if not (k in params and id(params[k]) in loaded)]
-    if missing or unexpected:
-        raise RuntimeError(f"unsharded copy does not match: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    return copy

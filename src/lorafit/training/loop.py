@@ -24,8 +24,9 @@ from lorafit.checkpoint.state import (
     save_checkpoint,
     supersede_after,
 )
+from lorafit.checkpoint.weights import write_trained_weights
 from lorafit.console import info, warn
-from lorafit.distributed.parallel import default_strategy, gather_adapter_state_dict, gather_full_state_dict
+from lorafit.distributed.parallel import default_strategy
 from lorafit.errors import UserError
 from lorafit.training.batches import default_collate, evaluate, to_device, train_micro_batches
 from lorafit.training.checks import check_finite, check_gradient_flow
@@ -36,9 +37,6 @@ from lorafit.training.metrics import MetricsLogger, peak_memory_mb, plot_loss
 
 def train(job: TrainJob) -> TrainResult:
     from lorafit.data import ResumableSampler
-    from lorafit.lora import save_adapter
-    from lorafit.lora.adapter import PREFIX as PEFT_PREFIX
-    from lorafit.lora.model import unwrap
 
     env, run_dir = job.env, Path(job.run_dir)
     accum, world = job.gradient_accumulation_steps, env.world_size
@@ -55,7 +53,8 @@ def train(job: TrainJob) -> TrainResult:
                                shuffle=job.shuffle, global_batch_size=global_batch)  # fmt: skip
     _seed_everything(job.seed + env.rank)  # differs per rank: dropout masks of different samples differ
 
-    # --- resume: adapters + optimizer (DCP), then scheduler, data position, counters, random states
+    # --- resume: the trainable parameters (adapters, or the whole model) + optimizer (DCP), then scheduler,
+    #     data position, counters, random states
     step, tokens, elapsed = 0, 0, 0.0
     resumed = _on_main(env, resolve_resume, run_dir, job.resume_from)  # checksums read once, by rank 0
     if resumed is not None:
@@ -116,9 +115,9 @@ def train(job: TrainJob) -> TrainResult:
                 loss = float(env.all_reduce_sum(loss_sum)) / max(n_targets, 1.0)
                 grad_norm = _clip_grad_norm(trainable, job.grad_clip)
 
-                # stop before the optimizer touches the adapter: the last good checkpoint stays the last one
+                # stop before the optimizer touches the weights: the last good checkpoint stays the last one
                 check_finite(loss, grad_norm, step + 1, str(last_checkpoint) if last_checkpoint else None)
-                if step < 2:  # B gets a gradient in step 1, A from step 2 (B starts at zero)
+                if step < 2:  # LoRA: B gets a gradient in step 1, A from step 2 (B starts at zero)
                     check_gradient_flow(model, step + 1, env)
                 lr = optimizer.param_groups[0]["lr"]
                 optimizer.step()
@@ -149,21 +148,16 @@ def train(job: TrainJob) -> TrainResult:
     finally:
         metrics.close()
 
-    # --- the results: the gathered adapter in PEFT's format, the loss curve, an unsharded copy if wanted
-    adapter = gather_adapter_state_dict(model, env)  # collective under FSDP2: every rank takes part
-    adapter_dir = run_dir / "adapter" if job.write_adapter else None
-    full = gather_full_state_dict(model, env) if job.gather_full_model and env.distributed else None
+    # --- the results: adapter/ (LoRA) or model/ (full fine-tuning), gathered from the shards; the loss curve
+    weights = write_trained_weights(model, env, run_dir, write=job.write_adapter, keep_full=job.gather_full_model,
+                                    tokenizer=job.tokenizer)  # fmt: skip
     if env.is_main:
-        if adapter_dir is not None:
-            # save_adapter takes module names and adds PEFT's prefix itself
-            by_module = {k.removeprefix(PEFT_PREFIX): v for k, v in adapter.items()}
-            save_adapter(unwrap(model), adapter_dir, state_dict=by_module, overwrite=True)
         plot_loss(run_dir)
     env.barrier()
     return TrainResult(model=model, run_dir=run_dir, env=env, steps=step, tokens=tokens,
                        elapsed_s=time.perf_counter() - start, losses=losses, eval_losses=eval_losses,
-                       adapter_dir=adapter_dir, resumed_from=resumed, last_checkpoint=last_checkpoint,
-                       full_state_dict=full or None)  # fmt: skip
+                       adapter_dir=weights.adapter_dir, model_dir=weights.model_dir, resumed_from=resumed,
+                       last_checkpoint=last_checkpoint, full_state_dict=weights.full_state_dict)  # fmt: skip
 
 
 def _real_tokens(batch: dict[str, torch.Tensor]) -> int:
