@@ -86,3 +86,17 @@ def test_engine_settings_benchmark(tiny_model_dir, tmp_path):
     # chunking the output head + cross-entropy changes how the loss is computed, not its value
     assert result["ratios"]["chunked"]["loss_max_rel_diff"] < 1e-5
     assert result["ratios"]["default"]["tokens_per_s"]["median"] == 1.0
+
+
+def test_step_profile_benchmark(tiny_model_dir, tmp_path):
+    result = run_benchmark("step_profile.py", tiny_model_dir, tmp_path, "--sequence-length", "32",
+                           "--chunk-tokens", "32")  # fmt: skip
+    assert set(result["step_s"]) == {"baseline", "eager-attn", "chunked-ce", "bf16"}
+    phases = result["phases_s"]["baseline"]
+    assert sum(p["median"] for p in phases.values()) > 0
+    assert sum(result["baseline_phase_share"].values()) == pytest.approx(1.0)
+    assert sum(result["operator_share"].values()) == pytest.approx(1.0)
+    # the speed-ups must not change what is trained: same losses as the baseline step for step
+    diffs = result["loss_max_rel_diff_vs_baseline"]
+    assert diffs["chunked-ce"] < 1e-5 and diffs["eager-attn"] < 1e-4 and diffs["bf16"] < 2e-2
+    assert "aten::" in result["operator_table"]
