@@ -93,15 +93,17 @@ class ConfigGraph:
                     f"{why}; components defined at the top level: {', '.join(entities) or 'none'}",
                 )
             )
-            return Pending("?", "?", path)
+            return Pending("?", "?", path, known=False)
         seen = {path}
         while is_reference(target):  # an alias of an alias: follow to the component
             nxt = target.get("instance_key")
             if nxt in seen or not (is_component(self.config.get(nxt)) or is_reference(self.config.get(nxt))):
-                return Pending("?", "?", path)  # reported where that alias is defined, or as a cycle
+                return Pending("?", "?", path, known=False)  # reported where that alias is defined, or as a cycle
             seen.add(nxt)
             target = self.config[nxt]
-        return Pending(str(target.get("component_key")), str(target.get("variant_key")), str(name))
+        ck = str(target.get("component_key"))
+        # an unknown component_key is reported where that component is defined
+        return Pending(ck, str(target.get("variant_key")), str(name), known=ck in self.registry.component_keys())
 
     def _check_component(self, comp: dict, path: str, problems: list[Problem]) -> Pending:
         ck, vk = comp.get("component_key"), comp.get("variant_key")
@@ -131,6 +133,7 @@ class ConfigGraph:
         except LookupError as e:
             field, message = e.args
             problems.append(Problem(join_path(path, field), message))
+            pending.known = field != "component_key"  # an unknown component_key is this one problem, not two
             return pending
         raw = comp.get("config") or {}
         if not isinstance(raw, dict):

@@ -31,12 +31,17 @@ class ComponentConfig(BaseModel):
 
 
 class Pending:
-    """Stands in for a component while a config is validated without building anything."""
+    """Stands in for a component while a config is validated without building anything.
 
-    def __init__(self, component_key: str, variant_key: str, path: str):
+    `known=False` marks a stand-in whose kind is unknown (a missing reference, an unknown component_key): that
+    problem is reported where it is, so a field expecting some kind of component does not report it again.
+    """
+
+    def __init__(self, component_key: str, variant_key: str, path: str, *, known: bool = True):
         self.component_key = component_key
         self.variant_key = variant_key
         self.path = path
+        self.known = known
 
     def __repr__(self) -> str:
         return f"<{self.component_key}/{self.variant_key} at {self.path}>"
@@ -58,7 +63,7 @@ def Component(*component_keys: str) -> Any:  # noqa: N802 - reads as a type in c
 
     def check(value: Any) -> Any:
         if isinstance(value, Pending):
-            if value.component_key not in component_keys:
+            if value.known and value.component_key not in component_keys:
                 raise ValueError(
                     f"expected a {wanted} component, got '{value.component_key}/{value.variant_key}' ({value.path})"
                 )
