@@ -70,6 +70,12 @@ def write(path: Path, config: dict) -> Path:
     return path
 
 
+def run(config_path: Path, root: Path, experiment_id: str, *extra: str) -> int:
+    """`lorafit run` in-process; returns its exit code."""
+    args = ["--config_file_path", str(config_path), "--experiments_root_path", str(root), "--experiment_id"]
+    return main(["run", *args, experiment_id, *extra])
+
+
 def losses(run_dir: Path) -> dict[int, float]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
@@ -91,20 +97,7 @@ def cfg(tmp_path, tiny_model_dir):
 def test_run_writes_the_run_folder_and_a_peft_adapter(tmp_path, cfg, tiny_model_dir):
     config_path = cfg()
     root = tmp_path / "exp"
-    assert (
-        main(
-            [
-                "run",
-                "--config_file_path",
-                str(config_path),
-                "--experiments_root_path",
-                str(root),
-                "--experiment_id",
-                "straight",
-            ]
-        )
-        == 0
-    )
+    assert run(config_path, root, "straight") == 0
     run_dir = root / "straight"
     assert (run_dir / "config.yaml").read_bytes() == config_path.read_bytes()
     resolved = yaml.safe_load((run_dir / "config.resolved.yaml").read_text())
@@ -144,20 +137,7 @@ def test_killed_run_resumes_exactly(tmp_path, cfg):
 
     config_path = cfg(steps=6, checkpoint_every=1)
     root = tmp_path / "exp"
-    assert (
-        main(
-            [
-                "run",
-                "--config_file_path",
-                str(config_path),
-                "--experiments_root_path",
-                str(root),
-                "--experiment_id",
-                "straight",
-            ]
-        )
-        == 0
-    )
+    assert run(config_path, root, "straight") == 0
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
@@ -186,22 +166,7 @@ def test_killed_run_resumes_exactly(tmp_path, cfg):
     assert marker.exists(), "the run ended before its step-3 checkpoint"
     assert not (root / "killed" / "adapter").exists(), "killed too late to test anything"
 
-    assert (
-        main(
-            [
-                "run",
-                "--config_file_path",
-                str(config_path),
-                "--experiments_root_path",
-                str(root),
-                "--experiment_id",
-                "killed",
-                "--resume_from",
-                "latest",
-            ]
-        )
-        == 0
-    )
+    assert run(config_path, root, "killed", "--resume_from", "latest") == 0
     assert losses(root / "straight") == losses(root / "killed")
     a, b = adapter_tensors(root / "straight"), adapter_tensors(root / "killed")
     assert a.keys() == b.keys()
@@ -211,69 +176,20 @@ def test_killed_run_resumes_exactly(tmp_path, cfg):
 
 def test_resume_with_longer_target_needs_explicit_override(tmp_path, cfg, capsys):
     root = tmp_path / "exp"
-    assert (
-        main(
-            [
-                "run",
-                "--config_file_path",
-                str(cfg(steps=2)),
-                "--experiments_root_path",
-                str(root),
-                "--experiment_id",
-                "short",
-            ]
-        )
-        == 0
-    )
+    assert run(cfg(steps=2), root, "short") == 0
     capsys.readouterr()
     longer = cfg(steps=4)
-    args = [
-        "run",
-        "--config_file_path",
-        str(longer),
-        "--experiments_root_path",
-        str(root),
-        "--experiment_id",
-        "short",
-        "--resume_from",
-        "latest",
-    ]
-    assert main(args) == 2
+    assert run(longer, root, "short", "--resume_from", "latest") == 2
     assert "settings.training_target.num_target_steps: 2 -> 4" in capsys.readouterr().err
-    assert main([*args, "--allow_config_change"]) == 0
+    assert run(longer, root, "short", "--resume_from", "latest", "--allow_config_change") == 0
     assert max(losses(root / "short")) == 4
 
 
 def test_resume_with_changed_lora_shape_is_refused(tmp_path, cfg, capsys):
     root = tmp_path / "exp"
-    assert (
-        main(
-            [
-                "run",
-                "--config_file_path",
-                str(cfg(steps=2)),
-                "--experiments_root_path",
-                str(root),
-                "--experiment_id",
-                "r4",
-            ]
-        )
-        == 0
-    )
+    assert run(cfg(steps=2), root, "r4") == 0
     capsys.readouterr()
-    code = main(
-        [
-            "run",
-            "--config_file_path",
-            str(cfg(steps=4, r=8)),
-            "--experiments_root_path",
-            str(root),
-            "--experiment_id",
-            "r4",
-            "--resume_from",
-            "latest",
-        ]
-    )
+    code = run(cfg(steps=4, r=8), root, "r4", "--resume_from", "latest")
     err = capsys.readouterr().err
     assert code == 2
     assert "refusing to resume" in err and "model.config.r: 4 -> 8" in err and "--allow_config_change" in err
@@ -283,17 +199,7 @@ def test_existing_run_folder_is_never_overwritten(tmp_path, cfg, capsys):
     root = tmp_path / "exp"
     (root / "taken").mkdir(parents=True)
     (root / "taken" / "notes.txt").write_text("mine")
-    code = main(
-        [
-            "run",
-            "--config_file_path",
-            str(cfg(steps=1)),
-            "--experiments_root_path",
-            str(root),
-            "--experiment_id",
-            "taken",
-        ]
-    )
+    code = run(cfg(steps=1), root, "taken")
     assert code == 2
     assert "run folder already exists" in capsys.readouterr().err
     assert sorted(p.name for p in (root / "taken").iterdir()) == ["notes.txt"]
