@@ -79,7 +79,10 @@ def read_yaml(path: Path) -> dict[str, Any]:
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
-        raise ConfigError(f"{path}: invalid YAML at {where}: {e.problem or e.context}") from None
+        hint = ""
+        if "python/" in str(e.problem):  # safe_load refuses !!python/... tags: say it is by design
+            hint = "; configs may not contain Python tags: they name registered components (lorafit components)"
+        raise ConfigError(f"{path}: invalid YAML at {where}: {e.problem or e.context}{hint}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML: {e}") from None
     if data is None:
