@@ -69,7 +69,8 @@ def iter_jsonl_records(path: Path) -> Iterator[tuple[int, dict[str, Any], int]]:
         try:
             record = json.loads(text)
         except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{number}: not valid JSON ({e.msg} at column {e.colno})") from None
+            reason = e.msg.removesuffix(" at")  # "Invalid control character at": the column follows
+            raise UserError(f"{path}:{number}: not valid JSON ({reason} at column {e.colno})") from None
         except RecursionError:
             raise UserError(f"{path}:{number}: JSON nested too deeply") from None
         if not isinstance(record, dict):
