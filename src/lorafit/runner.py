@@ -63,6 +63,11 @@ def run(request: RunRequest) -> Path:
     info(f"run folder: {run_dir}")
 
     built = build_run(graph)
+    if dist_env.world_size > 1 and is_single_process_strategy(built.parallelism):
+        raise UserError(
+            f"parallelism: 'none' with {dist_env.world_size} processes would train {dist_env.world_size} "
+            "unsynchronised copies; use variant_key fsdp2 or ddp (or leave parallelism out: fsdp2 under torchrun)",
+        )
     before = evaluate(built, run_dir, "before", dist_env) if not request.resume_from else None
     result = train(built, run_dir, dist_env, checkpoint, config_hash(config))
     after = evaluate(built, run_dir, "after", dist_env, trained=result)
@@ -71,6 +76,12 @@ def run(request: RunRequest) -> Path:
         write_report(run_dir, result, before, after)
     dist_env.barrier()
     return run_dir
+
+
+def is_single_process_strategy(strategy) -> bool:
+    from lorafit.distributed.parallel import DDPStrategy, FSDP2Strategy, Strategy
+
+    return isinstance(strategy, Strategy) and not isinstance(strategy, (DDPStrategy, FSDP2Strategy))
 
 
 def config_hash(config: dict[str, Any]) -> str:
@@ -156,7 +167,8 @@ def export(built: BuiltRun, run_dir: Path, result) -> None:
     if built.settings.export.merged_model:
         from lorafit.export import export_merged
 
-        export_merged(result.model_for_eval(), built.tokenizer, run_dir / "merged")
+        # merged/ is this run's own output (a resumed run writes it again from the newer adapter)
+        export_merged(result.model_for_eval(), built.tokenizer, run_dir / "merged", overwrite=True)
         info(f"merged model: {run_dir / 'merged'}")
 
 

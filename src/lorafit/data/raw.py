@@ -83,8 +83,9 @@ def ensure_packed(source: Path, tokenizer: Any, prefix: Path, kind: str, jsonl_f
         raise UserError(message)
     if not _is_fresh(source, tokenizer, prefix, kind, jsonl_field):
         raise UserError(
-            f"rank {dist.get_rank()} cannot see {prefix}.json that rank 0 wrote (no shared file system?); pack it "
-            f"on every node before the run: lorafit data pack --input {source} --tokenizer <folder> --output {prefix}",
+            f"rank {dist.get_rank()} cannot see {prefix}.json that rank 0 wrote (no shared file system?); without "
+            f"one, pack once with `lorafit data pack --input {source} --tokenizer <folder> --output {prefix}`, copy "
+            "the files to every node and read them with dataset/packed or dataset/instruction",
             field="cache_path",
         )
     return prefix
