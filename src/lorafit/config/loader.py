@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import GrammarParseError, OmegaConfBaseException
 
 from lorafit.errors import ConfigError, Problem, join_path
 
@@ -100,8 +100,14 @@ def resolve(data: dict[str, Any], env: ConfigEnv | None = None) -> dict[str, Any
     _register_resolvers()
     try:
         cfg = OmegaConf.create(data, flags={"allow_objects": False})
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"cannot read config: {_first_line(e)}") from None
+    except OmegaConfBaseException as e:  # OmegaConf parses every `${...}` here, and checks key types
+        hint = " (an interpolation is ${path.to.key} or ${resolver:args})" if isinstance(e, GrammarParseError) else ""
+        where = str(getattr(e, "full_key", "") or "")
+        raise (
+            ConfigError(f"invalid value: {_first_line(e)}{hint}", field=where)
+            if where
+            else ConfigError(f"cannot read config: {_first_line(e)}")
+        ) from None
     problems: list[Problem] = []
     with config_env(env or _ENV.get()):
         resolved = _resolve_node(cfg, "", problems)
