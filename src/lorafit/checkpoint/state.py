@@ -22,6 +22,7 @@ import contextlib
 import hashlib
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -237,13 +238,21 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     """Load the trainable parameters + optimizer into the (wrapped) model; returns the trainer state with this
     rank's RNG states under "rng" (None when the checkpoint was written by a different number of processes)."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
     path = Path(path)
     model_sd, optim_sd = _trainable_state(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
-    with _quiet_single_process(env):
-        dcp.load(state, checkpoint_id=str(path), no_dist=not env.distributed)
+    try:
+        with _quiet_single_process(env):
+            dcp.load(state, checkpoint_id=str(path), no_dist=not env.distributed)
+    except (Exception, CheckpointException) as error:  # a shape or a key differs: another LoRA r or targets
+        # CheckpointException (a BaseException) carries each rank's traceback as text: its last line is the cause
+        text = str(error).strip().splitlines()
+        raise UserError(f"cannot resume from {path}: it does not fit this run's trainable parameters "
+                        f"({text[-1] if text else type(error).__name__}); was it written with another LoRA r or "
+                        "target_layers? Resume with the config it was written with") from None  # fmt: skip
     # strict=False because the frozen base is (by design) not in the checkpoint; trainable keys are checked here
     loaded = set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                             options=replace(_options(), strict=False))  # fmt: skip
@@ -252,16 +261,26 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     if missing or loaded.unexpected_keys:
         unexpected = loaded.unexpected_keys[:5]
         raise UserError(f"{path} does not fit the model: missing {missing[:5]}, unexpected {unexpected}")
-    trainer = torch.load(path / TRAINER_STATE, weights_only=True)
+    trainer = _load_plain(path / TRAINER_STATE)
     rng_file = path / f"rng_rank_{env.rank:05d}.pt"
     if trainer.get("world_size") == env.world_size and rng_file.is_file():
-        trainer["rng"] = torch.load(rng_file, weights_only=True)
+        trainer["rng"] = _load_plain(rng_file)
     else:
         trainer["rng"] = None
         warn(f"{path} was written by {trainer.get('world_size')} processes, this run has {env.world_size}: "
              "random states start fresh (data order and weights resume exactly)")  # fmt: skip
     info(f"resumed from {path} (step {trainer['step']})")
     return trainer
+
+
+def _load_plain(file: Path) -> Any:
+    """A small torch.save'd file of plain values; anything else (a pickle that would run code) is refused."""
+    try:
+        return torch.load(file, weights_only=True)
+    except Exception as error:  # UnpicklingError for a crafted file; EOFError / RuntimeError for a damaged one
+        reason = "it would run pickled code" if isinstance(error, pickle.UnpicklingError) else "it is damaged"
+        raise UserError(f"cannot resume from {file.parent}: refused to load {file.name} ({reason}); "
+                        "resume from another checkpoint") from None  # fmt: skip
 
 
 def supersede_after(run_dir: Path, step: int) -> list[Path]:
