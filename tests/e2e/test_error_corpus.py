@@ -96,7 +96,6 @@ class Case:
     setup: Callable[[Ctx], list[str]]  # writes the case's files under ctx.tmp, returns the command line
     expect: tuple[str, ...]  # fragments of the error message ("{tmp}" stands for the case folder)
     adds_files: bool = False  # a run may create its run folder before it fails; nothing else may change
-    known_bug: str | None = None  # expected to fail (strictly) until the product fix named here is in
 
 
 # ------------------------------------------------------------------------------------------------ case builders
@@ -407,10 +406,6 @@ def merge_into_existing(ctx: Ctx) -> list[str]:
     return ["merge", "--base", str(ctx.model_dir), "--adapter", str(ctx.tmp), "--output_dir", str(out)]
 
 
-LOAD_CHECKPOINT_FIX = (
-    "checkpoint/state.py load_checkpoint lets dcp.load's ValueError/CheckpointException (a checkpoint that does not "
-    "fit the model) and torch.load's UnpicklingError (a crafted trainer_state.pt) escape as tracebacks"
-)
 NOT_UTF8 = '{"text": "caf\xe9"}\n'.encode("latin-1")
 PYTHON_TAG = """\
     model: !!python/object/apply:builtins.open ["{tmp}/PWNED", "w"]
@@ -482,6 +477,8 @@ CASES = [
          ("train_dataset: a run needs a top-level 'train_dataset' entity",)),
     Case("missing_interpolation", validate(put("model.config.r", "${settings.lora_rank}")),
          ("model.config.r: cannot resolve", "settings.lora_rank")),
+    Case("interpolation_unclosed", validate(put("model.config.alpha", "${settings.alpha")),
+         ("error: model.config.alpha: invalid value", "an interpolation is ${path.to.key}")),
     Case("unknown_env_resolver_name", validate(put("settings.note", "${lorafit_env:run_name}")),
          ("settings.note: cannot resolve", "lorafit_env knows experiment_id")),
     # --- types and ranges
@@ -608,10 +605,15 @@ CASES = [
     Case("resume_every_checkpoint_corrupted", resume(corrupt_all_checkpoints),
          ("--resume_from latest: no complete checkpoint under",), adds_files=True),
     Case("resume_crafted_trainer_state", resume(evil_trainer_state),
-         ("trainer_state.pt", "refused to load"), adds_files=True, known_bug=LOAD_CHECKPOINT_FIX),
+         ("trainer_state.pt", "refused to load"), adds_files=True),
     Case("resume_changed_lora_shape_with_override", resume(lambda d: None, put("model.config.r", 8),
          put("settings.training_target.num_target_steps", 5), extra=("--allow_config_change",)),
-         ("cannot resume from", "step_000004", "lora_A"), adds_files=True, known_bug=LOAD_CHECKPOINT_FIX),
+         ("cannot resume from", "step_000004: it does not fit this run's trainable parameters",
+          "Size mismatch", "lora_A", "another LoRA r or target_layers"), adds_files=True),
+    Case("resume_changed_targets_with_override", resume(lambda d: None,
+         put("model.config.target_layers", ["q_proj", "k_proj", "v_proj"]),
+         put("settings.training_target.num_target_steps", 5), extra=("--allow_config_change",)),
+         ("cannot resume from", "it does not fit this run's trainable parameters", "k_proj"), adds_files=True),
     Case("resume_missing_path", resume(resume_from="{tmp}/exp/nope"),
          ("--resume_from:", "nope does not exist; pass 'latest', a run folder or a checkpoint folder")),
     Case("resume_not_a_run_folder", resume(resume_from="{tmp}"),
@@ -677,12 +679,7 @@ def test_the_corpus_is_large_and_names_are_unique():
     assert len(CASE_BY_ID) == len(CASES)
 
 
-def as_params(cases: list[Case]) -> list:
-    return [pytest.param(c, id=c.id, marks=[pytest.mark.xfail(strict=True, reason=c.known_bug)] if c.known_bug else [])
-            for c in cases]  # fmt: skip
-
-
-@pytest.mark.parametrize("case", as_params(CASES))
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_bad_input_gives_one_clear_error_and_touches_nothing(case: Case, ctx: Ctx, capsys):
     argv = case.setup(ctx)
     before = snapshot(ctx.tmp)
