@@ -85,10 +85,15 @@ def build_run(graph: ConfigGraph) -> BuiltRun:
     run = BuiltRun(settings=settings, **built)
     _check_sequence_length(run)
     _seed_adapters(run)
-    for dataset in [run.train_dataset, *run.eval_datasets.values()]:
+    for name, dataset in [("train_dataset", run.train_dataset), *run.eval_datasets.items()]:
         # datasets that leave sequence_length to the run take settings.step_profile.sequence_length
         if getattr(dataset, "sequence_length", 0) is None and hasattr(dataset, "set_sequence_length"):
-            dataset.set_sequence_length(run.settings.step_profile.sequence_length)
+            try:
+                dataset.set_sequence_length(run.settings.step_profile.sequence_length)
+            except UserError as e:
+                raise ConfigError(
+                    f"{e.problems[0].message} (dataset '{name}')", field="settings.step_profile.sequence_length"
+                ) from None
     return run
 
 

@@ -62,7 +62,12 @@ def run(request: RunRequest) -> Path:
             info(f"resuming with a changed config (allowed): {d}")
     info(f"run folder: {run_dir}")
 
-    built = build_run(graph)
+    try:
+        built = build_run(graph)
+    except UserError:
+        if not request.resume_from and dist_env.rank == 0:
+            discard_unused_run_dir(run_dir)  # so the same --experiment_id works once the problem is fixed
+        raise
     if dist_env.world_size > 1 and is_single_process_strategy(built.parallelism):
         raise UserError(
             f"parallelism: 'none' with {dist_env.world_size} processes would train {dist_env.world_size} "
@@ -76,6 +81,16 @@ def run(request: RunRequest) -> Path:
         write_report(run_dir, result, before, after)
     dist_env.barrier()
     return run_dir
+
+
+def discard_unused_run_dir(run_dir: Path) -> None:
+    """Remove a run folder this call created, if it still holds only the config copies."""
+    from lorafit.experiment import CONFIG_COPY, RESOLVED_CONFIG
+
+    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {CONFIG_COPY, RESOLVED_CONFIG}:
+        for name in (CONFIG_COPY, RESOLVED_CONFIG):
+            (run_dir / name).unlink(missing_ok=True)
+        run_dir.rmdir()
 
 
 def is_single_process_strategy(strategy) -> bool:

@@ -237,3 +237,13 @@ def test_validate_prints_matched_modules_on_meta(tmp_path, cfg):
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert "config OK" in out and "q_proj" in out and "v_proj" in out and "trainable params:" in out
+
+
+def test_a_run_that_fails_while_building_leaves_no_run_folder(tmp_path, tiny_model_dir, capsys):
+    root = tmp_path / "exp"
+    config = tiny_config(tiny_model_dir, tmp_path, steps=1)
+    config["base_model"]["config"]["model_name_or_path"] = str(tmp_path / "no_such_model")
+    assert run(write(tmp_path / "bad.yaml", config), root, "retry") == 2
+    assert "base_model.config.model_name_or_path" in capsys.readouterr().err
+    assert not (root / "retry").exists()  # so the same experiment id works once the config is fixed
+    assert run(write(tmp_path / "good.yaml", tiny_config(tiny_model_dir, tmp_path, steps=1)), root, "retry") == 0
