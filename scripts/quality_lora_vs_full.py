@@ -83,7 +83,7 @@ def check_same_budget(configs: dict[str, dict]) -> None:
 
 
 # --- running ------------------------------------------------------------------------------------------------------
-def run_one(name: str, config: dict, work: Path) -> dict[str, Any]:
+def run_one(name: str, config: dict, work: Path, threads: int | None = None) -> dict[str, Any]:
     """`lorafit run` in a child process; its wall time and peak RSS; the run folder's numbers."""
     work.mkdir(parents=True, exist_ok=True)
     config_path = work / f"{name}.yaml"
@@ -92,6 +92,8 @@ def run_one(name: str, config: dict, work: Path) -> dict[str, Any]:
     command = [sys.executable, "-m", "lorafit", "run", "--config_file_path", str(config_path),
                "--experiments_root_path", str(work / "runs"), "--experiment_id", name]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)  # torch's intra-op threads in the child
     load_before = os.getloadavg()
     log_path = work / f"{name}.log"
     print(f"[{name}] {' '.join(command[1:])}  (log: {log_path})", flush=True)
@@ -181,7 +183,8 @@ def results_markdown(report: dict[str, Any]) -> str:
     lines = [
         f"Measured {report['date']} with `{report['command']}`: {first['steps']} steps each, "
         f"{first['tokens']:,} training tokens each, {first['n']} held-out examples.",
-        f"Hardware: {hw['cpu']}, {hw['cores']} cores, torch {hw['torch']} (CPU), no GPU. Load average (1 min) "
+        f"Hardware: {hw['cpu']}, {hw['cores']} cores ({hw['torch_threads']} torch thread(s) per run), torch "
+        f"{hw['torch']} (CPU), no GPU. Load average (1 min) "
         f"before/after each run: {load}.",
         "",
         "| run | trainable params | lr | exact match before -> after | held-out answer loss before -> after "
@@ -201,6 +204,13 @@ def results_markdown(report: dict[str, Any]) -> str:
         for p in r["samples_after"]:
             mark = "ok" if p["correct"] else "wrong"
             lines.append(f"- {name} ({mark}): `{json.dumps(p['prediction'], ensure_ascii=False)}`")
+    lines += ["", "Every wrong held-out answer after training (up to 5 per run):", ""]
+    for name, r in runs.items():
+        for p in r["wrong_after"]:
+            lines.append(f"- {name}: `{json.dumps(p['prediction'], ensure_ascii=False)}`, expected "
+                         f"`{json.dumps(p['reference'], ensure_ascii=False)}`")  # fmt: skip
+        if not r["wrong_after"]:
+            lines.append(f"- {name}: none")
     lines.append("")
     return "\n".join(lines)
 
@@ -221,13 +231,20 @@ def main() -> None:
     parser.add_argument("--full-lr", type=float, nargs="+", default=None, help="default: the full config's lr")
     parser.add_argument("--work-dir", type=Path, default=None, help="run folders (default: a temporary folder)")
     parser.add_argument("--keep-runs", action="store_true", help="keep the run folders (checkpoints: ~1.6 GB each)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads per run (OMP_NUM_THREADS); 1 is much faster on a machine shared with "
+                        "other jobs, where 2 threads spin waiting for each other")  # fmt: skip
     parser.add_argument("--only", nargs="+", default=None, help="run only these names (others are kept from the JSON)")
+    parser.add_argument("--render-only", action="store_true", help="rewrite docs/quality.md from the JSON; no run")
     args = parser.parse_args()
+    out_json = RESULTS / "quality_lora_vs_full.json"
+    if args.render_only:
+        write_doc(json.loads(out_json.read_text()))
+        return
 
     configs = derive_configs(args.steps, args.full_lr)
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="lorafit-quality-"))
     work.mkdir(parents=True, exist_ok=True)
-    out_json = RESULTS / "quality_lora_vs_full.json"
     previous = json.loads(out_json.read_text())["runs"] if args.only and out_json.exists() else {}
     command = "python scripts/quality_lora_vs_full.py " + " ".join(sys.argv[1:])
     runs = {}
@@ -237,11 +254,12 @@ def main() -> None:
                 if name in previous:
                     runs[name] = previous[name]
                 continue
-            runs[name] = run_one(name, config, work)
+            runs[name] = run_one(name, config, work, args.threads)
     finally:
         if not args.keep_runs and args.work_dir is None:
             shutil.rmtree(work, ignore_errors=True)
-    report = {"date": time.strftime("%Y-%m-%d"), "command": command.strip(), "hardware": hardware(), "runs": runs}
+    report = {"date": time.strftime("%Y-%m-%d"), "command": command.strip(), "runs": runs,
+              "hardware": {**hardware(), "torch_threads": args.threads or hardware()["torch_threads"]}}  # fmt: skip
     RESULTS.mkdir(parents=True, exist_ok=True)
     out_json.write_text(json.dumps(report, indent=1) + "\n")
     write_doc(report)

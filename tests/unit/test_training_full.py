@@ -2,9 +2,9 @@
 
 Checked: the loss falls; every parameter moves and the tied head stays one parameter (embed_tokens IS
 lm_head); checkpoints hold every trainable parameter once, plus the optimizer; resume is bitwise exact;
-`model/` is a Hugging Face folder that AutoModelForCausalLM loads with the trained logits; FSDP2 over two
-processes trains like one process and writes the same (gathered) `model/`; `lorafit run` with `model` referring
-straight to the base model writes `model/`, not `adapter/`; the gradient-flow check for models without LoRA.
+`model/` is a Hugging Face folder that AutoModelForCausalLM loads with the trained logits; FSDP2 (and DDP)
+over two processes trains like one process and writes the same (gathered) `model/`; `lorafit run` with `model`
+referring straight to the base model writes `model/`, not `adapter/`; the gradient-flow check without LoRA.
 """
 
 from __future__ import annotations
@@ -147,37 +147,49 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
                       LOCAL_RANK=str(rank))  # fmt: skip
     torch.set_num_threads(1)
     from lorafit.distributed.env import init_distributed
-    from lorafit.distributed.parallel import FSDP2Strategy
+    from lorafit.distributed.parallel import DDPStrategy, FSDP2Strategy
     from lorafit.training.loop import train
 
     env = init_distributed()
     try:
-        run = train(full_job(f"{out}/fsdp2", env, parallelism=FSDP2Strategy(), micro=1, accum=2, steps=4,
-                             gather_full_model=True))  # fmt: skip
+        results = {}
+        for name, strategy, micro, accum in (("fsdp2", FSDP2Strategy(), 1, 2), ("ddp", DDPStrategy(), 2, 1)):
+            run = train(full_job(f"{out}/{name}", env, parallelism=strategy, micro=micro, accum=accum, steps=4,
+                                 gather_full_model=True))  # fmt: skip
+            if rank == 0:
+                with torch.no_grad():
+                    logits = run.model_for_eval()(PROBE).logits
+                results[name] = {"losses": run.losses, "eval": run.eval_losses, "logits": logits}
         if rank == 0:
-            with torch.no_grad():
-                logits = run.model_for_eval()(PROBE).logits
-            torch.save({"losses": run.losses, "eval": run.eval_losses, "logits": logits}, f"{out}/results.pt")
+            torch.save(results, f"{out}/results.pt")
     finally:
         env.destroy()
 
 
-def test_fsdp2_two_processes_equal_one_process(tmp_path):
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
     from lorafit.distributed.env import init_distributed
     from lorafit.training.loop import train
 
-    reference = train(full_job(tmp_path / "single", init_distributed(), micro=2, accum=2, steps=4))
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
-    got = torch.load(tmp_path / "results.pt", weights_only=False)
+    out = tmp_path_factory.mktemp("full2")
+    reference = train(full_job(out / "single", init_distributed(), micro=2, accum=2, steps=4))
+    mp.spawn(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    return out, reference, torch.load(out / "results.pt", weights_only=False)
+
+
+@pytest.mark.parametrize("name", ["fsdp2", "ddp"])
+def test_two_processes_equal_one_process(two_processes, name):
+    out, reference, results = two_processes
+    got = results[name]
     assert [v for _, v in got["losses"]] == pytest.approx([v for _, v in reference.losses], abs=1e-5, rel=0)
     assert got["eval"]["held_out"] == pytest.approx(reference.eval_losses["held_out"], abs=1e-5)
     with torch.no_grad():
         torch.testing.assert_close(got["logits"], reference.model_for_eval()(PROBE).logits, rtol=0, atol=1e-5)
-    expected, gathered = model_tensors(tmp_path / "single"), model_tensors(tmp_path / "fsdp2")
-    assert gathered.keys() == expected.keys()
+    expected, written = model_tensors(out / "single"), model_tensors(out / name)
+    assert written.keys() == expected.keys()
     for key, value in expected.items():
-        assert gathered[key].shape == value.shape, key  # whole tensors, not rank 0's shard
-        torch.testing.assert_close(gathered[key], value, rtol=0, atol=1e-5, msg=key)
+        assert written[key].shape == value.shape, key  # whole tensors, not rank 0's shard
+        torch.testing.assert_close(written[key], value, rtol=0, atol=1e-5, msg=key)
 
 
 # --- through `lorafit run` -------------------------------------------------------------------------------------
