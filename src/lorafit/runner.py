@@ -129,6 +129,7 @@ def train(built: BuiltRun, run_dir: Path, dist_env, checkpoint: str | None, conf
     sp, intervals = s.step_profile, s.intervals
     job = TrainJob(
         model=built.model,
+        tokenizer=built.tokenizer,  # saved into model/ after full fine-tuning
         train_dataset=built.train_dataset,
         optimizer_factory=built.optimizer,
         scheduler_factory=built.scheduler,
@@ -179,7 +180,11 @@ def evaluate(built: BuiltRun, run_dir: Path, when: str, dist_env, trained=None) 
 
 
 def export(built: BuiltRun, run_dir: Path, result) -> None:
-    if built.settings.export.merged_model:
+    from lorafit.lora import has_lora
+
+    if built.settings.export.merged_model and not has_lora(result.model_for_eval()):
+        info("export.merged_model: nothing to merge (full fine-tuning); model/ is already a plain Hugging Face folder")
+    elif built.settings.export.merged_model:
         from lorafit.export import export_merged
 
         # merged/ is this run's own output (a resumed run writes it again from the newer adapter)
