@@ -40,7 +40,7 @@ def render() -> str:
         ]
         parts += [f"| `{n}` | `{t}` | `{d}` |" for n, t, d, _ in field_rows(model)]
         parts.append("")
-    parts += ["## Components", "", describe_components(REGISTRY, markdown=True)]
+    parts += ["## Components", "", describe_components(REGISTRY, markdown=True, builtin_only=True)]
     return "\n".join(parts).rstrip() + "\n"
 
 

@@ -137,8 +137,13 @@ def test_custom_component_through_public_api():
     def build_ping(config: PingConfig):
         return "ping" * config.times
 
-    graph = ConfigGraph({"p": {"component_key": "ping_test", "variant_key": "echo", "config": {"times": 3}}}, REGISTRY)
-    assert graph.build("p") == "pingpingping"
+    try:
+        graph = ConfigGraph(
+            {"p": {"component_key": "ping_test", "variant_key": "echo", "config": {"times": 3}}}, REGISTRY
+        )
+        assert graph.build("p") == "pingpingping"
+    finally:
+        REGISTRY._specs.pop(("ping_test", "echo"))  # the global registry outlives this test
 
 
 # ----------------------------------------------------------------------------------------------- errors

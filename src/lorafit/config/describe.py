@@ -64,10 +64,15 @@ def field_rows(model: type[BaseModel]) -> list[tuple[str, str, str, str]]:
     return rows
 
 
-def describe_components(registry: Registry, only: str | None = None, markdown: bool = False) -> str:
+def describe_components(
+    registry: Registry, only: str | None = None, markdown: bool = False, builtin_only: bool = False
+) -> str:
+    """`builtin_only`: lorafit's own components, not those a user (or a test) registered."""
     lines: list[str] = []
     for spec in registry.specs():
         if only and spec.component_key != only:
+            continue
+        if builtin_only and not spec.builder.__module__.startswith("lorafit."):
             continue
         if markdown:
             lines += [
