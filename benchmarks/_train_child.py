@@ -28,6 +28,10 @@ from _common import set_threads  # noqa: E402
 from _train_job import TrainSpec  # noqa: E402
 
 
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
 def run_lorafit(spec: TrainSpec, run_dir: Path) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
@@ -66,14 +70,15 @@ def run_lorafit(spec: TrainSpec, run_dir: Path) -> dict:
         progress=False,
         write_adapter=spec.mode == "lora",
     )
-    setup_s = time.perf_counter() - PROCESS_START
+    setup_s, setup_rss_mb = time.perf_counter() - PROCESS_START, peak_rss_mb()
     t = time.perf_counter()
     result = train(job)
     train_s = time.perf_counter() - t
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]
     return {"losses": [loss for _, loss in result.losses], "step_end_s": [r["elapsed_s"] for r in steps],
-            "train_peak_rss_mb": steps[-1]["peak_rss_mb"], "setup_s": setup_s, "train_s": train_s}  # fmt: skip
+            "train_peak_rss_mb": steps[-1]["peak_rss_mb"], "setup_s": setup_s, "setup_peak_rss_mb": setup_rss_mb,
+            "train_s": train_s}  # fmt: skip
 
 
 def run_hf(spec: TrainSpec, run_dir: Path) -> dict:
@@ -105,7 +110,7 @@ def run_hf(spec: TrainSpec, run_dir: Path) -> dict:
 
         def on_step_end(self, args, state, control, **kwargs):
             self.step_end.append(time.perf_counter() - self.start)
-            self.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            self.peak_rss_mb = peak_rss_mb()
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs:
@@ -149,13 +154,14 @@ def run_hf(spec: TrainSpec, run_dir: Path) -> dict:
     clock = Clock()
     trainer = Trainer(model=model, args=args, train_dataset=Blocks(PackedDataset(spec.data_prefix,
                       spec.sequence_length)), callbacks=[clock])  # fmt: skip
-    setup_s = time.perf_counter() - PROCESS_START
+    setup_s, setup_rss_mb = time.perf_counter() - PROCESS_START, peak_rss_mb()
     t = time.perf_counter()
     trainer.train()
     train_s = time.perf_counter() - t
     losses = [clock.losses[s] for s in sorted(clock.losses)]
     return {"losses": losses, "step_end_s": clock.step_end, "train_peak_rss_mb": clock.peak_rss_mb,
-            "setup_s": setup_s, "train_s": train_s, "optimizer": str(args.optim)}  # fmt: skip
+            "setup_s": setup_s, "setup_peak_rss_mb": setup_rss_mb, "train_s": train_s,
+            "optimizer": str(args.optim)}  # fmt: skip
 
 
 def main() -> None:
