@@ -67,3 +67,34 @@ def test_models_with_logit_softcapping_use_their_own_forward(setup):
     finally:
         model.config.final_logit_softcapping = None
     torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_head_loss_gives_every_gradient_of_a_trainable_head(bias):
+    """Full fine-tuning: hidden states, head weight (tied to the embeddings here) and bias all get CE's gradient."""
+    from lorafit.training.loss import linear_cross_entropy
+
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(3, 5, 8, generator=g, requires_grad=True)
+    head = torch.nn.Linear(8, 11, bias=bias)
+    labels = torch.randint(0, 11, (3, 5), generator=g)
+    labels[1, 2:] = -100
+    inputs = [hidden, *head.parameters()]
+    expected = torch.nn.functional.cross_entropy(head(hidden).flatten(0, 1), labels.flatten(), reduction="sum")
+    expected_grads = torch.autograd.grad(expected * 0.5, inputs)
+    got = linear_cross_entropy(hidden, head, labels, chunk_tokens=3)
+    got_grads = torch.autograd.grad(got * 0.5, inputs)  # the incoming gradient scales the stored ones
+    torch.testing.assert_close(got, expected)
+    for a, b in zip(got_grads, expected_grads, strict=True):
+        torch.testing.assert_close(a, b)
+    with torch.no_grad():  # evaluation: the same loss, no gradient work
+        torch.testing.assert_close(linear_cross_entropy(hidden, head, labels, chunk_tokens=4), expected)
+
+
+def test_fused_head_loss_with_no_target_is_zero_and_still_differentiable():
+    from lorafit.training.loss import linear_cross_entropy
+
+    hidden = torch.randn(2, 3, 4, requires_grad=True)
+    loss = linear_cross_entropy(hidden, torch.nn.Linear(4, 6), torch.full((2, 3), -100))
+    loss.backward()
+    assert float(loss.detach()) == 0.0 and torch.count_nonzero(hidden.grad) == 0

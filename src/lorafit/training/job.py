@@ -42,7 +42,9 @@ class TrainJob:
     grad_clip: float | None = 1.0
     resume_from: str | os.PathLike | None = None  # None, "latest" or a checkpoint folder
     stop_at_step: int | None = None  # pause there (checkpoint written) although the run targets num_steps
-    loss_chunk_tokens: int | None = 4096  # positions x batch per chunk of output-head logits (None: no chunking)
+    # target positions per chunk of the fused output head + CE (None: all at once); 256 SmolLM2 rows = 48 MiB of
+    # fp32 logits, and on CPU the head runs as fast in chunks of 256 as in one piece
+    loss_chunk_tokens: int | None = 256
     load_weights: Callable[[nn.Module], None] | None = None  # for models built on meta: called after sharding
     gather_full_model: bool = False  # keep an unsharded copy on rank 0 for model_for_eval() after FSDP2
     config_hash: str | None = None

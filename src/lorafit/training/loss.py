@@ -7,9 +7,12 @@ target of position t, -100 = ignored), so no shift happens here.
 Why a forward override: DDP and FSDP2 only work when the wrapper's (root's) forward runs: DDP prepares its
 gradient reduction there, FSDP2 all-gathers the root's parameters (embeddings, final norm, tied head) there.
 So while `loss_forward(model)` is active the model's own `forward` is replaced by one that runs the decoder,
-then the output head over chunks of positions, each chunk under activation checkpointing: the chunk's fp32
-logits exist only while its loss is computed (in forward, and again in backward), never for the whole batch.
-Models whose head does more than a matmul (logit soft-capping, scaling) use their own forward instead.
+then the output head and the cross-entropy fused (`linear_cross_entropy`): only the positions that have a
+target go through the head (an instruction job masks its prompts, so most positions do not), chunk by chunk,
+and each chunk's gradient is computed right there in the forward pass. A chunk's fp32 logits exist only while
+its loss and gradient are computed; what waits for backward is the gradient of the hidden states (positions x
+hidden size), never the logits (positions x vocabulary). Models whose head does more than a matmul (logit
+soft-capping, scaling) use their own forward instead, with the cross-entropy over chunks of their logits.
 """
 
 from __future__ import annotations
@@ -35,7 +38,10 @@ def _chunk_loss(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> 
 def summed_cross_entropy(
     head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, chunk_tokens: int | None
 ) -> torch.Tensor:
-    """Sum of CE of `head(hidden)` against `labels`, over chunks of about `chunk_tokens` positions."""
+    """Sum of CE of `head(hidden)` against `labels`, over chunks of about `chunk_tokens` positions.
+
+    For heads that are not a plain linear layer; `linear_cross_entropy` is the fused form for those that are.
+    """
     batch, length = labels.shape
     step = length if not chunk_tokens else max(1, min(length, chunk_tokens // max(1, batch)))
     total = hidden.new_zeros((), dtype=torch.float32)
@@ -46,6 +52,78 @@ def summed_cross_entropy(
         else:
             total = total + _chunk_loss(head, h, y)
     return total
+
+
+def _fused_chunks(hidden, weight, bias, targets, rows: int, need: tuple[bool, bool, bool]):
+    """(sum of CE, d/d hidden, d/d weight, d/d bias) of `hidden @ weight.T + bias`, `rows` positions at a time.
+
+    d(sum CE)/d(logits) = softmax(logits) - onehot(target), so each chunk's gradients are ready as soon as its
+    logits are. Gradients not asked for in `need` (hidden, weight, bias) come back as None.
+    """
+    need_h, need_w, need_b = need
+    grad_hidden = torch.empty_like(hidden) if need_h else None
+    grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+    grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    for start in range(0, hidden.shape[0], rows):
+        h, y = hidden[start : start + rows], targets[start : start + rows]
+        logits = torch.nn.functional.linear(h, weight, bias).float()
+        target_logit = logits.gather(1, y[:, None]).squeeze(1)
+        # log-sum-exp and softmax in place: the chunk's logits are the only buffer of chunk x vocabulary
+        peak = logits.amax(dim=-1, keepdim=True)
+        exp = logits.sub_(peak).exp_()
+        sums = exp.sum(dim=-1, keepdim=True)
+        total += (peak + sums.log()).squeeze(1).sub(target_logit).sum()
+        if any(need):
+            probs = exp.div_(sums)
+            probs[torch.arange(len(y), device=y.device), y] -= 1.0  # minus the one-hot target
+            if need_h:
+                grad_hidden[start : start + rows] = probs.to(weight.dtype) @ weight
+            if need_w:
+                grad_weight += probs.t() @ h.float()
+            if need_b:
+                grad_bias += probs.sum(0)
+    return total, grad_hidden, grad_weight, grad_bias
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """The fused head + CE as one autograd node: backward only scales the gradients forward stored.
+
+    That saves the logits' memory and the second head matmul that recomputing them (checkpointing) would cost;
+    what waits for backward is d(loss)/d(hidden), rows x hidden size (and the head's gradient if it trains).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, rows):
+        total, *grads = _fused_chunks(hidden, weight, bias, targets, rows, tuple(ctx.needs_input_grad[:3]))
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.save_for_backward(*(g for g in grads if g is not None))
+        ctx.has = tuple(g is not None for g in grads)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        stored = iter(ctx.saved_tensors)
+        pairs = zip(ctx.has, ctx.dtypes, strict=True)
+        grads = [(next(stored) * grad_out).to(dtype) if has else None for has, dtype in pairs]
+        return *grads, None, None
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor, head: nn.Linear, labels: torch.Tensor, chunk_tokens: int | None = 256
+) -> torch.Tensor:
+    """Sum of token CE of `head(hidden)` against `labels` (-100: ignored), fused and chunked.
+
+    Only positions with a target reach the head, `chunk_tokens` of them at a time (None: all at once).
+    """
+    flat_hidden, flat_labels = hidden.flatten(0, -2), labels.flatten()
+    keep = flat_labels != IGNORE_INDEX
+    if not bool(keep.all()):
+        flat_hidden, flat_labels = flat_hidden[keep], flat_labels[keep]
+    rows = max(1, chunk_tokens or flat_hidden.shape[0])
+    if not torch.is_grad_enabled():  # evaluation: the loss alone
+        return _fused_chunks(flat_hidden, head.weight, head.bias, flat_labels, rows, (False, False, False))[0]
+    return _LinearCrossEntropy.apply(flat_hidden, head.weight, head.bias, flat_labels, rows)
 
 
 def _plain_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
@@ -68,11 +146,11 @@ def _forward_loss(self: nn.Module, input_ids, labels, attention_mask=None, *, ch
         return summed_cross_entropy(nn.Identity(), logits, labels, chunk_tokens)
     decoder, head = parts
     hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-    return summed_cross_entropy(head, hidden, labels, chunk_tokens)
+    return linear_cross_entropy(hidden, head, labels, chunk_tokens)
 
 
 @contextlib.contextmanager
-def loss_forward(model: nn.Module, chunk_tokens: int | None = 4096) -> Iterator[nn.Module]:
+def loss_forward(model: nn.Module, chunk_tokens: int | None = 256) -> Iterator[nn.Module]:
     """While active, `model(input_ids=..., labels=..., attention_mask=...)` returns the summed token CE (fp32)."""
     from lorafit.lora.model import unwrap
 
