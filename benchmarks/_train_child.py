@@ -28,6 +28,18 @@ from _common import set_threads  # noqa: E402
 from _train_job import TrainSpec  # noqa: E402
 
 
+def set_mmap_threshold(nbytes: int) -> None:
+    """glibc mallopt(M_MMAP_THRESHOLD): blocks of at least `nbytes` get their own mapping, returned on free.
+
+    Setting it also turns off glibc's dynamic threshold (the same as the MALLOC_MMAP_THRESHOLD_ variable).
+    """
+    import ctypes
+
+    m_mmap_threshold = -3
+    if ctypes.CDLL("libc.so.6").mallopt(m_mmap_threshold, int(nbytes)) != 1:
+        raise SystemExit(f"mallopt(M_MMAP_THRESHOLD, {nbytes}) failed")
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
@@ -167,6 +179,8 @@ def run_hf(spec: TrainSpec, run_dir: Path) -> dict:
 def main() -> None:
     contender, spec_path, result_path = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
     spec = TrainSpec.load(spec_path)
+    if spec.mmap_threshold is not None:  # before torch allocates anything
+        set_mmap_threshold(spec.mmap_threshold)
     set_threads(spec.threads)
     import torch
 

@@ -18,6 +18,11 @@ from typing import Any
 from _common import BENCH_DIR, LORA_TARGETS, REPO, alternating, fmt, run_child
 
 TEXT = REPO / "data" / "lorem_ipsum" / "lorem_ipsum.txt"
+TASK = REPO / "data" / "task" / "train.jsonl"  # the main job's instruction data
+DATA_CHOICES = {
+    "text": "plain text (the sample lorem ipsum, repeated): every token is a target",
+    "instruction": "the main job's conversations packed into blocks, loss on the answers only (29% of the tokens)",
+}
 
 
 @dataclass
@@ -41,8 +46,11 @@ class TrainSpec:
     precision: str = "fp32"  # fp32 | bf16 (autocast)
     activation_checkpointing: bool = False
     compile: bool = False
-    loss_chunk_tokens: int | None = 4096  # lorafit only: output head + CE over chunks of positions
+    loss_chunk_tokens: int | None = 256  # lorafit only: target positions per chunk of the fused head + CE
     threads: int | None = None
+    # glibc's M_MMAP_THRESHOLD in bytes (None: glibc's default, a threshold that rises up to 32 MiB as large
+    # blocks are freed, after which activations come from the heap, which fragments and keeps its pages)
+    mmap_threshold: int | None = None
 
     @property
     def tokens_per_step(self) -> int:
@@ -57,8 +65,8 @@ class TrainSpec:
         return cls(**json.loads(Path(path).read_text()))
 
 
-def prepare_job(model: Path, work: Path, spec_values: dict[str, Any]) -> TrainSpec:
-    """Pack enough text for all steps (the sample text repeated as needed) and write the initial adapter."""
+def prepare_job(model: Path, work: Path, spec_values: dict[str, Any], data: str = "text") -> TrainSpec:
+    """Pack the data for all steps (see DATA_CHOICES) and write the initial adapter."""
     from transformers import AutoTokenizer
 
     from lorafit.data.pack import pack_file
@@ -66,12 +74,17 @@ def prepare_job(model: Path, work: Path, spec_values: dict[str, Any]) -> TrainSp
     work.mkdir(parents=True, exist_ok=True)
     spec = TrainSpec(model=str(model), data_prefix=str(work / "packed"), **spec_values)
     tokenizer = AutoTokenizer.from_pretrained(model)
-    text = TEXT.read_text()
-    per_copy = len(tokenizer(text)["input_ids"])
-    needed = spec.steps * spec.micro_batch_size * spec.gradient_accumulation_steps * spec.sequence_length + 1
-    corpus = work / "corpus.txt"
-    corpus.write_text("\n".join([text.strip()] * (needed // max(per_copy, 1) + 2)) + "\n")
-    pack_file(corpus, tokenizer, spec.data_prefix, overwrite=True, progress=False)
+    if data == "instruction":  # labels of prompt tokens are -100 in the packed blocks
+        pack_file(TASK, tokenizer, spec.data_prefix, fmt="instruction", overwrite=True, progress=False)
+    elif data == "text":
+        text = TEXT.read_text()
+        per_copy = len(tokenizer(text)["input_ids"])
+        needed = spec.steps * spec.micro_batch_size * spec.gradient_accumulation_steps * spec.sequence_length + 1
+        corpus = work / "corpus.txt"
+        corpus.write_text("\n".join([text.strip()] * (needed // max(per_copy, 1) + 2)) + "\n")
+        pack_file(corpus, tokenizer, spec.data_prefix, overwrite=True, progress=False)
+    else:
+        raise SystemExit(f"unknown data {data!r}: {', '.join(DATA_CHOICES)}")
     if spec.mode == "lora":
         spec.init_adapter = str(write_initial_adapter(spec, work / "init_adapter"))
     return spec

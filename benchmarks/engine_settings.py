@@ -1,16 +1,19 @@
 """What each of lorafit's speed/memory settings buys on a LoRA job, and whether the loss curve stays put.
 
-    python benchmarks/engine_settings.py [--model DIR] [--reps 3] [--steps 8] [--variants default,full-logits,...]
+    python benchmarks/engine_settings.py [--model DIR] [--reps 3] [--steps 8] [--variants default,one-chunk,...]
 
 Variants (lorafit's engine, the job of vs_trainer_peft.py: LoRA r=8 on q,k,v,o, micro batch 2 x 256 tokens):
-  default        the engine's defaults: fp32, output head + cross-entropy in chunks of 4096 positions x batch
-                 (a 2 x 256 micro-batch fits in one chunk: this job's default computes its logits at once)
-  chunked        default with chunks of --chunk-tokens (256: 128 positions x 2) positions x batch, each chunk's
-                 head recomputed in backward, so the fp32 logits of the whole micro-batch never exist
-  full-logits    fp32; no chunking at all (loss_chunk_tokens=None)
+  default        the engine's defaults: fp32, output head + cross-entropy fused, over the target positions in
+                 chunks of 256 (each chunk's gradient computed in forward: no logits wait for backward)
+  chunked        default with chunks of --chunk-tokens target positions
+  one-chunk      the fused head + cross-entropy over all target positions at once (loss_chunk_tokens=None)
   checkpointing  default + activation checkpointing of every decoder block
   compile        default + torch.compile of every decoder block (compile time falls in step 1, not counted)
   bf16           default + bf16 autocast
+  malloc128k     default + glibc's mmap threshold fixed at 128 KiB (mallopt; MALLOC_MMAP_THRESHOLD_=131072):
+                 freed activations go back to the kernel instead of staying in a fragmented heap
+  malloc1m       the same at 1 MiB
+Variants combine with "+", e.g. checkpointing+malloc128k.
 Each run is its own process; variants alternate; ratios are against `default` in the same repetition. The loss
 difference is max over steps of |loss - loss_default| / loss_default.
 """
@@ -39,10 +42,12 @@ NAME = "engine_settings"
 VARIANTS = {
     "default": {},
     "chunked": {"loss_chunk_tokens": 256},
-    "full-logits": {"loss_chunk_tokens": None},
+    "one-chunk": {"loss_chunk_tokens": None},
     "checkpointing": {"activation_checkpointing": True},
     "compile": {"compile": True},
     "bf16": {"precision": "bf16"},
+    "malloc128k": {"mmap_threshold": 128 * 1024},
+    "malloc1m": {"mmap_threshold": 1024 * 1024},
 }
 
 
@@ -52,15 +57,17 @@ def main() -> None:
     parser.add_argument("--sequence-length", type=int, default=256)
     parser.add_argument("--micro-batch-size", type=int, default=2)
     parser.add_argument("--chunk-tokens", type=int, default=256, help="loss_chunk_tokens of the `chunked` variant")
-    parser.add_argument("--variants", default="default,chunked,checkpointing",
-                        help=f"comma-separated, from {', '.join(VARIANTS)} (default always runs)")  # fmt: skip
+    parser.add_argument("--variants", default="default,one-chunk,checkpointing",
+                        help=f"comma-separated, from {', '.join(VARIANTS)}, or combined with + "
+                        "(default always runs)")  # fmt: skip
     args = parser.parse_args()
     path = model_dir(args.model)
     names = ["default", *(v.strip() for v in args.variants.split(",") if v.strip() and v.strip() != "default")]
-    unknown = [n for n in names if n not in VARIANTS]
+    known = {**VARIANTS, "chunked": {"loss_chunk_tokens": args.chunk_tokens}}
+    unknown = [part for n in names for part in n.split("+") if part not in known]
     if unknown:
-        raise SystemExit(f"unknown variants {unknown}; valid: {', '.join(VARIANTS)}")
-    variants = {**VARIANTS, "chunked": {"loss_chunk_tokens": args.chunk_tokens}}
+        raise SystemExit(f"unknown variants {unknown}; valid: {', '.join(VARIANTS)} (combined with +)")
+    variants = {n: {k: v for part in n.split("+") for k, v in known[part].items()} for n in names}
     contenders = {n: ("lorafit", variants[n]) for n in names}
     with tempfile.TemporaryDirectory(prefix="lorafit-settings-") as tmp:
         job = dict(

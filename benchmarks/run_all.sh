@@ -19,3 +19,8 @@ $PY benchmarks/vs_trainer_peft.py --reps 2 --steps 8 --out "${OUT_BEST:-benchmar
   --variants lorafit:fp32,hf:fp32,lorafit:fp32+compile,hf:fp32+compile,lorafit:fp32+checkpointing,hf:fp32+checkpointing "$@"
 $PY benchmarks/engine_settings.py --reps 2 --steps 6 --variants default,chunked,checkpointing,compile "$@"
 $PY benchmarks/step_profile.py --reps 3 --variants baseline,eager-attn,chunked-ce,bf16 "$@"
+# glibc's heap: the same jobs with the mmap threshold fixed at 128 KiB / 1 MiB, for both tools
+$PY benchmarks/engine_settings.py --reps 2 --steps 6 --out "${OUT_MALLOC:-benchmarks/results/malloc}" \
+  --variants malloc128k,malloc1m,compile+malloc1m,checkpointing+malloc128k "$@"
+$PY benchmarks/vs_trainer_peft.py --reps 2 --steps 8 --out "${OUT_MALLOC:-benchmarks/results/malloc}" \
+  --variants lorafit:fp32+malloc,hf:fp32+malloc,lorafit:fp32+compile+malloc,lorafit:fp32+checkpointing+malloc,hf:fp32+checkpointing+malloc "$@"

@@ -1,6 +1,7 @@
 """lorafit vs transformers.Trainer + peft on the same LoRA job: tokens/s, peak RSS, loss-curve difference.
 
     python benchmarks/vs_trainer_peft.py [--model DIR] [--reps 3] [--steps 12] [--variants lorafit:fp32,hf:fp32]
+                                         [--data text|instruction]
 
 The job (both contenders): SmolLM2-135M, LoRA r=8 (alpha 16, no dropout) on q,k,v,o, micro batch 2 x 256
 tokens, the same packed token blocks in the same order, AdamW (lr 1e-3, no weight decay), cosine decay to
@@ -33,7 +34,7 @@ from _common import (
     summary,
     write_results,
 )
-from _train_job import max_rel_diff, prepare_job, run_contenders
+from _train_job import DATA_CHOICES, max_rel_diff, prepare_job, run_contenders
 
 NAME = "vs_trainer_peft"
 TOOLS = {"lorafit": "lorafit", "hf": "Trainer+PEFT"}
@@ -43,11 +44,12 @@ def parse_variant(text: str) -> tuple[str, tuple[str, dict]]:
     """'lorafit:fp32+compile' -> ('lorafit:fp32+compile', ('lorafit', {'precision': 'fp32', 'compile': True}))."""
     tool, _, settings = text.strip().partition(":")
     precision, *flags = (settings or "fp32").split("+")
-    known = {"compile": "compile", "checkpointing": "activation_checkpointing"}
+    known = {"compile": ("compile", True), "checkpointing": ("activation_checkpointing", True),
+             "malloc": ("mmap_threshold", 128 * 1024)}  # fmt: skip
     if tool not in TOOLS or precision not in ("fp32", "bf16") or any(f not in known for f in flags):
-        raise SystemExit(f"bad variant {text!r}: TOOL:PRECISION[+compile][+checkpointing], TOOL in {list(TOOLS)}, "
-                         "PRECISION fp32 or bf16")  # fmt: skip
-    return f"{tool}:{settings or 'fp32'}", (tool, {"precision": precision, **{known[f]: True for f in flags}})
+        raise SystemExit(f"bad variant {text!r}: TOOL:PRECISION[+compile][+checkpointing][+malloc], "
+                         f"TOOL in {list(TOOLS)}, PRECISION fp32 or bf16")  # fmt: skip
+    return f"{tool}:{settings or 'fp32'}", (tool, {"precision": precision, **dict(known[f] for f in flags)})
 
 
 def main() -> None:
@@ -57,6 +59,8 @@ def main() -> None:
     parser.add_argument("--micro-batch-size", type=int, default=2)
     parser.add_argument("--accumulation", type=int, default=1)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--data", choices=list(DATA_CHOICES), default="text",
+                        help="; ".join(f"{k}: {v}" for k, v in DATA_CHOICES.items()))  # fmt: skip
     parser.add_argument(
         "--variants",
         default="lorafit:fp32,hf:fp32",
@@ -76,7 +80,7 @@ def main() -> None:
         spec = prepare_job(path, work, dict(steps=args.steps, sequence_length=args.sequence_length,
                                             micro_batch_size=args.micro_batch_size,
                                             gradient_accumulation_steps=args.accumulation, lr=args.lr,
-                                            threads=args.threads))  # fmt: skip
+                                            threads=args.threads), data=args.data)  # fmt: skip
         print(f"job: {spec.steps} steps x {spec.tokens_per_step} tokens; contenders: {', '.join(contenders)}")
         runs = run_contenders(spec, contenders, args.reps, work)
 
@@ -123,7 +127,8 @@ def main() -> None:
     print(f"(medians over {args.reps} repetitions, min-max in brackets)")
 
     spec_out = {k: v for k, v in spec.__dict__.items() if k not in ("data_prefix", "init_adapter")}
-    result = {"hardware": hardware(), "model": str(path), "job": spec_out | {"tokens_per_step": spec.tokens_per_step},
+    result = {"hardware": hardware(), "model": str(path), "data": args.data,
+              "job": spec_out | {"tokens_per_step": spec.tokens_per_step},
               "reps": args.reps, "best": best, "leanest": leanest, "ratios": ratios,
               "loss_max_rel_diff_vs_fp32": self_check, "runs": runs, "table": table,
               "detail_table": detail}  # fmt: skip

@@ -79,7 +79,7 @@ def test_lora_vs_full_benchmark(tiny_model_dir, tmp_path):
 
 
 def test_engine_settings_benchmark(tiny_model_dir, tmp_path):
-    # chunks of 16 positions x 2: the 32-position sequences take 2 chunks each (the chunked path really runs)
+    # chunks of 32 target positions: the 2 x 32-position micro-batch takes 2 chunks (the chunked path really runs)
     result = run_benchmark("engine_settings.py", tiny_model_dir, tmp_path, *TRAIN_ARGS, "--variants", "chunked",
                            "--chunk-tokens", "32")  # fmt: skip
     assert result["variants"]["chunked"] == {"loss_chunk_tokens": 32}
