@@ -17,7 +17,8 @@ def _job(tmp_path, **overrides):
 
     from lorafit.distributed.env import init_distributed
 
-    return make_job(tmp_path, init_distributed(), micro=2, accum=1, steps=4, eval_datasets={}, **overrides)
+    settings = {"micro": 2, "accum": 1, "steps": 4, "eval_datasets": {}} | overrides
+    return make_job(tmp_path, init_distributed(), **settings)
 
 
 def test_adapters_cut_from_the_graph_are_named(tmp_path):
@@ -36,6 +37,26 @@ def test_adapters_cut_from_the_graph_are_named(tmp_path):
     assert "model.layers.1.self_attn.q_proj.lora_B.weight" in message
     assert "v_proj" not in message and "lora_A" not in message  # only what is cut; A is checked from step 2
     assert not (tmp_path / "adapter").exists()
+
+
+def test_steps_without_targets_do_not_count_as_broken_adapters(tmp_path, capsys):
+    """Packed instruction data can open with blocks that are all prompt: zero gradients there are right, so the
+    gradient-flow check waits for the first steps that have targets (and still runs then)."""
+    from engine_cases import TokenDataset
+
+    from lorafit.training.loop import train
+
+    class PromptFirst(TokenDataset):
+        def __getitem__(self, i):
+            item = super().__getitem__(i)
+            if i < 4:  # the first two global batches (2 samples each): no target token
+                item["labels"][:] = -100
+            return item
+
+    job = _job(tmp_path, train_dataset=PromptFirst(), shuffle=False, steps=5)
+    result = train(job)
+    assert result.steps == 5 and result.losses[0][1] == 0.0 and result.losses[2][1] > 0
+    assert "no target token" in capsys.readouterr().err
 
 
 def test_lora_a_without_gradient_fails_at_step_two(tmp_path):

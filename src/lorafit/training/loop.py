@@ -69,6 +69,7 @@ def train(job: TrainJob) -> TrainResult:
         if state["rng"] is not None:
             restore_rng(state["rng"])
     last_checkpoint = resumed
+    steps_with_targets = step  # a resumed run's earlier steps count as having had targets
 
     metrics = MetricsLogger(run_dir, enabled=env.is_main, total_steps=job.num_steps, start_step=step,
                             progress=job.progress)  # fmt: skip
@@ -117,8 +118,10 @@ def train(job: TrainJob) -> TrainResult:
 
                 # stop before the optimizer touches the weights: the last good checkpoint stays the last one
                 check_finite(loss, grad_norm, step + 1, str(last_checkpoint) if last_checkpoint else None)
-                if step < 2:  # LoRA: B gets a gradient in step 1, A from step 2 (B starts at zero)
-                    check_gradient_flow(model, step + 1, env)
+                if n_targets > 0:  # a step without targets gives zero gradients by right: nothing to check
+                    steps_with_targets += 1
+                    if steps_with_targets <= 2:  # LoRA: B gets a gradient in the first such step, A from the second
+                        check_gradient_flow(model, steps_with_targets, env)
                 lr = optimizer.param_groups[0]["lr"]
                 optimizer.step()
                 scheduler.step()
