@@ -5,7 +5,7 @@ Run by path, this file has no package context, so it imports the installed packa
 
 import sys
 
-from lorafit.cli import main
+from lorafit.cli import entry
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

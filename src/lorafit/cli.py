@@ -44,3 +44,11 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     return int(result or 0)
+
+
+def entry() -> int:
+    """The `lorafit` program (console script, `python -m lorafit`, torchrun's script): `main` under tbbmalloc."""
+    from lorafit.allocator import reexec_under_tbbmalloc
+
+    reexec_under_tbbmalloc(sys.argv[1:])  # returns only when there is nothing to change
+    return main()

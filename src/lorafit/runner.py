@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lorafit import allocator
 from lorafit.config.loader import ConfigEnv
 from lorafit.console import info
 from lorafit.errors import UserError
@@ -61,6 +62,7 @@ def run(request: RunRequest) -> Path:
         for d in diffs:
             info(f"resuming with a changed config (allowed): {d}")
     info(f"run folder: {run_dir}")
+    info(f"memory allocator: {allocator.active()} (LORAFIT_MALLOC=system: glibc's)")
 
     try:
         built = build_run(graph)
