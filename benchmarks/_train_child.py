@@ -188,6 +188,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix=f"lorafit-bench-{contender}-") as tmp:
         result = {"lorafit": run_lorafit, "hf": run_hf}[contender](spec, Path(tmp))
     result["torch_threads"] = torch.get_num_threads()
+    from lorafit.allocator import active
+
+    result["allocator"] = active()
     if len(result["losses"]) != spec.steps or len(result["step_end_s"]) != spec.steps:
         raise SystemExit(f"{contender}: {len(result['losses'])} losses / {len(result['step_end_s'])} step times "
                          f"for {spec.steps} steps")  # fmt: skip

@@ -11,6 +11,7 @@ load, so their loss curves start from the same weights.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,9 @@ class TrainSpec:
     # glibc's M_MMAP_THRESHOLD in bytes (None: glibc's default, a threshold that rises up to 32 MiB as large
     # blocks are freed, after which activations come from the heap, which fragments and keeps its pages)
     mmap_threshold: int | None = None
+    # the process's malloc: tbbmalloc | system (glibc); None: the tool's default, i.e. what `lorafit run` does for
+    # lorafit (tbbmalloc, lorafit/allocator.py) and glibc for the Trainer
+    allocator: str | None = None
 
     @property
     def tokens_per_step(self) -> int:
@@ -115,7 +119,23 @@ def steady_tokens_per_s(result: dict, tokens_per_step: int) -> float:
 
 
 def max_rel_diff(a: list[float], b: list[float]) -> float:
-    return max(abs(x - y) / abs(y) for x, y in zip(a, b, strict=True))
+    """max |a - b| / |b| over steps; a step where both are 0 (no target token in its batch) differs by 0."""
+    return max(abs(x - y) / abs(y) if y else (0.0 if x == y else math.inf) for x, y in zip(a, b, strict=True))
+
+
+def allocator_env(tool: str, spec: TrainSpec) -> dict[str, str]:
+    """Environment for a contender's process: LD_PRELOAD of tbbmalloc, or glibc's malloc."""
+    import os
+
+    from lorafit.allocator import ENV, preload_environment
+
+    choice = spec.allocator or ("tbbmalloc" if tool == "lorafit" else "system")
+    if choice == "system":
+        return {ENV: "system"}
+    env = preload_environment({k: v for k, v in os.environ.items() if k != ENV})
+    if env is None:
+        raise SystemExit("tbbmalloc is not available here (the `tbb` wheel, Linux x86-64)")
+    return {"LD_PRELOAD": env["LD_PRELOAD"]}
 
 
 def run_contenders(spec: TrainSpec, contenders: dict[str, tuple[str, dict]], reps: int, work: Path) -> dict:
@@ -124,8 +144,9 @@ def run_contenders(spec: TrainSpec, contenders: dict[str, tuple[str, dict]], rep
     for rep, name in alternating(list(contenders), reps):
         tool, overrides = contenders[name]
         path = TrainSpec(**{**spec.__dict__, **overrides}).save(work / f"spec-{name}.json")
+        env = allocator_env(tool, TrainSpec.load(path))
         result = run_child([str(BENCH_DIR / "_train_child.py"), tool, str(path), str(work / "result.json")],
-                           work / "result.json", work / f"log-{name}-{rep}.txt")  # fmt: skip
+                           work / "result.json", work / f"log-{name}-{rep}.txt", env=env)  # fmt: skip
         result["tokens_per_s"] = steady_tokens_per_s(result, spec.tokens_per_step)
         runs[name].append(result)
         print(f"  rep {rep + 1}/{reps} {name}: {fmt(result['tokens_per_s'])} tokens/s, "

@@ -10,9 +10,10 @@ Variants (lorafit's engine, the job of vs_trainer_peft.py: LoRA r=8 on q,k,v,o, 
   checkpointing  default + activation checkpointing of every decoder block
   compile        default + torch.compile of every decoder block (compile time falls in step 1, not counted)
   bf16           default + bf16 autocast
-  malloc128k     default + glibc's mmap threshold fixed at 128 KiB (mallopt; MALLOC_MMAP_THRESHOLD_=131072):
+  malloc128k     glibc's malloc with its mmap threshold fixed at 128 KiB (mallopt; MALLOC_MMAP_THRESHOLD_=131072):
                  freed activations go back to the kernel instead of staying in a fragmented heap
-  malloc1m       the same at 1 MiB
+  malloc1m       the same at 1 MiB (both malloc variants: glibc's malloc, which they tune)
+  glibc          glibc's malloc instead of tbbmalloc, the allocator `lorafit run` re-executes under
 Variants combine with "+", e.g. checkpointing+malloc128k.
 Each run is its own process; variants alternate; ratios are against `default` in the same repetition. The loss
 difference is max over steps of |loss - loss_default| / loss_default.
@@ -46,8 +47,9 @@ VARIANTS = {
     "checkpointing": {"activation_checkpointing": True},
     "compile": {"compile": True},
     "bf16": {"precision": "bf16"},
-    "malloc128k": {"mmap_threshold": 128 * 1024},
-    "malloc1m": {"mmap_threshold": 1024 * 1024},
+    "malloc128k": {"mmap_threshold": 128 * 1024, "allocator": "system"},
+    "malloc1m": {"mmap_threshold": 1024 * 1024, "allocator": "system"},
+    "glibc": {"allocator": "system"},
 }
 
 

@@ -9,6 +9,10 @@ zero without warmup, gradient clipping at 1.0, and the same initial adapter (wri
 PEFT), so the loss curves are comparable step by step. Each run is its own process (peak RSS is that process's
 own, imports and model load included); contenders alternate within every repetition and the first one rotates.
 
+Each tool runs under its own default memory allocator unless a variant says otherwise: lorafit under tbbmalloc
+(`lorafit run` re-executes itself under it, lorafit/allocator.py), the Trainer under glibc's malloc; the
+variants +tbbmalloc / +glibc swap them, so the allocator's share of a difference is measured, not assumed.
+
 tokens/s counts steps 2..N (step 1 allocates and warms kernels up); peak RSS is the child's ru_maxrss; the loss
 difference is max over steps of |loss_lorafit - loss_hf| / loss_hf. "Best setting" is, for each tool, its
 variant with the highest median tokens/s among the variants measured (e.g. bf16 autocast, which Hugging Face
@@ -45,9 +49,9 @@ def parse_variant(text: str) -> tuple[str, tuple[str, dict]]:
     tool, _, settings = text.strip().partition(":")
     precision, *flags = (settings or "fp32").split("+")
     known = {"compile": ("compile", True), "checkpointing": ("activation_checkpointing", True),
-             "malloc": ("mmap_threshold", 128 * 1024)}  # fmt: skip
+             "tbbmalloc": ("allocator", "tbbmalloc"), "glibc": ("allocator", "system")}  # fmt: skip
     if tool not in TOOLS or precision not in ("fp32", "bf16") or any(f not in known for f in flags):
-        raise SystemExit(f"bad variant {text!r}: TOOL:PRECISION[+compile][+checkpointing][+malloc], "
+        raise SystemExit(f"bad variant {text!r}: TOOL:PRECISION[+compile][+checkpointing][+tbbmalloc|+glibc], "
                          f"TOOL in {list(TOOLS)}, PRECISION fp32 or bf16")  # fmt: skip
     return f"{tool}:{settings or 'fp32'}", (tool, {"precision": precision, **dict(known[f] for f in flags)})
 
@@ -65,7 +69,9 @@ def main() -> None:
         "--variants",
         default="lorafit:fp32,hf:fp32",
         help="comma-separated TOOL:SETTINGS, TOOL lorafit or hf, SETTINGS fp32 or bf16 plus optional "
-        "+compile, +checkpointing (activation checkpointing), e.g. lorafit:fp32+compile,hf:bf16. "
+        "+compile, +checkpointing (activation checkpointing), +tbbmalloc or +glibc (the process's malloc; default: "
+        "each tool's own, i.e. tbbmalloc for lorafit as `lorafit run` re-executes under it, glibc for the Trainer), "
+        "e.g. lorafit:fp32+compile,hf:bf16+tbbmalloc. "
         "bf16 autocast is 5-15x slower on CPUs without AVX512-BF16 or AMX (docs/benchmarks.md)",
     )
     args = parser.parse_args()

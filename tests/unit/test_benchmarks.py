@@ -66,6 +66,18 @@ def test_vs_trainer_peft_benchmark(tiny_model_dir, tmp_path):
         assert 100 * 2**20 < run["peak_rss_bytes"] < 8 * 2**30
         assert run["tokens_per_s"] > 0 and run["step_end_s"] == sorted(run["step_end_s"])
     assert result["job"]["tokens_per_step"] == 2 * 32
+    # each tool under its own default allocator: tbbmalloc for lorafit (as `lorafit run`), glibc for the Trainer
+    assert (ours["allocator"], theirs["allocator"]) == ("tbbmalloc", "system")
+
+
+def test_vs_trainer_peft_on_instruction_data_with_swapped_allocators(tiny_model_dir, tmp_path):
+    result = run_benchmark("vs_trainer_peft.py", tiny_model_dir, tmp_path, *TRAIN_ARGS, "--data", "instruction",
+                           "--variants", "lorafit:fp32+glibc,hf:fp32+tbbmalloc")  # fmt: skip
+    ours, theirs = result["runs"]["lorafit:fp32+glibc"][0], result["runs"]["hf:fp32+tbbmalloc"][0]
+    assert (ours["allocator"], theirs["allocator"]) == ("system", "tbbmalloc")
+    # prompts masked: the Trainer's loss over all logits and lorafit's over target rows only agree
+    assert ours["losses"] == pytest.approx(theirs["losses"], rel=1e-4)
+    assert result["data"] == "instruction"
 
 
 def test_lora_vs_full_benchmark(tiny_model_dir, tmp_path):
@@ -100,3 +112,11 @@ def test_step_profile_benchmark(tiny_model_dir, tmp_path):
     diffs = result["loss_max_rel_diff_vs_baseline"]
     assert diffs["chunked-ce"] < 1e-5 and diffs["eager-attn"] < 1e-4 and diffs["bf16"] < 2e-2
     assert "aten::" in result["operator_table"]
+
+
+def test_matmul_dtypes_benchmark(tiny_model_dir, tmp_path):
+    result = run_benchmark("matmul_dtypes.py", tiny_model_dir, tmp_path, "--tokens", "16", "--min-seconds", "0.01")
+    assert set(result["shapes"]) == {"q_proj", "k_proj", "gate_proj", "down_proj", "lm_head"}
+    assert result["ratios_vs_fp32"]["fp32"]["median"] == 1.0
+    for name, values in result["step_mix_gflops"].items():
+        assert len(values) == 1 and values[0] > 0, name
