@@ -33,6 +33,7 @@ from lorafit.training.checks import check_finite, check_gradient_flow
 from lorafit.training.job import TrainJob, TrainResult
 from lorafit.training.loss import IGNORE_INDEX, loss_forward
 from lorafit.training.metrics import MetricsLogger, peak_memory_mb, plot_loss
+from lorafit.training.swiglu import lean_mlps
 
 
 def train(job: TrainJob) -> TrainResult:
@@ -93,7 +94,7 @@ def train(job: TrainJob) -> TrainResult:
         return save_checkpoint(run_dir, step, model, optimizer, trainer_state, env, job.keep_last_checkpoints)
 
     try:
-        with loss_forward(model, job.loss_chunk_tokens):
+        with loss_forward(model, job.loss_chunk_tokens), lean_mlps(model):
             while step < min(job.num_steps, job.stop_at_step or job.num_steps):
                 # the whole global batch's target count first: every micro-batch loss is divided by it
                 micro = [to_device(next(batches), env.device) for _ in range(accum)]
