@@ -3,7 +3,8 @@
 One spawn runs, on the tiny Llama with LoRA on q/v/down_proj and a global batch of 4 samples:
 - fsdp2 (activation checkpointing on), micro-batch 1 x accumulation 2 x 2 ranks, checkpoints every 2 steps;
 - ddp, micro-batch 2 x accumulation 1 x 2 ranks;
-- fsdp2 resumed from the first run's step-2 checkpoint (sharded save -> sharded load).
+- fsdp2 resumed from the first run's step-2 checkpoint (sharded save -> sharded load);
+- ddp with the frozen weights stored in bf16, and fsdp2's refusal of such a model.
 The reference is one process, micro-batch 2 x accumulation 2. Every rank reads the SAME samples per step
 (the sampler's contract), so losses agree to float rounding, and the adapters written by rank 0 (gathered
 from the shards) must equal the reference in every tensor.
@@ -62,6 +63,24 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         run = train(make_job(f"{out}/fsdp2_resumed", env, parallelism=FSDP2Strategy(), micro=1, accum=2, steps=STEPS,
                              resume_from=f"{out}/fsdp2/checkpoints/step_000002"))  # fmt: skip
         results["fsdp2_resumed"] = (run.losses, run.eval_losses)
+        # frozen weights stored in bf16 (model/lora frozen_dtype): DDP trains them, FSDP2 refuses them up front
+        from engine_cases import lora_model
+
+        from lorafit.errors import UserError
+        from lorafit.lora.frozen import store_frozen_linears
+
+        bf16_base = [lora_model(), lora_model()]
+        for model in bf16_base:
+            store_frozen_linears(model, torch.bfloat16)
+        run = train(make_job(f"{out}/ddp_bf16", env, parallelism=DDPStrategy(), micro=2, accum=1, steps=STEPS,
+                             model=bf16_base[0]))  # fmt: skip
+        results["ddp_bf16"] = (run.losses, run.eval_losses)
+        try:
+            train(make_job(f"{out}/fsdp2_bf16", env, parallelism=FSDP2Strategy(), micro=1, accum=2, steps=STEPS,
+                           model=bf16_base[1]))  # fmt: skip
+            results["fsdp2_bf16_refusal"] = ""
+        except UserError as error:
+            results["fsdp2_bf16_refusal"] = str(error)
         if rank == 0:
             torch.save(results, f"{out}/results.pt")
     finally:
@@ -123,3 +142,10 @@ def test_unsharded_copy_for_rank0_evaluation(runs):
     with torch.no_grad():
         expected = reference.model_for_eval()(PROBE).logits
     torch.testing.assert_close(results["fsdp2_eval_logits"], expected, rtol=0, atol=1e-5)
+
+
+def test_bf16_frozen_weights_train_under_ddp_and_fsdp2_refuses_them(runs):
+    _, _, results = runs
+    fp32, bf16 = dict(results["ddp"][0]), dict(results["ddp_bf16"][0])
+    assert fp32.keys() == bf16.keys() and all(abs(bf16[s] - fp32[s]) <= 0.02 * fp32[s] for s in fp32)
+    assert "frozen_dtype" in results["fsdp2_bf16_refusal"] and "ddp" in results["fsdp2_bf16_refusal"]

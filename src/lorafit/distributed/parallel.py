@@ -121,6 +121,14 @@ class FSDP2Strategy(Strategy):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        from lorafit.lora.frozen import has_low_precision_frozen
+
+        if has_low_precision_frozen(model):
+            raise UserError(
+                "frozen_dtype (model/lora) stores frozen weights in another dtype than the adapters, and FSDP2 "
+                "all-gathers each block's parameters in one dtype: use parallelism ddp or none with frozen_dtype, "
+                "or drop frozen_dtype to shard with fsdp2"
+            )
         mesh = init_device_mesh(env.device.type, (env.world_size,))
         policy = MixedPrecisionPolicy()
         if self.config.mixed_precision == "bf16" and env.device.type == "cuda":

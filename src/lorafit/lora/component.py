@@ -11,6 +11,11 @@
         dropout: 0.05                     # optional, adapter branch only
         init: kaiming                     # optional: kaiming (PEFT's default) or gaussian
         use_rslora: false                 # optional: scaling alpha/sqrt(r) instead of alpha/r
+        frozen_dtype: bfloat16            # optional: store the frozen linear weights in bf16, compute in fp32
+
+`frozen_dtype: bfloat16` halves the memory of the frozen base's linear layers (not the output head): they are
+rounded to bf16 once and cast up to the activations' dtype where they are used (lorafit/lora/frozen.py). It
+cannot be combined with FSDP2, which all-gathers a layer's parameters in one dtype; use ddp or none.
 
 Embeddings: name the nn.Embedding in `target_layers` (e.g. `[all-linear, embed_tokens]`, GPT-2: `wte`);
 `all-linear` alone never includes embeddings nor the output head.
@@ -20,12 +25,14 @@ from __future__ import annotations
 
 from typing import Literal
 
+import torch
 from pydantic import Field
 from torch import nn
 
 from lorafit.config.registry import Component, ComponentConfig, register_component
 from lorafit.console import info
 from lorafit.errors import UserError
+from lorafit.lora.frozen import store_frozen_linears
 from lorafit.lora.model import apply_lora, trainable_summary
 
 
@@ -39,6 +46,7 @@ class LoraModelConfig(ComponentConfig):
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     init: Literal["kaiming", "gaussian"] = "kaiming"
     use_rslora: bool = False
+    frozen_dtype: Literal["bfloat16"] | None = None  # None: the frozen weights keep the base model's dtype
 
 
 @register_component("model", "lora", LoraModelConfig)
@@ -49,5 +57,8 @@ def build_lora_model(config: LoraModelConfig) -> nn.Module:
         raise UserError(f"expected a torch model, got {type(model).__name__}", field="model")
     apply_lora(model, config.r, config.alpha, config.target_layers, dropout=config.dropout, init=config.init,
                use_rslora=config.use_rslora)  # fmt: skip
+    if config.frozen_dtype:
+        changed = store_frozen_linears(model, getattr(torch, config.frozen_dtype))
+        info(f"frozen weights of {changed} linear layers stored in {config.frozen_dtype}, computed in fp32")
     info(trainable_summary(model))
     return model

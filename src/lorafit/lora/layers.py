@@ -19,6 +19,8 @@ import torch.nn.functional as F  # noqa: N812 - the universal spelling
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from lorafit.lora.frozen import frozen_linear
+
 Init = Literal["kaiming", "gaussian"]
 INITS: tuple[str, ...] = ("kaiming", "gaussian")
 
@@ -201,7 +203,7 @@ class LoraLinear(_MatrixLora, nn.Linear):
         return self.in_features, self.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight, self.bias)
+        out = frozen_linear(x, self.weight, self.bias)  # F.linear, or a bf16-stored frozen weight cast up
         return out if self.merged else out + self._lora_branch(x)
 
     def to_base(self) -> nn.Linear:
