@@ -73,7 +73,7 @@ def test_merged_export_of_a_bf16_stored_base_is_fp32_and_matches(tmp_path, tiny_
 
     from lorafit.export import export_merged
     from lorafit.lora import apply_lora
-    from lorafit.lora.frozen import has_low_precision_frozen, store_frozen_linears
+    from lorafit.lora.frozen import _file_mapped_ranges, has_low_precision_frozen, store_frozen_linears
 
     model = apply_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir), r=4, alpha=8, target_layers=TARGETS)
     with torch.no_grad():
@@ -82,6 +82,10 @@ def test_merged_export_of_a_bf16_stored_base_is_fp32_and_matches(tmp_path, tiny_
                 p.normal_(0, 0.1)
     store_frozen_linears(model, torch.bfloat16)
     assert has_low_precision_frozen(model)
+    # from_pretrained left the weights in the mapped safetensors file; none stays there (its pages would stay
+    # resident next to the bf16 copies)
+    ranges = _file_mapped_ranges()
+    assert not [n for n, p in model.named_parameters() if any(lo <= p.data_ptr() < hi for lo, hi in ranges)]
     diff = export_merged(model, AutoTokenizer.from_pretrained(tiny_model_dir), tmp_path / "merged")
     assert diff < 1e-4
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")

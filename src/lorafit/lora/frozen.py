@@ -62,7 +62,42 @@ def store_frozen_linears(model: nn.Module, dtype: torch.dtype) -> int:
             changed += 1
         if type(module) is nn.Linear and "forward" not in module.__dict__:
             module.forward = types.MethodType(_frozen_forward, module)
+    if changed:
+        _release_file_mapping(model)
     return changed
+
+
+def _release_file_mapping(model: nn.Module) -> None:
+    """Copy the tensors that still live in a memory-mapped weights file into memory of their own.
+
+    from_pretrained maps a safetensors file and leaves the parameters in it. Converting a weight reads
+    (makes resident) its pages, and the mapping holds all of them until its last tensor is gone: without this,
+    the fp32 file pages of the converted weights would stay in the process next to their bf16 copies.
+    """
+    ranges = _file_mapped_ranges()
+    if not ranges:
+        return
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            address = tensor.untyped_storage().data_ptr()
+            if tensor.device.type == "cpu" and any(lo <= address < hi for lo, hi in ranges):
+                tensor.data = tensor.data.clone()
+
+
+def _file_mapped_ranges() -> list[tuple[int, int]]:
+    """Address ranges of this process's file-backed memory mappings (Linux; elsewhere none)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            lines = maps.read().splitlines()
+    except OSError:
+        return []
+    ranges = []
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5].startswith("/"):
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            ranges.append((lo, hi))
+    return ranges
 
 
 def has_low_precision_frozen(model: nn.Module) -> bool:
