@@ -61,6 +61,10 @@ def run_lorafit(spec: TrainSpec, run_dir: Path) -> dict:
         apply_lora(model, spec.r, spec.alpha, spec.targets)
         if spec.init_adapter:
             load_adapter(model, spec.init_adapter)
+        if spec.frozen_dtype:  # what model/lora's frozen_dtype does
+            from lorafit.lora.frozen import store_frozen_linears
+
+            store_frozen_linears(model, getattr(torch, spec.frozen_dtype))
     strategy = Strategy(ParallelismConfig(mixed_precision=spec.precision,
                                           activation_checkpointing=spec.activation_checkpointing,
                                           compile=spec.compile))  # fmt: skip

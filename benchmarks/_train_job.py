@@ -47,6 +47,7 @@ class TrainSpec:
     precision: str = "fp32"  # fp32 | bf16 (autocast)
     activation_checkpointing: bool = False
     compile: bool = False
+    frozen_dtype: str | None = None  # lorafit only: frozen linear weights stored in this dtype (model/lora)
     loss_chunk_tokens: int | None = 256  # lorafit only: target positions per chunk of the fused head + CE
     threads: int | None = None
     # glibc's M_MMAP_THRESHOLD in bytes (None: glibc's default, a threshold that rises up to 32 MiB as large

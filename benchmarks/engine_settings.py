@@ -14,6 +14,7 @@ Variants (lorafit's engine, the job of vs_trainer_peft.py: LoRA r=8 on q,k,v,o, 
                  freed activations go back to the kernel instead of staying in a fragmented heap
   malloc1m       the same at 1 MiB (both malloc variants: glibc's malloc, which they tune)
   glibc          glibc's malloc instead of tbbmalloc, the allocator `lorafit run` re-executes under
+  bf16-frozen    default + the frozen linear weights stored in bf16, computed in fp32 (model/lora frozen_dtype)
 Variants combine with "+", e.g. checkpointing+malloc128k.
 Each run is its own process; variants alternate; ratios are against `default` in the same repetition. The loss
 difference is max over steps of |loss - loss_default| / loss_default.
@@ -50,6 +51,7 @@ VARIANTS = {
     "malloc128k": {"mmap_threshold": 128 * 1024, "allocator": "system"},
     "malloc1m": {"mmap_threshold": 1024 * 1024, "allocator": "system"},
     "glibc": {"allocator": "system"},
+    "bf16-frozen": {"frozen_dtype": "bfloat16"},
 }
 
 

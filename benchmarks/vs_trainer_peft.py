@@ -49,9 +49,12 @@ def parse_variant(text: str) -> tuple[str, tuple[str, dict]]:
     tool, _, settings = text.strip().partition(":")
     precision, *flags = (settings or "fp32").split("+")
     known = {"compile": ("compile", True), "checkpointing": ("activation_checkpointing", True),
-             "tbbmalloc": ("allocator", "tbbmalloc"), "glibc": ("allocator", "system")}  # fmt: skip
-    if tool not in TOOLS or precision not in ("fp32", "bf16") or any(f not in known for f in flags):
-        raise SystemExit(f"bad variant {text!r}: TOOL:PRECISION[+compile][+checkpointing][+tbbmalloc|+glibc], "
+             "tbbmalloc": ("allocator", "tbbmalloc"), "glibc": ("allocator", "system"),
+             "bf16base": ("frozen_dtype", "bfloat16")}  # fmt: skip
+    bad_flag = any(f not in known for f in flags) or (tool != "lorafit" and "bf16base" in flags)
+    if tool not in TOOLS or precision not in ("fp32", "bf16") or bad_flag:
+        raise SystemExit(f"bad variant {text!r}: TOOL:PRECISION[+compile][+checkpointing][+tbbmalloc|+glibc]"
+                         "[+bf16base (lorafit only)], "
                          f"TOOL in {list(TOOLS)}, PRECISION fp32 or bf16")  # fmt: skip
     return f"{tool}:{settings or 'fp32'}", (tool, {"precision": precision, **dict(known[f] for f in flags)})
 
@@ -71,6 +74,7 @@ def main() -> None:
         help="comma-separated TOOL:SETTINGS, TOOL lorafit or hf, SETTINGS fp32 or bf16 plus optional "
         "+compile, +checkpointing (activation checkpointing), +tbbmalloc or +glibc (the process's malloc; default: "
         "each tool's own, i.e. tbbmalloc for lorafit as `lorafit run` re-executes under it, glibc for the Trainer), "
+        "+bf16base (lorafit only: frozen_dtype bfloat16, the frozen base stored in bf16, computed in fp32), "
         "e.g. lorafit:fp32+compile,hf:bf16+tbbmalloc. "
         "bf16 autocast is 5-15x slower on CPUs without AVX512-BF16 or AMX (docs/benchmarks.md)",
     )
