@@ -26,5 +26,4 @@ $PY benchmarks/vs_trainer_peft.py --reps 2 --steps 8 --out "${OUT_BF16BASE:-benc
   --variants lorafit:fp32+bf16base,hf:fp32,lorafit:fp32+bf16base+checkpointing,hf:fp32+checkpointing "$@"
 $PY benchmarks/lora_vs_full.py --reps 3 --steps 6 "$@"
 $PY benchmarks/engine_settings.py --reps 2 --steps 6 --variants default,glibc,one-chunk,checkpointing,compile,bf16-frozen,malloc128k "$@"
-$PY benchmarks/matmul_dtypes.py --reps 5 "$@"
-$PY benchmarks/matmul_dtypes.py --reps 5 --out "${OUT_ONE_THREAD:-benchmarks/results/one_thread}" "$@" --threads 1
+$PY benchmarks/matmul_dtypes.py --reps 3 "$@"
