@@ -31,7 +31,7 @@ def probe_batch(model, tokenizer) -> torch.Tensor:
 def export_merged(model, tokenizer, output_dir: Path, *, overwrite: bool = False, atol: float | None = None) -> float:
     """Write `output_dir`: merged model (safetensors), config, tokenizer. Returns the max logit difference."""
     from lorafit.lora import merge_and_unload
-    from lorafit.lora.frozen import store_frozen_linears
+    from lorafit.lora.frozen import has_low_precision_frozen, store_frozen_linears
 
     output_dir = Path(output_dir)
     if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
@@ -40,9 +40,10 @@ def export_merged(model, tokenizer, output_dir: Path, *, overwrite: bool = False
     ids = probe_batch(model, tokenizer)
     expected = model(input_ids=ids).logits.float()
     merged = copy.deepcopy(model)
-    # bf16-stored frozen weights (frozen_dtype) merge in fp32: the export is the base as trained (rounded to
-    # bf16) plus the adapter, in one dtype, and compares with the adapter model at fp32 tolerance
-    store_frozen_linears(merged, torch.float32)
+    if has_low_precision_frozen(merged):
+        # bf16-stored frozen weights (frozen_dtype) merge in fp32: the export is the base as trained (rounded to
+        # bf16) plus the adapter, in one dtype, and compares with the adapter model at fp32 tolerance
+        store_frozen_linears(merged, torch.float32)
     merged = merge_and_unload(merged)
     got = merged(input_ids=ids).logits.float()
     diff = (got - expected).abs().max().item()

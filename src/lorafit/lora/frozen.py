@@ -57,10 +57,11 @@ def store_frozen_linears(model: nn.Module, dtype: torch.dtype) -> int:
     for module in model.modules():
         if type(module) not in (nn.Linear, LoraLinear) or module is head or module.weight.requires_grad:
             continue
-        if module.weight.dtype != dtype:
-            module.weight.data = module.weight.data.to(dtype)
-            changed += 1
-        if type(module) is nn.Linear and "forward" not in module.__dict__:
+        if module.weight.dtype == dtype:
+            continue
+        module.weight.data = module.weight.data.to(dtype)
+        changed += 1
+        if type(module) is nn.Linear and "forward" not in module.__dict__:  # LoraLinear calls frozen_linear itself
             module.forward = types.MethodType(_frozen_forward, module)
     if changed:
         _release_file_mapping(model)
