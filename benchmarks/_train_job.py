@@ -144,8 +144,9 @@ def run_contenders(spec: TrainSpec, contenders: dict[str, tuple[str, dict]], rep
     runs: dict[str, list[dict]] = {name: [] for name in contenders}
     for rep, name in alternating(list(contenders), reps):
         tool, overrides = contenders[name]
-        path = TrainSpec(**{**spec.__dict__, **overrides}).save(work / f"spec-{name}.json")
-        env = allocator_env(tool, TrainSpec.load(path))
+        contender_spec = TrainSpec(**{**spec.__dict__, **overrides})
+        path = contender_spec.save(work / f"spec-{name}.json")
+        env = allocator_env(tool, contender_spec)
         result = run_child([str(BENCH_DIR / "_train_child.py"), tool, str(path), str(work / "result.json")],
                            work / "result.json", work / f"log-{name}-{rep}.txt", env=env)  # fmt: skip
         result["tokens_per_s"] = steady_tokens_per_s(result, spec.tokens_per_step)
