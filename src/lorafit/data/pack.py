@@ -93,6 +93,32 @@ def load_tokenizer(directory: str | os.PathLike):
         raise UserError(f"cannot load the tokenizer in {directory}: {e}") from None
 
 
+def is_pack_index(path: Path) -> bool:
+    """Whether `path` is a `.json` index that `pack_file` wrote (and not, say, the user's own JSON file)."""
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and {"format_version", "kind", "document_offsets", "source"} <= meta.keys()
+
+
+def check_replaceable(prefix: Path, overwrite: bool) -> None:
+    """Refuse to write over anything but an earlier pack output (with `overwrite`): a user's own `corpus.bin`
+    or `corpus.json` at the prefix is never replaced, even with --overwrite."""
+    existing = [p for p in _paths(prefix).values() if p.exists() or p.is_symlink()]
+    if not existing:
+        return
+    if not overwrite:
+        raise UserError(f"{existing[0]} already exists; pass --overwrite (overwrite=True) to replace it")
+    index = _paths(prefix)[".json"]
+    if not is_pack_index(index):
+        names = ", ".join(str(p) for p in existing)
+        raise UserError(
+            f"--output {prefix}: {names} exist and are not an earlier `lorafit data pack` output "
+            f"(no pack index {index.name}), so --overwrite does not replace them; choose another --output"
+        )
+
+
 def detect_format(path: Path, fmt: Format = "auto", jsonl_field: str = "text") -> str:
     """'text' or 'instruction'; `auto` looks at the first JSONL record (a `.txt` file is always text)."""
     if fmt not in ("auto", "text", "instruction"):
@@ -225,16 +251,19 @@ def pack_file(
     fmt: Format = "auto",
     overwrite: bool = False,
     progress: bool = True,
+    replace_checked: bool = False,
 ) -> PackedInfo:
-    """Tokenize `input_path` (.txt, or .jsonl of text or instruction records) into `<prefix>.bin/.json` (+ mask)."""
+    """Tokenize `input_path` (.txt, or .jsonl of text or instruction records) into `<prefix>.bin/.json` (+ mask).
+
+    `overwrite` replaces an earlier pack output only (see `check_replaceable`); `replace_checked` is for a
+    caller that has already made sure the files at the prefix are its own (the dataset cache).
+    """
     path = Path(input_path)
     if not path.is_file():
         raise UserError(f"input file not found: {path}")
     prefix = resolve_prefix(output_prefix)
-    if not overwrite:
-        for existing in _paths(prefix).values():
-            if existing.exists():
-                raise UserError(f"{existing} already exists; pass --overwrite (overwrite=True) to replace it")
+    if not replace_checked:
+        check_replaceable(prefix, overwrite)
     kind = detect_format(path, fmt, jsonl_field)
     vocab_size = len(tokenizer)
     dtype = np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)

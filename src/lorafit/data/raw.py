@@ -10,13 +10,17 @@
         sequence_length: null             # null: the run's settings.step_profile.sequence_length
 
 The cache is packed again when its source file (size, modification time) or tokenizer (name, vocabulary size)
-differ from what its index records. Under torchrun rank 0 packs and the other ranks wait (concurrent writers
-would race); across nodes without a shared file system, pack on each node first with `lorafit data pack`.
+differ from what its stamp (`<cache_path>.source.json`) records. It only ever replaces files it wrote itself
+for the same source: anything else at `cache_path` (the user's own `corpus.bin`, a `lorafit data pack` output,
+the cache of another file) is refused with an error naming `cache_path`, under `lorafit validate` too.
+Under torchrun rank 0 packs and the other ranks wait (concurrent writers would race); across nodes without a
+shared file system, pack on each node first with `lorafit data pack`.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -54,10 +58,70 @@ class RawInstructionConfig(ComponentConfig):
     packing: bool = False
 
 
+CACHE_MARK = "lorafit dataset cache"  # in every stamp the cache writes: what proves the files are its own
+_CACHE_SUFFIXES = (".bin", ".mask.bin", ".json", ".source.json")
+
+
+def _file(prefix: Path, suffix: str) -> Path:
+    return prefix.with_name(prefix.name + suffix)
+
+
 def _fingerprint(source: Path, tokenizer: Any, kind: str, jsonl_field: str | None) -> dict[str, Any]:
     stat = source.stat()
-    return {"kind": kind, "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "jsonl_field": jsonl_field,
+    return {"written_by": CACHE_MARK, "source_path": str(source.resolve()), "kind": kind, "bytes": stat.st_size,
+            "mtime_ns": stat.st_mtime_ns, "jsonl_field": jsonl_field,
             "tokenizer": str(getattr(tokenizer, "name_or_path", "")), "vocab_size": len(tokenizer)}  # fmt: skip
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _index_stat(prefix: Path) -> list[int] | None:
+    try:
+        stat = _file(prefix, ".json").stat()
+    except OSError:
+        return None
+    return [stat.st_size, stat.st_mtime_ns]
+
+
+def _write_stamp(prefix: Path, stamp: dict[str, Any]) -> None:
+    path = _file(prefix, ".source.json")
+    temp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    temp.write_text(json.dumps(stamp), encoding="utf-8")
+    os.replace(temp, path)
+
+
+def check_cache_owner(source: Path, prefix: Path) -> None:
+    """Raise unless the files at `prefix` are absent or the cache's own for `source`: never replace a user's file.
+
+    Owned means: a stamp carrying CACHE_MARK for this very source file, and an index that is still the one the
+    cache wrote (a `lorafit data pack --overwrite` onto the prefix since then makes it the user's).
+    """
+    existing = [_file(prefix, s) for s in _CACHE_SUFFIXES if _file(prefix, s).exists() or _file(prefix, s).is_symlink()]
+    if not existing:
+        return
+    stamp = _read_json(_file(prefix, ".source.json"))
+    if _is_legacy_stamp(stamp, source, prefix):
+        return
+    ours = isinstance(stamp, dict) and stamp.get("written_by") == CACHE_MARK
+    if ours and stamp.get("source_path") == str(source.resolve()):
+        if stamp.get("state") == "packing" or stamp.get("index") in (None, _index_stat(prefix)):
+            return
+        why = "the index was rewritten by something else since the cache wrote it"
+    elif ours:
+        why = f"they are the cache of another file, {stamp.get('source_path')}"
+    else:
+        index = _read_json(_file(prefix, ".json"))
+        packed = isinstance(index, dict) and isinstance(index.get("source"), dict)
+        why = (f"they are a `lorafit data pack` output of {index['source'].get('path')}" if packed
+               else "lorafit did not write them")  # fmt: skip
+    names = ", ".join(p.name for p in existing)
+    raise UserError(f"{prefix} holds {names}, which the dataset cache may not replace ({why}); choose another "
+                    f"cache_path (or delete those files yourself)", field="cache_path")  # fmt: skip
 
 
 def ensure_packed(source: Path, tokenizer: Any, prefix: Path, kind: str, jsonl_field: str | None = None) -> Path:
@@ -91,25 +155,37 @@ def ensure_packed(source: Path, tokenizer: Any, prefix: Path, kind: str, jsonl_f
     return prefix
 
 
-def _is_fresh(source: Path, tokenizer: Any, prefix: Path, kind: str, jsonl_field: str | None) -> bool:
-    stamp_path = prefix.with_name(prefix.name + ".source.json")
-    meta_path = prefix.with_name(prefix.name + ".json")
-    if not (meta_path.is_file() and stamp_path.is_file()):
+_LEGACY_STAMP_KEYS = {"kind", "bytes", "mtime_ns", "jsonl_field", "tokenizer", "vocab_size"}
+
+
+def _is_legacy_stamp(stamp: Any, source: Path, prefix: Path) -> bool:
+    """A stamp from before CACHE_MARK existed, beside an index packed from this same source: still the cache's."""
+    if not (isinstance(stamp, dict) and stamp.keys() == _LEGACY_STAMP_KEYS):
         return False
-    try:
-        return json.loads(stamp_path.read_text(encoding="utf-8")) == _fingerprint(source, tokenizer, kind, jsonl_field)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return False  # a damaged stamp: pack again
+    index = _read_json(_file(prefix, ".json"))
+    recorded = index.get("source", {}).get("path") if isinstance(index, dict) else None
+    return isinstance(recorded, str) and Path(recorded).resolve() == source.resolve()
+
+
+def _is_fresh(source: Path, tokenizer: Any, prefix: Path, kind: str, jsonl_field: str | None) -> bool:
+    stamp = _read_json(_file(prefix, ".source.json"))
+    if not (_file(prefix, ".json").is_file() and isinstance(stamp, dict)):
+        return False  # no stamp, or a damaged one: pack again (if the files are ours)
+    recorded = {k: v for k, v in stamp.items() if k != "index"}
+    return recorded == _fingerprint(source, tokenizer, kind, jsonl_field) and stamp.get("index") == _index_stat(prefix)
 
 
 def _pack_if_stale(source: Path, tokenizer: Any, prefix: Path, kind: str, jsonl_field: str | None) -> Path:
     if _is_fresh(source, tokenizer, prefix, kind, jsonl_field):
         return prefix
+    check_cache_owner(source, prefix)
     info(f"tokenizing {source} into {prefix}.bin (cached for later runs)")
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    # claim the prefix before writing: a pack interrupted from here on still leaves files known to be ours
+    _write_stamp(prefix, {"written_by": CACHE_MARK, "source_path": str(source.resolve()), "state": "packing"})
     pack_file(source, tokenizer, prefix, jsonl_field=jsonl_field or "text", fmt=kind, overwrite=True,
-              progress=is_main_rank())  # fmt: skip
-    stamp = prefix.with_name(prefix.name + ".source.json")
-    stamp.write_text(json.dumps(_fingerprint(source, tokenizer, kind, jsonl_field)), encoding="utf-8")
+              progress=is_main_rank(), replace_checked=True)  # fmt: skip
+    _write_stamp(prefix, {**_fingerprint(source, tokenizer, kind, jsonl_field), "index": _index_stat(prefix)})
     return prefix
 
 
@@ -119,7 +195,8 @@ def _build(config: RawTextConfig | RawInstructionConfig, kind: str, cls: type) -
         raise UserError(f"file not found: {source}", field="path")
     default = source.with_suffix(f".{kind}")
     prefix = resolve_prefix(config.cache_path) if config.cache_path else default
-    if not current_context().load_weights:  # `lorafit validate`: nothing is tokenized
+    if not current_context().load_weights:  # `lorafit validate`: nothing is tokenized, the cache path is checked
+        check_cache_owner(source, prefix)
         return cls(prefix, config.sequence_length)
     prefix = ensure_packed(source, config.tokenizer, prefix, kind, getattr(config, "jsonl_field", None))
     dataset = cls(prefix, config.sequence_length)

@@ -1,0 +1,194 @@
+"""A second, hostile pass (issue 12): inputs that once lost user data, hung, or ended in a traceback.
+
+Each test goes through the real CLI (`lorafit.cli.main` in-process, or `python -m lorafit` in a subprocess with a
+timeout where a hang, a signal or the process environment is the point) and checks the promise of
+docs/troubleshooting.md: exit code 2, one `error:` line naming the YAML path, argument or file, no traceback,
+and every file the user had byte-identical afterwards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lorafit.cli import main
+
+REPO = Path(__file__).resolve().parents[2]
+LOREM = REPO / "data" / "lorem_ipsum" / "lorem_ipsum.txt"
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def tiny_run_config(model_dir: Path, train_path: Path, cache_path: Path, *, steps: int = 1) -> dict:
+    """The smallest complete run: LoRA on the tiny Llama, one step, the raw text file cached at `cache_path`."""
+    ref = {"instance_key": "tokenizer", "pass_type": "BY_REFERENCE"}
+    return {
+        "settings": {
+            "seed": 1,
+            "step_profile": {
+                "local_train_micro_batch_size": 1,
+                "gradient_accumulation_steps": 1,
+                "sequence_length": 16,
+            },
+            "training_target": {"num_target_steps": steps},
+            "intervals": {
+                "training_log_interval_in_steps": 1,
+                "checkpointing_interval_in_steps": steps,
+                "evaluation_interval_in_steps": steps,
+            },
+        },
+        "tokenizer": {"component_key": "tokenizer", "variant_key": "huggingface", "config": {"path": str(model_dir)}},
+        "base_model": {
+            "component_key": "model",
+            "variant_key": "huggingface_pretrained_model",
+            "config": {"model_name_or_path": str(model_dir)},
+        },
+        "model": {
+            "component_key": "model",
+            "variant_key": "lora",
+            "config": {
+                "r": 2,
+                "alpha": 4,
+                "target_layers": ["q_proj"],
+                "model": {"instance_key": "base_model", "pass_type": "BY_REFERENCE"},
+            },
+        },
+        "train_dataset": {
+            "component_key": "dataset",
+            "variant_key": "text",
+            "config": {"path": str(train_path), "cache_path": str(cache_path), "tokenizer": ref},
+        },
+        "optimizer": {"component_key": "optimizer", "variant_key": "adamw", "config": {"lr": 1e-3}},
+        "scheduler": {"component_key": "scheduler", "variant_key": "constant", "config": {}},
+    }
+
+
+def write_yaml(path: Path, config: dict) -> Path:
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """Every file under `folder` -> the sha256 of its bytes ('<dir>' for folders)."""
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "<dir>"
+        for p in sorted(folder.rglob("*"))
+    }
+
+
+def cli(argv: list[str], capsys) -> tuple[int, str]:
+    """`lorafit ARGV` in-process: (exit code, stderr)."""
+    capsys.readouterr()
+    code = main(argv)
+    return code, capsys.readouterr().err
+
+
+def lorafit_process(argv: list[str], *, timeout: float = 120, env: dict | None = None, cwd: Path | None = None):
+    """`python -m lorafit ARGV` in a subprocess (a hang fails the test through the timeout)."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "lorafit", *argv], capture_output=True, text=True, env=full_env,
+                          timeout=timeout, cwd=cwd)  # fmt: skip
+
+
+def assert_one_error(code: int, err: str, *fragments: str, exit_code: int = 2) -> str:
+    """Exit code 2, no traceback, exactly one `error:` line holding every fragment; returns the message."""
+    assert code == exit_code, f"exit code {code}\n{err}"
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err
+    message = err[err.index("error:") :]
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} not in:\n{message}"
+    return message
+
+
+def assert_unchanged(before: dict[str, str], after: dict[str, str], *, may_add: tuple[str, ...] = ()) -> None:
+    changed = sorted(k for k in before if after.get(k) != before[k])
+    assert not changed, f"changed or removed: {changed}"
+    added = sorted(k for k in set(after) - set(before) if not k.startswith(may_add))
+    assert not added, f"added: {added}"
+
+
+# ------------------------------------------------------------------------ 1. the dataset cache and user files
+USER_BIN = b"\x00\x01my own tokens, not lorafit's\xff" * 10
+USER_JSON = b'{"mine": true, "notes": "hand-written"}\n'
+
+
+@pytest.mark.parametrize("command", ["validate", "run"])
+def test_cache_path_onto_the_users_own_files_is_refused(command, tmp_path, tiny_model_dir, capsys):
+    (tmp_path / "corpus.bin").write_bytes(USER_BIN)
+    (tmp_path / "corpus.json").write_bytes(USER_JSON)
+    config = write_yaml(tmp_path / "config.yaml", tiny_run_config(tiny_model_dir, LOREM, tmp_path / "corpus"))
+    before = snapshot(tmp_path)
+    argv = [command, "--config_file_path", str(config)]
+    if command == "run":
+        argv += ["--experiments_root_path", str(tmp_path / "exp"), "--experiment_id", "x"]
+    code, err = cli(argv, capsys)
+    assert_one_error(code, err, "train_dataset.config.cache_path:", "corpus.bin, corpus.json",
+                     "lorafit did not write them", "choose another cache_path")  # fmt: skip
+    assert_unchanged(before, snapshot(tmp_path), may_add=("exp",))
+
+
+def test_cache_path_onto_another_files_pack_output_is_refused(tmp_path, tiny_model_dir, capsys):
+    other = tmp_path / "other.txt"
+    other.write_text("Another document.\n\nAnd a second one, a little longer than the first.\n")
+    pack = ["data", "pack", "--input", str(other), "--tokenizer", str(tiny_model_dir), "--output",
+            str(tmp_path / "packed"), "--no_progress"]  # fmt: skip
+    assert cli(pack, capsys)[0] == 0
+    config = write_yaml(tmp_path / "config.yaml", tiny_run_config(tiny_model_dir, LOREM, tmp_path / "packed"))
+    before = snapshot(tmp_path)
+    run = ["run", "--config_file_path", str(config), "--experiments_root_path", str(tmp_path / "exp"),
+           "--experiment_id", "x"]  # fmt: skip
+    code, err = cli(run, capsys)
+    assert_one_error(code, err, "train_dataset.config.cache_path:", "a `lorafit data pack` output of", "other.txt")
+    assert_unchanged(before, snapshot(tmp_path), may_add=("exp",))
+
+
+def test_cache_replaces_only_its_own_files_for_the_same_source(tmp_path, tiny_model_dir, capsys):
+    """The cache of a.txt is repacked when a.txt changes, but a second file pointed at it is refused."""
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text(LOREM.read_text())
+    b.write_text(LOREM.read_text())
+    run_a = write_yaml(tmp_path / "a.yaml", tiny_run_config(tiny_model_dir, a, tmp_path / "cache" / "c"))
+    argv = ["run", "--config_file_path", str(run_a), "--experiments_root_path", str(tmp_path / "exp")]
+    assert cli([*argv, "--experiment_id", "a1"], capsys)[0] == 0
+    first = (tmp_path / "cache" / "c.bin").read_bytes()
+    a.write_text(LOREM.read_text() + "\n\nOne more paragraph at the end.\n")
+    assert cli([*argv, "--experiment_id", "a2"], capsys)[0] == 0  # its own, stale: repacked
+    assert (tmp_path / "cache" / "c.bin").read_bytes() != first
+
+    run_b = write_yaml(tmp_path / "b.yaml", tiny_run_config(tiny_model_dir, b, tmp_path / "cache" / "c"))
+    before = snapshot(tmp_path / "cache")
+    code, err = cli(["validate", "--config_file_path", str(run_b)], capsys)
+    assert_one_error(code, err, "train_dataset.config.cache_path:", "the cache of another file", str(a.resolve()))
+    assert_unchanged(before, snapshot(tmp_path / "cache"))
+
+
+def test_data_pack_never_replaces_what_is_not_a_pack_output(tmp_path, tiny_model_dir, capsys):
+    source = tmp_path / "train.txt"
+    source.write_text("A first document.\n\nA second document.\n")
+    (tmp_path / "corpus.bin").write_bytes(USER_BIN)
+    (tmp_path / "corpus.json").write_bytes(USER_JSON)
+    pack = ["data", "pack", "--input", str(source), "--tokenizer", str(tiny_model_dir), "--no_progress", "--output"]
+    before = snapshot(tmp_path)
+    code, err = cli([*pack, str(tmp_path / "corpus"), "--overwrite"], capsys)
+    assert_one_error(code, err, "--output", "corpus.bin, ", "corpus.json exist and are not an earlier "
+                     "`lorafit data pack` output", "choose another --output")  # fmt: skip
+    assert_unchanged(before, snapshot(tmp_path))
+
+    # onto another pack's output: refused without --overwrite, replaced with it
+    other = tmp_path / "other.txt"
+    other.write_text("Something else entirely.\n")
+    assert cli(["data", "pack", "--input", str(other), "--tokenizer", str(tiny_model_dir), "--no_progress",
+                "--output", str(tmp_path / "packed")], capsys)[0] == 0  # fmt: skip
+    before = snapshot(tmp_path)
+    code, err = cli([*pack, str(tmp_path / "packed")], capsys)
+    assert_one_error(code, err, "packed.bin already exists; pass --overwrite")
+    assert_unchanged(before, snapshot(tmp_path))
+    assert cli([*pack, str(tmp_path / "packed"), "--overwrite"], capsys)[0] == 0
+    assert snapshot(tmp_path)["packed.bin"] != before["packed.bin"]
