@@ -21,6 +21,7 @@ def render() -> str:
     from lorafit.config import run_spec
     from lorafit.config.describe import describe_components, field_rows
     from lorafit.config.registry import REGISTRY
+    from lorafit.training import trackers
 
     load_builtin_components()
     parts = [HEADER, (run_spec.__doc__ or "").split("\n", 2)[2].strip(), "", "### `settings`", ""]
@@ -31,6 +32,9 @@ def render() -> str:
         ("settings.intervals", run_spec.Intervals),
         ("settings.checkpointing", run_spec.Checkpointing),
         ("settings.export", run_spec.Export),
+        ("settings.loggers", trackers.LoggersConfig),
+        ("settings.loggers.wandb", trackers.WandbConfig),
+        ("settings.loggers.mlflow", trackers.MlflowConfig),
     ]:
         parts += [
             f"`{name}`" + (f": {model.__doc__.strip().splitlines()[0]}" if model.__doc__ else ""),

@@ -63,9 +63,20 @@ def check_run_config(config: dict[str, Any]) -> ConfigGraph:
             else Problem(p.path, f"a run needs a top-level '{p.path}' entity (a component or a reference to one)")
             for p in pydantic_problems(e, "", RunSpec)
         ]
+    problems += _missing_tracker_packages(config)
     if problems:
         raise ConfigError("", problems=sorted(set(problems), key=lambda p: p.path))
     return graph
+
+
+def _missing_tracker_packages(config: dict[str, Any]) -> list[Problem]:
+    from lorafit.training.trackers import LoggersConfig, missing_packages
+
+    try:
+        loggers = LoggersConfig.model_validate(settings_of(config).get("loggers") or {})
+    except ValidationError:
+        return []  # RunSpec reported it
+    return missing_packages(loggers)
 
 
 def build_run(graph: ConfigGraph) -> BuiltRun:

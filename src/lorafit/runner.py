@@ -19,6 +19,7 @@ from lorafit.errors import UserError
 from lorafit.experiment import create_run_dir, default_experiment_id, read_resolved
 from lorafit.job import BuiltRun, build_run, load_run_config
 from lorafit.resume import check_same_training, find_run_to_resume
+from lorafit.training.trackers import open_trackers
 
 
 @dataclass
@@ -75,9 +76,16 @@ def run(request: RunRequest) -> Path:
             f"parallelism: 'none' with {dist_env.world_size} processes would train {dist_env.world_size} "
             "unsynchronised copies; use variant_key fsdp2 or ddp (or leave parallelism out: fsdp2 under torchrun)",
         )
-    before = evaluate(built, run_dir, "before", dist_env) if not request.resume_from else None
-    result = train(built, run_dir, dist_env, checkpoint, config_hash(config))
-    after = evaluate(built, run_dir, "after", dist_env, trained=result)
+    trackers = (
+        open_trackers(built.settings.loggers, run_dir, experiment_id, run_config=config) if dist_env.rank == 0 else []
+    )
+    try:
+        before = evaluate(built, run_dir, "before", dist_env, trackers) if not request.resume_from else None
+        result = train(built, run_dir, dist_env, checkpoint, config_hash(config), trackers)
+        after = evaluate(built, run_dir, "after", dist_env, trackers, trained=result)
+    finally:
+        for tracker in trackers:
+            tracker.close()
     if dist_env.rank == 0:
         export(built, run_dir, result)
         write_report(run_dir, result, before, after)
@@ -121,7 +129,7 @@ def on_rank0_then_all(dist_env, fn, *args):
     return outcome[1]
 
 
-def train(built: BuiltRun, run_dir: Path, dist_env, checkpoint: str | None, config_hash: str):
+def train(built: BuiltRun, run_dir: Path, dist_env, checkpoint: str | None, config_hash: str, trackers=None):
     """Hand the built entities and the settings to the training loop."""
     from lorafit.config.run_spec import num_steps
     from lorafit.training.job import TrainJob
@@ -153,12 +161,14 @@ def train(built: BuiltRun, run_dir: Path, dist_env, checkpoint: str | None, conf
         # evaluators and the merged export need the whole model on rank 0 after a sharded run
         gather_full_model=dist_env.world_size > 1 and bool(built.evaluators or s.export.merged_model),
         config_hash=config_hash,
+        trackers=trackers,
     )
     return train_loop(job)
 
 
-def evaluate(built: BuiltRun, run_dir: Path, when: str, dist_env, trained=None) -> dict[str, Any] | None:
-    """Run the evaluators on rank 0 with the unmerged model (`when` = before/after training)."""
+def evaluate(built: BuiltRun, run_dir: Path, when: str, dist_env, trackers=(), trained=None) -> dict[str, Any] | None:
+    """Run the evaluators on rank 0 with the unmerged model (`when` = before/after training); their numbers go
+    to eval_<when>.json, metrics.jsonl and every tracker (step 0 before training, the last step after)."""
     if not built.evaluators:
         return None
     results: dict[str, Any] | None = None
@@ -177,8 +187,21 @@ def evaluate(built: BuiltRun, run_dir: Path, when: str, dist_env, trained=None) 
                 )
             )
         (run_dir / f"eval_{when}.json").write_text(json.dumps(results, indent=2, default=str))
+        log_evaluator_results(run_dir, results, trained.steps if trained is not None else 0, trackers)
     dist_env.barrier()
     return results
+
+
+def log_evaluator_results(run_dir: Path, results: dict[str, Any], step: int, trackers) -> None:
+    from lorafit.training.metrics import append_metrics
+    from lorafit.training.trackers import scalars
+
+    record = {"step": step}
+    for name, values in results.items():
+        record |= {f"evaluator/{name}/{k}": v for k, v in values.items() if isinstance(v, (int, float))}
+    append_metrics(run_dir, record)
+    for tracker in trackers:
+        tracker.log(scalars(record), step)
 
 
 def export(built: BuiltRun, run_dir: Path, result) -> None:

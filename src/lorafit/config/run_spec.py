@@ -22,6 +22,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from lorafit.config.registry import Component
+from lorafit.training.trackers import LoggersConfig
 
 RUN_ENTITIES = (
     "model",
@@ -90,6 +91,7 @@ class RunSettings(BaseModel):
     gradient_clipping: float | None = Field(1.0, gt=0)
     eval_max_batches: int | None = Field(None, ge=1)
     export: Export = Export()
+    loggers: LoggersConfig = LoggersConfig()  # trackers beside metrics.jsonl (lorafit/training/trackers.py)
 
 
 class RunSpec(BaseModel):

@@ -73,7 +73,7 @@ def train(job: TrainJob) -> TrainResult:
     steps_with_targets = step  # a resumed run's earlier steps count as having had targets
 
     metrics = MetricsLogger(run_dir, enabled=env.is_main, total_steps=job.num_steps, start_step=step,
-                            progress=job.progress)  # fmt: skip
+                            progress=job.progress, trackers=job.trackers)  # fmt: skip
     collate = job.collate_fn or default_collate(job.train_dataset)
     batches = train_micro_batches(job.train_dataset, sampler, job.micro_batch_size, collate)
     trainable = [p for p in model.parameters() if p.requires_grad]

@@ -1,5 +1,6 @@
-"""What a run reports: `metrics.jsonl` (one JSON object per log step / evaluation), TensorBoard scalars (when
-`torch.utils.tensorboard` imports), a rich progress bar on a terminal, log lines otherwise, and `loss.png`.
+"""What a run reports: `metrics.jsonl` (one JSON object per log step / evaluation), the same numbers to every
+tracker of `settings.loggers` (TensorBoard by default, W&B, MLflow: lorafit/training/trackers.py), a rich progress
+bar on a terminal, log lines with `step N/total` and an ETA otherwise, and `loss.png`.
 
 Everything here is rank 0's job; other ranks get a logger that does nothing.
 """
@@ -7,7 +8,6 @@ Everything here is rank 0's job; other ranks get a logger that does nothing.
 from __future__ import annotations
 
 import json
-import math
 import resource
 import sys
 from pathlib import Path
@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from lorafit.console import info, warn
+from lorafit.training.trackers import LoggersConfig, Tracker, open_trackers, scalars
 
 METRICS = "metrics.jsonl"
 
@@ -33,24 +34,28 @@ class MetricsLogger:
     the part of the interrupted run that is being redone), so the file reads as one continuous run."""
 
     def __init__(self, run_dir: Path, *, enabled: bool, total_steps: int, start_step: int = 0,
-                 progress: bool | None = None):  # fmt: skip
+                 progress: bool | None = None, trackers: list[Tracker] | None = None):  # fmt: skip
         self.enabled = enabled
         self.path = Path(run_dir) / METRICS
-        self.writer = None
+        self.total_steps, self.start_step = total_steps, start_step
         self.bar = None
+        self.started = None
+        # trackers given by the caller stay open (the runner logs evaluator results after training); None: the
+        # default ones (TensorBoard), opened and closed here
+        self.own_trackers = trackers is None
+        self.trackers: list[Tracker] = []
         if not enabled:
             return
-        if start_step > 0:
-            _truncate_after(self.path, start_step)
-        elif self.path.exists():
-            self.path.unlink()
+        # records up to the resumed step stay (step 0: the evaluators' results before training)
+        _truncate_after(self.path, start_step)
         self.file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=start_step + 1)
-        except ImportError:  # tensorboard is optional
-            self.writer = None
+        if trackers is None:
+            trackers = open_trackers(LoggersConfig(), run_dir, Path(run_dir).name)
+        self.trackers = trackers
+        for tracker in trackers:
+            restart = getattr(tracker, "restart_at", None)
+            if callable(restart):
+                restart(start_step)
         if progress if progress is not None else sys.stdout.isatty():
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -65,18 +70,31 @@ class MetricsLogger:
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         step = record.get("step", 0)
-        if self.writer is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, int | float) and math.isfinite(value):
-                    self.writer.add_scalar(key if "/" in key else f"train/{key}", value, step)
+        values = scalars(record)
+        for tracker in self.trackers:
+            tracker.log(values, step)
         if echo:
-            text = " ".join(_fmt(k, v) for k, v in record.items())
+            text = " ".join(_fmt(k, v) for k, v in record.items() if k != "step")
             if self.bar is not None:
-                self.bar.console.print(text, markup=False, highlight=False)
-            else:
-                info(text)
+                self.bar.console.print(f"step {step}/{self.total_steps} {text}", markup=False, highlight=False)
+            else:  # a log file or CI: each line says where the run is and when it should end
+                info(f"step {step}/{self.total_steps}{self._eta(step)} {text}")
+
+    def _eta(self, step: int) -> str:
+        import time
+
+        now = time.perf_counter()
+        if self.started is None or step <= self.started[0]:
+            self.started = self.started or (step, now)
+            return ""
+        per_step = (now - self.started[1]) / (step - self.started[0])
+        return f" eta {_duration(per_step * max(self.total_steps - step, 0))}"
 
     def advance(self, step: int, loss: float) -> None:
+        if self.started is None:  # the ETA counts from the end of the first step this process trains
+            import time
+
+            self.started = (step, time.perf_counter())
         if self.bar is not None:
             self.bar.update(self.task, completed=step, status=f"loss {loss:.4f}")
 
@@ -85,8 +103,9 @@ class MetricsLogger:
             return
         if self.bar is not None:
             self.bar.stop()
-        if self.writer is not None:
-            self.writer.close()
+        if self.own_trackers:
+            for tracker in self.trackers:
+                tracker.close()
         self.file.close()
 
 
@@ -94,6 +113,18 @@ def _fmt(key: str, value: Any) -> str:
     if isinstance(value, float):
         return f"{key}={value:.4g}" if key != "lr" else f"{key}={value:.3e}"
     return f"{key}={value}"
+
+
+def _duration(seconds: float) -> str:
+    seconds = round(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
+        f"{seconds // 60}:{seconds % 60:02d}"  # fmt: skip
+
+
+def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
+    """One record appended to metrics.jsonl outside the training loop (the evaluators' results)."""
+    with open(Path(run_dir) / METRICS, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -109,6 +140,8 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 def _truncate_after(path: Path, step: int) -> None:
+    if not path.exists():
+        return
     kept = [r for r in read_metrics(path) if r.get("step", 0) <= step]
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")

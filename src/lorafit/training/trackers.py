@@ -1,0 +1,261 @@
+"""Where a run's numbers go besides `metrics.jsonl`: TensorBoard, Weights & Biases, MLflow.
+
+Chosen in the config's `settings.loggers` block (checked by `LoggersConfig`):
+
+    settings:
+      loggers:
+        tensorboard: true          # default true: <run folder>/tensorboard/ (pip install 'lorafit[tensorboard]')
+        wandb:                     # default off (pip install 'lorafit[wandb]')
+          mode: offline            # offline | online | disabled (Modalities' OFFLINE/ONLINE/DISABLED too)
+          project: lorafit
+          directory: null          # default: the run folder; wandb writes <directory>/wandb/<run>/
+          name: null               # default: the experiment id
+        mlflow:                    # default off (pip install 'lorafit[mlflow]')
+          tracking_uri: null       # default: a file store in <run folder>/mlruns
+          experiment_name: lorafit
+          run_name: null           # default: the experiment id
+
+Every tracker gets the same numbers as metrics.jsonl: training records (`train/loss`, `train/lr`, ...), the
+in-loop evaluation losses (`eval/<dataset>/loss`) and the evaluators' metrics (`evaluator/<name>/<metric>`,
+before training at step 0 and after it at the last step). Only rank 0 opens trackers.
+
+From Python (also how a Modalities `results_subscriber/wandb` component maps onto lorafit: its `project`,
+`mode` and `directory` are `WandbConfig`'s fields, its `experiment_id` is the run's id, and its
+`global_rank`/`config_file_path` need no counterpart: only rank 0 logs, and the resolved config is sent):
+
+    from lorafit.training.trackers import WandbConfig, open_wandb
+    tracker = open_wandb(WandbConfig(mode="offline", project="p"), run_dir, "my-run", run_config={...})
+    tracker.log({"train/loss": 1.5}, step=1)
+    tracker.close()
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from pydantic import BaseModel, ConfigDict, field_validator
+
+from lorafit.console import info
+from lorafit.errors import ConfigError, Problem
+
+
+class Tracker(Protocol):
+    name: str
+
+    def log(self, values: dict[str, float], step: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class WandbConfig(_Strict):
+    """Weights & Biases; `directory` defaults to the run folder, `name` to the experiment id."""
+
+    mode: Literal["offline", "online", "disabled"] = "offline"
+    project: str = "lorafit"
+    directory: Path | None = None  # None: the run folder
+    name: str | None = None  # None: the experiment id
+    entity: str | None = None
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value  # Modalities writes OFFLINE / ONLINE / DISABLED
+
+
+class MlflowConfig(_Strict):
+    """MLflow; `tracking_uri` defaults to a file store in <run folder>/mlruns, `run_name` to the experiment id."""
+
+    tracking_uri: str | None = None  # None: file store <run folder>/mlruns
+    experiment_name: str = "lorafit"
+    run_name: str | None = None  # None: the experiment id
+
+
+class LoggersConfig(_Strict):
+    """Trackers beside metrics.jsonl (always written). tensorboard: null means on, said in the log if not installed."""
+
+    tensorboard: bool | None = None  # None: on when the package is there (it is a dependency), else said so
+    wandb: WandbConfig | None = None
+    mlflow: MlflowConfig | None = None
+
+
+def _missing(key: str, package: str, extra: str) -> ConfigError:
+    return ConfigError(
+        f"the '{package}' package is not installed; pip install 'lorafit[{extra}]' (or remove {key})", field=key
+    )
+
+
+class TensorBoardTracker:
+    """Event files in `log_dir`, opened at the first value (so a resumed run can first say where it restarts)."""
+
+    name = "tensorboard"
+
+    def __init__(self, log_dir: Path):
+        self.log_dir = Path(log_dir)
+        self.writer = None
+        self.purge_step: int | None = None
+
+    def restart_at(self, step: int) -> None:
+        """Resuming at `step`: TensorBoard drops the earlier files' events after it (the redone part)."""
+        if self.writer is None and step > 0:
+            self.purge_step = step + 1
+
+    def log(self, values: dict[str, float], step: int) -> None:
+        if self.writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.log_dir), purge_step=self.purge_step)
+        for key, value in values.items():
+            self.writer.add_scalar(key, value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+class WandbTracker:
+    name = "wandb"
+
+    def __init__(self, run):
+        self.run = run
+
+    def log(self, values: dict[str, float], step: int) -> None:
+        self.run.log(values, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class MlflowTracker:
+    name = "mlflow"
+
+    def __init__(self, client, run_id: str):
+        self.client, self.run_id = client, run_id
+
+    def log(self, values: dict[str, float], step: int) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [Metric(key, value, now, step) for key, value in values.items()]
+        self.client.log_batch(self.run_id, metrics=metrics)
+
+    def close(self) -> None:
+        self.client.set_terminated(self.run_id)
+
+
+def open_wandb(config: WandbConfig, run_dir: Path, experiment_id: str, run_config: dict | None = None) -> WandbTracker:
+    try:
+        import wandb
+    except ImportError:
+        raise _missing("settings.loggers.wandb", "wandb", "wandb") from None
+    directory = Path(config.directory) if config.directory is not None else Path(run_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    run = wandb.init(project=config.project, entity=config.entity, name=config.name or experiment_id,
+                     id=_wandb_id(experiment_id), resume="allow", mode=config.mode, dir=str(directory),
+                     config=run_config or {}, settings=wandb.Settings(console="off", silent=True))  # fmt: skip
+    return WandbTracker(run)
+
+
+def _wandb_id(experiment_id: str) -> str:
+    # W&B run ids may not hold '/', '\\', '#', '?', '%', ':'; the same id lets a resumed run continue its W&B run
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in experiment_id)[:64]
+
+
+def open_mlflow(
+    config: MlflowConfig, run_dir: Path, experiment_id: str, run_config: dict | None = None
+) -> MlflowTracker:
+    try:
+        from mlflow.tracking import MlflowClient
+    except ImportError:
+        raise _missing("settings.loggers.mlflow", "mlflow", "mlflow") from None
+    uri = config.tracking_uri or (Path(run_dir) / "mlruns").resolve().as_uri()
+    if uri.startswith("file:") or "://" not in uri:
+        # MLflow 3 keeps its file store working but refuses it unless this is set; a folder of plain files is what
+        # a run folder wants (no database server, readable with any tool)
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name(config.experiment_name)
+    exp_id = experiment.experiment_id if experiment else client.create_experiment(config.experiment_name)
+    name = config.run_name or experiment_id
+    found = client.search_runs([exp_id], filter_string=f"tags.mlflow.runName = '{name}'", max_results=1)
+    if found:  # a resumed lorafit run continues its MLflow run
+        run_id = found[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+    else:
+        run_id = client.create_run(exp_id, run_name=name).info.run_id
+        for key, value in _flat(run_config or {}).items():
+            client.log_param(run_id, key[:250], str(value)[:6000])
+    return MlflowTracker(client, run_id)
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(_flat(value, f"{prefix}{key}."))
+        return out
+    return {prefix.rstrip("."): tree}
+
+
+def open_trackers(
+    config: LoggersConfig, run_dir: Path, experiment_id: str, *, run_config: dict | None = None
+) -> list[Tracker]:
+    """The trackers `config` asks for, opened; says in the log which are on and which are off (and why)."""
+    trackers: list[Tracker] = []
+    off: list[str] = []
+    if config.tensorboard is False:
+        off.append("tensorboard (settings.loggers.tensorboard: false)")
+    else:
+        try:
+            import tensorboard  # noqa: F401 - torch.utils.tensorboard needs it
+        except ImportError:
+            if config.tensorboard:
+                raise _missing("settings.loggers.tensorboard", "tensorboard", "tensorboard") from None
+            off.append("tensorboard (package not installed: pip install 'lorafit[tensorboard]')")
+        else:
+            trackers.append(TensorBoardTracker(Path(run_dir) / "tensorboard"))
+    for key, conf, opener in (("wandb", config.wandb, open_wandb), ("mlflow", config.mlflow, open_mlflow)):
+        if conf is None:
+            off.append(f"{key} (settings.loggers.{key} not set)")
+        elif isinstance(conf, WandbConfig) and conf.mode == "disabled":
+            off.append("wandb (settings.loggers.wandb.mode: disabled)")
+        else:
+            trackers.append(opener(conf, run_dir, experiment_id, run_config))
+    info(f"loggers: metrics.jsonl{''.join(', ' + t.name for t in trackers)}; off: {', '.join(off) or 'none'}")
+    return trackers
+
+
+def missing_packages(config: LoggersConfig) -> list[Problem]:
+    """Trackers the config asks for whose package is not installed (for `lorafit validate` and before building)."""
+    import importlib.util
+
+    wanted = [("tensorboard", "tensorboard", "tensorboard", config.tensorboard is True),
+              ("wandb", "wandb", "wandb", config.wandb is not None and config.wandb.mode != "disabled"),
+              ("mlflow", "mlflow", "mlflow", config.mlflow is not None)]  # fmt: skip
+    return [
+        _missing(f"settings.loggers.{key}", module, extra).problems[0]
+        for key, module, extra, asked in wanted
+        if asked and importlib.util.find_spec(module) is None
+    ]
+
+
+def scalars(record: dict[str, Any]) -> dict[str, float]:
+    """The finite numbers of a metrics record, named as trackers show them (`loss` -> `train/loss`)."""
+    out = {}
+    for key, value in record.items():
+        if key == "step" or isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            continue
+        out[key if "/" in key else f"train/{key}"] = float(value)
+    return out
+
+
+__all__ = ["LoggersConfig", "MlflowConfig", "Tracker", "WandbConfig", "open_mlflow", "open_trackers", "open_wandb"]

@@ -1,0 +1,186 @@
+"""`settings.loggers`: one `lorafit run` on a tiny Llama with TensorBoard, W&B (offline) and MLflow (file store);
+every tracker's own files are read back and hold the numbers metrics.jsonl and eval_*.json hold."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lorafit.cli import main
+from tracker_files import mlflow_metrics, wandb_config, wandb_history
+
+REPO = Path(__file__).resolve().parents[2]
+LOREM = REPO / "data" / "lorem_ipsum" / "lorem_ipsum.txt"
+STEPS = 4
+
+
+def tracked_config(model_dir: Path, tmp: Path, loggers: dict) -> dict:
+    examples = [("Say yes.", "yes"), ("Say no.", "no"), ("Name a colour.", "red")]
+    heldout = tmp / "heldout.jsonl"
+    heldout.write_text(
+        "".join(
+            json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}) + "\n"
+            for q, a in examples
+        )
+    )
+    tokenizer = {"instance_key": "tokenizer", "pass_type": "BY_REFERENCE"}
+    return {
+        "settings": {
+            "seed": 3,
+            "step_profile": {"local_train_micro_batch_size": 2, "sequence_length": 32},
+            "training_target": {"num_target_steps": STEPS},
+            "intervals": {"training_log_interval_in_steps": 2, "evaluation_interval_in_steps": 2},
+            "eval_max_batches": 2,
+            "loggers": loggers,
+        },
+        "tokenizer": {"component_key": "tokenizer", "variant_key": "huggingface", "config": {"path": str(model_dir)}},
+        "model": {
+            "component_key": "model",
+            "variant_key": "lora",
+            "config": {
+                "r": 4,
+                "alpha": 8,
+                "target_layers": ["q_proj", "v_proj"],
+                "model": {
+                    "component_key": "model",
+                    "variant_key": "huggingface_pretrained_model",
+                    "config": {"model_name_or_path": str(model_dir)},
+                },
+            },
+        },
+        "train_dataset": {
+            "component_key": "dataset",
+            "variant_key": "text",
+            "config": {"path": str(LOREM), "cache_path": str(tmp / "lorem"), "tokenizer": tokenizer},
+        },
+        "eval_datasets": {"lorem": {"instance_key": "train_dataset", "pass_type": "BY_REFERENCE"}},
+        "evaluators": [
+            {
+                "component_key": "evaluator",
+                "variant_key": "exact_match",
+                "config": {"path": str(heldout), "max_new_tokens": 4, "name": "qa"},
+            }
+        ],
+    }
+
+
+@pytest.fixture(scope="module")
+def tracked_run(tiny_model_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("trackers")
+    loggers = {"wandb": {"mode": "OFFLINE", "project": "lorafit-test"}, "mlflow": {"experiment_name": "tiny"}}
+    path = tmp / "tracked.yaml"
+    path.write_text(yaml.safe_dump(tracked_config(tiny_model_dir, tmp, loggers), sort_keys=False))
+    assert (
+        main(
+            [
+                "run",
+                "--config_file_path",
+                str(path),
+                "--experiments_root_path",
+                str(tmp / "exp"),
+                "--experiment_id",
+                "tracked",
+            ]
+        )
+        == 0
+    )
+    return tmp / "exp" / "tracked"
+
+
+def _jsonl(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _expected(run_dir: Path) -> dict[str, dict[int, float]]:
+    """{tracker key: {step: value}} from metrics.jsonl, named as trackers name them."""
+    out: dict[str, dict[int, float]] = {}
+    for record in _jsonl(run_dir):
+        for key, value in record.items():
+            if key != "step" and isinstance(value, int | float):
+                out.setdefault(key if "/" in key else f"train/{key}", {})[record["step"]] = float(value)
+    return out
+
+
+def test_evaluator_metrics_reach_metrics_jsonl(tracked_run):
+    before = json.loads((tracked_run / "eval_before.json").read_text())["qa"]
+    after = json.loads((tracked_run / "eval_after.json").read_text())["qa"]
+    expected = _expected(tracked_run)
+    for metric in ("accuracy", "loss", "correct", "n"):
+        assert expected[f"evaluator/qa/{metric}"] == {0: float(before[metric]), STEPS: float(after[metric])}
+    assert set(expected["train/loss"]) == {2, 4} and set(expected["eval/lorem/loss"]) == {2, 4}
+
+
+def test_wandb_offline_run_holds_every_number(tracked_run):
+    expected = _expected(tracked_run)
+    got: dict[str, dict[int, float]] = {}
+    for row in wandb_history(tracked_run):
+        for key, value in row.items():
+            if not key.startswith("_"):
+                got.setdefault(key, {})[row["_step"]] = value
+    assert got.keys() == expected.keys()
+    for key in expected:
+        assert got[key] == pytest.approx(expected[key], rel=1e-6), key
+    config = wandb_config(tracked_run)
+    assert config["model"]["config"]["r"] == 4  # the resolved config travels with the run
+
+
+def test_mlflow_file_store_holds_every_number(tracked_run):
+    got = mlflow_metrics(tracked_run / "mlruns")
+    expected = _expected(tracked_run)
+    assert got.keys() == expected.keys()
+    for key in expected:
+        assert dict(got[key]) == pytest.approx(expected[key], rel=1e-6), key
+
+
+def test_tensorboard_events_hold_every_number(tracked_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tracked_run / "tensorboard"))
+    events.Reload()
+    expected = _expected(tracked_run)
+    assert set(events.Tags()["scalars"]) == expected.keys()
+    for key in expected:
+        assert {e.step: e.value for e in events.Scalars(key)} == pytest.approx(expected[key], rel=1e-6), key
+
+
+def test_log_says_which_loggers_are_on_and_off(tiny_model_dir, tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    config = tracked_config(tiny_model_dir, tmp_path, {"tensorboard": False, "wandb": {"mode": "disabled"}})
+    config["settings"]["training_target"]["num_target_steps"] = 1
+    del config["evaluators"]
+    path.write_text(yaml.safe_dump(config))
+    assert main(["run", "--config_file_path", str(path), "--experiments_root_path", str(tmp_path / "e")]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "loggers: metrics.jsonl; off: tensorboard (settings.loggers.tensorboard: false), "
+        "wandb (settings.loggers.wandb.mode: disabled), mlflow (settings.loggers.mlflow not set)" in out
+    )
+    (run_dir,) = (tmp_path / "e").iterdir()
+    assert not (run_dir / "tensorboard").exists() and not (run_dir / "wandb").exists()
+
+
+@pytest.mark.parametrize(("key", "module", "extra"), [("wandb", "wandb", "wandb"), ("mlflow", "mlflow", "mlflow")])
+def test_missing_tracker_package_is_one_clear_error(tiny_model_dir, tmp_path, capsys, monkeypatch, key, module, extra):
+    monkeypatch.setitem(sys.modules, module, None)  # what an environment without the package gives
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(tracked_config(tiny_model_dir, tmp_path, {key: {}})))
+    assert main(["validate", "--config_file_path", str(path)]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"settings.loggers.{key}: the '{module}' package is not installed; pip install 'lorafit[{extra}]'" in err
+    assert main(["run", "--config_file_path", str(path), "--experiments_root_path", str(tmp_path / "e")]) == 2
+    assert not (tmp_path / "e").exists() or not any((tmp_path / "e").iterdir())
+
+
+def test_bad_logger_settings_are_rejected_with_their_path(tiny_model_dir, tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        yaml.safe_dump(tracked_config(tiny_model_dir, tmp_path, {"wandb": {"mode": "sometimes"}, "neptune": {}}))
+    )
+    assert main(["validate", "--config_file_path", str(path)]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "settings.loggers.wandb.mode" in err and "offline" in err
+    assert "settings.loggers.neptune" in err
