@@ -192,3 +192,60 @@ def test_data_pack_never_replaces_what_is_not_a_pack_output(tmp_path, tiny_model
     assert_unchanged(before, snapshot(tmp_path))
     assert cli([*pack, str(tmp_path / "packed"), "--overwrite"], capsys)[0] == 0
     assert snapshot(tmp_path)["packed.bin"] != before["packed.bin"]
+
+
+# ------------------------------------------------------------------------------- 10. untrusted adapter_config.json
+@pytest.fixture(scope="module")
+def tiny_adapter(tmp_path_factory, tiny_model_dir) -> Path:
+    """A rank-2 adapter on q_proj and v_proj of the tiny model, saved by lorafit (PEFT format)."""
+    from transformers import AutoModelForCausalLM
+
+    from lorafit.lora import apply_lora, save_adapter
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    apply_lora(model, r=2, alpha=4, target_layers=["q_proj", "v_proj"], seed=0)
+    return save_adapter(model, tmp_path_factory.mktemp("adapter") / "adapter")
+
+
+def _edited_adapter(tmp_path: Path, tiny_adapter: Path, **changes) -> Path:
+    import json
+    import shutil
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(tiny_adapter, adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config.update(changes)
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    return adapter
+
+
+@pytest.mark.parametrize(
+    ("changes", "fragments"),
+    [
+        (
+            {"r": 1_000_000_000},
+            ("adapter_model.safetensors", "no LoRA tensor has rank r = 1000000000 (adapter_config.json)"),
+        ),
+        (
+            {"target_modules": ["../../etc", 42]},
+            ("adapter_config.json: target_modules: items must be module names", "'../../etc', 42"),
+        ),
+        ({"lora_alpha": float("nan")}, ("adapter_config.json: lora_alpha: must be a finite number, got nan",)),
+        ({"lora_dropout": "lots"}, ("adapter_config.json: lora_dropout: must be a number in [0, 1)",)),
+    ],
+    ids=["huge_r", "target_modules_types", "alpha_nan", "dropout_type"],
+)
+def test_untrusted_adapter_config_is_checked_before_anything_is_allocated(
+    changes, fragments, tmp_path, tiny_model_dir, tiny_adapter, capsys
+):
+    import resource
+
+    adapter = _edited_adapter(tmp_path, tiny_adapter, **changes)
+    before = snapshot(tmp_path)
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    argv = ["generate", "--model", str(tiny_model_dir), "--adapter", str(adapter), "--prompt", "hi",
+            "--max_new_tokens", "1"]  # fmt: skip
+    code, err = cli(argv, capsys)
+    assert_one_error(code, err, *fragments)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before < 200_000  # KiB: nothing huge
+    assert_unchanged(before, snapshot(tmp_path))

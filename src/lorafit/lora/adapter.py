@@ -9,6 +9,7 @@ otherwise), and rsLoRA is written as `use_rslora`: the file means the same to ev
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -181,6 +182,41 @@ _UNSUPPORTED = {
 }
 
 
+_MODULE_NAME = re.compile(r"[A-Za-z0-9_.\-]+")
+
+
+def check_weights_header(weights: Path, r: int) -> None:
+    """Read only the safetensors header (no tensor is loaded) and check that every adapter tensor is a float
+    tensor of rank `r`: an untrusted `r` (say 10**9) must not drive an allocation the file does not back."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(weights), framework="pt") as file:
+            headers = {key: file.get_slice(key) for key in file.keys()}  # noqa: SIM118 - safe_open has no __iter__
+            shapes = {key: tuple(s.get_shape()) for key, s in headers.items()}
+            dtypes = {key: s.get_dtype() for key, s in headers.items()}
+    except Exception as error:  # SafetensorError, OSError: a truncated or damaged file is the user's to replace
+        reason = f"not a valid safetensors file (truncated or corrupt?): {error}"
+        raise UserError(f"cannot read {weights}: {reason}") from None
+    if not any(key.endswith(LORA_SUFFIXES) for key in shapes):
+        raise UserError(f"{weights} holds no LoRA tensor (no key ends with {', '.join(LORA_SUFFIXES)})")
+    rank_dim = {"lora_A.weight": 0, "lora_embedding_A": 0, "lora_B.weight": 1, "lora_embedding_B": 1}
+    problems, ranks = [], set()
+    for key, shape in sorted(shapes.items()):
+        if not dtypes[key].startswith(("F", "BF")):
+            problems.append(f"{key} is {dtypes[key]}, not a floating-point tensor")
+        dim = next((d for suffix, d in rank_dim.items() if key.endswith(suffix)), None)
+        if dim is not None and len(shape) != 2:
+            problems.append(f"{key} has shape {shape}, not a matrix")
+        elif dim is not None:
+            ranks.add(shape[dim])
+    if ranks and r not in ranks:  # single mis-shaped tensors are named later, key by key
+        problems.append(f"no LoRA tensor has rank r = {r} (adapter_config.json); the file's ranks: {sorted(ranks)}")
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise UserError(f"{weights}: " + "; ".join(problems[:3]) + more)
+
+
 def read_adapter_config(path: Path) -> dict:
     """adapter_config.json, checked for what lorafit can load (every problem listed at once)."""
     file = path / CONFIG_NAME
@@ -202,9 +238,19 @@ def read_adapter_config(path: Path) -> dict:
         problems.append(Problem("r", f"must be an integer >= 1, got {r!r}"))
     if isinstance(alpha, bool) or not isinstance(alpha, int | float) or alpha <= 0:
         problems.append(Problem("lora_alpha", f"must be a number > 0, got {alpha!r}"))
+    if isinstance(alpha, float) and not math.isfinite(alpha):
+        problems.append(Problem("lora_alpha", f"must be a finite number, got {alpha!r}"))
+    dropout = config.get("lora_dropout") or 0.0
+    if isinstance(dropout, bool) or not isinstance(dropout, int | float) or not 0 <= dropout < 1:
+        problems.append(Problem("lora_dropout", f"must be a number in [0, 1), got {dropout!r}"))
     targets = config.get("target_modules")
     if not (isinstance(targets, str) and targets) and not (isinstance(targets, list) and targets):
         problems.append(Problem("target_modules", f"must be a non-empty list or a regex string, got {targets!r}"))
+    elif isinstance(targets, list):
+        bad = [t for t in targets if not (isinstance(t, str) and _MODULE_NAME.fullmatch(t))]
+        if bad:
+            problems.append(Problem("target_modules", f"items must be module names (letters, digits, '_', '.', "
+                                                      f"'-'), got {', '.join(map(repr, bad[:5]))}"))  # fmt: skip
     for key, is_default in _UNSUPPORTED.items():
         if key in config and not is_default(config[key]):
             problems.append(Problem(key, f"{config[key]!r} is not supported by lorafit"))
@@ -245,6 +291,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     if not weights.is_file():
         other = " (only safetensors adapters are supported)" if (path / "adapter_model.bin").exists() else ""
         raise UserError(f"{weights} not found{other}")
+    check_weights_header(weights, config["r"])  # before anything is allocated from the config's numbers
     try:
         tensors = load_file(str(weights))
     except Exception as error:  # SafetensorError, OSError: a truncated or damaged file is the user's to replace
