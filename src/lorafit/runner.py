@@ -80,15 +80,16 @@ def run(request: RunRequest) -> Path:
         open_trackers(built.settings.loggers, run_dir, experiment_id, run_config=config) if dist_env.rank == 0 else []
     )
     try:
-        before = evaluate(built, run_dir, "before", dist_env, trackers) if not request.resume_from else None
+        if not request.resume_from:
+            evaluate(built, run_dir, "before", dist_env, trackers)
         result = train(built, run_dir, dist_env, checkpoint, config_hash(config), trackers)
-        after = evaluate(built, run_dir, "after", dist_env, trackers, trained=result)
+        evaluate(built, run_dir, "after", dist_env, trackers, trained=result)
     finally:
         for tracker in trackers:
             tracker.close()
     if dist_env.rank == 0:
         export(built, run_dir, result)
-        write_report(run_dir, result, before, after)
+        write_report(run_dir, result)
     dist_env.barrier()
     return run_dir
 
@@ -217,9 +218,9 @@ def export(built: BuiltRun, run_dir: Path, result) -> None:
         info(f"merged model: {run_dir / 'merged'}")
 
 
-def write_report(run_dir: Path, result, before, after) -> None:
+def write_report(run_dir: Path, result) -> None:
     from lorafit.report import render_report
 
-    text = render_report(result, before, after)
+    text = render_report(run_dir, result)
     (run_dir / "report.md").write_text(text)
     info(text)

@@ -204,10 +204,11 @@ def test_component_builds_and_runs(tmp_path, tiny, monkeypatch):
     assert out["n"] == 3 and len(out["predictions"]) == 3 and out["loss"] > 0
     assert out["loss"] == pytest.approx(heldout_loss(model, tokenizer, load_examples("held.jsonl", limit=3)))
     # what the runner writes to eval_*.json and the report shows
-    json.dumps(out)
-    report = render_report(None, {"heldout": out}, {"heldout": out})
-    assert "| heldout | accuracy |" in report and "| heldout | loss |" in report
-    assert repr(QUESTIONS[2]) in report and "## sample 3 (heldout)" in report
+    for when in ("before", "after"):
+        (tmp_path / f"eval_{when}.json").write_text(json.dumps({"heldout": out}))
+    report = render_report(tmp_path)
+    assert "| evaluators.heldout | accuracy |" in report and "| evaluators.heldout | loss |" in report
+    assert repr(QUESTIONS[2]) in report and "### sample 3 (heldout)" in report
     with pytest.raises(ValueError, match="extra"):
         spec.config_model.model_validate({"path": "held.jsonl", "max_tokens": 4})
     with pytest.raises(UserError, match="^path: evaluation file not found"):

@@ -1,5 +1,6 @@
-"""`settings.loggers`: one `lorafit run` on a tiny Llama with TensorBoard, W&B (offline) and MLflow (file store);
-every tracker's own files are read back and hold the numbers metrics.jsonl and eval_*.json hold."""
+"""What a run reports, from one `lorafit run` on a tiny Llama with TensorBoard, W&B (offline) and MLflow (file
+store): every tracker's own files are read back and hold the numbers metrics.jsonl and eval_*.json hold, and
+report.md shows one number per thing, each found in the file it names."""
 
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ def tracked_config(model_dir: Path, tmp: Path, loggers: dict) -> dict:
             "seed": 3,
             "step_profile": {"local_train_micro_batch_size": 2, "sequence_length": 32},
             "training_target": {"num_target_steps": STEPS},
-            "intervals": {"training_log_interval_in_steps": 2, "evaluation_interval_in_steps": 2},
+            "intervals": {"training_log_interval_in_steps": 3, "evaluation_interval_in_steps": 2},
             "eval_max_batches": 2,
             "loggers": loggers,
         },
@@ -111,7 +112,7 @@ def test_evaluator_metrics_reach_metrics_jsonl(tracked_run):
     expected = _expected(tracked_run)
     for metric in ("accuracy", "loss", "correct", "n"):
         assert expected[f"evaluator/qa/{metric}"] == {0: float(before[metric]), STEPS: float(after[metric])}
-    assert set(expected["train/loss"]) == {2, 4} and set(expected["eval/lorem/loss"]) == {2, 4}
+    assert set(expected["train/loss"]) == {3, 4} and set(expected["eval/lorem/loss"]) == {2, 4}
 
 
 def test_wandb_offline_run_holds_every_number(tracked_run):
@@ -184,3 +185,26 @@ def test_bad_logger_settings_are_rejected_with_their_path(tiny_model_dir, tmp_pa
     err = " ".join(capsys.readouterr().err.split())
     assert "settings.loggers.wandb.mode" in err and "offline" in err
     assert "settings.loggers.neptune" in err
+
+
+def test_report_numbers_trace_to_files(tracked_run):
+    report = (tracked_run / "report.md").read_text()
+    rows = {}
+    for line in report.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if line.startswith("|") and len(cells) >= 3 and not set(cells[0]) <= {"-"}:
+            rows[" ".join(cells[:2]) if cells[0].startswith("evaluators.") else cells[0]] = cells[1:]
+    train = [r for r in _jsonl(tracked_run) if "loss" in r]
+    # the first loss shown is the first one metrics.jsonl logged (step 3 with a log interval of 3), not step 1
+    assert rows["train loss, first logged step"] == [str(train[0]["step"]), f"{train[0]['loss']:.4f}"]
+    assert rows["train loss, last logged step"] == [str(train[-1]["step"]), f"{train[-1]['loss']:.4f}"]
+    last_eval = [r for r in _jsonl(tracked_run) if "eval/lorem/loss" in r][-1]
+    assert rows["eval_datasets.lorem loss (all target tokens)"] == ["4", f"{last_eval['eval/lorem/loss']:.4f}"]
+    before = json.loads((tracked_run / "eval_before.json").read_text())["qa"]
+    after = json.loads((tracked_run / "eval_after.json").read_text())["qa"]
+    for metric in ("loss", "accuracy"):
+        assert rows[f"evaluators.qa {metric}"][1:3] == [f"{before[metric]:.4f}", f"{after[metric]:.4f}"]
+    # one number per thing: every loss shown is a different, labelled quantity
+    losses = [key for key in rows if "loss" in key]
+    assert len(losses) == len(set(losses)) == 4
+    assert "## training (`metrics.jsonl`)" in report and "`eval_before.json` -> `eval_after.json`" in report
