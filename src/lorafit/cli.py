@@ -15,8 +15,38 @@ from lorafit.errors import UserError
 COMMANDS = ["run", "validate", "components", "models", "data", "merge", "generate"]
 
 
+class Parser(argparse.ArgumentParser):
+    """Every `--snake_case` option also answers to `--kebab-case`: Modalities' commands spell options with
+    underscores (`--config_file_path`), most command-line tools with hyphens. Subcommands inherit the class."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *names, **kwargs):
+        kebab = [n.replace("_", "-") for n in names if n.startswith("--") and "_" in n]
+        return super().add_argument(*names, *[k for k in kebab if k not in names], **kwargs)
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """`--config_file_path, --config, --config-file-path PATH`: the value's name once, not after every spelling."""
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        if not action.option_strings or action.nargs == 0:
+            return super()._format_action_invocation(action)
+        value = self._format_args(action, self._get_default_metavar_for_optional(action))
+        return f"{', '.join(action.option_strings)} {value}"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lorafit", description="LoRA fine-tuning of Hugging Face causal LMs.")
+    from lorafit import __version__
+
+    parser = Parser(
+        prog="lorafit",
+        description="LoRA fine-tuning of Hugging Face causal LMs. Options take --snake_case (as Modalities writes "
+        "them) or --kebab-case spellings.",
+    )
+    parser.add_argument("--version", action="version", version=f"lorafit {__version__}")
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks for user errors too")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:

@@ -78,12 +78,12 @@ def tracked_run(tiny_model_dir, tmp_path_factory):
     assert (
         main(
             [
-                "run",
-                "--config_file_path",
+                "run",  # the kebab-case spellings; the other tests use Modalities' snake_case ones
+                "--config-file-path",
                 str(path),
-                "--experiments_root_path",
+                "--experiments-root-path",
                 str(tmp / "exp"),
-                "--experiment_id",
+                "--experiment-id",
                 "tracked",
             ]
         )
@@ -154,7 +154,7 @@ def test_log_says_which_loggers_are_on_and_off(tiny_model_dir, tmp_path, capsys)
     config["settings"]["training_target"]["num_target_steps"] = 1
     del config["evaluators"]
     path.write_text(yaml.safe_dump(config))
-    assert main(["run", "--config_file_path", str(path), "--experiments_root_path", str(tmp_path / "e")]) == 0
+    assert main(["run", "--config", str(path), "--experiments_root_path", str(tmp_path / "e")]) == 0
     out = capsys.readouterr().out
     assert (
         "loggers: metrics.jsonl; off: tensorboard (settings.loggers.tensorboard: false), "

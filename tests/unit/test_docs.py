@@ -127,8 +127,9 @@ def test_command_checker_catches_wrong_commands_and_options(parser):
     assert check_command(parser, "run --config_file_path X [--resume_from latest|PATH] --debug") == []
     assert "not a command" in check_command(parser, "train --config_file_path X")[0]
     assert "subcommand" in check_command(parser, "data unpack --input x")[0]
-    assert check_command(parser, "merge --base b --adapter a --output-dir o") == [
-        "`lorafit merge --base b --adapter a --output-dir o`: `lorafit merge` has no option --output-dir"
+    assert check_command(parser, "merge --base b --adapter a --output-dir o") == []  # kebab-case spelling
+    assert check_command(parser, "merge --base b --adapter a --output-folder o") == [
+        "`lorafit merge --base b --adapter a --output-folder o`: `lorafit merge` has no option --output-folder"
     ]
     text = "```bash\nlorafit run \\\n    --config_file_path a.yaml  # comment --nope\n```\n```text\nlorafit wrote\n```"
     assert command_lines(text + "\nsee `lorafit validate --config_file_path X` and src/lorafit/cli.py") == [

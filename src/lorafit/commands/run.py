@@ -8,7 +8,7 @@ from pathlib import Path
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("run", help="train from a config (works under torchrun too)")
-    parser.add_argument("--config_file_path", type=Path, required=True)
+    parser.add_argument("--config_file_path", "--config", type=Path, required=True, metavar="PATH")
     parser.add_argument(
         "--experiments_root_path",
         type=Path,

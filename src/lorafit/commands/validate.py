@@ -11,7 +11,7 @@ from pathlib import Path
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("validate", help="check a config without training")
-    parser.add_argument("--config_file_path", type=Path, required=True)
+    parser.add_argument("--config_file_path", "--config", type=Path, required=True, metavar="PATH")
     parser.set_defaults(func=run)
 
 
