@@ -255,13 +255,13 @@ def _write(folder, config, tensors):
 
 def test_unsupported_adapter_settings_are_refused_together(tmp_path):
     config = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], "bias": "none"}
-    config |= {"use_dora": True, "rank_pattern": {"q_proj": 8}, "layers_to_transform": [0], "alpha_pattern": {}}
+    config |= {"lora_bias": True, "rank_pattern": {"q_proj": 8}, "layers_to_transform": [0], "alpha_pattern": {}}
     _write(tmp_path / "a", config, {})
     model = make_llama()
     with pytest.raises(UserError) as info:
         load_adapter(model, tmp_path / "a")
     paths = [p.path.rsplit(": ", 1)[-1] for p in info.value.problems]
-    assert paths == ["use_dora", "layers_to_transform", "rank_pattern"]
+    assert paths == ["layers_to_transform", "rank_pattern", "lora_bias"]
     assert str(tmp_path / "a" / "adapter_config.json") in str(info.value)
     assert not has_lora(model)
     with pytest.raises(UserError, match="adapter folder not found"):

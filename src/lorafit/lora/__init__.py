@@ -3,7 +3,8 @@
 from lorafit.lora import component  # noqa: F401  (registers model/lora)
 from lorafit.lora.adapter import adapter_config, adapter_state_dict, load_adapter, read_adapter_config, save_adapter
 from lorafit.lora.describe import LoraRow, describe_lora, lora_rows
-from lorafit.lora.layers import LoraConv1D, LoraEmbedding, LoraLayer, LoraLinear
+from lorafit.lora.embedding import LoraEmbedding
+from lorafit.lora.layers import LoraConv1D, LoraLayer, LoraLinear
 from lorafit.lora.merging import merge_and_unload, merge_lora, unmerge_lora
 from lorafit.lora.model import (
     LoraSettings,

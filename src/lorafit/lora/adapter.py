@@ -4,6 +4,11 @@ Keys are PEFT's, adapter name stripped: `base_model.model.<module>.lora_A.weight
 `base_model.model.<module>.lora_embedding_A` / `_B`. `target_modules` is written so that PEFT's own matching
 selects exactly the adapted modules (leaf names when they are exact, longer suffixes or a full-match regex
 otherwise), and rsLoRA is written as `use_rslora`: the file means the same to every loader.
+
+DoRA adds `<module>.lora_magnitude_vector` (PEFT's key) and `use_dora: true`. A PiSSA/OLoRA model trains on a
+residual base; its adapter is written converted, as PEFT's `path_initial_model_for_weight_conversion` does: rank
+2r ([A; A0], [B, -B0]), alpha doubled (rsLoRA: x sqrt 2), `init_lora_weights: true`, so that it applies to the
+original base like any LoRA adapter.
 """
 
 from __future__ import annotations
@@ -34,11 +39,12 @@ from lorafit.lora.model import (
     remove_lora,
     unwrap,
 )
+from lorafit.lora.variants import DECOMPOSING_INITS, converted_alpha, converted_factors
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
-LORA_SUFFIXES = ("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B")
+LORA_SUFFIXES = ("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
 
 
 def _full(tensor: torch.Tensor) -> torch.Tensor:
@@ -82,20 +88,24 @@ def adapter_config(model: nn.Module, base_model_name_or_path: str | None = None)
     settings = get_settings(model)
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(getattr(unwrap(model), "config", None), "_name_or_path", None) or None
-    alpha = int(settings.alpha) if float(settings.alpha).is_integer() else settings.alpha
+    r, alpha = settings.r, settings.alpha
+    if settings.init in DECOMPOSING_INITS:  # written converted (module docstring)
+        r, alpha = 2 * r, converted_alpha(alpha, settings.use_rslora)
+    alpha = int(alpha) if float(alpha).is_integer() else alpha
+    init = True if settings.init in ("kaiming", *DECOMPOSING_INITS) else settings.init
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_model_name_or_path,
-        "r": settings.r,
+        "r": r,
         "lora_alpha": alpha,
         "use_rslora": settings.use_rslora,
         "target_modules": peft_target_modules(model, list(settings.modules)),
         "lora_dropout": settings.dropout,
         "fan_in_fan_out": settings.fan_in_fan_out,
         "bias": "none",
-        "use_dora": False,
-        "init_lora_weights": True if settings.init == "kaiming" else settings.init,
+        "use_dora": settings.use_dora,
+        "init_lora_weights": init,
         "modules_to_save": None,
         "layers_to_transform": None,
         "layers_pattern": None,
@@ -128,6 +138,7 @@ def save_adapter(
     config = adapter_config(model, base_model_name_or_path)
     tensors = adapter_state_dict(model if state_dict is None else state_dict)
     _check_complete(tensors, expected_shapes(model), "the state dict to save")
+    tensors = _converted_to_original_base(model, tensors)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
@@ -145,6 +156,22 @@ def save_adapter(
         if tmp.exists():
             shutil.rmtree(tmp)
     return path
+
+
+def _converted_to_original_base(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """PiSSA/OLoRA: each layer's trained A, B with its initial A0, B0 as a plain adapter on the original base."""
+    if get_settings(model).init not in DECOMPOSING_INITS:
+        return tensors
+    out = dict(tensors)
+    for name, layer in lora_layers(model):
+        if not layer.decomposed:
+            raise ValueError(f"{canonical_name(name)} was never decomposed ({layer.init}): reset_lora_parameters "
+                             "must run once the base weights are loaded")  # fmt: skip
+        key = PREFIX + canonical_name(name)
+        a, b = converted_factors(tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"],
+                                 _full(layer.lora_init_A), _full(layer.lora_init_B))  # fmt: skip
+        out[f"{key}.lora_A.weight"], out[f"{key}.lora_B.weight"] = a.contiguous(), b.contiguous()
+    return out
 
 
 def _check_complete(tensors: Mapping[str, torch.Tensor], shapes: dict[str, tuple[int, ...]], what: str) -> None:
@@ -167,7 +194,6 @@ def _listing(missing: list[str], extra: list[str], wrong: list[str]) -> str:
 
 # adapter_config.json fields whose non-default values change what the adapter computes; we refuse them
 _UNSUPPORTED = {
-    "use_dora": lambda v: not v,
     "layers_to_transform": lambda v: v is None or v == [],
     "rank_pattern": lambda v: not v,
     "alpha_pattern": lambda v: not v,
@@ -251,6 +277,11 @@ def read_adapter_config(path: Path) -> dict:
         if bad:
             problems.append(Problem("target_modules", f"items must be module names (letters, digits, '_', '.', "
                                                       f"'-'), got {', '.join(map(repr, bad[:5]))}"))  # fmt: skip
+    if str(config.get("init_lora_weights")).lower().startswith(DECOMPOSING_INITS):
+        problems.append(Problem("init_lora_weights", f"{config['init_lora_weights']!r}: this adapter was saved "
+                                "unconverted and only applies to the residual base it was trained on; save it "
+                                "with PEFT's path_initial_model_for_weight_conversion (or from lorafit, which "
+                                "converts) to use it on the original model"))  # fmt: skip
     for key, is_default in _UNSUPPORTED.items():
         if key in config and not is_default(config[key]):
             problems.append(Problem(key, f"{config[key]!r} is not supported by lorafit"))
@@ -285,6 +316,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         dropout=float(config.get("lora_dropout") or 0.0),
         use_rslora=bool(config.get("use_rslora", False)),
         init="gaussian" if str(config.get("init_lora_weights")).lower() == "gaussian" else "kaiming",
+        use_dora=bool(config.get("use_dora", False)),
     )
     where = f"{path / CONFIG_NAME}: target_modules"
     weights = path / WEIGHTS_NAME
@@ -339,7 +371,8 @@ def _check_same_adapter(model: nn.Module, settings: LoraSettings, targets: list[
     differences = [
         f"{what}: model has {ours!r}, adapter has {theirs!r}"
         for what, ours, theirs in [("r", current.r, settings.r), ("lora_alpha", current.alpha, settings.alpha),
-                                   ("use_rslora", current.use_rslora, settings.use_rslora)]
+                                   ("use_rslora", current.use_rslora, settings.use_rslora),
+                                   ("use_dora", current.use_dora, settings.use_dora)]
         if ours != theirs
     ]  # fmt: skip
     if resolved != set(current.modules):

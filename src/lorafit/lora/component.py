@@ -9,13 +9,18 @@
         alpha: 16
         target_layers: [q_proj, v_proj]   # or [all-linear], [mlp.down_proj], ["re:model\\.layers\\.0\\..*_proj"]
         dropout: 0.05                     # optional, adapter branch only
-        init: kaiming                     # optional: kaiming (PEFT's default) or gaussian
+        init: kaiming                     # optional: kaiming (PEFT's default), gaussian, pissa or olora
         use_rslora: false                 # optional: scaling alpha/sqrt(r) instead of alpha/r
+        use_dora: false                   # optional: DoRA, weight-decomposed LoRA (nn.Linear targets)
         frozen_dtype: bfloat16            # optional: store the frozen linear weights in bf16, compute in fp32
 
 `frozen_dtype: bfloat16` halves the memory of the frozen base's linear layers (not the output head): they are
 rounded to bf16 once and cast up to the activations' dtype where they are used (lorafit/lora/frozen.py). It
 cannot be combined with FSDP2, which all-gathers a layer's parameters in one dtype; use ddp or none.
+
+`init: pissa` / `olora` start the adapter from the top of each base weight (SVD / QR, PEFT's definitions) and leave
+the residual in the base; the saved adapter is converted to apply to the original base (twice the rank).
+`use_dora: true` adds DoRA's trained magnitude vector per output feature (docs/lora.md).
 
 Embeddings: name the nn.Embedding in `target_layers` (e.g. `[all-linear, embed_tokens]`, GPT-2: `wte`);
 `all-linear` alone never includes embeddings nor the output head.
@@ -44,8 +49,9 @@ class LoraModelConfig(ComponentConfig):
     alpha: float = Field(gt=0)
     target_layers: list[str] = Field(min_length=1)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    init: Literal["kaiming", "gaussian"] = "kaiming"
+    init: Literal["kaiming", "gaussian", "pissa", "olora"] = "kaiming"
     use_rslora: bool = False
+    use_dora: bool = False
     frozen_dtype: Literal["bfloat16"] | None = None  # None: the frozen weights keep the base model's dtype
 
 
@@ -56,7 +62,7 @@ def build_lora_model(config: LoraModelConfig) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise UserError(f"expected a torch model, got {type(model).__name__}", field="model")
     apply_lora(model, config.r, config.alpha, config.target_layers, dropout=config.dropout, init=config.init,
-               use_rslora=config.use_rslora)  # fmt: skip
+               use_rslora=config.use_rslora, use_dora=config.use_dora)  # fmt: skip
     if config.frozen_dtype:
         changed = store_frozen_linears(model, getattr(torch, config.frozen_dtype))
         info(f"frozen weights of {changed} linear layers stored in {config.frozen_dtype}, computed in fp32")

@@ -20,9 +20,10 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lorafit.lora.frozen import frozen_linear
+from lorafit.lora.variants import DECOMPOSING_INITS, dora_merged_weight, dora_weight_norm, initial_factors
 
-Init = Literal["kaiming", "gaussian"]
-INITS: tuple[str, ...] = ("kaiming", "gaussian")
+Init = Literal["kaiming", "gaussian", "pissa", "olora"]
+INITS: tuple[str, ...] = ("kaiming", "gaussian", *DECOMPOSING_INITS)
 
 
 class LoraWeight(nn.Module):
@@ -63,6 +64,12 @@ def copy_full_tensor(param: torch.Tensor, full: torch.Tensor) -> None:
             param.copy_(full)
 
 
+def full_tensor(param: torch.Tensor) -> torch.Tensor:
+    """The whole tensor behind `param` (a collective for an FSDP2 DTensor: every rank must call it)."""
+    gather = getattr(param, "full_tensor", None)
+    return gather() if callable(gather) else param
+
+
 class LoraLayer:
     """Behaviour shared by the LoRA layers (a mixin placed before the base class)."""
 
@@ -73,6 +80,8 @@ class LoraLayer:
     init: str
     merged: bool
     lora_dropout: nn.Dropout | None
+    use_dora: bool = False
+    lora_magnitude_vector: nn.Parameter | None  # DoRA's m, PEFT's name (out,); None without DoRA
 
     def _setup_lora(self, r: int, alpha: float, dropout: float, use_rslora: bool, init: str) -> None:
         if r < 1:
@@ -86,6 +95,7 @@ class LoraLayer:
         self.scaling = self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
         self.init = init
         self.merged = False
+        self.register_parameter("lora_magnitude_vector", None)
         # p=0: no module at all, so forward skips the call (and no Dropout shows up in the tree)
         self.lora_dropout = nn.Dropout(p=dropout) if dropout > 0 else None
 
@@ -107,6 +117,13 @@ class LoraLayer:
         """State-dict suffixes of A and B under this module, as PEFT names them."""
         return ("lora_A.weight", "lora_B.weight")
 
+    def lora_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """(suffix, parameter) of everything the adapter trains: A, B and DoRA's magnitude."""
+        named = list(zip(self.lora_param_suffixes(), self.lora_factors(), strict=True))
+        if self.lora_magnitude_vector is not None:
+            named.append(("lora_magnitude_vector", self.lora_magnitude_vector))
+        return named
+
     def _delta_to_weight_layout(self, delta: torch.Tensor) -> torch.Tensor:
         return delta  # nn.Linear stores (out, in), the layout of B @ A
 
@@ -122,43 +139,107 @@ class LoraLayer:
 
     # --- shared behaviour ------------------------------------------------------------------------
     def reset_lora_parameters(self, generator: torch.Generator | None = None) -> None:
-        """(Re)initialise the adapter so that it computes zero (B or A is zero); a no-op on meta.
+        """(Re)initialise the adapter so that the layer computes what its base did; a no-op on meta.
 
+        kaiming/gaussian: B (or A) is zero. pissa/olora: the top of W moves into A and B, the base weight keeps the
+        residual (a second reset restores W first, so it decomposes the original weight again). DoRA: m = ||W||_c.
         Layers initialise themselves when created (from the global RNG); call this again after a meta build.
         """
-        a, b = self._initial_factors(generator)
+        if self.weight.device.type == "meta":
+            return
         param_a, param_b = self.lora_factors()
+        if self.init in DECOMPOSING_INITS:
+            a, b = self._decompose_base()
+        else:
+            a, b = self._initial_factors(generator)
         copy_full_tensor(param_a, a)
         copy_full_tensor(param_b, b)
+        if self.lora_magnitude_vector is not None:
+            weight = self._base_weight_layout(full_tensor(self.weight).float())
+            copy_full_tensor(self.lora_magnitude_vector, dora_weight_norm(weight, self.scaling * (b @ a)))
         self.merged = False
+
+    def _first_init(self) -> None:
+        """At creation. pissa/olora start as a zero adapter and decompose in `reset_lora_parameters` (inject or the
+        run's seeded reset), once the weights are known to be real: a deferred or meta build holds garbage here."""
+        if self.init not in DECOMPOSING_INITS:
+            self.reset_lora_parameters()
+            return
+        for param in self.lora_factors():
+            copy_full_tensor(param, torch.zeros(param.shape))
+        if self.lora_magnitude_vector is not None and self.weight.device.type != "meta":
+            weight = self._base_weight_layout(self.weight.detach().float())
+            copy_full_tensor(self.lora_magnitude_vector, dora_weight_norm(weight, torch.zeros_like(weight)))
+
+    def _base_weight_layout(self, weight: torch.Tensor) -> torch.Tensor:
+        """The base weight as (out, in), the layout of B @ A (the inverse of `_delta_to_weight_layout`)."""
+        return self._delta_to_weight_layout(weight)
+
+    def _decompose_base(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """PiSSA/OLoRA: A0, B0 from the original W; W becomes W - scaling B0 A0. A0/B0 are kept (non-persistent
+        buffers `lora_init_A/B`) for the adapter export, which converts to a plain adapter on the original base."""
+        weight = self._base_weight_layout(full_tensor(self.weight).float())
+        previous = getattr(self, "lora_init_A", None)
+        if previous is not None:  # decomposed before: start from the original weight again
+            weight = weight + self.scaling * (self.lora_init_B.float() @ previous.float())
+        a0, b0 = initial_factors(self.init, weight, self.r, self.scaling)
+        residual = weight - self.scaling * (b0 @ a0)
+        copy_full_tensor(self.weight, self._delta_to_weight_layout(residual).to(self.weight.dtype))
+        like = self.lora_factors()[0]
+        self.register_buffer("lora_init_A", a0.to(like.dtype).to(like.device), persistent=False)
+        self.register_buffer("lora_init_B", b0.to(like.dtype).to(like.device), persistent=False)
+        return a0, b0
+
+    @property
+    def decomposed(self) -> bool:
+        """pissa/olora: whether the base weight holds the residual yet (reset_lora_parameters did it)."""
+        return getattr(self, "lora_init_A", None) is not None
 
     def delta_weight(self) -> torch.Tensor:
         """scaling * B @ A in fp32, in the base weight's layout (so it adds straight onto `weight`)."""
         a, b = self.lora_factors()
         return self._delta_to_weight_layout((b.float() @ a.float()) * self.scaling)
 
-    def merge(self, delta: torch.Tensor | None = None) -> None:
-        """Add the adapter into the base weight (explicit only). Safe to call twice."""
+    def merged_weight(self) -> torch.Tensor:
+        """The weight this layer computes with, in fp32 and the base weight's layout: W + scaling B A, or for DoRA
+        m * (W + scaling B A) / ||W + scaling B A||_c (PEFT's merge)."""
+        combined = self.weight.float() + self.delta_weight()
+        if self.lora_magnitude_vector is None:
+            return combined
+        as_linear = self._base_weight_layout(combined)
+        return self._delta_to_weight_layout(dora_merged_weight(as_linear, torch.zeros_like(as_linear),
+                                                               self.lora_magnitude_vector.detach()))  # fmt: skip
+
+    def merge(self) -> None:
+        """Fold the adapter into the base weight (explicit only). Safe to call twice."""
         if self.merged:
             return
-        delta = self.delta_weight() if delta is None else delta
         weight = self.weight
         with torch.no_grad():
-            # add in fp32 and round once: a bf16 `W += delta.to(bf16)` would round the delta first
-            weight.copy_((weight.float() + delta).to(weight.dtype))
+            if self.lora_magnitude_vector is not None:  # unmerging divides by the norm of the unmerged weight
+                as_linear = self._base_weight_layout(weight.float() + self.delta_weight())
+                self._merged_norm = dora_weight_norm(as_linear, torch.zeros_like(as_linear))
+            # computed in fp32 and rounded once: a bf16 `W += delta.to(bf16)` would round the delta first
+            weight.copy_(self.merged_weight().to(weight.dtype))
         self.merged = True
 
     def unmerge(self) -> None:
-        """Subtract the adapter from the base weight again (exact in fp32 up to rounding)."""
+        """Undo `merge` (exact in fp32 up to rounding)."""
         if not self.merged:
             return
         weight = self.weight
         with torch.no_grad():
-            weight.copy_((weight.float() - self.delta_weight()).to(weight.dtype))
+            restored = weight.float()
+            if self.lora_magnitude_vector is not None:
+                factor = self.lora_magnitude_vector.detach().float() / self._merged_norm
+                restored = self._delta_to_weight_layout(self._base_weight_layout(restored) / factor.unsqueeze(1))
+            weight.copy_((restored - self.delta_weight()).to(weight.dtype))
         self.merged = False
 
     def lora_extra_repr(self) -> str:
         rs = ", rslora" if self.use_rslora else ""
+        rs += ", dora" if self.use_dora else ""
+        rs += f", init={self.init}" if self.init in DECOMPOSING_INITS else ""
         return f"r={self.r}, alpha={self.lora_alpha:g}, scaling={self.scaling:g}{rs}, merged={self.merged}"
 
 
@@ -183,17 +264,23 @@ class _MatrixLora(LoraLayer):
 
 
 class LoraLinear(_MatrixLora, nn.Linear):
-    """nn.Linear + LoRA: `y = x W^T + b + scaling * (dropout(x) A^T) B^T`."""
+    """nn.Linear + LoRA: `y = x W^T + b + scaling * (dropout(x) A^T) B^T`.
+
+    DoRA (`use_dora`): `y = m / ||W + scaling B A||_c * (x W^T + scaling x A^T B^T) + b`, the norm detached
+    (PEFT's definition, DoRA paper section 4.3); m is `lora_magnitude_vector` (out,), trained with A and B.
+    """
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, *, dropout: float = 0.0, use_rslora: bool = False,
-                 init: str = "kaiming"):  # fmt: skip
+                 init: str = "kaiming", use_dora: bool = False):  # fmt: skip
         nn.Module.__init__(self)  # not nn.Linear.__init__: it would allocate a second weight
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = base.weight
         self.register_parameter("bias", base.bias)
         self._setup_lora(r, alpha, dropout, use_rslora, init)
         self._add_factors(self.in_features, self.out_features, base.weight)
-        self.reset_lora_parameters()
+        self.use_dora = bool(use_dora)
+        self.lora_magnitude_vector = _new_param((self.out_features,), base.weight) if use_dora else None
+        self._first_init()
         self.train(base.training)
 
     base_kind = "Linear"
@@ -204,7 +291,27 @@ class LoraLinear(_MatrixLora, nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = frozen_linear(x, self.weight, self.bias)  # F.linear, or a bf16-stored frozen weight cast up
-        return out if self.merged else out + self._lora_branch(x)
+        if self.merged:
+            return out
+        if self.lora_magnitude_vector is None:
+            return out + self._lora_branch(x)
+        return out + self._dora_branch(x, out)
+
+    def _dora_branch(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """What DoRA adds to the base output, term for term PEFT's `DoraLinearLayer.forward`."""
+        a, b = self.lora_A.weight, self.lora_B.weight
+        weight = self.weight.to(x.dtype)
+        # the norm is a constant in backward (DoRA section 4.3): no graph through W + scaling B A
+        with torch.no_grad():
+            norm = dora_weight_norm(weight, self.scaling * (b @ a).to(x.dtype))
+        factor = self.lora_magnitude_vector / norm
+        if self.lora_dropout is not None and self.training:
+            x = self.lora_dropout(x)
+            base = frozen_linear(x, self.weight, None)  # the base applied to the dropped-out input, as PEFT does
+        else:
+            base = out if self.bias is None else out - self.bias
+        lora = F.linear(F.linear(x, a), b) * self.scaling
+        return (factor - 1) * base + factor * lora
 
     def to_base(self) -> nn.Linear:
         """A plain nn.Linear owning this layer's weight/bias Parameters (the adapter is dropped)."""
@@ -229,7 +336,7 @@ class LoraConv1D(_MatrixLora, Conv1D):
         self.register_parameter("bias", base.bias)
         self._setup_lora(r, alpha, dropout, use_rslora, init)
         self._add_factors(self.nx, self.nf, base.weight)
-        self.reset_lora_parameters()
+        self._first_init()
         self.train(base.training)
 
     base_kind = "Conv1D"
@@ -255,79 +362,3 @@ class LoraConv1D(_MatrixLora, Conv1D):
 
     def __repr__(self) -> str:
         return f"LoraConv1D(nf={self.nf}, nx={self.nx}, {self.lora_extra_repr()})"
-
-
-class LoraEmbedding(LoraLayer, nn.Embedding):
-    """nn.Embedding + LoRA, PEFT's layout: A (r, num_embeddings), B (embedding_dim, r), no dropout.
-
-    Initialised as PEFT does: A zero and B normal, so the adapter starts at zero like the others.
-    """
-
-    def __init__(self, base: nn.Embedding, r: int, alpha: float, *, dropout: float = 0.0, use_rslora: bool = False,
-                 init: str = "kaiming"):  # fmt: skip
-        nn.Module.__init__(self)
-        for attr in ("num_embeddings", "embedding_dim", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq",
-                     "sparse"):  # fmt: skip
-            setattr(self, attr, getattr(base, attr))
-        self.weight = base.weight
-        # PEFT applies no dropout to embedding adapters (dropping token ids makes no sense); match it
-        self._setup_lora(r, alpha, 0.0, use_rslora, init)
-        self.lora_embedding_A = _new_param((self.r, self.num_embeddings), base.weight)
-        self.lora_embedding_B = _new_param((self.embedding_dim, self.r), base.weight)
-        self.reset_lora_parameters()
-        self.train(base.training)
-
-    base_kind = "Embedding"
-
-    @property
-    def feature_dims(self) -> tuple[int, int]:
-        return self.num_embeddings, self.embedding_dim
-
-    def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.lora_embedding_A, self.lora_embedding_B
-
-    def lora_param_suffixes(self) -> tuple[str, str]:
-        return ("lora_embedding_A", "lora_embedding_B")
-
-    def _delta_to_weight_layout(self, delta: torch.Tensor) -> torch.Tensor:
-        return delta.T  # (num_embeddings, dim) like the embedding table
-
-    def _initial_factors(self, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
-        b = torch.empty(self.embedding_dim, self.r)
-        nn.init.normal_(b, generator=generator)
-        return torch.zeros(self.r, self.num_embeddings), b
-
-    def _embed(self, x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-        return F.embedding(x, table, self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq,
-                           self.sparse)  # fmt: skip
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self._embed(x, self.weight)
-        if self.merged:
-            return out
-        after_a = self._embed(x, self.lora_embedding_A.T)
-        return out + (after_a @ self.lora_embedding_B.T) * self.scaling
-
-    def to_base(self) -> nn.Embedding:
-        with torch.device("meta"):
-            plain = nn.Embedding(self.num_embeddings, self.embedding_dim, self.padding_idx, self.max_norm,
-                                 self.norm_type, self.scale_grad_by_freq, self.sparse)  # fmt: skip
-        plain.weight = self.weight
-        return plain.train(self.training)
-
-    def extra_repr(self) -> str:
-        return f"{nn.Embedding.extra_repr(self)}, {self.lora_extra_repr()}"
-
-
-# exact base types we know how to wrap; a subclass may change forward (quantised, scaled embeddings), so no isinstance
-LORA_CLASSES: dict[type[nn.Module], type[LoraLayer]] = {
-    nn.Linear: LoraLinear,
-    nn.Embedding: LoraEmbedding,
-    Conv1D: LoraConv1D,
-}
-SUPPORTED_TYPES = "nn.Linear, nn.Embedding, transformers Conv1D (GPT-2)"
-
-
-def wrap(base: nn.Module, r: int, alpha: float, *, dropout: float, use_rslora: bool, init: str) -> LoraLayer:
-    cls = LORA_CLASSES[type(base)]
-    return cls(base, r, alpha, dropout=dropout, use_rslora=use_rslora, init=init)

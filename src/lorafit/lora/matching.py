@@ -19,7 +19,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lorafit.errors import Problem, UserError, nearest
-from lorafit.lora.layers import LORA_CLASSES, SUPPORTED_TYPES, LoraLayer
+from lorafit.lora.kinds import LORA_CLASSES, SUPPORTED_TYPES
+from lorafit.lora.layers import LoraLayer
 
 ALL_LINEAR = "all-linear"
 

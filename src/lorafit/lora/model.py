@@ -16,8 +16,11 @@ import torch
 from torch import nn
 
 from lorafit.errors import Problem, UserError
-from lorafit.lora.layers import INITS, LoraLayer, wrap
+from lorafit.lora.kinds import wrap
+from lorafit.lora.layers import INITS, LoraLayer
 from lorafit.lora.matching import Target, resolve_targets
+from lorafit.lora.variants import DECOMPOSING_INITS
+from lorafit.models.deferred import is_pending
 
 # wrapper segments that torch.compile / activation checkpointing / FSDP1 put into parameter names
 _WRAPPER_SEGMENTS = ("_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
@@ -35,6 +38,7 @@ class LoraSettings:
     dropout: float = 0.0
     use_rslora: bool = False
     init: str = "kaiming"
+    use_dora: bool = False
 
     @property
     def scaling(self) -> float:
@@ -89,9 +93,9 @@ def get_settings(model: nn.Module) -> LoraSettings:
 
 
 def named_lora_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
-    """(canonical name, parameter) of every A and B."""
+    """(canonical name, parameter) of every A and B (and DoRA magnitude vector)."""
     for name, layer in lora_layers(model):
-        for suffix, param in zip(layer.lora_param_suffixes(), layer.lora_factors(), strict=True):
+        for suffix, param in layer.lora_named_parameters():
             yield f"{canonical_name(name)}.{suffix}", param
 
 
@@ -145,10 +149,11 @@ def inject(model: nn.Module, settings: LoraSettings, targets: list[Target] | lis
             "or apply LoRA to a fresh model"
         )
     matched = resolve_targets(model, targets, field=field_name, each_must_match=each_must_match)
+    _check_variant_targets(model, settings, matched)
     for name, entry in matched.items():
         base = model.get_submodule(name)
         layer = wrap(base, settings.r, settings.alpha, dropout=settings.dropout, use_rslora=settings.use_rslora,
-                     init=settings.init)  # fmt: skip
+                     init=settings.init, use_dora=settings.use_dora)  # fmt: skip
         _replace(model, name, layer)
         settings.modules[canonical_name(name)] = entry
         settings.kinds[canonical_name(name)] = layer.base_kind
@@ -156,7 +161,23 @@ def inject(model: nn.Module, settings: LoraSettings, targets: list[Target] | lis
     mark_only_lora_trainable(model)
     if seed is not None:  # the layers initialised themselves from the global RNG already
         reset_lora_parameters(model, seed=seed)
+    elif settings.init in DECOMPOSING_INITS and not is_pending(model):
+        # pissa/olora need the real weights; a deferred build decomposes in the run's seeded reset instead
+        reset_lora_parameters(model)
     return model
+
+
+def _check_variant_targets(model: nn.Module, settings: LoraSettings, matched: dict[str, str]) -> None:
+    """DoRA and the decomposing inits are defined here for nn.Linear only: name the modules they cannot take."""
+    wanted = [what for what, on in [("use_dora", settings.use_dora),
+                                    (f"init {settings.init}", settings.init in DECOMPOSING_INITS)] if on]  # fmt: skip
+    others = [f"{name} ({type(model.get_submodule(name)).__name__})" for name in matched
+              if type(model.get_submodule(name)) is not nn.Linear]  # fmt: skip
+    if wanted and others:
+        listed = ", ".join(others[:4]) + (f", ... ({len(others)} in all)" if len(others) > 4 else "")
+        verb = "supports" if len(wanted) == 1 else "support"
+        raise UserError(f"{' and '.join(wanted)} {verb} nn.Linear targets only, not {listed}: "
+                        "drop those targets (e.g. embeddings) or the option")  # fmt: skip
 
 
 def apply_lora(
@@ -168,6 +189,7 @@ def apply_lora(
     dropout: float = 0.0,
     init: str = "kaiming",
     use_rslora: bool = False,
+    use_dora: bool = False,
     seed: int | None = None,
 ) -> nn.Module:
     """Put LoRA on the modules `target_layers` selects; freeze all else. Returns the same model, changed in place.
@@ -180,6 +202,10 @@ def apply_lora(
     if isinstance(target_layers, str):
         target_layers = [target_layers]
     problems = _check_hyper(r, alpha, dropout, init)
+    if use_dora and init in DECOMPOSING_INITS:
+        # PEFT's conversion to an adapter on the original base (subtract_mutated_init) has no term for m
+        reason = "its saved adapter is converted to apply to the original base, which DoRA's magnitude does not allow"
+        problems.append(Problem("init", f"{init} cannot be combined with use_dora: {reason}"))
     if not isinstance(target_layers, list | tuple) or not target_layers:
         problems.append(Problem("target_layers", "must be a non-empty list, e.g. [q_proj, v_proj] or [all-linear]"))
     elif any(not isinstance(t, str) or not t.strip() for t in target_layers):
@@ -188,7 +214,8 @@ def apply_lora(
     if problems:
         raise UserError("", problems=problems)
     settings = LoraSettings(r=r, alpha=float(alpha), target_layers=list(target_layers), modules={},
-                            dropout=float(dropout), use_rslora=use_rslora, init=init)  # fmt: skip
+                            dropout=float(dropout), use_rslora=use_rslora, init=init,
+                            use_dora=bool(use_dora))  # fmt: skip
     return inject(model, settings, list(target_layers), field_name="target_layers", each_must_match=True, seed=seed)
 
 

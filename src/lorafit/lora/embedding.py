@@ -1,0 +1,71 @@
+"""LoRA on nn.Embedding, PEFT's layout and initialisation (A zero, B normal; no dropout)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F  # noqa: N812 - the universal spelling
+from torch import nn
+
+from lorafit.lora.layers import LoraLayer, _new_param
+
+
+class LoraEmbedding(LoraLayer, nn.Embedding):
+    """nn.Embedding + LoRA, PEFT's layout: A (r, num_embeddings), B (embedding_dim, r), no dropout.
+
+    Initialised as PEFT does: A zero and B normal, so the adapter starts at zero like the others.
+    """
+
+    def __init__(self, base: nn.Embedding, r: int, alpha: float, *, dropout: float = 0.0, use_rslora: bool = False,
+                 init: str = "kaiming"):  # fmt: skip
+        nn.Module.__init__(self)
+        for attr in ("num_embeddings", "embedding_dim", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq",
+                     "sparse"):  # fmt: skip
+            setattr(self, attr, getattr(base, attr))
+        self.weight = base.weight
+        # PEFT applies no dropout to embedding adapters (dropping token ids makes no sense); match it
+        self._setup_lora(r, alpha, 0.0, use_rslora, init)
+        self.lora_embedding_A = _new_param((self.r, self.num_embeddings), base.weight)
+        self.lora_embedding_B = _new_param((self.embedding_dim, self.r), base.weight)
+        self._first_init()
+        self.train(base.training)
+
+    base_kind = "Embedding"
+
+    @property
+    def feature_dims(self) -> tuple[int, int]:
+        return self.num_embeddings, self.embedding_dim
+
+    def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lora_embedding_A, self.lora_embedding_B
+
+    def lora_param_suffixes(self) -> tuple[str, str]:
+        return ("lora_embedding_A", "lora_embedding_B")
+
+    def _delta_to_weight_layout(self, delta: torch.Tensor) -> torch.Tensor:
+        return delta.T  # (num_embeddings, dim) like the embedding table
+
+    def _initial_factors(self, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+        b = torch.empty(self.embedding_dim, self.r)
+        nn.init.normal_(b, generator=generator)
+        return torch.zeros(self.r, self.num_embeddings), b
+
+    def _embed(self, x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        return F.embedding(x, table, self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq,
+                           self.sparse)  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self._embed(x, self.weight)
+        if self.merged:
+            return out
+        after_a = self._embed(x, self.lora_embedding_A.T)
+        return out + (after_a @ self.lora_embedding_B.T) * self.scaling
+
+    def to_base(self) -> nn.Embedding:
+        with torch.device("meta"):
+            plain = nn.Embedding(self.num_embeddings, self.embedding_dim, self.padding_idx, self.max_norm,
+                                 self.norm_type, self.scale_grad_by_freq, self.sparse)  # fmt: skip
+        plain.weight = self.weight
+        return plain.train(self.training)
+
+    def extra_repr(self) -> str:
+        return f"{nn.Embedding.extra_repr(self)}, {self.lora_extra_repr()}"
