@@ -93,3 +93,36 @@ def test_schedule_config_errors():
         _build("optimizer", "adamw", {"learning_rate": 1e-3})
     with pytest.raises(ValidationError):
         _build("scheduler", "onecycle", {"max_lr": 1e-3, "anneal_strategy": "cosine"})
+
+
+def test_loraplus_groups_and_one_step_honours_the_ratio():
+    from lorafit.errors import UserError
+    from lorafit.lora import apply_lora, named_lora_parameters
+    from tiny import make_llama
+
+    model = apply_lora(make_llama(), r=2, alpha=4, target_layers=["q_proj", "v_proj"], use_dora=True)
+    with torch.no_grad():  # B starts at zero, which would leave A without a gradient in the first step
+        for name, param in named_lora_parameters(model):
+            if name.endswith("lora_B.weight"):
+                param.normal_(std=0.1, generator=torch.Generator().manual_seed(0))
+    optimizer = _build("optimizer", "adamw", {"lr": 1e-3, "weight_decay": 0.01, "loraplus_lr_ratio": 16})(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = [(g["lr"], g["weight_decay"], sorted(names[id(p)].rsplit(".", 2)[-2] for p in g["params"]))
+              for g in optimizer.param_groups]  # fmt: skip
+    assert groups == [
+        (1e-3, 0.01, ["lora_A"] * 4),
+        (16e-3, 0.01, ["lora_B"] * 4),
+        (16e-3, 0.0, ["q_proj", "q_proj", "v_proj", "v_proj"]),  # DoRA's magnitude vectors: 1-D, no decay
+    ]
+    # Adam's first step moves each element by about lr (times the sign of its gradient): B moves 16x as far as A
+    before = {n: p.detach().clone() for n, p in named_lora_parameters(model)}
+    x = torch.randint(0, 384, (2, 8), generator=torch.Generator().manual_seed(1))
+    model.train()
+    model(x, labels=x).loss.backward()
+    optimizer.step()
+    moved = {kind: max((p.detach() - before[n]).abs().max().item() for n, p in named_lora_parameters(model)
+                       if kind in n) for kind in ("lora_A", "lora_B")}  # fmt: skip
+    assert moved["lora_A"] == pytest.approx(1e-3, rel=0.05)
+    assert moved["lora_B"] == pytest.approx(16e-3, rel=0.05)
+    with pytest.raises(UserError, match=r"optimizer.config.loraplus_lr_ratio: .*full fine-tuning"):
+        _build("optimizer", "adamw", {"loraplus_lr_ratio": 16})(make_llama())

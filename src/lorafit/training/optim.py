@@ -5,6 +5,7 @@ steps only once the run's settings and world size are known. The loop calls `opt
 `scheduler_factory(optimizer, total_steps)`.
 
     optimizer: {component_key: optimizer, variant_key: adamw, config: {lr: 2.0e-4, weight_decay: 0.01}}
+    optimizer: {component_key: optimizer, variant_key: adamw, config: {lr: 1.0e-4, loraplus_lr_ratio: 16}}  # LoRA+
     scheduler: {component_key: scheduler, variant_key: cosine, config: {warmup_fraction: 0.05, min_lr_ratio: 0.1}}
 """
 
@@ -19,6 +20,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from lorafit.config.registry import Component, ComponentConfig, register_component
+from lorafit.errors import UserError
 
 # names that mark parameters which weight decay should not pull to zero (biases, norm gains, embeddings' scales)
 NO_DECAY_MARKERS = ("bias", "norm", "ln_", "layernorm")
@@ -31,6 +33,13 @@ class AdamWConfig(ComponentConfig):
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = Field(1e-8, gt=0)
     weight_decay: float = Field(0.0, ge=0)
+    loraplus_lr_ratio: float | None = Field(
+        None, gt=0, description="LoRA+ (Hayou et al. 2024): B (and DoRA's magnitude) learn at lr x this ratio, A at lr"
+    )
+
+
+# LoRA+ puts these at lr x ratio; PEFT's create_loraplus_optimizer also puts every 1-D trainable there (DoRA's m)
+LORAPLUS_FAST = ("lora_B.weight", "lora_embedding_B", "lora_magnitude_vector")
 
 
 def decays(name: str, param: torch.Tensor) -> bool:
@@ -47,11 +56,21 @@ class OptimizerFactory:
         trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not trainable:
             raise ValueError("the model has no trainable parameters")
-        decay = [p for n, p in trainable if decays(n, p)]
-        no_decay = [p for n, p in trainable if not decays(n, p)]
-        groups = [g for g in ({"params": decay, "weight_decay": self.config.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}) if g["params"]]  # fmt: skip
         c = self.config
+        ratio = c.loraplus_lr_ratio
+        fast = [(n, p) for n, p in trainable if ratio is not None and n.endswith(LORAPLUS_FAST)]
+        if ratio is not None and not fast:
+            raise UserError("loraplus_lr_ratio needs LoRA adapters (lora_B), and the model has none: drop it for "
+                            "full fine-tuning", field="optimizer.config.loraplus_lr_ratio")  # fmt: skip
+        fast_ids = {id(p) for _, p in fast}
+        slow = [(n, p) for n, p in trainable if id(p) not in fast_ids]
+        groups = []
+        # the base-lr groups come first: the loop logs param_groups[0]'s lr as the run's lr
+        for members, lr in ((slow, c.lr), (fast, c.lr * (ratio or 1.0))):
+            decay = [p for n, p in members if decays(n, p)]
+            no_decay = [p for n, p in members if not decays(n, p)]
+            groups += [g for g in ({"params": decay, "weight_decay": c.weight_decay, "lr": lr},
+                                   {"params": no_decay, "weight_decay": 0.0, "lr": lr}) if g["params"]]  # fmt: skip
         return torch.optim.AdamW(groups, lr=c.lr, betas=tuple(c.betas), eps=c.eps)
 
     @property
