@@ -71,6 +71,8 @@ def check_command(parser: argparse.ArgumentParser, line: str) -> list[str]:
         words = line.split()
     words = [w.strip("[]") for w in words if w.strip("[]") and w != "--debug"]  # --debug is accepted anywhere
     top = subcommands(parser)
+    if words and words[0].startswith("--"):  # a top-level option such as --version
+        return [] if words[0] in parser._option_string_actions else [f"`lorafit {line}`: no option {words[0]}"]
     if not words or words[0] not in top:
         return [f"`lorafit {line}`: '{words[0] if words else ''}' is not a command (valid: {', '.join(top)})"]
     path, current = [words[0]], top[words[0]]
@@ -126,6 +128,7 @@ def test_command_checker_catches_wrong_commands_and_options(parser):
     assert check_command(parser, "data pack --input x.jsonl --tokenizer d --output p") == []
     assert check_command(parser, "run --config_file_path X [--resume_from latest|PATH] --debug") == []
     assert "not a command" in check_command(parser, "train --config_file_path X")[0]
+    assert check_command(parser, "--version") == [] and "no option" in check_command(parser, "--versions")[0]
     assert "subcommand" in check_command(parser, "data unpack --input x")[0]
     assert check_command(parser, "merge --base b --adapter a --output-dir o") == []  # kebab-case spelling
     assert check_command(parser, "merge --base b --adapter a --output-folder o") == [
