@@ -12,13 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lorafit import allocator
+from lorafit import allocator, resume
 from lorafit.config.loader import ConfigEnv
 from lorafit.console import info
 from lorafit.errors import UserError
 from lorafit.experiment import create_run_dir, default_experiment_id, read_resolved
 from lorafit.job import BuiltRun, build_run, load_run_config
-from lorafit.resume import check_same_training, find_run_to_resume
 from lorafit.training.trackers import open_trackers
 
 
@@ -40,14 +39,12 @@ def run(request: RunRequest) -> Path:
         raise UserError(f"config file not found: {config_path}")
     root = Path(request.experiments_root_path)
 
-    run_dir, checkpoint = None, None
+    plan = None
     if request.resume_from:
-        run_dir, checkpoint = on_rank0_then_all(
-            dist_env, find_run_to_resume, request.resume_from, root, request.experiment_id
-        )
-        experiment_id = run_dir.name
+        plan = dist_env.on_main(resume.locate, request.resume_from, root, request.experiment_id)
+        experiment_id = request.experiment_id or plan.source_run.name
     else:
-        experiment_id = on_rank0_then_all(dist_env, lambda: request.experiment_id or default_experiment_id(config_path))
+        experiment_id = dist_env.on_main(lambda: request.experiment_id or default_experiment_id(config_path))
     env = ConfigEnv(
         experiment_id=experiment_id,
         config_file_path=str(config_path),
@@ -55,20 +52,25 @@ def run(request: RunRequest) -> Path:
         experiments_root_path=str(root),
     )
     config, graph = load_run_config(config_path, env)
+    sources = dist_env.on_main(resume.source_fingerprints, config)
 
-    if run_dir is None:
-        run_dir = on_rank0_then_all(dist_env, create_run_dir, root, experiment_id, config_path, config)
+    if plan is not None:
+        plan = dist_env.on_main(_check_and_place, plan, config, dist_env.world_size, sources, request, root)
+        run_dir = plan.run_dir
+        for change in plan.changes:
+            info(f"resuming with a changed config (allowed, applied from step {_step_of(plan.checkpoint) + 1}): "
+                 f"{change}")  # fmt: skip
+        if plan.new_run:
+            info(f"new run {run_dir} continues from {plan.checkpoint} ({plan.source_run} is left as it is)")
     else:
-        diffs = check_same_training(read_resolved(run_dir), config, run_dir, request.allow_config_change)
-        for d in diffs:
-            info(f"resuming with a changed config (allowed): {d}")
+        run_dir = dist_env.on_main(create_run_dir, root, experiment_id, config_path, config)
     info(f"run folder: {run_dir}")
     info(f"memory allocator: {allocator.active()} (LORAFIT_MALLOC=system: glibc's)")
 
     try:
         built = build_run(graph)
     except UserError:
-        if not request.resume_from and dist_env.rank == 0:
+        if (plan is None or plan.new_run) and dist_env.rank == 0:
             discard_unused_run_dir(run_dir)  # so the same --experiment_id works once the problem is fixed
         raise
     if dist_env.world_size > 1 and is_single_process_strategy(built.parallelism):
@@ -82,7 +84,7 @@ def run(request: RunRequest) -> Path:
     try:
         if not request.resume_from:
             evaluate(built, run_dir, "before", dist_env, trackers)
-        result = train(built, run_dir, dist_env, checkpoint, config_hash(config), trackers)
+        result = train(built, run_dir, dist_env, plan.checkpoint if plan else None, sources, trackers)
         evaluate(built, run_dir, "after", dist_env, trackers, trained=result)
     finally:
         for tracker in trackers:
@@ -110,27 +112,20 @@ def is_single_process_strategy(strategy) -> bool:
     return isinstance(strategy, Strategy) and not isinstance(strategy, (DDPStrategy, FSDP2Strategy))
 
 
-def config_hash(config: dict[str, Any]) -> str:
-    import hashlib
-
-    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def on_rank0_then_all(dist_env, fn, *args):
-    """Run `fn` on rank 0 and give its result, or its UserError, to every rank: no rank hangs or goes on alone."""
-    outcome: list[Any] = [None]
-    if dist_env.rank == 0:
-        try:
-            outcome[0] = ("ok", fn(*args))
-        except UserError as e:
-            outcome[0] = ("error", e.render())
-    outcome = dist_env.broadcast_object(outcome[0])
-    if outcome[0] == "error":
-        raise UserError(outcome[1])
-    return outcome[1]
+def _check_and_place(plan, config, world_size: int, sources: dict[str, str], request: RunRequest, root: Path):
+    """Rank 0: refuse a resume that would not continue the same training; a new run folder for a new id."""
+    plan = resume.check_continuation(plan, read_resolved(plan.source_run), config, world_size, sources,
+                                     request.allow_config_change)  # fmt: skip
+    if plan.new_run:
+        plan.run_dir = create_run_dir(root, request.experiment_id, Path(request.config_file_path), config)
+    return plan
 
 
-def train(built: BuiltRun, run_dir: Path, dist_env, checkpoint: str | None, config_hash: str, trackers=None):
+def _step_of(checkpoint: Path) -> int:
+    return int(Path(checkpoint).name.split("_")[-1])
+
+
+def train(built: BuiltRun, run_dir: Path, dist_env, checkpoint: Path | None, sources: dict[str, str], trackers=None):
     """Hand the built entities and the settings to the training loop."""
     from lorafit.config.run_spec import num_steps
     from lorafit.training.job import TrainJob
@@ -161,7 +156,7 @@ def train(built: BuiltRun, run_dir: Path, dist_env, checkpoint: str | None, conf
         resume_from=checkpoint,
         # evaluators and the merged export need the whole model on rank 0 after a sharded run
         gather_full_model=dist_env.world_size > 1 and bool(built.evaluators or s.export.merged_model),
-        config_hash=config_hash,
+        source_fingerprints=sources,
         trackers=trackers,
     )
     return train_loop(job)

@@ -79,8 +79,9 @@ def test_keeps_the_newest_k(tmp_path):
 
 
 def test_damaged_or_incomplete_latest_falls_back_to_previous(tmp_path, capsys):
-    from lorafit.checkpoint.state import find_latest, resolve_resume, verify_checkpoint
+    from lorafit.checkpoint.state import find_latest, verify_checkpoint
     from lorafit.errors import UserError
+    from lorafit.resume import resolve_checkpoint
 
     model, optimizer = _trained()
     good, damaged, cut = (_save(tmp_path, s, model, optimizer) for s in (2, 4, 6))
@@ -96,9 +97,9 @@ def test_damaged_or_incomplete_latest_falls_back_to_previous(tmp_path, capsys):
     assert find_latest(tmp_path) == good
     err = capsys.readouterr().err
     assert "step_000006" in err and "step_000004" in err and "previous" in err
-    assert resolve_resume(tmp_path, "latest") == good
+    assert resolve_checkpoint(tmp_path, "latest") == good
     with pytest.raises(UserError, match="checksum"):
-        resolve_resume(tmp_path, damaged)
+        resolve_checkpoint(tmp_path, damaged)
 
 
 def test_load_restores_adapter_and_optimizer(tmp_path):
@@ -171,7 +172,8 @@ def test_sigkill_while_writing_leaves_previous_checkpoints_intact(tmp_path):
 
 
 def test_resuming_from_an_earlier_checkpoint_sets_later_ones_aside(tmp_path):
-    from lorafit.checkpoint.state import find_latest, list_checkpoints, supersede_after
+    from lorafit.checkpoint.state import find_latest, list_checkpoints
+    from lorafit.resume import supersede_after
 
     model, optimizer = _trained()
     for step in (2, 4, 6):

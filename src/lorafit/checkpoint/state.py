@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lorafit.console import info, warn
+from lorafit.console import warn
 from lorafit.distributed.env import DistEnv
 from lorafit.errors import UserError
 
@@ -159,22 +159,6 @@ def find_latest(run_dir: Path) -> Path | None:
     return None
 
 
-def resolve_resume(run_dir: Path, resume_from: str | os.PathLike | None) -> Path | None:
-    """The checkpoint folder to load: None (fresh start), 'latest', or a checkpoint path (must verify)."""
-    if resume_from is None:
-        return None
-    if str(resume_from) == "latest":
-        path = find_latest(run_dir)
-        if path is None:
-            raise UserError(f"--resume_from latest: no complete checkpoint under {Path(run_dir) / CHECKPOINTS}")
-        return path
-    path = Path(resume_from)
-    problem = verify_checkpoint(path) if path.is_dir() else "not found"
-    if problem:
-        raise UserError(f"cannot resume from {path}: {problem}")
-    return path
-
-
 # --- save / load ------------------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def _quiet_single_process(env: DistEnv) -> Iterator[None]:
@@ -236,7 +220,8 @@ def _prune(run_dir: Path, keep_last: int, keep: Path) -> None:
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, env: DistEnv) -> dict[str, Any]:
     """Load the trainable parameters + optimizer into the (wrapped) model; returns the trainer state with this
-    rank's RNG states under "rng" (None when the checkpoint was written by a different number of processes)."""
+    rank's RNG states under "rng" (None when the checkpoint has none for this rank). `lorafit.resume.restore`
+    decides what to do with them."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import set_state_dict
@@ -261,16 +246,15 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     if missing or loaded.unexpected_keys:
         unexpected = loaded.unexpected_keys[:5]
         raise UserError(f"{path} does not fit the model: missing {missing[:5]}, unexpected {unexpected}")
-    trainer = _load_plain(path / TRAINER_STATE)
+    trainer = read_trainer_state(path)
     rng_file = path / f"rng_rank_{env.rank:05d}.pt"
-    if trainer.get("world_size") == env.world_size and rng_file.is_file():
-        trainer["rng"] = _load_plain(rng_file)
-    else:
-        trainer["rng"] = None
-        warn(f"{path} was written by {trainer.get('world_size')} processes, this run has {env.world_size}: "
-             "random states start fresh (data order and weights resume exactly)")  # fmt: skip
-    info(f"resumed from {path} (step {trainer['step']})")
+    trainer["rng"] = _load_plain(rng_file) if rng_file.is_file() else None
     return trainer
+
+
+def read_trainer_state(path: Path) -> dict[str, Any]:
+    """The trainer state of checkpoint `path` (step, tokens, sampler, scheduler, world size, global batch, ...)."""
+    return _load_plain(Path(path) / TRAINER_STATE)
 
 
 def _load_plain(file: Path) -> Any:
@@ -281,19 +265,6 @@ def _load_plain(file: Path) -> Any:
         reason = "it would run pickled code" if isinstance(error, pickle.UnpicklingError) else "it is damaged"
         raise UserError(f"cannot resume from {file.parent}: refused to load {file.name} ({reason}); "
                         "resume from another checkpoint") from None  # fmt: skip
-
-
-def supersede_after(run_dir: Path, step: int) -> list[Path]:
-    """Rename checkpoints newer than `step` (a run resumed from an earlier one makes them a discarded future)
-    to `<name>.superseded`: kept for the user, never picked by `find_latest` nor pruned."""
-    moved = []
-    for later_step, path in list_checkpoints(run_dir):
-        if later_step > step:
-            target = path.with_name(f"{path.name}.superseded-{int(time.time())}")
-            path.rename(target)
-            warn(f"resumed from step {step}: the later checkpoint {path.name} is set aside as {target.name}")
-            moved.append(target)
-    return moved
 
 
 def checkpoint_bytes(path: Path) -> int:

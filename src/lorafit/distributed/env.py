@@ -8,6 +8,7 @@ then does the one-process thing, so callers never branch on "is distributed".
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +46,20 @@ class DistEnv:
         holder = [obj]
         dist.broadcast_object_list(holder, src=src)
         return holder[0]
+
+    def on_main(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """`fn(*args)` run on rank 0 only, its result (or its UserError) given to every rank: a user error on
+        rank 0 stops every rank with the same message, and no rank goes on alone or waits for ever."""
+        outcome: tuple[str, Any] | None = None
+        if self.is_main:
+            try:
+                outcome = ("ok", fn(*args))
+            except UserError as error:
+                outcome = ("error", error.render())
+        outcome = self.broadcast_object(outcome)
+        if outcome[0] == "error":
+            raise UserError(outcome[1])
+        return outcome[1]
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum over ranks, in place and returned (on this rank's device, as collectives need)."""

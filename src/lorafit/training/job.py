@@ -47,7 +47,7 @@ class TrainJob:
     loss_chunk_tokens: int | None = 256
     load_weights: Callable[[nn.Module], None] | None = None  # for models built on meta: called after sharding
     gather_full_model: bool = False  # keep an unsharded copy on rank 0 for model_for_eval() after FSDP2
-    config_hash: str | None = None
+    source_fingerprints: dict[str, str] | None = None  # {yaml path: sha256} of the training files (resume checks)
     progress: bool | None = None  # rich progress bar; None: when stdout is a terminal
     write_adapter: bool = True  # write the trained weights: adapter/ (LoRA) or model/ (full); False: neither
     tokenizer: Any = None  # saved into model/ after full fine-tuning, so the folder loads and generates alone

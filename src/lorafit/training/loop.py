@@ -16,18 +16,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lorafit.checkpoint.state import (
-    find_latest,
-    load_checkpoint,
-    resolve_resume,
-    restore_rng,
-    save_checkpoint,
-    supersede_after,
-)
+from lorafit import resume
+from lorafit.checkpoint.state import find_latest, save_checkpoint
 from lorafit.checkpoint.weights import write_trained_weights
 from lorafit.console import info, warn
 from lorafit.distributed.parallel import default_strategy
-from lorafit.errors import UserError
 from lorafit.training.batches import default_collate, evaluate, to_device, train_micro_batches
 from lorafit.training.checks import check_finite, check_gradient_flow
 from lorafit.training.job import TrainJob, TrainResult
@@ -54,21 +47,13 @@ def train(job: TrainJob) -> TrainResult:
                                shuffle=job.shuffle, global_batch_size=global_batch)  # fmt: skip
     _seed_everything(job.seed + env.rank)  # differs per rank: dropout masks of different samples differ
 
-    # --- resume: the trainable parameters (adapters, or the whole model) + optimizer (DCP), then scheduler,
-    #     data position, counters, random states
+    # --- resume (lorafit.resume): the trainable parameters + optimizer moments, data position, counters, random
+    #     states from the checkpoint; the optimizer and schedule hyper-parameters from this job
     step, tokens, elapsed = 0, 0, 0.0
-    resumed = _on_main(env, resolve_resume, run_dir, job.resume_from)  # checksums read once, by rank 0
+    resumed = env.on_main(resume.resolve_checkpoint, run_dir, job.resume_from)  # checksums read once, by rank 0
     if resumed is not None:
-        state = load_checkpoint(resumed, model, optimizer, env)
-        scheduler.load_state_dict(state["scheduler"])
-        sampler.load_state_dict(state["sampler"])
-        step, tokens, elapsed = state["step"], state["tokens"], state["elapsed_s"]
-        if job.config_hash and state.get("config_hash") not in (None, job.config_hash):
-            warn(f"{resumed} was written with a different config (hash {state['config_hash']})")
-        if env.is_main:
-            supersede_after(run_dir, step)
-        if state["rng"] is not None:
-            restore_rng(state["rng"])
+        restored = resume.restore(resumed, run_dir, model, optimizer, scheduler, sampler, env)
+        step, tokens, elapsed = restored.step, restored.tokens, restored.elapsed_s
     last_checkpoint = resumed
     steps_with_targets = step  # a resumed run's earlier steps count as having had targets
 
@@ -89,8 +74,9 @@ def train(job: TrainJob) -> TrainResult:
         return results
 
     def checkpoint() -> Path:
-        trainer_state = {"tokens": tokens, "elapsed_s": time.perf_counter() - start, "config_hash": job.config_hash,
-                         "sampler": sampler.state_dict(), "scheduler": scheduler.state_dict()}  # fmt: skip
+        trainer_state = {"tokens": tokens, "elapsed_s": time.perf_counter() - start, "sources": job.source_fingerprints,
+                         "global_batch_size": global_batch, "sampler": sampler.state_dict(),
+                         "scheduler": scheduler.state_dict()}  # fmt: skip
         return save_checkpoint(run_dir, step, model, optimizer, trainer_state, env, job.keep_last_checkpoints)
 
     try:
@@ -174,20 +160,6 @@ def _clip_grad_norm(params: list[torch.Tensor], max_norm: float | None) -> float
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else math.inf)
     full = getattr(norm, "full_tensor", None)
     return float(full() if callable(full) else norm)
-
-
-def _on_main(env, fn, *args):
-    """`fn(*args)` on rank 0, its result (or its UserError) on every rank: no rank waits alone."""
-    outcome = None
-    if env.is_main:
-        try:
-            outcome = ("ok", fn(*args))
-        except UserError as error:
-            outcome = ("error", error.render())
-    outcome = env.broadcast_object(outcome)
-    if outcome[0] == "error":
-        raise UserError(outcome[1])
-    return outcome[1]
 
 
 def _seed_everything(seed: int) -> None:
