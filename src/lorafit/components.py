@@ -14,6 +14,7 @@ BUILTIN_COMPONENT_MODULES = [
     "lorafit.training.optim",
     "lorafit.distributed.parallel",
     "lorafit.evaluation.exact_match",
+    "lorafit.modalities.tokenizer",
 ]
 
 

@@ -25,7 +25,9 @@ def default_experiment_id(config_path: Path) -> str:
     return time.strftime("%Y-%m-%d__%H-%M-%S") + f"_{digest}"
 
 
-def create_run_dir(root: Path, experiment_id: str, config_path: Path, resolved: dict[str, Any]) -> Path:
+def create_run_dir(
+    root: Path, experiment_id: str, config_path: Path, resolved: dict[str, Any], overrides: tuple[str, ...] = ()
+) -> Path:
     run_dir = Path(root) / experiment_id
     if run_dir.exists():
         raise UserError(
@@ -34,12 +36,15 @@ def create_run_dir(root: Path, experiment_id: str, config_path: Path, resolved: 
         )
     run_dir.mkdir(parents=True)
     (run_dir / CONFIG_COPY).write_bytes(Path(config_path).read_bytes())
-    write_resolved(run_dir, resolved)
+    write_resolved(run_dir, resolved, overrides)
     return run_dir
 
 
-def write_resolved(run_dir: Path, resolved: dict[str, Any]) -> None:
+def write_resolved(run_dir: Path, resolved: dict[str, Any], overrides: tuple[str, ...] = ()) -> None:
+    """The resolved config; command-line overrides are applied in it and listed in a comment on top."""
     text = yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True)
+    if overrides:
+        text = "".join(f"# command-line override: {item}\n" for item in overrides) + text
     tmp = run_dir / (RESOLVED_CONFIG + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(run_dir / RESOLVED_CONFIG)

@@ -127,8 +127,10 @@ def _check_sequence_length(run: BuiltRun) -> None:
         )
 
 
-def load_run_config(config_path: Path, env: ConfigEnv | None = None) -> tuple[dict[str, Any], ConfigGraph]:
-    config = load_config(Path(config_path), env)
+def load_run_config(
+    config_path: Path, env: ConfigEnv | None = None, overrides: tuple[str, ...] = ()
+) -> tuple[dict[str, Any], ConfigGraph]:
+    config = load_config(Path(config_path), env, overrides)
     return config, check_run_config(config)
 
 
@@ -141,9 +143,9 @@ def build_run_entities(config_path: Path, names: list[str]) -> dict[str, Any]:
         return {name: graph.build(name) for name in names if name in config}
 
 
-def validate_config(config_path: Path) -> str:
+def validate_config(config_path: Path, overrides: tuple[str, ...] = ()) -> str:
     """Check everything, build the model on the meta device, and say what a run would do."""
-    _config, graph = load_run_config(config_path)
+    _config, graph = load_run_config(config_path, overrides=overrides)
     with build_context(meta_device=True, load_weights=False):
         run = build_run(graph)
     sp = run.settings.step_profile

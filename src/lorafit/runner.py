@@ -28,6 +28,7 @@ class RunRequest:
     experiment_id: str | None = None
     resume_from: str | None = None
     allow_config_change: bool = False
+    overrides: tuple[str, ...] = ()  # `key.path=value` from the command line, applied before resolving
 
 
 def run(request: RunRequest) -> Path:
@@ -51,7 +52,7 @@ def run(request: RunRequest) -> Path:
         config_folder_path=str(config_path.parent),
         experiments_root_path=str(root),
     )
-    config, graph = load_run_config(config_path, env)
+    config, graph = load_run_config(config_path, env, request.overrides)
     sources = dist_env.on_main(resume.source_fingerprints, config)
 
     if plan is not None:
@@ -63,7 +64,7 @@ def run(request: RunRequest) -> Path:
         if plan.new_run:
             info(f"new run {run_dir} continues from {plan.checkpoint} ({plan.source_run} is left as it is)")
     else:
-        run_dir = dist_env.on_main(create_run_dir, root, experiment_id, config_path, config)
+        run_dir = dist_env.on_main(create_run_dir, root, experiment_id, config_path, config, request.overrides)
     info(f"run folder: {run_dir}")
     info(f"memory allocator: {allocator.active()} (LORAFIT_MALLOC=system: glibc's)")
 
@@ -117,7 +118,8 @@ def _check_and_place(plan, config, world_size: int, sources: dict[str, str], req
     plan = resume.check_continuation(plan, read_resolved(plan.source_run), config, world_size, sources,
                                      request.allow_config_change)  # fmt: skip
     if plan.new_run:
-        plan.run_dir = create_run_dir(root, request.experiment_id, Path(request.config_file_path), config)
+        plan.run_dir = create_run_dir(root, request.experiment_id, Path(request.config_file_path), config,
+                                      request.overrides)
     return plan
 
 

@@ -27,6 +27,33 @@ def add_parser(subparsers) -> None:
     pack.add_argument("--no_progress", action="store_true", help="no progress bar")
     pack.set_defaults(func=run_pack)
 
+    index = commands.add_parser(
+        "create_raw_index",
+        help="index the lines of a JSONL file (Modalities' .idx), for pack_encoded_data",
+        description="Writes the pickled list of (byte offset, length) of every line, as `modalities data "
+        "create_raw_index` does; every line must be JSON. Never overwrites.",
+    )
+    index.add_argument("src_path", type=Path, help="the JSONL file")
+    index.add_argument("--index_path", type=Path, default=None, help="output (default: SRC_PATH with suffix .idx)")
+    index.set_defaults(func=run_create_raw_index)
+
+    encoded = commands.add_parser(
+        "pack_encoded_data",
+        help="tokenize an indexed JSONL file into a Modalities .pbin file, from a Modalities data-preparation config",
+        description="Takes Modalities' data-preparation config as written (settings.src_path, dst_path, index_path, "
+        "jq_pattern, eod_token, ...; tokenizer/pretrained_hf_tokenizer). The .pbin is the format Modalities reads.",
+    )
+    encoded.add_argument("config", type=Path, nargs="?", help="the data-preparation config (YAML)")
+    encoded.add_argument("--config_file_path", type=Path, default=None, help="the same, as Modalities spells it")
+    encoded.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="config overrides (OmegaConf dotlist), e.g. settings.src_path=other.jsonl",
+    )
+    encoded.add_argument("--overwrite", action="store_true", help="replace an existing settings.dst_path")
+    encoded.set_defaults(func=run_pack_encoded_data)
+
 
 def run_pack(args: argparse.Namespace) -> int:
     from lorafit.console import info
@@ -39,4 +66,27 @@ def run_pack(args: argparse.Namespace) -> int:
     skipped = f"; {packed.skipped_empty_documents} empty documents skipped" if packed.skipped_empty_documents else ""
     info(f"packed {packed.num_documents:,} {packed.kind} documents into {packed.num_tokens:,} tokens{trained}"
          f" ({packed.dtype}){skipped}: {packed.bin_path}, {packed.meta_path}")  # fmt: skip
+    return 0
+
+
+def run_create_raw_index(args: argparse.Namespace) -> int:
+    from lorafit.console import info
+    from lorafit.modalities.data_prep import create_raw_index
+
+    info(f"index written: {create_raw_index(args.src_path, args.index_path)}")
+    return 0
+
+
+def run_pack_encoded_data(args: argparse.Namespace) -> int:
+    from lorafit.errors import UserError
+    from lorafit.modalities.data_prep import pack_encoded_data
+
+    overrides = list(args.overrides)
+    if args.config is not None and args.config_file_path is not None and "=" in str(args.config):
+        overrides.insert(0, str(args.config))  # with --config_file_path, the first positional is an override
+        args.config = None
+    if (args.config is None) == (args.config_file_path is None):
+        raise UserError("give the data-preparation config once: `lorafit data pack_encoded_data CONFIG` "
+                        "(or --config_file_path CONFIG)")  # fmt: skip
+    pack_encoded_data(args.config or args.config_file_path, overrides=tuple(overrides), overwrite=args.overwrite)
     return 0

@@ -9,7 +9,7 @@ Every value that fails to resolve is reported, each with its YAML path, in one e
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -51,8 +51,17 @@ def _lorafit_env(name: str) -> str:
     return getattr(env, name)
 
 
+def _node_env(name: str) -> int:
+    """`${node_env:num_cpus}` (Modalities' data-preparation configs): this machine's CPU count."""
+    if name != "num_cpus":
+        raise ValueError(f"node_env knows num_cpus, not '{name}'")
+    return os.cpu_count() or 1
+
+
 def _register_resolvers() -> None:
-    for name, fn in (("cuda_env", _cuda_env), ("lorafit_env", _lorafit_env), ("modalities_env", _lorafit_env)):
+    resolvers = (("cuda_env", _cuda_env), ("lorafit_env", _lorafit_env), ("modalities_env", _lorafit_env),
+                 ("node_env", _node_env))  # fmt: skip
+    for name, fn in resolvers:
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_resolver(name, fn)
 
@@ -116,10 +125,51 @@ def resolve(data: dict[str, Any], env: ConfigEnv | None = None) -> dict[str, Any
     return resolved
 
 
-def load_config(path: Path, env: ConfigEnv | None = None) -> dict[str, Any]:
+def load_config(path: Path, env: ConfigEnv | None = None, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """The resolved config of the file at `path`, with command-line `overrides` (`key.path=value`) applied first."""
     path = Path(path)
     env = env or ConfigEnv(config_file_path=str(path), config_folder_path=str(path.parent))
-    return resolve(read_yaml(path), env)
+    return resolve(apply_overrides(read_yaml(path), overrides), env)
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """`data` with each `dotted.key=value` of `overrides` set (OmegaConf's dotlist: `a.b=1`, `a.list[0]=x`,
+    `a.c=[1,2]`; values parsed as YAML, `${...}` allowed). Only keys that exist may be overridden, so a
+    typo is an error rather than a new key nobody reads; unresolved `${...}` elsewhere stay as they are."""
+    if not overrides:
+        return data
+    _register_resolvers()
+    problems: list[Problem] = []
+    for item in overrides:
+        key, sep, _value = item.partition("=")
+        if not sep or not key.strip():
+            problems.append(Problem("", f"override {item!r} is not key.path=value"))
+            continue
+        if not _has_key(data, key.strip()):
+            problems.append(Problem(key.strip(), f"override {item!r}: no such key in the config (only existing "
+                                                 "keys can be overridden)"))  # fmt: skip
+    if problems:
+        raise ConfigError("", problems=problems)
+    try:
+        cfg = OmegaConf.create(data, flags={"allow_objects": False})
+        for item in overrides:
+            key, _, value = item.partition("=")
+            OmegaConf.update(cfg, key.strip(), yaml.safe_load(value) if value.strip() else "", merge=False)
+        return OmegaConf.to_container(cfg, resolve=False)
+    except (OmegaConfBaseException, yaml.YAMLError) as e:
+        raise ConfigError(f"cannot apply the overrides {list(overrides)}: {_first_line(e)}") from None
+
+
+def _has_key(data: Any, dotted: str) -> bool:
+    node = data
+    for part in dotted.replace("]", "").replace("[", ".").split("."):
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return False
+    return True
 
 
 def _resolve_node(node: Any, path: str, problems: list[Problem]) -> Any:

@@ -1,0 +1,202 @@
+"""`lorafit data create_raw_index` and `lorafit data pack_encoded_data`: Modalities' data tools, same files.
+
+`create_raw_index SRC [--index_path P]` writes P (default: SRC with suffix .idx): the pickled list of
+(byte offset, byte length) of every JSONL line, each checked to be valid JSON, as Modalities writes it.
+
+`pack_encoded_data CONFIG` takes Modalities' data-preparation config as written:
+
+    settings:
+      src_path: data/chat/train.jsonl
+      dst_path: data/chat/train.pbin       # default: next to src_path
+      index_path: data/chat/train.idx      # default: src_path with suffix .idx
+      jq_pattern: .chat                    # what to tokenize from each line (a jq program; the first result)
+      num_cpus: 4                          # tokenizing workers (see below)
+      eod_token: <|endoftext|>             # appended to every document
+      processing_batch_size: 10            # lines per tokenizer call
+      raw_samples_queue_size: 300          # Modalities' queue sizes: no effect here (no queues)
+      processed_samples_queue_size: 300
+      sequence_length: 2048                # no effect of its own; referenced as ${settings.sequence_length}
+    tokenizer: {component_key: tokenizer, variant_key: pretrained_hf_tokenizer, config: {...}}
+
+Each line: jq_pattern's first result is tokenized with the tokenizer's padding / truncation / max_length, and
+eod_token is appended (the `lora` branch's rule: always; modalities 0.5.0 skips it when the tokens already end
+with it). Tokens are written as 1, 2 or 4 bytes each (from the vocabulary size) in a `.pbin` file.
+lorafit tokenizes in one process with the fast tokenizer's own threads (`num_cpus` of them); Modalities uses
+num_cpus worker processes. The output is the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from lorafit.console import info, warn
+from lorafit.data.pbin import read_raw_index, token_size_for, write_pbin
+from lorafit.errors import ConfigError, UserError
+
+
+def create_raw_index(src_path: Path, index_path: Path | None = None) -> Path:
+    """Index every line of a JSONL file: (byte offset, byte length without the newline). Never overwrites."""
+    src_path = Path(src_path)
+    index_path = Path(index_path) if index_path else src_path.with_suffix(".idx")
+    if not src_path.is_file():
+        raise UserError(f"JSONL file not found: {src_path}")
+    if index_path.exists():
+        raise UserError(f"the index {index_path} already exists: delete it or give another --index_path")
+    entries: list[tuple[int, int]] = []
+    offset = 0
+    with src_path.open("rb") as f:
+        for number, line in enumerate(f, start=1):
+            body = line[:-1] if line.endswith(b"\n") else line
+            try:
+                json.loads(body)
+            except ValueError as e:
+                raise UserError(
+                    f"{src_path}, line {number}: not valid JSON ({e}); Modalities' index accepts only JSON lines"
+                ) from None
+            entries.append((offset, len(body)))
+            offset += len(line)
+    index_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = index_path.with_name(index_path.name + ".tmp")
+    tmp.write_bytes(pickle.dumps(entries))
+    tmp.replace(index_path)
+    return index_path
+
+
+class PackSettings(BaseModel):
+    """The `settings` block of Modalities' data-preparation config (`PackedDatasetSettings`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    src_path: Path
+    dst_path: Path | None = None
+    index_path: Path | None = None
+    jq_pattern: str
+    num_cpus: int = Field(os.cpu_count() or 1, ge=1)
+    eod_token: str
+    processing_batch_size: int = Field(ge=1)
+    raw_samples_queue_size: int = Field(ge=1)
+    processed_samples_queue_size: int = Field(ge=1)
+    sequence_length: int | None = None  # only a value for interpolation (max_length: ${settings.sequence_length})
+
+
+def pack_encoded_data(config_path: Path, *, overrides: tuple[str, ...] = (), overwrite: bool = False) -> Path:
+    """Tokenize the indexed JSONL file that a Modalities data-preparation config names into a `.pbin` file."""
+    from lorafit.config.graph import ConfigGraph, pydantic_problems
+    from lorafit.config.loader import load_config
+    from lorafit.modalities.tokenizer import ModalitiesTokenizer
+
+    load_builtin_components()
+    config = load_config(Path(config_path), overrides=overrides)
+    unknown = sorted(set(config) - {"settings", "tokenizer"})
+    if unknown:
+        raise ConfigError(
+            f"unknown top-level key '{unknown[0]}'; a data-preparation config holds settings and tokenizer",
+            field=unknown[0],
+        )
+    try:
+        settings = PackSettings.model_validate(config.get("settings") or {})
+    except ValidationError as e:
+        raise ConfigError("", problems=pydantic_problems(e, "settings", PackSettings)) from None
+    if "tokenizer" not in config:
+        raise ConfigError("a data-preparation config needs a top-level 'tokenizer' component", field="tokenizer")
+    graph = ConfigGraph(config)
+    problems = graph.check(["tokenizer"])
+    if problems:
+        raise ConfigError("", problems=problems)
+    tokenizer = graph.build("tokenizer")
+    if not isinstance(tokenizer, ModalitiesTokenizer):
+        raise ConfigError(
+            "expected tokenizer/pretrained_hf_tokenizer (Modalities' tokenizer, which knows padding and truncation)",
+            field="tokenizer.variant_key",
+        )
+    src = settings.src_path
+    if not src.is_file():
+        raise ConfigError(f"file not found: {src}", field="settings.src_path")
+    dst = settings.dst_path or src.with_suffix(".pbin")
+    if dst.exists() and not overwrite:
+        raise UserError(f"{dst} already exists (settings.dst_path): delete it, or pass --overwrite")
+    index_path = settings.index_path or src.with_suffix(".idx")
+    if not index_path.is_file():
+        raise ConfigError(
+            f"index not found: {index_path}; make it with `lorafit data create_raw_index {src}`",
+            field="settings.index_path",
+        )
+    index = read_raw_index(index_path)
+    try:
+        eod = tokenizer.get_token_id(settings.eod_token)
+    except UserError as e:
+        raise e.prefixed("settings.eod_token") from None
+    program = _compile_jq(settings.jq_pattern)
+    token_size = token_size_for(tokenizer.vocab_size)
+    os.environ.setdefault("RAYON_NUM_THREADS", str(settings.num_cpus))  # the fast tokenizer's worker threads
+    documents = _documents(src, index, program, tokenizer, eod, settings.processing_batch_size)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    count = write_pbin(dst, documents, token_size)
+    info(f"packed {count:,} documents from {src} into {dst} ({token_size} bytes per token)")
+    return dst
+
+
+def load_builtin_components() -> None:
+    from lorafit.components import load_builtin_components as load
+
+    load()
+
+
+def _compile_jq(pattern: str) -> Any:
+    import jq
+
+    try:
+        return jq.compile(pattern)
+    except ValueError as e:
+        raise ConfigError(f"invalid jq program {pattern!r}: {str(e).strip()}", field="settings.jq_pattern") from None
+
+
+def _documents(src: Path, index, program, tokenizer, eod: int, batch_size: int):
+    """Token lists, one per indexed line, EOD appended; texts tokenized `batch_size` at a time."""
+    with src.open("rb") as f:
+        data = f.read() if src.stat().st_size < 2**31 else None
+
+        def line(start: int, length: int) -> str:
+            if data is not None:
+                return data[start : start + length].decode("utf-8")
+            f.seek(start)
+            return f.read(length).decode("utf-8")
+
+        texts: list[str] = []
+        for number, (start, length) in enumerate(index.tolist(), start=1):
+            try:
+                value = program.input_text(line(start, length)).first()
+            except (ValueError, StopIteration) as e:
+                raise UserError(f"{src}, line {number}: the jq program found nothing ({e})") from None
+            if not isinstance(value, str):
+                raise UserError(
+                    f"{src}, line {number}: the jq program gives {type(value).__name__} "
+                    f"{str(value)[:60]!r}, not a text to tokenize (settings.jq_pattern)"
+                )
+            texts.append(value)
+            if len(texts) == batch_size:
+                yield from _tokenized(texts, tokenizer, eod, src)
+                texts = []
+        yield from _tokenized(texts, tokenizer, eod, src)
+
+
+def _tokenized(texts: list[str], tokenizer, eod: int, src: Path):
+    if not texts:
+        return
+    if tokenizer.padding in (True, "longest"):  # padding to the longest of a batch: one text at a time, as Modalities
+        encoded = [tokenizer.tokenize(text) for text in texts]
+    else:
+        encoded = tokenizer.tokenizer(
+            texts, max_length=tokenizer.max_length, padding=tokenizer.padding, truncation=tokenizer.truncation
+        )["input_ids"]
+    for tokens in encoded:
+        if not tokens:
+            warn(f"{src}: an empty document is left out (as Modalities does)")
+            continue
+        yield [*tokens, eod]
