@@ -118,8 +118,9 @@ def _check_and_place(plan, config, world_size: int, sources: dict[str, str], req
     plan = resume.check_continuation(plan, read_resolved(plan.source_run), config, world_size, sources,
                                      request.allow_config_change)  # fmt: skip
     if plan.new_run:
-        plan.run_dir = create_run_dir(root, request.experiment_id, Path(request.config_file_path), config,
-                                      request.overrides)
+        plan.run_dir = create_run_dir(
+            root, request.experiment_id, Path(request.config_file_path), config, request.overrides
+        )
     return plan
 
 
