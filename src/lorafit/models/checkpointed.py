@@ -27,7 +27,7 @@ from torch import nn
 
 from lorafit.config.context import current_context
 from lorafit.config.registry import Component, ComponentConfig, register_component
-from lorafit.console import warn
+from lorafit.console import info, warn
 from lorafit.errors import UserError
 from lorafit.models.dtypes import dtype_name, to_dtype
 from lorafit.models.weights import load_into, load_state_dict_file, resolve_weights_path
@@ -94,9 +94,26 @@ class TorchCheckpointLoader:
         """Load `path` into `model` (keys and shapes checked), then move it to the device and cast it."""
         device = self.resolve_device()
         state_dict = load_state_dict_file(path)
+        state_dict = _with_model_names(model, state_dict, path)
         load_into(model, state_dict, source=str(path))
         del state_dict
         return model.to(device=device, dtype=to_dtype(self.precision))
+
+
+def _with_model_names(model: nn.Module, state_dict: dict[str, torch.Tensor], path) -> dict[str, torch.Tensor]:
+    """Modalities' names (wrapper prefixes, bare LoRA A/B) mapped to the model's, said in the log; when keys still
+    do not fit, the error says which mapping is missing."""
+    from lorafit.modalities.checkpoint_keys import describe_unmapped, map_modalities_keys
+
+    expected = model.state_dict().keys()
+    state_dict, notes = map_modalities_keys(state_dict, expected)
+    for note in notes:
+        info(f"{path}: {note}")
+    unexpected = [k for k in state_dict if k not in expected]
+    hint = describe_unmapped(unexpected, expected)
+    if hint:
+        raise UserError(f"{path} does not fit the model ({type(model).__name__}){hint}")
+    return state_dict
 
 
 @register_component("checkpoint_loading", "torch", TorchCheckpointLoadingConfig)
