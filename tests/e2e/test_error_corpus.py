@@ -919,11 +919,13 @@ def test_no_source_file_loads_data_in_a_way_that_can_run_code():
 
 
 def test_the_config_loader_is_safe_yaml():
-    """yaml.safe_load refuses every Python tag before anything is constructed."""
+    """yaml.SafeLoader refuses every Python tag before anything is constructed."""
     from lorafit.config.loader import read_yaml
+    from lorafit.config.strict_yaml import _StrictLoader
     from lorafit.errors import ConfigError
 
-    assert "yaml.safe_load(" in (SRC / "config" / "loader.py").read_text()
+    assert "load_yaml_text(" in (SRC / "config" / "loader.py").read_text()
+    assert issubclass(_StrictLoader, yaml.SafeLoader)
     for tag in ("!!python/object/apply:os.system ['true']", "!!python/name:os.system", "!!python/module:os",
                 "!!python/object/new:subprocess.Popen [['true']]"):  # fmt: skip
         path = Path(os.environ.get("TMPDIR", "/tmp")) / f"lorafit_tag_{os.getpid()}.yaml"

@@ -12,6 +12,7 @@ import hashlib
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -248,4 +249,62 @@ def test_untrusted_adapter_config_is_checked_before_anything_is_allocated(
     code, err = cli(argv, capsys)
     assert_one_error(code, err, *fragments)
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before < 200_000  # KiB: nothing huge
+    assert_unchanged(before, snapshot(tmp_path))
+
+
+# ----------------------------------------------------------- 8, 12, 14. hostile YAML: aliases, depth, duplicate keys
+def _valid_config_text(tmp_path: Path, model_dir: Path) -> str:
+    return yaml.safe_dump(tiny_run_config(model_dir, LOREM, tmp_path / "cache" / "lorem"), sort_keys=False)
+
+
+def test_alias_bomb_is_refused_at_once_even_under_an_unknown_key(tmp_path, tiny_model_dir):
+    levels = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    levels += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 10)]
+    bomb = "not_a_known_key:\n" + "".join(f"  {line}\n" for line in levels)
+    config = tmp_path / "config.yaml"
+    config.write_text(_valid_config_text(tmp_path, tiny_model_dir) + bomb)
+    before = snapshot(tmp_path)
+    started = time.monotonic()
+    result = lorafit_process(["validate", "--config_file_path", str(config)], timeout=60)
+    assert time.monotonic() - started < 30
+    assert_one_error(result.returncode, result.stderr, "config.yaml: line", "expands to more than 100,000 values",
+                     "through aliases")  # fmt: skip
+    assert_unchanged(before, snapshot(tmp_path))
+
+
+@pytest.mark.parametrize("style", ["flow", "block", "aliases"])
+def test_config_nested_5000_levels_deep_is_one_clear_error(style, tmp_path, tiny_model_dir, capsys):
+    n = 5000
+    if style == "flow":
+        deep = "note: " + "[" * n + "]" * n + "\n"
+    elif style == "block":
+        deep = "note:\n  " + "- " * n + "1\n"  # block style: 5,000 nested one-item lists on one line
+    else:  # a chain of anchors, each one list deeper than the last: shallow text, deep once expanded
+        deep = "note:\n  a0: &a0 [1]\n" + "".join(f"  a{i}: &a{i} [*a{i - 1}]\n" for i in range(1, 200))
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        _valid_config_text(tmp_path, tiny_model_dir).replace(
+            "settings:\n", "settings:\n  " + deep.replace("\n", "\n  ").rstrip() + "\n", 1
+        )
+    )
+    before = snapshot(tmp_path)
+    code, err = cli(["validate", "--config_file_path", str(config)], capsys)
+    assert_one_error(code, err, "config.yaml: line", "more than 48 levels deep")
+    assert_unchanged(before, snapshot(tmp_path))
+
+
+def test_duplicate_key_names_both_lines(tmp_path, tiny_model_dir, capsys):
+    text = _valid_config_text(tmp_path, tiny_model_dir)
+    text = text.replace("    r: 2\n", "    r: 4\n    alpha: 4\n    r: 16\n", 1).replace(
+        "    alpha: 4\n    target", "    target", 1
+    )
+    config = tmp_path / "config.yaml"
+    config.write_text(text)
+    lines = text.splitlines()
+    first, second = (i + 1 for i, line in enumerate(lines) if line.startswith("    r: "))
+    before = snapshot(tmp_path)
+    code, err = cli(["validate", "--config_file_path", str(config)], capsys)
+    assert_one_error(
+        code, err, f"config.yaml: model.config.r: the key 'r' is given twice, at line {first} and line {second}"
+    )
     assert_unchanged(before, snapshot(tmp_path))

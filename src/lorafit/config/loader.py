@@ -1,7 +1,8 @@
 """Read a YAML config and resolve its `${...}` interpolations with OmegaConf.
 
-YAML is parsed with `yaml.safe_load` (no Python tags, so a config can never construct arbitrary objects) and only
-then handed to OmegaConf, which gives us interpolation and the resolvers Modalities configs use:
+YAML is parsed with `yaml.SafeLoader` (no Python tags, so a config can never construct arbitrary objects; bounded
+depth and alias expansion, unique keys: see `strict_yaml`) and only then handed to OmegaConf, which gives us
+interpolation and the resolvers Modalities configs use:
 `${cuda_env:LOCAL_RANK|RANK|WORLD_SIZE}` and `${lorafit_env:...}` (alias `${modalities_env:...}`).
 Every value that fails to resolve is reported, each with its YAML path, in one error.
 """
@@ -20,6 +21,7 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import GrammarParseError, OmegaConfBaseException
 
+from lorafit.config.strict_yaml import load_yaml_text
 from lorafit.errors import ConfigError, Problem, join_path
 
 
@@ -82,7 +84,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
         hint = " (it is a directory)" if path.is_dir() else ""
         raise ConfigError(f"config file not found: {path}{hint}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = load_yaml_text(path.read_text(encoding="utf-8"), path)
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not a UTF-8 text file ({e.reason} at byte {e.start})") from None
     except yaml.MarkedYAMLError as e:
