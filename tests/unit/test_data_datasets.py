@@ -44,12 +44,23 @@ def test_packed_blocks_shift_targets_by_one(packed_text):
     tokens = torch.from_numpy(data.tokens.astype(np.int64))
     ds = PackedDataset(packed_text, sequence_length=16)
     assert len(ds) == (data.num_tokens - 1) // 16
+    doc_starts = set(data.offsets.tolist())
     for i in (0, 1, len(ds) - 1, -1):
         item = ds[i]
         start = (i % len(ds)) * 16
         assert torch.equal(item["input_ids"], tokens[start : start + 16])
-        assert torch.equal(item["labels"], tokens[start + 1 : start + 17])  # labels[t] is the target of input t
-        assert item["input_ids"].dtype == item["labels"].dtype == torch.long
+        # labels[t] is the target of input t, except where that target is the next document's first token
+        expected = tokens[start + 1 : start + 17].clone()
+        crossing = [t for t in range(16) if start + t + 1 in doc_starts]
+        expected[crossing] = IGNORE_INDEX
+        assert torch.equal(item["labels"], expected)
+        # positions count from each document start inside the block (and from the block start)
+        positions, p = [], 0
+        for t in range(16):
+            p = 0 if t == 0 or start + t in doc_starts else p + 1
+            positions.append(p)
+        assert item["position_ids"].tolist() == positions
+        assert item["input_ids"].dtype == item["labels"].dtype == item["position_ids"].dtype == torch.long
     with pytest.raises(IndexError):
         ds[len(ds)]
 
@@ -58,7 +69,8 @@ def test_packed_blocks_of_instruction_data_mask_prompts(packed_chat):
     data = PackedTokens(packed_chat)
     ds = PackedDataset(packed_chat, sequence_length=8)
     labels = torch.cat([ds[i]["labels"] for i in range(len(ds))])
-    covered = data.mask[1 : 1 + len(labels)]
+    covered = data.mask[1 : 1 + len(labels)].copy()
+    covered[data.offsets[1:-1] - 1] = 0  # a conversation's first token is no target of the one before
     assert torch.equal(labels == IGNORE_INDEX, torch.from_numpy(covered == 0))
     assert torch.equal(labels[labels != IGNORE_INDEX], torch.from_numpy(data.tokens[1 : 1 + len(labels)][covered == 1]
                                                                        .astype(np.int64)))  # fmt: skip

@@ -25,8 +25,9 @@ from pydantic import Field
 
 from lorafit.config.context import current_context
 from lorafit.config.registry import ComponentConfig, register_component
-from lorafit.console import warn
+from lorafit.console import info, warn
 from lorafit.data.pack import PackedTokens, resolve_prefix
+from lorafit.data.packing import TooLong, plan_conversations, positions_and_boundaries
 from lorafit.errors import UserError
 
 IGNORE_INDEX = -100
@@ -93,7 +94,11 @@ class _PackedBase(torch.utils.data.Dataset):
 
 
 class PackedDataset(_PackedBase):
-    """Non-overlapping blocks of sequence_length + 1 tokens (stride sequence_length) over all documents."""
+    """Non-overlapping blocks of sequence_length + 1 tokens (stride sequence_length) over all documents.
+
+    A document may continue into the next block (text); inside a block each document piece has its own
+    positions from 0 and attends only to itself (`position_ids`; see `lorafit.data.packing`).
+    """
 
     def _prepare(self) -> None:
         seq = self.sequence_length
@@ -108,7 +113,12 @@ class PackedDataset(_PackedBase):
         seq = self._seq()
         start = self._index(i) * seq
         inputs = torch.from_numpy(self.data.tokens[start : start + seq].astype(np.int64))
-        return {"input_ids": inputs, "labels": self._labels(start + 1, start + seq + 1)}
+        labels = self._labels(start + 1, start + seq + 1)
+        # documents in the block do not see each other: positions restart at each document (see packing.py),
+        # and a document's last token is not trained to predict the next document's first
+        positions, boundaries = positions_and_boundaries(self.data.offsets, start, seq)
+        labels[torch.from_numpy(boundaries)] = IGNORE_INDEX
+        return {"input_ids": inputs, "labels": labels, "position_ids": torch.from_numpy(positions)}
 
 
 class InstructionDataset(_PackedBase):
@@ -151,6 +161,52 @@ class InstructionDataset(_PackedBase):
         return {"input_ids": inputs, "labels": self._labels(start + 1, end)}
 
 
+class PackedInstructionDataset(_PackedBase):
+    """Blocks of up to sequence_length positions, each holding whole conversations (never one split in two).
+
+    Every conversation keeps its own positions from 0 and attends only to itself; the block is as long as its
+    conversations (the collator pads a batch to its longest block). `too_long` says what happens to a
+    conversation longer than a block: `drop` (default) or `truncate`; both are counted and reported.
+    """
+
+    def __init__(self, path: str | os.PathLike, sequence_length: int | None = None, too_long: TooLong = "drop"):
+        super().__init__(path, sequence_length)
+        self.too_long = too_long
+        self.plan = None
+
+    def _prepare(self) -> None:
+        data, seq = self._data, self.sequence_length
+        starts = data.offsets[:-1]
+
+        def trained_within(lengths: np.ndarray) -> np.ndarray:
+            if data.mask is None:
+                return lengths
+            return _range_sums(data.mask, starts + 1, starts + 1 + np.maximum(lengths, 0))
+
+        self.plan = plan_conversations(np.diff(data.offsets), trained_within, seq, self.too_long)
+        if not self.plan.num_blocks:
+            hint = " (too_long: drop; try sequence_length or too_long: truncate)" if self.plan.too_long else ""
+            raise UserError(f"{self.prefix}: no conversation with an answer token fits a block of {seq} tokens{hint}",
+                            field="sequence_length")  # fmt: skip
+        message = self.plan.summary(str(self.prefix))
+        (warn if self.plan.too_long or self.plan.dropped_untrained else info)(message)
+
+    def __len__(self) -> int:
+        self._seq()
+        return self.plan.num_blocks
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        self._seq()
+        docs, lengths = self.plan.block(self._index(i))
+        inputs, labels, positions = [], [], []
+        for doc, length in zip(docs.tolist(), lengths.tolist(), strict=True):
+            start = int(self.data.offsets[doc])
+            inputs.append(torch.from_numpy(self.data.tokens[start : start + length].astype(np.int64)))
+            labels.append(self._labels(start + 1, start + length + 1))
+            positions.append(torch.arange(length))
+        return {"input_ids": torch.cat(inputs), "labels": torch.cat(labels), "position_ids": torch.cat(positions)}
+
+
 def _range_sums(values: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
     """sum(values[s:e]) for each (s, e), without a cumulative sum as long as `values` (it can be gigabytes):
     prefix sums only at the range boundaries, from one `np.add.reduceat` over the sorted boundaries."""
@@ -163,9 +219,11 @@ def _range_sums(values: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.
 
 
 class Collator:
-    """Pads a list of {"input_ids", "labels"} items on the right to the longest (or to `pad_to`).
+    """Pads a list of {"input_ids", "labels"[, "position_ids"]} items on the right to the longest (or to `pad_to`).
 
-    Returns LongTensors input_ids (pad_token_id), labels (-100) and attention_mask (1 = real token).
+    Returns LongTensors input_ids (pad_token_id), labels (-100) and attention_mask (1 = real token), and for
+    packed items position_ids (the padding's restart at 0). The loss passes position_ids INSTEAD of the 2D
+    mask: transformers detects packed documents only without one (lorafit.training.loss).
     """
 
     def __init__(self, pad_token_id: int = 0, pad_to: int | None = None):
@@ -182,12 +240,20 @@ class Collator:
         input_ids = torch.full((len(batch), length), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(batch), length), IGNORE_INDEX, dtype=torch.long)
         attention_mask = torch.zeros((len(batch), length), dtype=torch.long)
+        packed = "position_ids" in batch[0]
+        # padding restarts at position 0: to the packed-sequence mask it is one more document, seen by nothing real
+        position_ids = torch.arange(length).repeat(len(batch), 1) if packed else None
         for row, item in enumerate(batch):
             n = len(item["input_ids"])
             input_ids[row, :n] = item["input_ids"]
             labels[row, :n] = item["labels"]
             attention_mask[row, :n] = 1
-        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+            if packed:
+                position_ids[row, :n] = item["position_ids"]
+        out = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+        if packed:
+            out["position_ids"] = position_ids
+        return out
 
 
 collate = Collator()

@@ -22,14 +22,14 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field
 
 from lorafit.config.context import current_context
 from lorafit.config.registry import Component, ComponentConfig, register_component
 from lorafit.console import info, is_main_rank
-from lorafit.data.datasets import InstructionDataset, PackedDataset
+from lorafit.data.datasets import InstructionDataset, PackedDataset, PackedInstructionDataset
 from lorafit.data.pack import pack_file, resolve_prefix
 from lorafit.errors import UserError
 
@@ -47,8 +47,10 @@ class RawTextConfig(ComponentConfig):
 class RawInstructionConfig(ComponentConfig):
     """A .jsonl file of conversations rendered with `tokenizer`'s chat template into `cache_path` on first use.
 
-    `packing: true` concatenates conversations into fixed blocks of sequence_length (no padding, several
-    conversations per sample; the loss stays on the answers only); false gives one padded sample each.
+    `packing: true` bin-packs whole conversations into blocks of up to sequence_length tokens (several per
+    sample, each attending only to itself, never one split over two blocks; lorafit.data.packing); false gives
+    one padded sample each. `too_long` (packing only): a conversation longer than a block is dropped (default:
+    a cut answer would train the model to stop mid-answer, or never to stop) or truncated; both are reported.
     """
 
     path: str
@@ -56,6 +58,7 @@ class RawInstructionConfig(ComponentConfig):
     cache_path: str | None = None
     sequence_length: int | None = Field(None, ge=1)
     packing: bool = False
+    too_long: Literal["drop", "truncate"] = "drop"
 
 
 CACHE_MARK = "lorafit dataset cache"  # in every stamp the cache writes: what proves the files are its own
@@ -189,7 +192,7 @@ def _pack_if_stale(source: Path, tokenizer: Any, prefix: Path, kind: str, jsonl_
     return prefix
 
 
-def _build(config: RawTextConfig | RawInstructionConfig, kind: str, cls: type) -> Any:
+def _build(config: RawTextConfig | RawInstructionConfig, kind: str, make: Any) -> Any:
     source = Path(config.path)
     if not source.is_file():
         raise UserError(f"file not found: {source}", field="path")
@@ -197,9 +200,9 @@ def _build(config: RawTextConfig | RawInstructionConfig, kind: str, cls: type) -
     prefix = resolve_prefix(config.cache_path) if config.cache_path else default
     if not current_context().load_weights:  # `lorafit validate`: nothing is tokenized, the cache path is checked
         check_cache_owner(source, prefix)
-        return cls(prefix, config.sequence_length)
+        return make(prefix, config.sequence_length)
     prefix = ensure_packed(source, config.tokenizer, prefix, kind, getattr(config, "jsonl_field", None))
-    dataset = cls(prefix, config.sequence_length)
+    dataset = make(prefix, config.sequence_length)
     dataset.data  # noqa: B018 - opens and checks now rather than in the training loop
     return dataset
 
@@ -213,4 +216,6 @@ def build_text_dataset(config: RawTextConfig) -> PackedDataset:
 @register_component("dataset", "jsonl_instruction", RawInstructionConfig)
 def build_jsonl_instruction_dataset(config: RawInstructionConfig) -> InstructionDataset:
     """One sample per conversation of a raw .jsonl file, tokenized into a cache on first use."""
-    return _build(config, "instruction", PackedDataset if config.packing else InstructionDataset)
+    if config.packing:
+        return _build(config, "instruction", lambda *a: PackedInstructionDataset(*a, too_long=config.too_long))
+    return _build(config, "instruction", InstructionDataset)

@@ -82,9 +82,9 @@ def evaluate(
             for batch in eval_micro_batches(dataset, env, micro_batch_size, max_batches, fn):
                 batch = to_device(batch, env.device)
                 with autocast():
-                    loss_sum = model(
-                        input_ids=batch["input_ids"], labels=batch["labels"], attention_mask=batch.get("attention_mask")
-                    )
+                    loss_sum = model(input_ids=batch["input_ids"], labels=batch["labels"],
+                                     attention_mask=batch.get("attention_mask"),
+                                     position_ids=batch.get("position_ids"))  # fmt: skip
                 total[0] += loss_sum.double()
                 total[1] += (batch["labels"] != IGNORE_INDEX).sum()
             env.all_reduce_sum(total)

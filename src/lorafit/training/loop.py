@@ -97,7 +97,8 @@ def train(job: TrainJob) -> TrainResult:
                     with strategy.accumulating(model, sync=i == accum - 1):  # reduce once, on the last micro-batch
                         with strategy.autocast(env):
                             summed = model(input_ids=batch["input_ids"], labels=batch["labels"],
-                                           attention_mask=batch.get("attention_mask"))  # fmt: skip
+                                           attention_mask=batch.get("attention_mask"),
+                                           position_ids=batch.get("position_ids"))  # fmt: skip
                         (summed * scale).backward()
                     loss_sum += summed.detach().double()
                 loss = float(env.all_reduce_sum(loss_sum)) / max(n_targets, 1.0)

@@ -139,25 +139,32 @@ def _plain_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     return decoder, head
 
 
-def _forward_loss(self: nn.Module, input_ids, labels, attention_mask=None, *, chunk_tokens: int | None = None):
+def _forward_loss(self: nn.Module, input_ids, labels, attention_mask=None, position_ids=None, *,
+                  chunk_tokens: int | None = None):  # fmt: skip
+    if position_ids is not None:
+        # packed documents (lorafit.data.packing): transformers builds the block-diagonal causal mask from the
+        # position restarts only when no 2D mask is given; padding restarts at 0 too, so it is a document of its own
+        attention_mask = None
+    inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
     parts = _plain_head(self)
     if parts is None:  # the model's own forward (full logits), CE over chunks of them
-        logits = type(self).forward(self, input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        logits = type(self).forward(self, **inputs).logits
         return summed_cross_entropy(nn.Identity(), logits, labels, chunk_tokens)
     decoder, head = parts
-    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    hidden = decoder(**inputs).last_hidden_state
     return linear_cross_entropy(hidden, head, labels, chunk_tokens)
 
 
 @contextlib.contextmanager
 def loss_forward(model: nn.Module, chunk_tokens: int | None = 256) -> Iterator[nn.Module]:
-    """While active, `model(input_ids=..., labels=..., attention_mask=...)` returns the summed token CE (fp32)."""
+    """While active, `model(input_ids=..., labels=..., attention_mask=..., position_ids=...)` returns the summed
+    token CE (fp32). With `position_ids` (packed documents) the attention mask is built from them instead."""
     from lorafit.lora.model import unwrap
 
     inner = unwrap(model)
     inner.forward = types.MethodType(
-        lambda self, input_ids, labels, attention_mask=None: _forward_loss(
-            self, input_ids, labels, attention_mask, chunk_tokens=chunk_tokens
+        lambda self, input_ids, labels, attention_mask=None, position_ids=None: _forward_loss(
+            self, input_ids, labels, attention_mask, position_ids, chunk_tokens=chunk_tokens
         ),
         inner,
     )
