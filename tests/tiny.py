@@ -78,3 +78,58 @@ def save_tiny_model_dir(path: Path, seed: int = 0) -> Path:
     make_llama(seed).save_pretrained(path)
     make_tokenizer().save_pretrained(path)
     return path
+
+
+def tiny_run_config(model_dir: Path, tmp: Path, loggers: dict | None = None, steps: int = 4) -> dict:
+    """A whole `lorafit run` config on the tiny Llama in `model_dir`: LoRA on q/v, the lorem ipsum text, an eval
+    dataset and an exact-match evaluator (3 chat questions written into `tmp`)."""
+    import json
+
+    lorem = Path(__file__).resolve().parents[1] / "data" / "lorem_ipsum" / "lorem_ipsum.txt"
+    examples = [("Say yes.", "yes"), ("Say no.", "no"), ("Name a colour.", "red")]
+    heldout = tmp / "heldout.jsonl"
+    heldout.write_text(
+        "".join(
+            json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}) + "\n"
+            for q, a in examples
+        )
+    )
+    tokenizer = {"instance_key": "tokenizer", "pass_type": "BY_REFERENCE"}
+    return {
+        "settings": {
+            "seed": 3,
+            "step_profile": {"local_train_micro_batch_size": 2, "sequence_length": 32},
+            "training_target": {"num_target_steps": steps},
+            "intervals": {"training_log_interval_in_steps": 3, "evaluation_interval_in_steps": 2},
+            "eval_max_batches": 2,
+            "loggers": loggers or {},
+        },
+        "tokenizer": {"component_key": "tokenizer", "variant_key": "huggingface", "config": {"path": str(model_dir)}},
+        "model": {
+            "component_key": "model",
+            "variant_key": "lora",
+            "config": {
+                "r": 4,
+                "alpha": 8,
+                "target_layers": ["q_proj", "v_proj"],
+                "model": {
+                    "component_key": "model",
+                    "variant_key": "huggingface_pretrained_model",
+                    "config": {"model_name_or_path": str(model_dir)},
+                },
+            },
+        },
+        "train_dataset": {
+            "component_key": "dataset",
+            "variant_key": "text",
+            "config": {"path": str(lorem), "cache_path": str(tmp / "lorem"), "tokenizer": tokenizer},
+        },
+        "eval_datasets": {"lorem": {"instance_key": "train_dataset", "pass_type": "BY_REFERENCE"}},
+        "evaluators": [
+            {
+                "component_key": "evaluator",
+                "variant_key": "exact_match",
+                "config": {"path": str(heldout), "max_new_tokens": 4, "name": "qa"},
+            }
+        ],
+    }

@@ -12,61 +12,10 @@ import pytest
 import yaml
 
 from lorafit.cli import main
+from tiny import tiny_run_config
 from tracker_files import mlflow_metrics, wandb_config, wandb_history
 
-REPO = Path(__file__).resolve().parents[2]
-LOREM = REPO / "data" / "lorem_ipsum" / "lorem_ipsum.txt"
 STEPS = 4
-
-
-def tracked_config(model_dir: Path, tmp: Path, loggers: dict) -> dict:
-    examples = [("Say yes.", "yes"), ("Say no.", "no"), ("Name a colour.", "red")]
-    heldout = tmp / "heldout.jsonl"
-    heldout.write_text(
-        "".join(
-            json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}) + "\n"
-            for q, a in examples
-        )
-    )
-    tokenizer = {"instance_key": "tokenizer", "pass_type": "BY_REFERENCE"}
-    return {
-        "settings": {
-            "seed": 3,
-            "step_profile": {"local_train_micro_batch_size": 2, "sequence_length": 32},
-            "training_target": {"num_target_steps": STEPS},
-            "intervals": {"training_log_interval_in_steps": 3, "evaluation_interval_in_steps": 2},
-            "eval_max_batches": 2,
-            "loggers": loggers,
-        },
-        "tokenizer": {"component_key": "tokenizer", "variant_key": "huggingface", "config": {"path": str(model_dir)}},
-        "model": {
-            "component_key": "model",
-            "variant_key": "lora",
-            "config": {
-                "r": 4,
-                "alpha": 8,
-                "target_layers": ["q_proj", "v_proj"],
-                "model": {
-                    "component_key": "model",
-                    "variant_key": "huggingface_pretrained_model",
-                    "config": {"model_name_or_path": str(model_dir)},
-                },
-            },
-        },
-        "train_dataset": {
-            "component_key": "dataset",
-            "variant_key": "text",
-            "config": {"path": str(LOREM), "cache_path": str(tmp / "lorem"), "tokenizer": tokenizer},
-        },
-        "eval_datasets": {"lorem": {"instance_key": "train_dataset", "pass_type": "BY_REFERENCE"}},
-        "evaluators": [
-            {
-                "component_key": "evaluator",
-                "variant_key": "exact_match",
-                "config": {"path": str(heldout), "max_new_tokens": 4, "name": "qa"},
-            }
-        ],
-    }
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +23,7 @@ def tracked_run(tiny_model_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("trackers")
     loggers = {"wandb": {"mode": "OFFLINE", "project": "lorafit-test"}, "mlflow": {"experiment_name": "tiny"}}
     path = tmp / "tracked.yaml"
-    path.write_text(yaml.safe_dump(tracked_config(tiny_model_dir, tmp, loggers), sort_keys=False))
+    path.write_text(yaml.safe_dump(tiny_run_config(tiny_model_dir, tmp, loggers, steps=STEPS), sort_keys=False))
     assert (
         main(
             [
@@ -150,7 +99,7 @@ def test_tensorboard_events_hold_every_number(tracked_run):
 
 def test_log_says_which_loggers_are_on_and_off(tiny_model_dir, tmp_path, capsys):
     path = tmp_path / "c.yaml"
-    config = tracked_config(tiny_model_dir, tmp_path, {"tensorboard": False, "wandb": {"mode": "disabled"}})
+    config = tiny_run_config(tiny_model_dir, tmp_path, {"tensorboard": False, "wandb": {"mode": "disabled"}})
     config["settings"]["training_target"]["num_target_steps"] = 1
     del config["evaluators"]
     path.write_text(yaml.safe_dump(config))
@@ -168,7 +117,7 @@ def test_log_says_which_loggers_are_on_and_off(tiny_model_dir, tmp_path, capsys)
 def test_missing_tracker_package_is_one_clear_error(tiny_model_dir, tmp_path, capsys, monkeypatch, key, module, extra):
     monkeypatch.setitem(sys.modules, module, None)  # what an environment without the package gives
     path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump(tracked_config(tiny_model_dir, tmp_path, {key: {}})))
+    path.write_text(yaml.safe_dump(tiny_run_config(tiny_model_dir, tmp_path, {key: {}})))
     assert main(["validate", "--config_file_path", str(path)]) == 2
     err = " ".join(capsys.readouterr().err.split())
     assert f"settings.loggers.{key}: the '{module}' package is not installed; pip install 'lorafit[{extra}]'" in err
@@ -179,7 +128,7 @@ def test_missing_tracker_package_is_one_clear_error(tiny_model_dir, tmp_path, ca
 def test_bad_logger_settings_are_rejected_with_their_path(tiny_model_dir, tmp_path, capsys):
     path = tmp_path / "c.yaml"
     path.write_text(
-        yaml.safe_dump(tracked_config(tiny_model_dir, tmp_path, {"wandb": {"mode": "sometimes"}, "neptune": {}}))
+        yaml.safe_dump(tiny_run_config(tiny_model_dir, tmp_path, {"wandb": {"mode": "sometimes"}, "neptune": {}}))
     )
     assert main(["validate", "--config_file_path", str(path)]) == 2
     err = " ".join(capsys.readouterr().err.split())

@@ -5,6 +5,7 @@
       variant_key: fsdp2              # or ddp, none
       config:
         mixed_precision: bf16         # fp32 (default) | bf16: GPU bf16 params + fp32 reduce, CPU bf16 autocast
+                                      # | auto: the fastest here (bf16 on GPUs and AMX CPUs), said in the log
         activation_checkpointing: true
         compile: false                # torch.compile each decoder block
 
@@ -37,7 +38,9 @@ from lorafit.errors import UserError
 class ParallelismConfig(ComponentConfig):
     """How the model is replicated or sharded over the processes of the run."""
 
-    mixed_precision: Literal["fp32", "bf16"] = "fp32"
+    mixed_precision: Literal["fp32", "bf16", "auto"] = Field(
+        "fp32", description="auto: bf16 where it is faster (bf16 GPUs, AMX CPUs), else fp32; said in the log"
+    )
     activation_checkpointing: bool = False
     compile: bool = Field(False, description="torch.compile each decoder block")
 
@@ -49,11 +52,20 @@ class Strategy:
 
     def __init__(self, config: ParallelismConfig | None = None):
         self.config = config or ParallelismConfig()
+        self._precision: str | None = None  # `mixed_precision` resolved for the device (auto -> fp32 | bf16)
+
+    def precision(self, env: DistEnv) -> str:
+        if self._precision is None:
+            from lorafit.distributed.precision import resolve_precision
+
+            self._precision = resolve_precision(self.config.mixed_precision, env.device)
+        return self._precision
 
     def wrap(
         self, model: nn.Module, env: DistEnv, load_weights: Callable[[nn.Module], None] | None = None
     ) -> nn.Module:
         """Prepare `model` for training on `env` (checkpointing, compile, device, sharding); returns what to call."""
+        self.precision(env)  # resolved (and said) once, before anything runs
         blocks = decoder_blocks(model)
         if self.config.activation_checkpointing:
             apply_activation_checkpointing(blocks)
@@ -70,7 +82,7 @@ class Strategy:
 
     def autocast(self, env: DistEnv) -> contextlib.AbstractContextManager:
         """The context the forward runs in: bf16 autocast where parameters stay fp32."""
-        if self.config.mixed_precision == "bf16":
+        if self.precision(env) == "bf16":
             return torch.autocast(device_type=env.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
@@ -81,7 +93,8 @@ class Strategy:
 
     def describe(self) -> str:
         c = self.config
-        return f"{self.name} (precision {c.mixed_precision}, activation checkpointing {c.activation_checkpointing}, " \
+        precision = self._precision if c.mixed_precision == "auto" and self._precision else c.mixed_precision
+        return f"{self.name} (precision {precision}, activation checkpointing {c.activation_checkpointing}, " \
                f"compile {c.compile})"  # fmt: skip
 
 
@@ -131,7 +144,7 @@ class FSDP2Strategy(Strategy):
             )
         mesh = init_device_mesh(env.device.type, (env.world_size,))
         policy = MixedPrecisionPolicy()
-        if self.config.mixed_precision == "bf16" and env.device.type == "cuda":
+        if self.precision(env) == "bf16" and env.device.type == "cuda":
             # bf16 compute and all-gathers; gradients reduced in fp32 (adapter updates are small numbers)
             policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         if not blocks:
