@@ -76,17 +76,21 @@ def count_targets(batches) -> int:
     return sum(int((b["labels"] != -100).sum()) for b in batches)
 
 
-def loss_and_grads(model, batches, scale: float) -> tuple[float, dict[str, torch.Tensor]]:
-    """Summed token CE over `batches` (through lorafit's training loss), each backpropagated x `scale`."""
-    from lorafit.training.loss import loss_forward
+def loss_and_grads(loss_fn, batches, scale: float) -> tuple[float, dict[str, torch.Tensor]]:
+    """Summed token CE over `batches` through lorafit's training loss (`CausalLMLoss`, possibly wrapped, or a
+    model to put in one), each backpropagated x `scale`; the gradients by the model's parameter names."""
+    from lorafit.lora.model import unwrap
+    from lorafit.training.loss import CausalLMLoss
 
+    if not isinstance(loss_fn, CausalLMLoss):
+        loss_fn = CausalLMLoss(loss_fn)
+    model = unwrap(loss_fn)
     total = 0.0
     model.zero_grad(set_to_none=True)
-    with loss_forward(model):
-        for batch in batches:
-            summed = model(**batch)
-            (summed * scale).backward()
-            total += float(summed.detach())
+    for batch in batches:
+        summed = loss_fn(**batch)
+        (summed * scale).backward()
+        total += float(summed.detach())
     grads = {}
     for name, p in model.named_parameters():
         if p.grad is not None:

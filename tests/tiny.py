@@ -72,10 +72,10 @@ def make_llama(seed: int = 0, **overrides):
     return model.eval()
 
 
-def save_tiny_model_dir(path: Path, seed: int = 0) -> Path:
+def save_tiny_model_dir(path: Path, seed: int = 0, **overrides) -> Path:
     """An HF model folder (config.json + model.safetensors + tokenizer files), like a real checkpoint."""
     path.mkdir(parents=True, exist_ok=True)
-    make_llama(seed).save_pretrained(path)
+    make_llama(seed, **overrides).save_pretrained(path)
     make_tokenizer().save_pretrained(path)
     return path
 

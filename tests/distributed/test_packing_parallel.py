@@ -36,6 +36,7 @@ def _worker(rank: int, world: int, port: int, folder: str, prefixes: dict[str, s
     from lorafit.data.datasets import Collator
     from lorafit.distributed.env import init_distributed
     from lorafit.distributed.parallel import FSDP2Strategy
+    from lorafit.training.loss import CausalLMLoss
     from packing_cases import count_targets, loss_and_grads, packed_dataset
 
     env = init_distributed()
@@ -47,9 +48,9 @@ def _worker(rank: int, world: int, port: int, folder: str, prefixes: dict[str, s
             everything = [dataset[i] for i in range(len(dataset))]
             n_targets = count_targets([collate(everything)])
             mine = collate(everything[rank::world])  # this rank's blocks, one micro-batch
-            model = FSDP2Strategy().wrap(lora_model(), env)
+            loss_fn = FSDP2Strategy().wrap(CausalLMLoss(lora_model()), env)
             # FSDP2 averages gradients over ranks: x world makes them the global sum, as the training loop does
-            loss, grads = loss_and_grads(model, [mine], world / n_targets)
+            loss, grads = loss_and_grads(loss_fn, [mine], world / n_targets)
             total = torch.tensor([loss], dtype=torch.float64)
             env.all_reduce_sum(total)
             results[kind] = (float(total), grads, len(dataset))

@@ -8,85 +8,13 @@ step-2 checkpoint, so the steps after it can be compared with the source run's.
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 import shutil
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
-LOREM = REPO / "data" / "lorem_ipsum" / "lorem_ipsum.txt"
-
-
-def config(model_dir: Path, data: Path, cache: Path, *, lr: float = 3e-3, micro: int = 2, accum: int = 2) -> dict:
-    return {
-        "settings": {
-            "seed": 7,
-            "step_profile": {
-                "local_train_micro_batch_size": micro,
-                "gradient_accumulation_steps": accum,
-                "sequence_length": 32,
-            },
-            "training_target": {"num_target_steps": 4},
-            "intervals": {"training_log_interval_in_steps": 1, "checkpointing_interval_in_steps": 2},
-        },
-        "tokenizer": {"component_key": "tokenizer", "variant_key": "huggingface", "config": {"path": str(model_dir)}},
-        "base_model": {
-            "component_key": "model",
-            "variant_key": "huggingface_pretrained_model",
-            "config": {"model_name_or_path": str(model_dir)},
-        },
-        "model": {
-            "component_key": "model",
-            "variant_key": "lora",
-            "config": {
-                "r": 4,
-                "alpha": 8,
-                "target_layers": ["q_proj", "v_proj"],
-                "model": {"instance_key": "base_model", "pass_type": "BY_REFERENCE"},
-            },
-        },
-        "train_dataset": {
-            "component_key": "dataset",
-            "variant_key": "text",
-            "config": {
-                "path": str(data),
-                "cache_path": str(cache / "lorem"),
-                "tokenizer": {"instance_key": "tokenizer", "pass_type": "BY_REFERENCE"},
-            },
-        },
-        "optimizer": {"component_key": "optimizer", "variant_key": "adamw", "config": {"lr": lr}},
-        "scheduler": {"component_key": "scheduler", "variant_key": "cosine", "config": {"warmup_steps": 1}},
-    }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def lorafit_run(config_path: Path, root: Path, *extra: str, processes: int = 1) -> subprocess.CompletedProcess:
-    """`lorafit run` as a user types it: one process, or torchrun with `processes`."""
-    if processes == 1:
-        launcher = [sys.executable, "-m", "lorafit"]
-    else:
-        rendezvous = f"--rdzv-endpoint=127.0.0.1:{free_port()}"
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node",
-                    str(processes), rendezvous, str(REPO / "src/lorafit/__main__.py")]  # fmt: skip
-    command = [*launcher, "run", "--config_file_path", str(config_path), "--experiments_root_path", str(root), *extra]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
-
-
-def metrics(run_dir: Path) -> dict[int, dict]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r for r in rows if "loss" in r}
+from cli_run import LOREM, REPO, lorafit_run, metrics, tiny_run_config
 
 
 def tree_digest(folder: Path) -> dict[str, str]:
@@ -114,7 +42,7 @@ def source(tmp_path_factory, tiny_model_dir):
 
     def write(name: str, **changes) -> Path:
         path = tmp / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(config(tiny_model_dir, data, tmp, **changes), sort_keys=False))
+        path.write_text(yaml.safe_dump(tiny_run_config(tiny_model_dir, data, tmp, **changes), sort_keys=False))
         return path
 
     proc = lorafit_run(write("base"), root, "--experiment_id", "src")

@@ -39,31 +39,62 @@ def _reference(model, input_ids, labels):
 @pytest.mark.parametrize("chunk_tokens", [None, 4, 7, 4096])
 def test_chunked_loss_matches_full_logits(setup, chunk_tokens):
     from lorafit.lora import lora_parameters
-    from lorafit.training.loss import loss_forward
+    from lorafit.training.loss import CausalLMLoss
 
     model, input_ids, labels = setup
     params = lora_parameters(model)
     expected = _reference(model, input_ids, labels)
     expected_grads = torch.autograd.grad(expected, params)
-    with loss_forward(model, chunk_tokens):
-        got = model(input_ids=input_ids, labels=labels, attention_mask=torch.ones_like(input_ids))
+    mask = torch.ones_like(input_ids)
+    got = CausalLMLoss(model, chunk_tokens)(input_ids=input_ids, labels=labels, attention_mask=mask)
     got_grads = torch.autograd.grad(got, params)
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-5)
     for a, b in zip(got_grads, expected_grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)  # summation order differs per chunk
-    assert "forward" not in model.__dict__  # the override is gone afterwards
+    assert "forward" not in model.__dict__  # the model itself is untouched
     assert model(input_ids=input_ids).logits.shape == (3, 10, 384)
 
 
+@pytest.mark.parametrize("targets", [["q_proj", "lm_head"], ["lm_head"], ["embed_tokens"]])
+def test_adapters_on_an_untied_head_or_the_embeddings_get_the_reference_gradients(targets):
+    """LoRA on lm_head (untied) goes through the head module, so its adapter trains; LoRA on embed_tokens too."""
+    from lorafit.lora import apply_lora, named_lora_parameters
+    from lorafit.training.loss import CausalLMLoss
+    from tiny import make_llama
+
+    model = apply_lora(make_llama(tie_word_embeddings=False), r=4, alpha=8, target_layers=targets, seed=0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "lora_embedding_A" in name:  # the factors that start at zero: make them act
+                p.normal_(0, 0.1)
+    names, params = zip(*named_lora_parameters(model), strict=True)
+    ids = torch.randint(3, 384, (2, 9), generator=torch.Generator().manual_seed(1))
+    labels = ids.clone()
+    labels[0, :3] = -100
+    expected_grads = torch.autograd.grad(_reference(model, ids, labels), params)
+    got_grads = torch.autograd.grad(CausalLMLoss(model, 4)(input_ids=ids, labels=labels), params)
+    for name, a, b in zip(names, got_grads, expected_grads, strict=True):
+        assert b.abs().sum() > 0, name
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_lora_on_a_tied_head_is_refused_with_the_reason():
+    from lorafit.errors import UserError
+    from lorafit.lora import apply_lora
+    from tiny import make_llama
+
+    with pytest.raises(UserError, match="lm_head shares its weight with the input embeddings"):
+        apply_lora(make_llama(), r=4, alpha=8, target_layers=["q_proj", "lm_head"], seed=0)
+
+
 def test_models_with_logit_softcapping_use_their_own_forward(setup):
-    from lorafit.training.loss import loss_forward
+    from lorafit.training.loss import CausalLMLoss
 
     model, input_ids, labels = setup
     model.config.final_logit_softcapping = 30.0  # Llama ignores it; the loss must then come from .logits
     try:
         expected = _reference(model, input_ids, labels)
-        with loss_forward(model, 4):
-            got = model(input_ids=input_ids, labels=labels)
+        got = CausalLMLoss(model, 4)(input_ids=input_ids, labels=labels)
     finally:
         model.config.final_logit_softcapping = None
     torch.testing.assert_close(got, expected)

@@ -71,7 +71,8 @@ def test_decoder_blocks_come_from_no_split_modules():
 def _loss_and_grads(strategy):
     from lorafit.distributed.env import init_distributed
     from lorafit.lora import apply_lora, named_lora_parameters
-    from lorafit.training.loss import loss_forward
+    from lorafit.lora.model import unwrap
+    from lorafit.training.loss import CausalLMLoss
     from tiny import make_llama
 
     model = apply_lora(make_llama(), r=4, alpha=8, target_layers=["q_proj", "down_proj"], seed=1)
@@ -79,10 +80,11 @@ def _loss_and_grads(strategy):
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))
-    model = strategy.wrap(model, init_distributed(device="cpu")).train()
+    loss_fn = strategy.wrap(CausalLMLoss(model), init_distributed(device="cpu")).train()
+    model = unwrap(loss_fn)
     ids = torch.randint(3, 384, (2, 12), generator=torch.Generator().manual_seed(0))
-    with loss_forward(model), strategy.autocast(init_distributed(device="cpu")):
-        loss = model(input_ids=ids, labels=ids)
+    with strategy.autocast(init_distributed(device="cpu")):
+        loss = loss_fn(input_ids=ids, labels=ids)
     loss.backward()
     return loss.detach(), {n: p.grad for n, p in named_lora_parameters(model)}, model
 

@@ -78,3 +78,41 @@ def test_mlps_with_another_forward_or_activation_are_left_alone():
     assert not is_swiglu_mlp(scaled)
     mlp.act_fn = torch.nn.GELU()
     assert not is_swiglu_mlp(mlp)
+
+
+@pytest.mark.parametrize("path", __import__("lorafit.training.swiglu", fromlist=["x"]).SUPPORTED_MLPS)
+def test_each_supported_mlp_class_computes_what_its_own_forward_does(path):
+    """One check per listed class: the lean module gives the class's own output and input gradient, and is
+    swapped in only while active (the original module object comes back)."""
+    import importlib
+
+    from transformers import AutoConfig
+
+    from lorafit.training.swiglu import lean_mlps
+
+    module_name, name = path.rsplit(".", 1)
+    cls = getattr(importlib.import_module(module_name), name)
+    model_type = module_name.rsplit("_", 1)[-1]
+    config = AutoConfig.for_model(
+        model_type,
+        hidden_size=16,
+        intermediate_size=24,
+        hidden_act="silu",
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    torch.manual_seed(0)
+    holder = torch.nn.Module()
+    holder.mlp = cls(config)
+    original = holder.mlp
+    x = torch.randn(2, 5, 16, dtype=torch.float64, requires_grad=True)
+    holder.double()
+    expected = holder.mlp(x)
+    (expected_grad,) = torch.autograd.grad(expected.sum(), x)
+    with lean_mlps(holder) as switched:
+        assert switched == 1 and type(holder.mlp).__name__ == "LeanSwiGLU"
+        got = holder.mlp(x)
+        (got_grad,) = torch.autograd.grad(got.sum(), x)
+    assert holder.mlp is original
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(got_grad, expected_grad)

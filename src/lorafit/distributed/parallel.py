@@ -74,7 +74,9 @@ class Strategy:
                 block.compile()  # in place: parameter names do not change (no `_orig_mod.`)
         model = self._distribute(model, env, blocks)
         if load_weights is not None:
-            load_weights(model)
+            from lorafit.lora.model import unwrap
+
+            load_weights(unwrap(model))  # the Hugging Face model, by its own parameter names
         return model
 
     def _distribute(self, model: nn.Module, env: DistEnv, blocks: list[nn.Module]) -> nn.Module:

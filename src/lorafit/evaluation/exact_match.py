@@ -21,7 +21,7 @@ from pydantic import Field
 
 from lorafit.config.registry import ComponentConfig, register_component
 from lorafit.errors import UserError
-from lorafit.training.loss import loss_forward
+from lorafit.training.loss import CausalLMLoss
 
 
 @dataclass(frozen=True)
@@ -242,9 +242,10 @@ def heldout_loss(model, tokenizer, examples: Sequence[ChatExample], *, batch_siz
         answer = tokenizer(ex.reference, add_special_tokens=False)["input_ids"] + [eos_ids[0]]
         rows.append((prompt + answer, len(prompt)))
     total, count = 0.0, 0
-    # The fused head + CE (loss_forward) never holds the logits of the whole batch (batch x length x vocabulary
+    # The fused head + CE (CausalLMLoss) never holds the logits of the whole batch (batch x length x vocabulary
     # floats: 0.7 GB for 64 short SmolLM2 examples).
-    with _EvalMode(model), loss_forward(model):
+    loss_fn = CausalLMLoss(model)
+    with _EvalMode(model):
         for batch in _batches(list(range(len(rows))), batch_size):
             width = max(len(rows[i][0]) for i in batch)
             # Right padding: positions then start at 0 in every row without passing position_ids.
@@ -257,7 +258,7 @@ def heldout_loss(model, tokenizer, examples: Sequence[ChatExample], *, batch_siz
                 mask[row, : len(seq)] = 1
                 first = max(n_prompt, 1)  # the first token has no position before it to predict it
                 targets[row, first - 1 : len(seq) - 1] = torch.tensor(seq[first:])
-            loss = model(input_ids=ids.to(device), labels=targets.to(device), attention_mask=mask.to(device))
+            loss = loss_fn(input_ids=ids.to(device), labels=targets.to(device), attention_mask=mask.to(device))
             total += loss.item()
             count += int((targets != -100).sum())
     return total / count

@@ -6,14 +6,17 @@ weight at a time; the cast costs a few percent of the matmul. The autograd funct
 backward, not its fp32 copy. F.linear on an upcast copy would keep that copy alive until backward, and nothing
 would be saved.
 
+`store_frozen_linears` swaps each frozen plain `nn.Linear` for a `FrozenLinear` (same Parameter objects, so
+names, tying and checkpoints are unchanged) and converts its weight; layers that already compute through
+`frozen_linear` (`FrozenWeightLayer`: the LoRA linear layer) only have their weight converted. Another storage
+(e.g. 4-bit) is a subclass of `FrozenLinear` with its own `forward`.
+
 Numerics: the base is rounded to bf16 once (8 bits of mantissa), as if it had been loaded in bf16. The adapter,
 the activations and the arithmetic stay fp32. The output head (tied to the embeddings in most small models) and
 the embeddings keep their dtype: the head runs inside the fused loss, and the embeddings are a lookup.
 """
 
 from __future__ import annotations
-
-import types
 
 import torch
 import torch.nn.functional as F  # noqa: N812 - the universal spelling
@@ -39,30 +42,57 @@ def frozen_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return _UpcastLinear.apply(x, weight, bias)
 
 
-def _frozen_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    return frozen_linear(x, self.weight, self.bias)
+class FrozenWeightLayer:
+    """A linear layer whose forward computes through `frozen_linear`: its frozen weight may be stored in another
+    dtype than its input (a mixin; `FrozenLinear` and the LoRA linear layer are such layers)."""
+
+
+class FrozenLinear(FrozenWeightLayer, nn.Linear):
+    """nn.Linear whose frozen weight is stored in a lower precision and cast up where it is used."""
+
+    def __init__(self, base: nn.Linear):
+        nn.Module.__init__(self)  # not nn.Linear.__init__: it would allocate a second weight
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight  # the same Parameter: names, tying and optimizer references are unchanged
+        self.register_parameter("bias", base.bias)
+        self.train(base.training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return frozen_linear(x, self.weight, self.bias)
+
+    def to_base(self) -> nn.Linear:
+        """A plain nn.Linear owning this layer's Parameters."""
+        with torch.device("meta"):
+            plain = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        plain.weight = self.weight
+        plain.register_parameter("bias", self.bias)
+        return plain.train(self.training)
 
 
 def store_frozen_linears(model: nn.Module, dtype: torch.dtype) -> int:
     """Store the frozen weights of `model`'s linear layers (not the output head) in `dtype`; how many changed.
 
-    The Parameter objects stay the same (names, tying and optimizer references are unchanged); only their
-    data changes dtype. `store_frozen_linears(model, torch.float32)` undoes it (the bf16 rounding stays).
+    Plain nn.Linear layers become `FrozenLinear`. `store_frozen_linears(model, torch.float32)` undoes it (the
+    layers become plain nn.Linear again; the bf16 rounding stays).
     """
-    from lorafit.lora.layers import LoraLinear
-
     get_head = getattr(model, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
     changed = 0
-    for module in model.modules():
-        if type(module) not in (nn.Linear, LoraLinear) or module is head or module.weight.requires_grad:
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, nn.Linear) or module is head or module.weight.requires_grad:
             continue
+        if type(module) is nn.Linear and dtype != torch.float32:
+            module = FrozenLinear(module)
+            model.set_submodule(name, module)
+        elif type(module) is FrozenLinear and dtype == torch.float32:
+            module = module.to_base()
+            model.set_submodule(name, module)
+        elif not isinstance(module, FrozenWeightLayer):
+            continue  # a Linear subclass with a forward of its own: its weight stays as it is
         if module.weight.dtype == dtype:
             continue
         module.weight.data = module.weight.data.to(dtype)
         changed += 1
-        if type(module) is nn.Linear and "forward" not in module.__dict__:  # LoraLinear calls frozen_linear itself
-            module.forward = types.MethodType(_frozen_forward, module)
     if changed:
         _release_file_mapping(model)
     return changed

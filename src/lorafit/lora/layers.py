@@ -19,7 +19,7 @@ import torch.nn.functional as F  # noqa: N812 - the universal spelling
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from lorafit.lora.frozen import frozen_linear
+from lorafit.lora.frozen import FrozenWeightLayer, frozen_linear
 from lorafit.lora.variants import DECOMPOSING_INITS, dora_merged_weight, dora_weight_norm, initial_factors
 
 Init = Literal["kaiming", "gaussian", "pissa", "olora"]
@@ -263,7 +263,7 @@ class _MatrixLora(LoraLayer):
         return F.linear(F.linear(x, self.lora_A.weight), self.lora_B.weight) * self.scaling
 
 
-class LoraLinear(_MatrixLora, nn.Linear):
+class LoraLinear(_MatrixLora, FrozenWeightLayer, nn.Linear):
     """nn.Linear + LoRA: `y = x W^T + b + scaling * (dropout(x) A^T) B^T`.
 
     DoRA (`use_dora`): `y = m / ||W + scaling B A||_c * (x W^T + scaling x A^T B^T) + b`, the norm detached

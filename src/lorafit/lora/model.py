@@ -66,10 +66,15 @@ def canonical_name(name: str) -> str:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside a DDP wrapper or a torch.compile OptimizedModule (FSDP2 does not wrap)."""
+    """The Hugging Face model inside a DDP wrapper, a torch.compile OptimizedModule (FSDP2 does not wrap) or the
+    training step's loss module (`CausalLMLoss`)."""
+    from lorafit.training.loss import CausalLMLoss
+
     while True:
         if isinstance(model, nn.parallel.DistributedDataParallel):
             model = model.module
+        elif isinstance(model, CausalLMLoss):
+            model = model.causal_lm
         elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
             model = model._orig_mod
         else:
@@ -150,6 +155,7 @@ def inject(model: nn.Module, settings: LoraSettings, targets: list[Target] | lis
         )
     matched = resolve_targets(model, targets, field=field_name, each_must_match=each_must_match)
     _check_variant_targets(model, settings, matched)
+    _check_tied_head(model, matched, field_name)
     for name, entry in matched.items():
         base = model.get_submodule(name)
         layer = wrap(base, settings.r, settings.alpha, dropout=settings.dropout, use_rslora=settings.use_rslora,
@@ -165,6 +171,26 @@ def inject(model: nn.Module, settings: LoraSettings, targets: list[Target] | lis
         # pissa/olora need the real weights; a deferred build decomposes in the run's seeded reset instead
         reset_lora_parameters(model)
     return model
+
+
+def _check_tied_head(model: nn.Module, matched: dict[str, str], field_name: str) -> None:
+    """An output head that shares its weight with the input embeddings (tie_word_embeddings) takes no adapter:
+    merging it would change the embeddings too. (LoRA on the embeddings, or on an untied head, trains.)"""
+    get_head = getattr(model, "get_output_embeddings", None)
+    get_embeddings = getattr(model, "get_input_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    embeddings = get_embeddings() if callable(get_embeddings) else None
+    if head is None or embeddings is None or getattr(head, "weight", None) is not getattr(embeddings, "weight", 0):
+        return
+    for name in matched:
+        if model.get_submodule(name) is head:
+            raise UserError(
+                f"{canonical_name(name)} shares its weight with the input embeddings (tie_word_embeddings: true), so "
+                "an adapter on it could not be merged without changing the embeddings too; drop it from the "
+                "targets (LoRA on embed_tokens trains the shared table's input side), or use a model whose head is "
+                "not tied",
+                field=field_name,
+            )
 
 
 def _check_variant_targets(model: nn.Module, settings: LoraSettings, matched: dict[str, str]) -> None:

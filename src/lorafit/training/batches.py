@@ -63,7 +63,7 @@ def to_device(batch: Batch, device: torch.device) -> Batch:
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module,
+    loss_fn: nn.Module,
     datasets: Mapping[str, Any],
     env: DistEnv,
     micro_batch_size: int,
@@ -71,9 +71,10 @@ def evaluate(
     autocast: Callable,
     collate: Callable | None = None,
 ) -> dict[str, float]:
-    """Mean token loss of each eval dataset (under `loss_forward`); all ranks take part and get the result."""
-    was_training = model.training
-    model.eval()
+    """Mean token loss of each eval dataset through `loss_fn` (a `CausalLMLoss`, possibly wrapped); all ranks
+    take part and get the result."""
+    was_training = loss_fn.training
+    loss_fn.eval()
     results = {}
     try:
         for name, dataset in datasets.items():
@@ -82,13 +83,11 @@ def evaluate(
             for batch in eval_micro_batches(dataset, env, micro_batch_size, max_batches, fn):
                 batch = to_device(batch, env.device)
                 with autocast():
-                    loss_sum = model(input_ids=batch["input_ids"], labels=batch["labels"],
-                                     attention_mask=batch.get("attention_mask"),
-                                     position_ids=batch.get("position_ids"))  # fmt: skip
+                    loss_sum = loss_fn(**batch)
                 total[0] += loss_sum.double()
                 total[1] += (batch["labels"] != IGNORE_INDEX).sum()
             env.all_reduce_sum(total)
             results[name] = float(total[0] / total[1].clamp(min=1))
     finally:
-        model.train(was_training)
+        loss_fn.train(was_training)
     return results

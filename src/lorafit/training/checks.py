@@ -42,7 +42,9 @@ def check_gradient_flow(model: nn.Module, step: int, env: DistEnv) -> None:
         if step == 1:
             _check_some_gradient(model, env)
         return
-    wanted = ("lora_B", "lora_embedding_B") if step == 1 else ("lora_A", "lora_B", "lora_embedding_A",
+    # the factor initialised to zero is the one whose first gradient is non-zero: B of a linear layer (A is
+    # random), A of an embedding (PEFT starts embeddings with A = 0 and B random, so B's first gradient is 0)
+    wanted = ("lora_B", "lora_embedding_A") if step == 1 else ("lora_A", "lora_B", "lora_embedding_A",
                                                                "lora_embedding_B")  # fmt: skip
     params = [(n, p) for n, p in named_lora_parameters(model) if any(f".{w}" in n for w in wanted)]
     if not params:

@@ -21,10 +21,11 @@ from lorafit.checkpoint.state import find_latest, save_checkpoint
 from lorafit.checkpoint.weights import write_trained_weights
 from lorafit.console import info, warn
 from lorafit.distributed.parallel import default_strategy
+from lorafit.lora.model import unwrap
 from lorafit.training.batches import default_collate, evaluate, to_device, train_micro_batches
 from lorafit.training.checks import check_finite, check_gradient_flow
 from lorafit.training.job import TrainJob, TrainResult
-from lorafit.training.loss import IGNORE_INDEX, loss_forward
+from lorafit.training.loss import IGNORE_INDEX, CausalLMLoss
 from lorafit.training.metrics import MetricsLogger, peak_memory_mb, plot_loss
 from lorafit.training.swiglu import lean_mlps
 
@@ -39,8 +40,10 @@ def train(job: TrainJob) -> TrainResult:
     # --- set-up: wrap (checkpointing -> compile -> shard -> weights), then the optimizer over what was wrapped
     strategy = job.parallelism or default_strategy(env)
     info(f"parallelism: {strategy.describe()} on {world} process(es), device {env.device}")
-    model = strategy.wrap(job.model, env, job.load_weights)
-    model.train()
+    # the step calls the loss module (decoder -> head -> cross-entropy), so it is what parallelism wraps
+    loss_fn = strategy.wrap(CausalLMLoss(job.model, job.loss_chunk_tokens), env, job.load_weights)
+    loss_fn.train()
+    model = unwrap(loss_fn)  # the Hugging Face model inside, as trained (parameters possibly sharded)
     optimizer = job.optimizer_factory(model)
     scheduler = job.scheduler_factory(optimizer, job.num_steps)
     sampler = ResumableSampler(len(job.train_dataset), rank=env.rank, world_size=world, seed=job.seed,
@@ -68,7 +71,7 @@ def train(job: TrainJob) -> TrainResult:
     start, window_start, window_tokens = time.perf_counter() - elapsed, time.perf_counter(), 0
 
     def run_eval() -> dict[str, float]:
-        results = evaluate(model, job.eval_datasets, env, job.micro_batch_size, job.eval_batches,
+        results = evaluate(loss_fn, job.eval_datasets, env, job.micro_batch_size, job.eval_batches,
                            lambda: strategy.autocast(env), job.collate_fn)  # fmt: skip
         metrics.log({"step": step, **{f"eval/{k}/loss": v for k, v in results.items()}})
         return results
@@ -80,7 +83,7 @@ def train(job: TrainJob) -> TrainResult:
         return save_checkpoint(run_dir, step, model, optimizer, trainer_state, env, job.keep_last_checkpoints)
 
     try:
-        with loss_forward(model, job.loss_chunk_tokens), lean_mlps(model):
+        with lean_mlps(model):
             while step < min(job.num_steps, job.stop_at_step or job.num_steps):
                 # the whole global batch's target count first: every micro-batch loss is divided by it
                 micro = [to_device(next(batches), env.device) for _ in range(accum)]
@@ -94,11 +97,9 @@ def train(job: TrainJob) -> TrainResult:
                 scale = world / max(n_targets, 1.0)
                 loss_sum = torch.zeros((), dtype=torch.float64, device=env.device)
                 for i, batch in enumerate(micro):
-                    with strategy.accumulating(model, sync=i == accum - 1):  # reduce once, on the last micro-batch
+                    with strategy.accumulating(loss_fn, sync=i == accum - 1):  # reduce once, on the last micro-batch
                         with strategy.autocast(env):
-                            summed = model(input_ids=batch["input_ids"], labels=batch["labels"],
-                                           attention_mask=batch.get("attention_mask"),
-                                           position_ids=batch.get("position_ids"))  # fmt: skip
+                            summed = loss_fn(**batch)  # summed token CE; every batch key is a model input
                         (summed * scale).backward()
                     loss_sum += summed.detach().double()
                 loss = float(env.all_reduce_sum(loss_sum)) / max(n_targets, 1.0)

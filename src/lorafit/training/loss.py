@@ -1,25 +1,25 @@
-"""The causal-LM loss as a SUM of token cross-entropies, computed without materialising the full logits.
+"""The training objective as a module: decoder -> output head -> cross-entropy, SUMMED over target positions.
 
-The loop divides by the number of target tokens of the whole global batch (all micro-batches, all ranks), so
-one process and N processes give the same loss. Labels are already shifted by the datasets (labels[t] is the
-target of position t, -100 = ignored), so no shift happens here.
+`CausalLMLoss(model)` is what the training step calls, `loss(input_ids=..., labels=...)`, and what parallelism
+wraps: DDP prepares its gradient reduction in the wrapper's forward and FSDP2 all-gathers the root's parameters
+(embeddings, final norm, tied head) in the root's forward, so the module that runs decoder and head must be the
+root. The Hugging Face model sits inside it as `causal_lm`, unchanged (its forward is never replaced).
 
-Why a forward override: DDP and FSDP2 only work when the wrapper's (root's) forward runs: DDP prepares its
-gradient reduction there, FSDP2 all-gathers the root's parameters (embeddings, final norm, tied head) there.
-So while `loss_forward(model)` is active the model's own `forward` is replaced by one that runs the decoder,
-then the output head and the cross-entropy fused (`linear_cross_entropy`): only the positions that have a
-target go through the head (an instruction job masks its prompts, so most positions do not), chunk by chunk,
-and each chunk's gradient is computed right there in the forward pass. A chunk's fp32 logits exist only while
-its loss and gradient are computed; what waits for backward is the gradient of the hidden states (positions x
-hidden size), never the logits (positions x vocabulary). Models whose head does more than a matmul (logit
-soft-capping, scaling) use their own forward instead, with the cross-entropy over chunks of their logits.
+The loop divides the sum by the number of target tokens of the whole global batch (all micro-batches, all
+ranks), so one process and N processes give the same loss. Labels are already shifted by the datasets
+(labels[t] is the target of position t, -100 = ignored), so no shift happens here.
+
+Only the positions that have a target go through the head (an instruction job masks its prompts, so most
+positions do not), chunk by chunk. For a plain linear head the head and the cross-entropy are fused
+(`linear_cross_entropy`): each chunk's gradient is computed right there in the forward pass, so a chunk's fp32
+logits exist only while its loss and gradient are computed; what waits for backward is the gradient of the
+hidden states (positions x hidden size), never the logits (positions x vocabulary). A head with a LoRA adapter
+is called as a module on the selected positions (chunked, recomputed in backward), so its adapter trains.
+Models whose head does more than a matmul (logit soft-capping, scaling) use their own forward, with the
+cross-entropy over chunks of their logits.
 """
 
 from __future__ import annotations
-
-import contextlib
-import types
-from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -126,6 +126,49 @@ def linear_cross_entropy(
     return _LinearCrossEntropy.apply(flat_hidden, head.weight, head.bias, flat_labels, rows)
 
 
+class CausalLMLoss(nn.Module):
+    """Summed token cross-entropy (fp32) of a Hugging Face causal LM: the module the step calls and parallelism
+    wraps. `forward(input_ids, labels, attention_mask=None, position_ids=None, **model_inputs)`.
+
+    `position_ids` (and any other model input) go to the decoder unchanged: packed batches pass positions that
+    restart at each document, from which transformers' attention keeps documents apart.
+    """
+
+    def __init__(self, causal_lm: nn.Module, chunk_tokens: int | None = 256):
+        super().__init__()
+        self.causal_lm = causal_lm
+        # target positions per chunk of the head + CE (None: all at once); 256 SmolLM2 rows = 48 MiB of fp32
+        # logits, and on CPU the head runs as fast in chunks of 256 as in one piece
+        self.chunk_tokens = chunk_tokens
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, **model_inputs) -> torch.Tensor:  # fmt: skip
+        if position_ids is not None:
+            # packed documents (lorafit.data.packing): transformers builds the block-diagonal causal mask from the
+            # position restarts only when no 2D mask is given; padding restarts at 0 too, so it is a document of its own
+            attention_mask = None
+        inputs = {"attention_mask": attention_mask, "position_ids": position_ids, "use_cache": False, **model_inputs}
+        parts = _plain_head(self.causal_lm)
+        if parts is None:  # the model's own forward (full logits), CE over chunks of them
+            logits = self.causal_lm(input_ids=input_ids, **inputs).logits
+            return summed_cross_entropy(nn.Identity(), logits, labels, self.chunk_tokens)
+        decoder, head = parts
+        hidden = decoder(input_ids=input_ids, **inputs).last_hidden_state
+        return head_cross_entropy(hidden, head, labels, self.chunk_tokens)
+
+
+def head_cross_entropy(
+    hidden: torch.Tensor, head: nn.Linear, labels: torch.Tensor, chunk_tokens: int | None = 256
+) -> torch.Tensor:
+    """Sum of token CE of `head(hidden)` at the positions with a target: fused for a plain nn.Linear head; a head
+    with an adapter (LoRA on lm_head) runs as a module on those positions, so its adapter gets gradients."""
+    if type(head) is nn.Linear:
+        return linear_cross_entropy(hidden, head, labels, chunk_tokens)
+    flat_hidden, flat_labels = hidden.flatten(0, -2), labels.flatten()
+    keep = flat_labels != IGNORE_INDEX
+    return summed_cross_entropy(head, flat_hidden[keep][None], flat_labels[keep][None], chunk_tokens)
+
+
 def _plain_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     """(decoder, head) when logits are exactly head(decoder(...).last_hidden_state), else None."""
     config = getattr(model, "config", None)
@@ -137,42 +180,3 @@ def _plain_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     if not isinstance(head, nn.Linear) or not isinstance(decoder, nn.Module) or decoder is model:
         return None
     return decoder, head
-
-
-def _forward_loss(self: nn.Module, input_ids, labels, attention_mask=None, position_ids=None, *,
-                  chunk_tokens: int | None = None):  # fmt: skip
-    if position_ids is not None:
-        # packed documents (lorafit.data.packing): transformers builds the block-diagonal causal mask from the
-        # position restarts only when no 2D mask is given; padding restarts at 0 too, so it is a document of its own
-        attention_mask = None
-    inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
-    parts = _plain_head(self)
-    if parts is None:  # the model's own forward (full logits), CE over chunks of them
-        logits = type(self).forward(self, **inputs).logits
-        return summed_cross_entropy(nn.Identity(), logits, labels, chunk_tokens)
-    decoder, head = parts
-    hidden = decoder(**inputs).last_hidden_state
-    return linear_cross_entropy(hidden, head, labels, chunk_tokens)
-
-
-@contextlib.contextmanager
-def loss_forward(model: nn.Module, chunk_tokens: int | None = 256) -> Iterator[nn.Module]:
-    """While active, `model(input_ids=..., labels=..., attention_mask=..., position_ids=...)` returns the summed
-    token CE (fp32). With `position_ids` (packed documents) the attention mask is built from them instead."""
-    from lorafit.lora.model import unwrap
-
-    inner = unwrap(model)
-    inner.forward = types.MethodType(
-        lambda self, input_ids, labels, attention_mask=None, position_ids=None: _forward_loss(
-            self, input_ids, labels, attention_mask, position_ids, chunk_tokens=chunk_tokens
-        ),
-        inner,
-    )
-    try:
-        yield model
-    finally:
-        del inner.forward  # back to the class's forward
-
-
-def count_targets(labels: torch.Tensor) -> int:
-    return int((labels != IGNORE_INDEX).sum())

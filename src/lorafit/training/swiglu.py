@@ -6,17 +6,16 @@ largest saved activation of a LoRA step: 270 of 465 MiB on SmolLM2-135M at 2 x 2
 recomputed from gate in a few elementwise operations, so `silu_mul` saves only gate and up, and backward
 recomputes the sigmoid. That saves 90 MiB there.
 
-`lean_mlps(model)` applies it while training. It touches only MLPs whose forward is Llama's, compared by
-source text (that covers Llama, Mistral, SmolLM2 and about 120 other transformers classes), and whose activation
-is SiLU. Any other MLP keeps its own forward.
+`lean_mlps(model)` applies it while training: it swaps each MLP of a class listed in `SUPPORTED_MLPS` (Llama,
+and so SmolLM2; Mistral; Qwen2; Qwen3) whose activation is SiLU for a `LeanSwiGLU` holding the same three
+projections, and swaps the original back afterwards. Any other MLP keeps its own module.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
-import types
+import importlib
 from collections.abc import Iterator
 
 import torch
@@ -46,49 +45,57 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return _SiluMul.apply(gate, up)
 
 
-def _lean_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
-
-
-def _normalized(source: str) -> str:
-    return "".join(source.split())
-
-
-@functools.cache
-def _llama_forward_source() -> str:
-    from transformers.models.llama.modeling_llama import LlamaMLP
-
-    return _normalized(inspect.getsource(LlamaMLP.forward))
+# The transformers MLP classes whose forward is exactly down_proj(act_fn(gate_proj(x)) * up_proj(x)), each checked
+# by a test against its own forward (tests/unit/test_training_swiglu.py). An MLP of any other class (a subclass
+# included: it may change forward) keeps its own module.
+SUPPORTED_MLPS = (
+    "transformers.models.llama.modeling_llama.LlamaMLP",
+    "transformers.models.mistral.modeling_mistral.MistralMLP",
+    "transformers.models.qwen2.modeling_qwen2.Qwen2MLP",
+    "transformers.models.qwen3.modeling_qwen3.Qwen3MLP",
+)
 
 
 @functools.cache
-def _is_llama_mlp_class(cls: type) -> bool:
-    try:
-        return _normalized(inspect.getsource(cls.forward)) == _llama_forward_source()
-    except (OSError, TypeError):  # no source to compare: leave it alone
-        return False
+def supported_classes() -> tuple[type, ...]:
+    classes = []
+    for path in SUPPORTED_MLPS:
+        module_name, name = path.rsplit(".", 1)
+        try:
+            classes.append(getattr(importlib.import_module(module_name), name))
+        except (ImportError, AttributeError):  # an older transformers without this model
+            continue
+    return tuple(classes)
+
+
+class LeanSwiGLU(nn.Module):
+    """Stands in for a supported MLP while training: the same gate/up/down modules (so the same parameter
+    names), `silu_mul` between them."""
+
+    def __init__(self, mlp: nn.Module):
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+        self.original = [mlp]  # in a list: not a submodule, so its parameters are not listed twice
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
 
 
 def is_swiglu_mlp(module: nn.Module) -> bool:
-    """True for an MLP that computes exactly down(silu(gate(x)) * up(x))."""
+    """True for an MLP of a supported class whose activation is SiLU (the config may choose another one)."""
     from transformers.activations import SiLUActivation
 
-    act = getattr(module, "act_fn", None)
-    return (
-        isinstance(act, nn.SiLU | SiLUActivation)
-        and all(isinstance(getattr(module, n, None), nn.Module) for n in ("gate_proj", "up_proj", "down_proj"))
-        and _is_llama_mlp_class(type(module))
-    )
+    return type(module) in supported_classes() and isinstance(getattr(module, "act_fn", None), nn.SiLU | SiLUActivation)
 
 
 @contextlib.contextmanager
 def lean_mlps(model: nn.Module) -> Iterator[int]:
-    """While active, Llama-style SwiGLU MLPs of `model` use `silu_mul`; yields how many were switched."""
-    switched = [m for m in model.modules() if is_swiglu_mlp(m) and "forward" not in m.__dict__]
-    for module in switched:
-        module.forward = types.MethodType(_lean_forward, module)
+    """While active, `model`'s supported SwiGLU MLPs are replaced by `LeanSwiGLU`; yields how many."""
+    switched = [(name, module) for name, module in model.named_modules() if is_swiglu_mlp(module)]
+    for name, module in switched:
+        model.set_submodule(name, LeanSwiGLU(module))
     try:
         yield len(switched)
     finally:
-        for module in switched:
-            del module.forward  # back to the class's forward
+        for name, module in switched:
+            model.set_submodule(name, module)
