@@ -1,0 +1,226 @@
+"""`lorafit export gguf` on a tiny Llama + adapter: the file read back by transformers' GGUF loader gives the merged
+model's logits (exactly in f32, within a stated tolerance in f16 / bf16 / q8_0) and the same token ids."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lorafit
+from lorafit.cli import main
+
+TEXTS = [
+    "The capital of France is Paris. The capital of Italy is Rome.",
+    "Question: what is two plus two?  Answer: 4, 44 or 444?\n\n\tTabs, {braces} and <tags>.",
+    "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n",
+    "unicode: café, naïve, Ljubljana — 東京",
+]
+# max |logit diff| allowed, as a fraction of max |logit| of the merged model: about 3x what was measured on these
+# weights (max |logit| 0.509): f32 0.0, f16 4.5e-4 (8.9e-4 of it), bf16 3.1e-3 (6.1e-3), q8_0 1.0e-2 (2.0e-2).
+TOLERANCE = {"f32": 1e-6, "f16": 3e-3, "bf16": 2e-2, "q8_0": 6e-2}
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tiny_model_dir, tmp_path_factory):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    # seeded A and B: the differences measured below (TOLERANCE) are for these exact weights
+    lorafit.apply_lora(model, r=4, alpha=8, target_layers=["q_proj", "k_proj", "v_proj", "down_proj"], seed=5)
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:  # B starts at zero: give the adapter an effect, on q and k too (the permuted ones)
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+    path = tmp_path_factory.mktemp("adapter") / "adapter"
+    lorafit.save_adapter(model, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def merged_logits(tiny_model_dir, adapter_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    lorafit.load_adapter(model, adapter_dir)
+    merged = lorafit.merge_and_unload(model).eval()
+    ids = torch.tensor([[1, 17, 40, 99, 123, 200, 255, 301, 350, 383, 7, 2]])  # fixed: tiny.py's BPE may vary by run
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    with torch.no_grad():
+        return ids, merged(ids).logits, base(ids).logits, merged
+
+
+def read_back(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f16", "bf16", "q8_0"])
+def test_gguf_read_back_by_transformers_has_the_merged_models_logits(
+    tiny_model_dir, adapter_dir, merged_logits, tmp_path, dtype, capsys
+):
+    import gguf
+
+    out = tmp_path / f"tiny-{dtype}.gguf"
+    argv = ["export", "gguf", "--model", str(tiny_model_dir), "--adapter", str(adapter_dir), "--output", str(out)]
+    assert main([*argv, "--dtype", dtype]) == 0
+    assert "GGUF written to" in capsys.readouterr().out
+    ids, expected, base, _ = merged_logits
+    with torch.no_grad():
+        got = read_back(out)(ids).logits
+    diff = (got - expected).abs().max().item()
+    assert diff <= TOLERANCE[dtype] * expected.abs().max().item(), diff
+    assert (expected - base).abs().max() > 1e-2  # the adapter really changed what was exported
+
+    reader = gguf.GGUFReader(out)
+    kinds = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert kinds["blk.0.attn_norm.weight"] == "F32"  # 1-D tensors stay f32, as in llama.cpp's converter
+    assert kinds["blk.0.attn_q.weight"] == dtype.upper()
+    assert "output.weight" not in kinds  # tied head: llama.cpp uses token_embd.weight
+    if dtype == "q8_0":  # each block of 32 is rounded to steps of 1/127 of its largest |value| (the step stored as
+        # f16): at most half a step off, plus 127 times the step's f16 rounding (2^-11 of it)
+        tensor = next(t for t in reader.tensors if t.name == "blk.0.ffn_gate.weight")
+        weights = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(-1, 32)
+        exact = merged_logits[3].model.layers[0].mlp.gate_proj.weight.detach().numpy().reshape(-1, 32)
+        step = abs(exact).max(axis=1, keepdims=True) / 127
+        assert (abs(weights - exact) <= step * (0.5 + 127 * 2**-11) + 1e-7).all()
+
+
+def test_q_and_k_rows_are_in_llama_cpps_interleaved_rope_order(tiny_model_dir, tmp_path):
+    """llama.cpp rotates pairs (2i, 2i+1), Hugging Face rotates halves (i, i + d/2): within each head, the GGUF row
+    2i is HF row i and row 2i+1 is HF row i + d/2 (the converter's `permute`)."""
+    import gguf
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "tiny.gguf"
+    assert main(["export", "gguf", "--model", str(tiny_model_dir), "--output", str(out), "--dtype", "f32"]) == 0
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tensors = {t.name: torch.from_numpy(t.data.copy()) for t in gguf.GGUFReader(out).tensors}
+    config = model.config
+    head_dim = config.hidden_size // config.num_attention_heads
+    for name, hf, heads in [("attn_q", "q_proj", config.num_attention_heads),
+                            ("attn_k", "k_proj", config.num_key_value_heads)]:  # fmt: skip
+        w = getattr(model.model.layers[1].self_attn, hf).weight.detach()
+        g = tensors[f"blk.1.{name}.weight"]
+        for h in range(heads):
+            for i in range(head_dim // 2):
+                assert torch.equal(g[h * head_dim + 2 * i], w[h * head_dim + i])
+                assert torch.equal(g[h * head_dim + 2 * i + 1], w[h * head_dim + head_dim // 2 + i])
+    assert torch.equal(tensors["blk.1.attn_v.weight"], model.model.layers[1].self_attn.v_proj.weight.detach())
+
+
+def test_gguf_tokenizer_round_trip(tiny_model_dir, tiny_tokenizer, tmp_path):
+    from transformers import AutoTokenizer
+
+    out = tmp_path / "tiny.gguf"
+    assert main(["export", "gguf", "--model", str(tiny_model_dir), "--output", str(out)]) == 0
+    loaded = AutoTokenizer.from_pretrained(tmp_path, gguf_file=out.name)
+    for text in TEXTS:
+        assert loaded(text)["input_ids"] == tiny_tokenizer(text)["input_ids"], text
+    assert (loaded.bos_token, loaded.eos_token, loaded.pad_token) == ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
+    assert loaded.chat_template == tiny_tokenizer.chat_template
+    messages = [{"role": "user", "content": "Ada, 36, London?"}]
+    assert loaded.apply_chat_template(messages, add_generation_prompt=True) == tiny_tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True
+    )
+
+
+def test_gguf_from_a_run_config(tiny_model_dir, adapter_dir, merged_logits, tmp_path):
+    config = tmp_path / "run.yaml"
+    (tmp_path / "train.txt").write_text("unused: the export builds only the model and the tokenizer\n")
+    config.write_text(
+        "train_dataset:\n  component_key: dataset\n  variant_key: text\n"
+        f"  config:\n    path: {tmp_path / 'train.txt'}\n"
+        "    tokenizer: {instance_key: tokenizer, pass_type: BY_REFERENCE}\n"
+        f"tokenizer:\n  component_key: tokenizer\n  variant_key: huggingface\n  config: {{path: {tiny_model_dir}}}\n"
+        "model:\n  component_key: model\n  variant_key: huggingface_pretrained_model\n"
+        f"  config: {{model_name_or_path: {tiny_model_dir}}}\n"
+    )
+    out = tmp_path / "from-config.gguf"
+    assert main(["export", "gguf", "--model", str(config), "--adapter", str(adapter_dir), "--output", str(out),
+                 "--dtype", "f32"]) == 0  # fmt: skip
+    ids, expected, _, _ = merged_logits
+    with torch.no_grad():
+        assert (read_back(out)(ids).logits - expected).abs().max().item() == 0.0
+
+
+def test_gguf_export_never_overwrites_unasked(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "taken.gguf"
+    out.write_bytes(b"mine")
+    argv = ["export", "gguf", "--model", str(tiny_model_dir), "--output", str(out)]
+    assert main(argv) == 2
+    assert "exists" in capsys.readouterr().err and out.read_bytes() == b"mine"
+    assert main([*argv, "--overwrite"]) == 0
+    assert out.read_bytes()[:4] == b"GGUF"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken.gguf"]  # no temporary file left behind
+
+
+def test_gguf_export_refuses_other_architectures_clearly(tmp_path, tiny_tokenizer, capsys):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    folder = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(vocab_size=384, n_positions=32, n_embd=32, n_layer=1, n_head=4)).save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    out = tmp_path / "gpt2.gguf"
+    assert main(["export", "gguf", "--model", str(folder), "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "Llama-architecture" in err and "GPT2LMHeadModel" in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def _with_pre_tokenizer(tokenizer, kind: str):
+    import copy
+
+    from tokenizers import Regex, pre_tokenizers
+
+    from lorafit.gguf_export.vocab import LLAMA3_SPLIT
+
+    tokenizer = copy.deepcopy(tokenizer)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=kind != "llama3")
+    first = {
+        "digits": pre_tokenizers.Digits(individual_digits=True),
+        "llama3": pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+        "whitespace": pre_tokenizers.Whitespace(),
+    }[kind]
+    tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence([first, byte_level])
+    return tokenizer
+
+
+@pytest.mark.parametrize(("kind", "name"), [("digits", "smollm"), ("llama3", "llama-bpe")])
+def test_pre_tokenizer_is_named_as_llama_cpp_names_it(tiny_tokenizer, kind, name):
+    import json
+
+    from lorafit.gguf_export.vocab import bpe_vocab, pre_tokenizer_name
+
+    tokenizer = _with_pre_tokenizer(tiny_tokenizer, kind)
+    assert pre_tokenizer_name(json.loads(tokenizer.backend_tokenizer.to_str())["pre_tokenizer"]) == name
+    assert bpe_vocab(tokenizer, 384).pre == name
+
+
+def test_llama3_style_tokenizer_round_trips(tiny_model_dir, tiny_tokenizer, tmp_path):
+    """transformers' reader applies Llama 3's split regex for `llama-bpe`, as llama.cpp does: same ids."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    folder = tmp_path / "llama3-style"
+    shutil.copytree(tiny_model_dir, folder)
+    tokenizer = _with_pre_tokenizer(tiny_tokenizer, "llama3")
+    tokenizer.save_pretrained(folder)
+    out = tmp_path / "llama3-style.gguf"
+    assert main(["export", "gguf", "--model", str(folder), "--output", str(out)]) == 0
+    loaded = AutoTokenizer.from_pretrained(tmp_path, gguf_file=out.name)
+    for text in TEXTS:
+        assert loaded(text)["input_ids"] == tokenizer(text)["input_ids"], text
+
+
+def test_unknown_pre_tokenizer_is_refused(tiny_model_dir, tiny_tokenizer, tmp_path, capsys):
+    import shutil
+
+    folder = tmp_path / "other"
+    shutil.copytree(tiny_model_dir, folder)
+    _with_pre_tokenizer(tiny_tokenizer, "whitespace").save_pretrained(folder)
+    out = tmp_path / "other.gguf"
+    assert main(["export", "gguf", "--model", str(folder), "--output", str(out)]) == 2
+    assert "no llama.cpp equivalent" in capsys.readouterr().err and not out.exists()
