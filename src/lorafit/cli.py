@@ -61,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = [a for a in argv if a != "--debug"]
     args = build_parser().parse_args(argv)
     args.debug = debug
+    from lorafit.console import hide_library_progress_bars
+
+    hide_library_progress_bars()
     try:
         result = args.func(args)
     except UserError as error:

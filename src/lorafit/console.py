@@ -30,3 +30,29 @@ def info(message: str, *, all_ranks: bool = False) -> None:
 def warn(message: str) -> None:
     if is_main_rank():
         _stderr.print(f"[yellow]warning:[/] {escape(message)}", markup=True, emoji=False)
+
+
+def hide_library_progress_bars() -> None:
+    """No transformers/huggingface_hub progress bars (transformers 5 draws `Loading weights` on every model load):
+    lorafit says what it loads in its own lines. HF_HUB_DISABLE_PROGRESS_BARS=0 keeps them."""
+    if os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS", "").lower() in ("0", "false", "no"):
+        return
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+
+
+class library_progress_bars:  # noqa: N801 - used as a context manager, like contextlib's
+    """transformers' bars on inside the block (the one `lorafit merge` shows while writing), as before after it."""
+
+    def __enter__(self) -> None:
+        from transformers.utils import logging
+
+        self.was_on = logging.is_progress_bar_enabled()
+        logging.enable_progress_bar()
+
+    def __exit__(self, *exc) -> None:
+        from transformers.utils import logging
+
+        if not self.was_on:
+            logging.disable_progress_bar()

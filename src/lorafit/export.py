@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from lorafit.console import info
+from lorafit.console import info, library_progress_bars
 from lorafit.errors import UserError
 
 PROBE_TEXT = "The quick brown fox jumps over the lazy dog. What is the capital of France?"
@@ -58,7 +58,8 @@ def export_merged(model, tokenizer, output_dir: Path, *, overwrite: bool = False
         )
     tmp = output_dir.with_name(output_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    merged.save_pretrained(tmp, safe_serialization=True)
+    with library_progress_bars():  # the one bar of a merge: writing can take a while for a large model
+        merged.save_pretrained(tmp, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     if output_dir.exists():

@@ -143,15 +143,16 @@ def build_run_entities(config_path: Path, names: list[str]) -> dict[str, Any]:
         return {name: graph.build(name) for name in names if name in config}
 
 
-def validate_config(config_path: Path, overrides: tuple[str, ...] = ()) -> str:
-    """Check everything, build the model on the meta device, and say what a run would do."""
+def validate_config(config_path: Path, overrides: tuple[str, ...] = (), *, verbose: bool = False) -> str:
+    """Check everything, build the model on the meta device, and say what a run would do (`verbose`: every
+    adapted module, not only where each target landed)."""
     _config, graph = load_run_config(config_path, overrides=overrides)
-    with build_context(meta_device=True, load_weights=False):
+    with build_context(meta_device=True, load_weights=False, announce=False):
         run = build_run(graph)
     sp = run.settings.step_profile
     lines = [f"config OK: {config_path}"]
     lines.append(f"model: {type(run.model).__name__}")
-    lines.append(_describe_model(run.model))
+    lines.append(_describe_model(run.model, verbose))
     tokens = sp.local_train_micro_batch_size * sp.gradient_accumulation_steps * sp.sequence_length
     lines.append(
         f"steps: {num_steps(run.settings, 1)} (one process); tokens per step per process: {tokens} "
@@ -161,11 +162,12 @@ def validate_config(config_path: Path, overrides: tuple[str, ...] = ()) -> str:
     return "\n".join(lines)
 
 
-def _describe_model(model: Any) -> str:
+def _describe_model(model: Any, verbose: bool) -> str:
     from lorafit.lora import count_parameters, describe_lora, has_lora
 
     if has_lora(model):
-        return describe_lora(model)
+        text = describe_lora(model, verbose=verbose)
+        return text if verbose else f"{text}\n(--verbose lists every adapted module)"
     trainable, total = count_parameters(model)
     return f"no LoRA layers; trainable params: {trainable:,} / {total:,} (full fine-tuning)"
 

@@ -12,6 +12,7 @@ from pathlib import Path
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("validate", help="check a config without training")
     parser.add_argument("--config_file_path", "--config", type=Path, required=True, metavar="PATH")
+    parser.add_argument("--verbose", "-v", action="store_true", help="list every adapted module")
     parser.add_argument(
         "overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. settings.training.sequence_length=256"
     )
@@ -21,5 +22,5 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from lorafit.job import validate_config
 
-    print(validate_config(args.config_file_path, tuple(args.overrides)))
+    print(validate_config(args.config_file_path, tuple(args.overrides), verbose=args.verbose))
     return 0

@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 class BuildContext:
     meta_device: bool = False  # build models without weights (validate, or before sharding)
     load_weights: bool = True  # False together with meta_device: weights are loaded later, or never
+    announce: bool = True  # builders say what they built (validate prints its own account, once, in order)
 
 
 _CURRENT: ContextVar[BuildContext] = ContextVar("lorafit_build_context", default=BuildContext())  # noqa: B039 - frozen

@@ -34,6 +34,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from lorafit.config.context import current_context
 from lorafit.config.registry import Component, ComponentConfig, register_component
 from lorafit.console import info
 from lorafit.errors import UserError
@@ -66,5 +67,6 @@ def build_lora_model(config: LoraModelConfig) -> nn.Module:
     if config.frozen_dtype:
         changed = store_frozen_linears(model, getattr(torch, config.frozen_dtype))
         info(f"frozen weights of {changed} linear layers stored in {config.frozen_dtype}, computed in fp32")
-    info(trainable_summary(model))
+    if current_context().announce:
+        info(trainable_summary(model))
     return model

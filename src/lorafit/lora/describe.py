@@ -36,8 +36,9 @@ def _place(name: str) -> str:
     return re.sub(r"\.\d+(?=\.|$)", ".*", name)
 
 
-def describe_lora(model: nn.Module) -> str:
-    """Settings, one line per target entry (where it landed), one row per adapted module, the trainable line."""
+def describe_lora(model: nn.Module, *, verbose: bool = True) -> str:
+    """Settings, one line per target entry (where it landed), one row per adapted module (`verbose`), the
+    trainable line."""
     settings = get_settings(model)
     rows = lora_rows(model)
     rule = "alpha/sqrt(r)" if settings.use_rslora else "alpha/r"
@@ -51,10 +52,11 @@ def describe_lora(model: nn.Module) -> str:
         where = ", ".join(f"{place} ({n})" for place, n in places.items()) or "nothing new (an earlier entry)"
         many = f" in {len(places)} places" if len(places) > 1 else ""
         lines.append(f"  target '{entry}': {count} module{'s' * (count != 1)}{many}: {where}")
-    width = max([len("module")] + [len(r.name) for r in rows])
-    lines.append(f"  {'module':<{width}}  {'layer':<9}  {'in -> out':<15}  rank")
-    for row in rows:
-        dims = f"{row.in_features} -> {row.out_features}"
-        lines.append(f"  {row.name:<{width}}  {row.layer:<9}  {dims:<15}  {row.rank}")
+    if verbose:
+        width = max([len("module")] + [len(r.name) for r in rows])
+        lines.append(f"  {'module':<{width}}  {'layer':<9}  {'in -> out':<15}  rank")
+        for row in rows:
+            dims = f"{row.in_features} -> {row.out_features}"
+            lines.append(f"  {row.name:<{width}}  {row.layer:<9}  {dims:<15}  {row.rank}")
     lines.append(trainable_summary(model))
     return "\n".join(lines)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import resource
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,7 @@ class MetricsLogger:
         self.path = Path(run_dir) / METRICS
         self.total_steps, self.start_step = total_steps, start_step
         self.bar = None
-        self.started = None
+        self.started = (start_step, time.perf_counter())  # the ETA: time per step since here
         # trackers given by the caller stay open (the runner logs evaluator results after training); None: the
         # default ones (TensorBoard), opened and closed here
         self.own_trackers = trackers is None
@@ -81,20 +82,11 @@ class MetricsLogger:
                 info(f"step {step}/{self.total_steps}{self._eta(step)} {text}")
 
     def _eta(self, step: int) -> str:
-        import time
-
-        now = time.perf_counter()
-        if self.started is None or step <= self.started[0]:
-            self.started = self.started or (step, now)
-            return ""
-        per_step = (now - self.started[1]) / (step - self.started[0])
+        done = step - self.started[0]
+        per_step = (time.perf_counter() - self.started[1]) / max(done, 1)
         return f" eta {_duration(per_step * max(self.total_steps - step, 0))}"
 
     def advance(self, step: int, loss: float) -> None:
-        if self.started is None:  # the ETA counts from the end of the first step this process trains
-            import time
-
-            self.started = (step, time.perf_counter())
         if self.bar is not None:
             self.bar.update(self.task, completed=step, status=f"loss {loss:.4f}")
 
