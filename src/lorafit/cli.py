@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def entry() -> int:
     """The `lorafit` program (console script, `python -m lorafit`, torchrun's script): `main` under tbbmalloc."""
-    from lorafit.allocator import reexec_under_tbbmalloc
+    from lorafit.allocator import prepare_process
 
-    reexec_under_tbbmalloc(sys.argv[1:])  # returns only when there is nothing to change
+    prepare_process(sys.argv[1:])  # --allocator (lorafit/allocator.py): returns only when there is nothing to change
     return main()

@@ -46,6 +46,7 @@ MAY_CHANGE = (
     "settings.checkpointing",
     "settings.export",
     "settings.eval_max_batches",
+    "settings.allocator",
     "settings.experiment_id",
     "settings.config_file_path",
     "settings.config_folder_path",

@@ -14,7 +14,7 @@ from typing import Any
 
 from lorafit import allocator, resume
 from lorafit.config.loader import ConfigEnv
-from lorafit.console import info
+from lorafit.console import info, warn
 from lorafit.errors import UserError
 from lorafit.experiment import create_run_dir, default_experiment_id, read_resolved
 from lorafit.job import BuiltRun, build_run, load_run_config
@@ -54,6 +54,7 @@ def run(request: RunRequest) -> Path:
     )
     config, graph = load_run_config(config_path, env, request.overrides)
     sources = dist_env.on_main(resume.source_fingerprints, config)
+    _record_allocator(config)
 
     if plan is not None:
         plan = dist_env.on_main(_check_and_place, plan, config, dist_env.world_size, sources, request, root)
@@ -66,7 +67,7 @@ def run(request: RunRequest) -> Path:
     else:
         run_dir = dist_env.on_main(create_run_dir, root, experiment_id, config_path, config, request.overrides)
     info(f"run folder: {run_dir}")
-    info(f"memory allocator: {allocator.active()} (LORAFIT_MALLOC=system: glibc's)")
+    info(f"memory allocator: {allocator.active()} (lorafit run --allocator tbbmalloc|system)")
 
     try:
         built = build_run(graph)
@@ -111,6 +112,20 @@ def is_single_process_strategy(strategy) -> bool:
     from lorafit.distributed.parallel import DDPStrategy, FSDP2Strategy, Strategy
 
     return isinstance(strategy, Strategy) and not isinstance(strategy, (DDPStrategy, FSDP2Strategy))
+
+
+def _record_allocator(config: dict[str, Any]) -> None:
+    """settings.allocator in config.resolved.yaml: the allocator this process runs under. The `lorafit` program
+    chose it at start (lorafit/allocator.py); the Python API never changes its process's allocator."""
+    used = allocator.active()
+    settings = config.setdefault("settings", {})
+    if not isinstance(settings, dict):  # reported by the config check; nothing to record into
+        return
+    asked = settings.get("allocator")
+    if asked and asked != used:
+        warn(f"settings.allocator: {asked} takes effect only when the `lorafit` program starts (and --allocator or "
+             f"LORAFIT_MALLOC come first); this process runs under {used}")  # fmt: skip
+    settings["allocator"] = used
 
 
 def _check_and_place(plan, config, world_size: int, sources: dict[str, str], request: RunRequest, root: Path):

@@ -1,4 +1,5 @@
-"""Model-loading commands re-execute themselves under tbbmalloc, once, unless told not to."""
+"""The allocator of the model-loading commands: a visible setting (--allocator, LORAFIT_MALLOC, settings.allocator),
+tbbmalloc by default via one re-exec, and never handed on to the processes lorafit starts."""
 
 from __future__ import annotations
 
@@ -6,16 +7,25 @@ import os
 import subprocess
 import sys
 
-from lorafit.allocator import ENV, LIBRARIES, preload_environment, tbbmalloc_libraries
+from lorafit.allocator import ENV, LIBRARIES, preload_environment, requested, tbbmalloc_libraries
 
-PROBE = "from lorafit.allocator import active, reexec_under_tbbmalloc as r; print(active(), flush=True); r(['{cmd}'])"
+# active() before, after prepare_process(argv), and in a child process the prepared process starts
+PROBE = """
+import subprocess, sys
+from lorafit.allocator import active, prepare_process
+print(active(), flush=True)
+prepare_process({argv!r})
+print(active(), flush=True)
+child = subprocess.run([sys.executable, "-c", "from lorafit.allocator import active; print(active())"],
+                       capture_output=True, text=True, check=True)
+print(child.stdout.strip(), flush=True)
+"""
 
 
-def probe(command: str, **env: str) -> list[str]:
-    """What `active()` says in a process before and after `reexec_under_tbbmalloc([command])`, one line each."""
+def probe(argv: list[str], **env: str) -> list[str]:
     environ = {k: v for k, v in os.environ.items() if k not in (ENV, "LD_PRELOAD")} | env
-    proc = subprocess.run([sys.executable, "-c", PROBE.format(cmd=command)], env=environ, capture_output=True,
-                          text=True, timeout=60, check=True)  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", PROBE.format(argv=argv)], env=environ, capture_output=True,
+                          text=True, timeout=120, check=True)  # fmt: skip
     return proc.stdout.split()
 
 
@@ -24,18 +34,39 @@ def test_the_tbb_wheel_provides_the_allocator():
     assert libraries is not None and [os.path.basename(p) for p in libraries] == list(LIBRARIES)
 
 
-def test_run_reexecutes_once_under_tbbmalloc():
-    # the second process finds tbbmalloc loaded and carries on: exactly one re-exec
-    assert probe("run") == ["system", "tbbmalloc"]
+def test_run_reexecutes_once_under_tbbmalloc_and_children_do_not_inherit_it():
+    # glibc before; the re-executed process runs the script from the top under tbbmalloc (prepare_process does not
+    # re-execute a second time); a process it starts is on glibc again, since LD_PRELOAD was given back
+    assert probe(["run"]) == ["system", "tbbmalloc", "tbbmalloc", "system"]
 
 
-def test_commands_that_load_no_model_and_the_opt_out_stay_on_glibc():
-    assert probe("validate") == ["system"]
-    assert probe("run", LORAFIT_MALLOC="system") == ["system"]
+def test_each_way_to_choose_glibc_is_honoured(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("settings:\n  allocator: system\n")
+    assert probe(["run", "--allocator", "system"]) == ["system", "system", "system"]
+    assert probe(["run", "--allocator=system"]) == ["system", "system", "system"]
+    assert probe(["run"], LORAFIT_MALLOC="system") == ["system", "system", "system"]
+    assert probe(["run", "--config_file_path", str(config)]) == ["system", "system", "system"]
+    assert probe(["validate"]) == ["system", "system", "system"]  # loads no model: nothing to change
+
+
+def test_the_order_of_precedence():
+    assert requested(["run", "--allocator", "system"], {ENV: "tbbmalloc"}) == "system"
+    assert requested(["run"], {ENV: "system"}) == "system"
+    assert requested(["run"], {}) == "tbbmalloc"
+
+
+def test_the_setting_is_in_the_help_with_its_reason():
+    from lorafit.cli import build_parser
+
+    for command in ("run", "merge", "generate"):
+        text = build_parser()._subparsers._group_actions[0].choices[command].format_help()
+        assert "--allocator {tbbmalloc,system}" in text and "docs/benchmarks.md" in text, command
 
 
 def test_preload_keeps_the_users_own_preload_and_respects_their_allocator():
     env = preload_environment({"LD_PRELOAD": "/opt/libtrace.so"})
     assert env is not None and env["LD_PRELOAD"].split(":") == [*tbbmalloc_libraries(), "/opt/libtrace.so"]
+    assert env["LORAFIT_USER_LD_PRELOAD"] == "/opt/libtrace.so"  # given back after the re-exec
     assert preload_environment({"LD_PRELOAD": "/usr/lib/libjemalloc.so.2"}) is None
-    assert preload_environment({ENV: "system"}) is None
+    assert preload_environment({}, "system") is None

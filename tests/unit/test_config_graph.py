@@ -246,3 +246,13 @@ def test_unresolvable_interpolation_names_path():
 def test_unknown_resolver_argument():
     with pytest.raises(ConfigError, match="cuda_env knows LOCAL_RANK, RANK, WORLD_SIZE"):
         resolve({"x": "${cuda_env:GLOBAL_RANK}"})
+
+
+def test_the_component_table_lists_exactly_what_lorafit_registers():
+    from lorafit.components import BUILTIN_COMPONENTS, load_builtin_components
+    from lorafit.config.registry import REGISTRY
+
+    load_builtin_components()
+    registered = {(s.component_key, s.variant_key): s.builder.__module__ for s in REGISTRY.specs()
+                  if s.builder.__module__.startswith("lorafit.")}  # fmt: skip
+    assert registered == BUILTIN_COMPONENTS

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from lorafit import allocator
+
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("generate", help="generate text with a model (and optionally an adapter)")
@@ -14,6 +16,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     parser.add_argument("--max_new_tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    allocator.add_argument(parser)
     parser.set_defaults(func=run)
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from lorafit import allocator
+
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("merge", help="fold an adapter into its base model and save a Hugging Face folder")
@@ -12,6 +14,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--adapter", type=Path, required=True, help="adapter folder (PEFT format)")
     parser.add_argument("--output_dir", type=Path, required=True, help="new folder for the merged model")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    allocator.add_argument(parser)
     parser.set_defaults(func=run)
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from lorafit import allocator
+
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("run", help="train from a config (works under torchrun too)")
@@ -28,6 +30,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument(
         "--allow_config_change", action="store_true", help="resume even if the config changes what was trained"
     )
+    allocator.add_argument(parser)
     parser.set_defaults(func=run)
 
 

@@ -17,7 +17,7 @@ component that these may reference, as in the seed's `checkpointed_model` / `lor
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -91,6 +91,9 @@ class RunSettings(BaseModel):
     gradient_clipping: float | None = Field(1.0, gt=0)
     eval_max_batches: int | None = Field(None, ge=1)
     export: Export = Export()
+    # the allocator `lorafit run` ran under (lorafit/allocator.py). Read from the YAML by the `lorafit` program
+    # before it starts (after --allocator and LORAFIT_MALLOC); written into config.resolved.yaml by every run
+    allocator: Literal["tbbmalloc", "system", "jemalloc", "tcmalloc"] | None = None
     loggers: LoggersConfig = LoggersConfig()  # trackers beside metrics.jsonl (lorafit/training/trackers.py)
 
 
