@@ -39,6 +39,11 @@ def export_merged(model, tokenizer, output_dir: Path, *, overwrite: bool = False
     model = model.eval()
     ids = probe_batch(model, tokenizer)
     expected = model(input_ids=ids).logits.float()
+    from lorafit.lora.nf4 import dequantize_nf4_linears
+
+    # NF4 weights cannot be deep-copied exactly (torchao re-quantises on clone); the merge dequantises them anyway,
+    # and the dequantised weights compute exactly what the NF4 ones did
+    dequantize_nf4_linears(model)
     merged = copy.deepcopy(model)
     if has_low_precision_frozen(merged):
         # bf16-stored frozen weights (frozen_dtype) merge in fp32: the export is the base as trained (rounded to

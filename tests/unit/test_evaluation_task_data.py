@@ -62,3 +62,29 @@ def test_heldout_is_disjoint_from_training():
     train_last = {f["name"].split()[1] for f in train_f}
     assert not {f["name"].split()[0] for f in held_f} & train_first
     assert not {f["name"].split()[1] for f in held_f} & train_last
+
+
+# --- the comparison task (data/task_hard, scripts/make_hard_task_data.py) -----------------------------------------
+HARD_ANSWER = re.compile(r"^(?P<last>[A-Z][a-z]+), (?P<first>[A-Z][a-z]+) \| (?P<year>\d{4})-(?P<month>\d\d)-"
+                         r"(?P<day>\d\d) \| (?P<city>[A-Za-z ]+)$")  # fmt: skip
+
+
+def test_hard_task_files_are_what_its_script_writes_and_held_out_is_unseen(tmp_path):
+    script = REPO_ROOT / "scripts" / "make_hard_task_data.py"
+    spec = importlib.util.spec_from_file_location("make_hard_task_data", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(["--out", str(tmp_path)])
+    for name in ("train.jsonl", "heldout.jsonl"):
+        assert (tmp_path / name).read_bytes() == (REPO_ROOT / "data" / "task_hard" / name).read_bytes(), name
+    train = load_examples(REPO_ROOT / "data" / "task_hard" / "train.jsonl")
+    held = load_examples(REPO_ROOT / "data" / "task_hard" / "heldout.jsonl")
+    assert len(train) == 1200 and len(held) == 64
+    parsed = {split: [HARD_ANSWER.match(e.reference).groupdict() for e in examples]
+              for split, examples in (("train", train), ("held", held))}  # fmt: skip
+    for key in ("last", "first", "year", "city"):
+        assert not {f[key] for f in parsed["held"]} & {f[key] for f in parsed["train"]}, key
+    for example, f in zip(held, parsed["held"], strict=True):
+        # the name swapped, the date rewritten: not a copy of the sentence
+        assert f"{f['last']}, {f['first']}" not in example.question and f["year"] in example.question
+        assert module.MONTHS[int(f["month"]) - 1][:3] in example.question

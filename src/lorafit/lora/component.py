@@ -14,6 +14,9 @@
         use_dora: false                   # optional: DoRA, weight-decomposed LoRA (nn.Linear targets)
         frozen_dtype: bfloat16            # optional: store the frozen linear weights in bf16, compute in fp32
 
+`frozen_dtype: nf4` stores them as 4-bit NF4 (QLoRA's data type, torchao's NF4Tensor; `pip install 'lorafit[nf4]'`):
+about 1/8 of their fp32 memory, dequantised where they are used (lorafit/lora/nf4.py); not with init pissa/olora.
+
 `frozen_dtype: bfloat16` halves the memory of the frozen base's linear layers (not the output head): they are
 rounded to bf16 once and cast up to the activations' dtype where they are used (lorafit/lora/frozen.py). It
 cannot be combined with FSDP2, which all-gathers a layer's parameters in one dtype; use ddp or none.
@@ -40,6 +43,8 @@ from lorafit.console import info
 from lorafit.errors import UserError
 from lorafit.lora.frozen import store_frozen_linears
 from lorafit.lora.model import apply_lora, trainable_summary
+from lorafit.lora.nf4 import store_nf4_linears
+from lorafit.lora.variants import DECOMPOSING_INITS
 
 
 class LoraModelConfig(ComponentConfig):
@@ -53,7 +58,7 @@ class LoraModelConfig(ComponentConfig):
     init: Literal["kaiming", "gaussian", "pissa", "olora"] = "kaiming"
     use_rslora: bool = False
     use_dora: bool = False
-    frozen_dtype: Literal["bfloat16"] | None = None  # None: the frozen weights keep the base model's dtype
+    frozen_dtype: Literal["bfloat16", "nf4"] | None = None  # None: the frozen weights keep the base model's dtype
 
 
 @register_component("model", "lora", LoraModelConfig)
@@ -62,9 +67,15 @@ def build_lora_model(config: LoraModelConfig) -> nn.Module:
     model = config.model
     if not isinstance(model, nn.Module):
         raise UserError(f"expected a torch model, got {type(model).__name__}", field="model")
+    if config.frozen_dtype == "nf4" and config.init in DECOMPOSING_INITS:
+        reason = "the residual base would have to be re-quantised after the decomposition; use kaiming or gaussian"
+        raise UserError(f"init {config.init} cannot be combined with frozen_dtype nf4: {reason}", field="init")
     apply_lora(model, config.r, config.alpha, config.target_layers, dropout=config.dropout, init=config.init,
                use_rslora=config.use_rslora, use_dora=config.use_dora)  # fmt: skip
-    if config.frozen_dtype:
+    if config.frozen_dtype == "nf4":
+        changed = store_nf4_linears(model)
+        info(f"frozen weights of {changed} linear layers stored as NF4 (4-bit, torchao), computed in fp32")
+    elif config.frozen_dtype:
         changed = store_frozen_linears(model, getattr(torch, config.frozen_dtype))
         info(f"frozen weights of {changed} linear layers stored in {config.frozen_dtype}, computed in fp32")
     if current_context().announce:

@@ -105,11 +105,15 @@ def _release_file_mapping(model: nn.Module) -> None:
     (makes resident) its pages, and the mapping holds all of them until its last tensor is gone: without this,
     the fp32 file pages of the converted weights would stay in the process next to their bf16 copies.
     """
+    from lorafit.lora.nf4 import is_nf4
+
     ranges = _file_mapped_ranges()
     if not ranges:
         return
     with torch.no_grad():
         for tensor in [*model.parameters(), *model.buffers()]:
+            if is_nf4(tensor):  # a tensor subclass without storage of its own; its parts were just created
+                continue
             address = tensor.untyped_storage().data_ptr()
             if tensor.device.type == "cpu" and any(lo <= address < hi for lo, hi in ranges):
                 tensor.data = tensor.data.clone()
@@ -133,6 +137,8 @@ def _file_mapped_ranges() -> list[tuple[int, int]]:
 
 def has_low_precision_frozen(model: nn.Module) -> bool:
     """True when some frozen weights are stored in another dtype than the trainable ones (see above)."""
+    from lorafit.lora.nf4 import has_nf4
+
     trainable = {p.dtype for p in model.parameters() if p.requires_grad}
     frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
-    return bool(trainable) and bool(frozen - trainable)
+    return bool(trainable) and (bool(frozen - trainable) or has_nf4(model))  # NF4Tensor reports its outer dtype

@@ -155,7 +155,7 @@ class LoraLayer:
         copy_full_tensor(param_a, a)
         copy_full_tensor(param_b, b)
         if self.lora_magnitude_vector is not None:
-            weight = self._base_weight_layout(full_tensor(self.weight).float())
+            weight = self._base_weight_layout(full_tensor(self.weight).to(torch.float32))
             copy_full_tensor(self.lora_magnitude_vector, dora_weight_norm(weight, self.scaling * (b @ a)))
         self.merged = False
 
@@ -168,7 +168,7 @@ class LoraLayer:
         for param in self.lora_factors():
             copy_full_tensor(param, torch.zeros(param.shape))
         if self.lora_magnitude_vector is not None and self.weight.device.type != "meta":
-            weight = self._base_weight_layout(self.weight.detach().float())
+            weight = self._base_weight_layout(self.weight.detach().to(torch.float32))
             copy_full_tensor(self.lora_magnitude_vector, dora_weight_norm(weight, torch.zeros_like(weight)))
 
     def _base_weight_layout(self, weight: torch.Tensor) -> torch.Tensor:
@@ -178,7 +178,7 @@ class LoraLayer:
     def _decompose_base(self) -> tuple[torch.Tensor, torch.Tensor]:
         """PiSSA/OLoRA: A0, B0 from the original W; W becomes W - scaling B0 A0. A0/B0 are kept (non-persistent
         buffers `lora_init_A/B`) for the adapter export, which converts to a plain adapter on the original base."""
-        weight = self._base_weight_layout(full_tensor(self.weight).float())
+        weight = self._base_weight_layout(full_tensor(self.weight).to(torch.float32))
         previous = getattr(self, "lora_init_A", None)
         if previous is not None:  # decomposed before: start from the original weight again
             weight = weight + self.scaling * (self.lora_init_B.float() @ previous.float())
@@ -203,7 +203,8 @@ class LoraLayer:
     def merged_weight(self) -> torch.Tensor:
         """The weight this layer computes with, in fp32 and the base weight's layout: W + scaling B A, or for DoRA
         m * (W + scaling B A) / ||W + scaling B A||_c (PEFT's merge)."""
-        combined = self.weight.float() + self.delta_weight()
+        # .to, not .float(): an NF4Tensor (frozen_dtype nf4) dequantises on .to only
+        combined = self.weight.to(torch.float32) + self.delta_weight()
         if self.lora_magnitude_vector is None:
             return combined
         as_linear = self._base_weight_layout(combined)

@@ -48,6 +48,10 @@ def merge_lora(model: nn.Module) -> None:
     if any(_is_dtensor(layer.weight) for _, layer in layers):
         # merging into shards is how Modalities corrupted evaluation; merge a gathered, unsharded copy instead
         raise UserError("cannot merge LoRA into a sharded (FSDP) model: gather a full state dict and merge that")
+    from lorafit.lora.nf4 import dequantize_nf4_linears
+
+    # a 4-bit base (frozen_dtype nf4) is dequantised: the merged weight is the NF4-rounded base plus the adapter, fp32
+    dequantize_nf4_linears(model)
     tied = _shared_weights(model, layers)
     if tied:
         raise UserError(

@@ -1,0 +1,93 @@
+"""A 4-bit frozen base (QLoRA-style, `frozen_dtype: nf4`): the frozen linear weights stored as torchao's NF4Tensor.
+
+Why torchao: it is PyTorch's own quantisation library, its NF4Tensor runs on CPU (plain torch ops, no custom kernel),
+it installs beside torch 2.13.0 without replacing it (26 MB), and torchtune's QLoRA uses the same tensor. bitsandbytes'
+CPU backend was the other candidate; it was not measured here.
+
+How it computes: an NF4Tensor is a torch tensor subclass that implements `F.linear` (dequantise to the input's dtype,
+then a plain matmul; backward to the input only). So an nn.Linear, or a LoraLinear's frozen path, computes with it
+unchanged: no module class or forward changes, the weight's type carries the behaviour. Each weight takes ~4.1 bits
+(64-value blocks, double-quantised scales) instead of 32. Adapters stay fp32 and are saved in plain PEFT LoRA format.
+
+What it does not do: the output head and embeddings keep their dtype (as with `frozen_dtype: bfloat16`); a weight
+whose size is not a multiple of 64 stays unquantised. Merging dequantises first (lorafit/lora/merging.py), so a
+merged export is the NF4-rounded base plus the adapter, in fp32. torchao's NF4Tensor.clone re-quantises with default
+block sizes (inexact, and failing for most SmolLM2 shapes), so models are dequantised before being copied.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from torch import nn
+
+from lorafit.third_party_noise import silence_torchao_import_noise
+
+NF4_BLOCK = 64  # values per absmax block (QLoRA's choice)
+_MAX_SCALER_BLOCK = 256  # absmax values per double-quantisation block (QLoRA's choice)
+
+
+def _nf4_module():
+    silence_torchao_import_noise()
+    try:
+        from torchao.quantization.quantize_.workflows.nf4 import nf4_tensor
+    except ImportError:
+        from lorafit.errors import UserError
+
+        raise UserError("frozen_dtype nf4 needs torchao: pip install 'lorafit[nf4]' (or torchao==0.18.0)") from None
+    return nf4_tensor
+
+
+def is_nf4(tensor: torch.Tensor) -> bool:
+    if "torchao" not in sys.modules:  # nothing can be NF4 without it; and importing it costs seconds
+        return False
+    return isinstance(tensor, _nf4_module().NF4Tensor)
+
+
+def _scaler_block(n_blocks: int) -> int:
+    """The largest divisor of `n_blocks` up to 256: torchao needs the block count divisible by it."""
+    return next(d for d in range(min(_MAX_SCALER_BLOCK, n_blocks), 0, -1) if n_blocks % d == 0)
+
+
+def to_nf4(weight: torch.Tensor) -> torch.Tensor:
+    """`weight` as an NF4Tensor (blocks of 64, scales double-quantised in blocks of up to 256)."""
+    module = _nf4_module()
+    n_blocks = weight.numel() // NF4_BLOCK
+    return module.to_nf4(weight.detach().to(torch.float32), NF4_BLOCK, _scaler_block(n_blocks))
+
+
+def store_nf4_linears(model: nn.Module) -> int:
+    """Store the frozen weights of `model`'s linear layers (not the output head) as NF4; how many changed."""
+    from lorafit.lora.frozen import _release_file_mapping
+    from lorafit.lora.layers import LoraLinear
+
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    changed = 0
+    for module in model.modules():
+        if type(module) not in (nn.Linear, LoraLinear) or module is head or module.weight.requires_grad:
+            continue
+        weight = module.weight
+        if is_nf4(weight) or weight.device.type == "meta" or weight.numel() % NF4_BLOCK:
+            continue
+        module.weight = nn.Parameter(to_nf4(weight), requires_grad=False)
+        changed += 1
+    if changed:
+        _release_file_mapping(model)
+    return changed
+
+
+def dequantize_nf4_linears(model: nn.Module) -> int:
+    """Replace every NF4 weight by its dequantised fp32 value (a plain Parameter); how many changed."""
+    changed = 0
+    for module in model.modules():
+        weight = module._parameters.get("weight")
+        if weight is not None and is_nf4(weight):
+            module.weight = nn.Parameter(weight.to(torch.float32), requires_grad=False)
+            changed += 1
+    return changed
+
+
+def has_nf4(model: nn.Module) -> bool:
+    return any(is_nf4(p) for p in model.parameters())

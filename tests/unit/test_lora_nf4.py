@@ -1,0 +1,102 @@
+"""A 4-bit (NF4, torchao) frozen base: storage, training, exact resume, merging, and a plain PEFT adapter."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from lorafit.errors import UserError
+from lorafit.lora import apply_lora, lora_parameters, merge_and_unload, save_adapter
+from lorafit.lora.frozen import has_low_precision_frozen
+from lorafit.lora.nf4 import dequantize_nf4_linears, has_nf4, is_nf4, store_nf4_linears
+from tiny import make_llama
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "distributed"))
+from engine_cases import TARGETS, TokenDataset, make_job, one_thread  # noqa: F401 - autouse fixture
+
+X = torch.randint(0, 384, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+def nf4_lora(use_dora=False):
+    model = apply_lora(make_llama(), r=4, alpha=8, target_layers=TARGETS, use_dora=use_dora, seed=3)
+    assert store_nf4_linears(model) == 2 * 7  # every linear of the 2 blocks; not the (tied) head
+    return model
+
+
+def rounded_base():
+    """The same base with its linear weights NF4-rounded, as a plain fp32 model (what PEFT gets)."""
+    model = make_llama().requires_grad_(False)  # only frozen weights are stored as NF4
+    assert store_nf4_linears(model) == 2 * 7
+    dequantize_nf4_linears(model)
+    return model.requires_grad_(True)
+
+
+def test_storage_is_4_bit_and_computes_with_the_dequantised_weights():
+    model = nf4_lora()
+    q = model.model.layers[0].self_attn.q_proj
+    assert is_nf4(q.weight) and not q.weight.requires_grad
+    assert not is_nf4(model.lm_head.weight) and has_low_precision_frozen(model)  # so FSDP2 refuses it
+    stored = q.weight.quantized_data.nbytes + q.weight.quantized_scalers.nbytes + q.weight.quantization_factor.nbytes
+    assert stored <= q.weight.numel() * 4 / 7  # 4 bits per value plus double-quantised scales, vs 32
+    full = make_llama()
+    logits = model(X).logits
+    assert (logits - full(X).logits).abs().max() < 0.1 * full(X).logits.abs().max()  # rounded, not broken
+    torch.testing.assert_close(logits, rounded_base()(X).logits, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_trains_merges_and_saves_a_plain_peft_adapter(tmp_path, use_dora):
+    import peft
+
+    model = nf4_lora(use_dora)
+    optimizer = torch.optim.AdamW(lora_parameters(model), lr=1e-2)
+    model.train()
+    losses = []
+    for _ in range(4):
+        loss = model(X, labels=X).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    model.eval()
+    trained = model(X).logits
+    save_adapter(model, tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["use_dora"] is use_dora and "quantization" not in json.dumps(config)
+    in_peft = peft.PeftModel.from_pretrained(rounded_base(), tmp_path / "adapter").eval()
+    torch.testing.assert_close(in_peft(input_ids=X).logits, trained, rtol=0, atol=1e-5)
+    merged = merge_and_unload(model)  # dequantises: a plain fp32 transformers model
+    assert not has_nf4(merged) and all(type(m) is not nn.Module for m in merged.modules())
+    torch.testing.assert_close(merged(X).logits, trained, rtol=0, atol=1e-5)
+
+
+def test_resumes_exactly(tmp_path):
+    from lorafit.distributed.env import init_distributed
+    from lorafit.training.loop import train
+
+    env = init_distributed()
+    held_out = {"held_out": TokenDataset(n=3, seed=1)}
+    straight = train(make_job(tmp_path / "a", env, micro=2, accum=1, steps=4, model=nf4_lora(),
+                              checkpoint_interval=2, eval_datasets=held_out))  # fmt: skip
+    resumed = train(make_job(tmp_path / "b", env, micro=2, accum=1, steps=4, model=nf4_lora(),
+                             resume_from=tmp_path / "a" / "checkpoints" / "step_000002",
+                             eval_datasets=held_out))  # fmt: skip
+    assert [s for s, _ in resumed.losses] == [3, 4]
+    assert [v for _, v in resumed.losses] == pytest.approx([v for _, v in straight.losses[2:]], abs=1e-6, rel=0)
+    checkpoint = tmp_path / "a" / "checkpoints" / "step_000002"
+    assert sum(f.stat().st_size for f in checkpoint.rglob("*") if f.is_file()) < 1_000_000  # never the base
+
+
+def test_component_refuses_nf4_with_a_decomposing_init():
+    from lorafit.lora.component import LoraModelConfig, build_lora_model
+
+    values = dict(r=4, alpha=8, target_layers=["q_proj"], dropout=0.0, use_rslora=False, use_dora=False)
+    config = LoraModelConfig.model_construct(model=make_llama(), init="pissa", frozen_dtype="nf4", **values)
+    with pytest.raises(UserError, match="init: init pissa cannot be combined with frozen_dtype nf4"):
+        build_lora_model(config)
