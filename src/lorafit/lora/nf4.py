@@ -5,9 +5,10 @@ it installs beside torch 2.13.0 without replacing it (26 MB), and torchtune's QL
 CPU backend was the other candidate; it was not measured here.
 
 How it computes: an NF4Tensor is a torch tensor subclass that implements `F.linear` (dequantise to the input's dtype,
-then a plain matmul; backward to the input only). So an nn.Linear, or a LoraLinear's frozen path, computes with it
-unchanged: no module class or forward changes, the weight's type carries the behaviour. Each weight takes ~4.1 bits
-(64-value blocks, double-quantised scales) instead of 32. Adapters stay fp32 and are saved in plain PEFT LoRA format.
+then a plain matmul; backward to the input only). Plain frozen linears are swapped for `NF4Linear` (a `FrozenLinear`,
+lorafit/lora/frozen.py); the LoRA linear layer keeps its class and hands the NF4 weight to F.linear. Each weight
+takes ~4.1 bits (64-value blocks, double-quantised scales) instead of 32. Adapters stay fp32 and are saved in
+plain PEFT LoRA format.
 
 What it does not do: the output head and embeddings keep their dtype (as with `frozen_dtype: bfloat16`); a weight
 whose size is not a multiple of 64 stays unquantised. Merging dequantises first (lorafit/lora/merging.py), so a
@@ -20,8 +21,10 @@ from __future__ import annotations
 import sys
 
 import torch
+import torch.nn.functional as F  # noqa: N812 - the universal spelling
 from torch import nn
 
+from lorafit.lora.frozen import FrozenLinear, FrozenWeightLayer, _release_file_mapping
 from lorafit.third_party_noise import silence_torchao_import_noise
 
 NF4_BLOCK = 64  # values per absmax block (QLoRA's choice)
@@ -57,20 +60,40 @@ def to_nf4(weight: torch.Tensor) -> torch.Tensor:
     return module.to_nf4(weight.detach().to(torch.float32), NF4_BLOCK, _scaler_block(n_blocks))
 
 
-def store_nf4_linears(model: nn.Module) -> int:
-    """Store the frozen weights of `model`'s linear layers (not the output head) as NF4; how many changed."""
-    from lorafit.lora.frozen import _release_file_mapping
-    from lorafit.lora.layers import LoraLinear
+class NF4Linear(FrozenLinear):
+    """A frozen nn.Linear whose weight is an NF4Tensor (swapped in by `store_nf4_linears`, same Parameter names).
 
+    F.linear on an NF4Tensor dequantises it to the input's dtype and multiplies (torchao implements F.linear for
+    it, backward to the input only), so this forward is plain F.linear; the class marks what the layer holds.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, weight=nf4"
+
+
+def store_nf4_linears(model: nn.Module) -> int:
+    """Store the frozen weights of `model`'s linear layers (not the output head) as NF4; how many changed.
+
+    Plain nn.Linear layers become `NF4Linear`; layers that compute through `frozen_linear` (the LoRA linear
+    layer) keep their class, since `frozen_linear` hands an NF4 weight to F.linear too.
+    """
     get_head = getattr(model, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
     changed = 0
-    for module in model.modules():
-        if type(module) not in (nn.Linear, LoraLinear) or module is head or module.weight.requires_grad:
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, nn.Linear) or module is head or module.weight.requires_grad:
             continue
         weight = module.weight
         if is_nf4(weight) or weight.device.type == "meta" or weight.numel() % NF4_BLOCK:
             continue
+        if type(module) in (nn.Linear, FrozenLinear):
+            module = NF4Linear(module)
+            model.set_submodule(name, module)
+        elif not isinstance(module, FrozenWeightLayer):
+            continue  # a Linear subclass with a forward of its own: its weight stays as it is
         module.weight = nn.Parameter(to_nf4(weight), requires_grad=False)
         changed += 1
     if changed:
@@ -79,13 +102,16 @@ def store_nf4_linears(model: nn.Module) -> int:
 
 
 def dequantize_nf4_linears(model: nn.Module) -> int:
-    """Replace every NF4 weight by its dequantised fp32 value (a plain Parameter); how many changed."""
+    """Replace every NF4 weight by its dequantised fp32 value (a plain Parameter; NF4Linear becomes nn.Linear)."""
     changed = 0
-    for module in model.modules():
+    for name, module in list(model.named_modules()):
         weight = module._parameters.get("weight")
-        if weight is not None and is_nf4(weight):
-            module.weight = nn.Parameter(weight.to(torch.float32), requires_grad=False)
-            changed += 1
+        if weight is None or not is_nf4(weight):
+            continue
+        module.weight = nn.Parameter(weight.to(torch.float32), requires_grad=False)
+        if type(module) is NF4Linear:
+            model.set_submodule(name, module.to_base())
+        changed += 1
     return changed
 
 
