@@ -76,6 +76,19 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BaseException as error:  # BaseException: torch's CheckpointException (a disk full while saving) is one
+        from lorafit.errors import describe_storage_error, storage_error
+
+        cause = storage_error(error)
+        if cause is None or debug:
+            raise
+        from lorafit.console import print_error
+
+        doing = "saving a checkpoint" if type(error).__name__ == "CheckpointException" else ""
+        hint = ("; complete checkpoints already written are kept: make room, then continue with --resume_from latest"
+                if args.command == "run" else "")  # fmt: skip
+        print_error(describe_storage_error(cause, doing) + hint)
+        return 2
     return int(result or 0)
 
 

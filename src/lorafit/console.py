@@ -1,4 +1,9 @@
-"""Console output shared by commands: rich on rank 0, silence on other ranks."""
+"""Console output shared by commands: rich on rank 0, silence on other ranks.
+
+A closed stdout or stderr (`lorafit run ... | head -2`: the reader exits) never stops a command: the closed stream
+is pointed at /dev/null (Python's advice for EPIPE), one note goes to the other stream, and the command goes on.
+A run keeps writing its run folder (metrics.jsonl, checkpoints, report.md), which is where its record lives.
+"""
 
 from __future__ import annotations
 
@@ -8,28 +13,64 @@ import sys
 from rich.console import Console
 from rich.markup import escape
 
-_stderr = Console(stderr=True, highlight=False, soft_wrap=True)
-_stdout = Console(highlight=False, soft_wrap=True)
+
+class _Console(Console):
+    """rich's Console ends the program on a closed pipe (SystemExit(1), no message); this one hands the
+    BrokenPipeError to `_print`, which detaches the stream and carries on."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        raise BrokenPipeError
+
+
+_stderr = _Console(stderr=True, highlight=False, soft_wrap=True)
+_stdout = _Console(highlight=False, soft_wrap=True)
+_closed: set[str] = set()
 
 
 def is_main_rank() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def detach_closed_stream(name: str) -> None:
+    """Point the closed sys.<name> at /dev/null, so that later writes and the flush at exit succeed."""
+    _closed.add(name)
+    try:
+        fd = getattr(sys, name).fileno()
+    except (AttributeError, OSError, ValueError):
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
+
+
+def _print(console: Console, name: str, text: str, **kwargs) -> None:
+    if name in _closed:
+        return
+    try:
+        console.print(text, **kwargs)
+        getattr(sys, name).flush()
+    except BrokenPipeError:
+        detach_closed_stream(name)
+        note = (f"note: {name} was closed (the program reading it exited); lorafit carries on without printing "
+                "there (a run goes on writing metrics.jsonl, checkpoints and report.md in its run folder)")  # fmt: skip
+        other = "stderr" if name == "stdout" else "stdout"
+        _print(_stderr if other == "stderr" else _stdout, other, note, markup=False, emoji=False)
+
+
 def print_error(message: str) -> None:
-    _stderr.print(f"[bold red]error:[/] {escape(message)}", markup=True, emoji=False)
-    sys.stderr.flush()
+    _print(_stderr, "stderr", f"[bold red]error:[/] {escape(message)}", markup=True, emoji=False)
 
 
 def info(message: str, *, all_ranks: bool = False) -> None:
     """A line for the user, printed once (rank 0) unless `all_ranks`."""
     if all_ranks or is_main_rank():
-        _stdout.print(message, markup=False, emoji=False)
+        _print(_stdout, "stdout", message, markup=False, emoji=False)
 
 
 def warn(message: str) -> None:
     if is_main_rank():
-        _stderr.print(f"[yellow]warning:[/] {escape(message)}", markup=True, emoji=False)
+        _print(_stderr, "stderr", f"[yellow]warning:[/] {escape(message)}", markup=True, emoji=False)
 
 
 def hide_library_progress_bars() -> None:

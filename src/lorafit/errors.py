@@ -6,6 +6,8 @@ it without a traceback and exits with its `exit_code`; every other exception is 
 
 from __future__ import annotations
 
+import errno
+import os
 from dataclasses import dataclass
 
 
@@ -69,3 +71,44 @@ def nearest(word: str, choices: list[str] | set[str] | tuple[str, ...]) -> str |
 def did_you_mean(word: str, choices) -> str:
     best = nearest(word, choices)
     return f" (did you mean '{best}'?)" if best else ""
+
+
+# errors of the machine, not of lorafit: a full disk, a read-only mount, a limit. Reported in one line, no traceback
+_STORAGE_ERRNOS = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "a disk quota is exceeded",
+    errno.EFBIG: "a file-size limit was reached (ulimit -f) or the disk is full",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.ENAMETOOLONG: "a file name is too long",
+    errno.ENOTDIR: "a part of the path is a file, not a folder",
+    errno.EIO: "an input/output error of the disk",
+}
+
+
+def storage_error(error: BaseException) -> OSError | None:
+    """The OSError of the machine (disk full, read-only, ...) behind `error`, also when torch's distributed
+    checkpointing wraps it (its CheckpointException holds each rank's exception in `failures`)."""
+    seen: set[int] = set()
+    pending = [error]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in _STORAGE_ERRNOS:
+            return current
+        failures = getattr(current, "failures", None)
+        if isinstance(failures, dict):
+            pending += [f[0] for f in failures.values() if isinstance(f, tuple) and f]
+        pending += [current.__cause__, current.__context__]
+    return None
+
+
+def describe_storage_error(error: OSError, doing: str = "") -> str:
+    """One line: what could not be written, and why, in words."""
+    where = f" {error.filename}" if error.filename else " a file"
+    what = f"{doing}: " if doing else ""
+    return (f"{what}cannot write{where}: {os.strerror(error.errno)} ({_STORAGE_ERRNOS[error.errno]}, "
+            f"{errno.errorcode.get(error.errno, error.errno)})")  # fmt: skip

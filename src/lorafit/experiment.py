@@ -7,13 +7,15 @@ everything the run writes (metrics, checkpoints, adapter).
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from lorafit.errors import UserError
+from lorafit.errors import UserError, describe_storage_error, storage_error
 
 CONFIG_COPY = "config.yaml"
 RESOLVED_CONFIG = "config.resolved.yaml"
@@ -25,18 +27,48 @@ def default_experiment_id(config_path: Path) -> str:
     return time.strftime("%Y-%m-%d__%H-%M-%S") + f"_{digest}"
 
 
+MAX_ID_BYTES = 255  # a file name's limit on common file systems (NAME_MAX)
+
+
+def check_experiment_id(experiment_id: str | None) -> None:
+    """An id names one folder directly under the experiments root: no separators, no `..`, not too long."""
+    if experiment_id is None:
+        return
+    separators = {"/", os.sep, os.altsep or "/"}
+    if not experiment_id or experiment_id in (".", "..") or any(s in experiment_id for s in separators):
+        raise UserError(f"--experiment_id {experiment_id!r}: an experiment id is one folder name (no '/', no '..'); "
+                        "the run folder is always <experiments_root_path>/<experiment_id>")  # fmt: skip
+    if "\0" in experiment_id or len(experiment_id.encode("utf-8", "surrogateescape")) > MAX_ID_BYTES:
+        raise UserError(f"--experiment_id: {len(experiment_id)} characters; a folder name holds at most "
+                        f"{MAX_ID_BYTES} bytes and no NUL")  # fmt: skip
+
+
 def create_run_dir(
     root: Path, experiment_id: str, config_path: Path, resolved: dict[str, Any], overrides: tuple[str, ...] = ()
 ) -> Path:
-    run_dir = Path(root) / experiment_id
+    check_experiment_id(experiment_id)
+    root = Path(root)
+    run_dir = root / experiment_id
     if run_dir.exists():
         raise UserError(
             f"run folder already exists: {run_dir}; lorafit never overwrites a run. Pass another --experiment_id, "
             f"or --resume_from latest (or a checkpoint path) with --experiment_id {experiment_id} to continue it"
         )
-    run_dir.mkdir(parents=True)
-    (run_dir / CONFIG_COPY).write_bytes(Path(config_path).read_bytes())
-    write_resolved(run_dir, resolved, overrides)
+    blocking = next((p for p in (root, *root.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise UserError(f"--experiments_root_path {root}: {blocking} is a file, not a folder; choose another root")
+    try:
+        run_dir.mkdir(parents=True)
+    except OSError as error:
+        reason = describe_storage_error(error) if storage_error(error) else str(error)
+        raise UserError(f"--experiments_root_path {root}: cannot create the run folder: {reason}") from None
+    try:
+        (run_dir / CONFIG_COPY).write_bytes(Path(config_path).read_bytes())
+        write_resolved(run_dir, resolved, overrides)
+    except OSError as error:
+        shutil.rmtree(run_dir, ignore_errors=True)  # created by this call a moment ago: nothing of the user's
+        reason = describe_storage_error(error) if storage_error(error) else str(error)
+        raise UserError(f"--experiments_root_path {root}: cannot write the run folder: {reason}") from None
     return run_dir
 
 

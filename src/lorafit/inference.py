@@ -9,8 +9,10 @@ import torch
 from lorafit.errors import UserError
 
 
-def load_base(base: Path, dtype: str = "fp32"):
-    """(model, tokenizer) from a Hugging Face folder, or from a run config's `model` and `tokenizer` entities."""
+def load_base(base: Path, dtype: str = "fp32", flag: str = "--base"):
+    """(model, tokenizer) from a Hugging Face folder, or from a run config's `model` and `tokenizer` entities.
+
+    `flag` is the command-line option that named `base` (merge's --base, generate's --model), for messages."""
     base = Path(base)
     if base.suffix in (".yaml", ".yml"):
         from lorafit.job import build_run_entities
@@ -18,7 +20,7 @@ def load_base(base: Path, dtype: str = "fp32"):
         entities = build_run_entities(base, ["model", "tokenizer"])
         return entities["model"], entities.get("tokenizer")
     if not (base / "config.json").is_file():
-        raise UserError(f"--base: {base} is neither a Hugging Face model folder (with config.json) nor a YAML config")
+        raise UserError(f"{flag}: {base} is neither a Hugging Face model folder (with config.json) nor a YAML config")
     from lorafit.models.huggingface import load_pretrained_model, load_tokenizer
 
     model = load_pretrained_model(base, dtype=dtype)
@@ -26,8 +28,8 @@ def load_base(base: Path, dtype: str = "fp32"):
     return model, tokenizer
 
 
-def load_with_adapter(base: Path, adapter: Path | None, dtype: str = "fp32"):
-    model, tokenizer = load_base(base, dtype)
+def load_with_adapter(base: Path, adapter: Path | None, dtype: str = "fp32", flag: str = "--base"):
+    model, tokenizer = load_base(base, dtype, flag)
     if adapter is not None:
         from lorafit.lora import load_adapter
 
@@ -53,6 +55,8 @@ def generate(model, tokenizer, prompt: str, *, chat: bool, max_new_tokens: int, 
         )["input_ids"]
     else:
         ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    if ids.shape[-1] == 0:  # nothing to condition on: generate() would fail reshaping an empty tensor
+        raise UserError(f"--prompt {prompt!r} gives no token to start from; give some text (or use --chat)")
     ids = ids.to(next(model.parameters()).device)
     sampling = temperature > 0
     out = model.generate(

@@ -9,6 +9,7 @@ and every file the user had byte-identical afterwards.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -308,3 +309,139 @@ def test_duplicate_key_names_both_lines(tmp_path, tiny_model_dir, capsys):
         code, err, f"config.yaml: model.config.r: the key 'r' is given twice, at line {first} and line {second}"
     )
     assert_unchanged(before, snapshot(tmp_path))
+
+
+# ------------------------------------------------------------------------------------ 11. the file system says no
+def run_argv(config: Path, root: Path, experiment_id: str = "x", *extra: str) -> list[str]:
+    return ["run", "--config_file_path", str(config), "--experiments_root_path", str(root), "--experiment_id",
+            experiment_id, *extra]  # fmt: skip
+
+
+def read_only_mount(folder: Path, argv: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
+    """`python -m lorafit ARGV` in a private mount namespace where `folder` is a read-only bind mount of itself:
+    a real EROFS, which chmod cannot give (root ignores permissions). Needs `unshare` (root, or user namespaces)."""
+    unshare = ["unshare", "-m"] if os.geteuid() == 0 else ["unshare", "-rm"]
+    script = 'mount --bind "$1" "$1" && mount -o remount,ro,bind "$1" && shift && exec "$@"'
+    command = [*unshare, "sh", "-c", script, "sh", str(folder), sys.executable, "-m", "lorafit", *argv]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def test_read_only_experiments_root_is_one_error_and_leaves_no_run_folder(tmp_path, tiny_model_dir):
+    config = write_yaml(tmp_path / "config.yaml", tiny_run_config(tiny_model_dir, LOREM, tmp_path / "cache" / "c"))
+    (tmp_path / "exp").mkdir()
+    before = snapshot(tmp_path)
+    result = read_only_mount(tmp_path / "exp", run_argv(config, tmp_path / "exp"))
+    assert_one_error(result.returncode, result.stderr, "--experiments_root_path", "cannot create the run folder",
+                     "Read-only file system", "EROFS")  # fmt: skip
+    assert_unchanged(before, snapshot(tmp_path))
+
+
+def test_read_only_dataset_cache_is_one_error_naming_cache_path_and_leaves_no_run_folder(tmp_path, tiny_model_dir):
+    (tmp_path / "cache").mkdir()
+    config = write_yaml(tmp_path / "config.yaml", tiny_run_config(tiny_model_dir, LOREM, tmp_path / "cache" / "c"))
+    before = snapshot(tmp_path)
+    result = read_only_mount(tmp_path / "cache", run_argv(config, tmp_path / "exp"))
+    assert_one_error(result.returncode, result.stderr, "train_dataset.config.cache_path: cannot write the dataset "
+                     "cache", "Read-only file system")  # fmt: skip
+    assert not (tmp_path / "exp" / "x").exists()  # removed again: the same --experiment_id works once fixed
+    assert_unchanged(before, snapshot(tmp_path), may_add=("exp",))
+
+
+def test_disk_full_while_writing_a_checkpoint_keeps_the_previous_one_and_resume_works(tmp_path, tiny_model_dir, capsys):
+    """'Disk full' as RLIMIT_FSIZE (EFBIG, which Python gets instead of SIGXFSZ): the checkpoint's 45 KB tensor
+    file cannot be written, every smaller file (metrics, logs) can."""
+    import resource
+
+    def config(steps: int) -> Path:
+        c = tiny_run_config(tiny_model_dir, LOREM, tmp_path / "cache" / "c", steps=steps)
+        c["settings"]["intervals"]["checkpointing_interval_in_steps"] = 1
+        return write_yaml(tmp_path / f"config{steps}.yaml", c)
+
+    root = tmp_path / "exp"
+    assert cli(run_argv(config(2), root, "r"), capsys)[0] == 0
+    kept = snapshot(root / "r" / "checkpoints" / "step_000002")
+
+    def limit_file_size() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (30_000, 30_000))
+
+    argv = run_argv(config(3), root, "r", "--resume_from", "latest", "--allow_config_change")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    result = subprocess.run([sys.executable, "-m", "lorafit", *argv], capture_output=True, text=True, env=env,
+                            timeout=120, preexec_fn=limit_file_size)  # fmt: skip
+    assert_one_error(result.returncode, result.stderr, "saving a checkpoint: cannot write", "File too large",
+                     "EFBIG", "complete checkpoints already written are kept", "--resume_from latest")  # fmt: skip
+    assert snapshot(root / "r" / "checkpoints" / "step_000002") == kept
+    assert not (root / "r" / "checkpoints" / "step_000003").exists()
+
+    assert cli(argv, capsys)[0] == 0  # room again: the run continues from step 2
+    assert (root / "r" / "checkpoints" / "step_000003" / "COMPLETE").is_file()
+
+
+def test_experiments_root_that_is_a_file(tmp_path, tiny_model_dir, capsys):
+    config = write_yaml(tmp_path / "config.yaml", tiny_run_config(tiny_model_dir, LOREM, tmp_path / "cache" / "c"))
+    (tmp_path / "exp").write_text("a file, not a folder")
+    before = snapshot(tmp_path)
+    code, err = cli(run_argv(config, tmp_path / "exp" / "inner"), capsys)
+    assert_one_error(code, err, "--experiments_root_path", "exp is a file, not a folder")
+    assert_unchanged(before, snapshot(tmp_path))
+
+
+@pytest.mark.parametrize(
+    ("experiment_id", "fragments"),
+    [
+        ("x" * 300, ("--experiment_id: 300 characters", "at most 255 bytes")),
+        ("../x", ("--experiment_id '../x': an experiment id is one folder name (no '/', no '..')",)),
+        ("a/b", ("--experiment_id 'a/b'", "one folder name")),
+        ("..", ("--experiment_id '..'", "one folder name")),
+    ],
+    ids=["300_characters", "dotdot_slash", "separator", "dotdot"],
+)
+def test_experiment_id_is_one_folder_name(experiment_id, fragments, tmp_path, tiny_model_dir, capsys):
+    """Items 11 (a 300-character id) and 15 (ids that would write outside the experiments root)."""
+    config = write_yaml(tmp_path / "config.yaml", tiny_run_config(tiny_model_dir, LOREM, tmp_path / "cache" / "c"))
+    (tmp_path / "exp").mkdir()
+    before = snapshot(tmp_path)
+    code, err = cli(run_argv(config, tmp_path / "exp" / "root", experiment_id), capsys)
+    assert_one_error(code, err, *fragments)
+    assert_unchanged(before, snapshot(tmp_path))
+
+
+def test_merge_output_dir_that_is_a_file(tmp_path, tiny_model_dir, tiny_adapter, capsys):
+    (tmp_path / "merged").write_bytes(b"my file")
+    before = snapshot(tmp_path)
+    code, err = cli(["merge", "--base", str(tiny_model_dir), "--adapter", str(tiny_adapter), "--output_dir",
+                     str(tmp_path / "merged")], capsys)  # fmt: skip
+    assert_one_error(code, err, "--output_dir", "merged is a file, not a folder")
+    assert_unchanged(before, snapshot(tmp_path))
+
+
+# -------------------------------------------------------------------------------------------- 12, 16. generate
+def test_generate_with_an_empty_prompt(tmp_path, tiny_model_dir, capsys):
+    code, err = cli(["generate", "--model", str(tiny_model_dir), "--prompt", "", "--max_new_tokens", "1"], capsys)
+    assert_one_error(code, err, "--prompt '' gives no token to start from")
+
+
+def test_generate_names_model_for_a_bad_model(tmp_path, capsys):
+    code, err = cli(["generate", "--model", str(tmp_path / "nope"), "--prompt", "hi"], capsys)
+    message = assert_one_error(code, err, "--model:", "nope is neither a Hugging Face model folder")
+    assert "--base" not in message
+
+
+# -------------------------------------------------------------------------------------------- 13. a closed stdout
+def test_run_piped_into_head_trains_to_the_end(tmp_path, tiny_model_dir):
+    """`lorafit run ... | head -2`: the reader exits after two lines; the run still trains and writes its folder."""
+    config = write_yaml(tmp_path / "config.yaml",
+                        tiny_run_config(tiny_model_dir, LOREM, tmp_path / "cache" / "c", steps=2))  # fmt: skip
+    argv = " ".join(run_argv(config, tmp_path / "exp"))
+    command = f'"{sys.executable}" -m lorafit {argv} 2>"{tmp_path}/stderr.txt" | head -2; exit "${{PIPESTATUS[0]}}"'
+    result = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=120)
+    stderr = (tmp_path / "stderr.txt").read_text()
+    assert result.returncode == 0, stderr
+    assert len(result.stdout.splitlines()) == 2
+    assert "Traceback" not in stderr
+    assert "note: stdout was closed" in stderr
+    run_dir = tmp_path / "exp" / "x"
+    assert [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+            if "loss" in json.loads(line)] == [1, 2]  # fmt: skip
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file() and (run_dir / "report.md").is_file()

@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
     if args.temperature < 0:
         raise UserError(f"--temperature must be >= 0, got {args.temperature}")
-    model, tokenizer = load_with_adapter(args.model, args.adapter)
+    model, tokenizer = load_with_adapter(args.model, args.adapter, flag="--model")
     print(
         generate(
             model,

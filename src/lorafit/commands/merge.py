@@ -23,6 +23,8 @@ def run(args: argparse.Namespace) -> int:
     from lorafit.export import export_merged
     from lorafit.inference import load_with_adapter
 
+    if args.output_dir.exists() and not args.output_dir.is_dir():
+        raise UserError(f"--output_dir: {args.output_dir} is a file, not a folder; choose a new folder")
     if args.output_dir.exists() and any(args.output_dir.iterdir()):
         raise UserError(f"--output_dir: {args.output_dir} exists and is not empty; choose a new folder")
     model, tokenizer = load_with_adapter(args.base, args.adapter, args.dtype)

@@ -31,7 +31,7 @@ from lorafit.config.registry import Component, ComponentConfig, register_compone
 from lorafit.console import info, is_main_rank
 from lorafit.data.datasets import InstructionDataset, PackedDataset, PackedInstructionDataset
 from lorafit.data.pack import pack_file, resolve_prefix
-from lorafit.errors import UserError
+from lorafit.errors import UserError, describe_storage_error, storage_error
 
 
 class RawTextConfig(ComponentConfig):
@@ -183,12 +183,16 @@ def _pack_if_stale(source: Path, tokenizer: Any, prefix: Path, kind: str, jsonl_
         return prefix
     check_cache_owner(source, prefix)
     info(f"tokenizing {source} into {prefix}.bin (cached for later runs)")
-    prefix.parent.mkdir(parents=True, exist_ok=True)
-    # claim the prefix before writing: a pack interrupted from here on still leaves files known to be ours
-    _write_stamp(prefix, {"written_by": CACHE_MARK, "source_path": str(source.resolve()), "state": "packing"})
-    pack_file(source, tokenizer, prefix, jsonl_field=jsonl_field or "text", fmt=kind, overwrite=True,
-              progress=is_main_rank(), replace_checked=True)  # fmt: skip
-    _write_stamp(prefix, {**_fingerprint(source, tokenizer, kind, jsonl_field), "index": _index_stat(prefix)})
+    try:
+        prefix.parent.mkdir(parents=True, exist_ok=True)
+        # claim the prefix before writing: a pack interrupted from here on still leaves files known to be ours
+        _write_stamp(prefix, {"written_by": CACHE_MARK, "source_path": str(source.resolve()), "state": "packing"})
+        pack_file(source, tokenizer, prefix, jsonl_field=jsonl_field or "text", fmt=kind, overwrite=True,
+                  progress=is_main_rank(), replace_checked=True)  # fmt: skip
+        _write_stamp(prefix, {**_fingerprint(source, tokenizer, kind, jsonl_field), "index": _index_stat(prefix)})
+    except OSError as error:  # a read-only or full cache location: the user's to change, named by its YAML key
+        reason = describe_storage_error(error) if storage_error(error) else str(error)
+        raise UserError(f"cannot write the dataset cache {prefix}: {reason}", field="cache_path") from None
     return prefix
 
 
