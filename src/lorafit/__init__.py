@@ -11,7 +11,15 @@ silence_torchao_import_noise()
 
 __version__ = "0.1.0"
 
-_LORA_API = ("apply_lora", "merge_and_unload", "save_adapter", "load_adapter", "merge_lora", "unmerge_lora")
+_LORA_API = (
+    "apply_lora",
+    "merge_and_unload",
+    "save_adapter",
+    "load_adapter",
+    "merge_lora",
+    "unmerge_lora",
+    "save_pretrained",
+)
 
 
 def __getattr__(name: str):

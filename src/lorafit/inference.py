@@ -35,6 +35,10 @@ def load_with_adapter(base: Path, adapter: Path | None, dtype: str = "fp32", fla
 
         if not (Path(adapter) / "adapter_config.json").is_file():
             raise UserError(f"--adapter: {adapter} has no adapter_config.json (expected a PEFT-format adapter folder)")
+        if Path(base).is_dir():  # a folder `lorafit merge` made from this very adapter: refuse to add it twice
+            from lorafit.lora.provenance import check_not_merged_already
+
+            check_not_merged_already(Path(base), Path(adapter))
         load_adapter(model, Path(adapter))
     if tokenizer is None and adapter is not None and (Path(adapter) / "tokenizer_config.json").is_file():
         from lorafit.models.huggingface import load_tokenizer

@@ -220,7 +220,11 @@ def log_evaluator_results(run_dir: Path, results: dict[str, Any], step: int, tra
 
 def export(built: BuiltRun, run_dir: Path, result) -> None:
     from lorafit.lora import has_lora
+    from lorafit.lora.provenance import annotate_adapter, prompt_format_of, record_merge
 
+    if result.adapter_dir is not None:  # how it was trained, for `lorafit generate` (lorafit/lora/provenance.py)
+        annotate_adapter(result.adapter_dir, prompt_format_of(built.train_dataset),
+                         built.settings.export.base_model_name_or_path)  # fmt: skip
     if built.settings.export.merged_model and not has_lora(result.model_for_eval()):
         info("export.merged_model: nothing to merge (full fine-tuning); model/ is already a plain Hugging Face folder")
     elif built.settings.export.merged_model:
@@ -228,6 +232,9 @@ def export(built: BuiltRun, run_dir: Path, result) -> None:
 
         # merged/ is this run's own output (a resumed run writes it again from the newer adapter)
         export_merged(result.model_for_eval(), built.tokenizer, run_dir / "merged", overwrite=True)
+        if result.adapter_dir is not None:
+            base = getattr(getattr(built.model, "config", None), "_name_or_path", "")
+            record_merge(run_dir / "merged", result.adapter_dir, base)
         info(f"merged model: {run_dir / 'merged'}")
 
 

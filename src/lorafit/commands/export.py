@@ -33,7 +33,7 @@ def run_gguf(args: argparse.Namespace) -> int:
         raise UserError(f"--output: {args.output} exists; choose a new file or pass --overwrite to replace it")
     if args.output.suffix != ".gguf":
         raise UserError(f"--output: {args.output} should end in .gguf (llama.cpp and Ollama look for it)")
-    model, tokenizer = load_with_adapter(args.model, args.adapter, "fp32")
+    model, tokenizer = load_with_adapter(args.model, args.adapter, "fp32", flag="--model")
     if has_lora(model):
         model = merge_and_unload(model)
     path = export_gguf(model, tokenizer, args.output, dtype=args.dtype, overwrite=args.overwrite,

@@ -22,6 +22,7 @@ def run(args: argparse.Namespace) -> int:
     from lorafit.errors import UserError
     from lorafit.export import export_merged
     from lorafit.inference import load_with_adapter
+    from lorafit.lora.provenance import record_merge
 
     if args.output_dir.exists() and not args.output_dir.is_dir():
         raise UserError(f"--output_dir: {args.output_dir} is a file, not a folder; choose a new folder")
@@ -29,4 +30,5 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--output_dir: {args.output_dir} exists and is not empty; choose a new folder")
     model, tokenizer = load_with_adapter(args.base, args.adapter, args.dtype)
     export_merged(model, tokenizer, args.output_dir)
+    record_merge(args.output_dir, args.adapter, args.base)  # so that the adapter is never applied to it again
     return 0

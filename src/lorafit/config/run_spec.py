@@ -75,6 +75,8 @@ class Checkpointing(_Strict):
 
 class Export(_Strict):
     merged_model: bool = False  # also write a merged Hugging Face folder into the run folder
+    # written into adapter/adapter_config.json for PEFT's AutoPeftModel (default: the base folder's absolute path)
+    base_model_name_or_path: str | None = None
 
 
 class RunSettings(BaseModel):

@@ -20,6 +20,7 @@ from lorafit.lora.model import (
     reset_lora_parameters,
     trainable_summary,
 )
+from lorafit.lora.saving import save_pretrained
 
 __all__ = [
     "LoraConv1D",
@@ -47,6 +48,7 @@ __all__ = [
     "remove_lora",
     "reset_lora_parameters",
     "save_adapter",
+    "save_pretrained",
     "trainable_summary",
     "unmerge_lora",
 ]

@@ -88,6 +88,9 @@ def adapter_config(model: nn.Module, base_model_name_or_path: str | None = None)
     settings = get_settings(model)
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(getattr(unwrap(model), "config", None), "_name_or_path", None) or None
+        if base_model_name_or_path and Path(base_model_name_or_path).is_dir():
+            # a local folder as an absolute path: PEFT's AutoPeftModel resolves it from any working directory
+            base_model_name_or_path = str(Path(base_model_name_or_path).resolve())
     r, alpha = settings.r, settings.alpha
     if settings.init in DECOMPOSING_INITS:  # written converted (module docstring)
         r, alpha = 2 * r, converted_alpha(alpha, settings.use_rslora)
