@@ -23,6 +23,10 @@ _LORA_API = (
 
 
 def __getattr__(name: str):
+    if name == "train":  # lorafit.train(config, overrides=...): `lorafit run` from Python (lorafit/api.py)
+        from lorafit.api import train
+
+        return train
     if name in _LORA_API:
         import lorafit.lora
 
@@ -30,4 +34,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'lorafit' has no attribute '{name}'")
 
 
-__all__ = ["ComponentConfig", "__version__", "register_component", *_LORA_API]
+__all__ = ["ComponentConfig", "__version__", "register_component", "train", *_LORA_API]
