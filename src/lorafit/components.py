@@ -20,6 +20,7 @@ BUILTIN_COMPONENTS: dict[tuple[str, str], str] = {
     ("tokenizer", "pretrained_hf_tokenizer"): "lorafit.modalities.tokenizer",
     ("dataset", "text"): "lorafit.data.raw",
     ("dataset", "jsonl_instruction"): "lorafit.data.raw",
+    ("dataset", "hf_datasets"): "lorafit.data.hf_files",
     ("dataset", "packed"): "lorafit.data.datasets",
     ("dataset", "instruction"): "lorafit.data.datasets",
     ("optimizer", "adamw"): "lorafit.training.optim",

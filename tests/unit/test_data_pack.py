@@ -136,8 +136,8 @@ def test_template_that_rewrites_earlier_turns_is_refused(tmp_path, tiny_tokenize
         ({"messages": [{"role": "user"}]}, r"x.jsonl:2: messages\[0\] has no 'content' \(it has: role\)"),
         ({"messages": "hi"}, r"x.jsonl:2: 'messages' must be a non-empty array"),
         ({"messages": [{"role": "assistant", "content": 3}]}, r"x.jsonl:2: messages\[0\].content must be a string"),
-        ({"prompt": "hi"}, r"x.jsonl:2: a prompt/response record needs 'response' \(it has: prompt\)"),
-        ({"text": "hi"}, r"x.jsonl:2: an instruction record needs 'messages' or 'prompt'/'response' \(it has: text"),
+        ({"prompt": "hi"}, r"x.jsonl:2: not a prompt_response record .*no 'response' \(the record's fields: 'prompt'"),
+        ({"text": "hi"}, r"x.jsonl:2: not a conversation: no 'messages', .*\(the record's fields: 'text'\)"),
     ],
 )
 def test_bad_instruction_records_name_the_line(tmp_path, tiny_tokenizer, line, message):
@@ -161,12 +161,12 @@ def test_bad_instruction_records_name_the_line(tmp_path, tiny_tokenizer, line, m
             "f.jsonl",
             b'{"text": "a"}\n{"body": "b", "id": 2}\n',
             r"f.jsonl:2: no 'text' field \(the record's fields: "
-            r"'body', 'id'\); choose one with --jsonl_field",
+            r"'body', 'id'\); name the text field with text_field / --jsonl_field",
         ),
         (
             "f.jsonl",
             b'{"body": "b"}\n',
-            r"f.jsonl:1: no 'text' field and no 'messages' or 'prompt'/'response' "
+            r"f.jsonl:1: no 'text' field \(text\) and no conversation: 'messages', 'conversations' \(ShareGPT\).* "
             r"\(the record's fields: 'body'\)",
         ),
         ("t.jsonl", b'{"text": 5}\n', r"t.jsonl:1: field 'text' must be a string, got number"),
@@ -184,7 +184,7 @@ def test_missing_input_and_instruction_txt(tmp_path, tiny_tokenizer):
     with pytest.raises(UserError, match=r"input file not found: .*nope.txt"):
         pack_file(tmp_path / "nope.txt", tiny_tokenizer, tmp_path / "o", progress=False)
     (tmp_path / "a.txt").write_text("hello\n")
-    with pytest.raises(UserError, match=r"instruction data must be JSON Lines"):
+    with pytest.raises(UserError, match=r"a .txt file is plain text; format .instruction. needs JSON Lines"):
         pack_file(tmp_path / "a.txt", tiny_tokenizer, tmp_path / "o", fmt="instruction", progress=False)
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from lorafit.data.formats import FORMATS
+
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("data", help="prepare training data")
@@ -17,12 +19,17 @@ def add_parser(subparsers) -> None:
         "the loss is masked on everything but the assistant's answers (PREFIX.mask.bin).",
     )
     pack.add_argument("--input", type=Path, required=True,
-                      help="a .txt file (documents separated by blank lines) or a .jsonl file")  # fmt: skip
+                      help="a .txt file (documents separated by blank lines), a .jsonl file, or a local file or folder "
+                      "Hugging Face datasets reads (.json, .csv, .parquet, .arrow, save_to_disk)")  # fmt: skip
     pack.add_argument("--tokenizer", type=Path, required=True, help="folder with the tokenizer (e.g. the model folder)")
     pack.add_argument("--output", type=Path, required=True, help="output prefix: writes PREFIX.bin and PREFIX.json")
     pack.add_argument("--jsonl_field", default="text", help="the JSONL field holding plain text (default: text)")
-    pack.add_argument("--format", dest="fmt", default="auto", choices=["auto", "text", "instruction"],
-                      help="auto: instruction if the first record has 'messages' or 'prompt', else text")  # fmt: skip
+    pack.add_argument("--format", dest="fmt", default="auto", choices=list(FORMATS),
+                      help="auto: from the first record (text, messages, sharegpt, alpaca or prompt_response); "
+                      "instruction: any conversation format")  # fmt: skip
+    pack.add_argument("--columns", type=_columns, default=None, metavar="FIELD=COLUMN,...",
+                      help="the format's fields under your names, e.g. prompt=question,response=answer")  # fmt: skip
+    pack.add_argument("--split", default=None, help="the split of a save_to_disk folder with several")
     pack.add_argument("--overwrite", action="store_true", help="replace an existing output")
     pack.add_argument("--no_progress", action="store_true", help="no progress bar")
     pack.set_defaults(func=run_pack)
@@ -55,13 +62,21 @@ def add_parser(subparsers) -> None:
     encoded.set_defaults(func=run_pack_encoded_data)
 
 
+def _columns(text: str) -> dict[str, str]:
+    pairs = [item.split("=", 1) for item in text.split(",") if item.strip()]
+    if not pairs or any(len(p) != 2 or not p[0].strip() or not p[1].strip() for p in pairs):
+        raise argparse.ArgumentTypeError(f"'{text}': expected FIELD=COLUMN pairs, e.g. prompt=question,response=answer")
+    return {field.strip(): column.strip() for field, column in pairs}
+
+
 def run_pack(args: argparse.Namespace) -> int:
     from lorafit.console import info
     from lorafit.data.pack import load_tokenizer, pack_file
 
     tokenizer = load_tokenizer(args.tokenizer)
     packed = pack_file(args.input, tokenizer, args.output, jsonl_field=args.jsonl_field, fmt=args.fmt,
-                       overwrite=args.overwrite, progress=not args.no_progress)  # fmt: skip
+                       columns=args.columns, split=args.split, overwrite=args.overwrite,
+                       progress=not args.no_progress)  # fmt: skip
     trained = f", {packed.num_trained_tokens:,} of them trained on" if packed.kind == "instruction" else ""
     skipped = f"; {packed.skipped_empty_documents} empty documents skipped" if packed.skipped_empty_documents else ""
     info(f"packed {packed.num_documents:,} {packed.kind} documents into {packed.num_tokens:,} tokens{trained}"

@@ -18,21 +18,23 @@ see `lorafit.data.chat`.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
-from lorafit.data.chat import conversation, is_instruction_record, render_with_mask
-from lorafit.data.sources import is_jsonl, iter_jsonl_records, iter_text_documents, text_field
+from lorafit.console import info
+from lorafit.data.chat import render_with_mask
+from lorafit.data.formats import FormatReader, kind_of
+from lorafit.data.records import RecordSource
 from lorafit.errors import UserError
 
 FORMAT_VERSION = 1
-Format = Literal["auto", "text", "instruction"]
 _TEXT_BATCH = 256  # documents per tokenizer call: batching is what makes fast tokenizers fast
 
 
@@ -61,6 +63,7 @@ class PackedInfo:
     dtype: str
     vocab_size: int
     skipped_empty_documents: int = 0
+    format: str = ""
 
     @property
     def bin_path(self) -> Path:
@@ -119,29 +122,6 @@ def check_replaceable(prefix: Path, overwrite: bool) -> None:
         )
 
 
-def detect_format(path: Path, fmt: Format = "auto", jsonl_field: str = "text") -> str:
-    """'text' or 'instruction'; `auto` looks at the first JSONL record (a `.txt` file is always text)."""
-    if fmt not in ("auto", "text", "instruction"):
-        raise UserError(f"unknown format '{fmt}'; valid: auto, text, instruction")
-    if not is_jsonl(path):
-        if fmt == "instruction":
-            raise UserError(f"{path}: instruction data must be JSON Lines (.jsonl), one conversation per line")
-        return "text"
-    if fmt != "auto":
-        return fmt
-    for number, record, _ in iter_jsonl_records(path):
-        if jsonl_field in record:
-            return "text"
-        if is_instruction_record(record):
-            return "instruction"
-        fields = ", ".join(f"'{k}'" for k in record) or "none"
-        raise UserError(
-            f"{path}:{number}: no '{jsonl_field}' field and no 'messages' or 'prompt'/'response' (the record's "
-            f"fields: {fields}); choose the text field with --jsonl_field"
-        )
-    raise UserError(f"{path}: no documents (the file is empty or has only blank lines)")
-
-
 class _Writer:
     """Appends tokens (and mask) to temporary files; `commit` renames them into place, `abort` removes them."""
 
@@ -191,15 +171,7 @@ class _Writer:
             path.unlink(missing_ok=True)
 
 
-def _text_documents(path: Path, jsonl_field: str) -> Iterator[tuple[int, str, int]]:
-    if not is_jsonl(path):
-        yield from iter_text_documents(path)
-        return
-    for number, record, done in iter_jsonl_records(path):
-        yield number, text_field(record, jsonl_field, f"{path}:{number}"), done
-
-
-def _pack_text(path: Path, tokenizer, writer: _Writer, jsonl_field: str, advance) -> int:
+def _pack_text(documents: Iterator[tuple[str, str, int]], tokenizer, writer: _Writer, advance) -> int:
     eos = tokenizer.eos_token_id
     if eos is None:
         raise UserError("the tokenizer has no eos_token, so packed documents cannot be separated")
@@ -216,7 +188,7 @@ def _pack_text(path: Path, tokenizer, writer: _Writer, jsonl_field: str, advance
         return empty
 
     batch: list[str] = []
-    for _, text, done in _text_documents(path, jsonl_field):
+    for _, text, done in documents:
         if text:
             batch.append(text)
         else:
@@ -230,16 +202,34 @@ def _pack_text(path: Path, tokenizer, writer: _Writer, jsonl_field: str, advance
     return skipped
 
 
-def _pack_instruction(path: Path, tokenizer, writer: _Writer, advance) -> int:
+def _pack_instruction(records, reader: FormatReader, tokenizer, writer: _Writer, advance) -> int:
     if not getattr(tokenizer, "chat_template", None):
         name = tokenizer.name_or_path
         raise UserError(f"instruction data needs a chat template, and the tokenizer ({name}) has none")
-    for number, record, done in iter_jsonl_records(path):
-        where = f"{path}:{number}"
-        ids, mask = render_with_mask(tokenizer, conversation(record, where), where)
+    for where, record, done in records:
+        ids, mask = render_with_mask(tokenizer, reader.messages(record, where), where)
         writer.add(ids, mask)
         advance(done)
     return 0
+
+
+def open_records(source: RecordSource, reader: FormatReader):
+    """(the format, the records from the first on); an empty source is an error."""
+    if source.is_text_file:
+        if reader.requested not in ("auto", "text"):
+            raise UserError(f"{source.path}: a .txt file is plain text; format '{reader.requested}' needs JSON Lines "
+                            "or a table (one record per line or row)")  # fmt: skip
+        reader.fmt, reader.detected = "text", "a .txt file"
+        return "text", source.text_documents()
+    records = source.records()
+    first = next(records, None)
+    if first is None:
+        raise UserError(f"{source.path}: no documents (the file is empty or has only blank lines)")
+    fmt = reader.resolve(first[1], first[0])
+    rest = itertools.chain([first], records)
+    if fmt == "text":
+        return fmt, ((where, reader.text(record, where), done) for where, record, done in rest)
+    return fmt, rest
 
 
 def pack_file(
@@ -248,42 +238,46 @@ def pack_file(
     output_prefix: str | os.PathLike,
     *,
     jsonl_field: str = "text",
-    fmt: Format = "auto",
+    fmt: str = "auto",
+    columns: dict[str, str] | None = None,
+    split: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
     replace_checked: bool = False,
 ) -> PackedInfo:
-    """Tokenize `input_path` (.txt, or .jsonl of text or instruction records) into `<prefix>.bin/.json` (+ mask).
+    """Tokenize `input_path` into `<prefix>.bin/.json` (+ mask): a .txt file, JSON Lines, or a local file or
+    folder `datasets` reads (lorafit.data.records), in any format of lorafit.data.formats.
 
     `overwrite` replaces an earlier pack output only (see `check_replaceable`); `replace_checked` is for a
     caller that has already made sure the files at the prefix are its own (the dataset cache).
     """
-    path = Path(input_path)
-    if not path.is_file():
-        raise UserError(f"input file not found: {path}")
+    source = RecordSource(input_path, split)
     prefix = resolve_prefix(output_prefix)
     if not replace_checked:
         check_replaceable(prefix, overwrite)
-    kind = detect_format(path, fmt, jsonl_field)
+    reader = FormatReader(fmt, jsonl_field, columns)
+    fmt, documents = open_records(source, reader)
+    kind = kind_of(fmt)
     vocab_size = len(tokenizer)
     dtype = np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
     prefix.parent.mkdir(parents=True, exist_ok=True)
     writer = _Writer(prefix, dtype, with_mask=kind == "instruction")
     try:
-        with _progress_bar(path, progress) as advance:
+        with _progress_bar(source, progress) as advance:
             if kind == "instruction":
-                skipped = _pack_instruction(path, tokenizer, writer, advance)
+                skipped = _pack_instruction(documents, reader, tokenizer, writer, advance)
             else:
-                skipped = _pack_text(path, tokenizer, writer, jsonl_field, advance)
+                skipped = _pack_text(documents, tokenizer, writer, advance)
         if len(writer.offsets) == 1:
-            raise UserError(f"{path}: no documents (the file is empty or has only blank lines)")
-        info = PackedInfo(prefix, kind, writer.offsets[-1], len(writer.offsets) - 1, writer.trained, dtype.name,
-                          vocab_size, skipped)  # fmt: skip
-        writer.commit(_meta(info, writer.offsets, tokenizer, path, jsonl_field if kind == "text" else None))
+            raise UserError(f"{source.path}: no documents (the file is empty or has only blank lines)")
+        info(f"{source.path}: format {reader.describe()}")
+        packed = PackedInfo(prefix, kind, writer.offsets[-1], len(writer.offsets) - 1, writer.trained, dtype.name,
+                            vocab_size, skipped, fmt)  # fmt: skip
+        writer.commit(_meta(packed, writer.offsets, tokenizer, source.path, jsonl_field if kind == "text" else None))
     except BaseException:
         writer.abort()
         raise
-    return info
+    return packed
 
 
 def _meta(info: PackedInfo, offsets: list[int], tokenizer, source: Path, jsonl_field: str | None) -> dict[str, Any]:
@@ -296,6 +290,7 @@ def _meta(info: PackedInfo, offsets: list[int], tokenizer, source: Path, jsonl_f
         "num_trained_tokens": info.num_trained_tokens,
         "has_mask": info.kind == "instruction",
         "skipped_empty_documents": info.skipped_empty_documents,
+        "format": info.format,
         "tokenizer": {
             "name_or_path": str(getattr(tokenizer, "name_or_path", "")),
             "vocab_size": info.vocab_size,
@@ -309,18 +304,19 @@ def _meta(info: PackedInfo, offsets: list[int], tokenizer, source: Path, jsonl_f
 
 
 @contextlib.contextmanager
-def _progress_bar(path: Path, enabled: bool) -> Iterator[Callable[[int], None]]:
-    """A rich progress bar over the input's bytes; the yielded `advance(bytes_done)` moves it."""
+def _progress_bar(source: RecordSource, enabled: bool) -> Iterator[Callable[[int], None]]:
+    """A rich progress bar over the input's bytes (or rows); the yielded `advance(done)` moves it."""
     if not enabled:
         yield lambda done: None
         return
     from rich.console import Console
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    total = path.stat().st_size or 1
-    columns = (TextColumn("tokenizing {task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn())
+    total = source.total
+    amount = MofNCompleteColumn() if source.hf else DownloadColumn()
+    columns = (TextColumn("tokenizing {task.description}"), BarColumn(), amount, TimeRemainingColumn())
     with Progress(*columns, console=Console(stderr=True)) as bar:
-        task = bar.add_task(path.name, total=total)
+        task = bar.add_task(source.path.name, total=total)
         yield lambda done: bar.update(task, completed=done)
         bar.update(task, completed=total)
 

@@ -8,17 +8,22 @@
         tokenizer: {instance_key: tokenizer, pass_type: BY_REFERENCE}
         cache_path: null                  # default: next to `path`, e.g. data/task/train.instruction
         sequence_length: null             # null: the run's settings.step_profile.sequence_length
+        format: auto                      # or messages, sharegpt, alpaca, prompt_response (lorafit.data.formats)
+        columns: null                     # e.g. {prompt: question, response: answer}
 
-The cache is packed again when its source file (size, modification time) or tokenizer (name, vocabulary size)
-differ from what its stamp (`<cache_path>.source.json`) records. It only ever replaces files it wrote itself
-for the same source: anything else at `cache_path` (the user's own `corpus.bin`, a `lorafit data pack` output,
-the cache of another file) is refused with an error naming `cache_path`, under `lorafit validate` too.
+The cache is keyed by content: it is packed again when the sha256 of the source's bytes, of the tokenizer
+(its vocabulary, merges, normalisation and special tokens), of its chat template, or the format settings differ
+from what its stamp (`<cache_path>.source.json`) records; editing the data or the template in place
+invalidates it, touching a file does not. It only ever replaces files it wrote itself for the same source:
+anything else at `cache_path` (the user's own `corpus.bin`, a `lorafit data pack` output, the cache of another
+file) is refused with an error naming `cache_path`, under `lorafit validate` too.
 Under torchrun rank 0 packs and the other ranks wait (concurrent writers would race); across nodes without a
 shared file system, pack on each node first with `lorafit data pack`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -30,7 +35,8 @@ from lorafit.config.context import current_context
 from lorafit.config.registry import Component, ComponentConfig, register_component
 from lorafit.console import info, is_main_rank
 from lorafit.data.datasets import InstructionDataset, PackedDataset, PackedInstructionDataset
-from lorafit.data.pack import pack_file, resolve_prefix
+from lorafit.data.pack import PackedTokens, pack_file, resolve_prefix
+from lorafit.data.records import RecordSource, check_local
 from lorafit.errors import UserError, describe_storage_error, storage_error
 
 
@@ -59,6 +65,8 @@ class RawInstructionConfig(ComponentConfig):
     sequence_length: int | None = Field(None, ge=1)
     packing: bool = False
     too_long: Literal["drop", "truncate"] = "drop"
+    format: Literal["auto", "instruction", "messages", "prompt_response", "sharegpt", "alpaca"] = "auto"
+    columns: dict[str, str] | None = None
 
 
 CACHE_MARK = "lorafit dataset cache"  # in every stamp the cache writes: what proves the files are its own
@@ -69,11 +77,25 @@ def _file(prefix: Path, suffix: str) -> Path:
     return prefix.with_name(prefix.name + suffix)
 
 
-def _fingerprint(source: Path, tokenizer: Any, kind: str, jsonl_field: str | None) -> dict[str, Any]:
-    stat = source.stat()
-    return {"written_by": CACHE_MARK, "source_path": str(source.resolve()), "kind": kind, "bytes": stat.st_size,
-            "mtime_ns": stat.st_mtime_ns, "jsonl_field": jsonl_field,
-            "tokenizer": str(getattr(tokenizer, "name_or_path", "")), "vocab_size": len(tokenizer)}  # fmt: skip
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> dict[str, Any]:
+    """What decides the tokens: the whole tokenizer definition (tokenizer.json) with its special tokens, and the
+    chat template (rendered conversations), each as a sha256."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    definition = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    special = {k: str(v) for k, v in sorted(getattr(tokenizer, "special_tokens_map", {}).items())}
+    template = getattr(tokenizer, "chat_template", None)
+    return {"tokenizer_sha256": _sha256(definition + json.dumps(special)), "vocab_size": len(tokenizer),
+            "chat_template_sha256": _sha256(json.dumps(template, sort_keys=True)) if template else None}  # fmt: skip
+
+
+def _fingerprint(source: Path, tokenizer: Any, spec: dict[str, Any]) -> dict[str, Any]:
+    return {"written_by": CACHE_MARK, "source_path": str(source.resolve()), **spec,
+            "content_sha256": RecordSource(source, spec.get("split")).fingerprint(),
+            **tokenizer_fingerprint(tokenizer)}  # fmt: skip
 
 
 def _read_json(path: Path) -> Any:
@@ -127,7 +149,7 @@ def check_cache_owner(source: Path, prefix: Path) -> None:
                     f"cache_path (or delete those files yourself)", field="cache_path")  # fmt: skip
 
 
-def ensure_packed(source: Path, tokenizer: Any, prefix: Path, kind: str, jsonl_field: str | None = None) -> Path:
+def ensure_packed(source: Path, tokenizer: Any, prefix: Path, spec: dict[str, Any]) -> Path:
     """`prefix`, packed from `source` unless an up-to-date cache is already there.
 
     Under torchrun, rank 0 packs while the other ranks wait for it (one writer, no race); every rank then
@@ -136,11 +158,11 @@ def ensure_packed(source: Path, tokenizer: Any, prefix: Path, kind: str, jsonl_f
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return _pack_if_stale(source, tokenizer, prefix, kind, jsonl_field)
+        return _pack_if_stale(source, tokenizer, prefix, spec)
     outcome: list[Any] = [None]
     if dist.get_rank() == 0:
         try:
-            _pack_if_stale(source, tokenizer, prefix, kind, jsonl_field)
+            _pack_if_stale(source, tokenizer, prefix, spec)
             outcome[0] = ("ok", "")
         except UserError as error:
             outcome[0] = ("error", error.render())
@@ -148,7 +170,7 @@ def ensure_packed(source: Path, tokenizer: Any, prefix: Path, kind: str, jsonl_f
     status, message = outcome[0]
     if status == "error":
         raise UserError(message)
-    if not _is_fresh(source, tokenizer, prefix, kind, jsonl_field):
+    if not _is_fresh(source, tokenizer, prefix, spec):
         raise UserError(
             f"rank {dist.get_rank()} cannot see {prefix}.json that rank 0 wrote (no shared file system?); without "
             f"one, pack once with `lorafit data pack --input {source} --tokenizer <folder> --output {prefix}`, copy "
@@ -170,16 +192,16 @@ def _is_legacy_stamp(stamp: Any, source: Path, prefix: Path) -> bool:
     return isinstance(recorded, str) and Path(recorded).resolve() == source.resolve()
 
 
-def _is_fresh(source: Path, tokenizer: Any, prefix: Path, kind: str, jsonl_field: str | None) -> bool:
+def _is_fresh(source: Path, tokenizer: Any, prefix: Path, spec: dict[str, Any]) -> bool:
     stamp = _read_json(_file(prefix, ".source.json"))
     if not (_file(prefix, ".json").is_file() and isinstance(stamp, dict)):
         return False  # no stamp, or a damaged one: pack again (if the files are ours)
     recorded = {k: v for k, v in stamp.items() if k != "index"}
-    return recorded == _fingerprint(source, tokenizer, kind, jsonl_field) and stamp.get("index") == _index_stat(prefix)
+    return stamp.get("index") == _index_stat(prefix) and recorded == _fingerprint(source, tokenizer, spec)
 
 
-def _pack_if_stale(source: Path, tokenizer: Any, prefix: Path, kind: str, jsonl_field: str | None) -> Path:
-    if _is_fresh(source, tokenizer, prefix, kind, jsonl_field):
+def _pack_if_stale(source: Path, tokenizer: Any, prefix: Path, spec: dict[str, Any]) -> Path:
+    if _is_fresh(source, tokenizer, prefix, spec):
         return prefix
     check_cache_owner(source, prefix)
     info(f"tokenizing {source} into {prefix}.bin (cached for later runs)")
@@ -187,28 +209,46 @@ def _pack_if_stale(source: Path, tokenizer: Any, prefix: Path, kind: str, jsonl_
         prefix.parent.mkdir(parents=True, exist_ok=True)
         # claim the prefix before writing: a pack interrupted from here on still leaves files known to be ours
         _write_stamp(prefix, {"written_by": CACHE_MARK, "source_path": str(source.resolve()), "state": "packing"})
-        pack_file(source, tokenizer, prefix, jsonl_field=jsonl_field or "text", fmt=kind, overwrite=True,
-                  progress=is_main_rank(), replace_checked=True)  # fmt: skip
-        _write_stamp(prefix, {**_fingerprint(source, tokenizer, kind, jsonl_field), "index": _index_stat(prefix)})
+        pack_file(source, tokenizer, prefix, jsonl_field=spec.get("text_field") or "text", fmt=spec["format"],
+                  columns=spec.get("columns"), split=spec.get("split"), overwrite=True, progress=is_main_rank(),
+                  replace_checked=True)  # fmt: skip
+        _write_stamp(prefix, {**_fingerprint(source, tokenizer, spec), "index": _index_stat(prefix)})
     except OSError as error:  # a read-only or full cache location: the user's to change, named by its YAML key
         reason = describe_storage_error(error) if storage_error(error) else str(error)
         raise UserError(f"cannot write the dataset cache {prefix}: {reason}", field="cache_path") from None
     return prefix
 
 
-def _build(config: RawTextConfig | RawInstructionConfig, kind: str, make: Any) -> Any:
-    source = Path(config.path)
-    if not source.is_file():
-        raise UserError(f"file not found: {source}", field="path")
-    default = source.with_suffix(f".{kind}")
-    prefix = resolve_prefix(config.cache_path) if config.cache_path else default
-    if not current_context().load_weights:  # `lorafit validate`: nothing is tokenized, the cache path is checked
+def cache_prefix(source: Path, cache_path: str | None, suffix: str) -> Path:
+    return resolve_prefix(cache_path) if cache_path else source.with_name(source.stem + f".{suffix}")
+
+
+def build_cached(source: Path, tokenizer: Any, prefix: Path, spec: dict[str, Any], make: Any) -> Any:
+    """`make(prefix)` over the cache of `source` (packed first when stale); under `lorafit validate` only the
+    cache path is checked and nothing is tokenized."""
+    if not current_context().load_weights:
         check_cache_owner(source, prefix)
-        return make(prefix, config.sequence_length)
-    prefix = ensure_packed(source, config.tokenizer, prefix, kind, getattr(config, "jsonl_field", None))
-    dataset = make(prefix, config.sequence_length)
+        return make(prefix, None)
+    prefix = ensure_packed(source, tokenizer, prefix, spec)
+    dataset = make(prefix, PackedTokens(prefix).kind)
     dataset.data  # noqa: B018 - opens and checks now rather than in the training loop
     return dataset
+
+
+def _spec(config: RawTextConfig | RawInstructionConfig) -> dict[str, Any]:
+    if isinstance(config, RawTextConfig):
+        return {"format": "text", "text_field": config.jsonl_field, "columns": None, "split": None}
+    return {"format": "instruction" if config.format == "auto" else config.format, "text_field": None,
+            "columns": config.columns, "split": None}  # fmt: skip
+
+
+def _build(config: RawTextConfig | RawInstructionConfig, kind: str, make: Any) -> Any:
+    source = check_local(Path(config.path), field="path")
+    if not source.is_file():
+        raise UserError(f"{source} is a folder: give a file, or read the folder with dataset/hf_datasets", field="path")
+    prefix = cache_prefix(source, config.cache_path, kind)
+    return build_cached(source, config.tokenizer, prefix, _spec(config),
+                        lambda prefix, _kind: make(prefix, config.sequence_length))  # fmt: skip
 
 
 @register_component("dataset", "text", RawTextConfig)
@@ -219,7 +259,8 @@ def build_text_dataset(config: RawTextConfig) -> PackedDataset:
 
 @register_component("dataset", "jsonl_instruction", RawInstructionConfig)
 def build_jsonl_instruction_dataset(config: RawInstructionConfig) -> InstructionDataset:
-    """One sample per conversation of a raw .jsonl file, tokenized into a cache on first use."""
+    """Conversations of a raw .jsonl file (any conversation format), tokenized into a cache on first use: one
+    sample each, or (packing) bin-packed whole into blocks."""
     if config.packing:
         return _build(config, "instruction", lambda *a: PackedInstructionDataset(*a, too_long=config.too_long))
     return _build(config, "instruction", InstructionDataset)
