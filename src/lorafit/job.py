@@ -95,6 +95,7 @@ def build_run(graph: ConfigGraph) -> BuiltRun:
             built[key] = spec.builder(spec.config_model.model_validate({}))
     run = BuiltRun(settings=settings, **built)
     _check_sequence_length(run)
+    _check_vocabulary(run)
     _seed_adapters(run)
     for name, dataset in [("train_dataset", run.train_dataset), *run.eval_datasets.items()]:
         # datasets that leave sequence_length to the run take settings.step_profile.sequence_length
@@ -125,6 +126,25 @@ def _check_sequence_length(run: BuiltRun) -> None:
             f"{seq} is above the model's maximum sequence length {limit} (max_position_embeddings)",
             field="settings.step_profile.sequence_length",
         )
+
+
+def _check_vocabulary(run: BuiltRun) -> None:
+    """Token ids must index the model's embedding: a larger tokenizer (or data packed with one) would end in an
+    IndexError deep in the first forward. Checked at validate too (the tokenizer is built there)."""
+    rows = getattr(getattr(run.model, "config", None), "vocab_size", None)
+    if not rows:
+        return
+    if run.tokenizer is not None and len(run.tokenizer) > rows:
+        raise ConfigError(f"the tokenizer has {len(run.tokenizer):,} tokens but the model's embedding has {rows:,} "
+                          f"rows (config.json vocab_size): ids from {rows:,} on have no embedding; use the model's "
+                          "own tokenizer", field="tokenizer")  # fmt: skip
+    for name, dataset in [("train_dataset", run.train_dataset), *run.eval_datasets.items()]:
+        packed = getattr(dataset, "_data", None)  # opened only when a run loads the data
+        vocab = (getattr(packed, "meta", None) or {}).get("tokenizer", {}).get("vocab_size")
+        if isinstance(vocab, int) and vocab > rows:
+            raise ConfigError(f"{dataset.prefix}.json was packed with a tokenizer of {vocab:,} tokens, more than "
+                              f"the model's {rows:,} embedding rows; pack it with the model's tokenizer",
+                              field=name)  # fmt: skip
 
 
 def load_run_config(

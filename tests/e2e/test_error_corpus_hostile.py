@@ -445,3 +445,33 @@ def test_run_piped_into_head_trains_to_the_end(tmp_path, tiny_model_dir):
     assert [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
             if "loss" in json.loads(line)] == [1, 2]  # fmt: skip
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file() and (run_dir / "report.md").is_file()
+
+
+# ---------------------------------------------------------------------- 6, 7. wrong answers from validate and run
+def test_tokenizer_larger_than_the_models_vocabulary_is_caught_at_validate(tmp_path, tiny_model_dir, capsys):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.add_tokens([f"<extra_{i}>" for i in range(100)])
+    tokenizer.save_pretrained(tmp_path / "big_tokenizer")
+    config = tiny_run_config(tiny_model_dir, LOREM, tmp_path / "cache" / "c")
+    config["tokenizer"]["config"]["path"] = str(tmp_path / "big_tokenizer")
+    path = write_yaml(tmp_path / "config.yaml", config)
+    before = snapshot(tmp_path)
+    code, err = cli(["validate", "--config_file_path", str(path)], capsys)
+    assert_one_error(code, err, "tokenizer: the tokenizer has 484 tokens but the model's embedding has 384 rows")
+    assert_unchanged(before, snapshot(tmp_path))
+
+
+def test_a_diverging_learning_rate_is_reported_as_such_not_as_wiring(tmp_path, tiny_model_dir, capsys):
+    config = tiny_run_config(tiny_model_dir, LOREM, tmp_path / "cache" / "c", steps=3)
+    config["settings"]["step_profile"] = {"local_train_micro_batch_size": 2, "gradient_accumulation_steps": 2,
+                                          "sequence_length": 32}  # fmt: skip
+    config["settings"]["intervals"]["checkpointing_interval_in_steps"] = 1
+    config["model"]["config"].update(r=4, alpha=8, target_layers=["q_proj", "v_proj"])
+    config["optimizer"]["config"]["lr"] = 1e30
+    path = write_yaml(tmp_path / "config.yaml", config)
+    code, err = cli(run_argv(path, tmp_path / "exp"), capsys)
+    message = assert_one_error(code, err, "training diverged at step 2", "optimizer.config.lr")
+    assert "gradient-flow" not in message and "not connected" not in message
+    assert (tmp_path / "exp" / "x" / "checkpoints" / "step_000001" / "COMPLETE").is_file()  # the good one is kept

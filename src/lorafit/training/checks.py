@@ -63,6 +63,7 @@ def check_gradient_flow(model: nn.Module, step: int, env: DistEnv) -> None:
     zero = [n for (n, _), s in zip(params, stats.tolist(), strict=True) if s[2] > 0 and s[1] == 0 and s[0] == 0]
     if not (missing or bad or zero):
         return
+    _report_divergence(params, missing + zero + bad, step, env)
     lines = []
     for label, names in (("no gradient", missing), ("a zero gradient", zero), ("a non-finite gradient", bad)):
         if names:
@@ -72,6 +73,31 @@ def check_gradient_flow(model: nn.Module, step: int, env: DistEnv) -> None:
         f"gradient-flow check failed after step {step}: {sum(map(len, (missing, zero, bad)))} of {len(params)} "
         f"adapter matrices got " + "; ".join(lines) + ". The adapters are not connected to the loss (a forward that "
         "bypasses the LoRA layers, a detach, or reentrant activation checkpointing over frozen inputs)"
+    )
+
+
+def _report_divergence(params: list, failed: list[str], step: int, env: DistEnv) -> None:
+    """Numbers first, wiring second: when the matrices that step 1 showed connected (B; A of embeddings) get
+    nothing usable in step 2, the wiring cannot have changed in between, the update did (e.g. lr 1e30: weights
+    of 1e29 saturate every softmax and the gradients vanish). Raise NonFiniteLossError saying so."""
+    first = [n for n, _ in params if any(f".{w}" in n for w in ("lora_B", "lora_embedding_A"))]
+    if step < 2 or not first or not set(first) <= set(failed):
+        return
+    stats = torch.zeros(2, dtype=torch.float64, device=env.device)  # squared weight norm, non-finite weights
+    for _, p in params:
+        w = _local(p).detach().double()
+        stats[0] += torch.nan_to_num(w, posinf=0.0, neginf=0.0).pow(2).sum() if w.numel() else 0.0
+        stats[1] += (~torch.isfinite(w)).sum()
+    square, non_finite = env.all_reduce_sum(stats).tolist()
+    state = (
+        f"{int(non_finite)} adapter weights are non-finite"
+        if non_finite
+        else f"the adapter weights' norm is {square**0.5:.3g}"
+    )
+    raise NonFiniteLossError(
+        f"training diverged at step {step}: after step {step - 1}'s update the adapters get only zero or non-finite "
+        f"gradients ({state}): the values blew up, the wiring is fine (step 1 checked it). Lower the learning rate "
+        "(optimizer.config.lr)"
     )
 
 
