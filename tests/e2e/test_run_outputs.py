@@ -157,3 +157,20 @@ def test_report_numbers_trace_to_files(tracked_run):
     losses = [key for key in rows if "loss" in key]
     assert len(losses) == len(set(losses)) == 4
     assert "## training (`metrics.jsonl`)" in report and "`eval_before.json` -> `eval_after.json`" in report
+
+
+def test_readme_tracker_quickstart_commands_hold(smollm2_dir, tracked_run, monkeypatch):
+    """The README's tracker commands: its `lorafit run` line is a valid command on the shipped config with the
+    tracker turned on (validated, not trained: the tiny run above trains), and the folders it names exist."""
+    import shlex
+
+    repo = Path(__file__).resolve().parents[2]
+    section = (repo / "README.md").read_text().split("### Watching a run")[1].split("\n## ")[0]
+    (line,) = [x for x in section.splitlines() if x.startswith("lorafit run ")]
+    words = shlex.split(line.split("  #")[0])[1:]
+    assert "settings.loggers.wandb.mode=offline" in words
+    i = words.index("--experiment-id")
+    monkeypatch.chdir(repo)  # the shipped config's paths are relative to the repository
+    assert main(["validate", *words[1:i], *words[i + 2 :]]) == 0
+    for named in ("tensorboard", "wandb/latest-run"):
+        assert f"experiments/demo/{named}" in section and (tracked_run / named).exists()
