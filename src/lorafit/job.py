@@ -32,11 +32,20 @@ class BuiltRun:
     scheduler: Any = None
     parallelism: Any = None
     evaluators: list[Any] = field(default_factory=list)
+    job_options: dict[str, Any] = field(default_factory=dict)  # TrainJob fields a config layout sets (Modalities)
+    modalities: dict[str, Any] | None = None  # a Modalities config: its plan (steps, batch) and checkpoint root
 
 
 def check_run_config(config: dict[str, Any]) -> ConfigGraph:
     """The graph of a run config, or a ConfigError listing every problem found."""
     load_builtin_components()
+    from lorafit.modalities import run as modalities_run
+
+    if modalities_run.is_modalities_config(config):  # Modalities' entities and settings layouts
+        graph, problems = modalities_run.check(config)
+        if problems:
+            raise ConfigError("", problems=sorted(set(problems), key=lambda p: p.path))
+        return graph
     graph = ConfigGraph(config)
     problems = graph.check()
     for key, value in config.items():
@@ -81,6 +90,13 @@ def _missing_tracker_packages(config: dict[str, Any]) -> list[Problem]:
 
 def build_run(graph: ConfigGraph) -> BuiltRun:
     config = graph.config
+    from lorafit.modalities import run as modalities_run
+
+    if modalities_run.is_modalities_config(config):
+        run = modalities_run.build(graph, BuiltRun)
+        _check_sequence_length(run)
+        _seed_adapters(run)
+        return run
     settings = RunSettings.model_validate(settings_of(config))
     from lorafit.models.deferred import deferred_init
 
@@ -179,6 +195,10 @@ def validate_config(config_path: Path, overrides: tuple[str, ...] = (), *, verbo
         f"= micro batch {sp.local_train_micro_batch_size} x accumulation {sp.gradient_accumulation_steps} "
         f"x sequence {sp.sequence_length}"
     )
+    if run.modalities is not None:
+        from lorafit.modalities.run import describe
+
+        lines[-1:] = describe(run)
     return "\n".join(lines)
 
 

@@ -53,6 +53,7 @@ def run(request: RunRequest) -> Path:
         experiments_root_path=str(root),
     )
     config, graph = load_run_config(config_path, env, request.overrides)
+    root = _modalities_root(config, root, request)
     sources = dist_env.on_main(resume.source_fingerprints, config)
     _record_allocator(config)
 
@@ -96,6 +97,17 @@ def run(request: RunRequest) -> Path:
         write_report(run_dir, result)
     dist_env.barrier()
     return run_dir
+
+
+def _modalities_root(config: dict[str, Any], root: Path, request: RunRequest) -> Path:
+    """A Modalities config's run folder is where Modalities keeps the experiment: checkpoint_path/<experiment_id>/
+    (unless --experiments_root_path names another root)."""
+    from lorafit.modalities.run import checkpoint_root
+
+    found = checkpoint_root(config)
+    if found is None or request.experiments_root_path != Path("experiments"):
+        return root
+    return found
 
 
 def discard_unused_run_dir(run_dir: Path) -> None:
@@ -176,6 +188,7 @@ def train(built: BuiltRun, run_dir: Path, dist_env, checkpoint: Path | None, sou
         gather_full_model=dist_env.world_size > 1 and bool(built.evaluators or s.export.merged_model),
         source_fingerprints=sources,
         trackers=trackers,
+        **built.job_options,
     )
     return train_loop(job)
 

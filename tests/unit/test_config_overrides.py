@@ -27,6 +27,7 @@ def test_overrides_set_existing_keys_with_yaml_types_and_interpolations_follow(t
 def test_unknown_key_and_malformed_override_are_errors_listed_together():
     with pytest.raises(ConfigError) as e:
         apply_overrides(BASE, ["settings.training.sequence_lenght=128", "oops", "settings.x.y=1"])
+    assert apply_overrides(BASE, ["dataset.config.new_key=3"])["dataset"]["config"]["new_key"] == 3
     text = e.value.render()
     assert "3 problems" in text and "settings.training.sequence_lenght" in text and "not key.path=value" in text
 

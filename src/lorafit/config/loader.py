@@ -149,7 +149,8 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
             continue
         if not _has_key(data, key.strip()):
             problems.append(Problem(key.strip(), f"override {item!r}: no such key in the config (only existing "
-                                                 "keys can be overridden)"))  # fmt: skip
+                                                 "keys, or new keys of a component's config, which its component "
+                                                 "checks, can be set)"))  # fmt: skip
     if problems:
         raise ConfigError("", problems=problems)
     try:
@@ -163,8 +164,12 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
 
 
 def _has_key(data: Any, dotted: str) -> bool:
+    """`dotted` exists, or is a new key directly in a component's `config` mapping (checked by its component)."""
+    parts = dotted.replace("]", "").replace("[", ".").split(".")
+    if len(parts) >= 2 and parts[-2] == "config" and _has_key(data, ".".join(parts[:-1])):
+        return True
     node = data
-    for part in dotted.replace("]", "").replace("[", ".").split("."):
+    for part in parts:
         if isinstance(node, dict) and part in node:
             node = node[part]
         elif isinstance(node, list) and part.isdigit() and int(part) < len(node):

@@ -63,8 +63,10 @@ def map_modalities_keys(
     for infix, n in counts["infix"].items():
         notes.append(f"removed the wrapper part '{infix}' from {n} names")
     if counts["lora"]:
-        notes.append(f"renamed {counts['lora']} Modalities LoRA parameters (X.lora_A / X.lora_B -> X.lora_A.weight "
-                     "/ X.lora_B.weight, PEFT's names; embeddings: lora_embedding_A / _B)")  # fmt: skip
+        notes.append(
+            f"renamed {counts['lora']} Modalities LoRA parameters (X.lora_A / X.lora_B -> X.lora_A.weight "
+            "/ X.lora_B.weight, PEFT's names; embeddings: lora_embedding_A / _B)"
+        )
     if not notes:
         return state_dict, []
     return {renamed[k]: v for k, v in state_dict.items()}, notes
@@ -75,11 +77,15 @@ def describe_unmapped(unexpected: list[str], model_keys: Iterable[str]) -> str:
     expected = set(model_keys)
     lora = [k for k in unexpected if k.endswith((".lora_A", ".lora_B", ".lora_A.weight", ".lora_B.weight"))]
     if lora and not any(".lora_" in k for k in expected):
-        return (f". The file holds LoRA adapters ({len(lora)} tensors, e.g. {lora[0]}) but this model has no LoRA "
-                "layers: wrap a model/lora (with the same target_layers and r) in model/checkpointed, instead of "
-                "loading the checkpoint into the base model")  # fmt: skip
+        return (
+            f". The file holds LoRA adapters ({len(lora)} tensors, e.g. {lora[0]}) but this model has no LoRA "
+            "layers: wrap a model/lora (with the same target_layers and r) in model/checkpointed, instead of "
+            "loading the checkpoint into the base model"
+        )
     if lora:
         stems = sorted({k.rsplit(".lora_", 1)[0] for k in lora})
-        return (f". No LoRA layer of this model matches the file's adapters on {len(stems)} modules (e.g. "
-                f"{stems[0]}): target_layers or the model differ from the run that wrote it")  # fmt: skip
+        return (
+            f". No LoRA layer of this model matches the file's adapters on {len(stems)} modules (e.g. "
+            f"{stems[0]}): target_layers or the model differ from the run that wrote it"
+        )
     return ""

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import field_validator, model_validator
@@ -57,9 +57,29 @@ class _ModelOptions(ComponentConfig):
 
 
 class PretrainedModelConfig(_ModelOptions):
-    """A causal LM with its weights from a local Hugging Face folder (config.json + safetensors or bin)."""
+    """A causal LM with its weights from a local Hugging Face folder (config.json + safetensors or bin).
 
-    model_name_or_path: str
+    Modalities' spelling works too: `model_name` (for model_name_or_path), `model_type: AutoModelForCausalLM`,
+    `kwargs` (passed to from_pretrained); `prediction_key`, `huggingface_prediction_subscription_key` and
+    `sample_key` name Modalities' batch dictionary keys and have no effect here (lorafit's loss reads the logits).
+    """
+
+    model_name_or_path: str | None = None
+    model_name: str | None = None
+    model_type: Literal["AutoModelForCausalLM"] | None = None
+    prediction_key: str | None = None
+    huggingface_prediction_subscription_key: str | None = None
+    sample_key: str | None = None
+    model_args: list[Any] | None = None
+    kwargs: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _one_name(self) -> PretrainedModelConfig:
+        if (self.model_name_or_path is None) == (self.model_name is None):
+            raise ValueError("give exactly one of model_name_or_path and model_name (Modalities' spelling)")
+        if self.model_args:
+            raise ValueError("model_args (positional from_pretrained arguments) are not supported: use kwargs")
+        return self
 
 
 class FromConfigModelConfig(_ModelOptions):
@@ -80,9 +100,11 @@ class FromConfigModelConfig(_ModelOptions):
 @register_component("model", "huggingface_pretrained_model", PretrainedModelConfig)
 def build_pretrained_model(config: PretrainedModelConfig) -> nn.Module:
     """AutoModelForCausalLM.from_pretrained on a local folder (meta device, no weights, under validate)."""
+    field = "model_name_or_path" if config.model_name_or_path is not None else "model_name"
     return load_pretrained_model(
-        config.model_name_or_path, dtype=config.dtype, attn_implementation=config.attn_implementation
-    )
+        config.model_name_or_path or config.model_name, dtype=config.dtype,
+        attn_implementation=config.attn_implementation, field=field, kwargs=config.kwargs or {},
+    )  # fmt: skip
 
 
 def load_pretrained_model(
@@ -91,6 +113,7 @@ def load_pretrained_model(
     dtype: str = "fp32",
     attn_implementation: str = "sdpa",
     field: str = "model_name_or_path",
+    kwargs: dict[str, Any] | None = None,
 ) -> nn.Module:
     """The model in a local Hugging Face folder (or a hub id, when the hub is reachable), in `dtype`."""
     source = _model_source(str(name_or_path), field)
@@ -104,6 +127,7 @@ def load_pretrained_model(
             dtype=to_dtype(dtype),
             attn_implementation=attn_implementation,
             local_files_only=Path(source).is_dir(),
+            **(kwargs or {}),
         )
     except Exception as e:  # OSError, ValueError, SafetensorError, ...: the folder or a file in it is not usable
         raise _load_error(source, e, field) from None

@@ -82,6 +82,7 @@ def train(job: TrainJob) -> TrainResult:
                          "scheduler": scheduler.state_dict()}  # fmt: skip
         return save_checkpoint(run_dir, step, model, optimizer, trainer_state, env, job.keep_last_checkpoints)
 
+    per_micro_batch = job.loss_normalization == "micro_batch_mean"
     try:
         with lean_mlps(model):
             while step < min(job.num_steps, job.stop_at_step or job.num_steps):
@@ -97,12 +98,15 @@ def train(job: TrainJob) -> TrainResult:
                 scale = world / max(n_targets, 1.0)
                 loss_sum = torch.zeros((), dtype=torch.float64, device=env.device)
                 for i, batch in enumerate(micro):
+                    if per_micro_batch:  # Modalities: each micro-batch's token mean / accumulation, ranks averaged
+                        scale = 1.0 / (max(int((batch["labels"] != IGNORE_INDEX).sum()), 1) * accum)
                     with strategy.accumulating(loss_fn, sync=i == accum - 1):  # reduce once, on the last micro-batch
                         with strategy.autocast(env):
                             summed = loss_fn(**batch)  # summed token CE; every batch key is a model input
                         (summed * scale).backward()
-                    loss_sum += summed.detach().double()
-                loss = float(env.all_reduce_sum(loss_sum)) / max(n_targets, 1.0)
+                    loss_sum += summed.detach().double() * (scale if per_micro_batch else 1.0)
+                total = float(env.all_reduce_sum(loss_sum))
+                loss = total / world if per_micro_batch else total / max(n_targets, 1.0)
                 grad_norm = _clip_grad_norm(trainable, job.grad_clip)
 
                 # stop before the optimizer touches the weights: the last good checkpoint stays the last one

@@ -1,0 +1,425 @@
+"""A Modalities training config (it has a top-level `train_dataloader`) as a lorafit run: checked, built, and
+handed to the same runner and training loop as native configs.
+
+The entities are Modalities' (`TrainingComponentsInstantiationModel` of the `lora` branch): wrapped_model,
+optimizer, scheduler, loss_fn, train_dataloader, eval_dataloaders, batch_progress_subscriber,
+evaluation_subscriber, checkpoint_saving, gradient_clipper and settings; every other top-level entry is a named
+component they may reference. Settings come in both Modalities layouts:
+
+- `settings.training.{gradient_acc_steps, local_train_micro_batch_size, sequence_length, *_interval_in_steps,
+  global_num_seen_tokens, activation_checkpointing_modules}` (the `lora` branch): one pass over the train data loader,
+  so steps = (micro-batches per rank) // gradient_acc_steps;
+- `settings.{step_profile, intervals, training_target, consistency_enforcement, training_progress}`
+  (modalities 0.5.0): steps = training_target.num_target_steps (Modalities' consistency checks applied).
+
+Global batch = local_train_micro_batch_size x gradient_acc_steps x world size samples of sequence_length tokens.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from lorafit.config.graph import ConfigGraph, is_component, is_reference, pydantic_problems
+from lorafit.config.run_spec import Checkpointing, Intervals, RunSettings, StepProfile, TrainingTarget
+from lorafit.errors import ConfigError, Problem, did_you_mean
+
+ENTITIES = {
+    "wrapped_model": "model",
+    "optimizer": "optimizer",
+    "scheduler": "scheduler",
+    "loss_fn": "loss",
+    "train_dataloader": "data_loader",
+    "batch_progress_subscriber": "progress_subscriber",
+    "evaluation_subscriber": "results_subscriber",
+    "checkpoint_saving": "checkpoint_saving",
+    "gradient_clipper": "gradient_clipper",
+}
+
+
+def is_modalities_config(config: dict[str, Any]) -> bool:
+    return "train_dataloader" in config
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CudaEnv(_Strict):
+    local_rank: int = Field(ge=0)
+    world_size: int = Field(ge=1)
+    global_rank: int = Field(ge=0)
+
+
+class Paths(BaseModel):
+    model_config = ConfigDict(extra="allow")  # other paths are there to be interpolated elsewhere
+
+    checkpointing_path: Path | None = None
+    experiments_root_path: Path | None = None
+
+
+class OldTraining(_Strict):
+    training_log_interval_in_steps: int = Field(ge=1)
+    checkpointing_interval_in_steps: int = Field(ge=1)
+    evaluation_interval_in_steps: int = Field(ge=1)
+    global_num_seen_tokens: int = Field(0, ge=0)
+    activation_checkpointing_modules: list[str] = []
+    gradient_acc_steps: int = Field(ge=1)
+    local_train_micro_batch_size: int = Field(ge=1)
+    sequence_length: int = Field(ge=1)
+
+
+class NewStepProfile(_Strict):
+    gradient_accumulation_steps: int = Field(ge=1)
+    local_train_micro_batch_size: int = Field(ge=1)
+    sequence_length: int = Field(ge=1)
+
+
+class NewTarget(_Strict):
+    num_target_tokens: int = Field(ge=1)
+    num_target_steps: int = Field(ge=1)
+
+
+class NewProgress(_Strict):
+    global_num_seen_tokens: int = Field(0, ge=0)
+    num_seen_steps: int = Field(0, ge=0)
+    num_seen_samples: int = Field(0, ge=0)
+    last_step: int = Field(-1, ge=-1)
+
+
+class Consistency(_Strict):
+    enforce_tokens_per_step_consistency: bool = True
+    enforce_last_step_logged: bool = True
+    enforce_last_step_evaluated: bool = True
+    enforce_last_step_checkpointed: bool = True
+
+
+class ModalitiesSettings(_Strict):
+    experiment_id: str
+    config_file_path: str | None = None
+    referencing_keys: dict[str, str] = {}
+    cuda_env: CudaEnv
+    paths: Paths
+    training: OldTraining | None = None
+    intervals: dict[str, int] | None = None
+    step_profile: NewStepProfile | None = None
+    training_target: NewTarget | None = None
+    training_progress: NewProgress | None = None
+    consistency_enforcement: Consistency | None = None
+
+
+# ------------------------------------------------------------------------------------------------ checking
+def inline_list_references(config: dict[str, Any]) -> dict[str, Any]:
+    """Modalities lets a reference name any top-level entity, also a list (`eval_dataloaders: [refs]`, referenced
+    by the progress subscriber); lorafit's graph references components, so such a reference becomes the list."""
+    lists = {k: v for k, v in config.items() if isinstance(v, list) and all(is_reference(e) for e in v)}
+
+    def walk(value: Any) -> Any:
+        if is_reference(value) and value.get("instance_key") in lists:
+            return list(lists[value["instance_key"]])
+        if isinstance(value, dict):
+            return {k: walk(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [walk(v) for v in value]
+        return value
+
+    return {k: (walk(v) if k not in lists else v) for k, v in config.items()} if lists else config
+
+
+def check(config: dict[str, Any]) -> tuple[ConfigGraph, list[Problem]]:
+    graph = ConfigGraph(inline_list_references(config))
+    problems = graph.check()
+    for key in [*ENTITIES, "eval_dataloaders", "settings"]:
+        if key not in config:
+            problems.append(Problem(key, f"a Modalities training config needs a top-level '{key}'"))
+    for key, component_key in ENTITIES.items():
+        pending = graph.placeholder(config.get(key), key, []) if key in config else None
+        if pending is not None and getattr(pending, "known", False) and pending.component_key != component_key:
+            problems.append(Problem(key, f"must be a '{component_key}' component, not '{pending.component_key}'"))
+    evals = config.get("eval_dataloaders")
+    if evals is not None and not (isinstance(evals, list) and all(is_reference(e) or is_component(e) for e in evals)):
+        problems.append(Problem("eval_dataloaders", "must be a list of data_loader references"))
+    for key, value in config.items():
+        if key in ENTITIES or key in ("settings", "eval_dataloaders") or is_component(value) or is_reference(value):
+            continue
+        problems.append(
+            Problem(
+                key,
+                f"unknown top-level key '{key}'{did_you_mean(key, [*ENTITIES, 'settings'])}; "
+                "a Modalities config holds settings, its entities and named components",
+            )
+        )
+    try:
+        settings = ModalitiesSettings.model_validate(config.get("settings") or {})
+    except ValidationError as e:
+        problems += pydantic_problems(e, "settings", ModalitiesSettings)
+    else:
+        problems += _settings_problems(settings)
+    return graph, problems
+
+
+def _settings_problems(s: ModalitiesSettings) -> list[Problem]:
+    if (s.training is None) == (s.step_profile is None):
+        return [
+            Problem(
+                "settings",
+                "give settings.training (Modalities' lora branch) or settings.step_profile + "
+                "intervals + training_target (modalities 0.5.0), not both",
+            )
+        ]
+    if s.training is not None:
+        extra = [
+            k
+            for k in ("intervals", "training_target", "training_progress", "consistency_enforcement")
+            if getattr(s, k) is not None
+        ]
+        return [Problem(f"settings.{k}", "belongs to the other settings layout than settings.training") for k in extra]
+    problems = [
+        Problem(f"settings.{k}", "missing required key")
+        for k in ("intervals", "training_target")
+        if getattr(s, k) is None
+    ]
+    if problems:
+        return problems
+    try:
+        Intervals.model_validate(s.intervals)
+    except ValidationError as e:
+        return pydantic_problems(e, "settings.intervals", Intervals)
+    return _consistency(s)
+
+
+def _consistency(s: ModalitiesSettings) -> list[Problem]:
+    """modalities 0.5.0's checks of the new layout (each an error unless its enforce_* flag is false)."""
+    enforce = s.consistency_enforcement or Consistency()
+    progress = s.training_progress or NewProgress()
+    sp, target = s.step_profile, s.training_target
+    remaining = target.num_target_steps - progress.num_seen_steps
+    problems = []
+    per_step = sp.local_train_micro_batch_size * sp.sequence_length * sp.gradient_accumulation_steps
+    per_step *= s.cuda_env.world_size
+    required = (target.num_target_tokens - progress.global_num_seen_tokens) / max(remaining, 1)
+    if enforce.enforce_tokens_per_step_consistency and required != per_step:
+        problems.append(
+            Problem(
+                "settings.training_target",
+                f"{required:g} tokens per step are required, the step "
+                f"profile gives {per_step} (enforce_tokens_per_step_consistency)",
+            )
+        )
+    for name, key in (
+        ("logged", "training_log_interval_in_steps"),
+        ("evaluated", "evaluation_interval_in_steps"),
+        ("checkpointed", "checkpointing_interval_in_steps"),
+    ):
+        if getattr(enforce, f"enforce_last_step_{name}") and remaining % s.intervals[key]:
+            problems.append(
+                Problem(
+                    f"settings.intervals.{key}",
+                    f"the last step will not be {name}: {remaining} "
+                    f"remaining steps are not a multiple of {s.intervals[key]}",
+                )
+            )
+    return problems
+
+
+# ------------------------------------------------------------------------------------------------ building
+def build(graph: ConfigGraph, built_run_cls: type) -> Any:
+    """The run's entities and settings: a `BuiltRun` for lorafit's runner."""
+    from lorafit.modalities.data import ModalitiesLoader
+    from lorafit.modalities.tokenizer import unwrap_tokenizer
+    from lorafit.modalities.training import parallelism_of
+    from lorafit.models.deferred import deferred_init
+
+    config = graph.config
+    settings = ModalitiesSettings.model_validate(config["settings"])
+    with deferred_init():
+        built = {key: graph.build(key) for key in ENTITIES}
+    evals: list[ModalitiesLoader] = [
+        graph.build_value(v, f"eval_dataloaders[{i}]") for i, v in enumerate(config["eval_dataloaders"])
+    ]
+    train: ModalitiesLoader = built["train_dataloader"]
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    plan = plan_of(settings, train, world)
+    _check_consistency(graph, settings, built, plan)
+    keep = built["checkpoint_saving"].strategy.keep
+    results = built["evaluation_subscriber"]
+    run_settings = RunSettings(
+        seed=train.seed,
+        step_profile=StepProfile(
+            local_train_micro_batch_size=plan["micro"],
+            gradient_accumulation_steps=plan["accumulation"],
+            sequence_length=plan["sequence"],
+        ),
+        training_target=TrainingTarget(num_target_steps=plan["steps"]),
+        intervals=Intervals(**plan["intervals"]),
+        checkpointing=Checkpointing(keep_last=keep if keep is not None else 10**9),
+        gradient_clipping=built["gradient_clipper"].max_norm,
+        loggers=_loggers(results, settings),
+    )
+    tokenizer = _tokenizer_of(train)
+    run = built_run_cls(
+        settings=run_settings,
+        model=built["wrapped_model"],
+        train_dataset=train.view(world),
+        tokenizer=unwrap_tokenizer(tokenizer) if tokenizer is not None else None,
+        eval_datasets={loader.tag: loader.view(world) for loader in evals},
+        optimizer=built["optimizer"],
+        scheduler=built["scheduler"],
+        parallelism=parallelism_of(config["wrapped_model"]),
+    )
+    run.job_options = {
+        "shuffle": train.shuffle,
+        "progress": built["batch_progress_subscriber"].bar,
+        "loss_normalization": "micro_batch_mean",
+    }
+    run.modalities = {"plan": plan, "checkpoint_root": built["checkpoint_saving"].execution.checkpoint_path}
+    return run
+
+
+def plan_of(settings: ModalitiesSettings, train: Any, world: int) -> dict[str, Any]:
+    """Micro batch, accumulation, sequence length, steps, intervals and global batch, by Modalities' rules."""
+    if settings.training is not None:
+        t = settings.training
+        micro, accumulation, sequence = t.local_train_micro_batch_size, t.gradient_acc_steps, t.sequence_length
+        # the lora branch trains one pass over the train data loader; a step every gradient_acc_steps micro-batches
+        steps = train.local_num_batches(world) // accumulation
+        intervals = {
+            k: getattr(t, k)
+            for k in (
+                "training_log_interval_in_steps",
+                "checkpointing_interval_in_steps",
+                "evaluation_interval_in_steps",
+            )
+        }
+    else:
+        sp = settings.step_profile
+        micro, accumulation, sequence = (
+            sp.local_train_micro_batch_size,
+            sp.gradient_accumulation_steps,
+            sp.sequence_length,
+        )
+        steps = settings.training_target.num_target_steps - (settings.training_progress or NewProgress()).num_seen_steps
+        intervals = dict(settings.intervals)
+    global_batch = micro * accumulation * world
+    return {
+        "micro": micro,
+        "accumulation": accumulation,
+        "sequence": sequence,
+        "steps": steps,
+        "world": world,
+        "global_batch": global_batch,
+        "tokens_per_step": global_batch * sequence,
+        "intervals": intervals,
+    }
+
+
+def _check_consistency(graph: ConfigGraph, settings: ModalitiesSettings, built: dict, plan: dict) -> None:
+    problems = []
+    train = built["train_dataloader"]
+    if train.micro_batch_size != plan["micro"]:
+        problems.append(
+            Problem(
+                "train_dataloader.config.batch_sampler.config.batch_size",
+                f"{train.micro_batch_size} differs from the settings' local_train_micro_batch_size {plan['micro']}",
+            )
+        )
+    seq = getattr(train.dataset, "sequence_length", plan["sequence"])
+    if seq != plan["sequence"]:
+        problems.append(
+            Problem(
+                "train_dataloader.config.dataset",
+                f"sequence_length {seq} differs from the settings' {plan['sequence']}",
+            )
+        )
+    if plan["steps"] < 1:
+        problems.append(
+            Problem(
+                "settings",
+                f"the train data loader gives {train.local_num_batches(plan['world'])} "
+                f"micro-batches per rank, fewer than one step of {plan['accumulation']}",
+            )
+        )
+    max_steps = built["scheduler"].max_steps() if hasattr(built["scheduler"], "max_steps") else None
+    if max_steps is not None and plan["steps"] > max_steps:
+        problems.append(
+            Problem(
+                "scheduler.config.total_steps",
+                f"{max_steps} steps, but the run takes "
+                f"{plan['steps']}: torch's OneCycleLR raises after step {max_steps} (as in Modalities)",
+            )
+        )
+    wrapped, optimizer_model = built["wrapped_model"], built["optimizer"].config.wrapped_model
+    if optimizer_model is not wrapped:
+        problems.append(Problem("optimizer.config.wrapped_model", "must reference the run's wrapped_model"))
+    loss, collate = built["loss_fn"], train.collate_fn
+    target_key = getattr(getattr(collate, "wrapped", collate), "target_key", None)
+    if target_key is not None and loss.target_key != target_key:
+        problems.append(
+            Problem("loss_fn.config.target_key", f"'{loss.target_key}' is not the collator's target '{target_key}'")
+        )
+    if settings.training is not None and settings.training.activation_checkpointing_modules:
+        problems.append(
+            Problem(
+                "settings.training.activation_checkpointing_modules",
+                "not supported here yet: leave it [] (lorafit's parallelism activation_checkpointing "
+                "does the same for native configs)",
+            )
+        )
+    if settings.training is not None and settings.training.global_num_seen_tokens:
+        problems.append(
+            Problem(
+                "settings.training.global_num_seen_tokens",
+                "Modalities' manual resume; lorafit resumes with --resume_from: leave it 0",
+            )
+        )
+    if problems:
+        raise ConfigError("", problems=problems)
+
+
+def checkpoint_root(config: dict[str, Any]) -> Path | None:
+    """checkpoint_saving's checkpoint_path in a resolved Modalities config (references followed), or None."""
+    if not is_modalities_config(config):
+        return None
+    node: Any = config.get("checkpoint_saving")
+    for key in ("config", "checkpoint_saving_execution", "config", "checkpoint_path"):
+        while is_reference(node):
+            node = config.get(node.get("instance_key"))
+        if not isinstance(node, dict) or key not in node:
+            return None
+        node = node[key]
+    return Path(node) if isinstance(node, str) else None
+
+
+def _loggers(results: Any, settings: ModalitiesSettings) -> Any:
+    from lorafit.training.trackers import LoggersConfig, WandbConfig
+
+    wandb = getattr(results, "wandb", None)
+    if wandb is None:
+        return LoggersConfig()
+    return LoggersConfig(
+        wandb=WandbConfig(
+            mode=wandb.mode.lower(), project=wandb.project, directory=wandb.directory, name=wandb.experiment_id
+        )
+    )
+
+
+def _tokenizer_of(loader: Any) -> Any:
+    return getattr(loader.collate_fn, "tokenizer", None)
+
+
+def describe(run: Any) -> list[str]:
+    """`lorafit validate`'s lines for a Modalities config: the numbers Modalities would use."""
+    p = run.modalities["plan"]
+    iv = p["intervals"]
+    return [
+        f"Modalities config: {p['steps']} steps on {p['world']} process(es); global batch {p['global_batch']} samples "
+        f"= micro batch {p['micro']} x gradient accumulation {p['accumulation']} x world size {p['world']}, "
+        f"{p['tokens_per_step']:,} tokens per step (x sequence length {p['sequence']})",
+        f"intervals: log every {iv['training_log_interval_in_steps']}, evaluate every "
+        f"{iv['evaluation_interval_in_steps']}, checkpoint every {iv['checkpointing_interval_in_steps']} steps; "
+        f"checkpoints under {run.modalities['checkpoint_root']}/<experiment_id>/; loss: token mean per micro-batch, "
+        "averaged over micro-batches and ranks",
+    ]

@@ -1,0 +1,509 @@
+"""Modalities' training components: what each means, turned into the settings of lorafit's one training loop.
+
+model/fsdp_wrapped            -> parallelism fsdp2 (FULL_SHARD, HYBRID_SHARD, SHARD_GRAD_OP) or ddp (NO_SHARD)
+optimizer/adam_w, adam        -> torch AdamW / Adam over the trainable parameters, Modalities' one group
+scheduler/onecycle_lr, step_lr, constant_lr, cosine_annealing_lr, dummy_lr -> the torch scheduler, as configured
+loss/clm_cross_entropy_loss   -> token cross-entropy, mean per micro-batch, averaged over micro-batches and ranks
+gradient_clipper/fsdp, fsdp_logging_only, dummy -> clip to max_norm / only log the norm / nothing
+checkpoint_saving/default     -> checkpoints under checkpoint_path/<experiment_id>/, keep k (k most recent)
+number_conversion/*           -> Modalities' formulas
+progress_subscriber/rich, dummy; results_subscriber/wandb, rich, dummy -> progress bar; W&B; console
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, field_validator
+from torch import nn
+
+from lorafit.config.registry import Component, ComponentConfig, register_component
+from lorafit.errors import UserError
+
+
+# ------------------------------------------------------------------------------------------------ model wrapping
+class FSDPWrappedConfig(ComponentConfig):
+    """Modalities' FSDP1 wrapping, as FSDP2 (fully_shard per block, then the root)."""
+
+    model: Component("model")
+    sync_module_states: bool
+    mixed_precision_settings: str
+    sharding_strategy: str
+    block_names: list[str]
+
+    @field_validator("mixed_precision_settings")
+    @classmethod
+    def _precision(cls, value: str) -> str:
+        if value not in ("FP_32", "BF_16", "BF_16_WORKING", "FP_16", "MIXED_PRECISION_MEGATRON", "NO_MIXED_PRECISION"):
+            raise ValueError("valid: FP_32, BF_16, BF_16_WORKING, FP_16, MIXED_PRECISION_MEGATRON, NO_MIXED_PRECISION")
+        if value in ("FP_16", "MIXED_PRECISION_MEGATRON"):
+            raise ValueError(f"{value} (fp16 parameters) is not supported by lorafit; use FP_32 or BF_16")
+        return value
+
+    @field_validator("sharding_strategy")
+    @classmethod
+    def _sharding(cls, value: str) -> str:
+        if value not in ("FULL_SHARD", "HYBRID_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "_HYBRID_SHARD_ZERO2"):
+            raise ValueError("valid: FULL_SHARD, HYBRID_SHARD, SHARD_GRAD_OP, NO_SHARD, _HYBRID_SHARD_ZERO2")
+        return value
+
+
+@register_component("model", "fsdp_wrapped", FSDPWrappedConfig)
+def build_fsdp_wrapped(config: FSDPWrappedConfig) -> nn.Module:
+    """The model, to be sharded by the run with FSDP2 over its block_names (checked to exist)."""
+    model = config.model
+    classes = {type(m).__name__ for m in model.modules()}
+    missing = [name for name in config.block_names if name not in classes]
+    if missing:
+        raise UserError(
+            f"{missing} are not module classes of the model (it has e.g. "
+            f"{sorted(c for c in classes if 'Layer' in c or 'Block' in c)[:5]})",
+            field="block_names",
+        )
+    return model
+
+
+def parallelism_of(wrapped: dict[str, Any]) -> Any:
+    """The strategy an `fsdp_wrapped` config block asks for."""
+    from lorafit.distributed.parallel import DDPStrategy, FSDP2Strategy, ParallelismConfig
+
+    cfg = wrapped.get("config") or {}
+    precision = "bf16" if str(cfg.get("mixed_precision_settings", "FP_32")).startswith("BF_16") else "fp32"
+    strategy = DDPStrategy if cfg.get("sharding_strategy") == "NO_SHARD" else FSDP2Strategy
+    return strategy(ParallelismConfig(mixed_precision=precision))
+
+
+# ------------------------------------------------------------------------------------------------ optimizers
+class AdamConfig(ComponentConfig):
+    lr: float = Field(gt=0)
+    wrapped_model: Component("model")
+    betas: tuple[float, float]
+    eps: float
+    weight_decay: float
+    weight_decay_groups_excluded: list[str]
+
+
+@dataclass
+class ModalitiesOptimizer:
+    kind: Literal["adam", "adam_w"]
+    config: AdamConfig = field(repr=False)
+
+    @property
+    def lr(self) -> float:
+        return self.config.lr
+
+    def __call__(self, model: nn.Module) -> torch.optim.Optimizer:
+        # Modalities: one group, every trainable parameter with weight_decay (no exclusions for HF models)
+        params = [p for p in model.parameters() if p.requires_grad]
+        c = self.config
+        cls = torch.optim.AdamW if self.kind == "adam_w" else torch.optim.Adam
+        return cls([{"params": params, "weight_decay": c.weight_decay}], lr=c.lr, betas=tuple(c.betas), eps=c.eps)
+
+
+def _optimizer(kind: str, config: AdamConfig) -> ModalitiesOptimizer:
+    if config.weight_decay != 0 and config.weight_decay_groups_excluded:
+        raise UserError(
+            "weight decay groups are defined by Modalities' own models (gpt2: linear, embedding, "
+            "layernorm); a Hugging Face model has none, so the list must be empty ([])",
+            field="weight_decay_groups_excluded",
+        )
+    return ModalitiesOptimizer(kind, config)
+
+
+@register_component("optimizer", "adam_w", AdamConfig)
+def build_adam_w(config: AdamConfig) -> ModalitiesOptimizer:
+    """torch AdamW over the trainable parameters (one group, weight_decay on all), Modalities' adam_w."""
+    return _optimizer("adam_w", config)
+
+
+@register_component("optimizer", "adam", AdamConfig)
+def build_adam(config: AdamConfig) -> ModalitiesOptimizer:
+    """torch Adam over the trainable parameters (weight_decay as L2), Modalities' adam."""
+    return _optimizer("adam", config)
+
+
+# ------------------------------------------------------------------------------------------------ schedulers
+class _SchedulerBase(ComponentConfig):
+    optimizer: Component("optimizer")
+    last_epoch: int = Field(-1, ge=-1)
+    verbose: bool = False  # torch's deprecated flag: no effect
+
+
+class OneCycleLRConfig(_SchedulerBase):
+    max_lr: float | list[float]
+    total_steps: int | None = Field(None, gt=0)
+    epochs: int | None = Field(None, gt=0)
+    steps_per_epoch: int | None = Field(None, gt=0)
+    pct_start: float = Field(gt=0, le=1)
+    anneal_strategy: Literal["cos", "linear"]
+    cycle_momentum: bool = True
+    base_momentum: float | list[float] = 0.85
+    max_momentum: float | list[float] = 0.95
+    div_factor: float = Field(gt=0)
+    final_div_factor: float = Field(gt=0)
+    three_phase: bool = False
+
+
+class StepLRConfig(_SchedulerBase):
+    step_size: int = Field(gt=0)
+    gamma: float = Field(ge=0)
+
+
+class ConstantLRConfig(_SchedulerBase):
+    factor: float = Field(ge=0, le=1)
+    total_iters: int = Field(gt=0)
+
+
+class CosineAnnealingLRConfig(_SchedulerBase):
+    t_max: int = Field(gt=0)
+    eta_min: float = Field(ge=0)
+
+
+class DummyLRConfig(ComponentConfig):
+    optimizer: Component("optimizer")
+
+
+@dataclass
+class ModalitiesScheduler:
+    kind: str
+    config: Any = field(repr=False)
+
+    def max_steps(self) -> int | None:
+        """Steps after which torch's scheduler raises (OneCycleLR), else None."""
+        c = self.config
+        if self.kind == "onecycle_lr":
+            return c.total_steps or c.epochs * c.steps_per_epoch
+        return None
+
+    def __call__(self, optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+        c, sched = self.config, torch.optim.lr_scheduler
+        if self.kind == "onecycle_lr":
+            return sched.OneCycleLR(
+                optimizer,
+                max_lr=c.max_lr,
+                total_steps=c.total_steps,
+                epochs=c.epochs,
+                steps_per_epoch=c.steps_per_epoch,
+                pct_start=c.pct_start,
+                anneal_strategy=c.anneal_strategy,
+                cycle_momentum=c.cycle_momentum,
+                base_momentum=c.base_momentum,
+                max_momentum=c.max_momentum,
+                div_factor=c.div_factor,
+                final_div_factor=c.final_div_factor,
+                three_phase=c.three_phase,
+                last_epoch=c.last_epoch,
+            )
+        if self.kind == "step_lr":
+            return sched.StepLR(optimizer, step_size=c.step_size, gamma=c.gamma, last_epoch=c.last_epoch)
+        if self.kind == "constant_lr":
+            return sched.ConstantLR(optimizer, factor=c.factor, total_iters=c.total_iters, last_epoch=c.last_epoch)
+        if self.kind == "cosine_annealing_lr":
+            return sched.CosineAnnealingLR(optimizer, T_max=c.t_max, eta_min=c.eta_min, last_epoch=c.last_epoch)
+        return sched.LambdaLR(optimizer, lambda step: 1.0)  # dummy_lr: the optimizer's lr throughout
+
+
+def _register_scheduler(kind: str, model: type, doc: str) -> None:
+    def build(config):
+        if getattr(config, "last_epoch", -1) != -1:
+            raise UserError(
+                "last_epoch is Modalities' manual resume; lorafit resumes the schedule with --resume_from: leave it -1",
+                field="last_epoch",
+            )
+        if kind == "onecycle_lr" and config.total_steps is None and not (config.epochs and config.steps_per_epoch):
+            raise UserError("define total_steps or (epochs and steps_per_epoch)", field="total_steps")
+        return ModalitiesScheduler(kind, config)
+
+    build.__doc__ = doc
+    register_component("scheduler", kind, model)(build)
+
+
+_register_scheduler("onecycle_lr", OneCycleLRConfig, "torch OneCycleLR with the configured total_steps.")
+_register_scheduler("step_lr", StepLRConfig, "torch StepLR.")
+_register_scheduler("constant_lr", ConstantLRConfig, "torch ConstantLR.")
+_register_scheduler("cosine_annealing_lr", CosineAnnealingLRConfig, "torch CosineAnnealingLR (t_max steps).")
+_register_scheduler("dummy_lr", DummyLRConfig, "The optimizer's lr, unchanged (Modalities' DummyLRScheduler).")
+
+
+# ------------------------------------------------------------------------------------------------ loss
+class CLMCrossEntropyLossConfig(ComponentConfig):
+    target_key: str
+    prediction_key: str
+
+
+@dataclass
+class CLMCrossEntropyLoss:
+    target_key: str
+    prediction_key: str
+
+
+@register_component("loss", "clm_cross_entropy_loss", CLMCrossEntropyLossConfig)
+def build_clm_loss(config: CLMCrossEntropyLossConfig) -> CLMCrossEntropyLoss:
+    """Token cross-entropy (ignore -100), mean per micro-batch, as Modalities' CLMCrossEntropyLoss."""
+    return CLMCrossEntropyLoss(config.target_key, config.prediction_key)
+
+
+# ------------------------------------------------------------------------------------------------ gradient clipping
+class FSDPClipperConfig(ComponentConfig):
+    wrapped_model: Component("model")
+    norm_type: str
+    max_norm: float = Field(gt=0)
+
+
+class FSDPLoggingOnlyConfig(ComponentConfig):
+    wrapped_model: Component("model")
+    norm_type: str
+
+
+@dataclass
+class Clipper:
+    max_norm: float | None  # None: the norm is logged, nothing is clipped
+
+
+def _check_norm(norm_type: str) -> None:
+    if norm_type != "P2_NORM":
+        raise UserError(f"norm_type {norm_type!r}: lorafit clips the L2 norm only (P2_NORM)", field="norm_type")
+
+
+@register_component("gradient_clipper", "fsdp", FSDPClipperConfig)
+def build_fsdp_clipper(config: FSDPClipperConfig) -> Clipper:
+    """Clip the global gradient L2 norm to max_norm (over all shards)."""
+    _check_norm(config.norm_type)
+    return Clipper(config.max_norm)
+
+
+@register_component("gradient_clipper", "fsdp_logging_only", FSDPLoggingOnlyConfig)
+def build_logging_only_clipper(config: FSDPLoggingOnlyConfig) -> Clipper:
+    """Only compute (and log) the global gradient norm."""
+    _check_norm(config.norm_type)
+    return Clipper(None)
+
+
+@register_component("gradient_clipper", "dummy", ComponentConfig)
+def build_dummy_clipper(config: ComponentConfig) -> Clipper:
+    """No clipping (lorafit still logs the gradient norm)."""
+    return Clipper(None)
+
+
+# ------------------------------------------------------------------------------------------------ checkpointing
+class KMostRecentConfig(ComponentConfig):
+    k: int = Field(ge=-1)
+
+
+class EveryKStepsConfig(ComponentConfig):
+    k: int = Field(gt=0)
+
+
+@dataclass
+class KeepStrategy:
+    keep: int | None  # None: keep all
+    every: int | None = None  # save_every_k_steps: keep those at multiples of k (lorafit: keeps all)
+
+
+@register_component("checkpoint_saving_strategy", "save_k_most_recent_checkpoints_strategy", KMostRecentConfig)
+def build_k_most_recent(config: KMostRecentConfig) -> KeepStrategy:
+    """Keep the k most recent checkpoints (-1: all)."""
+    if config.k == 0:
+        raise UserError(
+            "k: 0 keeps no checkpoint; lorafit always keeps the last one (to resume): use k >= 1 or -1", field="k"
+        )
+    return KeepStrategy(None if config.k == -1 else config.k)
+
+
+@register_component("checkpoint_saving_strategy", "save_every_k_steps_checkpointing_strategy", EveryKStepsConfig)
+def build_every_k(config: EveryKStepsConfig) -> KeepStrategy:
+    """Keep every checkpoint (written every checkpointing_interval_in_steps steps)."""
+    return KeepStrategy(None, config.k)
+
+
+class FSDPExecutionConfig(ComponentConfig):
+    checkpoint_path: Path
+    global_rank: int = Field(ge=0)
+    experiment_id: str
+    get_num_tokens_from_num_steps_callable: Any = None
+
+
+@dataclass
+class CheckpointExecution:
+    checkpoint_path: Path
+    experiment_id: str
+
+
+@register_component("checkpoint_saving_execution", "fsdp", FSDPExecutionConfig)
+def build_fsdp_execution(config: FSDPExecutionConfig) -> CheckpointExecution:
+    """Checkpoints under checkpoint_path/<experiment_id>/ (lorafit's run folder is that folder)."""
+    return CheckpointExecution(config.checkpoint_path, config.experiment_id)
+
+
+class CheckpointSavingConfig(ComponentConfig):
+    checkpoint_saving_strategy: Component("checkpoint_saving_strategy")
+    checkpoint_saving_execution: Component("checkpoint_saving_execution")
+
+
+@dataclass
+class CheckpointSaving:
+    strategy: KeepStrategy
+    execution: CheckpointExecution
+
+
+@register_component("checkpoint_saving", "default", CheckpointSavingConfig)
+def build_checkpoint_saving(config: CheckpointSavingConfig) -> CheckpointSaving:
+    """Where checkpoints go and how many stay."""
+    return CheckpointSaving(config.checkpoint_saving_strategy, config.checkpoint_saving_execution)
+
+
+# ------------------------------------------------------------------------------------------------ number conversion
+class _Ranks(ComponentConfig):
+    num_ranks: int = Field(gt=0)
+    local_micro_batch_size: int = Field(gt=0)
+
+
+class FromSamplesConfig(_Ranks):
+    global_num_samples: int = Field(ge=0)
+
+
+class FromTokensConfig(_Ranks):
+    global_num_tokens: int = Field(ge=0)
+    sequence_length: int = Field(gt=0)
+
+
+class TokensFromStepsConfig(_Ranks):
+    sequence_length: int = Field(gt=0)
+
+
+@register_component("number_conversion", "local_num_batches_from_num_samples", FromSamplesConfig)
+def local_batches_from_samples(c: FromSamplesConfig) -> int:
+    """global_num_samples // (num_ranks * local_micro_batch_size)."""
+    return c.global_num_samples // (c.num_ranks * c.local_micro_batch_size)
+
+
+@register_component("number_conversion", "local_num_batches_from_num_tokens", FromTokensConfig)
+def local_batches_from_tokens(c: FromTokensConfig) -> int:
+    """(global_num_tokens // sequence_length) // (num_ranks * local_micro_batch_size)."""
+    return (c.global_num_tokens // c.sequence_length) // (c.num_ranks * c.local_micro_batch_size)
+
+
+@register_component("number_conversion", "num_steps_from_num_samples", FromSamplesConfig)
+def steps_from_samples(c: FromSamplesConfig) -> int:
+    """global_num_samples // (num_ranks * local_micro_batch_size) (Modalities' formula)."""
+    return c.global_num_samples // (c.num_ranks * c.local_micro_batch_size)
+
+
+@register_component("number_conversion", "num_steps_from_num_tokens", FromTokensConfig)
+def steps_from_tokens(c: FromTokensConfig) -> int:
+    """(global_num_tokens // sequence_length) // (num_ranks * local_micro_batch_size) (Modalities' formula)."""
+    return (c.global_num_tokens // c.sequence_length) // (c.num_ranks * c.local_micro_batch_size)
+
+
+@dataclass(frozen=True)
+class TokensFromSteps:
+    per_step: int
+
+    def __call__(self, num_steps_done: int) -> int:
+        return num_steps_done * self.per_step
+
+
+@register_component("number_conversion", "num_tokens_from_num_steps_callable", TokensFromStepsConfig)
+def tokens_from_steps(c: TokensFromStepsConfig) -> TokensFromSteps:
+    """steps -> steps x num_ranks x local_micro_batch_size x sequence_length."""
+    return TokensFromSteps(c.num_ranks * c.local_micro_batch_size * c.sequence_length)
+
+
+# ------------------------------------------------------------------------------------------------ subscribers
+class RichProgressConfig(ComponentConfig):
+    train_dataloader: Component("data_loader")
+    eval_dataloaders: Any = None
+    global_num_seen_steps: int | Component("number_conversion")
+    global_rank: int = Field(ge=0)
+    gradient_acc_steps: int = Field(gt=0)
+
+
+@dataclass
+class Progress:
+    bar: bool
+    start_step: int = 0
+
+
+@register_component("progress_subscriber", "rich", RichProgressConfig)
+def build_rich_progress(config: RichProgressConfig) -> Progress:
+    """A rich progress bar on rank 0."""
+    if config.global_num_seen_steps != 0:
+        raise UserError(
+            "global_num_seen_steps is Modalities' manual resume; lorafit resumes with --resume_from: "
+            "it must be 0 here (settings.training.global_num_seen_tokens: 0)",
+            field="global_num_seen_steps",
+        )
+    return Progress(True)
+
+
+@register_component("progress_subscriber", "dummy", ComponentConfig)
+def build_dummy_progress(config: ComponentConfig) -> Progress:
+    """No progress bar."""
+    return Progress(False)
+
+
+class WandbSubscriberConfig(ComponentConfig):
+    global_rank: int = Field(ge=0)
+    project: str
+    experiment_id: str
+    mode: Literal["ONLINE", "OFFLINE", "DISABLED"]
+    directory: Path
+    config_file_path: Path
+
+
+class RichResultsConfig(ComponentConfig):
+    num_ranks: int = Field(gt=0)
+    global_rank: int = Field(ge=0)
+
+
+@dataclass
+class Results:
+    wandb: WandbSubscriberConfig | None = None
+
+
+@register_component("results_subscriber", "wandb", WandbSubscriberConfig)
+def build_wandb_results(config: WandbSubscriberConfig) -> Results:
+    """Weights & Biases (mode ONLINE / OFFLINE / DISABLED, files under directory); needs the wandb package."""
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        raise UserError(
+            "results_subscriber/wandb needs the 'wandb' package, which is not installed: pip install "
+            "'lorafit[wandb]', or use variant_key: dummy (metrics.jsonl and TensorBoard are written "
+            "anyway)",
+            field="mode",
+        ) from None
+    if config.mode == "ONLINE" and not _wandb_logged_in():
+        raise UserError(
+            "ONLINE needs a W&B login (`wandb login`, or WANDB_API_KEY): use OFFLINE to write the run "
+            f"under {config.directory} for a later `wandb sync`, or DISABLED",
+            field="mode",
+        )
+    return Results(config)
+
+
+def _wandb_logged_in() -> bool:
+    import netrc
+    import os
+
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+@register_component("results_subscriber", "rich", RichResultsConfig)
+def build_rich_results(config: RichResultsConfig) -> Results:
+    """Results printed to the console (lorafit prints every logged step)."""
+    return Results(None)
+
+
+@register_component("results_subscriber", "dummy", ComponentConfig)
+def build_dummy_results(config: ComponentConfig) -> Results:
+    """No tracker beyond metrics.jsonl and TensorBoard."""
+    return Results(None)
