@@ -3,7 +3,9 @@ collator (padding only: labels are shifted in the datasets) and the resumable di
 
 Importing `lorafit.data.datasets` registers the `dataset/packed` and `dataset/instruction` components
 (packed files); importing `lorafit.data.raw` registers `dataset/text` and `dataset/jsonl_instruction`
-(a raw file + a tokenizer component, packed into a cache on first use).
+(a raw file + a tokenizer component, packed into a cache on first use), and `lorafit.data.hf_files`
+`dataset/hf_datasets` (a local file or folder read with Hugging Face `datasets`). Record formats live in
+`formats`, record sources in `records`, packing without cross-contamination in `packing`.
 Names are imported lazily so that `lorafit data pack` does not pay for torch.
 """
 
@@ -20,6 +22,7 @@ _EXPORTS = {
     "Collator": "datasets",
     "InstructionDataset": "datasets",
     "PackedDataset": "datasets",
+    "PackedInstructionDataset": "datasets",
     "collate": "datasets",
     "IGNORE_INDEX": "datasets",
 }
