@@ -475,3 +475,22 @@ def test_a_diverging_learning_rate_is_reported_as_such_not_as_wiring(tmp_path, t
     message = assert_one_error(code, err, "training diverged at step 2", "optimizer.config.lr")
     assert "gradient-flow" not in message and "not connected" not in message
     assert (tmp_path / "exp" / "x" / "checkpoints" / "step_000001" / "COMPLETE").is_file()  # the good one is kept
+
+
+# ------------------------------------------------------------------------- 9. a stale distributed environment
+def test_stale_distributed_environment_says_what_it_waits_for_and_times_out(tmp_path, tiny_model_dir):
+    import socket
+
+    with socket.socket() as s:  # a free port: nobody will ever join there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = write_yaml(tmp_path / "config.yaml", tiny_run_config(tiny_model_dir, LOREM, tmp_path / "cache" / "c"))
+    env = {"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+           "LORAFIT_RENDEZVOUS_TIMEOUT": "2"}  # fmt: skip
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("TORCHELASTIC")}
+    result = subprocess.run([sys.executable, "-m", "lorafit", *run_argv(config, tmp_path / "exp")],
+                            capture_output=True, text=True, env={**clean, **env}, timeout=120)  # fmt: skip
+    assert "waiting up to 2 s for the other 1 process(es) to join this process" in result.stdout
+    assert_one_error(result.returncode, result.stderr, f"MASTER_PORT={port} are set, but the other processes did not "
+                     "join within 2 s", "torchrun", "unset WORLD_SIZE, RANK, MASTER_ADDR and MASTER_PORT")  # fmt: skip
+    assert not (tmp_path / "exp").exists()

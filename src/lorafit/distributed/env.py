@@ -89,6 +89,35 @@ def _int_env(name: str, default: int) -> int:
         raise UserError(f"environment variable {name}={value!r} is not an integer") from None
 
 
+RENDEZVOUS_TIMEOUT_ENV = "LORAFIT_RENDEZVOUS_TIMEOUT"  # seconds; without torchrun only
+
+
+def _rendezvous(rank: int, world_size: int) -> dist.TCPStore:
+    """The store at MASTER_ADDR:MASTER_PORT, once all `world_size` processes joined, or a UserError after the
+    timeout. torchrun's agent guarantees the peers exist; WORLD_SIZE/RANK/MASTER_* set by hand, or stale in a
+    shell, do not, and torch would wait silently for 30 minutes."""
+    from datetime import timedelta
+
+    from lorafit.console import info
+
+    addr, port = os.environ["MASTER_ADDR"], _int_env("MASTER_PORT", 0)
+    timeout = _int_env(RENDEZVOUS_TIMEOUT_ENV, 120)
+    role = "to join this process" if rank == 0 else f"at the rank-0 process, {addr}:{port}"
+    info(f"WORLD_SIZE={world_size} RANK={rank} MASTER_ADDR={addr} MASTER_PORT={port} are set (not by torchrun): "
+         f"waiting up to {timeout} s for the other {world_size - 1} process(es) {role} "
+         f"({RENDEZVOUS_TIMEOUT_ENV} changes the wait)", all_ranks=True)  # fmt: skip
+    try:
+        return dist.TCPStore(addr, port, world_size, is_master=rank == 0, timeout=timedelta(seconds=timeout),
+                             wait_for_workers=True)  # fmt: skip
+    except (RuntimeError, ValueError) as error:  # DistStoreError / DistNetworkError are RuntimeErrors
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(
+            f"process group: WORLD_SIZE={world_size} RANK={rank} MASTER_ADDR={addr} MASTER_PORT={port} are set, but "
+            f"the other processes did not join within {timeout} s ({reason}). Start several processes with "
+            "torchrun, or unset WORLD_SIZE, RANK, MASTER_ADDR and MASTER_PORT to run one"
+        ) from None
+
+
 def init_distributed(device: str | None = None) -> DistEnv:
     """The run's `DistEnv`; creates the process group under torchrun or when WORLD_SIZE > 1 (idempotent).
 
@@ -118,6 +147,8 @@ def init_distributed(device: str | None = None) -> DistEnv:
                 if var not in os.environ:
                     raise UserError(f"WORLD_SIZE={world_size} but {var} is not set: start with torchrun")
             kwargs = {"device_id": dev} if dev.type == "cuda" else {}
+            if not under_launcher:  # variables set by hand (or left over): say what we wait for, and not forever
+                kwargs["store"] = _rendezvous(rank, world_size)
             dist.init_process_group(backend=backend, rank=rank, world_size=world_size, **kwargs)
         else:
             backend = dist.get_backend()
