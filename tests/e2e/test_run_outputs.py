@@ -174,3 +174,17 @@ def test_readme_tracker_quickstart_commands_hold(smollm2_dir, tracked_run, monke
     assert main(["validate", *words[1:i], *words[i + 2 :]]) == 0
     for named in ("tensorboard", "wandb/latest-run"):
         assert f"experiments/demo/{named}" in section and (tracked_run / named).exists()
+
+
+def test_wandb_online_without_an_account_is_one_clear_error(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    for var in ("WANDB_API_KEY", "WANDB_MODE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.netrc: no stored W&B login
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb_config"))
+    path = tmp_path / "c.yaml"
+    config = tiny_run_config(tiny_model_dir, tmp_path, {"wandb": {"mode": "online"}}, steps=1)
+    path.write_text(yaml.safe_dump(config))
+    assert main(["run", "--config", str(path), "--experiments-root-path", str(tmp_path / "e")]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "settings.loggers.wandb: cannot start the W&B run (" in err and "mode: offline needs no account" in err
+    assert "Traceback" not in err

@@ -159,10 +159,19 @@ def open_wandb(config: WandbConfig, run_dir: Path, experiment_id: str, run_confi
         raise _missing("settings.loggers.wandb", "wandb", "wandb") from None
     directory = Path(config.directory) if config.directory is not None else Path(run_dir)
     directory.mkdir(parents=True, exist_ok=True)
-    run = wandb.init(project=config.project, entity=config.entity, name=config.name or experiment_id,
-                     id=_wandb_id(experiment_id), resume="allow", mode=config.mode, dir=str(directory),
-                     config=run_config or {}, settings=wandb.Settings(console="off", silent=True))  # fmt: skip
+    try:
+        run = wandb.init(project=config.project, entity=config.entity, name=config.name or experiment_id,
+                         id=_wandb_id(experiment_id), resume="allow", mode=config.mode, dir=str(directory),
+                         config=run_config or {}, settings=wandb.Settings(console="off", silent=True))  # fmt: skip
+    except wandb.errors.Error as e:  # e.g. online without `wandb login`
+        raise ConfigError(f"cannot start the W&B run ({_first_line(e)}); mode: offline needs no account",
+                          field="settings.loggers.wandb") from None  # fmt: skip
     return WandbTracker(run)
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _wandb_id(experiment_id: str) -> str:
@@ -182,7 +191,16 @@ def open_mlflow(
         # MLflow 3 keeps its file store working but refuses it unless this is set; a folder of plain files is what
         # a run folder wants (no database server, readable with any tool)
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-    client = MlflowClient(tracking_uri=uri)
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return _start_mlflow(MlflowClient(tracking_uri=uri), config, experiment_id, run_config)
+    except MlflowException as e:
+        raise ConfigError(f"cannot start the MLflow run at {uri} ({_first_line(e)})",
+                          field="settings.loggers.mlflow") from None  # fmt: skip
+
+
+def _start_mlflow(client, config: MlflowConfig, experiment_id: str, run_config: dict | None) -> MlflowTracker:
     experiment = client.get_experiment_by_name(config.experiment_name)
     exp_id = experiment.experiment_id if experiment else client.create_experiment(config.experiment_name)
     name = config.run_name or experiment_id
@@ -229,7 +247,12 @@ def open_trackers(
         elif isinstance(conf, WandbConfig) and conf.mode == "disabled":
             off.append("wandb (settings.loggers.wandb.mode: disabled)")
         else:
-            trackers.append(opener(conf, run_dir, experiment_id, run_config))
+            try:
+                trackers.append(opener(conf, run_dir, experiment_id, run_config))
+            except BaseException:
+                for tracker in trackers:  # the ones already open end cleanly (a W&B run would stay "running")
+                    tracker.close()
+                raise
     info(f"loggers: metrics.jsonl{''.join(', ' + t.name for t in trackers)}; off: {', '.join(off) or 'none'}")
     return trackers
 
