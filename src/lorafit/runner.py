@@ -81,9 +81,9 @@ def run(request: RunRequest) -> Path:
             f"parallelism: 'none' with {dist_env.world_size} processes would train {dist_env.world_size} "
             "unsynchronised copies; use variant_key fsdp2 or ddp (or leave parallelism out: fsdp2 under torchrun)",
         )
-    trackers = (
-        open_trackers(built.settings.loggers, run_dir, experiment_id, run_config=config) if dist_env.rank == 0 else []
-    )
+    trackers: list = []  # rank 0's; a tracker that cannot start stops every rank with its error (no rank hangs)
+    dist_env.on_main(lambda: trackers.extend(open_trackers(built.settings.loggers, run_dir, experiment_id,
+                                                           run_config=config)))  # fmt: skip
     try:
         if not request.resume_from:
             evaluate(built, run_dir, "before", dist_env, trackers)
