@@ -139,3 +139,62 @@ def test_modalities_config_errors_name_the_yaml_key(tmp_path, monkeypatch):
     with pytest.raises(UserError, match=r"evaluation_subscriber.config.mode: results_subscriber/wandb needs the "
                        r"'wandb' package.*pip install 'lorafit\[wandb\]', or use variant_key: dummy"):  # fmt: skip
         _validate(monkeypatch, SHARED, "settings.training.sequence_length=128")
+
+
+def test_every_component_and_key_of_the_shared_config_has_a_line_in_docs():
+    import re
+
+    doc = (REPO / "docs" / "modalities.md").read_text()
+    words = set(re.findall(r"\w+", doc.split("## Components and keys")[1]))  # the table's words
+    config = yaml.safe_load((REPO / "tests/fixtures/modalities/config_lorem_ipsum_lora.yaml").read_text())
+    missing = []
+
+    def walk(value, path):
+        if isinstance(value, dict) and "component_key" in value:
+            if value["variant_key"] not in doc:
+                missing.append(f"{value['component_key']}/{value['variant_key']}")
+            for key, sub in (value.get("config") or {}).items():
+                if key not in words:
+                    missing.append(f"{path}.config.{key}")
+                walk(sub, f"{path}.config.{key}")
+        elif isinstance(value, dict):
+            for key, sub in value.items():
+                walk(sub, f"{path}.{key}")
+        elif isinstance(value, list):
+            for i, sub in enumerate(value):
+                walk(sub, f"{path}[{i}]")
+
+    for key, value in config.items():
+        walk(value, key)
+    for key, value in config["settings"].items():
+        for sub in value if isinstance(value, dict) else [None]:
+            name = f"{key}.{sub}" if sub else key
+            if (sub or key) not in words:
+                missing.append(f"settings.{name}")
+    assert not missing, missing
+
+
+def test_newer_settings_layout_steps_and_consistency(tmp_path, monkeypatch):
+    """modalities 0.5.0's settings: steps = training_target.num_target_steps; its consistency checks apply."""
+    config = yaml.safe_load(SHARED.read_text())
+    del config["settings"]["training"]
+    config["settings"]["step_profile"] = {"gradient_accumulation_steps": 2, "local_train_micro_batch_size": 2,
+                                          "sequence_length": 128}  # fmt: skip
+    config["settings"]["intervals"] = {"training_log_interval_in_steps": 2, "checkpointing_interval_in_steps": 6,
+                                       "evaluation_interval_in_steps": 6}  # fmt: skip
+    config["settings"]["training_target"] = {"num_target_steps": 12, "num_target_tokens": 12 * 2 * 2 * 128}
+    config["settings"]["training_progress"] = {"global_num_seen_tokens": 0, "num_seen_steps": 0,
+                                               "num_seen_samples": 0, "last_step": -1}  # fmt: skip
+    text = yaml.safe_dump(config)
+    for old, new in (("settings.training.gradient_acc_steps", "settings.step_profile.gradient_accumulation_steps"),
+                     ("settings.training.global_num_seen_tokens", "settings.training_progress.global_num_seen_tokens"),
+                     ("settings.training.", "settings.step_profile.")):  # fmt: skip
+        text = text.replace(old, new)
+    path = tmp_path / "new.yaml"
+    path.write_text(text)
+    out = _validate(monkeypatch, path)
+    assert "12 steps on 1 process(es); global batch 4 samples = micro batch 2 x gradient accumulation 2" in out
+    with pytest.raises(UserError, match=r"settings.intervals.evaluation_interval_in_steps: the last step will not"):
+        _validate(monkeypatch, path, "settings.intervals.evaluation_interval_in_steps=5")
+    with pytest.raises(UserError, match=r"settings.training_target: 500 tokens per step are required"):
+        _validate(monkeypatch, path, "settings.training_target.num_target_tokens=6000")
