@@ -135,6 +135,18 @@ def test_modalities_config_errors_name_the_yaml_key(tmp_path, monkeypatch):
     path.write_text(yaml.safe_dump(config))
     with pytest.raises(UserError, match=r"scheduler.config.total_steps: 3 steps, but the run takes 200"):
         _validate(monkeypatch, path, "settings.training.sequence_length=128", "settings.training.gradient_acc_steps=1")
+    with pytest.raises(UserError, match=r"activation_checkpointing_modules: lorafit checkpoints the model's decoder "
+                       r"blocks \(LlamaDecoderLayer\); \['LlamaMLP'\]"):  # fmt: skip
+        _validate(monkeypatch, SHARED, "settings.training.sequence_length=128",
+                  "settings.training.activation_checkpointing_modules=[LlamaMLP]")  # fmt: skip
+    from lorafit.config.context import build_context
+    from lorafit.job import build_run, load_run_config
+
+    _config, graph = load_run_config(SHARED, overrides=("settings.training.sequence_length=128",
+                                     "settings.training.activation_checkpointing_modules=[LlamaDecoderLayer]",
+                                     "evaluation_subscriber.config.mode=OFFLINE"))  # fmt: skip
+    with build_context(meta_device=True, load_weights=False):
+        assert build_run(graph).parallelism.config.activation_checkpointing
     monkeypatch.setitem(sys.modules, "wandb", None)  # as if the optional package were not installed
     with pytest.raises(UserError, match=r"evaluation_subscriber.config.mode: results_subscriber/wandb needs the "
                        r"'wandb' package.*pip install 'lorafit\[wandb\]', or use variant_key: dummy"):  # fmt: skip

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lorafit.config.graph import ConfigGraph, is_component, is_reference, pydantic_problems
 from lorafit.config.run_spec import Checkpointing, Intervals, RunSettings, StepProfile, TrainingTarget
+from lorafit.distributed.parallel import decoder_blocks
 from lorafit.errors import ConfigError, Problem, did_you_mean
 
 ENTITIES = {
@@ -268,7 +269,10 @@ def build(graph: ConfigGraph, built_run_cls: type) -> Any:
         eval_datasets={loader.tag: loader.view(world) for loader in evals},
         optimizer=built["optimizer"],
         scheduler=built["scheduler"],
-        parallelism=parallelism_of(config["wrapped_model"]),
+        parallelism=parallelism_of(
+            config["wrapped_model"],
+            activation_checkpointing=bool(settings.training and settings.training.activation_checkpointing_modules),
+        ),
     )
     run.job_options = {
         "shuffle": train.shuffle,
@@ -360,12 +364,14 @@ def _check_consistency(graph: ConfigGraph, settings: ModalitiesSettings, built: 
         problems.append(
             Problem("loss_fn.config.target_key", f"'{loss.target_key}' is not the collator's target '{target_key}'")
         )
-    if settings.training is not None and settings.training.activation_checkpointing_modules:
+    modules = settings.training.activation_checkpointing_modules if settings.training is not None else []
+    blocks = {type(b).__name__ for b in decoder_blocks(wrapped)}
+    if modules and not set(modules) <= blocks:
         problems.append(
             Problem(
                 "settings.training.activation_checkpointing_modules",
-                "not supported here yet: leave it [] (lorafit's parallelism activation_checkpointing "
-                "does the same for native configs)",
+                f"lorafit checkpoints the model's decoder blocks ({', '.join(sorted(blocks)) or 'none'}); "
+                f"{sorted(set(modules) - blocks)} are not among them",
             )
         )
     if settings.training is not None and settings.training.global_num_seen_tokens:

@@ -66,14 +66,14 @@ def build_fsdp_wrapped(config: FSDPWrappedConfig) -> nn.Module:
     return model
 
 
-def parallelism_of(wrapped: dict[str, Any]) -> Any:
-    """The strategy an `fsdp_wrapped` config block asks for."""
+def parallelism_of(wrapped: dict[str, Any], *, activation_checkpointing: bool = False) -> Any:
+    """The strategy an `fsdp_wrapped` config block asks for (activation checkpointing: of every decoder block)."""
     from lorafit.distributed.parallel import DDPStrategy, FSDP2Strategy, ParallelismConfig
 
     cfg = wrapped.get("config") or {}
     precision = "bf16" if str(cfg.get("mixed_precision_settings", "FP_32")).startswith("BF_16") else "fp32"
     strategy = DDPStrategy if cfg.get("sharding_strategy") == "NO_SHARD" else FSDP2Strategy
-    return strategy(ParallelismConfig(mixed_precision=precision))
+    return strategy(ParallelismConfig(mixed_precision=precision, activation_checkpointing=activation_checkpointing))
 
 
 # ------------------------------------------------------------------------------------------------ optimizers
