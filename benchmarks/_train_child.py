@@ -48,6 +48,7 @@ def run_lorafit(spec: TrainSpec, run_dir: Path) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from lorafit.config.run_spec import RunSettings
     from lorafit.data.datasets import PackedDataset
     from lorafit.distributed.env import DistEnv
     from lorafit.distributed.parallel import ParallelismConfig, Strategy
@@ -75,13 +76,20 @@ def run_lorafit(spec: TrainSpec, run_dir: Path) -> dict:
         scheduler_factory=SchedulerFactory(CosineConfig(warmup_steps=0)),
         env=DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), backend=None),
         run_dir=run_dir,
-        num_steps=spec.steps,
-        micro_batch_size=spec.micro_batch_size,
-        gradient_accumulation_steps=spec.gradient_accumulation_steps,
+        settings=RunSettings.model_validate(
+            {
+                "seed": spec.seed,
+                "step_profile": {
+                    "local_train_micro_batch_size": spec.micro_batch_size,
+                    "gradient_accumulation_steps": spec.gradient_accumulation_steps,
+                    "sequence_length": spec.sequence_length,
+                },
+                "training_target": {"num_target_steps": spec.steps},
+                "gradient_clipping": spec.grad_clip,
+            }
+        ),
         parallelism=strategy,
-        seed=spec.seed,
         shuffle=False,
-        grad_clip=spec.grad_clip,
         loss_chunk_tokens=spec.loss_chunk_tokens,
         progress=False,
         write_adapter=spec.mode == "lora",

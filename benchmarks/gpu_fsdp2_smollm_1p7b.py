@@ -118,6 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from lorafit.config.run_spec import RunSettings
     from lorafit.distributed.env import init_distributed
     from lorafit.distributed.parallel import FSDP2Strategy, ParallelismConfig
     from lorafit.lora import apply_lora
@@ -150,9 +151,16 @@ def main(argv: list[str] | None = None) -> dict:
         scheduler_factory=SchedulerFactory(CosineConfig(warmup_steps=0)),
         env=env,
         run_dir=run_dir,
-        num_steps=args.steps,
-        micro_batch_size=args.micro_batch_size,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        settings=RunSettings.model_validate(
+            {
+                "step_profile": {
+                    "local_train_micro_batch_size": args.micro_batch_size,
+                    "gradient_accumulation_steps": args.gradient_accumulation_steps,
+                    "sequence_length": args.sequence_length,
+                },
+                "training_target": {"num_target_steps": args.steps},
+            }
+        ),
         parallelism=strategy,
         load_weights=random_weights(config),
         shuffle=False,

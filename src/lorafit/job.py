@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from lorafit.components import load_builtin_components
 from lorafit.config.context import build_context
 from lorafit.config.graph import ConfigGraph, is_component, is_reference, pydantic_problems
+from lorafit.config.layouts import normalize_layout
 from lorafit.config.loader import ConfigEnv, load_config
 from lorafit.config.registry import REGISTRY
 from lorafit.config.run_spec import DEFAULT_COMPONENTS, RUN_ENTITIES, RunSettings, RunSpec, num_steps, settings_of
@@ -101,7 +102,9 @@ def build_run(graph: ConfigGraph) -> BuiltRun:
     from lorafit.models.deferred import deferred_init
 
     built: dict[str, Any] = {}
-    with deferred_init():  # random init only for models that no checkpoint fills
+    # random init only for models that no checkpoint fills; datasets that leave sequence_length null take the
+    # settings' (one source of truth: config/context.py)
+    with deferred_init(), build_context(sequence_length=settings.step_profile.sequence_length):
         for key in RUN_ENTITIES:
             if key in config:
                 built[key] = graph.build(key)
@@ -113,15 +116,6 @@ def build_run(graph: ConfigGraph) -> BuiltRun:
     _check_sequence_length(run)
     _check_vocabulary(run)
     _seed_adapters(run)
-    for name, dataset in [("train_dataset", run.train_dataset), *run.eval_datasets.items()]:
-        # datasets that leave sequence_length to the run take settings.step_profile.sequence_length
-        if getattr(dataset, "sequence_length", 0) is None and hasattr(dataset, "set_sequence_length"):
-            try:
-                dataset.set_sequence_length(run.settings.step_profile.sequence_length)
-            except UserError as e:
-                raise ConfigError(
-                    f"{e.problems[0].message} (dataset '{name}')", field="settings.step_profile.sequence_length"
-                ) from None
     return run
 
 
@@ -166,7 +160,7 @@ def _check_vocabulary(run: BuiltRun) -> None:
 def load_run_config(
     config_path: Path, env: ConfigEnv | None = None, overrides: tuple[str, ...] = ()
 ) -> tuple[dict[str, Any], ConfigGraph]:
-    config = load_config(Path(config_path), env, overrides)
+    config = normalize_layout(load_config(Path(config_path), env, overrides))  # other layouts: config/layouts.py
     return config, check_run_config(config)
 
 

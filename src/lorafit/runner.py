@@ -157,12 +157,9 @@ def _step_of(checkpoint: Path) -> int:
 
 def train(built: BuiltRun, run_dir: Path, dist_env, checkpoint: Path | None, sources: dict[str, str], trackers=None):
     """Hand the built entities and the settings to the training loop."""
-    from lorafit.config.run_spec import num_steps
     from lorafit.training.job import TrainJob
     from lorafit.training.loop import train as train_loop
 
-    s = built.settings
-    sp, intervals = s.step_profile, s.intervals
     job = TrainJob(
         model=built.model,
         tokenizer=built.tokenizer,  # saved into model/ after full fine-tuning
@@ -171,21 +168,12 @@ def train(built: BuiltRun, run_dir: Path, dist_env, checkpoint: Path | None, sou
         scheduler_factory=built.scheduler,
         env=dist_env,
         run_dir=run_dir,
-        num_steps=num_steps(s, dist_env.world_size),
-        micro_batch_size=sp.local_train_micro_batch_size,
-        gradient_accumulation_steps=sp.gradient_accumulation_steps,
+        settings=built.settings,
         eval_datasets=built.eval_datasets,
         parallelism=built.parallelism,
-        seed=s.seed,
-        log_interval=intervals.training_log_interval_in_steps,
-        eval_interval=intervals.evaluation_interval_in_steps,
-        eval_batches=s.eval_max_batches,
-        checkpoint_interval=intervals.checkpointing_interval_in_steps,
-        keep_last_checkpoints=s.checkpointing.keep_last,
-        grad_clip=s.gradient_clipping,
         resume_from=checkpoint,
         # evaluators and the merged export need the whole model on rank 0 after a sharded run
-        gather_full_model=dist_env.world_size > 1 and bool(built.evaluators or s.export.merged_model),
+        gather_full_model=dist_env.world_size > 1 and bool(built.evaluators or built.settings.export.merged_model),
         source_fingerprints=sources,
         trackers=trackers,
         **built.job_options,

@@ -37,10 +37,23 @@ def lora_model(dropout: float = 0.0, seed: int = 3):
 
 
 def make_job(run_dir: Path, env, *, parallelism=None, micro: int, accum: int, steps: int, **overrides):
+    """A TrainJob on the tiny LoRA model; `overrides` replace TrainJob fields or, by their YAML names under
+    `settings` (seed, intervals, checkpointing, gradient_clipping, eval_max_batches), settings."""
+    from lorafit.config.run_spec import RunSettings
     from lorafit.data import collate
     from lorafit.training.job import TrainJob
     from lorafit.training.optim import AdamWConfig, CosineConfig, OptimizerFactory, SchedulerFactory
 
+    settings = {
+        "seed": overrides.pop("seed", 5),
+        "step_profile": {"local_train_micro_batch_size": micro, "gradient_accumulation_steps": accum},
+        "training_target": {"num_target_steps": steps},
+        "intervals": {"evaluation_interval_in_steps": overrides.pop("evaluation_interval_in_steps", 2),
+                      "checkpointing_interval_in_steps": overrides.pop("checkpointing_interval_in_steps", None)},
+        "checkpointing": {"keep_last": overrides.pop("keep_last", 2)},
+        "gradient_clipping": overrides.pop("gradient_clipping", 1.0),
+        "eval_max_batches": overrides.pop("eval_max_batches", None),
+    }  # fmt: skip
     values = dict(
         model=lora_model(overrides.pop("dropout", 0.0)),
         train_dataset=TokenDataset(),
@@ -51,12 +64,7 @@ def make_job(run_dir: Path, env, *, parallelism=None, micro: int, accum: int, st
         parallelism=parallelism,
         env=env,
         run_dir=Path(run_dir),
-        num_steps=steps,
-        micro_batch_size=micro,
-        gradient_accumulation_steps=accum,
-        seed=5,
-        eval_interval=2,
-        grad_clip=1.0,
+        settings=RunSettings.model_validate(settings),
         progress=False,
     )
     values.update(overrides)

@@ -53,7 +53,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     try:
         fsdp2 = FSDP2Strategy(ParallelismConfig(activation_checkpointing=True))
         run = train(make_job(f"{out}/fsdp2", env, parallelism=fsdp2, micro=1, accum=2, steps=STEPS,
-                             checkpoint_interval=2, gather_full_model=True))  # fmt: skip
+                             checkpointing_interval_in_steps=2, gather_full_model=True))  # fmt: skip
         results["fsdp2"] = (run.losses, run.eval_losses)
         if rank == 0:  # an unsharded copy with the trained adapter, for rank-0 evaluators and merged export
             with torch.no_grad():

@@ -126,14 +126,19 @@ def test_dataloader_workers_reopen_the_memmap(packed_text):
     assert first["input_ids"].shape == (4, 8) and torch.equal(first["labels"][1], ds[1]["labels"])
 
 
-def test_sequence_length_filled_in_later_and_checked(packed_text):
-    ds = PackedDataset(packed_text)
+def test_a_null_sequence_length_is_the_runs_and_is_checked(packed_text):
+    """One source of truth: a dataset without its own length takes settings.step_profile.sequence_length from
+    the run's build (config/context.py), at build time."""
+    from lorafit.config.context import build_context
+
     with pytest.raises(RuntimeError, match="sequence_length is not set"):
-        len(ds)
-    ds.set_sequence_length(4)
-    assert len(ds) == (PackedTokens(packed_text).num_tokens - 1) // 4
-    with pytest.raises(UserError, match=r"fewer than one block of sequence_length \+ 1 = 100001"):
-        ds.set_sequence_length(100_000)
+        len(PackedDataset(packed_text))
+    with build_context(sequence_length=4):
+        ds = _build("packed", path=str(packed_text))
+    assert ds.sequence_length == 4 and len(ds) == (PackedTokens(packed_text).num_tokens - 1) // 4
+    too_long = pytest.raises(UserError, match=r"fewer than one block of sequence_length \+ 1 = 100001")
+    with too_long, build_context(sequence_length=100_000):
+        _build("packed", path=str(packed_text))
 
 
 def trained_text(tok, data: PackedTokens, doc: int, upto: int) -> str:

@@ -85,7 +85,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
     from lorafit.training.checks import NonFiniteLossError
     from lorafit.training.loop import train
 
-    job = _job(tmp_path, checkpoint_interval=2)
+    job = _job(tmp_path, checkpointing_interval_in_steps=2)
     calls = []
 
     def poison(module, args, out):  # from the third training forward on, the hidden states are NaN

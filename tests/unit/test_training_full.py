@@ -74,7 +74,7 @@ def runs(tmp_path_factory):
     env = init_distributed()
     out = tmp_path_factory.mktemp("full")
     # attention dropout on: the resumed run must restore the RNG states too
-    common = dict(attention_dropout=0.1, checkpoint_interval=STEPS // 2, tokenizer=make_tokenizer())
+    common = dict(attention_dropout=0.1, checkpointing_interval_in_steps=STEPS // 2, tokenizer=make_tokenizer())
     straight = train(full_job(out / "straight", env, **common))
     first = train(full_job(out / "split", env, stop_at_step=STEPS // 2, **common))
     second = train(full_job(out / "split", env, resume_from="latest", **common))

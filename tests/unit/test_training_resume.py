@@ -38,7 +38,9 @@ def runs(tmp_path_factory):
 
     env = init_distributed()
     out = tmp_path_factory.mktemp("resume")
-    common = dict(micro=2, accum=2, dropout=0.2, checkpoint_interval=STEPS // 2, eval_interval=2)
+    common = dict(
+        micro=2, accum=2, dropout=0.2, checkpointing_interval_in_steps=STEPS // 2, evaluation_interval_in_steps=2
+    )
     straight = train(make_job(out / "straight", env, steps=STEPS, **common))
     first = train(make_job(out / "split", env, steps=STEPS, stop_at_step=STEPS // 2, **common))
     second = train(make_job(out / "split", env, steps=STEPS, resume_from="latest", **common))
@@ -80,7 +82,7 @@ def test_resuming_a_finished_run_trains_nothing(runs):
 
     out, _straight, _first, _second = runs
     again = train(make_job(out / "straight", init_distributed(), steps=STEPS, micro=2, accum=2, dropout=0.2,
-                           checkpoint_interval=STEPS // 2, resume_from="latest"))  # fmt: skip
+                           checkpointing_interval_in_steps=STEPS // 2, resume_from="latest"))  # fmt: skip
     assert again.losses == [] and again.steps == STEPS
     a = _adapter(out / "straight")
     assert all(torch.equal(a[k], v) for k, v in _adapter(out / "split").items())

@@ -41,12 +41,6 @@ class _PackedBase(torch.utils.data.Dataset):
         self.sequence_length = sequence_length
         self._data: PackedTokens | None = None
 
-    def set_sequence_length(self, sequence_length: int) -> None:
-        """Fill in the length when the config left it to the run's settings."""
-        self.sequence_length = int(sequence_length)
-        if self._data is not None:
-            self._prepare()
-
     @property
     def data(self) -> PackedTokens:
         if self._data is None:
@@ -267,12 +261,17 @@ class PackedFileConfig(ComponentConfig):
     sequence_length: int | None = Field(None, ge=1)
 
 
+def run_sequence_length(own: int | None) -> int | None:
+    """A dataset's length: its own `sequence_length`, or (null) the run's settings.step_profile.sequence_length."""
+    return own if own is not None else current_context().sequence_length
+
+
 def _build(cls: type[_PackedBase], config: PackedFileConfig) -> _PackedBase:
     prefix = resolve_prefix(config.path)
     for suffix in (".json", ".bin"):
         if not prefix.with_name(prefix.name + suffix).is_file():
             raise UserError(f"{prefix}{suffix} not found (pack the data with `lorafit data pack`)", field="path")
-    dataset = cls(prefix, config.sequence_length)
+    dataset = cls(prefix, run_sequence_length(config.sequence_length))
     if current_context().load_weights:  # `lorafit validate` only checks that the files are there
         dataset.data  # noqa: B018 - opens, checks sizes, and with a sequence length, indexes
     return dataset

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lorafit.config.run_spec import RunSettings
 from lorafit.distributed.env import DistEnv
 
 
@@ -26,20 +27,13 @@ class TrainJob:
     scheduler_factory: Callable[[torch.optim.Optimizer, int], torch.optim.lr_scheduler.LRScheduler]
     env: DistEnv
     run_dir: Path  # exists
-    num_steps: int
-    micro_batch_size: int
-    gradient_accumulation_steps: int = 1
+    # the config's `settings` block, validated: batch shape, training target, seed, intervals, checkpointing,
+    # gradient clipping. The loop reads it directly; nothing is copied out of it under other names.
+    settings: RunSettings
     collate_fn: Callable[[list[dict[str, torch.Tensor]]], dict[str, torch.Tensor]] | None = None
     eval_datasets: Mapping[str, Any] = field(default_factory=dict)
     parallelism: Any = None  # a strategy from lorafit.distributed.parallel
-    seed: int = 42
     shuffle: bool = True
-    log_interval: int = 1
-    eval_interval: int | None = None  # None: evaluate at the end only
-    eval_batches: int | None = None  # cap on micro-batches per rank per eval dataset
-    checkpoint_interval: int | None = None  # None: one checkpoint at the end
-    keep_last_checkpoints: int = 2
-    grad_clip: float | None = 1.0
     resume_from: str | os.PathLike | None = None  # None, "latest" or a checkpoint folder
     stop_at_step: int | None = None  # pause there (checkpoint written) although the run targets num_steps
     # target positions per chunk of the fused output head + CE (None: all at once); 256 SmolLM2 rows = 48 MiB of

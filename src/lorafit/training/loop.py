@@ -19,6 +19,7 @@ import torch
 from lorafit import resume
 from lorafit.checkpoint.state import find_latest, save_checkpoint
 from lorafit.checkpoint.weights import write_trained_weights
+from lorafit.config.run_spec import num_steps
 from lorafit.console import info, warn
 from lorafit.distributed.parallel import default_strategy
 from lorafit.lora.model import unwrap
@@ -33,9 +34,12 @@ from lorafit.training.swiglu import lean_mlps
 def train(job: TrainJob) -> TrainResult:
     from lorafit.data import ResumableSampler
 
-    env, run_dir = job.env, Path(job.run_dir)
-    accum, world = job.gradient_accumulation_steps, env.world_size
-    global_batch = job.micro_batch_size * accum * world
+    env, run_dir, settings = job.env, Path(job.run_dir), job.settings
+    intervals, world = settings.intervals, env.world_size
+    profile = settings.step_profile
+    micro_batch, accum = profile.local_train_micro_batch_size, profile.gradient_accumulation_steps
+    global_batch = micro_batch * accum * world
+    total_steps = num_steps(settings, world)
 
     # --- set-up: wrap (checkpointing -> compile -> shard -> weights), then the optimizer over what was wrapped
     strategy = job.parallelism or default_strategy(env)
@@ -45,10 +49,10 @@ def train(job: TrainJob) -> TrainResult:
     loss_fn.train()
     model = unwrap(loss_fn)  # the Hugging Face model inside, as trained (parameters possibly sharded)
     optimizer = job.optimizer_factory(model)
-    scheduler = job.scheduler_factory(optimizer, job.num_steps)
-    sampler = ResumableSampler(len(job.train_dataset), rank=env.rank, world_size=world, seed=job.seed,
+    scheduler = job.scheduler_factory(optimizer, total_steps)
+    sampler = ResumableSampler(len(job.train_dataset), rank=env.rank, world_size=world, seed=settings.seed,
                                shuffle=job.shuffle, global_batch_size=global_batch)  # fmt: skip
-    _seed_everything(job.seed + env.rank)  # differs per rank: dropout masks of different samples differ
+    _seed_everything(settings.seed + env.rank)  # differs per rank: dropout masks of different samples differ
 
     # --- resume (lorafit.resume): the trainable parameters + optimizer moments, data position, counters, random
     #     states from the checkpoint; the optimizer and schedule hyper-parameters from this job
@@ -60,10 +64,10 @@ def train(job: TrainJob) -> TrainResult:
     last_checkpoint = resumed
     steps_with_targets = step  # a resumed run's earlier steps count as having had targets
 
-    metrics = MetricsLogger(run_dir, enabled=env.is_main, total_steps=job.num_steps, start_step=step,
+    metrics = MetricsLogger(run_dir, enabled=env.is_main, total_steps=total_steps, start_step=step,
                             progress=job.progress, trackers=job.trackers)  # fmt: skip
     collate = job.collate_fn or default_collate(job.train_dataset)
-    batches = train_micro_batches(job.train_dataset, sampler, job.micro_batch_size, collate)
+    batches = train_micro_batches(job.train_dataset, sampler, micro_batch, collate)
     trainable = [p for p in model.parameters() if p.requires_grad]
     losses: list[tuple[int, float]] = []
     eval_losses: dict[str, float] = {}
@@ -71,7 +75,7 @@ def train(job: TrainJob) -> TrainResult:
     start, window_start, window_tokens = time.perf_counter() - elapsed, time.perf_counter(), 0
 
     def run_eval() -> dict[str, float]:
-        results = evaluate(loss_fn, job.eval_datasets, env, job.micro_batch_size, job.eval_batches,
+        results = evaluate(loss_fn, job.eval_datasets, env, micro_batch, settings.eval_max_batches,
                            lambda: strategy.autocast(env), job.collate_fn)  # fmt: skip
         metrics.log({"step": step, **{f"eval/{k}/loss": v for k, v in results.items()}})
         return results
@@ -80,12 +84,12 @@ def train(job: TrainJob) -> TrainResult:
         trainer_state = {"tokens": tokens, "elapsed_s": time.perf_counter() - start, "sources": job.source_fingerprints,
                          "global_batch_size": global_batch, "sampler": sampler.state_dict(),
                          "scheduler": scheduler.state_dict()}  # fmt: skip
-        return save_checkpoint(run_dir, step, model, optimizer, trainer_state, env, job.keep_last_checkpoints)
+        return save_checkpoint(run_dir, step, model, optimizer, trainer_state, env, settings.checkpointing.keep_last)
 
     per_micro_batch = job.loss_normalization == "micro_batch_mean"
     try:
         with lean_mlps(model):
-            while step < min(job.num_steps, job.stop_at_step or job.num_steps):
+            while step < min(total_steps, job.stop_at_step or total_steps):
                 # the whole global batch's target count first: every micro-batch loss is divided by it
                 micro = [to_device(next(batches), env.device) for _ in range(accum)]
                 counts = torch.tensor([sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro),
@@ -107,7 +111,7 @@ def train(job: TrainJob) -> TrainResult:
                     loss_sum += summed.detach().double() * (scale if per_micro_batch else 1.0)
                 total = float(env.all_reduce_sum(loss_sum))
                 loss = total / world if per_micro_batch else total / max(n_targets, 1.0)
-                grad_norm = _clip_grad_norm(trainable, job.grad_clip)
+                grad_norm = _clip_grad_norm(trainable, settings.gradient_clipping)
 
                 # stop before the optimizer touches the weights: the last good checkpoint stays the last one
                 check_finite(loss, grad_norm, step + 1, str(last_checkpoint) if last_checkpoint else None)
@@ -126,15 +130,17 @@ def train(job: TrainJob) -> TrainResult:
                 losses.append((step, loss))
                 metrics.advance(step, loss)
 
-                if step % job.log_interval == 0 or step == job.num_steps:
+                if step % intervals.training_log_interval_in_steps == 0 or step == total_steps:
                     now = time.perf_counter()
                     metrics.log({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
                                  "tokens_per_s": round(window_tokens / max(now - window_start, 1e-9), 1),
                                  **peak_memory_mb(env.device), "elapsed_s": round(now - start, 3)})  # fmt: skip
                     window_start, window_tokens = now, 0
-                if job.eval_datasets and job.eval_interval and step % job.eval_interval == 0:
+                eval_every = intervals.evaluation_interval_in_steps  # None: at the end only
+                if job.eval_datasets and eval_every and step % eval_every == 0:
                     eval_losses, last_eval_step = run_eval(), step
-                if job.checkpoint_interval and step % job.checkpoint_interval == 0:
+                checkpoint_every = intervals.checkpointing_interval_in_steps  # None: at the end only
+                if checkpoint_every and step % checkpoint_every == 0:
                     last_checkpoint, last_ckpt_step = checkpoint(), step
 
             if job.eval_datasets and last_eval_step != step:
