@@ -84,7 +84,7 @@ def test_resumes_exactly(tmp_path):
     env = init_distributed()
     held_out = {"held_out": TokenDataset(n=3, seed=1)}
     straight = train(make_job(tmp_path / "a", env, micro=2, accum=1, steps=4, model=nf4_lora(),
-                              checkpoint_interval=2, eval_datasets=held_out))  # fmt: skip
+                              checkpointing_interval_in_steps=2, eval_datasets=held_out))  # fmt: skip
     resumed = train(make_job(tmp_path / "b", env, micro=2, accum=1, steps=4, model=nf4_lora(),
                              resume_from=tmp_path / "a" / "checkpoints" / "step_000002",
                              eval_datasets=held_out))  # fmt: skip
