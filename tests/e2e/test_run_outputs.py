@@ -188,3 +188,20 @@ def test_wandb_online_without_an_account_is_one_clear_error(tiny_model_dir, tmp_
     err = " ".join(capsys.readouterr().err.split())
     assert "settings.loggers.wandb: cannot start the W&B run (" in err and "mode: offline needs no account" in err
     assert "Traceback" not in err
+
+
+def test_a_resumed_run_continues_its_mlflow_run_and_w_and_b_id(tiny_model_dir, tmp_path):
+    config = tiny_run_config(tiny_model_dir, tmp_path, {"wandb": {}, "mlflow": {}}, steps=2)
+    del config["evaluators"]
+    config["settings"]["intervals"] = {"training_log_interval_in_steps": 1}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config))
+    common = ["--config", str(path), "--experiments-root-path", str(tmp_path / "e"), "--experiment-id", "x"]
+    assert main(["run", *common]) == 0
+    more = ["--resume-from", "latest", "--allow-config-change", "settings.training_target.num_target_steps=4"]
+    assert main(["run", *common, *more]) == 0
+    run_dir = tmp_path / "e" / "x"
+    assert [step for step, _ in mlflow_metrics(run_dir / "mlruns")["train/loss"]] == [1, 2, 3, 4]  # one MLflow run
+    # W&B keeps each offline part in its own folder under the same run id; `wandb sync` joins them
+    parts = sorted(run_dir.glob("wandb/offline-run-*"))
+    assert len(parts) == 2 and {p.name.rsplit("-", 1)[1] for p in parts} == {"x"}

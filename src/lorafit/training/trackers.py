@@ -17,7 +17,9 @@ Chosen in the config's `settings.loggers` block (checked by `LoggersConfig`):
 
 Every tracker gets the same numbers as metrics.jsonl: training records (`train/loss`, `train/lr`, ...), the
 in-loop evaluation losses (`eval/<dataset>/loss`) and the evaluators' metrics (`evaluator/<name>/<metric>`,
-before training at step 0 and after it at the last step). Only rank 0 opens trackers.
+before training at step 0 and after it at the last step). Only rank 0 opens trackers. A resumed run continues
+its MLflow run (found by run name) and its W&B run id (offline, each part is a folder with that id; `wandb sync`
+joins them).
 
 From Python (also how a Modalities `results_subscriber/wandb` component maps onto lorafit: its `project`,
 `mode` and `directory` are `WandbConfig`'s fields, its `experiment_id` is the run's id, and its
