@@ -76,6 +76,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `lorafit components | head`: the reader has what it wanted; no traceback at exit
+        from lorafit.console import detach_closed_stream, stdout_reader_gone
+
+        if debug or not stdout_reader_gone():
+            raise  # some other pipe or socket broke: not the user's doing
+        detach_closed_stream("stdout")
+        return 0
     except BaseException as error:  # BaseException: torch's CheckpointException (a disk full while saving) is one
         from lorafit.errors import describe_storage_error, storage_error
 

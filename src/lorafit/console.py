@@ -44,6 +44,18 @@ def detach_closed_stream(name: str) -> None:
     os.close(devnull)
 
 
+def stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe whose reading end was closed (poll reports POLLERR on the writing end)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
 def _print(console: Console, name: str, text: str, **kwargs) -> None:
     if name in _closed:
         return

@@ -494,3 +494,16 @@ def test_stale_distributed_environment_says_what_it_waits_for_and_times_out(tmp_
     assert_one_error(result.returncode, result.stderr, f"MASTER_PORT={port} are set, but the other processes did not "
                      "join within 2 s", "torchrun", "unset WORLD_SIZE, RANK, MASTER_ADDR and MASTER_PORT")  # fmt: skip
     assert not (tmp_path / "exp").exists()
+
+
+def test_a_listing_into_a_closed_pipe_ends_quietly():
+    """`lorafit components | head -1` where the reader is already gone: exit 0, no BrokenPipeError traceback."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = subprocess.run([sys.executable, "-m", "lorafit", "components"], stdout=write_end,
+                                stderr=subprocess.PIPE, text=True, timeout=120)  # fmt: skip
+    finally:
+        os.close(write_end)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr and "BrokenPipeError" not in result.stderr
