@@ -85,7 +85,7 @@ class RandomTokens(torch.utils.data.Dataset):
 
 
 def random_weights(config) -> callable:
-    """The `load_weights` step for a model materialised with `to_empty`: each rank fills its own shards."""
+    """`fill_weights_after_sharding` for a model materialised with `to_empty`: each rank fills its own shards."""
 
     def load(model: torch.nn.Module) -> None:
         from lorafit.lora import reset_lora_parameters
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
             }
         ),
         parallelism=strategy,
-        load_weights=random_weights(config),
+        fill_weights_after_sharding=random_weights(config),
         shuffle=False,
         progress=False,
         write_adapter=False,

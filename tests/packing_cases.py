@@ -79,7 +79,7 @@ def count_targets(batches) -> int:
 def loss_and_grads(loss_fn, batches, scale: float) -> tuple[float, dict[str, torch.Tensor]]:
     """Summed token CE over `batches` through lorafit's training loss (`CausalLMLoss`, possibly wrapped, or a
     model to put in one), each backpropagated x `scale`; the gradients by the model's parameter names."""
-    from lorafit.lora.model import unwrap
+    from lorafit.models.wrappers import unwrap
     from lorafit.training.loss import CausalLMLoss
 
     if not isinstance(loss_fn, CausalLMLoss):

@@ -15,7 +15,7 @@ def load_base(base: Path, dtype: str = "fp32", flag: str = "--base"):
     `flag` is the command-line option that named `base` (merge's --base, generate's --model), for messages."""
     base = Path(base)
     if base.suffix in (".yaml", ".yml"):
-        from lorafit.job import build_run_entities
+        from lorafit.build import build_run_entities
 
         entities = build_run_entities(base, ["model", "tokenizer"])
         return entities["model"], entities.get("tokenizer")

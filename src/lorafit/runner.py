@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from lorafit import allocator, resume
+from lorafit.build import BuiltRun, build_run, load_run_config
 from lorafit.config.loader import ConfigEnv
 from lorafit.console import info, warn
 from lorafit.errors import UserError
 from lorafit.experiment import create_run_dir, default_experiment_id, read_resolved
-from lorafit.job import BuiltRun, build_run, load_run_config
 from lorafit.training.trackers import open_trackers
 
 
@@ -86,9 +86,9 @@ def run(request: RunRequest) -> Path:
                                                            run_config=config)))  # fmt: skip
     try:
         if not request.resume_from:
-            evaluate(built, run_dir, "before", dist_env, trackers)
+            run_evaluators(built, run_dir, "before", dist_env, trackers)
         result = train(built, run_dir, dist_env, plan.checkpoint if plan else None, sources, trackers)
-        evaluate(built, run_dir, "after", dist_env, trackers, trained=result)
+        run_evaluators(built, run_dir, "after", dist_env, trackers, trained=result)
     finally:
         for tracker in trackers:
             tracker.close()
@@ -181,7 +181,9 @@ def train(built: BuiltRun, run_dir: Path, dist_env, checkpoint: Path | None, sou
     return train_loop(job)
 
 
-def evaluate(built: BuiltRun, run_dir: Path, when: str, dist_env, trackers=(), trained=None) -> dict[str, Any] | None:
+def run_evaluators(
+    built: BuiltRun, run_dir: Path, when: str, dist_env, trackers=(), trained=None
+) -> dict[str, Any] | None:
     """Run the evaluators on rank 0 with the unmerged model (`when` = before/after training); their numbers go
     to eval_<when>.json, metrics.jsonl and every tracker (step 0 before training, the last step after)."""
     if not built.evaluators:

@@ -209,7 +209,7 @@ def test_existing_run_folder_is_never_overwritten(tmp_path, cfg, capsys):
 def test_validate_reports_every_problem_at_once_without_traceback(tmp_path, tiny_model_dir):
     config = tiny_config(tiny_model_dir, tmp_path)
     config["model"]["config"]["r"] = 0
-    config["optimizer"]["variant_key"] = "adamm"
+    config["optimizer"]["variant_key"] = "adamww"
     config["train_dataset"]["config"]["tokenizer"]["instance_key"] = "tokeniser"
     config["settings"]["step_profile"]["sequence_length"] = "long"
     path = write(tmp_path / "broken.yaml", config)

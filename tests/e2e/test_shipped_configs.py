@@ -23,7 +23,7 @@ def test_configs_exist():
 @pytest.mark.slow
 @pytest.mark.parametrize("config", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_shipped_config_validates(config, smollm2_dir, monkeypatch):
-    from lorafit.job import validate_config
+    from lorafit.build import validate_config
 
     monkeypatch.chdir(REPO)  # configs use paths relative to the repository root
     report = validate_config(config.relative_to(REPO))

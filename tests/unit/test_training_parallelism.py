@@ -71,7 +71,7 @@ def test_decoder_blocks_come_from_no_split_modules():
 def _loss_and_grads(strategy):
     from lorafit.distributed.env import init_distributed
     from lorafit.lora import apply_lora, named_lora_parameters
-    from lorafit.lora.model import unwrap
+    from lorafit.models.wrappers import unwrap
     from lorafit.training.loss import CausalLMLoss
     from tiny import make_llama
 

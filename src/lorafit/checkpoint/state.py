@@ -68,7 +68,7 @@ def _trainable_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tupl
     """
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    from lorafit.lora.model import canonical_name, unwrap
+    from lorafit.models.wrappers import canonical_name, unwrap
 
     trainable = {canonical_name(n) for n, p in unwrap(model).named_parameters() if p.requires_grad}
     model_sd, optim_sd = get_state_dict(model, optimizer, options=_options())

@@ -20,7 +20,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lorafit.job import validate_config
+    from lorafit.build import validate_config
 
     print(validate_config(args.config_file_path, tuple(args.overrides), verbose=args.verbose))
     return 0

@@ -14,7 +14,7 @@ fixed and the same for every strategy (torchtune / torchtitan's order):
 
     build -> inject LoRA -> freeze -> [wrap:] activation checkpointing -> compile -> shard -> load weights
 
-The model usually arrives with its weights; a model built on the meta device gets them from `load_weights`
+The model usually arrives with its weights; a model built on the meta device gets them from `fill_weights`
 after sharding (each rank then only ever holds its shards). Decoder blocks are the classes named by the
 model's `_no_split_modules` (Hugging Face's list of modules that must not be split across devices).
 """
@@ -62,7 +62,7 @@ class Strategy:
         return self._precision
 
     def wrap(
-        self, model: nn.Module, env: DistEnv, load_weights: Callable[[nn.Module], None] | None = None
+        self, model: nn.Module, env: DistEnv, fill_weights: Callable[[nn.Module], None] | None = None
     ) -> nn.Module:
         """Prepare `model` for training on `env` (checkpointing, compile, device, sharding); returns what to call."""
         self.precision(env)  # resolved (and said) once, before anything runs
@@ -73,10 +73,10 @@ class Strategy:
             for block in blocks:
                 block.compile()  # in place: parameter names do not change (no `_orig_mod.`)
         model = self._distribute(model, env, blocks)
-        if load_weights is not None:
-            from lorafit.lora.model import unwrap
+        if fill_weights is not None:
+            from lorafit.models.wrappers import unwrap
 
-            load_weights(unwrap(model))  # the Hugging Face model, by its own parameter names
+            fill_weights(unwrap(model))  # the Hugging Face model, by its own parameter names
         return model
 
     def _distribute(self, model: nn.Module, env: DistEnv, blocks: list[nn.Module]) -> nn.Module:
@@ -180,7 +180,7 @@ def _materialize(model: nn.Module, device: torch.device) -> nn.Module:
 
 def decoder_blocks(model: nn.Module) -> list[nn.Module]:
     """The outermost modules whose class is in the model's `_no_split_modules` (e.g. LlamaDecoderLayer)."""
-    from lorafit.lora.model import unwrap
+    from lorafit.models.wrappers import unwrap
 
     model = unwrap(model)
     names = set(getattr(model, "_no_split_modules", None) or [])
@@ -228,7 +228,7 @@ def gather_full_state_dict(model: nn.Module, env: DistEnv) -> dict[str, torch.Te
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     if not env.distributed:
-        from lorafit.lora.model import unwrap
+        from lorafit.models.wrappers import unwrap
 
         return {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

@@ -179,7 +179,7 @@ def generate_greedy(
     """Greedy answers (decoded, special tokens removed, cut at EOS), in the order of `examples`."""
     from transformers import GenerationConfig
 
-    from lorafit.lora.model import unwrap
+    from lorafit.models.wrappers import unwrap
 
     model = unwrap(model)  # DDP wraps forward only; generate lives on the HF model
     device = torch.device(device) if device is not None else _device_of(model)
@@ -295,7 +295,7 @@ class ExactMatchEvaluator:
         self.config = config
         self.name = config.name
 
-    def evaluate(self, model, tokenizer) -> ExactMatchResult:
+    def exact_match(self, model, tokenizer) -> ExactMatchResult:
         return evaluate_exact_match(
             model,
             tokenizer,
@@ -308,7 +308,7 @@ class ExactMatchEvaluator:
         """{"loss", "accuracy", "correct", "n", "predictions"}, each prediction {"question", "reference",
         "prediction", "correct"} in example order; accuracy is a fraction in [0, 1]."""
         loss = heldout_loss(model, tokenizer, self.examples, batch_size=self.config.batch_size)
-        return {"loss": loss} | self.evaluate(model, tokenizer).to_dict()
+        return {"loss": loss} | self.exact_match(model, tokenizer).to_dict()
 
 
 @register_component("evaluator", "exact_match", ExactMatchEvaluatorConfig)

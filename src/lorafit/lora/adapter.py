@@ -30,16 +30,15 @@ from lorafit.lora.layers import copy_full_tensor
 from lorafit.lora.matching import ALL_LINEAR, Target, candidates
 from lorafit.lora.model import (
     LoraSettings,
-    canonical_name,
     get_settings,
     has_lora,
     inject,
     lora_layers,
     named_lora_parameters,
     remove_lora,
-    unwrap,
 )
 from lorafit.lora.variants import DECOMPOSING_INITS, converted_alpha, converted_factors
+from lorafit.models.wrappers import canonical_name, unwrap
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from lorafit.lora.model import canonical_name, get_settings, lora_layers, trainable_summary
+from lorafit.lora.model import get_settings, lora_layers, trainable_summary
+from lorafit.models.wrappers import canonical_name
 
 
 @dataclass(frozen=True)

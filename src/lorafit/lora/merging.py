@@ -14,7 +14,8 @@ from torch import nn
 
 from lorafit.errors import UserError
 from lorafit.lora.layers import LoraLayer
-from lorafit.lora.model import _is_dtensor, _replace, canonical_name, lora_layers, unwrap
+from lorafit.lora.model import _replace, lora_layers
+from lorafit.models.wrappers import canonical_name, is_dtensor, unwrap
 
 
 def _shared_weights(model: nn.Module, layers: list[tuple[str, LoraLayer]]) -> list[str]:
@@ -45,7 +46,7 @@ def merge_lora(model: nn.Module) -> None:
         return
     if any(layer.weight.device.type == "meta" for _, layer in layers):
         raise UserError("cannot merge LoRA into a model on the meta device: load its weights first")
-    if any(_is_dtensor(layer.weight) for _, layer in layers):
+    if any(is_dtensor(layer.weight) for _, layer in layers):
         # merging into shards is how Modalities corrupted evaluation; merge a gathered, unsharded copy instead
         raise UserError("cannot merge LoRA into a sharded (FSDP) model: gather a full state dict and merge that")
     from lorafit.lora.nf4 import dequantize_nf4_linears

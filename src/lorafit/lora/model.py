@@ -21,9 +21,7 @@ from lorafit.lora.layers import INITS, LoraLayer
 from lorafit.lora.matching import Target, resolve_targets
 from lorafit.lora.variants import DECOMPOSING_INITS
 from lorafit.models.deferred import is_pending
-
-# wrapper segments that torch.compile / activation checkpointing / FSDP1 put into parameter names
-_WRAPPER_SEGMENTS = ("_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
+from lorafit.models.wrappers import canonical_name, is_dtensor, unwrap
 
 
 @dataclass
@@ -56,29 +54,6 @@ class LoraSettings:
     @property
     def fan_in_fan_out(self) -> bool:
         return any(kind == "Conv1D" for kind in self.kinds.values())
-
-
-def canonical_name(name: str) -> str:
-    """A parameter/module name without wrapper segments, i.e. the name in the plain transformers model."""
-    for segment in _WRAPPER_SEGMENTS:
-        name = name.replace(segment, "")
-    return name
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The Hugging Face model inside a DDP wrapper, a torch.compile OptimizedModule (FSDP2 does not wrap) or the
-    training step's loss module (`CausalLMLoss`)."""
-    from lorafit.training.loss import CausalLMLoss
-
-    while True:
-        if isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
-        elif isinstance(model, CausalLMLoss):
-            model = model.causal_lm
-        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
-            model = model._orig_mod
-        else:
-            return model
 
 
 def lora_layers(model: nn.Module) -> list[tuple[str, LoraLayer]]:
@@ -253,7 +228,7 @@ def reset_lora_parameters(model: nn.Module, seed: int | None = None) -> None:
     skipped. Under FSDP2 every rank must call it with the same seed.
     """
     layers = lora_layers(model)
-    if seed is None and any(_is_dtensor(p) for _, layer in layers for p in layer.lora_factors()):
+    if seed is None and any(is_dtensor(p) for _, layer in layers for p in layer.lora_factors()):
         raise ValueError("reset_lora_parameters on a sharded model needs a seed (the same on every rank)")
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     for _, layer in layers:
@@ -269,14 +244,6 @@ def remove_lora(model: nn.Module) -> nn.Module:
         _replace(model, name, layer.to_base())
     model.__dict__.pop("lora_config", None)
     return model
-
-
-def _is_dtensor(tensor: torch.Tensor) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:
-        return False
-    return isinstance(tensor, DTensor)
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:

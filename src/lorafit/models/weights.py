@@ -229,15 +229,6 @@ def load_into(
     return model
 
 
-def materialize(model: nn.Module, device: torch.device | str = "cpu") -> nn.Module:
-    """A meta-device model on `device` with uninitialised parameters (to be loaded), ties and buffers restored."""
-    groups = tied_groups(model)
-    model.to_empty(device=device)
-    retie(model, groups)
-    reinit_nonpersistent_buffers(model, force=True)
-    return model
-
-
 def reinit_nonpersistent_buffers(model: nn.Module, *, force: bool = False) -> None:
     """Recompute buffers no file holds (rotary `inv_freq`) when they are meta or garbage after `to_empty`.
 

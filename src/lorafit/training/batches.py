@@ -62,7 +62,7 @@ def to_device(batch: Batch, device: torch.device) -> Batch:
 
 
 @torch.no_grad()
-def evaluate(
+def held_out_losses(
     loss_fn: nn.Module,
     datasets: Mapping[str, Any],
     env: DistEnv,

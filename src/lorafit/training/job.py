@@ -39,7 +39,8 @@ class TrainJob:
     # target positions per chunk of the fused output head + CE (None: all at once); 256 SmolLM2 rows = 48 MiB of
     # fp32 logits, and on CPU the head runs as fast in chunks of 256 as in one piece
     loss_chunk_tokens: int | None = 256
-    load_weights: Callable[[nn.Module], None] | None = None  # for models built on meta: called after sharding
+    # a model built on the meta device: called with it after sharding, to put each rank's weights into its shards
+    fill_weights_after_sharding: Callable[[nn.Module], None] | None = None
     gather_full_model: bool = False  # keep an unsharded copy on rank 0 for model_for_eval() after FSDP2
     source_fingerprints: dict[str, str] | None = None  # {yaml path: sha256} of the training files (resume checks)
     progress: bool | None = None  # rich progress bar; None: when stdout is a terminal
@@ -71,8 +72,8 @@ class TrainResult:
     def model_for_eval(self) -> nn.Module:
         """An unwrapped, unsharded model with the trained weights (rank 0), in eval mode: the trained model
         itself, or after FSDP2 a plain copy built from the gathered weights (with the same LoRA, if any)."""
-        from lorafit.checkpoint.weights import is_sharded, unsharded_copy
-        from lorafit.lora.model import unwrap
+        from lorafit.checkpoint.trained_weights import is_sharded, unsharded_copy
+        from lorafit.models.wrappers import unwrap
 
         if self._eval_model is None:
             inner = unwrap(self.model)

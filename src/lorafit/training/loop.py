@@ -18,12 +18,12 @@ import torch
 
 from lorafit import resume
 from lorafit.checkpoint.state import find_latest, save_checkpoint
-from lorafit.checkpoint.weights import write_trained_weights
+from lorafit.checkpoint.trained_weights import write_trained_weights
 from lorafit.config.run_spec import num_steps
 from lorafit.console import info, warn
 from lorafit.distributed.parallel import default_strategy
-from lorafit.lora.model import unwrap
-from lorafit.training.batches import default_collate, evaluate, to_device, train_micro_batches
+from lorafit.models.wrappers import unwrap
+from lorafit.training.batches import default_collate, held_out_losses, to_device, train_micro_batches
 from lorafit.training.checks import check_finite, check_gradient_flow
 from lorafit.training.job import TrainJob, TrainResult
 from lorafit.training.loss import IGNORE_INDEX, CausalLMLoss
@@ -45,7 +45,7 @@ def train(job: TrainJob) -> TrainResult:
     strategy = job.parallelism or default_strategy(env)
     info(f"parallelism: {strategy.describe()} on {world} process(es), device {env.device}")
     # the step calls the loss module (decoder -> head -> cross-entropy), so it is what parallelism wraps
-    loss_fn = strategy.wrap(CausalLMLoss(job.model, job.loss_chunk_tokens), env, job.load_weights)
+    loss_fn = strategy.wrap(CausalLMLoss(job.model, job.loss_chunk_tokens), env, job.fill_weights_after_sharding)
     loss_fn.train()
     model = unwrap(loss_fn)  # the Hugging Face model inside, as trained (parameters possibly sharded)
     optimizer = job.optimizer_factory(model)
@@ -75,7 +75,7 @@ def train(job: TrainJob) -> TrainResult:
     start, window_start, window_tokens = time.perf_counter() - elapsed, time.perf_counter(), 0
 
     def run_eval() -> dict[str, float]:
-        results = evaluate(loss_fn, job.eval_datasets, env, micro_batch, settings.eval_max_batches,
+        results = held_out_losses(loss_fn, job.eval_datasets, env, micro_batch, settings.eval_max_batches,
                            lambda: strategy.autocast(env), job.collate_fn)  # fmt: skip
         metrics.log({"step": step, **{f"eval/{k}/loss": v for k, v in results.items()}})
         return results

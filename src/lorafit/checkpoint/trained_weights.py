@@ -65,7 +65,7 @@ def write_trained_weights(model: nn.Module, env: DistEnv, run_dir: Path, *, writ
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    from lorafit.lora.model import unwrap
+    from lorafit.models.wrappers import unwrap
 
     return unwrap(model)
 

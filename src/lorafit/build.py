@@ -206,12 +206,6 @@ def _describe_model(model: Any, verbose: bool) -> str:
     return f"no LoRA layers; trainable params: {trainable:,} / {total:,} (full fine-tuning)"
 
 
-def require(value: Any, what: str, key: str) -> Any:
-    if value is None:
-        raise ConfigError(f"{what} needs a top-level '{key}' entity", field=key)
-    return value
-
-
 __all__ = [
     "BuiltRun",
     "UserError",
@@ -219,6 +213,5 @@ __all__ = [
     "build_run_entities",
     "check_run_config",
     "load_run_config",
-    "require",
     "validate_config",
 ]
