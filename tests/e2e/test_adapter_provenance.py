@@ -176,3 +176,21 @@ def test_save_pretrained_writes_what_loads_back(tiny_model_dir, tmp_path):
     peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "adapter")
     with torch.no_grad():
         torch.testing.assert_close(peft_model.eval()(ids).logits, expected, atol=1e-6, rtol=1e-6)
+
+
+def test_transformers_own_peft_integration_loads_the_run_adapter(runs, tiny_model_dir, tmp_path, monkeypatch):
+    """`AutoModelForCausalLM.from_pretrained(adapter_dir)` goes through transformers' PEFT integration, which checks
+    the installed peft against its minimum in set_adapter / active_adapters / add_adapter (transformers 5.24 asks
+    for peft >= 0.22, which the package index does not have): the test extra pins a pair that passes the check."""
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.chdir(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(runs["default"] / "adapter").eval()
+    ours = lorafit.load_adapter(AutoModelForCausalLM.from_pretrained(tiny_model_dir), runs["default"] / "adapter")
+    ids = torch.tensor([[1, 20, 40, 60, 80, 2]])
+    with torch.no_grad():
+        assert (loaded(ids).logits - ours.eval()(ids).logits).abs().max().item() == 0.0
+    loaded.set_adapter("default")  # these check peft's version
+    assert loaded.active_adapters() == ["default"]
+    loaded.add_adapter(LoraConfig(r=2, target_modules=["k_proj"]), adapter_name="second")
