@@ -29,8 +29,8 @@ def test_position_restarts_give_a_block_diagonal_causal_mask(impl):
     config = llama_config()
     config._attn_implementation = impl
     position_ids = torch.tensor([[0, 1, 2, 0, 1, 0, 0, 1]])
-    mask = create_causal_mask(config=config, inputs_embeds=torch.zeros(1, 8, 32), attention_mask=None, cache=None,
-                              position_ids=position_ids)  # fmt: skip
+    # the cache positionally: transformers 5.23 names it past_key_values, 5.24 cache
+    mask = create_causal_mask(config, torch.zeros(1, 8, 32), None, None, position_ids=position_ids)
     allowed = mask[0, 0] if mask.dtype == torch.bool else mask[0, 0] == 0  # eager: additive, 0 = attend
     document = torch.tensor([0, 0, 0, 1, 1, 2, 3, 3])
     expected = (document[:, None] == document[None, :]) & torch.ones(8, 8, dtype=torch.bool).tril()
