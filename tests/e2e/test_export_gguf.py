@@ -44,7 +44,7 @@ def merged_logits(tiny_model_dir, adapter_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     lorafit.load_adapter(model, adapter_dir)
     merged = lorafit.merge_and_unload(model).eval()
-    ids = torch.tensor([[1, 17, 40, 99, 123, 200, 255, 301, 350, 383, 7, 2]])  # fixed: tiny.py's BPE may vary by run
+    ids = torch.tensor([[1, 17, 40, 99, 123, 200, 255, 301, 350, 383, 7, 2]])  # fixed ids: no tokenizer involved
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     with torch.no_grad():
         return ids, merged(ids).logits, base(ids).logits, merged
