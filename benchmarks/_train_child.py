@@ -62,7 +62,11 @@ def run_lorafit(spec: TrainSpec, run_dir: Path) -> dict:
         apply_lora(model, spec.r, spec.alpha, spec.targets)
         if spec.init_adapter:
             load_adapter(model, spec.init_adapter)
-        if spec.frozen_dtype:  # what model/lora's frozen_dtype does
+        if spec.frozen_dtype == "nf4":  # what model/lora's frozen_dtype does
+            from lorafit.lora.nf4 import store_nf4_linears
+
+            store_nf4_linears(model)
+        elif spec.frozen_dtype:
             from lorafit.lora.frozen import store_frozen_linears
 
             store_frozen_linears(model, getattr(torch, spec.frozen_dtype))

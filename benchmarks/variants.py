@@ -152,20 +152,26 @@ def main(argv: list[str] | None = None) -> None:
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="lorafit_variants_"))
     work.mkdir(parents=True, exist_ok=True)
     jobs = {}
-    for variant in args.variants:
-        for seed in args.seeds if variant in args.seeded_variants else args.seeds[:1]:
-            jobs[f"{variant}_s{seed}"] = derive(variant, seed, args.steps, args.model_folder)
+    for seed in args.seeds:  # every variant's first seed before any second one: a cut-short run covers them all
+        for variant in args.variants:
+            if seed == args.seeds[0] or variant in args.seeded_variants:
+                jobs[f"{variant}_s{seed}"] = derive(variant, seed, args.steps, args.model_folder)
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     load_start = os.getloadavg()
-    with concurrent.futures.ThreadPoolExecutor(args.parallel) as pool:
-        futures = {name: pool.submit(run_one, name, config, work, args.threads) for name, config in jobs.items()}
-        runs = {name: future.result() for name, future in futures.items()}
-    report = {"date": started, "command": " ".join(["python", "benchmarks/variants.py", *(argv or sys.argv[1:])]),
-              "hardware": hardware(), "load_avg_start": load_start, "load_avg_end": os.getloadavg(),
-              "parallel": args.parallel, "threads": args.threads, "runs": runs,
-              "table": table(runs, args.variants)}  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "variants.json").write_text(json.dumps(report, indent=1) + "\n")
+    runs: dict[str, dict] = {}
+    command = " ".join(["python", "benchmarks/variants.py", *(argv or sys.argv[1:])])
+    with concurrent.futures.ThreadPoolExecutor(args.parallel) as pool:
+        futures = {pool.submit(run_one, name, config, work, args.threads): name for name, config in jobs.items()}
+        for future in concurrent.futures.as_completed(futures):
+            runs[futures[future]] = future.result()
+            report = {"date": started, "command": command,
+                      "hardware": hardware(), "load_avg_start": load_start, "load_avg_end": os.getloadavg(),
+                      "parallel": args.parallel, "threads": args.threads, "complete": len(runs) == len(jobs),
+                      "runs": {name: runs[name] for name in jobs if name in runs},
+                      "table": table(runs, args.variants)}  # fmt: skip
+            # written after every run: a run cut short by a time limit still leaves what it measured
+            (args.out / "variants.json").write_text(json.dumps(report, indent=1) + "\n")
     print(report["table"])
 
 
