@@ -6,4 +6,9 @@ bash scripts/setup.sh test,wandb,mlflow,nf4
 VENV="${LORAFIT_VENV:-.venv}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 "$VENV/bin/ruff" check src tests benchmarks scripts
+# Everything, every group (CI). The groups by cost, to run one at a time (markers in pyproject.toml):
+#   fast unit:    pytest tests -m "not (integration or distributed or slow)"
+#   integration:  pytest tests -m integration   (tests/e2e: whole runs, subprocesses, benchmark children)
+#   distributed:  pytest tests -m distributed   (2 processes with gloo)
+#   slow:         pytest tests -m slow          (the real SmolLM2 model)
 "$VENV/bin/python" -m pytest tests "$@"

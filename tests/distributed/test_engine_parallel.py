@@ -13,36 +13,26 @@ from the shards) must equal the reference in every tensor.
 from __future__ import annotations
 
 import os
-import socket
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
+from cli_run import free_port
+from engine_cases import one_thread  # noqa: F401 - autouse fixture
+
 HERE = Path(__file__).resolve().parent
 TESTS = HERE.parent
 STEPS = 4
 PROBE = torch.arange(3, 19).reshape(2, 8)
 
-sys.path[:0] = [str(TESTS), str(HERE)]
-from engine_cases import one_thread  # noqa: E402, F401 - autouse fixture
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
-    sys.path[:0] = [str(TESTS), str(HERE)]
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))  # fmt: skip
     torch.set_num_threads(1)  # two processes on a shared 2-core machine
     from engine_cases import make_job
-
     from lorafit.distributed.env import init_distributed
     from lorafit.distributed.parallel import DDPStrategy, FSDP2Strategy, ParallelismConfig
     from lorafit.training.loop import train
@@ -65,7 +55,6 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         results["fsdp2_resumed"] = (run.losses, run.eval_losses)
         # frozen weights stored in bf16 (model/lora frozen_dtype): DDP trains them, FSDP2 refuses them up front
         from engine_cases import lora_model
-
         from lorafit.errors import UserError
         from lorafit.lora.frozen import store_frozen_linears
 
@@ -89,15 +78,13 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    sys.path[:0] = [str(TESTS), str(HERE)]
     from engine_cases import make_job
-
     from lorafit.distributed.env import init_distributed
     from lorafit.training.loop import train
 
     out = tmp_path_factory.mktemp("engine")
     reference = train(make_job(out / "single", init_distributed(), micro=2, accum=2, steps=STEPS))
-    mp.spawn(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
     return out, reference, torch.load(out / "results.pt", weights_only=False)
 
 

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from engine_cases import one_thread  # noqa: F401 - autouse fixture
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_fsdp2_smollm_1p7b.py"

@@ -4,35 +4,25 @@ run one by one in a single process (loss and gathered LoRA gradients, fp32, 1e-5
 from __future__ import annotations
 
 import os
-import socket
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
+from cli_run import free_port
+from engine_cases import one_thread  # noqa: F401 - autouse fixture
+
 HERE = Path(__file__).resolve().parent
 TESTS = HERE.parent
 KINDS = ("text", "chat")
 
-sys.path[:0] = [str(TESTS), str(HERE)]
-from engine_cases import one_thread  # noqa: E402, F401 - autouse fixture
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _worker(rank: int, world: int, port: int, folder: str, prefixes: dict[str, str]) -> None:
-    sys.path[:0] = [str(TESTS), str(HERE)]
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))  # fmt: skip
     torch.set_num_threads(1)
     from engine_cases import lora_model
-
     from lorafit.data.datasets import Collator
     from lorafit.distributed.env import init_distributed
     from lorafit.distributed.parallel import FSDP2Strategy
@@ -66,14 +56,13 @@ def sharded(tmp_path_factory, tiny_tokenizer):
 
     folder = tmp_path_factory.mktemp("packing_fsdp2")
     prefixes = {kind: str(prefix) for kind, prefix in pack_cases(folder, tiny_tokenizer).items()}
-    mp.spawn(_worker, args=(2, _free_port(), str(folder), prefixes), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(folder), prefixes), nprocs=2, join=True)
     return prefixes, torch.load(folder / "results.pt", weights_only=False)
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_fsdp2_packed_blocks_equal_documents_one_by_one(sharded, kind):
     from engine_cases import lora_model
-
     from packing_cases import count_targets, loss_and_grads, packed_dataset, separate_documents
 
     prefixes, results = sharded

@@ -8,32 +8,23 @@ adapter (rank 2r) is written from the gathered A, B and the replicated A0, B0.
 from __future__ import annotations
 
 import os
-import socket
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
+from cli_run import free_port
+from engine_cases import one_thread  # noqa: F401 - autouse fixture
+
 HERE = Path(__file__).resolve().parent
 TESTS = HERE.parent
 STEPS = 3
 VARIANTS = {"dora": {"use_dora": True}, "pissa": {"init": "pissa"}}
 
-sys.path[:0] = [str(TESTS), str(HERE)]
-from engine_cases import one_thread  # noqa: E402, F401 - autouse fixture
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _model(variant: str):
     from engine_cases import TARGETS
-
     from lorafit.lora import apply_lora
     from tiny import make_llama
 
@@ -41,12 +32,10 @@ def _model(variant: str):
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
-    sys.path[:0] = [str(TESTS), str(HERE)]
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))  # fmt: skip
     torch.set_num_threads(1)
     from engine_cases import make_job
-
     from lorafit.distributed.env import init_distributed
     from lorafit.distributed.parallel import FSDP2Strategy
     from lorafit.training.loop import train
@@ -67,7 +56,6 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     from engine_cases import make_job
-
     from lorafit.distributed.env import init_distributed
     from lorafit.training.loop import train
 
@@ -75,7 +63,7 @@ def runs(tmp_path_factory):
     env = init_distributed()
     reference = {v: train(make_job(out / f"single_{v}", env, micro=2, accum=2, steps=STEPS, model=_model(v))).losses
                  for v in VARIANTS}  # fmt: skip
-    mp.spawn(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
     return out, reference, torch.load(out / "results.pt", weights_only=False)
 
 

@@ -35,9 +35,7 @@ import pytest
 import yaml
 
 from lorafit.cli import main
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_run_tiny import adapter_tensors, losses, tiny_config
+from tiny_runs import adapter_tensors, losses, tiny_config
 
 REPO = Path(__file__).resolve().parents[2]
 SRC = REPO / "src" / "lorafit"

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+
+from cli_run import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED = REPO / "configs" / "modalities" / "config_lorem_ipsum_lora.yaml"
@@ -52,12 +53,6 @@ def test_shipped_modalities_config_runs_in_one_process(smollm2_dir, tmp_path):
     assert list((tmp_path / "wandb").glob("wandb/offline-run-*"))  # the W&B run, offline, under `directory`
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_verbatim_shared_config_under_torchrun_two_processes(smollm2_dir, tmp_path):
     text = VERBATIM.read_text()
@@ -74,7 +69,7 @@ def test_verbatim_shared_config_under_torchrun_two_processes(smollm2_dir, tmp_pa
     config = tmp_path / "config_lorem_ipsum_lora.yaml"
     config.write_text(text)
     command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-               f"--rdzv-endpoint=127.0.0.1:{_free_port()}", "src/lorafit/__main__.py", "run",
+               f"--rdzv-endpoint=127.0.0.1:{free_port()}", "src/lorafit/__main__.py", "run",
                "--config_file_path", str(config), "--experiment_id", "m2", *SIZE, *_paths(tmp_path)]  # fmt: skip
     proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=1500,
                           env={**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"})  # fmt: skip

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from cli_run import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
@@ -30,16 +31,10 @@ def test_shipped_config_validates(config, smollm2_dir, monkeypatch):
     assert "config OK" in report and "trainable params:" in report
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_lorem_ipsum_config_under_torchrun_two_processes(smollm2_dir, tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-               f"--rdzv-endpoint=127.0.0.1:{_free_port()}", "src/lorafit/__main__.py", "run",
+               f"--rdzv-endpoint=127.0.0.1:{free_port()}", "src/lorafit/__main__.py", "run",
                "--config_file_path", "configs/config_lorem_ipsum_lora.yaml",
                "--experiments_root_path", str(tmp_path), "--experiment_id", "lorem2"]  # fmt: skip
     proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900,

@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from lorafit.allocator import ENV, LIBRARIES, preload_environment, requested, tbbmalloc_libraries
 
 # active() before, after prepare_process(argv), and in a child process the prepared process starts
@@ -34,12 +36,14 @@ def test_the_tbb_wheel_provides_the_allocator():
     assert libraries is not None and [os.path.basename(p) for p in libraries] == list(LIBRARIES)
 
 
+@pytest.mark.integration  # fresh Python processes
 def test_run_reexecutes_once_under_tbbmalloc_and_children_do_not_inherit_it():
     # glibc before; the re-executed process runs the script from the top under tbbmalloc (prepare_process does not
     # re-execute a second time); a process it starts is on glibc again, since LD_PRELOAD was given back
     assert probe(["run"]) == ["system", "tbbmalloc", "tbbmalloc", "system"]
 
 
+@pytest.mark.integration  # fresh Python processes
 def test_each_way_to_choose_glibc_is_honoured(tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text("settings:\n  allocator: system\n")

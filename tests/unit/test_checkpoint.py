@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "distributed"))
 from engine_cases import one_thread  # noqa: F401 - autouse fixture
 
 REPO = Path(__file__).resolve().parents[2]
@@ -149,6 +148,7 @@ CHILD = textwrap.dedent(
 )
 
 
+@pytest.mark.integration  # a killed subprocess
 def test_sigkill_while_writing_leaves_previous_checkpoints_intact(tmp_path):
     from lorafit.checkpoint.state import find_latest, verify_checkpoint
 

@@ -72,17 +72,15 @@ def _rank_builds(rank: int, port: int, src: str, out: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.distributed
 def test_under_torchrun_rank0_packs_and_other_ranks_read(tmp_path):
     """Two gloo ranks build the same cached dataset: one writer, both see the same tokens."""
-    import socket
-
     import torch.multiprocessing as mp
+
+    from cli_run import free_port
 
     src = tmp_path / "corpus.txt"
     src.write_text("The capital of France is Paris. " * 20, encoding="utf-8")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_rank_builds, args=(port, str(src), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_rank_builds, args=(free_port(), str(src), str(tmp_path)), nprocs=2, join=True)
     assert (tmp_path / "rank0.txt").read_text() == (tmp_path / "rank1.txt").read_text() != ""
     assert (tmp_path / "corpus.text.json").is_file() and not list(tmp_path.glob("*.tmp*"))

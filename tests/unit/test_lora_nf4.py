@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from engine_cases import TARGETS, TokenDataset, make_job, one_thread  # noqa: F401 - autouse fixture
 from lorafit.errors import UserError
 from lorafit.lora import apply_lora, lora_parameters, merge_and_unload, save_adapter
 from lorafit.lora.frozen import has_low_precision_frozen
 from lorafit.lora.nf4 import dequantize_nf4_linears, has_nf4, is_nf4, store_nf4_linears
 from tiny import make_llama
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "distributed"))
-from engine_cases import TARGETS, TokenDataset, make_job, one_thread  # noqa: F401 - autouse fixture
 
 X = torch.randint(0, 384, (2, 12), generator=torch.Generator().manual_seed(0))
 

@@ -1,12 +1,8 @@
 """The loss of a Modalities config is Modalities': each micro-batch's token mean, averaged over the micro-batches of
 a step (CLMCrossEntropyLoss with reduction='mean', loss / gradient_acc_steps), computed here independently."""
 
-import sys
-from pathlib import Path
-
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "distributed"))
 from engine_cases import TokenDataset, make_job
 
 

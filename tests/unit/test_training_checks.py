@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "distributed"))
 
 from engine_cases import one_thread  # noqa: F401 - autouse fixture
 
 
 def _job(tmp_path, **overrides):
     from engine_cases import make_job
-
     from lorafit.distributed.env import init_distributed
 
     settings = {"micro": 2, "accum": 1, "steps": 4, "eval_datasets": {}} | overrides
@@ -43,7 +37,6 @@ def test_steps_without_targets_do_not_count_as_broken_adapters(tmp_path, capsys)
     """Packed instruction data can open with blocks that are all prompt: zero gradients there are right, so the
     gradient-flow check waits for the first steps that have targets (and still runs then)."""
     from engine_cases import TokenDataset
-
     from lorafit.training.loop import train
 
     class PromptFirst(TokenDataset):

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,10 +18,11 @@ import torch
 import torch.multiprocessing as mp
 import yaml
 
-TESTS = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(TESTS), str(TESTS / "distributed")]
+from cli_run import free_port
+from engine_cases import one_thread  # noqa: F401 - autouse fixture
 
-from engine_cases import one_thread  # noqa: E402, F401 - autouse fixture
+TESTS = Path(__file__).resolve().parents[1]
+
 
 STEPS = 8
 PROBE = torch.arange(3, 19).reshape(2, 8)
@@ -48,7 +47,6 @@ class CountingDataset(torch.utils.data.Dataset):
 
 def full_job(run_dir, env, *, attention_dropout: float = 0.0, **overrides):
     from engine_cases import make_job
-
     from lorafit.training.optim import AdamWConfig, OptimizerFactory
     from tiny import make_llama
 
@@ -135,14 +133,9 @@ def test_model_folder_loads_with_transformers_and_gives_the_trained_logits(runs)
 
 
 # --- two processes, FSDP2 -------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
-    sys.path[:0] = [str(TESTS), str(TESTS / "distributed"), str(Path(__file__).parent)]
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))  # fmt: skip
     torch.set_num_threads(1)
@@ -173,10 +166,11 @@ def two_processes(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("full2")
     reference = train(full_job(out / "single", init_distributed(), micro=2, accum=2, steps=4))
-    mp.spawn(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
     return out, reference, torch.load(out / "results.pt", weights_only=False)
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("name", ["fsdp2", "ddp"])
 def test_two_processes_equal_one_process(two_processes, name):
     out, reference, results = two_processes

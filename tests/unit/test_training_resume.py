@@ -10,13 +10,10 @@ weight decay and gradient clipping are on (optimizer state), and the sampler pos
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "distributed"))
 
 from engine_cases import one_thread  # noqa: F401 - autouse fixture
 
@@ -32,7 +29,6 @@ def _adapter(run_dir: Path) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     from engine_cases import make_job
-
     from lorafit.distributed.env import init_distributed
     from lorafit.training.loop import train
 
@@ -76,7 +72,6 @@ def test_resumed_metrics_read_as_one_run(runs):
 
 def test_resuming_a_finished_run_trains_nothing(runs):
     from engine_cases import make_job
-
     from lorafit.distributed.env import init_distributed
     from lorafit.training.loop import train
 

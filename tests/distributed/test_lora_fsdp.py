@@ -8,24 +8,17 @@ sharded forward agree with the unsharded model.
 from __future__ import annotations
 
 import os
-import socket
-import sys
 from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
 
+from cli_run import free_port
+
 TESTS = str(Path(__file__).resolve().parents[1])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank: int, world: int, port: int, folder: str) -> None:
-    sys.path.insert(0, TESTS)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     import torch.distributed as dist
     from safetensors.torch import load_file
@@ -105,5 +98,5 @@ def _worker(rank: int, world: int, port: int, folder: str) -> None:
 
 
 def test_lora_under_fsdp2_two_processes(tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     assert (tmp_path / "resaved" / "adapter_config.json").exists()

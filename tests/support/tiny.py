@@ -85,7 +85,7 @@ def tiny_run_config(model_dir: Path, tmp: Path, loggers: dict | None = None, ste
     dataset and an exact-match evaluator (3 chat questions written into `tmp`)."""
     import json
 
-    lorem = Path(__file__).resolve().parents[1] / "data" / "lorem_ipsum" / "lorem_ipsum.txt"
+    lorem = Path(__file__).resolve().parents[2] / "data" / "lorem_ipsum" / "lorem_ipsum.txt"
     examples = [("Say yes.", "yes"), ("Say no.", "no"), ("Name a colour.", "red")]
     heldout = tmp / "heldout.jsonl"
     heldout.write_text(
