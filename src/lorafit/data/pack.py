@@ -79,21 +79,10 @@ class PackedInfo:
 
 
 def load_tokenizer(directory: str | os.PathLike):
-    """`AutoTokenizer.from_pretrained(directory)`, local files only; a missing folder or file is a UserError."""
-    directory = Path(directory)
-    if not directory.exists():
-        raise UserError(f"tokenizer folder not found: {directory}")
-    if not directory.is_dir():
-        raise UserError(f"{directory} is not a folder: give the folder that holds tokenizer.json")
-    if not any((directory / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
-        found = ", ".join(sorted(p.name for p in directory.iterdir())[:10]) or "nothing"
-        raise UserError(f"{directory / 'tokenizer.json'} not found: no tokenizer in {directory} (it holds: {found})")
-    from transformers import AutoTokenizer
+    """The one tokenizer loader (lorafit.models.tokenizer.load_tokenizer): local files only, a pad token."""
+    from lorafit.models.tokenizer import load_tokenizer as load
 
-    try:
-        return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot load the tokenizer in {directory}: {e}") from None
+    return load(directory)
 
 
 def is_pack_index(path: Path) -> bool:
