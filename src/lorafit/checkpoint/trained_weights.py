@@ -30,9 +30,9 @@ class TrainedWeights:
 
 
 def is_sharded(model: nn.Module) -> bool:
-    from torch.distributed.tensor import DTensor
+    from lorafit.models.wrappers import is_dtensor
 
-    return any(isinstance(p, DTensor) for p in model.parameters())
+    return any(is_dtensor(p) for p in model.parameters())
 
 
 def write_trained_weights(model: nn.Module, env: DistEnv, run_dir: Path, *, write: bool = True,

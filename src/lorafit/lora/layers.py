@@ -50,11 +50,11 @@ def copy_full_tensor(param: torch.Tensor, full: torch.Tensor) -> None:
     with torch.no_grad():
         if param.device.type == "meta":
             return
-        try:
-            from torch.distributed.tensor import DTensor, distribute_tensor
-        except ImportError:  # torch built without distributed
-            DTensor = None  # noqa: N806
-        if DTensor is not None and isinstance(param, DTensor):
+        from lorafit.models.wrappers import is_dtensor
+
+        if is_dtensor(param):
+            from torch.distributed.tensor import distribute_tensor
+
             # every rank holds the same full tensor, so each cuts its own shard locally (src_data_rank=None)
             local = distribute_tensor(
                 full.to(param.device), param.device_mesh, param.placements, src_data_rank=None
