@@ -21,10 +21,19 @@ CONFIG_COPY = "config.yaml"
 RESOLVED_CONFIG = "config.resolved.yaml"
 
 
-def default_experiment_id(config_path: Path) -> str:
-    """A timestamp plus a short hash of the config bytes: sortable, and tells configs apart."""
+def default_experiment_id(config_path: Path, experiments_root: Path | None = None) -> str:
+    """A timestamp plus a short hash of the config bytes: sortable, and tells configs apart. Two runs of the same
+    config started within one second (`lorafit.train` in a loop) would get the same id: the second one gets
+    `_2`, `_3`, ... appended, the first folder free under `experiments_root`, instead of failing on "exists"."""
     digest = hashlib.sha256(Path(config_path).read_bytes()).hexdigest()[:8]
-    return time.strftime("%Y-%m-%d__%H-%M-%S") + f"_{digest}"
+    base = time.strftime("%Y-%m-%d__%H-%M-%S") + f"_{digest}"
+    if experiments_root is None:
+        return base
+    candidate, n = base, 1
+    while (Path(experiments_root) / candidate).exists():
+        n += 1
+        candidate = f"{base}_{n}"
+    return candidate
 
 
 MAX_ID_BYTES = 255  # a file name's limit on common file systems (NAME_MAX)

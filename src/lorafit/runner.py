@@ -45,7 +45,7 @@ def run(request: RunRequest) -> Path:
         plan = dist_env.on_main(resume.locate, request.resume_from, root, request.experiment_id)
         experiment_id = request.experiment_id or plan.source_run.name
     else:
-        experiment_id = dist_env.on_main(lambda: request.experiment_id or default_experiment_id(config_path))
+        experiment_id = dist_env.on_main(lambda: request.experiment_id or default_experiment_id(config_path, root))
     env = ConfigEnv(
         experiment_id=experiment_id,
         config_file_path=str(config_path),
@@ -70,20 +70,20 @@ def run(request: RunRequest) -> Path:
     info(f"run folder: {run_dir}")
     info(f"memory allocator: {allocator.active()} (lorafit run --allocator tbbmalloc|system)")
 
+    trackers: list = []  # rank 0's; a tracker that cannot start stops every rank with its error (no rank hangs)
     try:
         built = build_run(graph)
+        if dist_env.world_size > 1 and is_single_process_strategy(built.parallelism):
+            raise UserError(
+                f"parallelism: 'none' with {dist_env.world_size} processes would train {dist_env.world_size} "
+                "unsynchronised copies; use variant_key fsdp2 or ddp (or leave parallelism out: fsdp2 under torchrun)",
+            )
+        dist_env.on_main(lambda: trackers.extend(open_trackers(built.settings.loggers, run_dir, experiment_id,
+                                                               run_config=config)))  # fmt: skip
     except UserError:
         if (plan is None or plan.new_run) and dist_env.rank == 0:
             discard_unused_run_dir(run_dir)  # so the same --experiment_id works once the problem is fixed
         raise
-    if dist_env.world_size > 1 and is_single_process_strategy(built.parallelism):
-        raise UserError(
-            f"parallelism: 'none' with {dist_env.world_size} processes would train {dist_env.world_size} "
-            "unsynchronised copies; use variant_key fsdp2 or ddp (or leave parallelism out: fsdp2 under torchrun)",
-        )
-    trackers: list = []  # rank 0's; a tracker that cannot start stops every rank with its error (no rank hangs)
-    dist_env.on_main(lambda: trackers.extend(open_trackers(built.settings.loggers, run_dir, experiment_id,
-                                                           run_config=config)))  # fmt: skip
     try:
         if not request.resume_from:
             run_evaluators(built, run_dir, "before", dist_env, trackers)

@@ -188,6 +188,8 @@ def test_wandb_online_without_an_account_is_one_clear_error(tiny_model_dir, tmp_
     err = " ".join(capsys.readouterr().err.split())
     assert "settings.loggers.wandb: cannot start the W&B run (" in err and "mode: offline needs no account" in err
     assert "Traceback" not in err
+    leftovers = sorted(p.name for p in (tmp_path / "e").iterdir()) if (tmp_path / "e").exists() else []
+    assert leftovers == [], f"a run that could not start left {leftovers}: the same --experiment-id would be refused"
 
 
 def test_a_resumed_run_continues_its_mlflow_run_and_w_and_b_id(tiny_model_dir, tmp_path):

@@ -80,19 +80,21 @@ def test_mlps_with_another_forward_or_activation_are_left_alone():
     assert not is_swiglu_mlp(mlp)
 
 
-@pytest.mark.parametrize("path", __import__("lorafit.training.swiglu", fromlist=["x"]).SUPPORTED_MLPS)
-def test_each_supported_mlp_class_computes_what_its_own_forward_does(path):
+def test_every_listed_mlp_class_is_there_on_the_pinned_transformers():
+    from lorafit.training.swiglu import supported_classes
+
+    assert [c.__name__ for c in supported_classes()] == ["LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"]
+
+
+@pytest.mark.parametrize("cls", __import__("lorafit.training.swiglu", fromlist=["x"]).supported_classes())
+def test_each_supported_mlp_class_computes_what_its_own_forward_does(cls):
     """One check per listed class: the lean module gives the class's own output and input gradient, and is
     swapped in only while active (the original module object comes back)."""
-    import importlib
-
     from transformers import AutoConfig
 
     from lorafit.training.swiglu import lean_mlps
 
-    module_name, name = path.rsplit(".", 1)
-    cls = getattr(importlib.import_module(module_name), name)
-    model_type = module_name.rsplit("_", 1)[-1]
+    model_type = cls.__module__.rsplit("_", 1)[-1]
     config = AutoConfig.for_model(
         model_type,
         hidden_size=16,

@@ -6,7 +6,7 @@ largest saved activation of a LoRA step: 270 of 465 MiB on SmolLM2-135M at 2 x 2
 recomputed from gate in a few elementwise operations, so `silu_mul` saves only gate and up, and backward
 recomputes the sigmoid. That saves 90 MiB there.
 
-`lean_mlps(model)` applies it while training: it swaps each MLP of a class listed in `SUPPORTED_MLPS` (Llama,
+`lean_mlps(model)` applies it while training: it swaps each MLP of a class listed in `supported_classes` (Llama,
 and so SmolLM2; Mistral; Qwen2; Qwen3) whose activation is SiLU for a `LeanSwiGLU` holding the same three
 projections, and swaps the original back afterwards. Any other MLP keeps its own module.
 """
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib
 from collections.abc import Iterator
 
 import torch
@@ -47,24 +46,26 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 # The transformers MLP classes whose forward is exactly down_proj(act_fn(gate_proj(x)) * up_proj(x)), each checked
 # by a test against its own forward (tests/unit/test_training_swiglu.py). An MLP of any other class (a subclass
-# included: it may change forward) keeps its own module.
-SUPPORTED_MLPS = (
-    "transformers.models.llama.modeling_llama.LlamaMLP",
-    "transformers.models.mistral.modeling_mistral.MistralMLP",
-    "transformers.models.qwen2.modeling_qwen2.Qwen2MLP",
-    "transformers.models.qwen3.modeling_qwen3.Qwen3MLP",
-)
-
-
+# included: it may change forward) keeps its own module. Imported by name, not by a string path, so the list is
+# plain code that a reader (and the import audit in test_error_corpus.py) can follow.
 @functools.cache
 def supported_classes() -> tuple[type, ...]:
-    classes = []
-    for path in SUPPORTED_MLPS:
-        module_name, name = path.rsplit(".", 1)
-        try:
-            classes.append(getattr(importlib.import_module(module_name), name))
-        except (ImportError, AttributeError):  # an older transformers without this model
-            continue
+    classes: list[type] = []
+    try:
+        from transformers.models.llama.modeling_llama import LlamaMLP
+
+        classes.append(LlamaMLP)
+        from transformers.models.mistral.modeling_mistral import MistralMLP
+
+        classes.append(MistralMLP)
+        from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP
+
+        classes.append(Qwen2MLP)
+        from transformers.models.qwen3.modeling_qwen3 import Qwen3MLP
+
+        classes.append(Qwen3MLP)
+    except ImportError:  # an older transformers without the later models: keep the ones it has
+        pass
     return tuple(classes)
 
 
