@@ -21,12 +21,13 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
 from lorafit.config.graph import ConfigGraph, is_component, is_reference, pydantic_problems
 from lorafit.config.run_spec import Checkpointing, Intervals, RunSettings, StepProfile, TrainingTarget
 from lorafit.distributed.parallel import decoder_blocks
 from lorafit.errors import ConfigError, Problem, did_you_mean
+from lorafit.modalities.settings import Consistency, ModalitiesSettings, NewProgress
 
 ENTITIES = {
     "wrapped_model": "model",
@@ -43,73 +44,6 @@ ENTITIES = {
 
 def is_modalities_config(config: dict[str, Any]) -> bool:
     return "train_dataloader" in config
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class CudaEnv(_Strict):
-    local_rank: int = Field(ge=0)
-    world_size: int = Field(ge=1)
-    global_rank: int = Field(ge=0)
-
-
-class Paths(BaseModel):
-    model_config = ConfigDict(extra="allow")  # other paths are there to be interpolated elsewhere
-
-    checkpointing_path: Path | None = None
-    experiments_root_path: Path | None = None
-
-
-class OldTraining(_Strict):
-    training_log_interval_in_steps: int = Field(ge=1)
-    checkpointing_interval_in_steps: int = Field(ge=1)
-    evaluation_interval_in_steps: int = Field(ge=1)
-    global_num_seen_tokens: int = Field(0, ge=0)
-    activation_checkpointing_modules: list[str] = []
-    gradient_acc_steps: int = Field(ge=1)
-    local_train_micro_batch_size: int = Field(ge=1)
-    sequence_length: int = Field(ge=1)
-
-
-class NewStepProfile(_Strict):
-    gradient_accumulation_steps: int = Field(ge=1)
-    local_train_micro_batch_size: int = Field(ge=1)
-    sequence_length: int = Field(ge=1)
-
-
-class NewTarget(_Strict):
-    num_target_tokens: int = Field(ge=1)
-    num_target_steps: int = Field(ge=1)
-
-
-class NewProgress(_Strict):
-    global_num_seen_tokens: int = Field(0, ge=0)
-    num_seen_steps: int = Field(0, ge=0)
-    num_seen_samples: int = Field(0, ge=0)
-    last_step: int = Field(-1, ge=-1)
-
-
-class Consistency(_Strict):
-    enforce_tokens_per_step_consistency: bool = True
-    enforce_last_step_logged: bool = True
-    enforce_last_step_evaluated: bool = True
-    enforce_last_step_checkpointed: bool = True
-
-
-class ModalitiesSettings(_Strict):
-    experiment_id: str
-    config_file_path: str | None = None
-    referencing_keys: dict[str, str] = {}
-    cuda_env: CudaEnv
-    paths: Paths
-    training: OldTraining | None = None
-    intervals: dict[str, int] | None = None
-    step_profile: NewStepProfile | None = None
-    training_target: NewTarget | None = None
-    training_progress: NewProgress | None = None
-    consistency_enforcement: Consistency | None = None
 
 
 # ------------------------------------------------------------------------------------------------ checking
