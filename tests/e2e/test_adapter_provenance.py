@@ -155,7 +155,8 @@ def test_save_pretrained_writes_what_loads_back(tiny_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    lorafit.apply_lora(model, r=4, alpha=8, target_layers=["q_proj", "v_proj"], seed=1)
+    with pytest.warns(UserWarning, match=r"save_pretrained\(\) would not save .* use lorafit\.save_pretrained"):
+        lorafit.apply_lora(model, r=4, alpha=8, target_layers=["q_proj", "v_proj"], seed=1)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:

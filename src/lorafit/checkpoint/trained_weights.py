@@ -111,7 +111,7 @@ def unsharded_copy(sharded: nn.Module, full_state_dict: dict[str, torch.Tensor] 
         # the copy is loaded with the trained (residual) base below: a pissa/olora decomposition here would be lost
         init = s.init if s.init in ("kaiming", "gaussian") else "kaiming"
         apply_lora(copy, s.r, s.alpha, s.target_layers, dropout=s.dropout, init=init, use_rslora=s.use_rslora,
-                   use_dora=s.use_dora)  # fmt: skip
+                   use_dora=s.use_dora, warn_save_pretrained=False)  # fmt: skip
     dtype = next(iter(full_state_dict.values())).dtype
     copy.to(dtype)
     missing, unexpected = copy.load_state_dict(full_state_dict, strict=False)

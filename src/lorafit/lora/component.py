@@ -71,7 +71,7 @@ def build_lora_model(config: LoraModelConfig) -> nn.Module:
         reason = "the residual base would have to be re-quantised after the decomposition; use kaiming or gaussian"
         raise UserError(f"init {config.init} cannot be combined with frozen_dtype nf4: {reason}", field="init")
     apply_lora(model, config.r, config.alpha, config.target_layers, dropout=config.dropout, init=config.init,
-               use_rslora=config.use_rslora, use_dora=config.use_dora)  # fmt: skip
+               use_rslora=config.use_rslora, use_dora=config.use_dora, warn_save_pretrained=False)  # fmt: skip
     if config.frozen_dtype == "nf4":
         changed = store_nf4_linears(model)
         info(f"frozen weights of {changed} linear layers stored as NF4 (4-bit, torchao), computed in fp32")

@@ -9,6 +9,7 @@ its own keys; only `*.lora_A.weight`, `*.lora_B.weight`, `*.lora_embedding_A/B` 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -192,8 +193,14 @@ def apply_lora(
     use_rslora: bool = False,
     use_dora: bool = False,
     seed: int | None = None,
+    warn_save_pretrained: bool = True,
 ) -> nn.Module:
     """Put LoRA on the modules `target_layers` selects; freeze all else. Returns the same model, changed in place.
+
+    A Hugging Face model keeps its own `save_pretrained`, which would write the LoRA tensors under names its
+    `from_pretrained` drops (the reload is the base model): the first call warns and names
+    `lorafit.save_pretrained`, which writes a PEFT adapter. lorafit's own builders pass
+    `warn_save_pretrained=False` (they save adapters themselves).
 
     `target_layers` entries: a leaf name (`q_proj`), a dotted suffix (`mlp.down_proj`), `re:<regex>` on the full
     qualified name, or `all-linear` (every Linear/Conv1D except the output head). Naming an nn.Embedding
@@ -217,7 +224,16 @@ def apply_lora(
     settings = LoraSettings(r=r, alpha=float(alpha), target_layers=list(target_layers), modules={},
                             dropout=float(dropout), use_rslora=use_rslora, init=init,
                             use_dora=bool(use_dora))  # fmt: skip
-    return inject(model, settings, list(target_layers), field_name="target_layers", each_must_match=True, seed=seed)
+    model = inject(model, settings, list(target_layers), field_name="target_layers", each_must_match=True, seed=seed)
+    if warn_save_pretrained and hasattr(model, "save_pretrained"):
+        warnings.warn(
+            f"{type(model).__name__}.save_pretrained() would not save this LoRA model as anything that loads back "
+            "with the adapter (its from_pretrained drops the lora_A/lora_B tensors); use "
+            "lorafit.save_pretrained(model, path), which writes a PEFT adapter",
+            UserWarning,
+            stacklevel=2,
+        )
+    return model
 
 
 def reset_lora_parameters(model: nn.Module, seed: int | None = None) -> None:
