@@ -55,7 +55,9 @@ def build_hf_datasets_dataset(config: HFDatasetsConfig) -> Any:
         if kind == "text" or (kind is None and config.format == "text"):
             return PackedDataset(prefix, run_sequence_length(config.sequence_length))
         if config.packing:
-            return PackedInstructionDataset(prefix, run_sequence_length(config.sequence_length), too_long=config.too_long)
+            return PackedInstructionDataset(
+                prefix, run_sequence_length(config.sequence_length), too_long=config.too_long
+            )
         return InstructionDataset(prefix, run_sequence_length(config.sequence_length))
 
     return build_cached(source, config.tokenizer, prefix, spec, make)
