@@ -26,6 +26,8 @@ BUILTIN_COMPONENTS: dict[tuple[str, str], str] = {
     ("batch_sampler", "default"): "lorafit.modalities.data",
     ("data_loader", "default"): "lorafit.modalities.data",
     ("model", "fsdp_wrapped"): "lorafit.modalities.training",
+    ("model", "model_initialized"): "lorafit.modalities.initialization",
+    ("model_initialization", "composed"): "lorafit.modalities.initialization",
     ("optimizer", "adam_w"): "lorafit.modalities.training",
     ("optimizer", "adam"): "lorafit.modalities.training",
     ("scheduler", "onecycle_lr"): "lorafit.modalities.training",

@@ -10,15 +10,18 @@ Checkpoint saving, number conversion and subscribers: modalities/checkpointing.p
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field, create_model, field_validator
 from torch import nn
 
 from lorafit.config.registry import Component, ComponentConfig, register_component
 from lorafit.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------------ model wrapping
@@ -101,11 +104,21 @@ class ModalitiesOptimizer:
 
 
 def _optimizer(kind: str, config: AdamConfig) -> ModalitiesOptimizer:
+    # Modalities' get_optimizer_groups: with weight_decay 0 or no exclusions, one group of all trainable parameters;
+    # else one group per entry of the model's weight_decay_groups (gpt2: linear, embedding, layernorm), and every
+    # excluded name must be one of them. Its HuggingFacePretrainedModel has no groups ({}), so there Modalities
+    # raises for any exclusion (lora branch: "group = X ... is not in models optimizer_module_groups = []").
     if config.weight_decay != 0 and config.weight_decay_groups_excluded:
         raise UserError(
-            "weight decay groups are defined by Modalities' own models (gpt2: linear, embedding, "
-            "layernorm); a Hugging Face model has none, so the list must be empty ([])",
+            f"{config.weight_decay_groups_excluded}: Modalities' weight decay groups (linear, embedding, layernorm) "
+            "belong to its own gpt2 model; a Hugging Face model has none, so Modalities refuses any exclusion too. "
+            "Valid: [] (weight_decay on all trainable parameters, i.e. the LoRA A and B matrices), or weight_decay: 0",
             field="weight_decay_groups_excluded",
+        )
+    if config.weight_decay_groups_excluded:
+        log.info(
+            "optimizer.config.weight_decay_groups_excluded %s: no effect with weight_decay 0 (as in Modalities)",
+            config.weight_decay_groups_excluded,
         )
     return ModalitiesOptimizer(kind, config)
 
@@ -129,38 +142,48 @@ class _SchedulerBase(ComponentConfig):
     verbose: bool = False  # torch's deprecated flag: no effect
 
 
-class OneCycleLRConfig(_SchedulerBase):
-    max_lr: float | list[float]
-    total_steps: int | None = Field(None, gt=0)
-    epochs: int | None = Field(None, gt=0)
-    steps_per_epoch: int | None = Field(None, gt=0)
-    pct_start: float = Field(gt=0, le=1)
-    anneal_strategy: Literal["cos", "linear"]
-    cycle_momentum: bool = True
-    base_momentum: float | list[float] = 0.85
-    max_momentum: float | list[float] = 0.95
-    div_factor: float = Field(gt=0)
-    final_div_factor: float = Field(gt=0)
-    three_phase: bool = False
-
-
-class StepLRConfig(_SchedulerBase):
-    step_size: int = Field(gt=0)
-    gamma: float = Field(ge=0)
-
-
-class ConstantLRConfig(_SchedulerBase):
-    factor: float = Field(ge=0, le=1)
-    total_iters: int = Field(gt=0)
-
-
-class CosineAnnealingLRConfig(_SchedulerBase):
-    t_max: int = Field(gt=0)
-    eta_min: float = Field(ge=0)
+# Modalities' scheduler variants: variant_key -> (torch scheduler, its config keys as Modalities checks them).
+# Each key goes to the torch scheduler under its own name (but t_max -> T_max), with last_epoch.
+_SCHEDULERS: dict[str, tuple[Any, dict[str, Any]]] = {
+    "onecycle_lr": (
+        torch.optim.lr_scheduler.OneCycleLR,
+        {
+            "max_lr": (float | list[float], ...),
+            "total_steps": (int | None, Field(None, gt=0)),
+            "epochs": (int | None, Field(None, gt=0)),
+            "steps_per_epoch": (int | None, Field(None, gt=0)),
+            "pct_start": (float, Field(gt=0, le=1)),
+            "anneal_strategy": (Literal["cos", "linear"], ...),
+            "cycle_momentum": (bool, True),
+            "base_momentum": (float | list[float], 0.85),
+            "max_momentum": (float | list[float], 0.95),
+            "div_factor": (float, Field(gt=0)),
+            "final_div_factor": (float, Field(gt=0)),
+            "three_phase": (bool, False),
+        },
+    ),
+    "step_lr": (torch.optim.lr_scheduler.StepLR, {"step_size": (int, Field(gt=0)), "gamma": (float, Field(ge=0))}),
+    "constant_lr": (
+        torch.optim.lr_scheduler.ConstantLR,
+        {"factor": (float, Field(ge=0, le=1)), "total_iters": (int, Field(gt=0))},
+    ),
+    "cosine_annealing_lr": (
+        torch.optim.lr_scheduler.CosineAnnealingLR,
+        {"t_max": (int, Field(gt=0)), "eta_min": (float, Field(ge=0))},
+    ),
+}
+_TORCH_NAMES = {"t_max": "T_max"}
 
 
 class DummyLRConfig(ComponentConfig):
     optimizer: Component("optimizer")
+
+
+SCHEDULER_CONFIGS: dict[str, type[ComponentConfig]] = {
+    kind: create_model(f"{kind.title().replace('_', '')}Config", __base__=_SchedulerBase, **fields)
+    for kind, (_, fields) in _SCHEDULERS.items()
+}
+SCHEDULER_CONFIGS["dummy_lr"] = DummyLRConfig
 
 
 @dataclass
@@ -176,34 +199,14 @@ class ModalitiesScheduler:
         return None
 
     def __call__(self, optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
-        c, sched = self.config, torch.optim.lr_scheduler
-        if self.kind == "onecycle_lr":
-            return sched.OneCycleLR(
-                optimizer,
-                max_lr=c.max_lr,
-                total_steps=c.total_steps,
-                epochs=c.epochs,
-                steps_per_epoch=c.steps_per_epoch,
-                pct_start=c.pct_start,
-                anneal_strategy=c.anneal_strategy,
-                cycle_momentum=c.cycle_momentum,
-                base_momentum=c.base_momentum,
-                max_momentum=c.max_momentum,
-                div_factor=c.div_factor,
-                final_div_factor=c.final_div_factor,
-                three_phase=c.three_phase,
-                last_epoch=c.last_epoch,
-            )
-        if self.kind == "step_lr":
-            return sched.StepLR(optimizer, step_size=c.step_size, gamma=c.gamma, last_epoch=c.last_epoch)
-        if self.kind == "constant_lr":
-            return sched.ConstantLR(optimizer, factor=c.factor, total_iters=c.total_iters, last_epoch=c.last_epoch)
-        if self.kind == "cosine_annealing_lr":
-            return sched.CosineAnnealingLR(optimizer, T_max=c.t_max, eta_min=c.eta_min, last_epoch=c.last_epoch)
-        return sched.LambdaLR(optimizer, lambda step: 1.0)  # dummy_lr: the optimizer's lr throughout
+        if self.kind == "dummy_lr":  # Modalities' DummyLRScheduler: the optimizer's lr throughout
+            return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        scheduler = _SCHEDULERS[self.kind][0]
+        args = self.config.model_dump(exclude={"optimizer", "verbose"})
+        return scheduler(optimizer, **{_TORCH_NAMES.get(k, k): v for k, v in args.items()})
 
 
-def _register_scheduler(kind: str, model: type, doc: str) -> None:
+def _register_scheduler(kind: str, doc: str) -> None:
     def build(config):
         if getattr(config, "last_epoch", -1) != -1:
             raise UserError(
@@ -215,14 +218,17 @@ def _register_scheduler(kind: str, model: type, doc: str) -> None:
         return ModalitiesScheduler(kind, config)
 
     build.__doc__ = doc
-    register_component("scheduler", kind, model)(build)
+    register_component("scheduler", kind, SCHEDULER_CONFIGS[kind])(build)
 
 
-_register_scheduler("onecycle_lr", OneCycleLRConfig, "torch OneCycleLR with the configured total_steps.")
-_register_scheduler("step_lr", StepLRConfig, "torch StepLR.")
-_register_scheduler("constant_lr", ConstantLRConfig, "torch ConstantLR.")
-_register_scheduler("cosine_annealing_lr", CosineAnnealingLRConfig, "torch CosineAnnealingLR (t_max steps).")
-_register_scheduler("dummy_lr", DummyLRConfig, "The optimizer's lr, unchanged (Modalities' DummyLRScheduler).")
+for _kind, _doc in {
+    "onecycle_lr": "torch OneCycleLR with the configured total_steps.",
+    "step_lr": "torch StepLR.",
+    "constant_lr": "torch ConstantLR.",
+    "cosine_annealing_lr": "torch CosineAnnealingLR (t_max steps).",
+    "dummy_lr": "The optimizer's lr, unchanged (Modalities' DummyLRScheduler).",
+}.items():
+    _register_scheduler(_kind, _doc)
 
 
 # ------------------------------------------------------------------------------------------------ loss
