@@ -89,13 +89,14 @@ def random_weights(config) -> callable:
 
     def load(model: torch.nn.Module) -> None:
         from lorafit.lora import reset_lora_parameters
+        from lorafit.models.wrappers import local_tensor
 
         generator = torch.Generator(device="cpu").manual_seed(1234 + int(os.environ.get("RANK", "0")))
         with torch.no_grad():
             for name, param in model.named_parameters():
                 if ".lora_" in name:
                     continue
-                local = param.to_local() if hasattr(param, "to_local") else param
+                local = local_tensor(param)
                 values = torch.ones(local.shape) if local.ndim == 1 else torch.randn(local.shape, generator=generator)
                 local.copy_(values if local.ndim == 1 else values * 0.02)
             reset_lora_parameters(model, seed=0)

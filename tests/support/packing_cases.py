@@ -79,7 +79,7 @@ def count_targets(batches) -> int:
 def loss_and_grads(loss_fn, batches, scale: float) -> tuple[float, dict[str, torch.Tensor]]:
     """Summed token CE over `batches` through lorafit's training loss (`CausalLMLoss`, possibly wrapped, or a
     model to put in one), each backpropagated x `scale`; the gradients by the model's parameter names."""
-    from lorafit.models.wrappers import unwrap
+    from lorafit.models.wrappers import full_tensor, unwrap
     from lorafit.training.loss import CausalLMLoss
 
     if not isinstance(loss_fn, CausalLMLoss):
@@ -94,6 +94,5 @@ def loss_and_grads(loss_fn, batches, scale: float) -> tuple[float, dict[str, tor
     grads = {}
     for name, p in model.named_parameters():
         if p.grad is not None:
-            full = getattr(p.grad, "full_tensor", None)
-            grads[name] = (full() if callable(full) else p.grad).detach().clone()
+            grads[name] = full_tensor(p.grad).detach().clone()
     return total, grads

@@ -38,7 +38,7 @@ from lorafit.lora.model import (
     remove_lora,
 )
 from lorafit.lora.variants import DECOMPOSING_INITS, converted_alpha, converted_factors
-from lorafit.models.wrappers import canonical_name, unwrap
+from lorafit.models.wrappers import canonical_name, full_tensor, unwrap
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -47,9 +47,7 @@ LORA_SUFFIXES = ("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_emb
 
 
 def _full(tensor: torch.Tensor) -> torch.Tensor:
-    full_tensor = getattr(tensor, "full_tensor", None)  # a DTensor: gathering is a collective, all ranks call it
-    tensor = full_tensor() if callable(full_tensor) else tensor
-    return tensor.detach().to("cpu").contiguous().clone()
+    return full_tensor(tensor).detach().to("cpu").contiguous().clone()
 
 
 def adapter_state_dict(source: nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

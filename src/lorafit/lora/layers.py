@@ -21,6 +21,7 @@ from transformers.pytorch_utils import Conv1D
 
 from lorafit.lora.frozen import FrozenWeightLayer, frozen_linear
 from lorafit.lora.variants import DECOMPOSING_INITS, dora_merged_weight, dora_weight_norm, initial_factors
+from lorafit.models.wrappers import full_tensor, is_dtensor
 
 Init = Literal["kaiming", "gaussian", "pissa", "olora"]
 INITS: tuple[str, ...] = ("kaiming", "gaussian", *DECOMPOSING_INITS)
@@ -50,8 +51,6 @@ def copy_full_tensor(param: torch.Tensor, full: torch.Tensor) -> None:
     with torch.no_grad():
         if param.device.type == "meta":
             return
-        from lorafit.models.wrappers import is_dtensor
-
         if is_dtensor(param):
             from torch.distributed.tensor import distribute_tensor
 
@@ -62,12 +61,6 @@ def copy_full_tensor(param: torch.Tensor, full: torch.Tensor) -> None:
             param.to_local().copy_(local)
         else:
             param.copy_(full)
-
-
-def full_tensor(param: torch.Tensor) -> torch.Tensor:
-    """The whole tensor behind `param` (a collective for an FSDP2 DTensor: every rank must call it)."""
-    gather = getattr(param, "full_tensor", None)
-    return gather() if callable(gather) else param
 
 
 class LoraLayer:

@@ -44,3 +44,13 @@ def is_dtensor(tensor: torch.Tensor) -> bool:
     except ImportError:  # torch built without distributed
         return False
     return isinstance(tensor, DTensor)
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor behind `tensor` (a collective for a DTensor: every rank must call it)."""
+    return tensor.full_tensor() if is_dtensor(tensor) else tensor
+
+
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's piece of a DTensor shard (may be empty); any other tensor as it is."""
+    return tensor.to_local() if is_dtensor(tensor) else tensor

@@ -15,6 +15,7 @@ from torch import nn
 
 from lorafit.distributed.env import DistEnv
 from lorafit.errors import UserError
+from lorafit.models.wrappers import local_tensor
 
 
 class GradientFlowError(UserError):
@@ -23,11 +24,6 @@ class GradientFlowError(UserError):
 
 class NonFiniteLossError(UserError):
     """The loss or the gradient norm became NaN or infinite."""
-
-
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    to_local = getattr(tensor, "to_local", None)  # a DTensor shard: its local piece (may be empty)
-    return to_local() if callable(to_local) else tensor
 
 
 def check_gradient_flow(model: nn.Module, step: int, env: DistEnv) -> None:
@@ -53,7 +49,7 @@ def check_gradient_flow(model: nn.Module, step: int, env: DistEnv) -> None:
     for i, (_, p) in enumerate(params):
         if p.grad is None:
             continue
-        g = _local(p.grad).detach().double()
+        g = local_tensor(p.grad).detach().double()
         stats[i, 0] = g.pow(2).sum() if g.numel() else 0.0
         stats[i, 1] = (~torch.isfinite(g)).sum()
         stats[i, 2] = 1.0
@@ -85,7 +81,7 @@ def _report_divergence(params: list, failed: list[str], step: int, env: DistEnv)
         return
     stats = torch.zeros(2, dtype=torch.float64, device=env.device)  # squared weight norm, non-finite weights
     for _, p in params:
-        w = _local(p).detach().double()
+        w = local_tensor(p).detach().double()
         stats[0] += torch.nan_to_num(w, posinf=0.0, neginf=0.0).pow(2).sum() if w.numel() else 0.0
         stats[1] += (~torch.isfinite(w)).sum()
     square, non_finite = env.all_reduce_sum(stats).tolist()
@@ -107,7 +103,7 @@ def _check_some_gradient(model: nn.Module, env: DistEnv) -> None:
     stats = torch.zeros(2, dtype=torch.float64, device=env.device)  # squared norm, non-finite count
     for p in params:
         if p.grad is not None:
-            g = _local(p.grad).detach().double()
+            g = local_tensor(p.grad).detach().double()
             stats[0] += g.pow(2).sum() if g.numel() else 0.0
             stats[1] += (~torch.isfinite(g)).sum()
     env.all_reduce_sum(stats)

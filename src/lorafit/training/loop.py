@@ -22,7 +22,7 @@ from lorafit.checkpoint.trained_weights import write_trained_weights
 from lorafit.config.run_spec import num_steps
 from lorafit.console import info, warn
 from lorafit.distributed.parallel import default_strategy
-from lorafit.models.wrappers import unwrap
+from lorafit.models.wrappers import full_tensor, unwrap
 from lorafit.training.batches import default_collate, held_out_losses, to_device, train_micro_batches
 from lorafit.training.checks import check_finite, check_gradient_flow
 from lorafit.training.job import TrainJob, TrainResult
@@ -170,8 +170,7 @@ def _real_tokens(batch: dict[str, torch.Tensor]) -> int:
 def _clip_grad_norm(params: list[torch.Tensor], max_norm: float | None) -> float:
     """Global gradient norm (before clipping); clips when `max_norm` is set. DTensor norms are gathered."""
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else math.inf)
-    full = getattr(norm, "full_tensor", None)
-    return float(full() if callable(full) else norm)
+    return float(full_tensor(norm))
 
 
 def _seed_everything(seed: int) -> None:
