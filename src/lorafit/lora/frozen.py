@@ -18,9 +18,16 @@ the embeddings keep their dtype: the head runs inside the fused loss, and the em
 
 from __future__ import annotations
 
+import ctypes
+import mmap
+import sys
+
 import torch
 import torch.nn.functional as F  # noqa: N812 - the universal spelling
 from torch import nn
+
+_DONTNEED = 4  # MADV_DONTNEED (Linux)
+_COPY_SLICE_BYTES = 4 << 20
 
 
 class _UpcastLinear(torch.autograd.Function):
@@ -91,7 +98,9 @@ def store_frozen_linears(model: nn.Module, dtype: torch.dtype) -> int:
             continue  # a Linear subclass with a forward of its own: its weight stays as it is
         if module.weight.dtype == dtype:
             continue
-        module.weight.data = module.weight.data.to(dtype)
+        stored = module.weight.data
+        module.weight.data = stored.to(dtype)
+        drop_file_pages(stored)  # the weight as loaded is unused now: its file pages leave before the next is read
         changed += 1
     if changed:
         _release_file_mapping(model)
@@ -116,7 +125,41 @@ def _release_file_mapping(model: nn.Module) -> None:
                 continue
             address = tensor.untyped_storage().data_ptr()
             if tensor.device.type == "cpu" and any(lo <= address < hi for lo, hi in ranges):
-                tensor.data = tensor.data.clone()
+                tensor.data = _copy_out_of_file(tensor.data, ranges)
+
+
+def _copy_out_of_file(mapped: torch.Tensor, ranges: list[tuple[int, int]]) -> torch.Tensor:
+    """A copy of file-mapped `mapped` in memory of its own, made slice by slice, each slice's file pages dropped
+    once copied: the copy and the whole original (the 113 MB embedding of SmolLM2) are never resident together."""
+    if not mapped.is_contiguous():
+        copy = mapped.clone()
+        drop_file_pages(mapped, ranges)
+        return copy
+    copy = torch.empty_like(mapped)
+    source, target = mapped.view(-1), copy.view(-1)
+    step = max(1, _COPY_SLICE_BYTES // mapped.element_size())
+    for start in range(0, source.numel(), step):
+        target[start : start + step] = source[start : start + step]
+        drop_file_pages(source[start : start + step], ranges)
+    return copy
+
+
+def drop_file_pages(tensor: torch.Tensor, ranges: list[tuple[int, int]] | None = None) -> None:
+    """Hand the memory pages of a file-mapped `tensor` that is no longer used back to the kernel (Linux only).
+
+    A file mapping's pages stay resident, counted in the process's RSS, once read, until the whole mapping goes:
+    converting the weights of a mapped file one by one would otherwise end with all of them resident at once.
+    Only pages wholly inside the tensor's bytes are dropped (no neighbour is touched), and only in a file
+    mapping, whose pages the kernel re-reads from the file if they are ever touched again: no value changes.
+    """
+    if tensor.device.type != "cpu" or sys.platform != "linux" or tensor.untyped_storage().nbytes() == 0:
+        return
+    page = mmap.PAGESIZE
+    start = tensor.untyped_storage().data_ptr() + tensor.storage_offset() * tensor.element_size()
+    first, last = -(-start // page) * page, (start + tensor.numel() * tensor.element_size()) // page * page
+    ranges = _file_mapped_ranges() if ranges is None else ranges
+    if last > first and any(lo <= first and last <= hi for lo, hi in ranges):
+        ctypes.CDLL(None, use_errno=True).madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _DONTNEED)
 
 
 def _file_mapped_ranges() -> list[tuple[int, int]]:

@@ -10,6 +10,14 @@ lorafit/lora/frozen.py); the LoRA linear layer keeps its class and hands the NF4
 takes ~4.1 bits (64-value blocks, double-quantised scales) instead of 32. Adapters stay fp32 and are saved in
 plain PEFT LoRA format.
 
+Memory while quantising: from_pretrained leaves a safetensors file's weights in a memory mapping of the file, so
+the fp32 model is not in the process's memory after loading, only the pages that were read. Quantising reads each
+weight, and its pages would stay resident (counted in the peak RSS) until the whole mapping is released: the fp32
+linear weights all at once, next to their NF4 copies. `store_nf4_linears` hands each weight's pages back as soon
+as it is quantised (`drop_file_pages`), so one fp32 weight at a time is resident. A weights file that
+from_pretrained converts (e.g. bf16 on disk, `dtype: fp32`) or a .bin file is read into memory whole by
+transformers before lorafit sees it: then the peak is that of the loaded model.
+
 What it does not do: the output head and embeddings keep their dtype (as with `frozen_dtype: bfloat16`); a weight
 whose size is not a multiple of 64 stays unquantised. Merging dequantises first (lorafit/lora/merging.py), so a
 merged export is the NF4-rounded base plus the adapter, in fp32. torchao's NF4Tensor.clone re-quantises with default
@@ -24,11 +32,12 @@ import torch
 import torch.nn.functional as F  # noqa: N812 - the universal spelling
 from torch import nn
 
-from lorafit.lora.frozen import FrozenLinear, FrozenWeightLayer, _release_file_mapping
+from lorafit.lora.frozen import FrozenLinear, FrozenWeightLayer, _release_file_mapping, drop_file_pages
 from lorafit.third_party_noise import silence_torchao_import_noise
 
 NF4_BLOCK = 64  # values per absmax block (QLoRA's choice)
 _MAX_SCALER_BLOCK = 256  # absmax values per double-quantisation block (QLoRA's choice)
+_NEAREST_CHUNK = 1 << 16  # values per step of torchao's nearest-level search (see to_nf4)
 
 
 def _nf4_module():
@@ -57,7 +66,14 @@ def to_nf4(weight: torch.Tensor) -> torch.Tensor:
     """`weight` as an NF4Tensor (blocks of 64, scales double-quantised in blocks of up to 256)."""
     module = _nf4_module()
     n_blocks = weight.numel() // NF4_BLOCK
-    return module.to_nf4(weight.detach().to(torch.float32), NF4_BLOCK, _scaler_block(n_blocks))
+    # torchao finds each value's nearest NF4 level over CHUNK_SIZE values at a time, with two fp32 temporaries of
+    # 16 values per element: 128 MB at its default 1M, more than the 4-bit base of SmolLM2-135M itself; 64K values
+    # keep them at 8 MB. The chunks only split that search: the bits are the same (tests/unit/test_lora_nf4_loading.py)
+    chunk, module.CHUNK_SIZE = module.CHUNK_SIZE, min(module.CHUNK_SIZE, _NEAREST_CHUNK)
+    try:
+        return module.to_nf4(weight.detach().to(torch.float32), NF4_BLOCK, _scaler_block(n_blocks))
+    finally:
+        module.CHUNK_SIZE = chunk
 
 
 class NF4Linear(FrozenLinear):
@@ -95,6 +111,7 @@ def store_nf4_linears(model: nn.Module) -> int:
         elif not isinstance(module, FrozenWeightLayer):
             continue  # a Linear subclass with a forward of its own: its weight stays as it is
         module.weight = nn.Parameter(to_nf4(weight), requires_grad=False)
+        drop_file_pages(weight)  # this fp32 weight is now unused: its file pages leave the process before the next
         changed += 1
     if changed:
         _release_file_mapping(model)

@@ -1,0 +1,94 @@
+"""Quantising a memory-mapped model to NF4 keeps one fp32 weight resident at a time, and gives the same NF4 model.
+
+from_pretrained leaves a safetensors file's fp32 weights in a file mapping; `store_nf4_linears` reads each one,
+quantises it and hands its pages back (lorafit/lora/nf4.py). Without that, the pages of every weight read stay
+resident until the end: the whole fp32 model in memory next to its NF4 copy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lorafit.lora import apply_lora
+from lorafit.lora.nf4 import is_nf4, store_nf4_linears
+
+LAYERS, HIDDEN, INTERMEDIATE = 6, 512, 1536
+LINEAR_BYTES = LAYERS * (4 * HIDDEN * HIDDEN + 3 * HIDDEN * INTERMEDIATE) * 4  # 78 MiB of fp32 linear weights
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=1024, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=LAYERS,
+                         num_attention_heads=8, num_key_value_heads=8, tie_word_embeddings=True)  # fmt: skip
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("nf4_mapped") / "model"
+    LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+# Peak RSS of quantising (VmHWM, reset through /proc/self/clear_refs after loading), in a fresh process.
+CHILD = """
+import json, sys, torch
+from transformers import AutoModelForCausalLM
+from lorafit.lora import apply_lora
+from lorafit.lora.nf4 import _nf4_module, store_nf4_linears
+_nf4_module()  # torchao's import, before the baseline
+def status():
+    fields = dict(line.split(":", 1) for line in open("/proc/self/status"))
+    return {k: int(fields[k].split()[0]) * 1024 for k in ("VmRSS", "VmHWM", "RssFile")}
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)
+apply_lora(model, 4, 8, ["q_proj", "v_proj"], warn_save_pretrained=False)
+open("/proc/self/clear_refs", "w").write("5")  # the high-water mark starts again from the current RSS
+before = status()
+changed = store_nf4_linears(model)
+print(json.dumps({"before": before, "after": status(), "changed": changed}))
+"""
+
+
+def test_quantising_a_mapped_model_never_holds_its_fp32_linear_weights(saved_model):
+    # big temporaries get their own mapping, returned when freed: what is measured is the file's pages, not how
+    # glibc's heap happens to fragment
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20), "OMP_NUM_THREADS": "1", "LORAFIT_MALLOC": "system"}
+    out = subprocess.run([sys.executable, "-c", CHILD, str(saved_model)], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["changed"] == LAYERS * 7
+    before, after = result["before"], result["after"]
+    assert before["RssFile"] < before["VmRSS"] and after["RssFile"] <= before["RssFile"] + (4 << 20)
+    # the peak over quantising: the NF4 data (~1/7 of fp32: 11 MiB), one weight's fp32 pages, torchao's 8 MiB
+    # temporaries; measured 44 MiB. Were the pages kept, the 78 MiB of fp32 linear weights would come on top
+    growth = after["VmHWM"] - before["VmRSS"]
+    assert growth < 0.85 * LINEAR_BYTES, f"peak grew by {growth / 2**20:.0f} MiB (fp32 linear weights: 78 MiB)"
+
+
+def test_the_mapped_model_quantises_to_the_same_nf4_bits(saved_model):
+    from transformers import AutoModelForCausalLM
+
+    mapped = AutoModelForCausalLM.from_pretrained(saved_model, dtype=torch.float32)
+    in_memory = AutoModelForCausalLM.from_pretrained(saved_model, dtype=torch.float32)
+    with torch.no_grad():
+        for parameter in in_memory.parameters():  # memory of its own: nothing of it is a file page to drop
+            parameter.data = parameter.data.clone()
+    models = [
+        apply_lora(m, 4, 8, ["q_proj", "v_proj"], seed=1, warn_save_pretrained=False) for m in (mapped, in_memory)
+    ]
+    assert [store_nf4_linears(m) for m in models] == [LAYERS * 7] * 2
+    ours, reference = (dict(m.named_parameters()) for m in models)
+    assert ours.keys() == reference.keys()
+    for name, value in ours.items():
+        if is_nf4(value):
+            parts = ("quantized_data", "quantized_scalers", "quantization_factor", "scaler_mean", "nf4")
+            for part in parts:
+                assert torch.equal(getattr(value, part), getattr(reference[name], part)), f"{name}.{part}"
+        else:
+            assert not is_nf4(reference[name]) and torch.equal(value, reference[name]), name
+    x = torch.randint(0, 1024, (1, 16), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(models[0](x).logits, models[1](x).logits)
