@@ -8,6 +8,7 @@ lr 2e-3, 30 steps of 2 x 128 tokens, data/task_hard) and changes only what the v
 
     lora        as shipped                       rslora      use_rslora: true (scaling 16/sqrt 8 instead of 16/8)
     dora        use_dora: true                   pissa       init: pissa
+    olora       init: olora
     loraplus    loraplus_lr_ratio 16, lr 1e-3    all_linear  target_layers [all-linear]
     nf4         frozen_dtype: nf4 (4-bit base)   bf16base    frozen_dtype: bfloat16
     full        no LoRA, every parameter trains, lr 1e-4 (configs/smollm2_135m_full.yaml's)
@@ -59,6 +60,7 @@ VARIANTS = {
     "rslora": _lora(use_rslora=True),
     "dora": _lora(use_dora=True),
     "pissa": _lora(init="pissa"),
+    "olora": _lora(init="olora"),
     "loraplus": _loraplus,
     "all_linear": _lora(target_layers=["all-linear"]),
     "nf4": _lora(frozen_dtype="nf4"),
@@ -81,6 +83,8 @@ def derive(variant: str, seed: int, steps: int, model_folder: str | None) -> dic
 
 
 def run_one(name: str, config: dict, work: Path, threads: int) -> dict[str, Any]:
+    for key, dataset in [("train", config["train_dataset"]), *config["eval_datasets"].items()]:
+        dataset["config"]["cache_path"] = str(work / "packed" / f"{name}_{key}")  # runs in parallel never share one
     config_path = work / f"{name}.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     command = [sys.executable, "-m", "lorafit", "run", "--config_file_path", str(config_path),
@@ -146,6 +150,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model-folder", help="default: the config's data/models/SmolLM2-135M")
     parser.add_argument("--work-dir", type=Path, default=None, help="run folders (default: a temp folder in /tmp)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument(
+        "--append",
+        action="store_true",
+        help="add to <out>/variants.json's runs (a table measured in parts, e.g. one per lock hold)",
+    )
     args = parser.parse_args(argv)
     import tempfile
 
@@ -161,15 +170,25 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     runs: dict[str, dict] = {}
     command = " ".join(["python", "benchmarks/variants.py", *(argv or sys.argv[1:])])
+    parts: list[dict] = []
+    if args.append and (args.out / "variants.json").exists():
+        previous = json.loads((args.out / "variants.json").read_text())
+        parts = previous.get("parts") or [
+            {k: previous[k] for k in ("date", "command", "load_avg_start", "load_avg_end", "parallel", "threads")}
+        ]
+        runs.update({name: run for name, run in previous["runs"].items() if name not in jobs})
+    done_before = set(runs)
     with concurrent.futures.ThreadPoolExecutor(args.parallel) as pool:
         futures = {pool.submit(run_one, name, config, work, args.threads): name for name, config in jobs.items()}
         for future in concurrent.futures.as_completed(futures):
             runs[futures[future]] = future.result()
-            report = {"date": started, "command": command,
-                      "hardware": hardware(), "load_avg_start": load_start, "load_avg_end": os.getloadavg(),
-                      "parallel": args.parallel, "threads": args.threads, "complete": len(runs) == len(jobs),
-                      "runs": {name: runs[name] for name in jobs if name in runs},
-                      "table": table(runs, args.variants)}  # fmt: skip
+            part = {"date": started, "command": command, "load_avg_start": load_start,
+                    "load_avg_end": os.getloadavg(), "parallel": args.parallel, "threads": args.threads,
+                    "runs": [name for name in jobs if name in runs]}  # fmt: skip
+            report = {**{k: v for k, v in part.items() if k != "runs"}, "hardware": hardware(),
+                      "complete": len(runs) == len(jobs) + len(done_before), "parts": [*parts, part],
+                      "runs": {name: runs[name] for name in [*done_before, *jobs] if name in runs},
+                      "table": table(runs, list(VARIANTS))}  # fmt: skip
             # written after every run: a run cut short by a time limit still leaves what it measured
             (args.out / "variants.json").write_text(json.dumps(report, indent=1) + "\n")
     print(report["table"])
