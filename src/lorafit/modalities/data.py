@@ -283,7 +283,7 @@ class DataLoaderConfig(ComponentConfig):
     collate_fn: Component("collate_fn") | None = None
     num_workers: int = Field(ge=0)
     pin_memory: bool
-    shuffle: bool
+    shuffle: bool = False  # the lora branch's key (no effect there either: its sampler shuffles); gone in 0.5.0
     skip_num_batches: int = Field(0, ge=0)
     fixed_num_batches: int | None = Field(None, gt=0)
 

@@ -26,8 +26,8 @@ from pydantic import ValidationError
 from lorafit.config.graph import ConfigGraph, is_component, is_reference, pydantic_problems
 from lorafit.config.run_spec import Checkpointing, Intervals, RunSettings, StepProfile, TrainingTarget
 from lorafit.distributed.parallel import decoder_blocks
-from lorafit.errors import ConfigError, Problem, did_you_mean
-from lorafit.modalities.settings import Consistency, ModalitiesSettings, NewProgress
+from lorafit.errors import ConfigError, Problem, UserError, did_you_mean
+from lorafit.modalities.settings import ModalitiesSettings, NewProgress, settings_problems
 
 ENTITIES = {
     "wrapped_model": "model",
@@ -42,8 +42,29 @@ ENTITIES = {
 }
 
 
+# The progress subscriber's entity name: lora branch / lora_2 branch and modalities 0.5.0
+PROGRESS = ("batch_progress_subscriber", "progress_subscriber")
+# app_state/raw (modalities 0.5.0) holds these three entities as model, optimizer and lr_scheduler
+APP_STATE = {"wrapped_model": "model", "optimizer": "optimizer", "scheduler": "lr_scheduler"}
+
+
 def is_modalities_config(config: dict[str, Any]) -> bool:
     return "train_dataloader" in config
+
+
+def entities_of(config: dict[str, Any]) -> dict[str, str]:
+    """The entities this config's Modalities version has: name -> component_key."""
+    entities = dict(ENTITIES)
+    if PROGRESS[1] in config and PROGRESS[0] not in config:
+        del entities[PROGRESS[0]]
+        entities[PROGRESS[1]] = "progress_subscriber"
+    if "app_state" in config:
+        for key in APP_STATE:
+            del entities[key]
+        entities["app_state"] = "app_state"
+    if "device_mesh" in config:
+        entities["device_mesh"] = "device_mesh"
+    return entities
 
 
 # ------------------------------------------------------------------------------------------------ checking
@@ -64,13 +85,42 @@ def inline_list_references(config: dict[str, Any]) -> dict[str, Any]:
     return {k: (walk(v) if k not in lists else v) for k, v in config.items()} if lists else config
 
 
+def fold_numbers(config: dict[str, Any]) -> tuple[dict[str, Any], list[Problem]]:
+    """Every inline `number_conversion` component that gives a number replaced by that number, innermost first.
+
+    Modalities builds them where they stand, also inside `settings` (training_target.num_target_steps...), and
+    interpolation copies them into other components (scheduler total_steps); they are pure arithmetic (one reads
+    a .pbin's length), so lorafit computes them before checking, and `lorafit validate` shows the real numbers."""
+    problems: list[Problem] = []
+    graph = ConfigGraph(config)
+
+    def walk(value: Any, path: str) -> Any:
+        if isinstance(value, list):
+            return [walk(v, f"{path}[{i}]") for i, v in enumerate(value)]
+        if not isinstance(value, dict):
+            return value
+        value = {k: walk(v, f"{path}.{k}" if path else str(k)) for k, v in value.items()}
+        if not (is_component(value) and value.get("component_key") == "number_conversion"):
+            return value
+        try:
+            number = graph.build_value(value, path)
+        except UserError as e:
+            problems.extend(e.problems or [Problem(path, str(e))])
+            return value
+        return number if isinstance(number, int) else value  # a callable (num_tokens_from_num_steps_callable)
+
+    return walk(config, ""), problems
+
+
 def check(config: dict[str, Any]) -> tuple[ConfigGraph, list[Problem]]:
+    config, folded = fold_numbers(config)
     graph = ConfigGraph(inline_list_references(config))
-    problems = graph.check()
-    for key in [*ENTITIES, "eval_dataloaders", "settings"]:
+    problems = graph.check() + folded
+    entities = entities_of(config)
+    for key in [*entities, "eval_dataloaders", "settings"]:
         if key not in config:
             problems.append(Problem(key, f"a Modalities training config needs a top-level '{key}'"))
-    for key, component_key in ENTITIES.items():
+    for key, component_key in entities.items():
         pending = graph.placeholder(config.get(key), key, []) if key in config else None
         if pending is not None and getattr(pending, "known", False) and pending.component_key != component_key:
             problems.append(Problem(key, f"must be a '{component_key}' component, not '{pending.component_key}'"))
@@ -78,12 +128,12 @@ def check(config: dict[str, Any]) -> tuple[ConfigGraph, list[Problem]]:
     if evals is not None and not (isinstance(evals, list) and all(is_reference(e) or is_component(e) for e in evals)):
         problems.append(Problem("eval_dataloaders", "must be a list of data_loader references"))
     for key, value in config.items():
-        if key in ENTITIES or key in ("settings", "eval_dataloaders") or is_component(value) or is_reference(value):
+        if key in entities or key in ("settings", "eval_dataloaders") or is_component(value) or is_reference(value):
             continue
         problems.append(
             Problem(
                 key,
-                f"unknown top-level key '{key}'{did_you_mean(key, [*ENTITIES, 'settings'])}; "
+                f"unknown top-level key '{key}'{did_you_mean(key, [*entities, 'settings'])}; "
                 "a Modalities config holds settings, its entities and named components",
             )
         )
@@ -92,72 +142,8 @@ def check(config: dict[str, Any]) -> tuple[ConfigGraph, list[Problem]]:
     except ValidationError as e:
         problems += pydantic_problems(e, "settings", ModalitiesSettings)
     else:
-        problems += _settings_problems(settings)
+        problems += settings_problems(settings)
     return graph, problems
-
-
-def _settings_problems(s: ModalitiesSettings) -> list[Problem]:
-    if (s.training is None) == (s.step_profile is None):
-        return [
-            Problem(
-                "settings",
-                "give settings.training (Modalities' lora branch) or settings.step_profile + "
-                "intervals + training_target (modalities 0.5.0), not both",
-            )
-        ]
-    if s.training is not None:
-        extra = [
-            k
-            for k in ("intervals", "training_target", "training_progress", "consistency_enforcement")
-            if getattr(s, k) is not None
-        ]
-        return [Problem(f"settings.{k}", "belongs to the other settings layout than settings.training") for k in extra]
-    problems = [
-        Problem(f"settings.{k}", "missing required key")
-        for k in ("intervals", "training_target")
-        if getattr(s, k) is None
-    ]
-    if problems:
-        return problems
-    try:
-        Intervals.model_validate(s.intervals)
-    except ValidationError as e:
-        return pydantic_problems(e, "settings.intervals", Intervals)
-    return _consistency(s)
-
-
-def _consistency(s: ModalitiesSettings) -> list[Problem]:
-    """modalities 0.5.0's checks of the new layout (each an error unless its enforce_* flag is false)."""
-    enforce = s.consistency_enforcement or Consistency()
-    progress = s.training_progress or NewProgress()
-    sp, target = s.step_profile, s.training_target
-    remaining = target.num_target_steps - progress.num_seen_steps
-    problems = []
-    per_step = sp.local_train_micro_batch_size * sp.sequence_length * sp.gradient_accumulation_steps
-    per_step *= s.cuda_env.world_size
-    required = (target.num_target_tokens - progress.global_num_seen_tokens) / max(remaining, 1)
-    if enforce.enforce_tokens_per_step_consistency and required != per_step:
-        problems.append(
-            Problem(
-                "settings.training_target",
-                f"{required:g} tokens per step are required, the step "
-                f"profile gives {per_step} (enforce_tokens_per_step_consistency)",
-            )
-        )
-    for name, key in (
-        ("logged", "training_log_interval_in_steps"),
-        ("evaluated", "evaluation_interval_in_steps"),
-        ("checkpointed", "checkpointing_interval_in_steps"),
-    ):
-        if getattr(enforce, f"enforce_last_step_{name}") and remaining % s.intervals[key]:
-            problems.append(
-                Problem(
-                    f"settings.intervals.{key}",
-                    f"the last step will not be {name}: {remaining} "
-                    f"remaining steps are not a multiple of {s.intervals[key]}",
-                )
-            )
-    return problems
 
 
 # ------------------------------------------------------------------------------------------------ building
@@ -170,13 +156,19 @@ def build(graph: ConfigGraph, built_run_cls: type) -> Any:
 
     config = graph.config
     settings = ModalitiesSettings.model_validate(config["settings"])
+    world = int(os.environ.get("WORLD_SIZE", 1))
     with deferred_init():
-        built = {key: graph.build(key) for key in ENTITIES}
+        built = {key: graph.build(key) for key in entities_of(config)}
+    if "app_state" in built:  # modalities 0.5.0: the model, optimizer and scheduler come in one app_state/raw
+        app = built.pop("app_state")
+        built.update({key: getattr(app, name) for key, name in APP_STATE.items()})
+    built["progress"] = built.pop(PROGRESS[1], None) or built.pop(PROGRESS[0])
+    if "device_mesh" in built:
+        built["device_mesh"].check(world)
     evals: list[ModalitiesLoader] = [
         graph.build_value(v, f"eval_dataloaders[{i}]") for i, v in enumerate(config["eval_dataloaders"])
     ]
     train: ModalitiesLoader = built["train_dataloader"]
-    world = int(os.environ.get("WORLD_SIZE", 1))
     plan = plan_of(settings, train, world)
     _check_consistency(graph, settings, built, plan)
     keep = built["checkpoint_saving"].strategy.keep
@@ -204,17 +196,28 @@ def build(graph: ConfigGraph, built_run_cls: type) -> Any:
         optimizer=built["optimizer"],
         scheduler=built["scheduler"],
         parallelism=parallelism_of(
-            config["wrapped_model"],
+            wrapped_model_block(config),
             activation_checkpointing=bool(settings.training and settings.training.activation_checkpointing_modules),
         ),
     )
     run.job_options = {
         "shuffle": train.shuffle,
-        "progress": built["batch_progress_subscriber"].bar,
+        "progress": built["progress"].bar,
         "loss_normalization": "micro_batch_mean",
     }
     run.modalities = {"plan": plan, "checkpoint_root": built["checkpoint_saving"].execution.checkpoint_path}
     return run
+
+
+def wrapped_model_block(config: dict[str, Any]) -> dict[str, Any]:
+    """The config block of the run's wrapped model (`wrapped_model`, or app_state's `model`), references followed."""
+
+    def follow(node: Any) -> Any:
+        while is_reference(node):
+            node = config[node["instance_key"]]
+        return node
+
+    return follow(follow(config["app_state"])["config"]["model"] if "app_state" in config else config["wrapped_model"])
 
 
 def plan_of(settings: ModalitiesSettings, train: Any, world: int) -> dict[str, Any]:

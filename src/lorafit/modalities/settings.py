@@ -6,7 +6,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from lorafit.config.graph import pydantic_problems
+from lorafit.config.run_spec import Intervals
+from lorafit.errors import Problem
 
 
 class _Strict(BaseModel):
@@ -74,3 +78,67 @@ class ModalitiesSettings(_Strict):
     training_target: NewTarget | None = None
     training_progress: NewProgress | None = None
     consistency_enforcement: Consistency | None = None
+
+
+def settings_problems(s: ModalitiesSettings) -> list[Problem]:
+    if (s.training is None) == (s.step_profile is None):
+        return [
+            Problem(
+                "settings",
+                "give settings.training (Modalities' lora branch) or settings.step_profile + "
+                "intervals + training_target (modalities 0.5.0), not both",
+            )
+        ]
+    if s.training is not None:
+        extra = [
+            k
+            for k in ("intervals", "training_target", "training_progress", "consistency_enforcement")
+            if getattr(s, k) is not None
+        ]
+        return [Problem(f"settings.{k}", "belongs to the other settings layout than settings.training") for k in extra]
+    problems = [
+        Problem(f"settings.{k}", "missing required key")
+        for k in ("intervals", "training_target")
+        if getattr(s, k) is None
+    ]
+    if problems:
+        return problems
+    try:
+        Intervals.model_validate(s.intervals)
+    except ValidationError as e:
+        return pydantic_problems(e, "settings.intervals", Intervals)
+    return _consistency(s)
+
+
+def _consistency(s: ModalitiesSettings) -> list[Problem]:
+    """modalities 0.5.0's checks of the new layout (each an error unless its enforce_* flag is false)."""
+    enforce = s.consistency_enforcement or Consistency()
+    progress = s.training_progress or NewProgress()
+    sp, target = s.step_profile, s.training_target
+    remaining = target.num_target_steps - progress.num_seen_steps
+    problems = []
+    per_step = sp.local_train_micro_batch_size * sp.sequence_length * sp.gradient_accumulation_steps
+    per_step *= s.cuda_env.world_size
+    required = (target.num_target_tokens - progress.global_num_seen_tokens) / max(remaining, 1)
+    if enforce.enforce_tokens_per_step_consistency and required != per_step:
+        problems.append(
+            Problem(
+                "settings.training_target",
+                f"{required:g} tokens per step are required, the step "
+                f"profile gives {per_step} (enforce_tokens_per_step_consistency)",
+            )
+        )
+    for name, key in (
+        ("logged", "training_log_interval_in_steps"),
+        ("evaluated", "evaluation_interval_in_steps"),
+        ("checkpointed", "checkpointing_interval_in_steps"),
+    ):
+        if getattr(enforce, f"enforce_last_step_{name}") and remaining % s.intervals[key]:
+            problems.append(
+                Problem(
+                    f"settings.intervals.{key}",
+                    f"the last step will not be {name}: {remaining} "
+                    f"remaining steps are not a multiple of {s.intervals[key]}",
+                )
+            )
+    return problems

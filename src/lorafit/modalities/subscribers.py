@@ -7,18 +7,42 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from lorafit.config.registry import Component, ComponentConfig, register_component
 from lorafit.errors import UserError
 
 
 class RichProgressConfig(ComponentConfig):
-    train_dataloader: Component("data_loader")
-    eval_dataloaders: Any = None
-    global_num_seen_steps: int | Component("number_conversion")
+    """Both of Modalities' layouts: the lora branch's (train_dataloader, global_num_seen_steps, gradient_acc_steps)
+    and the lora_2 branch's / 0.5.0's (train_dataloader_tag, num_seen_steps, num_target_steps)."""
+
     global_rank: int = Field(ge=0)
-    gradient_acc_steps: int = Field(gt=0)
+    eval_dataloaders: Any = None
+    train_dataloader: Component("data_loader") | None = None
+    global_num_seen_steps: int | Component("number_conversion") | None = None
+    gradient_acc_steps: int | None = Field(None, gt=0)
+    train_dataloader_tag: str | None = None
+    num_seen_steps: int | None = Field(None, ge=0)
+    num_target_steps: int | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _one_layout(self) -> RichProgressConfig:
+        old = {"train_dataloader": self.train_dataloader, "global_num_seen_steps": self.global_num_seen_steps,
+               "gradient_acc_steps": self.gradient_acc_steps}  # fmt: skip
+        new = {"train_dataloader_tag": self.train_dataloader_tag, "num_seen_steps": self.num_seen_steps,
+               "num_target_steps": self.num_target_steps}  # fmt: skip
+        for given, other in ((old, new), (new, old)):
+            if any(v is not None for v in given.values()):
+                missing = [k for k, v in given.items() if v is None]
+                mixed = [k for k, v in other.items() if v is not None]
+                if missing or mixed:
+                    raise ValueError(
+                        f"give {', '.join(given)} (one of Modalities' layouts); missing: {missing}, "
+                        f"of the other layout: {mixed}"
+                    )
+                return self
+        raise ValueError(f"give {', '.join(old)} (lora branch) or {', '.join(new)} (lora_2 branch, 0.5.0)")
 
 
 @dataclass
@@ -29,12 +53,16 @@ class Progress:
 
 @register_component("progress_subscriber", "rich", RichProgressConfig)
 def build_rich_progress(config: RichProgressConfig) -> Progress:
-    """A rich progress bar on rank 0."""
-    if config.global_num_seen_steps != 0:
+    """A rich progress bar on rank 0; it counts the run's steps (num_target_steps, eval_dataloaders: no effect)."""
+    seen, key = (
+        (config.global_num_seen_steps, "global_num_seen_steps")
+        if config.num_seen_steps is None
+        else (config.num_seen_steps, "num_seen_steps")
+    )
+    if seen != 0:
         raise UserError(
-            "global_num_seen_steps is Modalities' manual resume; lorafit resumes with --resume_from: "
-            "it must be 0 here (settings.training.global_num_seen_tokens: 0)",
-            field="global_num_seen_steps",
+            f"{key} is Modalities' manual resume; lorafit resumes with --resume_from: it must be 0 here",
+            field=key,
         )
     return Progress(True)
 

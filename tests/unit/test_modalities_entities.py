@@ -1,0 +1,87 @@
+"""The entity sets of Modalities' versions (validated on the meta device, no weights read): the lora_2 branch's
+config (number_conversion components inside settings, progress_subscriber) gives Modalities' step count computed
+here from the .pbin; modalities 0.5.0's app_state/raw and device_mesh/default map onto the run, and a mesh lorafit
+cannot honour is refused naming its key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lorafit.data.pbin import read_pbin
+from lorafit.errors import UserError
+
+REPO = Path(__file__).resolve().parents[2]
+SHIPPED = REPO / "configs" / "modalities" / "config_lorem_ipsum_lora.yaml"
+LORA2 = REPO / "tests" / "fixtures" / "modalities" / "config_lorem_ipsum_lora_training.yaml"
+
+
+def _validate(monkeypatch, config: Path, *overrides: str, world: int = 1) -> str:
+    from lorafit.build import validate_config
+
+    for name, value in (("WORLD_SIZE", world), ("RANK", 0), ("LOCAL_RANK", 0)):
+        monkeypatch.setenv(name, str(value))
+    monkeypatch.chdir(REPO)
+    return validate_config(config, overrides)
+
+
+def test_lora2_steps_from_number_conversions_as_modalities(tmp_path, monkeypatch):
+    text = LORA2.read_text()
+    for old, new in (("/raid/s3/opengptx/maxr/ogptx/modalities/data/fineweb/fineweb_edu_data/"
+                      "fineweb-edu-CC-MAIN_test.pbin", "data/modalities/chat_train.pbin"),
+                     ("openGPT-X/Teuken-7B-sigma-instruct-commercial-v0.6", "data/models/SmolLM2-135M")):  # fmt: skip
+        text = text.replace(old, new)
+    path = tmp_path / "lora2.yaml"
+    path.write_text(text)
+    total, seq = len(read_pbin(REPO / "data/modalities/chat_train.pbin").tokens), 64
+    samples = (total - (seq + 1)) // seq + 1  # PackedMemMapDatasetContinuous, the last target reused
+    for world, acc in ((1, 1), (2, 3)):
+        # num_tokens_from_packed_mem_map_dataset_continuous, then num_steps_from_num_tokens (lora_2's formulas)
+        steps = samples // world // 1 // acc
+        tokens = steps * world * 1 * seq * acc
+        assert tokens // seq // world // 1 // acc == steps
+        out = _validate(monkeypatch, path, f"settings.step_profile.sequence_length={seq}",
+                        f"settings.step_profile.gradient_accumulation_steps={acc}",
+                        "lora_model.config.target_layers=[q_proj,k_proj,v_proj,o_proj]", world=world)  # fmt: skip
+        assert f"Modalities config: {steps} steps on {world} process(es); global batch {acc * world} samples" in out
+    with pytest.raises(
+        UserError, match=r"lora_model.config.target_layers\[0\]: 'q_attn' matches no module"
+    ):  # Teuken's names
+        _validate(monkeypatch, path, f"settings.step_profile.sequence_length={seq}")
+
+
+def _app_state_config(tmp_path: Path, **mesh) -> Path:
+    """The shipped config with modalities 0.5.0's app_state/raw and device_mesh/default entities."""
+    config = yaml.safe_load(SHIPPED.read_text())
+    ref = {"pass_type": "BY_REFERENCE"}
+    config["model_state"] = {"component_key": "app_state", "variant_key": "raw", "config": {
+        "model": {"instance_key": "wrapped_model", **ref}, "optimizer": {"instance_key": "optimizer", **ref},
+        "lr_scheduler": {"instance_key": "scheduler", **ref}}}  # fmt: skip
+    config["app_state"] = {"instance_key": "model_state", **ref}
+    config["device_mesh"] = {"component_key": "device_mesh", "variant_key": "default", "config": {
+        "device_type": "cuda", "data_parallel_shard_degree": -1, "world_size": "${settings.cuda_env.world_size}",
+        **mesh}}  # fmt: skip
+    path = tmp_path / "app_state.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_app_state_and_device_mesh_entities(tmp_path, monkeypatch):
+    sizes = ("settings.training.sequence_length=128", "evaluation_subscriber.config.mode=OFFLINE")
+    plain = _validate(monkeypatch, SHIPPED, *sizes, world=2)
+    out = _validate(monkeypatch, _app_state_config(tmp_path), *sizes, world=2)
+    assert out.splitlines()[1:] == plain.splitlines()[1:]  # the same run as with wrapped_model/optimizer/scheduler
+    for mesh, message in (
+        ({"tensor_parallel_degree": 2}, r"device_mesh.config.tensor_parallel_degree: 2: lorafit trains data-parallel"),
+        ({"data_parallel_shard_degree": 3}, r"device_mesh.config.data_parallel_shard_degree: .* != world_size 2"),
+        ({"world_size": 4}, r"device_mesh.config.world_size: 4, but the run has 2 process\(es\)"),
+    ):
+        with pytest.raises(UserError, match=message):
+            _validate(monkeypatch, _app_state_config(tmp_path, **mesh), *sizes, world=2)
+    config = yaml.safe_load(_app_state_config(tmp_path).read_text())
+    config["model_state"]["variant_key"] = "dcp"
+    (tmp_path / "dcp.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(UserError, match=r"model_state.variant_key: unknown variant_key 'dcp'.*valid: raw"):
+        _validate(monkeypatch, tmp_path / "dcp.yaml", *sizes, world=2)
