@@ -133,6 +133,7 @@ def table(runs: dict[str, dict], variants: list[str]) -> str:
         losses = ", ".join(f"{r['heldout_loss_after']:.3f}" for r in mine)
         steps = sorted(r["step_s"] for r in mine)
         params = f"{mine[0]['trainable_params'][0]:,}" if mine[0]["trainable_params"] else "?"
+        params = "every parameter" if variant == "full" else params  # a full run prints no adapter summary
         peak = max(r["peak_rss_mb"] for r in mine)
         lines.append(f"| {variant} | {len(mine)} | {mean_acc:.1%} ({accs}) | {losses} | {steps[len(steps) // 2]:.2f} s "
                      f"| {peak:,} MB | {mine[0]['saved_mb']:g} MB | {params} |")  # fmt: skip
