@@ -153,12 +153,14 @@ def test_modalities_config_errors_name_the_yaml_key(tmp_path, monkeypatch):
         _validate(monkeypatch, SHARED, "settings.training.sequence_length=128")
 
 
-def test_every_component_and_key_of_the_shared_config_has_a_line_in_docs():
+@pytest.mark.parametrize("name", ["config_lorem_ipsum_lora.yaml", "config_lorem_ipsum_lora_training.yaml"])
+def test_every_component_and_key_of_the_shared_config_has_a_line_in_docs(name):
+    """The shared (lora branch) config and the lora_2 branch's: every component and key has its line."""
     import re
 
     doc = (REPO / "docs" / "modalities.md").read_text()
     words = set(re.findall(r"\w+", doc.split("## Components and keys")[1]))  # the table's words
-    config = yaml.safe_load((REPO / "tests/fixtures/modalities/config_lorem_ipsum_lora.yaml").read_text())
+    config = yaml.safe_load((REPO / "tests/fixtures/modalities" / name).read_text())
     missing = []
 
     def walk(value, path):

@@ -27,7 +27,7 @@ def _validate(monkeypatch, config: Path, *overrides: str, world: int = 1) -> str
     return validate_config(config, overrides)
 
 
-def test_lora2_steps_from_number_conversions_as_modalities(tmp_path, monkeypatch):
+def test_lora2_steps_from_number_conversions_as_modalities(tmp_path, monkeypatch, caplog):
     text = LORA2.read_text()
     for old, new in (("/raid/s3/opengptx/maxr/ogptx/modalities/data/fineweb/fineweb_edu_data/"
                       "fineweb-edu-CC-MAIN_test.pbin", "data/modalities/chat_train.pbin"),
@@ -46,9 +46,19 @@ def test_lora2_steps_from_number_conversions_as_modalities(tmp_path, monkeypatch
                         f"settings.step_profile.gradient_accumulation_steps={acc}",
                         "lora_model.config.target_layers=[q_proj,k_proj,v_proj,o_proj]", world=world)  # fmt: skip
         assert f"Modalities config: {steps} steps on {world} process(es); global batch {acc * world} samples" in out
-    with pytest.raises(
-        UserError, match=r"lora_model.config.target_layers\[0\]: 'q_attn' matches no module"
-    ):  # Teuken's names
+    # its enforce_last_step_* flags are false: Modalities warns, so does lorafit
+    assert "settings.intervals.checkpointing_interval_in_steps: the last step will not be checkpointed" in caplog.text
+    with pytest.raises(UserError, match=r"settings.training_progress.num_seen_steps: 3: Modalities' warm start"):
+        seen = "settings.training_progress.num_seen_steps=3"
+        _validate(
+            monkeypatch,
+            path,
+            f"settings.step_profile.sequence_length={seq}",
+            "lora_model.config.target_layers=[q_proj]",
+            seen,
+        )
+    teuken = r"lora_model.config.target_layers\[0\]: 'q_attn' matches no module"  # its model's layer names
+    with pytest.raises(UserError, match=teuken):
         _validate(monkeypatch, path, f"settings.step_profile.sequence_length={seq}")
 
 

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -11,6 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from lorafit.config.graph import pydantic_problems
 from lorafit.config.run_spec import Intervals
 from lorafit.errors import Problem
+
+log = logging.getLogger(__name__)
 
 
 class _Strict(BaseModel):
@@ -110,35 +113,44 @@ def settings_problems(s: ModalitiesSettings) -> list[Problem]:
     return _consistency(s)
 
 
+FRESH = {"global_num_seen_tokens": 0, "num_seen_steps": 0, "num_seen_samples": 0, "last_step": -1}
+
+
 def _consistency(s: ModalitiesSettings) -> list[Problem]:
-    """modalities 0.5.0's checks of the new layout (each an error unless its enforce_* flag is false)."""
+    """modalities 0.5.0's checks of the new layout: each an error when its enforce_* flag is true, else a warning
+    (as Modalities' warn_rank_0). A training_progress other than a fresh start is Modalities' warm start."""
     enforce = s.consistency_enforcement or Consistency()
     progress = s.training_progress or NewProgress()
     sp, target = s.step_profile, s.training_target
     remaining = target.num_target_steps - progress.num_seen_steps
-    problems = []
+    problems = [
+        Problem(
+            f"settings.training_progress.{key}",
+            f"{getattr(progress, key)}: Modalities' warm start; lorafit resumes with --resume_from, "
+            f"so a run starts fresh: valid: {fresh}",
+        )
+        for key, fresh in FRESH.items()
+        if getattr(progress, key) != fresh
+    ]
+    checks = []
     per_step = sp.local_train_micro_batch_size * sp.sequence_length * sp.gradient_accumulation_steps
     per_step *= s.cuda_env.world_size
     required = (target.num_target_tokens - progress.global_num_seen_tokens) / max(remaining, 1)
-    if enforce.enforce_tokens_per_step_consistency and required != per_step:
-        problems.append(
-            Problem(
-                "settings.training_target",
-                f"{required:g} tokens per step are required, the step "
-                f"profile gives {per_step} (enforce_tokens_per_step_consistency)",
-            )
-        )
+    if required != per_step:
+        checks.append(("tokens_per_step_consistency", "settings.training_target",
+                       f"{required:g} tokens per step are required, the step profile gives {per_step}"))  # fmt: skip
     for name, key in (
         ("logged", "training_log_interval_in_steps"),
         ("evaluated", "evaluation_interval_in_steps"),
         ("checkpointed", "checkpointing_interval_in_steps"),
     ):
-        if getattr(enforce, f"enforce_last_step_{name}") and remaining % s.intervals[key]:
-            problems.append(
-                Problem(
-                    f"settings.intervals.{key}",
-                    f"the last step will not be {name}: {remaining} "
-                    f"remaining steps are not a multiple of {s.intervals[key]}",
-                )
-            )
+        if remaining % s.intervals[key]:
+            checks.append((f"last_step_{name}", f"settings.intervals.{key}",
+                           f"the last step will not be {name}: {remaining} remaining steps are not a multiple of "
+                           f"{s.intervals[key]}"))  # fmt: skip
+    for flag, path, message in checks:
+        if getattr(enforce, f"enforce_{flag}"):
+            problems.append(Problem(path, f"{message} (enforce_{flag})"))
+        else:
+            log.warning("%s: %s (enforce_%s is false)", path, message, flag)
     return problems
