@@ -6,6 +6,8 @@ Nothing is built from a config that has a known problem.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,12 +15,13 @@ from typing import Any
 from pydantic import ValidationError
 
 from lorafit.components import load_builtin_components
-from lorafit.config.context import build_context
+from lorafit.config.context import build_context, current_context
 from lorafit.config.graph import ConfigGraph, is_component, is_reference, pydantic_problems
 from lorafit.config.layouts import normalize_layout
 from lorafit.config.loader import ConfigEnv, load_config
 from lorafit.config.registry import REGISTRY
 from lorafit.config.run_spec import DEFAULT_COMPONENTS, RUN_ENTITIES, RunSettings, RunSpec, num_steps, settings_of
+from lorafit.console import info
 from lorafit.errors import ConfigError, Problem, UserError, did_you_mean
 
 
@@ -33,6 +36,9 @@ class BuiltRun:
     scheduler: Any = None
     parallelism: Any = None
     evaluators: list[Any] = field(default_factory=list)
+    # the model was built on the meta device (fsdp2 on several processes): called with it after sharding, it reads
+    # each rank's shards of the base weights and initialises the adapters (TrainJob.fill_weights_after_sharding)
+    fill_weights_after_sharding: Callable[[Any], None] | None = None
     job_options: dict[str, Any] = field(default_factory=dict)  # TrainJob fields a config layout sets (Modalities)
     modalities: dict[str, Any] | None = None  # a Modalities config: its plan (steps, batch) and checkpoint root
 
@@ -89,14 +95,28 @@ def _missing_tracker_packages(config: dict[str, Any]) -> list[Problem]:
     return missing_packages(loggers)
 
 
-def build_run(graph: ConfigGraph) -> BuiltRun:
+def build_run(graph: ConfigGraph, *, world_size: int = 1) -> BuiltRun:
+    """The run's entities, built once. With fsdp2 on `world_size` > 1 processes the model is built on the meta
+    device and gets its weights after sharding (`meta_build_blocker` says when it cannot)."""
+    blocker = meta_build_blocker(graph.config, world_size) if current_context().load_weights else "validate"
+    if blocker is None:
+        with build_context(meta_device=True):
+            run = _build_run(graph)
+        return _after_meta_build(run)
+    if world_size > 1 and blocker != "not fsdp2":
+        info(f"parallelism fsdp2: every rank builds the whole model and loads its weights before sharding: {blocker}")
+    run = _build_run(graph)
+    _seed_adapters(run)
+    return run
+
+
+def _build_run(graph: ConfigGraph) -> BuiltRun:
     config = graph.config
     from lorafit.modalities import run as modalities_run
 
     if modalities_run.is_modalities_config(config):
         run = modalities_run.build(graph, BuiltRun)
         _check_sequence_length(run)
-        _seed_adapters(run)
         return run
     settings = RunSettings.model_validate(settings_of(config))
     from lorafit.models.deferred import deferred_init
@@ -115,17 +135,108 @@ def build_run(graph: ConfigGraph) -> BuiltRun:
     run = BuiltRun(settings=settings, **built)
     _check_sequence_length(run)
     _check_vocabulary(run)
-    _seed_adapters(run)
     return run
 
 
 def _seed_adapters(run: BuiltRun) -> None:
     """Adapters drawn from settings.seed, not from whatever state the global RNG had while building:
-    the same config gives the same initial adapter in any process, on 1 rank or N."""
+    the same config gives the same initial adapter in any process, on 1 rank or N. (pissa/olora layers that
+    decomposed their loaded base when injected keep it: one decomposition, as after a meta build.)"""
     from lorafit.lora import has_lora, reset_lora_parameters
 
     if has_lora(run.model):
-        reset_lora_parameters(run.model, seed=run.settings.seed)
+        reset_lora_parameters(run.model, seed=run.settings.seed, keep_decomposed=True)
+
+
+# ------------------------------------------------------------------------------- fsdp2: meta build, load after
+# Under fsdp2 on N processes every rank would otherwise build and load the whole model before sharding it. Built on
+# the meta device instead (no memory), with LoRA injected there too, the model is sharded first; then each rank reads
+# only its shards of the weights file (lorafit/models/shard_loading.py), and the adapters are initialised once, from
+# the run's seed and the loaded base (pissa/olora decompose it, DoRA measures it), exactly as on one process.
+_WEIGHT_FILE_MODELS = ("huggingface_pretrained_model", "checkpointed")
+
+
+def meta_build_blocker(config: dict[str, Any], world_size: int) -> str | None:
+    """None when the run's model is built on the meta device and loaded after sharding; else why not."""
+    if world_size < 2 or not _shards_with_fsdp2(config):
+        return "not fsdp2"
+    if not _parallelism_config(config).get("load_after_sharding", True):
+        return "parallelism.config.load_after_sharding is false"
+    components = list(_components(config))
+    if not any(c.get("component_key") == "model" and c.get("variant_key") in _WEIGHT_FILE_MODELS
+               for c in components):  # fmt: skip
+        return "the model has no weights file (random initialisation runs on the whole model)"
+    for c in components:
+        frozen = (c.get("config") or {}).get("frozen_dtype") if c.get("variant_key") == "lora" else None
+        if frozen:
+            return f"model/lora frozen_dtype {frozen} converts the loaded weights, which needs them before sharding"
+    if config.get("evaluators"):
+        return "the evaluators run on rank 0's whole model before training"
+    return None
+
+
+def _shards_with_fsdp2(config: dict[str, Any]) -> bool:
+    from lorafit.modalities import run as modalities_run
+
+    if modalities_run.is_modalities_config(config):
+        from lorafit.distributed.parallel import FSDP2Strategy
+        from lorafit.modalities.training import parallelism_of
+
+        return isinstance(parallelism_of(config.get("wrapped_model") or {}), FSDP2Strategy)
+    spec = _parallelism_spec(config)
+    return spec is None or spec.get("variant_key", "fsdp2") == "fsdp2"  # absent: fsdp2 (torchrun)
+
+
+def _parallelism_spec(config: dict[str, Any]) -> dict[str, Any] | None:
+    spec = config.get("parallelism")
+    if is_reference(spec):
+        spec = config.get(spec["instance_key"])
+    return spec if isinstance(spec, dict) else None
+
+
+def _parallelism_config(config: dict[str, Any]) -> dict[str, Any]:
+    spec = _parallelism_spec(config)
+    return (spec or {}).get("config") or {}
+
+
+def _components(value: Any):
+    if isinstance(value, dict):
+        if is_component(value):
+            yield value
+        for item in value.values():
+            yield from _components(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _components(item)
+
+
+def _after_meta_build(run: BuiltRun) -> BuiltRun:
+    from lorafit.models.shard_loading import is_meta, weight_file
+
+    if not is_meta(run.model):  # a builder loaded the model itself (and said why)
+        _seed_adapters(run)
+        return run
+    recorded = weight_file(run.model)
+    if recorded is None:  # a meta model no file fills: what builds it is not a weights-file model
+        raise UserError(f"the model ({type(run.model).__name__}) was built on the meta device for fsdp2, but no "
+                        "weights file was recorded for it; use parallelism ddp, or a model/checkpointed or "
+                        "model/huggingface_pretrained_model", field="model")  # fmt: skip
+    info(f"parallelism fsdp2: the model is built on the meta device; after sharding, each rank reads only its "
+         f"shards of {recorded.source}")  # fmt: skip
+    run.fill_weights_after_sharding = functools.partial(fill_weights_after_sharding, seed=run.settings.seed)
+    return run
+
+
+def fill_weights_after_sharding(model: Any, *, seed: int) -> None:
+    """Base weights (this rank's shards), rotary tables, then the adapters from `seed`: the order of one process."""
+    from lorafit.lora import has_lora, reset_lora_parameters
+    from lorafit.models.shard_loading import load_shards
+    from lorafit.models.weights import reinit_nonpersistent_buffers
+
+    load_shards(model)
+    reinit_nonpersistent_buffers(model, force=True)  # `to_empty` left them uninitialised
+    if has_lora(model):
+        reset_lora_parameters(model, seed=seed)
 
 
 def _check_sequence_length(run: BuiltRun) -> None:

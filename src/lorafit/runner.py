@@ -72,7 +72,7 @@ def run(request: RunRequest) -> Path:
 
     trackers: list = []  # rank 0's; a tracker that cannot start stops every rank with its error (no rank hangs)
     try:
-        built = build_run(graph)
+        built = build_run(graph, world_size=dist_env.world_size)
         if dist_env.world_size > 1 and is_single_process_strategy(built.parallelism):
             raise UserError(
                 f"parallelism: 'none' with {dist_env.world_size} processes would train {dist_env.world_size} "
@@ -171,6 +171,7 @@ def train(built: BuiltRun, run_dir: Path, dist_env, checkpoint: Path | None, sou
         settings=built.settings,
         eval_datasets=built.eval_datasets,
         parallelism=built.parallelism,
+        fill_weights_after_sharding=built.fill_weights_after_sharding,  # a meta-device build (fsdp2)
         resume_from=checkpoint,
         # evaluators and the merged export need the whole model on rank 0 after a sharded run
         gather_full_model=dist_env.world_size > 1 and bool(built.evaluators or built.settings.export.merged_model),

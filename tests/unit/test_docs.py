@@ -202,10 +202,10 @@ def test_lora_fields_documented_are_the_components():
 
 
 def test_parallelism_fields_documented_are_the_components():
-    from lorafit.distributed.parallel import ParallelismConfig
+    from lorafit.distributed.parallel import FSDP2Config
 
     documented = _table_keys("distributed.md", "Decoder blocks are the modules")
-    assert documented == set(ParallelismConfig.model_fields)
+    assert documented == set(FSDP2Config.model_fields)  # fsdp2's fields: every strategy's, and load_after_sharding
 
 
 def test_adapter_config_example_has_exactly_the_keys_written():

@@ -8,15 +8,19 @@
                                       # | auto: the fastest here (bf16 on GPUs and AMX CPUs), said in the log
         activation_checkpointing: true
         compile: false                # torch.compile each decoder block
+        load_after_sharding: true     # fsdp2 only: meta-device build, each rank reads only its shards (default)
 
 The builder returns a strategy; the training loop calls `strategy.wrap(model, env)` once. The setup order is
 fixed and the same for every strategy (torchtune / torchtitan's order):
 
-    build -> inject LoRA -> freeze -> [wrap:] activation checkpointing -> compile -> shard -> load weights
+    build (meta device: fsdp2 on several processes) -> inject LoRA -> freeze -> [wrap:] activation checkpointing
+    -> compile -> shard -> load weights (each rank its shards) -> init adapters (the run's seed)
 
-The model usually arrives with its weights; a model built on the meta device gets them from `fill_weights`
-after sharding (each rank then only ever holds its shards). Decoder blocks are the classes named by the
-model's `_no_split_modules` (Hugging Face's list of modules that must not be split across devices).
+Under ddp, none, or fsdp2 on one process the model arrives with its weights and adapters. Under fsdp2 on several
+processes `lorafit run` builds it on the meta device (lorafit/build.py) and `fill_weights` loads each rank's
+shards of the base and initialises the adapters after sharding, so no rank holds the whole model. Decoder
+blocks are the classes named by the model's `_no_split_modules` (Hugging Face's list of modules that must not
+be split across devices).
 """
 
 from __future__ import annotations
@@ -43,6 +47,16 @@ class ParallelismConfig(ComponentConfig):
     )
     activation_checkpointing: bool = False
     compile: bool = Field(False, description="torch.compile each decoder block")
+
+
+class FSDP2Config(ParallelismConfig):
+    """fsdp2's settings: those of every strategy, and where the weights are loaded."""
+
+    load_after_sharding: bool = Field(
+        True,
+        description="build the model on the meta device and let each rank read only its shards of the weights "
+        "after sharding (lorafit run on several processes); false: every rank loads the whole model first",
+    )
 
 
 class Strategy:
@@ -252,7 +266,7 @@ def build_ddp(config: ParallelismConfig) -> DDPStrategy:
     return DDPStrategy(config)
 
 
-@register_component("parallelism", "fsdp2", ParallelismConfig)
-def build_fsdp2(config: ParallelismConfig) -> FSDP2Strategy:
+@register_component("parallelism", "fsdp2", FSDP2Config)
+def build_fsdp2(config: FSDP2Config) -> FSDP2Strategy:
     """FSDP2: fully_shard each decoder block (from _no_split_modules), then the root."""
     return FSDP2Strategy(config)

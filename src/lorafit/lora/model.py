@@ -236,18 +236,22 @@ def apply_lora(
     return model
 
 
-def reset_lora_parameters(model: nn.Module, seed: int | None = None) -> None:
+def reset_lora_parameters(model: nn.Module, seed: int | None = None, *, keep_decomposed: bool = False) -> None:
     """(Re)initialise every adapter: A kaiming-uniform or gaussian, B zero (embeddings: A zero, B normal).
 
     With a seed the values are drawn from one generator in model order, so they do not depend on the device,
     dtype or sharding: the same seed gives the same adapter on 1 process or under FSDP2. Meta tensors are
-    skipped. Under FSDP2 every rank must call it with the same seed.
+    skipped. Under FSDP2 every rank must call it with the same seed. `keep_decomposed`: pissa/olora layers
+    whose base holds the residual already keep it (they draw nothing from the generator; decomposing again
+    would first add B0 A0 back onto the residual, which rounds W).
     """
     layers = lora_layers(model)
     if seed is None and any(is_dtensor(p) for _, layer in layers for p in layer.lora_factors()):
         raise ValueError("reset_lora_parameters on a sharded model needs a seed (the same on every rank)")
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     for _, layer in layers:
+        if keep_decomposed and layer.decomposed:
+            continue
         layer.reset_lora_parameters(generator)
 
 

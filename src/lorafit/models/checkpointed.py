@@ -30,6 +30,7 @@ from lorafit.config.registry import Component, ComponentConfig, register_compone
 from lorafit.console import info, warn
 from lorafit.errors import UserError
 from lorafit.models.dtypes import dtype_name, to_dtype
+from lorafit.models.shard_loading import is_meta
 from lorafit.models.weights import load_into, load_state_dict_file, resolve_weights_path
 
 DEVICE_WORDS = ("auto", "cpu", "cuda")
@@ -90,6 +91,14 @@ class TorchCheckpointLoader:
             raise UserError(f"GPU {index} does not exist: this machine has {torch.cuda.device_count()}", field="device")
         return torch.device("cuda", index)
 
+    def defer(self, model: nn.Module, path: str | Path) -> nn.Module:
+        """`model` (on the meta device) cast to `precision`, with `path` recorded as its weights, read after
+        sharding (lorafit/models/shard_loading.py); keys and shapes checked now, Modalities' names mapped."""
+        from lorafit.models.shard_loading import defer_weights, file_tensors
+
+        tensors = _with_model_names(model, file_tensors(path), path)
+        return defer_weights(model.to(dtype=to_dtype(self.precision)), tensors, source=str(path))
+
     def load(self, model: nn.Module, path: str | Path) -> nn.Module:
         """Load `path` into `model` (keys and shapes checked), then move it to the device and cast it."""
         device = self.resolve_device()
@@ -100,7 +109,7 @@ class TorchCheckpointLoader:
         return model.to(device=device, dtype=to_dtype(self.precision))
 
 
-def _with_model_names(model: nn.Module, state_dict: dict[str, torch.Tensor], path) -> dict[str, torch.Tensor]:
+def _with_model_names(model: nn.Module, state_dict: dict[str, Any], path) -> dict[str, Any]:
     """Modalities' names (wrapper prefixes, bare LoRA A/B) mapped to the model's, said in the log; when keys still
     do not fit, the error says which mapping is missing."""
     from lorafit.modalities.checkpoint_keys import describe_unmapped, map_modalities_keys
@@ -132,7 +141,8 @@ class CheckpointedModelConfig(ComponentConfig):
 
 @register_component("model", "checkpointed", CheckpointedModelConfig)
 def build_checkpointed_model(config: CheckpointedModelConfig) -> nn.Module:
-    """The model with the checkpoint's weights (under validate: the file must exist, nothing is loaded)."""
+    """The model with the checkpoint's weights (under validate: the file must exist, nothing is loaded; a model
+    built on the meta device for fsdp2 gets the file recorded, and reads its shards of it after sharding)."""
     model, loader = config.model, config.checkpoint_loading
     if not isinstance(model, nn.Module):
         raise UserError(f"expected a torch model, got {type(model).__name__}", field="model")
@@ -144,6 +154,8 @@ def build_checkpointed_model(config: CheckpointedModelConfig) -> nn.Module:
     except UserError as e:
         raise e.prefixed("checkpoint_loading.config") from None
     try:
+        if is_meta(model):  # fsdp2 under torchrun (lorafit/build.py): each rank reads its shards after sharding
+            return loader.defer(model, config.checkpoint_path)
         return loader.load(model, config.checkpoint_path)
     except UserError as e:
         raise e.prefixed("checkpoint_path") from None

@@ -11,7 +11,9 @@
       config: {config_path: data/models/SmolLM2-135M}    # a folder with config.json, or the json file
       # or inline: {model_type: llama, config_overrides: {hidden_size: 64, num_hidden_layers: 2, ...}}
 
-Under `lorafit validate` (`current_context().meta_device`) both build on the meta device and read no weights.
+Under `lorafit validate` (`current_context().meta_device`) both build on the meta device and read no weights; under
+`lorafit run` with fsdp2 on several processes the pretrained model is built on meta too, and each rank reads its
+shards of the folder's safetensors after sharding (lorafit/models/shard_loading.py).
 Otherwise `huggingface_from_config` allocates the weights without computing a random init; the init runs later
 unless a checkpoint is loaded first (see `lorafit.models.deferred`), so a checkpointed model is not initialised twice.
 """
@@ -29,6 +31,7 @@ from torch import nn
 
 from lorafit.config.context import current_context
 from lorafit.config.registry import ComponentConfig, register_component
+from lorafit.console import info
 from lorafit.errors import UserError, did_you_mean
 from lorafit.models.deferred import defer_or_initialize
 from lorafit.models.dtypes import dtype_name, to_dtype
@@ -117,8 +120,14 @@ def load_pretrained_model(
 ) -> nn.Module:
     """The model in a local Hugging Face folder (or a hub id, when the hub is reachable), in `dtype`."""
     source = _model_source(str(name_or_path), field)
-    if current_context().meta_device:
-        return model_from_config(_auto_config(source, field), dtype=dtype, attn_implementation=attn_implementation)
+    context = current_context()
+    if context.meta_device:
+        model = model_from_config(_auto_config(source, field), dtype=dtype, attn_implementation=attn_implementation)
+        if not context.load_weights:  # lorafit validate
+            return model
+        deferred = _defer_folder_weights(model, source, field, kwargs)
+        if deferred is not None:
+            return deferred
     from transformers import AutoModelForCausalLM
 
     try:
@@ -131,6 +140,26 @@ def load_pretrained_model(
         )
     except Exception as e:  # OSError, ValueError, SafetensorError, ...: the folder or a file in it is not usable
         raise _load_error(source, e, field) from None
+
+
+def _defer_folder_weights(model: nn.Module, source: str, field: str, kwargs: dict[str, Any] | None) -> nn.Module | None:
+    """The meta-device `model` with the folder's weights recorded, to be read shard by shard after FSDP2 has
+    sharded it (lorafit/models/shard_loading.py); None, said in the log, where only transformers' own loader can
+    load the folder: then every rank loads the whole model before sharding, as without fsdp2."""
+    from lorafit.models.shard_loading import defer_weights, file_tensors
+
+    reason = None
+    if kwargs:
+        reason = f"kwargs {sorted(kwargs)} are from_pretrained arguments"
+    elif not Path(source).is_dir():
+        reason = "the weights come from the Hugging Face hub"
+    else:
+        try:
+            return defer_weights(model, file_tensors(source, field=field), source=source, field=field)
+        except UserError as e:  # names or layouts that transformers converts while loading (or a broken file)
+            reason = f"its weights do not load by the model's own names ({e.render().splitlines()[0][:200]})"
+    info(f"{source}: loading the whole model on every rank before sharding: {reason}")
+    return None
 
 
 def _model_source(name: str, field: str) -> str:

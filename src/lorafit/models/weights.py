@@ -159,7 +159,9 @@ def key_problems(model: nn.Module, state_dict: dict[str, torch.Tensor], source: 
             continue
         for name in present[1:]:
             a, b = state_dict[present[0]], state_dict[name]
-            if a.shape == b.shape and not torch.equal(a, b):
+            # values are compared here when loaded (shard_loading compares them part by part after sharding)
+            loaded = isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
+            if loaded and a.shape == b.shape and not torch.equal(a, b):
                 return (
                     f"{source}: the model ties {present[0]} and {name} (one tensor), but the file holds different "
                     "values for them; was it saved from a model with untied embeddings?"
