@@ -167,6 +167,17 @@ def run_contender(name: str, config: Path, workdir: Path, threads: int | None) -
     }
 
 
+def _check_free_memory(fp32_bytes: int) -> None:
+    """`whole` holds about 1.3 fp32 copies per rank at its peak: refuse to start (rather than have the kernel
+    kill something) when the machine has not that much left for the 2 ranks."""
+    available = next(int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines()
+                     if line.startswith("MemAvailable:"))  # fmt: skip
+    if available < 2.6 * fp32_bytes:
+        needed = 2.6 * fp32_bytes / 1024**3
+        raise SystemExit(f"{available / 1024**3:.1f} GiB available, the whole-model path needs about {needed:.1f} "
+                         "GiB for 2 ranks: free memory or use --shape tiny")  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     tokenizer = common.model_dir(args.model)
@@ -174,6 +185,7 @@ def main(argv: list[str] | None = None) -> dict:
     shutil.rmtree(workdir, ignore_errors=True)
     started = time.perf_counter()
     n_params = write_model(workdir / "model", SHAPES[args.shape])
+    _check_free_memory(n_params * 4)
     write_s = time.perf_counter() - started
     import yaml
 

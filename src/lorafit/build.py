@@ -170,6 +170,8 @@ def meta_build_blocker(config: dict[str, Any], world_size: int) -> str | None:
         frozen = (c.get("config") or {}).get("frozen_dtype") if c.get("variant_key") == "lora" else None
         if frozen:
             return f"model/lora frozen_dtype {frozen} converts the loaded weights, which needs them before sharding"
+    if any(c.get("component_key") == "model" and c.get("variant_key") == "model_initialized" for c in components):
+        return "model/model_initialized re-draws loaded weights, which needs them before sharding"
     if config.get("evaluators"):
         return "the evaluators run on rank 0's whole model before training"
     return None
