@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from lorafit.atomic import write_atomic
 from lorafit.errors import UserError, describe_storage_error, storage_error
 
 CONFIG_COPY = "config.yaml"
@@ -86,9 +87,7 @@ def write_resolved(run_dir: Path, resolved: dict[str, Any], overrides: tuple[str
     text = yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True)
     if overrides:
         text = "".join(f"# command-line override: {item}\n" for item in overrides) + text
-    tmp = run_dir / (RESOLVED_CONFIG + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(run_dir / RESOLVED_CONFIG)
+    write_atomic(run_dir / RESOLVED_CONFIG, text)
 
 
 def read_resolved(run_dir: Path) -> dict[str, Any]:

@@ -7,11 +7,11 @@ adapter model's; the export is refused (and nothing is left behind) if they diff
 from __future__ import annotations
 
 import copy
-import shutil
 from pathlib import Path
 
 import torch
 
+from lorafit.atomic import atomic_folder
 from lorafit.console import info, library_progress_bars
 from lorafit.errors import UserError
 
@@ -61,15 +61,11 @@ def export_merged(model, tokenizer, output_dir: Path, *, overwrite: bool = False
             f"merged model differs from the adapter model: max |logit diff| {diff:.3g} > {tolerance:.3g}; "
             "nothing was written"
         )
-    tmp = output_dir.with_name(output_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    with library_progress_bars():  # the one bar of a merge: writing can take a while for a large model
-        merged.save_pretrained(tmp, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    if output_dir.exists():
-        shutil.rmtree(output_dir)
-    tmp.rename(output_dir)
+    with atomic_folder(output_dir) as tmp:
+        with library_progress_bars():  # the one bar of a merge: writing can take a while for a large model
+            merged.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
     info(
         f"merged model written to {output_dir} "
         f"(max |logit diff| vs adapter model {diff:.2e}, tolerance {tolerance:.1e})"

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from lorafit.atomic import publish_folder
 from lorafit.console import warn
 from lorafit.distributed.env import DistEnv
 from lorafit.errors import UserError
@@ -202,9 +203,7 @@ def save_checkpoint(
         marker.write_text(json.dumps({"step": step, "time": time.time(), "files": files}, indent=1))
         _fsync(marker)
         marker.rename(tmp / COMPLETE)
-        if final.exists():  # a checkpoint of a superseded future (resumed from an earlier step)
-            shutil.rmtree(final)
-        tmp.rename(final)
+        publish_folder(tmp, final)  # replaces a checkpoint of a superseded future (resumed from an earlier step)
         _fsync(final.parent)
         _prune(run_dir, keep_last, keep=final)
     env.barrier()

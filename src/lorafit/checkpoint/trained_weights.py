@@ -8,7 +8,6 @@ and rank 0 writes. Under DDP or on one process the model itself is complete and 
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lorafit.atomic import atomic_folder
 from lorafit.distributed.env import DistEnv
 
 ADAPTER_DIR = "adapter"
@@ -82,16 +82,12 @@ def _save_adapter(model: nn.Module, adapter: dict[str, torch.Tensor], path: Path
 
 def save_hf_folder(model: nn.Module, path: Path, tokenizer: Any = None) -> Path:
     """`save_pretrained` (safetensors; a tied head is stored once) + tokenizer, atomically: a run killed while
-    writing leaves `<path>.tmp`, never a half-written `path`."""
+    writing leaves a hidden temporary folder (lorafit/atomic.py), never a half-written `path`."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    if path.exists():
-        shutil.rmtree(path)
-    tmp.rename(path)
+    with atomic_folder(path) as tmp:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
     return path
 
 

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from lorafit.atomic import remove_abandoned, staging_path
 from lorafit.console import info
 from lorafit.data.chat import render_with_mask
 from lorafit.data.formats import FormatReader, kind_of
@@ -116,7 +117,9 @@ class _Writer:
 
     def __init__(self, prefix: Path, dtype: np.dtype, with_mask: bool):
         self.final = _paths(prefix)
-        self.temp = {k: p.with_name(f"{p.name}.tmp{os.getpid()}") for k, p in self.final.items()}
+        for path in self.final.values():
+            remove_abandoned(path)
+        self.temp = {k: staging_path(p) for k, p in self.final.items()}
         self.dtype = dtype
         self.limit = np.iinfo(dtype).max
         # closed by commit() or abort(), which pack_file always reaches

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lorafit.atomic import atomic_file
 from lorafit.errors import UserError
 
 DATA_LENGTH_BYTES = 8
@@ -175,25 +176,20 @@ def write_pbin(path: str | Path, documents: Iterable[Sequence[int] | np.ndarray]
     limit = 2 ** (8 * token_size)
     index: list[tuple[int, int]] = []
     offset = 0
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with tmp.open("wb") as f:
-            f.write((0).to_bytes(DATA_LENGTH_BYTES, "little"))  # the length is known only at the end
-            f.write(token_size.to_bytes(TOKEN_SIZE_BYTES, "little"))
-            for doc in documents:
-                array = np.asarray(doc, dtype=np.int64)
-                if len(array) and (array.min() < 0 or array.max() >= limit):
-                    raise UserError(f"token id {int(array.max())} does not fit {token_size} bytes per token")
-                data = array.astype(dtype).tobytes()
-                f.write(data)
-                index.append((offset, len(data)))
-                offset += len(data)
-            f.write(pickle.dumps(index))
-            f.seek(0)
-            f.write(offset.to_bytes(DATA_LENGTH_BYTES, "little"))
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_file(path) as tmp, tmp.open("wb") as f:
+        f.write((0).to_bytes(DATA_LENGTH_BYTES, "little"))  # the length is known only at the end
+        f.write(token_size.to_bytes(TOKEN_SIZE_BYTES, "little"))
+        for doc in documents:
+            array = np.asarray(doc, dtype=np.int64)
+            if len(array) and (array.min() < 0 or array.max() >= limit):
+                raise UserError(f"token id {int(array.max())} does not fit {token_size} bytes per token")
+            data = array.astype(dtype).tobytes()
+            f.write(data)
+            index.append((offset, len(data)))
+            offset += len(data)
+        f.write(pickle.dumps(index))
+        f.seek(0)
+        f.write(offset.to_bytes(DATA_LENGTH_BYTES, "little"))
     return len(index)
 
 

@@ -7,11 +7,11 @@ renamed into place, so a failure leaves nothing half written; an existing output
 from __future__ import annotations
 
 import os
-import uuid
 from pathlib import Path
 
 import torch
 
+from lorafit.atomic import atomic_file
 from lorafit.errors import UserError
 
 DTYPES = ("f32", "f16", "bf16", "q8_0")
@@ -72,25 +72,22 @@ def export_gguf(model, tokenizer, output: str | os.PathLike, *, dtype: str = "f1
     qtype, file_type = _types(dtype)
 
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.tmp-{uuid.uuid4().hex[:8]}")
-    writer = gguf.GGUFWriter(tmp, ARCH)
-    try:
-        writer.add_name(name or output.stem)
-        write_hparams(writer, shape)
-        writer.add_file_type(file_type)
-        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        write_vocab(writer, vocab)
-        for tensor_name, tensor in gguf_tensors(model, shape):
-            data, data_type = _encode(to_numpy(tensor), qtype)
-            writer.add_tensor(tensor_name, data, raw_dtype=data_type)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        os.replace(tmp, output)
-    finally:
-        writer.close()
-        tmp.unlink(missing_ok=True)
+    with atomic_file(output) as tmp:
+        writer = gguf.GGUFWriter(tmp, ARCH)
+        try:
+            writer.add_name(name or output.stem)
+            write_hparams(writer, shape)
+            writer.add_file_type(file_type)
+            writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+            write_vocab(writer, vocab)
+            for tensor_name, tensor in gguf_tensors(model, shape):
+                data, data_type = _encode(to_numpy(tensor), qtype)
+                writer.add_tensor(tensor_name, data, raw_dtype=data_type)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
+            writer.close()
     return output
 
 

@@ -17,14 +17,13 @@ import json
 import math
 import os
 import re
-import shutil
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from lorafit.atomic import atomic_folder
 from lorafit.errors import Problem, UserError
 from lorafit.lora.layers import copy_full_tensor
 from lorafit.lora.matching import ALL_LINEAR, Target, candidates
@@ -139,22 +138,9 @@ def save_adapter(
     tensors = adapter_state_dict(model if state_dict is None else state_dict)
     _check_complete(tensors, expected_shapes(model), "the state dict to save")
     tensors = _converted_to_original_base(model, tensors)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        tmp.mkdir()
+    with atomic_folder(path) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-        old = None
-        if path.exists():
-            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(path, old)
-        os.rename(tmp, path)
-        if old is not None:
-            shutil.rmtree(old)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return path
 
 

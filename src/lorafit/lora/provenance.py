@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from lorafit.atomic import write_atomic
 from lorafit.errors import UserError
 
 TRAINING_FILE = "lorafit_training.json"
@@ -50,9 +51,7 @@ def annotate_adapter(adapter_dir: Path, prompt_format: str | None, base_model_na
         config_file = adapter_dir / "adapter_config.json"
         config = json.loads(config_file.read_text(encoding="utf-8"))
         config["base_model_name_or_path"] = base_model_name_or_path
-        tmp = config_file.with_name(config_file.name + ".tmp")
-        tmp.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        tmp.replace(config_file)
+        write_atomic(config_file, json.dumps(config, indent=2) + "\n")
 
 
 def read_training_info(adapter_dir: Path | None) -> dict[str, Any]:

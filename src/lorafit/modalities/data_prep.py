@@ -35,6 +35,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from lorafit.atomic import write_atomic
 from lorafit.console import info, warn
 from lorafit.data.pbin import read_raw_index, token_size_for, write_pbin
 from lorafit.errors import ConfigError, UserError
@@ -62,9 +63,7 @@ def create_raw_index(src_path: Path, index_path: Path | None = None) -> Path:
             entries.append((offset, len(body)))
             offset += len(line)
     index_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = index_path.with_name(index_path.name + ".tmp")
-    tmp.write_bytes(pickle.dumps(entries))
-    tmp.replace(index_path)
+    write_atomic(index_path, pickle.dumps(entries))
     return index_path
 
 

@@ -18,14 +18,11 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
-import os
-import shutil
-import socket
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from lorafit.atomic import atomic_folder
 from lorafit.errors import UserError
 
 MODEL_DIR = "SmolLM2-135M"
@@ -70,7 +67,6 @@ def prepare_smollm2(output_dir: str | Path, progress: bool = True) -> Path:
             )
     gguf = find_gguf()
     out.mkdir(parents=True, exist_ok=True)
-    _remove_abandoned_staging(out)
     with _transformers_progress(progress):
         _prepare(gguf, hf_dir, saved_dir, say)
     return hf_dir
@@ -191,45 +187,15 @@ def _mark(folder: Path, gguf: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ atomic folders
-def _staging_prefix(target_name: str) -> str:
-    return f".{target_name}.tmp-"
-
-
 @contextlib.contextmanager
 def _staging(target: Path) -> Iterator[Path]:
-    """A temporary folder next to `target`, renamed to `target` when the block succeeds, removed otherwise."""
-    owner = f"{socket.gethostname()}-{os.getpid()}-"
-    tmp = Path(tempfile.mkdtemp(prefix=_staging_prefix(target.name) + owner, dir=target.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the published folder is an ordinary shared one
+    """A temporary folder next to `target`, renamed to `target` when the block succeeds, removed otherwise; a
+    folder another process finished first is kept (it holds the same files)."""
     try:
-        yield tmp
-        for file in tmp.iterdir():
-            file.chmod(0o644)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not is_prepared(target):  # not another process finishing first: a real failure
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _remove_abandoned_staging(out: Path) -> None:
-    """Remove staging folders of killed calls on this host (a live process's folder is left alone)."""
-    host = socket.gethostname()
-    for name in (MODEL_DIR, SAVED_DIR):
-        for tmp in out.glob(_staging_prefix(name) + "*"):
-            rest = tmp.name.removeprefix(_staging_prefix(name))
-            tmp_host, _, pid_part = rest.rpartition("-")[0].rpartition("-")
-            if tmp_host == host and pid_part.isdigit() and not _alive(int(pid_part)):
-                shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        with atomic_folder(target, replace=False) as tmp:
+            yield tmp
+            for file in tmp.iterdir():
+                file.chmod(0o644)
+    except OSError:
+        if not is_prepared(target):  # not another process finishing first: a real failure
+            raise

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from lorafit.atomic import write_atomic
 from lorafit.console import info, warn
 from lorafit.training.trackers import LoggersConfig, Tracker, open_trackers, scalars
 
@@ -135,9 +136,7 @@ def _truncate_after(path: Path, step: int) -> None:
     if not path.exists():
         return
     kept = [r for r in read_metrics(path) if r.get("step", 0) <= step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
-    tmp.replace(path)
+    write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 def plot_loss(run_dir: Path) -> Path | None:

@@ -1,0 +1,81 @@
+"""lorafit/atomic.py: a target is either what it was or complete and new; temporaries never outlive a failure."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from lorafit.atomic import atomic_file, atomic_folder, publish_folder, staging_path, write_atomic
+
+
+def test_write_atomic_replaces_a_file_and_leaves_nothing_beside_it(tmp_path):
+    target = tmp_path / "out.json"
+    target.write_text("old")
+    write_atomic(target, "new")
+    write_atomic(tmp_path / "out.bin", b"\x00\x01")
+    assert target.read_text() == "new" and (tmp_path / "out.bin").read_bytes() == b"\x00\x01"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.bin", "out.json"]
+
+
+def test_a_failed_file_write_keeps_the_old_file(tmp_path):
+    target = tmp_path / "out.txt"
+    target.write_text("mine")
+    with pytest.raises(RuntimeError), atomic_file(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError
+    assert target.read_text() == "mine" and list(tmp_path.iterdir()) == [target]
+
+
+def test_a_failed_folder_write_keeps_the_old_folder(tmp_path):
+    target = tmp_path / "adapter"
+    target.mkdir()
+    (target / "a").write_text("mine")
+    with pytest.raises(KeyboardInterrupt), atomic_folder(target) as tmp:
+        (tmp / "a").write_text("half")
+        raise KeyboardInterrupt
+    assert (target / "a").read_text() == "mine" and list(tmp_path.iterdir()) == [target]
+
+
+def test_a_folder_write_replaces_the_whole_folder(tmp_path):
+    target = tmp_path / "nested" / "model"  # the parent is created
+    target.mkdir(parents=True)
+    (target / "stale").write_text("old")
+    with atomic_folder(target) as tmp:
+        (tmp / "fresh").write_text("new")
+    assert [p.name for p in target.iterdir()] == ["fresh"] and list(target.parent.iterdir()) == [target]
+
+
+def test_replace_false_never_touches_an_existing_folder(tmp_path):
+    target = tmp_path / "model"
+    target.mkdir()
+    (target / "theirs").write_text("x")
+    with pytest.raises(OSError), atomic_folder(target, replace=False) as tmp:
+        (tmp / "mine").write_text("y")
+    assert [p.name for p in target.iterdir()] == ["theirs"] and list(tmp_path.iterdir()) == [target]
+
+
+def test_a_failed_rename_puts_the_old_folder_back(tmp_path):
+    target = tmp_path / "model"
+    target.mkdir()
+    (target / "a").write_text("mine")
+    with pytest.raises(OSError):
+        publish_folder(tmp_path / "missing", target)  # the rename fails: there is nothing to publish
+    assert (target / "a").read_text() == "mine" and list(tmp_path.iterdir()) == [target]
+
+
+def test_temporaries_of_dead_processes_are_removed_those_of_live_ones_kept(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = socket.gethostname()
+    target = tmp_path / "out.json"
+    abandoned = tmp_path / f".out.json.tmp-{host}-{int(dead.stdout)}-abc123"
+    live = tmp_path / f".out.json.tmp-{host}-{os.getpid()}-def456"
+    other_host = tmp_path / f".out.json.tmp-elsewhere-{int(dead.stdout)}-0a1b2c"
+    for path in (abandoned, live, other_host):
+        path.write_text("x")
+    write_atomic(target, "new")
+    assert not abandoned.exists() and live.exists() and other_host.exists()
+    assert staging_path(target).name.startswith(f".out.json.tmp-{host}-{os.getpid()}-")
