@@ -68,6 +68,11 @@ def _rank_builds(rank: int, port: int, src: str, out: str) -> None:
     try:
         dataset = build("text", path=src, tokenizer=make_tokenizer(), sequence_length=4)
         Path(out, f"rank{rank}.txt").write_text(" ".join(str(int(t)) for t in dataset[0]["input_ids"]))
+        # rank 0's refusal to write over a user's file reaches every rank with its field (for the YAML path)
+        try:
+            build("text", path=src, tokenizer=make_tokenizer(), sequence_length=4, cache_path=str(Path(out, "mine")))
+        except UserError as error:
+            Path(out, f"error{rank}.txt").write_text(str(error.problems[0].path))
     finally:
         dist.destroy_process_group()
 
@@ -81,6 +86,9 @@ def test_under_torchrun_rank0_packs_and_other_ranks_read(tmp_path):
 
     src = tmp_path / "corpus.txt"
     src.write_text("The capital of France is Paris. " * 20, encoding="utf-8")
+    (tmp_path / "mine.bin").write_bytes(b"the user's")
     mp.spawn(_rank_builds, args=(free_port(), str(src), str(tmp_path)), nprocs=2, join=True)
+    assert (tmp_path / "error0.txt").read_text() == (tmp_path / "error1.txt").read_text() == "cache_path"
+    assert (tmp_path / "mine.bin").read_bytes() == b"the user's"
     assert (tmp_path / "rank0.txt").read_text() == (tmp_path / "rank1.txt").read_text() != ""
     assert (tmp_path / "corpus.text.json").is_file() and not list(tmp_path.glob("*.tmp*"))

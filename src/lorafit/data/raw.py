@@ -25,18 +25,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field
 
+from lorafit.atomic import write_atomic
 from lorafit.config.context import current_context
 from lorafit.config.registry import Component, ComponentConfig, register_component
 from lorafit.console import info, is_main_rank
 from lorafit.data.datasets import InstructionDataset, PackedDataset, PackedInstructionDataset, run_sequence_length
 from lorafit.data.pack import PackedTokens, pack_file, resolve_prefix
 from lorafit.data.records import RecordSource, check_local
+from lorafit.distributed.env import current_env
 from lorafit.errors import UserError, describe_storage_error, storage_error
 
 
@@ -114,10 +115,7 @@ def _index_stat(prefix: Path) -> list[int] | None:
 
 
 def _write_stamp(prefix: Path, stamp: dict[str, Any]) -> None:
-    path = _file(prefix, ".source.json")
-    temp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    temp.write_text(json.dumps(stamp), encoding="utf-8")
-    os.replace(temp, path)
+    write_atomic(_file(prefix, ".source.json"), json.dumps(stamp))
 
 
 def check_cache_owner(source: Path, prefix: Path) -> None:
@@ -155,24 +153,11 @@ def ensure_packed(source: Path, tokenizer: Any, prefix: Path, spec: dict[str, An
     Under torchrun, rank 0 packs while the other ranks wait for it (one writer, no race); every rank then
     checks that it sees the cache, which fails clearly on nodes without a shared file system.
     """
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return _pack_if_stale(source, tokenizer, prefix, spec)
-    outcome: list[Any] = [None]
-    if dist.get_rank() == 0:
-        try:
-            _pack_if_stale(source, tokenizer, prefix, spec)
-            outcome[0] = ("ok", "")
-        except UserError as error:
-            outcome[0] = ("error", error.render())
-    dist.broadcast_object_list(outcome, src=0)
-    status, message = outcome[0]
-    if status == "error":
-        raise UserError(message)
-    if not _is_fresh(source, tokenizer, prefix, spec):
+    env = current_env()
+    env.on_main(_pack_if_stale, source, tokenizer, prefix, spec)  # a UserError on rank 0 stops every rank
+    if env.world_size > 1 and not _is_fresh(source, tokenizer, prefix, spec):
         raise UserError(
-            f"rank {dist.get_rank()} cannot see {prefix}.json that rank 0 wrote (no shared file system?); without "
+            f"rank {env.rank} cannot see {prefix}.json that rank 0 wrote (no shared file system?); without "
             f"one, pack once with `lorafit data pack --input {source} --tokenizer <folder> --output {prefix}`, copy "
             "the files to every node and read them with dataset/packed or dataset/instruction",
             field="cache_path",

@@ -51,14 +51,17 @@ class DistEnv:
         """`fn(*args)` run on rank 0 only, its result (or its UserError) given to every rank: a user error on
         rank 0 stops every rank with the same message, and no rank goes on alone or waits for ever."""
         outcome: tuple[str, Any] | None = None
+        error: UserError | None = None
         if self.is_main:
             try:
                 outcome = ("ok", fn(*args))
-            except UserError as error:
-                outcome = ("error", error.render())
+            except UserError as caught:
+                error, outcome = caught, ("error", caught.problems)
         outcome = self.broadcast_object(outcome)
+        if error is not None:
+            raise error  # itself: its `field`s still get the YAML path of the component being built
         if outcome[0] == "error":
-            raise UserError(outcome[1])
+            raise UserError("", problems=outcome[1])
         return outcome[1]
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -116,6 +119,19 @@ def _rendezvous(rank: int, world_size: int) -> dist.TCPStore:
             f"the other processes did not join within {timeout} s ({reason}). Start several processes with "
             "torchrun, or unset WORLD_SIZE, RANK, MASTER_ADDR and MASTER_PORT to run one"
         ) from None
+
+
+def current_env() -> DistEnv:
+    """The `DistEnv` of the process group this process is already in (one process when there is none); creates
+    nothing. For code a run reaches without being handed its DistEnv, such as a dataset builder. The device is
+    the current CUDA device under nccl, else the CPU (what collectives on objects need)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), backend=None)
+    backend = dist.get_backend()
+    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    rank = dist.get_rank()
+    return DistEnv(rank=rank, local_rank=_int_env("LOCAL_RANK", rank), world_size=dist.get_world_size(),
+                   device=device, backend=backend)  # fmt: skip
 
 
 def init_distributed(device: str | None = None) -> DistEnv:
