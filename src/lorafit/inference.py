@@ -21,7 +21,8 @@ def load_base(base: Path, dtype: str = "fp32", flag: str = "--base"):
         return entities["model"], entities.get("tokenizer")
     if not (base / "config.json").is_file():
         raise UserError(f"{flag}: {base} is neither a Hugging Face model folder (with config.json) nor a YAML config")
-    from lorafit.models.huggingface import load_pretrained_model, load_tokenizer
+    from lorafit.models.huggingface import load_pretrained_model
+    from lorafit.models.tokenizer import load_tokenizer
 
     model = load_pretrained_model(base, dtype=dtype)
     tokenizer = load_tokenizer(base) if (base / "tokenizer_config.json").is_file() else None
@@ -41,7 +42,7 @@ def load_with_adapter(base: Path, adapter: Path | None, dtype: str = "fp32", fla
             check_not_merged_already(Path(base), Path(adapter))
         load_adapter(model, Path(adapter))
     if tokenizer is None and adapter is not None and (Path(adapter) / "tokenizer_config.json").is_file():
-        from lorafit.models.huggingface import load_tokenizer
+        from lorafit.models.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(Path(adapter))
     return model.eval(), tokenizer

@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lorafit.data.pack import PackedTokens, load_tokenizer, pack_file
+from lorafit.data.pack import PackedTokens, pack_file
 from lorafit.errors import UserError
+from lorafit.models.tokenizer import load_tokenizer
 
 CHAT = [
     {"role": "system", "content": "Be brief."},

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from lorafit.data.datasets import IGNORE_INDEX, InstructionDataset, PackedDataset
-from lorafit.data.pack import PackedTokens, load_tokenizer, pack_file
+from lorafit.data.pack import PackedTokens, pack_file
+from lorafit.models.tokenizer import load_tokenizer
 
 pytestmark = pytest.mark.slow
 

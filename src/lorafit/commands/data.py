@@ -71,7 +71,8 @@ def _columns(text: str) -> dict[str, str]:
 
 def run_pack(args: argparse.Namespace) -> int:
     from lorafit.console import info
-    from lorafit.data.pack import load_tokenizer, pack_file
+    from lorafit.data.pack import pack_file
+    from lorafit.models.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(args.tokenizer)
     packed = pack_file(args.input, tokenizer, args.output, jsonl_field=args.jsonl_field, fmt=args.fmt,

@@ -16,7 +16,7 @@ import importlib
 _EXPORTS = {
     "PackedInfo": "pack",
     "PackedTokens": "pack",
-    "load_tokenizer": "pack",
+    "load_tokenizer": "lorafit.models.tokenizer",  # the one tokenizer loader, offered here beside pack_file
     "pack_file": "pack",
     "ResumableSampler": "sampler",
     "Collator": "datasets",
@@ -32,4 +32,5 @@ __all__ = sorted(_EXPORTS)
 def __getattr__(name: str):
     if name not in _EXPORTS:
         raise AttributeError(f"module 'lorafit.data' has no attribute '{name}'")
-    return getattr(importlib.import_module(f"lorafit.data.{_EXPORTS[name]}"), name)
+    module = _EXPORTS[name]
+    return getattr(importlib.import_module(module if "." in module else f"lorafit.data.{module}"), name)

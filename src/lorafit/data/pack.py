@@ -79,13 +79,6 @@ class PackedInfo:
         return _paths(self.prefix)[".mask.bin"] if self.kind == "instruction" else None
 
 
-def load_tokenizer(directory: str | os.PathLike):
-    """The one tokenizer loader (lorafit.models.tokenizer.load_tokenizer): local files only, a pad token."""
-    from lorafit.models.tokenizer import load_tokenizer as load
-
-    return load(directory)
-
-
 def is_pack_index(path: Path) -> bool:
     """Whether `path` is a `.json` index that `pack_file` wrote (and not, say, the user's own JSON file)."""
     try:

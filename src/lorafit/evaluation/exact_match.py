@@ -21,7 +21,7 @@ from pydantic import Field
 
 from lorafit.config.registry import ComponentConfig, register_component
 from lorafit.errors import UserError
-from lorafit.training.loss import CausalLMLoss
+from lorafit.training.loss import IGNORE_INDEX, CausalLMLoss
 
 
 @dataclass(frozen=True)
@@ -251,7 +251,7 @@ def heldout_loss(model, tokenizer, examples: Sequence[ChatExample], *, batch_siz
             # Right padding: positions then start at 0 in every row without passing position_ids.
             ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
             mask = torch.zeros_like(ids)
-            targets = torch.full_like(ids, -100)  # position t predicts token t+1: targets are shifted labels
+            targets = torch.full_like(ids, IGNORE_INDEX)  # position t predicts token t+1: targets are shifted labels
             for row, i in enumerate(batch):
                 seq, n_prompt = rows[i]
                 ids[row, : len(seq)] = torch.tensor(seq)
@@ -260,7 +260,7 @@ def heldout_loss(model, tokenizer, examples: Sequence[ChatExample], *, batch_siz
                 targets[row, first - 1 : len(seq) - 1] = torch.tensor(seq[first:])
             loss = loss_fn(input_ids=ids.to(device), labels=targets.to(device), attention_mask=mask.to(device))
             total += loss.item()
-            count += int((targets != -100).sum())
+            count += int((targets != IGNORE_INDEX).sum())
     return total / count
 
 

@@ -27,10 +27,9 @@ import torch
 from pydantic import Field
 
 from lorafit.config.registry import Component, ComponentConfig, register_component
+from lorafit.data.datasets import IGNORE_INDEX
 from lorafit.data.pbin import read_pbin
 from lorafit.errors import UserError
-
-IGNORE_INDEX = -100
 
 
 # ------------------------------------------------------------------------------------------------ dataset

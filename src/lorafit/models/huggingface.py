@@ -35,14 +35,12 @@ from lorafit.console import info
 from lorafit.errors import UserError, did_you_mean
 from lorafit.models.deferred import defer_or_initialize
 from lorafit.models.dtypes import dtype_name, to_dtype
-from lorafit.models.tokenizer import load_tokenizer
 
 __all__ = [
     "build_from_config",
     "build_pretrained_model",
     "load_hf_config",
     "load_pretrained_model",
-    "load_tokenizer",
     "model_from_config",
 ]
 
