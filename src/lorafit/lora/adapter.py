@@ -14,7 +14,6 @@ original base like any LoRA adapter.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from collections.abc import Mapping
@@ -25,7 +24,7 @@ from torch import nn
 
 from lorafit.atomic import atomic_folder
 from lorafit.errors import Problem, UserError
-from lorafit.lora.layers import copy_full_tensor
+from lorafit.lora.layers import copy_full_tensor, hyper_problems
 from lorafit.lora.matching import ALL_LINEAR, Target, candidates
 from lorafit.lora.model import (
     LoraSettings,
@@ -245,16 +244,8 @@ def read_adapter_config(path: Path) -> dict:
     problems = []
     if config.get("peft_type", "LORA") != "LORA":
         problems.append(Problem("peft_type", f"only LORA adapters are supported, got {config.get('peft_type')!r}"))
-    r, alpha = config.get("r"), config.get("lora_alpha")
-    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-        problems.append(Problem("r", f"must be an integer >= 1, got {r!r}"))
-    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or alpha <= 0:
-        problems.append(Problem("lora_alpha", f"must be a number > 0, got {alpha!r}"))
-    if isinstance(alpha, float) and not math.isfinite(alpha):
-        problems.append(Problem("lora_alpha", f"must be a finite number, got {alpha!r}"))
-    dropout = config.get("lora_dropout") or 0.0
-    if isinstance(dropout, bool) or not isinstance(dropout, int | float) or not 0 <= dropout < 1:
-        problems.append(Problem("lora_dropout", f"must be a number in [0, 1), got {dropout!r}"))
+    problems += hyper_problems(config.get("r"), config.get("lora_alpha"), config.get("lora_dropout") or 0.0,
+                               alpha_key="lora_alpha", dropout_key="lora_dropout")  # fmt: skip
     targets = config.get("target_modules")
     if not (isinstance(targets, str) and targets) and not (isinstance(targets, list) and targets):
         problems.append(Problem("target_modules", f"must be a non-empty list or a regex string, got {targets!r}"))

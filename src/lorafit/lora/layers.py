@@ -19,6 +19,7 @@ import torch.nn.functional as F  # noqa: N812 - the universal spelling
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from lorafit.errors import Problem, UserError
 from lorafit.lora.frozen import FrozenWeightLayer, frozen_linear
 from lorafit.lora.variants import DECOMPOSING_INITS, dora_merged_weight, dora_weight_norm, initial_factors
 from lorafit.models.wrappers import full_tensor, is_dtensor
@@ -63,11 +64,31 @@ def copy_full_tensor(param: torch.Tensor, full: torch.Tensor) -> None:
             param.copy_(full)
 
 
+def hyper_problems(r, alpha, dropout, init: str | None = None, *, alpha_key: str = "alpha",
+                   dropout_key: str = "dropout") -> list[Problem]:  # fmt: skip
+    """The problems of LoRA's numbers, wherever they come from: `apply_lora`'s arguments, a layer's, or an
+    adapter_config.json (which names them `lora_alpha` / `lora_dropout` and has no `init`)."""
+    problems = []
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        problems.append(Problem("r", f"must be an integer >= 1, got {r!r}"))
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float):
+        problems.append(Problem(alpha_key, f"must be a number > 0, got {alpha!r}"))
+    elif not math.isfinite(alpha):
+        problems.append(Problem(alpha_key, f"must be a finite number, got {alpha!r}"))
+    elif alpha <= 0:
+        problems.append(Problem(alpha_key, f"must be a number > 0, got {alpha!r}"))
+    if isinstance(dropout, bool) or not isinstance(dropout, int | float) or not 0 <= dropout < 1:
+        problems.append(Problem(dropout_key, f"must be a number in [0, 1), got {dropout!r}"))
+    if init is not None and init not in INITS:
+        problems.append(Problem("init", f"must be one of {', '.join(INITS)}, got {init!r}"))
+    return problems
+
+
 class LoraLayer:
     """Behaviour shared by the LoRA layers (a mixin placed before the base class)."""
 
     r: int
-    lora_alpha: float
+    alpha: float
     scaling: float
     use_rslora: bool
     init: str
@@ -77,15 +98,14 @@ class LoraLayer:
     lora_magnitude_vector: nn.Parameter | None  # DoRA's m, PEFT's name (out,); None without DoRA
 
     def _setup_lora(self, r: int, alpha: float, dropout: float, use_rslora: bool, init: str) -> None:
-        if r < 1:
-            raise ValueError(f"LoRA rank must be >= 1, got {r}")
-        if init not in INITS:
-            raise ValueError(f"unknown LoRA init {init!r}; valid: {', '.join(INITS)}")
+        problems = hyper_problems(r, alpha, dropout, init)
+        if problems:
+            raise UserError("", problems=problems)
         self.r = int(r)
-        self.lora_alpha = float(alpha)
+        self.alpha = float(alpha)
         self.use_rslora = bool(use_rslora)
         # rsLoRA keeps the update's scale independent of r (Kalajdzievski 2023); PEFT's definition
-        self.scaling = self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+        self.scaling = self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
         self.init = init
         self.merged = False
         self.register_parameter("lora_magnitude_vector", None)
@@ -234,7 +254,7 @@ class LoraLayer:
         rs = ", rslora" if self.use_rslora else ""
         rs += ", dora" if self.use_dora else ""
         rs += f", init={self.init}" if self.init in DECOMPOSING_INITS else ""
-        return f"r={self.r}, alpha={self.lora_alpha:g}, scaling={self.scaling:g}{rs}, merged={self.merged}"
+        return f"r={self.r}, alpha={self.alpha:g}, scaling={self.scaling:g}{rs}, merged={self.merged}"
 
 
 class _MatrixLora(LoraLayer):

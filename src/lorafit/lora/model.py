@@ -18,7 +18,7 @@ from torch import nn
 
 from lorafit.errors import Problem, UserError
 from lorafit.lora.kinds import wrap
-from lorafit.lora.layers import INITS, LoraLayer
+from lorafit.lora.layers import LoraLayer, hyper_problems
 from lorafit.lora.matching import Target, resolve_targets
 from lorafit.lora.variants import DECOMPOSING_INITS
 from lorafit.models.deferred import is_pending
@@ -42,11 +42,6 @@ class LoraSettings:
     @property
     def scaling(self) -> float:
         return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
-
-    @property
-    def target_modules(self) -> list[str]:
-        """Distinct leaf names of the adapted modules (what a PEFT user would list)."""
-        return sorted({name.rsplit(".", 1)[-1] for name in self.modules})
 
     @property
     def embedding_targets(self) -> list[str]:
@@ -105,19 +100,6 @@ def trainable_summary(model: nn.Module) -> str:
     trainable, total = count_parameters(model)
     share = 100.0 * trainable / total if total else 0.0
     return f"trainable params: {trainable:,} / {total:,} ({share:.2f}%)"
-
-
-def _check_hyper(r, alpha, dropout, init) -> list[Problem]:
-    problems = []
-    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-        problems.append(Problem("r", f"must be an integer >= 1, got {r!r}"))
-    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not math.isfinite(alpha) or alpha <= 0:
-        problems.append(Problem("alpha", f"must be a number > 0, got {alpha!r}"))
-    if isinstance(dropout, bool) or not isinstance(dropout, int | float) or not 0 <= dropout < 1:
-        problems.append(Problem("dropout", f"must be in [0, 1), got {dropout!r}"))
-    if init not in INITS:
-        problems.append(Problem("init", f"must be one of {', '.join(INITS)}, got {init!r}"))
-    return problems
 
 
 def inject(model: nn.Module, settings: LoraSettings, targets: list[Target] | list[str], *, field_name: str,
@@ -209,7 +191,7 @@ def apply_lora(
     """
     if isinstance(target_layers, str):
         target_layers = [target_layers]
-    problems = _check_hyper(r, alpha, dropout, init)
+    problems = hyper_problems(r, alpha, dropout, init)
     if use_dora and init in DECOMPOSING_INITS:
         # PEFT's conversion to an adapter on the original base (subtract_mutated_init) has no term for m
         reason = "its saved adapter is converted to apply to the original base, which DoRA's magnitude does not allow"
