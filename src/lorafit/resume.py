@@ -17,7 +17,6 @@ The checkpoint format itself (atomic save, checksums, load) lives in `lorafit.ch
 
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ import torch
 
 from lorafit.checkpoint.state import (
     TRAINER_STATE,
+    file_sha256,
     find_latest,
     list_checkpoints,
     load_checkpoint,
@@ -232,19 +232,11 @@ def source_fingerprints(config: dict[str, Any]) -> dict[str, str]:
             except OSError:  # a name too long or otherwise not a path
                 return
             if is_file:
-                found[path] = _sha256(file)
+                found[path] = file_sha256(file)
 
     if "train_dataset" in config:
         walk(config["train_dataset"], "train_dataset", frozenset({"train_dataset"}))
     return found
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _source_differences(old: dict[str, str] | None, new: dict[str, str]) -> list[str]:

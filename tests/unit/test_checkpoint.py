@@ -142,7 +142,7 @@ CHILD = textwrap.dedent(
         print("WRITING", flush=True)
         time.sleep(120)
 
-    cs._sha256 = stall
+    cs.file_sha256 = stall
     cs.save_checkpoint(sys.argv[1], 2, model, optimizer, state, env)
     """
 )

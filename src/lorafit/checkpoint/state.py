@@ -106,7 +106,7 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 
 # --- integrity --------------------------------------------------------------------------------------------------
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -136,7 +136,7 @@ def verify_checkpoint(path: Path) -> str | None:
         file = Path(path) / name
         if not file.is_file():
             return f"file {name} is missing"
-        if _sha256(file) != expected:
+        if file_sha256(file) != expected:
             return f"file {name} does not match its checksum"
     return None
 
@@ -196,7 +196,7 @@ def save_checkpoint(
         torch.save({**trainer_state, "step": step, "world_size": env.world_size}, tmp / TRAINER_STATE)
     env.barrier()  # every rank's files are in tmp
     if env.is_main:
-        files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        files = {p.name: file_sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         for name in files:
             _fsync(tmp / name)
         marker = tmp / (COMPLETE + ".part")

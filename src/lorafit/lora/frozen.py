@@ -69,11 +69,26 @@ class FrozenLinear(FrozenWeightLayer, nn.Linear):
 
     def to_base(self) -> nn.Linear:
         """A plain nn.Linear owning this layer's Parameters."""
-        with torch.device("meta"):
-            plain = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
-        plain.weight = self.weight
-        plain.register_parameter("bias", self.bias)
-        return plain.train(self.training)
+        return plain_linear(self)
+
+
+def frozen_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+    """(name, layer) of `model`'s linear layers with a frozen weight, the output head excepted (it stays as
+    the loss needs it): what `store_frozen_linears` and `store_nf4_linears` convert."""
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    return [(name, module) for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and module is not head and not module.weight.requires_grad]  # fmt: skip
+
+
+def plain_linear(layer: nn.Linear) -> nn.Linear:
+    """A plain nn.Linear owning `layer`'s weight/bias Parameters (the same objects: names, tying and optimizer
+    references are unchanged), in `layer`'s train/eval mode."""
+    with torch.device("meta"):
+        plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+    plain.weight = layer.weight
+    plain.register_parameter("bias", layer.bias)
+    return plain.train(layer.training)
 
 
 def store_frozen_linears(model: nn.Module, dtype: torch.dtype) -> int:
@@ -82,12 +97,8 @@ def store_frozen_linears(model: nn.Module, dtype: torch.dtype) -> int:
     Plain nn.Linear layers become `FrozenLinear`. `store_frozen_linears(model, torch.float32)` undoes it (the
     layers become plain nn.Linear again; the bf16 rounding stays).
     """
-    get_head = getattr(model, "get_output_embeddings", None)
-    head = get_head() if callable(get_head) else None
     changed = 0
-    for name, module in list(model.named_modules()):
-        if not isinstance(module, nn.Linear) or module is head or module.weight.requires_grad:
-            continue
+    for name, module in frozen_linears(model):
         if type(module) is nn.Linear and dtype != torch.float32:
             module = FrozenLinear(module)
             model.set_submodule(name, module)

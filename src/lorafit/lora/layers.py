@@ -20,7 +20,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lorafit.errors import Problem, UserError
-from lorafit.lora.frozen import FrozenWeightLayer, frozen_linear
+from lorafit.lora.frozen import FrozenWeightLayer, frozen_linear, plain_linear
 from lorafit.lora.variants import DECOMPOSING_INITS, dora_merged_weight, dora_weight_norm, initial_factors
 from lorafit.models.wrappers import full_tensor, is_dtensor
 
@@ -329,11 +329,7 @@ class LoraLinear(_MatrixLora, FrozenWeightLayer, nn.Linear):
 
     def to_base(self) -> nn.Linear:
         """A plain nn.Linear owning this layer's weight/bias Parameters (the adapter is dropped)."""
-        with torch.device("meta"):
-            plain = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
-        plain.weight = self.weight
-        plain.register_parameter("bias", self.bias)
-        return plain.train(self.training)
+        return plain_linear(self)
 
     def extra_repr(self) -> str:
         return f"{nn.Linear.extra_repr(self)}, {self.lora_extra_repr()}"

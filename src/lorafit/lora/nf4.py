@@ -32,7 +32,13 @@ import torch
 import torch.nn.functional as F  # noqa: N812 - the universal spelling
 from torch import nn
 
-from lorafit.lora.frozen import FrozenLinear, FrozenWeightLayer, _release_file_mapping, drop_file_pages
+from lorafit.lora.frozen import (
+    FrozenLinear,
+    FrozenWeightLayer,
+    _release_file_mapping,
+    drop_file_pages,
+    frozen_linears,
+)
 from lorafit.third_party_noise import silence_torchao_import_noise
 
 NF4_BLOCK = 64  # values per absmax block (QLoRA's choice)
@@ -96,12 +102,8 @@ def store_nf4_linears(model: nn.Module) -> int:
     Plain nn.Linear layers become `NF4Linear`; layers that compute through `frozen_linear` (the LoRA linear
     layer) keep their class, since `frozen_linear` hands an NF4 weight to F.linear too.
     """
-    get_head = getattr(model, "get_output_embeddings", None)
-    head = get_head() if callable(get_head) else None
     changed = 0
-    for name, module in list(model.named_modules()):
-        if not isinstance(module, nn.Linear) or module is head or module.weight.requires_grad:
-            continue
+    for name, module in frozen_linears(model):
         weight = module.weight
         if is_nf4(weight) or weight.device.type == "meta" or weight.numel() % NF4_BLOCK:
             continue
