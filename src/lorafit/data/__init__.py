@@ -14,17 +14,17 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "PackedInfo": "pack",
-    "PackedTokens": "pack",
-    "load_tokenizer": "lorafit.models.tokenizer",  # the one tokenizer loader, offered here beside pack_file
-    "pack_file": "pack",
-    "ResumableSampler": "sampler",
-    "Collator": "datasets",
-    "InstructionDataset": "datasets",
-    "PackedDataset": "datasets",
-    "PackedInstructionDataset": "datasets",
-    "collate": "datasets",
-    "IGNORE_INDEX": "datasets",
+    "PackedInfo": "data.pack",
+    "PackedTokens": "data.pack",
+    "load_tokenizer": "models.tokenizer",  # the one tokenizer loader, offered here beside pack_file
+    "pack_file": "data.pack",
+    "ResumableSampler": "data.sampler",
+    "Collator": "data.datasets",
+    "InstructionDataset": "data.datasets",
+    "PackedDataset": "data.datasets",
+    "PackedInstructionDataset": "data.datasets",
+    "collate": "data.datasets",
+    "IGNORE_INDEX": "data.datasets",
 }
 __all__ = sorted(_EXPORTS)
 
@@ -32,5 +32,4 @@ __all__ = sorted(_EXPORTS)
 def __getattr__(name: str):
     if name not in _EXPORTS:
         raise AttributeError(f"module 'lorafit.data' has no attribute '{name}'")
-    module = _EXPORTS[name]
-    return getattr(importlib.import_module(module if "." in module else f"lorafit.data.{module}"), name)
+    return getattr(importlib.import_module(f"lorafit.{_EXPORTS[name]}"), name)
