@@ -1,8 +1,10 @@
 """What a builder may need to know about the build it is part of.
 
-`lorafit validate` builds models on the meta device and loads no weights; `lorafit run` under FSDP2
-may also build on meta and load weights after sharding. Builders read the current context instead of
-taking these as config keys, so the same YAML serves both.
+`lorafit validate` builds models on the meta device and loads no weights (meta_device, not load_weights).
+`lorafit run` under fsdp2 on several processes builds them on the meta device too, with load_weights: a
+model builder then records its weights file instead of reading it (lorafit/models/shard_loading.py), and each
+rank reads only its shards after sharding (lorafit/build.py). Builders read the current context instead of
+taking these as config keys, so the same YAML serves all three.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from dataclasses import dataclass, replace
 @dataclass(frozen=True)
 class BuildContext:
     meta_device: bool = False  # build models without weights (validate, or before sharding)
-    load_weights: bool = True  # False together with meta_device: weights are loaded later, or never
+    load_weights: bool = True  # with meta_device: True records the weights file (read after sharding), False none
     # settings.step_profile.sequence_length of the run being built: the length of every dataset whose own
     # `sequence_length` is null (one source of truth; None outside a run's build)
     sequence_length: int | None = None
