@@ -95,3 +95,78 @@ def test_app_state_and_device_mesh_entities(tmp_path, monkeypatch):
     (tmp_path / "dcp.yaml").write_text(yaml.safe_dump(config))
     with pytest.raises(UserError, match=r"model_state.variant_key: unknown variant_key 'dcp'.*valid: raw"):
         _validate(monkeypatch, tmp_path / "dcp.yaml", *sizes, world=2)
+
+
+def _fsdp2_config(
+    tmp_path: Path, precision: str, clipper_variant: str = "fsdp2", model_key: str = "model_parts", **extra
+) -> Path:
+    """The shipped config with modalities 0.5.0's model/fsdp2_wrapped, gradient_clipper/fsdp2 and device_mesh."""
+    config = yaml.safe_load(_app_state_config(tmp_path).read_text())
+    wrapped = config["wrapped_model"]
+    mesh = {"instance_key": "device_mesh", "pass_type": "BY_REFERENCE"}
+    wrapped["variant_key"] = "fsdp2_wrapped"
+    wrapped["config"] = {"model": wrapped["config"]["model"], "block_names": wrapped["config"]["block_names"],
+                         "mixed_precision_settings": {"param_dtype": precision, "reduce_dtype": precision},
+                         "reshard_after_forward": True, "device_mesh": mesh, **extra}  # fmt: skip
+    clipper = config["gradient_clipper"]
+    clipper["variant_key"] = clipper_variant
+    model = clipper["config"]["wrapped_model"]
+    clipper["config"] = {"norm_type": "P2_NORM", "device_mesh": mesh,
+                         **{key: model for key in model_key.split(",")}}  # fmt: skip
+    if clipper_variant == "fsdp2":
+        clipper["config"]["max_norm"] = 0.5
+    path = tmp_path / "fsdp2.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _built(monkeypatch, config: Path, *overrides: str):
+    from lorafit.build import build_run, load_run_config
+    from lorafit.config.context import build_context
+
+    for name, value in (("WORLD_SIZE", 2), ("RANK", 0), ("LOCAL_RANK", 0)):
+        monkeypatch.setenv(name, str(value))
+    monkeypatch.chdir(REPO)
+    _config, graph = load_run_config(config, overrides=overrides)
+    with build_context(meta_device=True, load_weights=False, announce=False):
+        return build_run(graph)
+
+
+@pytest.mark.parametrize(("fsdp1", "fsdp2"), [("FP_32", "FP_32"), ("BF_16", "BF_16")])
+def test_fsdp2_wrapped_and_clipper_resolve_as_fsdp_wrapped(tmp_path, monkeypatch, fsdp1, fsdp2):
+    from lorafit.distributed.parallel import FSDP2Strategy
+
+    sizes = ("settings.training.sequence_length=128", "evaluation_subscriber.config.mode=OFFLINE")
+    old = _built(monkeypatch, SHIPPED, *sizes, f"wrapped_model.config.mixed_precision_settings={fsdp1}",
+                 "gradient_clipper.config.max_norm=0.5")  # fmt: skip
+    new = _built(monkeypatch, _fsdp2_config(tmp_path, fsdp2), *sizes)
+    assert type(new.parallelism) is type(old.parallelism) is FSDP2Strategy
+    assert new.parallelism.config == old.parallelism.config
+    assert new.parallelism.config.mixed_precision == ("bf16" if fsdp2 == "BF_16" else "fp32")
+    assert new.settings == old.settings and new.settings.gradient_clipping == 0.5
+    assert new.modalities["plan"] == old.modalities["plan"]
+
+
+def test_fsdp2_clippers_and_keys(tmp_path, monkeypatch):
+    sizes = ("settings.training.sequence_length=128", "evaluation_subscriber.config.mode=OFFLINE")
+    path = _fsdp2_config(tmp_path, "FP_32")
+    plain = _validate(monkeypatch, SHIPPED, *sizes, world=2)
+    out = _validate(monkeypatch, path, *sizes, world=2)
+    assert out.splitlines()[1:] == plain.splitlines()[1:]
+    # fsdp2_logging_only with Modalities' deprecated alias wrapped_model: the norm logged, nothing clipped
+    only = _built(monkeypatch, _fsdp2_config(tmp_path, "FP_32", "fsdp2_logging_only", "wrapped_model"), *sizes)
+    assert only.settings.gradient_clipping is None
+    for extra, message in (
+        (
+            {"sharding_strategy": "FULL_SHARD"},
+            r"wrapped_model.config.sharding_strategy: unknown key 'sharding_strategy'; valid keys: block_names",
+        ),
+        ({"layers_per_fsdp_unit": 0}, r"wrapped_model.config.layers_per_fsdp_unit"),
+    ):
+        with pytest.raises(UserError, match=message):
+            _validate(monkeypatch, _fsdp2_config(tmp_path, "FP_32", **extra), *sizes, world=2)
+    with pytest.raises(UserError, match=r"wrapped_model.config.mixed_precision_settings.param_dtype: .*FP_16"):
+        _validate(monkeypatch, _fsdp2_config(tmp_path, "FP_16"), *sizes, world=2)
+    both = _fsdp2_config(tmp_path, "FP_32", "fsdp2", "model_parts,wrapped_model")
+    with pytest.raises(UserError, match=r"gradient_clipper.config.*model_parts .*exactly once"):
+        _validate(monkeypatch, both, *sizes, world=2)

@@ -1,10 +1,12 @@
 """Modalities' training components: what each means, turned into the settings of lorafit's one training loop.
 
 model/fsdp_wrapped            -> parallelism fsdp2 (FULL_SHARD, HYBRID_SHARD, SHARD_GRAD_OP) or ddp (NO_SHARD)
+model/fsdp2_wrapped           -> parallelism fsdp2 (modalities 0.5.0 / main; the same build, param_dtype -> precision)
 optimizer/adam_w, adam        -> torch AdamW / Adam over the trainable parameters, Modalities' one group
 scheduler/onecycle_lr, step_lr, constant_lr, cosine_annealing_lr, dummy_lr -> the torch scheduler, as configured
 loss/clm_cross_entropy_loss   -> token cross-entropy, mean per micro-batch, averaged over micro-batches and ranks
 gradient_clipper/fsdp, fsdp_logging_only, dummy -> clip to max_norm / only log the norm / nothing
+gradient_clipper/fsdp2, fsdp2_logging_only       -> the same as fsdp, fsdp_logging_only (over the run's one mesh)
 Checkpoint saving, number conversion and subscribers: modalities/checkpointing.py, numbers.py, subscribers.py.
 """
 
@@ -15,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, create_model, field_validator
+from pydantic import Field, create_model, field_validator, model_validator
 from torch import nn
 
 from lorafit.config.registry import Component, ComponentConfig, register_component
@@ -66,12 +68,45 @@ def build_fsdp_wrapped(config: FSDPWrappedConfig) -> nn.Module:
     return model
 
 
+class FSDP2PrecisionConfig(ComponentConfig):
+    """Modalities' FSDP2MixedPrecisionSettings (PyTorchDtypes names)."""
+
+    param_dtype: Literal["FP_32", "BF_16", "FP_16"]
+    reduce_dtype: Literal["FP_32", "BF_16", "FP_16"]
+
+    @field_validator("param_dtype")
+    @classmethod
+    def _param(cls, value: str) -> str:
+        if value == "FP_16":
+            raise ValueError("FP_16 (fp16 parameters) is not supported by lorafit; use FP_32 or BF_16")
+        return value
+
+
+class FSDP2WrappedConfig(ComponentConfig):
+    """Modalities' FSDP2 wrapping (modalities 0.5.0 and main): lorafit's FSDP2, as for fsdp_wrapped."""
+
+    model: Component("model")
+    block_names: list[str]
+    mixed_precision_settings: FSDP2PrecisionConfig
+    # no effect on results, said in docs/modalities.md: lorafit reshards every block after forward, one block a unit
+    reshard_after_forward: bool = True
+    device_mesh: Component("device_mesh")
+    layers_per_fsdp_unit: int = Field(1, ge=1)
+
+
+register_component("model", "fsdp2_wrapped", FSDP2WrappedConfig)(build_fsdp_wrapped)
+
+
 def parallelism_of(wrapped: dict[str, Any], *, activation_checkpointing: bool = False) -> Any:
-    """The strategy an `fsdp_wrapped` config block asks for (activation checkpointing: of every decoder block)."""
+    """The strategy an `fsdp_wrapped` / `fsdp2_wrapped` config block asks for (activation checkpointing: of every
+    decoder block)."""
     from lorafit.distributed.parallel import DDPStrategy, FSDP2Strategy, ParallelismConfig
 
     cfg = wrapped.get("config") or {}
-    precision = "bf16" if str(cfg.get("mixed_precision_settings", "FP_32")).startswith("BF_16") else "fp32"
+    settings = cfg.get("mixed_precision_settings", "FP_32")
+    if isinstance(settings, dict):  # fsdp2_wrapped: the parameters' dtype; gradients are reduced in fp32 regardless
+        settings = settings.get("param_dtype", "FP_32")
+    precision = "bf16" if str(settings).startswith("BF_16") else "fp32"
     strategy = DDPStrategy if cfg.get("sharding_strategy") == "NO_SHARD" else FSDP2Strategy
     return strategy(ParallelismConfig(mixed_precision=precision, activation_checkpointing=activation_checkpointing))
 
@@ -283,6 +318,34 @@ def build_logging_only_clipper(config: FSDPLoggingOnlyConfig) -> Clipper:
     """Only compute (and log) the global gradient norm."""
     _check_norm(config.norm_type)
     return Clipper(None)
+
+
+class FSDP2ClipperMixin(ComponentConfig):
+    """Modalities' FSDP2 clippers: the model as `model_parts` (`wrapped_model`, its deprecated alias, still
+    accepted, as in Modalities) and the device mesh the norm is reduced over (lorafit's: every process)."""
+
+    model_parts: Component("model") | None = None
+    wrapped_model: Component("model") | None = None
+    device_mesh: Component("device_mesh")
+
+    @model_validator(mode="after")
+    def _one_model(self) -> FSDP2ClipperMixin:
+        if (self.model_parts is None) == (self.wrapped_model is None):
+            raise ValueError("give the model as model_parts (or its deprecated alias wrapped_model), exactly once")
+        return self
+
+
+class FSDP2ClipperConfig(FSDP2ClipperMixin):
+    norm_type: str
+    max_norm: float = Field(gt=0)
+
+
+class FSDP2LoggingOnlyConfig(FSDP2ClipperMixin):
+    norm_type: str
+
+
+register_component("gradient_clipper", "fsdp2", FSDP2ClipperConfig)(build_fsdp_clipper)
+register_component("gradient_clipper", "fsdp2_logging_only", FSDP2LoggingOnlyConfig)(build_logging_only_clipper)
 
 
 @register_component("gradient_clipper", "dummy", ComponentConfig)
