@@ -147,7 +147,33 @@ def test_fsdp2_wrapped_and_clipper_resolve_as_fsdp_wrapped(tmp_path, monkeypatch
     assert new.modalities["plan"] == old.modalities["plan"]
 
 
-def test_fsdp2_clippers_and_keys(tmp_path, monkeypatch):
+def test_fsdp2_keys_are_modalities_050s():
+    """lorafit's fsdp2 configs take the keys of the installed modalities 0.5.0's classes (FSDP2WrappedModelConfig read
+    from its source: its module needs a transformers that still has LlamaTokenizerFast)."""
+    import ast
+    import importlib.util
+    import typing
+
+    from modalities.running_env.env_utils import FSDP2MixedPrecisionSettings, PyTorchDtypes
+    from modalities.training.gradient_clipping import fsdp_gradient_clipper_config as clippers
+
+    from lorafit.modalities import training
+
+    source = Path(importlib.util.find_spec("modalities").origin).parent / "config" / "config.py"
+    tree = ast.parse(source.read_text())
+    wrapped = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "FSDP2WrappedModelConfig")
+    keys = {s.target.id for s in wrapped.body if isinstance(s, ast.AnnAssign)}
+    assert keys == set(training.FSDP2WrappedConfig.model_fields)
+    assert set(FSDP2MixedPrecisionSettings.model_fields) == set(training.FSDP2PrecisionConfig.model_fields)
+    dtypes = typing.get_args(training.FSDP2PrecisionConfig.model_fields["reduce_dtype"].annotation)
+    assert set(dtypes) == {d.name for d in PyTorchDtypes}
+    # model_parts, and wrapped_model: its deprecated alias in Modalities
+    for ours, theirs in ((training.FSDP2ClipperConfig, clippers.FSDP2GradientClipperConfig),
+                         (training.FSDP2LoggingOnlyConfig, clippers.FSDP2DummyGradientClipperConfig)):  # fmt: skip
+        assert set(ours.model_fields) == set(theirs.model_fields) | {"wrapped_model"}
+
+
+def test_fsdp2_clippers_and_keys(tmp_path, monkeypatch, caplog):
     sizes = ("settings.training.sequence_length=128", "evaluation_subscriber.config.mode=OFFLINE")
     path = _fsdp2_config(tmp_path, "FP_32")
     plain = _validate(monkeypatch, SHIPPED, *sizes, world=2)
@@ -156,6 +182,10 @@ def test_fsdp2_clippers_and_keys(tmp_path, monkeypatch):
     # fsdp2_logging_only with Modalities' deprecated alias wrapped_model: the norm logged, nothing clipped
     only = _built(monkeypatch, _fsdp2_config(tmp_path, "FP_32", "fsdp2_logging_only", "wrapped_model"), *sizes)
     assert only.settings.gradient_clipping is None
+    caplog.set_level("INFO", logger="lorafit.modalities.training")
+    _built(monkeypatch, _fsdp2_config(tmp_path, "BF_16", reshard_after_forward=False), *sizes)
+    for key in ("mixed_precision_settings.reduce_dtype BF_16", "reshard_after_forward False"):
+        assert f"model/fsdp2_wrapped {key}: no effect on results" in caplog.text
     for extra, message in (
         (
             {"sharding_strategy": "FULL_SHARD"},

@@ -94,7 +94,17 @@ class FSDP2WrappedConfig(ComponentConfig):
     layers_per_fsdp_unit: int = Field(1, ge=1)
 
 
-register_component("model", "fsdp2_wrapped", FSDP2WrappedConfig)(build_fsdp_wrapped)
+@register_component("model", "fsdp2_wrapped", FSDP2WrappedConfig)
+def build_fsdp2_wrapped(config: FSDP2WrappedConfig) -> nn.Module:
+    """The model, to be sharded by the run with FSDP2 over its block_names (checked to exist), as fsdp_wrapped."""
+    for key, value, default in (
+        ("mixed_precision_settings.reduce_dtype", config.mixed_precision_settings.reduce_dtype, "FP_32"),
+        ("reshard_after_forward", config.reshard_after_forward, True),
+        ("layers_per_fsdp_unit", config.layers_per_fsdp_unit, 1),
+    ):
+        if value != default:  # memory and communication only (docs/modalities.md says why), so not an error
+            log.info("model/fsdp2_wrapped %s %s: no effect on results in lorafit (docs/modalities.md)", key, value)
+    return build_fsdp_wrapped(config)
 
 
 def parallelism_of(wrapped: dict[str, Any], *, activation_checkpointing: bool = False) -> Any:
