@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from lorafit.errors import UserError
-from lorafit.models.weights import _as_state_dict, _read_torch, key_problems, resolve_weights_path
+from lorafit.models.weights import _as_state_dict, _read_torch, key_problems, resolve_weights_path, retie, tied_groups
 from lorafit.models.wrappers import is_dtensor
 
 _ATTR = "_lorafit_weights_after_sharding"
@@ -54,6 +54,7 @@ class WeightFile:
 
     source: str  # the path as the config names it, for messages
     tensors: dict[str, FileTensor]
+    tied: list[list[str]]  # names of parameters that were one tensor when the file was recorded
 
 
 def file_tensors(path: str | Path, *, field: str | None = None) -> dict[str, FileTensor]:
@@ -85,7 +86,7 @@ def defer_weights(model: nn.Module, tensors: dict[str, FileTensor], *, source: s
     problem = key_problems(model, tensors, source)  # also fills a tied partner the file keeps once
     if problem:
         raise UserError(problem, field=field)
-    setattr(model, _ATTR, WeightFile(source, tensors))
+    setattr(model, _ATTR, WeightFile(source, tensors, tied_groups(model)))
     return model
 
 
@@ -122,6 +123,9 @@ def load_shards(model: nn.Module) -> list[str]:
     if recorded is None:
         raise RuntimeError("load_shards: no weights file was recorded for this model (defer_weights)")
     tensors = recorded.tensors
+    for group in recorded.tied:  # FSDP2 keeps them one parameter; a plain module's `to_empty` unties them
+        if len({id(model.get_parameter(name)) for name in group}) > 1:
+            retie(model, [group])
     names_of: dict[int, list[str]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         names_of.setdefault(id(param), []).append(name)
