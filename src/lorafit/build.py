@@ -184,7 +184,7 @@ def _shards_with_fsdp2(config: dict[str, Any]) -> bool:
         from lorafit.distributed.parallel import FSDP2Strategy
         from lorafit.modalities.training import parallelism_of
 
-        return isinstance(parallelism_of(config.get("wrapped_model") or {}), FSDP2Strategy)
+        return isinstance(parallelism_of(modalities_run.wrapped_model_block(config)), FSDP2Strategy)
     spec = _parallelism_spec(config)
     return spec is None or spec.get("variant_key", "fsdp2") == "fsdp2"  # absent: fsdp2 (torchrun)
 

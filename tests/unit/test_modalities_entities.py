@@ -200,3 +200,31 @@ def test_fsdp2_clippers_and_keys(tmp_path, monkeypatch, caplog):
     both = _fsdp2_config(tmp_path, "FP_32", "fsdp2", "model_parts,wrapped_model")
     with pytest.raises(UserError, match=r"gradient_clipper.config.*model_parts .*exactly once"):
         _validate(monkeypatch, both, *sizes, world=2)
+
+
+def test_precision_is_read_through_model_initialized():
+    """Modalities 0.5.0 initialises after sharding (model_initialized {model: fsdp2_wrapped}): the run's precision and
+    sharding come from the fsdp block however deep it sits, not from the outermost model (it was fp32 silently)."""
+    from lorafit.build import _shards_with_fsdp2
+    from lorafit.distributed.parallel import DDPStrategy
+    from lorafit.modalities.run import wrapped_model_block
+    from lorafit.modalities.training import parallelism_of
+
+    ref = {"pass_type": "BY_REFERENCE"}
+    fsdp2 = {"component_key": "model", "variant_key": "fsdp2_wrapped",
+             "config": {"model": {**ref, "instance_key": "model_raw"},
+                        "mixed_precision_settings": {"param_dtype": "BF_16", "reduce_dtype": "BF_16"}}}  # fmt: skip
+    initialized = {"component_key": "model", "variant_key": "model_initialized",
+                   "config": {"model": {**ref, "instance_key": "sharded"}}}  # fmt: skip
+    raw = {"component_key": "model", "variant_key": "huggingface_pretrained_model", "config": {}}
+    config = {"model_raw": raw, "sharded": fsdp2, "wrapped_model": initialized, "train_dataloader": {}}
+    assert wrapped_model_block(config) is fsdp2
+    assert parallelism_of(wrapped_model_block(config)).config.mixed_precision == "bf16"
+    app = {"component_key": "app_state", "variant_key": "raw",
+           "config": {"model": {**ref, "instance_key": "wrapped_model"}}}  # fmt: skip
+    assert wrapped_model_block({**config, "app_state": app}) is fsdp2
+    ddp = {**fsdp2, "variant_key": "fsdp_wrapped", "config": {**fsdp2["config"], "sharding_strategy": "NO_SHARD"}}
+    assert isinstance(parallelism_of(wrapped_model_block({**config, "sharded": ddp})), DDPStrategy)
+    assert _shards_with_fsdp2({**config, "app_state": app}) and not _shards_with_fsdp2({**config, "sharded": ddp})
+    # no fsdp block at all: the outermost model, as before
+    assert wrapped_model_block({"model_raw": raw, "wrapped_model": raw, "train_dataloader": {}}) is raw

@@ -217,7 +217,16 @@ def wrapped_model_block(config: dict[str, Any]) -> dict[str, Any]:
             node = config[node["instance_key"]]
         return node
 
-    return follow(follow(config["app_state"])["config"]["model"] if "app_state" in config else config["wrapped_model"])
+    top = follow(follow(config["app_state"])["config"]["model"] if "app_state" in config else config["wrapped_model"])
+    # Modalities 0.5.0 initialises after sharding: model_initialized {model: fsdp2_wrapped {...}}. The precision and
+    # sharding live in the fsdp block, however deep, so look through model wrappers down to it.
+    node = top
+    while isinstance(node, dict) and node.get("variant_key") not in ("fsdp_wrapped", "fsdp2_wrapped"):
+        inner = (node.get("config") or {}).get("model") if node.get("component_key") == "model" else None
+        if inner is None:
+            return top
+        node = follow(inner)
+    return node if isinstance(node, dict) else top
 
 
 def plan_of(settings: ModalitiesSettings, train: Any, world: int) -> dict[str, Any]:
