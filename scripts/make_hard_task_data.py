@@ -20,13 +20,12 @@ Pure Python and seeded: the same arguments always write byte-identical files.
 
 from __future__ import annotations
 
-import argparse
 import random
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_task_data import CITIES, FIRST_NAMES, LAST_NAMES, write_jsonl
+from make_task_data import CITIES, FIRST_NAMES, LAST_NAMES, task_data_main
 
 MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
           "November", "December"]  # fmt: skip
@@ -103,16 +102,7 @@ def make_task(n_train: int, n_heldout: int, seed: int) -> tuple[list[dict], list
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("data/task_hard"), help="folder for the two jsonl files")
-    parser.add_argument("--train", type=int, default=1200, help="number of training examples")
-    parser.add_argument("--heldout", type=int, default=64, help="number of held-out examples")
-    parser.add_argument("--seed", type=int, default=4321)
-    args = parser.parse_args(argv)
-    train, heldout = make_task(args.train, args.heldout, args.seed)
-    write_jsonl(args.out / "train.jsonl", train)
-    write_jsonl(args.out / "heldout.jsonl", heldout)
-    print(f"wrote {len(train)} training and {len(heldout)} held-out examples to {args.out}")
+    task_data_main(make_task, __doc__.splitlines()[0], Path("data/task_hard"), 4321, argv)
 
 
 if __name__ == "__main__":

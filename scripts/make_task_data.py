@@ -140,17 +140,23 @@ def write_jsonl(path: Path, examples: list[dict]) -> None:
             f.write(json.dumps(example, ensure_ascii=False) + "\n")
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("data/task"), help="folder for train.jsonl and heldout.jsonl")
+def task_data_main(make, description: str, out: Path, seed: int, argv: list[str] | None = None) -> None:
+    """The command line of both task generators: `make(n_train, n_heldout, seed)` -> OUT/train.jsonl and
+    OUT/heldout.jsonl."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--out", type=Path, default=out, help="folder for train.jsonl and heldout.jsonl")
     parser.add_argument("--train", type=int, default=1200, help="number of training examples")
     parser.add_argument("--heldout", type=int, default=64, help="number of held-out examples")
-    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--seed", type=int, default=seed)
     args = parser.parse_args(argv)
-    train, heldout = make_task(args.train, args.heldout, args.seed)
+    train, heldout = make(args.train, args.heldout, args.seed)
     write_jsonl(args.out / "train.jsonl", train)
     write_jsonl(args.out / "heldout.jsonl", heldout)
     print(f"wrote {len(train)} training and {len(heldout)} held-out examples to {args.out}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    task_data_main(make_task, __doc__.splitlines()[0], Path("data/task"), 1234, argv)
 
 
 if __name__ == "__main__":

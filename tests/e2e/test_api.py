@@ -10,12 +10,12 @@ import yaml
 import lorafit
 from lorafit.cli import main
 from lorafit.errors import ConfigError, UserError
-from tiny import tiny_run_config
+from tiny_runs import evaluated_run_config
 
 
 @pytest.fixture
 def config(tiny_model_dir, tmp_path):
-    config = tiny_run_config(tiny_model_dir, tmp_path, steps=2)
+    config = evaluated_run_config(tiny_model_dir, tmp_path, steps=2)
     del config["evaluators"]
     config["settings"]["intervals"] = {"training_log_interval_in_steps": 1}
     return config

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from lorafit.cli import main
-from tiny import tiny_run_config
+from tiny_runs import evaluated_run_config
 
 STEPS = 3
 
@@ -17,7 +17,7 @@ STEPS = 3
 @pytest.fixture(scope="module")
 def config_path(tiny_model_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cli_output")
-    config = tiny_run_config(tiny_model_dir, tmp, steps=STEPS)
+    config = evaluated_run_config(tiny_model_dir, tmp, steps=STEPS)
     del config["evaluators"]
     config["settings"]["intervals"] = {"training_log_interval_in_steps": 1, "evaluation_interval_in_steps": 2}
     path = tmp / "c.yaml"

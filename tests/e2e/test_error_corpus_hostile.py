@@ -19,55 +19,19 @@ from pathlib import Path
 import pytest
 import yaml
 
+import tiny_runs
 from lorafit.cli import main
-
-REPO = Path(__file__).resolve().parents[2]
-LOREM = REPO / "data" / "lorem_ipsum" / "lorem_ipsum.txt"
+from tiny_runs import LOREM
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def tiny_run_config(model_dir: Path, train_path: Path, cache_path: Path, *, steps: int = 1) -> dict:
+def smallest_run_config(model_dir: Path, train_path: Path, cache_path: Path, *, steps: int = 1) -> dict:
     """The smallest complete run: LoRA on the tiny Llama, one step, the raw text file cached at `cache_path`."""
-    ref = {"instance_key": "tokenizer", "pass_type": "BY_REFERENCE"}
-    return {
-        "settings": {
-            "seed": 1,
-            "step_profile": {
-                "local_train_micro_batch_size": 1,
-                "gradient_accumulation_steps": 1,
-                "sequence_length": 16,
-            },
-            "training_target": {"num_target_steps": steps},
-            "intervals": {
-                "training_log_interval_in_steps": 1,
-                "checkpointing_interval_in_steps": steps,
-                "evaluation_interval_in_steps": steps,
-            },
-        },
-        "tokenizer": {"component_key": "tokenizer", "variant_key": "huggingface", "config": {"path": str(model_dir)}},
-        "base_model": {
-            "component_key": "model",
-            "variant_key": "huggingface_pretrained_model",
-            "config": {"model_name_or_path": str(model_dir)},
-        },
-        "model": {
-            "component_key": "model",
-            "variant_key": "lora",
-            "config": {
-                "r": 2,
-                "alpha": 4,
-                "target_layers": ["q_proj"],
-                "model": {"instance_key": "base_model", "pass_type": "BY_REFERENCE"},
-            },
-        },
-        "train_dataset": {
-            "component_key": "dataset",
-            "variant_key": "text",
-            "config": {"path": str(train_path), "cache_path": str(cache_path), "tokenizer": ref},
-        },
-        "optimizer": {"component_key": "optimizer", "variant_key": "adamw", "config": {"lr": 1e-3}},
-        "scheduler": {"component_key": "scheduler", "variant_key": "constant", "config": {}},
-    }
+    every = {"training_log_interval_in_steps": 1, "checkpointing_interval_in_steps": steps,
+             "evaluation_interval_in_steps": steps}  # fmt: skip
+    return tiny_runs.tiny_run_config(model_dir, data=train_path, cache_path=cache_path, seed=1, micro=1, accum=1,
+                                     sequence_length=16, steps=steps, intervals=every, r=2, alpha=4,
+                                     targets=("q_proj",), lr=1e-3, scheduler="constant")  # fmt: skip
 
 
 def write_yaml(path: Path, config: dict) -> Path:
@@ -125,7 +89,7 @@ USER_JSON = b'{"mine": true, "notes": "hand-written"}\n'
 def test_cache_path_onto_the_users_own_files_is_refused(command, tmp_path, tiny_model_dir, capsys):
     (tmp_path / "corpus.bin").write_bytes(USER_BIN)
     (tmp_path / "corpus.json").write_bytes(USER_JSON)
-    config = write_yaml(tmp_path / "config.yaml", tiny_run_config(tiny_model_dir, LOREM, tmp_path / "corpus"))
+    config = write_yaml(tmp_path / "config.yaml", smallest_run_config(tiny_model_dir, LOREM, tmp_path / "corpus"))
     before = snapshot(tmp_path)
     argv = [command, "--config_file_path", str(config)]
     if command == "run":
@@ -142,7 +106,7 @@ def test_cache_path_onto_another_files_pack_output_is_refused(tmp_path, tiny_mod
     pack = ["data", "pack", "--input", str(other), "--tokenizer", str(tiny_model_dir), "--output",
             str(tmp_path / "packed"), "--no_progress"]  # fmt: skip
     assert cli(pack, capsys)[0] == 0
-    config = write_yaml(tmp_path / "config.yaml", tiny_run_config(tiny_model_dir, LOREM, tmp_path / "packed"))
+    config = write_yaml(tmp_path / "config.yaml", smallest_run_config(tiny_model_dir, LOREM, tmp_path / "packed"))
     before = snapshot(tmp_path)
     run = ["run", "--config_file_path", str(config), "--experiments_root_path", str(tmp_path / "exp"),
            "--experiment_id", "x"]  # fmt: skip
@@ -156,7 +120,7 @@ def test_cache_replaces_only_its_own_files_for_the_same_source(tmp_path, tiny_mo
     a, b = tmp_path / "a.txt", tmp_path / "b.txt"
     a.write_text(LOREM.read_text())
     b.write_text(LOREM.read_text())
-    run_a = write_yaml(tmp_path / "a.yaml", tiny_run_config(tiny_model_dir, a, tmp_path / "cache" / "c"))
+    run_a = write_yaml(tmp_path / "a.yaml", smallest_run_config(tiny_model_dir, a, tmp_path / "cache" / "c"))
     argv = ["run", "--config_file_path", str(run_a), "--experiments_root_path", str(tmp_path / "exp")]
     assert cli([*argv, "--experiment_id", "a1"], capsys)[0] == 0
     first = (tmp_path / "cache" / "c.bin").read_bytes()
@@ -164,7 +128,7 @@ def test_cache_replaces_only_its_own_files_for_the_same_source(tmp_path, tiny_mo
     assert cli([*argv, "--experiment_id", "a2"], capsys)[0] == 0  # its own, stale: repacked
     assert (tmp_path / "cache" / "c.bin").read_bytes() != first
 
-    run_b = write_yaml(tmp_path / "b.yaml", tiny_run_config(tiny_model_dir, b, tmp_path / "cache" / "c"))
+    run_b = write_yaml(tmp_path / "b.yaml", smallest_run_config(tiny_model_dir, b, tmp_path / "cache" / "c"))
     before = snapshot(tmp_path / "cache")
     code, err = cli(["validate", "--config_file_path", str(run_b)], capsys)
     assert_one_error(code, err, "train_dataset.config.cache_path:", "the cache of another file", str(a.resolve()))
@@ -255,7 +219,7 @@ def test_untrusted_adapter_config_is_checked_before_anything_is_allocated(
 
 # ----------------------------------------------------------- 8, 12, 14. hostile YAML: aliases, depth, duplicate keys
 def _valid_config_text(tmp_path: Path, model_dir: Path) -> str:
-    return yaml.safe_dump(tiny_run_config(model_dir, LOREM, tmp_path / "cache" / "lorem"), sort_keys=False)
+    return yaml.safe_dump(smallest_run_config(model_dir, LOREM, tmp_path / "cache" / "lorem"), sort_keys=False)
 
 
 def test_alias_bomb_is_refused_at_once_even_under_an_unknown_key(tmp_path, tiny_model_dir):
@@ -328,7 +292,7 @@ def read_only_mount(folder: Path, argv: list[str], timeout: float = 120) -> subp
 
 
 def test_read_only_experiments_root_is_one_error_and_leaves_no_run_folder(tmp_path, tiny_model_dir):
-    config = write_yaml(tmp_path / "config.yaml", tiny_run_config(tiny_model_dir, LOREM, tmp_path / "cache" / "c"))
+    config = write_yaml(tmp_path / "config.yaml", smallest_run_config(tiny_model_dir, LOREM, tmp_path / "cache" / "c"))
     (tmp_path / "exp").mkdir()
     before = snapshot(tmp_path)
     result = read_only_mount(tmp_path / "exp", run_argv(config, tmp_path / "exp"))
@@ -339,7 +303,7 @@ def test_read_only_experiments_root_is_one_error_and_leaves_no_run_folder(tmp_pa
 
 def test_read_only_dataset_cache_is_one_error_naming_cache_path_and_leaves_no_run_folder(tmp_path, tiny_model_dir):
     (tmp_path / "cache").mkdir()
-    config = write_yaml(tmp_path / "config.yaml", tiny_run_config(tiny_model_dir, LOREM, tmp_path / "cache" / "c"))
+    config = write_yaml(tmp_path / "config.yaml", smallest_run_config(tiny_model_dir, LOREM, tmp_path / "cache" / "c"))
     before = snapshot(tmp_path)
     result = read_only_mount(tmp_path / "cache", run_argv(config, tmp_path / "exp"))
     assert_one_error(result.returncode, result.stderr, "train_dataset.config.cache_path: cannot write the dataset "
@@ -354,7 +318,7 @@ def test_disk_full_while_writing_a_checkpoint_keeps_the_previous_one_and_resume_
     import resource
 
     def config(steps: int) -> Path:
-        c = tiny_run_config(tiny_model_dir, LOREM, tmp_path / "cache" / "c", steps=steps)
+        c = smallest_run_config(tiny_model_dir, LOREM, tmp_path / "cache" / "c", steps=steps)
         c["settings"]["intervals"]["checkpointing_interval_in_steps"] = 1
         return write_yaml(tmp_path / f"config{steps}.yaml", c)
 
@@ -379,7 +343,7 @@ def test_disk_full_while_writing_a_checkpoint_keeps_the_previous_one_and_resume_
 
 
 def test_experiments_root_that_is_a_file(tmp_path, tiny_model_dir, capsys):
-    config = write_yaml(tmp_path / "config.yaml", tiny_run_config(tiny_model_dir, LOREM, tmp_path / "cache" / "c"))
+    config = write_yaml(tmp_path / "config.yaml", smallest_run_config(tiny_model_dir, LOREM, tmp_path / "cache" / "c"))
     (tmp_path / "exp").write_text("a file, not a folder")
     before = snapshot(tmp_path)
     code, err = cli(run_argv(config, tmp_path / "exp" / "inner"), capsys)
@@ -399,7 +363,7 @@ def test_experiments_root_that_is_a_file(tmp_path, tiny_model_dir, capsys):
 )
 def test_experiment_id_is_one_folder_name(experiment_id, fragments, tmp_path, tiny_model_dir, capsys):
     """Items 11 (a 300-character id) and 15 (ids that would write outside the experiments root)."""
-    config = write_yaml(tmp_path / "config.yaml", tiny_run_config(tiny_model_dir, LOREM, tmp_path / "cache" / "c"))
+    config = write_yaml(tmp_path / "config.yaml", smallest_run_config(tiny_model_dir, LOREM, tmp_path / "cache" / "c"))
     (tmp_path / "exp").mkdir()
     before = snapshot(tmp_path)
     code, err = cli(run_argv(config, tmp_path / "exp" / "root", experiment_id), capsys)
@@ -432,7 +396,7 @@ def test_generate_names_model_for_a_bad_model(tmp_path, capsys):
 def test_run_piped_into_head_trains_to_the_end(tmp_path, tiny_model_dir):
     """`lorafit run ... | head -2`: the reader exits after two lines; the run still trains and writes its folder."""
     config = write_yaml(tmp_path / "config.yaml",
-                        tiny_run_config(tiny_model_dir, LOREM, tmp_path / "cache" / "c", steps=2))  # fmt: skip
+                        smallest_run_config(tiny_model_dir, LOREM, tmp_path / "cache" / "c", steps=2))  # fmt: skip
     argv = " ".join(run_argv(config, tmp_path / "exp"))
     command = f'"{sys.executable}" -m lorafit {argv} 2>"{tmp_path}/stderr.txt" | head -2; exit "${{PIPESTATUS[0]}}"'
     result = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=120)
@@ -454,7 +418,7 @@ def test_tokenizer_larger_than_the_models_vocabulary_is_caught_at_validate(tmp_p
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     tokenizer.add_tokens([f"<extra_{i}>" for i in range(100)])
     tokenizer.save_pretrained(tmp_path / "big_tokenizer")
-    config = tiny_run_config(tiny_model_dir, LOREM, tmp_path / "cache" / "c")
+    config = smallest_run_config(tiny_model_dir, LOREM, tmp_path / "cache" / "c")
     config["tokenizer"]["config"]["path"] = str(tmp_path / "big_tokenizer")
     path = write_yaml(tmp_path / "config.yaml", config)
     before = snapshot(tmp_path)
@@ -464,7 +428,7 @@ def test_tokenizer_larger_than_the_models_vocabulary_is_caught_at_validate(tmp_p
 
 
 def test_a_diverging_learning_rate_is_reported_as_such_not_as_wiring(tmp_path, tiny_model_dir, capsys):
-    config = tiny_run_config(tiny_model_dir, LOREM, tmp_path / "cache" / "c", steps=3)
+    config = smallest_run_config(tiny_model_dir, LOREM, tmp_path / "cache" / "c", steps=3)
     config["settings"]["step_profile"] = {"local_train_micro_batch_size": 2, "gradient_accumulation_steps": 2,
                                           "sequence_length": 32}  # fmt: skip
     config["settings"]["intervals"]["checkpointing_interval_in_steps"] = 1
@@ -484,7 +448,7 @@ def test_stale_distributed_environment_says_what_it_waits_for_and_times_out(tmp_
     with socket.socket() as s:  # a free port: nobody will ever join there
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    config = write_yaml(tmp_path / "config.yaml", tiny_run_config(tiny_model_dir, LOREM, tmp_path / "cache" / "c"))
+    config = write_yaml(tmp_path / "config.yaml", smallest_run_config(tiny_model_dir, LOREM, tmp_path / "cache" / "c"))
     env = {"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
            "LORAFIT_RENDEZVOUS_TIMEOUT": "2"}  # fmt: skip
     clean = {k: v for k, v in os.environ.items() if not k.startswith("TORCHELASTIC")}

@@ -7,12 +7,13 @@ from pathlib import Path
 
 import yaml
 
-from cli_run import LOREM, lorafit, lorafit_run, metrics, tiny_run_config
+from cli_run import lorafit, lorafit_run, metrics
+from tiny_runs import tiny_run_config
 
 
 def write(tmp_path: Path, model_dir: Path, targets: tuple[str, ...]) -> Path:
     path = tmp_path / f"{'_'.join(targets)}.yaml"
-    path.write_text(yaml.safe_dump(tiny_run_config(model_dir, LOREM, tmp_path, targets=targets, steps=2)))
+    path.write_text(yaml.safe_dump(tiny_run_config(model_dir, cache_path=tmp_path / "lorem", targets=targets, steps=2)))
     return path
 
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cli_run import LOREM, REPO, lorafit_run, metrics, tiny_run_config
+from cli_run import REPO, lorafit_run, metrics
+from tiny_runs import LOREM, tiny_run_config
 
 
 def tree_digest(folder: Path) -> dict[str, str]:
@@ -42,7 +43,11 @@ def source(tmp_path_factory, tiny_model_dir):
 
     def write(name: str, **changes) -> Path:
         path = tmp / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(tiny_run_config(tiny_model_dir, data, tmp, **changes), sort_keys=False))
+        path.write_text(
+            yaml.safe_dump(
+                tiny_run_config(tiny_model_dir, data=data, cache_path=tmp / "lorem", **changes), sort_keys=False
+            )
+        )
         return path
 
     proc = lorafit_run(write("base"), root, "--experiment_id", "src")

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from lorafit.cli import main
-from tiny import tiny_run_config
+from tiny_runs import evaluated_run_config
 from tracker_files import mlflow_metrics, wandb_config, wandb_history
 
 STEPS = 4
@@ -24,7 +24,7 @@ def tracked_run(tiny_model_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("trackers")
     loggers = {"wandb": {"mode": "OFFLINE", "project": "lorafit-test"}, "mlflow": {"experiment_name": "tiny"}}
     path = tmp / "tracked.yaml"
-    path.write_text(yaml.safe_dump(tiny_run_config(tiny_model_dir, tmp, loggers, steps=STEPS), sort_keys=False))
+    path.write_text(yaml.safe_dump(evaluated_run_config(tiny_model_dir, tmp, loggers, steps=STEPS), sort_keys=False))
     assert (
         main(
             [
@@ -100,7 +100,7 @@ def test_tensorboard_events_hold_every_number(tracked_run):
 
 def test_log_says_which_loggers_are_on_and_off(tiny_model_dir, tmp_path, capsys):
     path = tmp_path / "c.yaml"
-    config = tiny_run_config(tiny_model_dir, tmp_path, {"tensorboard": False, "wandb": {"mode": "disabled"}})
+    config = evaluated_run_config(tiny_model_dir, tmp_path, {"tensorboard": False, "wandb": {"mode": "disabled"}})
     config["settings"]["training_target"]["num_target_steps"] = 1
     del config["evaluators"]
     path.write_text(yaml.safe_dump(config))
@@ -118,7 +118,7 @@ def test_log_says_which_loggers_are_on_and_off(tiny_model_dir, tmp_path, capsys)
 def test_missing_tracker_package_is_one_clear_error(tiny_model_dir, tmp_path, capsys, monkeypatch, key, module, extra):
     monkeypatch.setitem(sys.modules, module, None)  # what an environment without the package gives
     path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump(tiny_run_config(tiny_model_dir, tmp_path, {key: {}})))
+    path.write_text(yaml.safe_dump(evaluated_run_config(tiny_model_dir, tmp_path, {key: {}})))
     assert main(["validate", "--config_file_path", str(path)]) == 2
     err = " ".join(capsys.readouterr().err.split())
     assert f"settings.loggers.{key}: the '{module}' package is not installed; pip install 'lorafit[{extra}]'" in err
@@ -129,7 +129,7 @@ def test_missing_tracker_package_is_one_clear_error(tiny_model_dir, tmp_path, ca
 def test_bad_logger_settings_are_rejected_with_their_path(tiny_model_dir, tmp_path, capsys):
     path = tmp_path / "c.yaml"
     path.write_text(
-        yaml.safe_dump(tiny_run_config(tiny_model_dir, tmp_path, {"wandb": {"mode": "sometimes"}, "neptune": {}}))
+        yaml.safe_dump(evaluated_run_config(tiny_model_dir, tmp_path, {"wandb": {"mode": "sometimes"}, "neptune": {}}))
     )
     assert main(["validate", "--config_file_path", str(path)]) == 2
     err = " ".join(capsys.readouterr().err.split())
@@ -183,7 +183,7 @@ def test_wandb_online_without_an_account_is_one_clear_error(tiny_model_dir, tmp_
     monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.netrc: no stored W&B login
     monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb_config"))
     path = tmp_path / "c.yaml"
-    config = tiny_run_config(tiny_model_dir, tmp_path, {"wandb": {"mode": "online"}}, steps=1)
+    config = evaluated_run_config(tiny_model_dir, tmp_path, {"wandb": {"mode": "online"}}, steps=1)
     path.write_text(yaml.safe_dump(config))
     assert main(["run", "--config", str(path), "--experiments-root-path", str(tmp_path / "e")]) == 2
     err = " ".join(capsys.readouterr().err.split())
@@ -194,7 +194,7 @@ def test_wandb_online_without_an_account_is_one_clear_error(tiny_model_dir, tmp_
 
 
 def test_a_resumed_run_continues_its_mlflow_run_and_w_and_b_id(tiny_model_dir, tmp_path):
-    config = tiny_run_config(tiny_model_dir, tmp_path, {"wandb": {}, "mlflow": {}}, steps=2)
+    config = evaluated_run_config(tiny_model_dir, tmp_path, {"wandb": {}, "mlflow": {}}, steps=2)
     del config["evaluators"]
     config["settings"]["intervals"] = {"training_log_interval_in_steps": 1}
     path = tmp_path / "c.yaml"

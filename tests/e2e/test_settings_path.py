@@ -7,11 +7,12 @@ import re
 
 import yaml
 
-from cli_run import LOREM, lorafit, lorafit_run, metrics, tiny_run_config
+from cli_run import lorafit, lorafit_run, metrics
+from tiny_runs import tiny_run_config
 
 
 def test_validate_summary_equals_what_the_loop_does(tmp_path, tiny_model_dir):
-    config = tiny_run_config(tiny_model_dir, LOREM, tmp_path, micro=3, accum=2, steps=3)
+    config = tiny_run_config(tiny_model_dir, cache_path=tmp_path / "lorem", micro=3, accum=2, steps=3)
     config["settings"]["step_profile"]["sequence_length"] = 24
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(config))

@@ -33,8 +33,8 @@ def test_unknown_key_and_malformed_override_are_errors_listed_together():
 
 
 def test_run_records_overrides_in_resolved_config(tmp_path, tiny_model_dir):
-    from e2e.test_run_tiny import tiny_config
     from lorafit.cli import main
+    from tiny_runs import tiny_config
 
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(tiny_config(tiny_model_dir, tmp_path, steps=4)))

@@ -8,7 +8,7 @@ import yaml
 
 from lorafit.cli import main
 from lorafit.distributed.precision import cpu_flags, fastest_precision, resolve_precision
-from tiny import tiny_run_config
+from tiny_runs import evaluated_run_config
 
 CPU = torch.device("cpu")
 NO_AMX = frozenset({"avx2", "avx512f", "avx512_bf16"})  # the Xeon where bf16 measured 0.62x of fp32
@@ -37,7 +37,7 @@ def test_auto_says_what_it_picked(capsys, flags, expected):
 
 
 def test_auto_through_lorafit_run_on_this_machine(tiny_model_dir, tmp_path, capsys):
-    config = tiny_run_config(tiny_model_dir, tmp_path, steps=2)
+    config = evaluated_run_config(tiny_model_dir, tmp_path, steps=2)
     del config["evaluators"]
     config["parallelism"] = {"component_key": "parallelism", "variant_key": "none",
                              "config": {"mixed_precision": "auto"}}  # fmt: skip
