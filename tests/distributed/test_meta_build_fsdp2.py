@@ -22,14 +22,15 @@ import torch
 import torch.multiprocessing as mp
 import yaml
 
-from cli_run import LOREM, free_port, metrics, tiny_run_config
+from cli_run import free_port, metrics
 from engine_cases import one_thread  # noqa: F401 - autouse fixture
+from tiny_runs import tiny_run_config
 
 STEPS = 2
 
 
 def _configs(model_dir: Path, folder: Path) -> dict[str, Path]:
-    base = tiny_run_config(model_dir, LOREM, folder / "cache", micro=1, accum=2, steps=STEPS,
+    base = tiny_run_config(model_dir, cache_path=folder / "cache" / "lorem", micro=1, accum=2, steps=STEPS,
                            targets=("q_proj", "v_proj", "down_proj"))  # fmt: skip
     base["settings"]["intervals"]["checkpointing_interval_in_steps"] = STEPS
     hf = copy.deepcopy(base)
