@@ -102,11 +102,12 @@ def build_run(graph: ConfigGraph, *, world_size: int = 1) -> BuiltRun:
     if blocker is None:
         with build_context(meta_device=True):
             run = _build_run(graph)
-        return _after_meta_build(run)
+        return _after_meta_build(run, seed_adapters=not adapters_from_checkpoint(graph.config))
     if world_size > 1 and blocker != "not fsdp2":
         info(f"parallelism fsdp2: every rank builds the whole model and loads its weights before sharding: {blocker}")
     run = _build_run(graph)
-    _seed_adapters(run)
+    if not adapters_from_checkpoint(graph.config):
+        _seed_adapters(run)
     return run
 
 
@@ -138,6 +139,29 @@ def _build_run(graph: ConfigGraph) -> BuiltRun:
     return run
 
 
+def adapters_from_checkpoint(config: dict[str, Any]) -> bool:
+    """Whether a `model/checkpointed` wraps the `model/lora`: its file then holds every A and B (loading is strict),
+    and the run starts from them (Modalities' way to continue from a LoRA checkpoint) instead of drawing new ones."""
+
+    def resolve(node: Any) -> Any:
+        while is_reference(node):
+            node = config.get(node["instance_key"])
+        return node
+
+    def has_lora(node: Any) -> bool:
+        node = resolve(node)
+        if not isinstance(node, dict):
+            return False
+        if node.get("component_key") == "model" and node.get("variant_key") == "lora":
+            return True
+        return has_lora((node.get("config") or {}).get("model")) if node.get("component_key") == "model" else False
+
+    return any(
+        c.get("variant_key") == "checkpointed" and has_lora((c.get("config") or {}).get("model"))
+        for c in _components(config)
+    )
+
+
 def _seed_adapters(run: BuiltRun) -> None:
     """Adapters drawn from settings.seed, not from whatever state the global RNG had while building:
     the same config gives the same initial adapter in any process, on 1 rank or N. (pissa/olora layers that
@@ -160,7 +184,7 @@ def meta_build_blocker(config: dict[str, Any], world_size: int) -> str | None:
     """None when the run's model is built on the meta device and loaded after sharding; else why not."""
     if world_size < 2 or not _shards_with_fsdp2(config):
         return "not fsdp2"
-    if not _parallelism_config(config).get("load_after_sharding", True):
+    if not _load_after_sharding(config):
         return "parallelism.config.load_after_sharding is false"
     components = list(_components(config))
     if not any(c.get("component_key") == "model" and c.get("variant_key") in _WEIGHT_FILE_MODELS
@@ -196,9 +220,12 @@ def _parallelism_spec(config: dict[str, Any]) -> dict[str, Any] | None:
     return spec if isinstance(spec, dict) else None
 
 
-def _parallelism_config(config: dict[str, Any]) -> dict[str, Any]:
+def _load_after_sharding(config: dict[str, Any]) -> bool:
+    """The typed `parallelism/fsdp2` setting (the graph check validated it already; this reads the same value)."""
+    from lorafit.distributed.parallel import FSDP2Config
+
     spec = _parallelism_spec(config)
-    return (spec or {}).get("config") or {}
+    return FSDP2Config.model_validate((spec or {}).get("config") or {}).load_after_sharding
 
 
 def _components(value: Any):
@@ -212,32 +239,36 @@ def _components(value: Any):
             yield from _components(item)
 
 
-def _after_meta_build(run: BuiltRun) -> BuiltRun:
+def _after_meta_build(run: BuiltRun, *, seed_adapters: bool = True) -> BuiltRun:
     from lorafit.models.shard_loading import is_meta, weight_file
 
     if not is_meta(run.model):  # a builder loaded the model itself (and said why)
-        _seed_adapters(run)
+        if seed_adapters:
+            _seed_adapters(run)
         return run
     recorded = weight_file(run.model)
     if recorded is None:  # a meta model no file fills: what builds it is not a weights-file model
         raise UserError(f"the model ({type(run.model).__name__}) was built on the meta device for fsdp2, but no "
-                        "weights file was recorded for it; use parallelism ddp, or a model/checkpointed or "
+                        "weights file was recorded for it; set parallelism.config.load_after_sharding: false, use "
+                        "parallelism ddp, or a model/checkpointed or "
                         "model/huggingface_pretrained_model", field="model")  # fmt: skip
     info(f"parallelism fsdp2: the model is built on the meta device; after sharding, each rank reads only its "
          f"shards of {recorded.source}")  # fmt: skip
-    run.fill_weights_after_sharding = functools.partial(fill_weights_after_sharding, seed=run.settings.seed)
+    seed = run.settings.seed if seed_adapters else None
+    run.fill_weights_after_sharding = functools.partial(fill_weights_after_sharding, seed=seed)
     return run
 
 
-def fill_weights_after_sharding(model: Any, *, seed: int) -> None:
-    """Base weights (this rank's shards), rotary tables, then the adapters from `seed`: the order of one process."""
+def fill_weights_after_sharding(model: Any, *, seed: int | None) -> None:
+    """Base weights (this rank's shards), rotary tables, then the adapters from `seed`: the order of one process.
+    `seed` None: the file held the adapters too (`adapters_from_checkpoint`), they stay as loaded."""
     from lorafit.lora import has_lora, reset_lora_parameters
     from lorafit.models.shard_loading import load_shards
     from lorafit.models.weights import reinit_nonpersistent_buffers
 
     load_shards(model)
     reinit_nonpersistent_buffers(model, force=True)  # `to_empty` left them uninitialised
-    if has_lora(model):
+    if has_lora(model) and seed is not None:
         reset_lora_parameters(model, seed=seed)
 
 

@@ -65,3 +65,38 @@ def test_an_unknown_prefix_still_gets_the_full_key_report(tmp_path):
     torch.save({"encoder." + k: v for k, v in make_llama().state_dict().items()}, path)
     with pytest.raises(UserError, match="missing .* unexpected"):
         TorchCheckpointLoader(device="cpu").load(make_llama(), path)
+
+
+def test_a_run_starts_from_the_adapters_its_checkpointed_lora_model_loads(tmp_path, tiny_model_dir):
+    """model/checkpointed around model/lora (Modalities' way to continue from a LoRA checkpoint): the run's
+    adapters are the file's A and B, not the seeded fresh draw that a run without them starts from."""
+    import yaml
+    from transformers import AutoModelForCausalLM
+
+    from lorafit.build import build_run, load_run_config
+    from lorafit.lora import lora_layers
+    from tiny_runs import tiny_run_config
+
+    config = tiny_run_config(tiny_model_dir, cache_path=tmp_path / "cache", shared_base=False)
+    lora = config["model"]
+    source = apply_lora(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir), r=4, alpha=8, target_layers=["q_proj", "v_proj"]
+    )
+    with torch.no_grad():
+        for name, p in source.named_parameters():
+            if "lora_" in name:
+                p.normal_()
+    torch.save(_modalities_names(source.state_dict()), tmp_path / "lora.bin")
+    loading = {"component_key": "checkpoint_loading", "variant_key": "torch", "config": {"device": "cpu"}}
+    config["model"] = {"component_key": "model", "variant_key": "checkpointed",
+                       "config": {"checkpoint_loading": loading, "checkpoint_path": str(tmp_path / "lora.bin"),
+                                  "model": lora}}  # fmt: skip
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    _config, graph = load_run_config(tmp_path / "run.yaml")
+    model = build_run(graph).model
+    expected = dict(lora_layers(source))
+    for name, layer in lora_layers(model):
+        for ours, theirs in zip(layer.lora_factors(), expected[name].lora_factors(), strict=True):
+            assert torch.equal(ours, theirs), name
+    x = torch.randint(0, 300, (1, 12))
+    assert torch.equal(model(x).logits, source(x).logits)

@@ -185,7 +185,7 @@ def test_fsdp2_clippers_and_keys(tmp_path, monkeypatch, caplog):
     caplog.set_level("INFO", logger="lorafit.modalities.training")
     _built(monkeypatch, _fsdp2_config(tmp_path, "BF_16", reshard_after_forward=False), *sizes)
     for key in ("mixed_precision_settings.reduce_dtype BF_16", "reshard_after_forward False"):
-        assert f"model/fsdp2_wrapped {key}: no effect on results" in caplog.text
+        assert f"model/fsdp2_wrapped {key}: not honoured; lorafit reduces gradients in fp32" in caplog.text
     for extra, message in (
         (
             {"sharding_strategy": "FULL_SHARD"},

@@ -102,8 +102,9 @@ def build_fsdp2_wrapped(config: FSDP2WrappedConfig) -> nn.Module:
         ("reshard_after_forward", config.reshard_after_forward, True),
         ("layers_per_fsdp_unit", config.layers_per_fsdp_unit, 1),
     ):
-        if value != default:  # memory and communication only (docs/modalities.md says why), so not an error
-            log.info("model/fsdp2_wrapped %s %s: no effect on results in lorafit (docs/modalities.md)", key, value)
+        if value != default:  # memory, communication or bf16 rounding of the reduction: logged, not an error
+            log.info("model/fsdp2_wrapped %s %s: not honoured; lorafit reduces gradients in fp32, reshards every "
+                     "block after forward, one block a unit (docs/modalities.md)", key, value)  # fmt: skip
     return build_fsdp_wrapped(config)
 
 

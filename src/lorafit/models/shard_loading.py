@@ -166,6 +166,8 @@ def _any_rank(flag: bool) -> bool:
 
     if not (dist.is_available() and dist.is_initialized()):
         return flag
-    value = torch.tensor([int(flag)])
+    from lorafit.distributed.env import current_env
+
+    value = torch.tensor([int(flag)], device=current_env().device)  # nccl reduces only CUDA tensors
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item())
