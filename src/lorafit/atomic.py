@@ -30,18 +30,31 @@ def staging_path(target: Path, kind: str = "tmp") -> Path:
 
 
 def remove_abandoned(target: Path) -> None:
-    """Remove the temporaries of `target` that killed processes on this host left behind."""
+    """Clean up after processes on this host killed while writing `target`: their temporaries are removed; a
+    previous `target` one set aside (`.NAME.old-...`, killed between `publish_folder`'s two renames) is put back
+    when nothing took its place, else removed."""
+    for kind in ("old", "tmp"):  # old first: a restored target is what the write then replaces
+        for path in _abandoned(target, kind):
+            if kind == "old" and not (target.exists() or target.is_symlink()):
+                os.rename(path, target)
+            else:
+                _remove(path)
+
+
+def _abandoned(target: Path, kind: str) -> list[Path]:
     host = socket.gethostname()
-    prefix = _prefix(target)
+    prefix = _prefix(target, kind)
     try:
         candidates = list(target.parent.glob(glob.escape(prefix) + "*"))
     except OSError:  # an unreadable folder: the write itself will say what is wrong
-        return
+        return []
+    found = []
     for path in candidates:
         owner = path.name.removeprefix(prefix).rpartition("-")[0]  # HOST-PID (the host may hold '-')
         path_host, _, pid = owner.rpartition("-")
         if path_host == host and pid.isdigit() and not _alive(int(pid)):
-            _remove(path)
+            found.append(path)
+    return found
 
 
 @contextlib.contextmanager

@@ -79,3 +79,22 @@ def test_temporaries_of_dead_processes_are_removed_those_of_live_ones_kept(tmp_p
     write_atomic(target, "new")
     assert not abandoned.exists() and live.exists() and other_host.exists()
     assert staging_path(target).name.startswith(f".out.json.tmp-{host}-{os.getpid()}-")
+
+
+def test_a_folder_set_aside_by_a_killed_writer_comes_back(tmp_path):
+    """Killed between publish_folder's two renames, a writer leaves the previous folder under `.NAME.old-...` and
+    no target: the next write to the target puts it back first (and only then replaces it, if it succeeds)."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = socket.gethostname()
+    target = tmp_path / "adapter"
+    aside = tmp_path / f".adapter.old-{host}-{int(dead.stdout)}-abc123"
+    aside.mkdir()
+    (aside / "weights").write_text("the user's")
+    with pytest.raises(RuntimeError), atomic_folder(target):
+        raise RuntimeError("this write fails")
+    assert (target / "weights").read_text() == "the user's" and not aside.exists()
+    aside.mkdir()  # set aside again, but this time a new target was published before the kill
+    with atomic_folder(target) as staging:
+        (staging / "weights").write_text("new")
+    assert (target / "weights").read_text() == "new" and not aside.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
