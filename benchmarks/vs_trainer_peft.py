@@ -67,7 +67,7 @@ def main() -> None:
     parser.add_argument("--accumulation", type=int, default=1)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--data", choices=list(DATA_CHOICES), default="text",
-                        help="; ".join(f"{k}: {v}" for k, v in DATA_CHOICES.items()))  # fmt: skip
+                        help="; ".join(f"{k}: {v}" for k, v in DATA_CHOICES.items()).replace("%", "%%"))  # fmt: skip
     parser.add_argument(
         "--variants",
         default="lorafit:fp32,hf:fp32",
