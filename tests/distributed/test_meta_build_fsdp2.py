@@ -24,7 +24,7 @@ import yaml
 
 from cli_run import free_port, metrics
 from engine_cases import one_thread  # noqa: F401 - autouse fixture
-from tiny_runs import tiny_run_config
+from tiny_runs import checkpointed_model, tiny_run_config
 
 STEPS = 2
 
@@ -38,19 +38,7 @@ def _configs(model_dir: Path, folder: Path) -> dict[str, Path]:
     checkpointed = copy.deepcopy(base)
     checkpointed["architecture"] = {"component_key": "model", "variant_key": "huggingface_from_config",
                                     "config": {"config_path": str(model_dir)}}  # fmt: skip
-    checkpointed["base_model"] = {
-        "component_key": "model",
-        "variant_key": "checkpointed",
-        "config": {
-            "checkpoint_loading": {
-                "component_key": "checkpoint_loading",
-                "variant_key": "torch",
-                "config": {"device": 0, "precision": "FP_32"},
-            },
-            "model": {"instance_key": "architecture", "pass_type": "BY_REFERENCE"},
-            "checkpoint_path": str(folder / "modalities_model.bin"),
-        },
-    }
+    checkpointed["base_model"] = checkpointed_model("architecture", folder / "modalities_model.bin", device=0)
     checkpointed["model"]["config"]["init"] = "pissa"
     bf16 = copy.deepcopy(base)
     bf16["model"]["config"]["frozen_dtype"] = "bfloat16"

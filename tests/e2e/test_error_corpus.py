@@ -35,7 +35,7 @@ import pytest
 import yaml
 
 from lorafit.cli import main
-from tiny_runs import adapter_tensors, losses, tiny_config
+from tiny_runs import adapter_tensors, checkpointed_model, losses, tiny_config
 
 REPO = Path(__file__).resolve().parents[2]
 SRC = REPO / "src" / "lorafit"
@@ -164,19 +164,7 @@ def checkpointed(ctx: Ctx, checkpoint_path: Path) -> dict:
     config = ctx.config()
     config["architecture"] = {"component_key": "model", "variant_key": "huggingface_from_config",
                               "config": {"config_path": str(ctx.model_dir)}}  # fmt: skip
-    config["base_model"] = {
-        "component_key": "model",
-        "variant_key": "checkpointed",
-        "config": {
-            "checkpoint_loading": {
-                "component_key": "checkpoint_loading",
-                "variant_key": "torch",
-                "config": {"device": "cpu", "precision": "FP_32"},
-            },
-            "model": {"instance_key": "architecture", "pass_type": "BY_REFERENCE"},
-            "checkpoint_path": str(checkpoint_path),
-        },
-    }
+    config["base_model"] = checkpointed_model("architecture", checkpoint_path)
     return config
 
 

@@ -8,6 +8,8 @@ import argparse
 import pytest
 import torch
 
+from tiny_runs import checkpointed_model
+
 pytestmark = pytest.mark.slow
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -88,19 +90,9 @@ def test_model_bin_through_checkpointed_model_gives_the_folder_logits(smollm2_di
             "variant_key": "huggingface_from_config",
             "config": {"config_path": str(smollm2_dir)},
         },
-        "checkpointed_model": {
-            "component_key": "model",
-            "variant_key": "checkpointed",
-            "config": {
-                "checkpoint_loading": {
-                    "component_key": "checkpoint_loading",
-                    "variant_key": "torch",
-                    "config": {"device": 0, "precision": "FP_32"},
-                },
-                "model": {"instance_key": "huggingface_smol_llm_model", "pass_type": "BY_REFERENCE"},
-                "checkpoint_path": str(smollm2_dir.parent / "SmolLM2-135M_saved" / "model.bin"),
-            },
-        },
+        "checkpointed_model": checkpointed_model(
+            "huggingface_smol_llm_model", smollm2_dir.parent / "SmolLM2-135M_saved" / "model.bin", device=0
+        ),
     }
     graph = ConfigGraph(seed)
     assert graph.check() == []

@@ -123,3 +123,13 @@ def adapter_tensors(run_dir: Path):
     from safetensors.torch import load_file
 
     return load_file(run_dir / "adapter" / "adapter_model.safetensors")
+
+
+def checkpointed_model(model_key: str, checkpoint_path, *, device: int | str = "cpu", precision: str = "FP_32") -> dict:
+    """The seed's shape: `model/checkpointed` loading `checkpoint_path` into the model entity `model_key`, with
+    `checkpoint_loading: torch {device, precision}`."""
+    loading = {"component_key": "checkpoint_loading", "variant_key": "torch",
+               "config": {"device": device, "precision": precision}}  # fmt: skip
+    return {"component_key": "model", "variant_key": "checkpointed",
+            "config": {"checkpoint_loading": loading, "model": {"instance_key": model_key, "pass_type": "BY_REFERENCE"},
+                       "checkpoint_path": str(checkpoint_path)}}  # fmt: skip

@@ -19,6 +19,7 @@ from lorafit.models.deferred import deferred_init, is_pending
 from lorafit.models.huggingface import load_hf_config, model_from_config
 from lorafit.models.weights import load_into, load_state_dict_file
 from tiny import make_llama
+from tiny_runs import checkpointed_model
 
 # tests/tiny.py's llama_config, written out as a YAML author would (rope_theta: the legacy name still works)
 TINY_LLAMA = dict(
@@ -66,19 +67,7 @@ def seed_config(checkpoint_path, model_config: dict, device="cpu", precision="FP
     """The seed's shape: a from-config model, wrapped by `checkpointed` with `checkpoint_loading: torch`."""
     return {
         "hf_model": {"component_key": "model", "variant_key": "huggingface_from_config", "config": model_config},
-        "checkpointed_model": {
-            "component_key": "model",
-            "variant_key": "checkpointed",
-            "config": {
-                "checkpoint_loading": {
-                    "component_key": "checkpoint_loading",
-                    "variant_key": "torch",
-                    "config": {"device": device, "precision": precision},
-                },
-                "model": {"instance_key": "hf_model", "pass_type": "BY_REFERENCE"},
-                "checkpoint_path": str(checkpoint_path),
-            },
-        },
+        "checkpointed_model": checkpointed_model("hf_model", checkpoint_path, device=device, precision=precision),
     }
 
 
