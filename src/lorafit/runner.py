@@ -35,6 +35,15 @@ def run(request: RunRequest) -> Path:
     from lorafit.distributed.env import init_distributed
 
     dist_env = init_distributed()
+    try:
+        return _run(request, dist_env)
+    finally:
+        # gloo's worker threads must stop while the interpreter is still whole: a process that exits with the group
+        # up (e.g. on a user error) can abort at finalisation, SIGABRT instead of exit code 2 (pytorch#190489)
+        dist_env.destroy()
+
+
+def _run(request: RunRequest, dist_env) -> Path:
     config_path = Path(request.config_file_path)
     if not config_path.is_file():
         raise UserError(f"config file not found: {config_path}")
