@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -98,3 +99,21 @@ def test_a_folder_set_aside_by_a_killed_writer_comes_back(tmp_path):
         (staging / "weights").write_text("new")
     assert (target / "weights").read_text() == "new" and not aside.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+
+
+def test_save_pretrained_of_a_plain_model_replaces_the_folder_whole_or_not_at_all(tmp_path):
+    import lorafit
+    from tiny import make_llama
+
+    class FailingTokenizer:
+        def save_pretrained(self, path):
+            (Path(path) / "tokenizer.json").write_text("{")  # half written, then the disk is full
+            raise OSError(28, "No space left on device")
+
+    folder = tmp_path / "model"
+    lorafit.save_pretrained(make_llama(), folder)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    with pytest.raises(OSError, match="No space left"):
+        lorafit.save_pretrained(make_llama(), folder, FailingTokenizer(), overwrite=True)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # the saved model, untouched
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no staging folder left behind

@@ -27,6 +27,7 @@ def save_pretrained(
     """A model with LoRA -> `path` as a PEFT adapter folder (`adapter_config.json` + `adapter_model.safetensors`,
     loadable with `peft.PeftModel` / `AutoPeftModelForCausalLM` / `lorafit.load_adapter`); a model without ->
     `model.save_pretrained(path)`. The tokenizer, if given, is saved beside either."""
+    from lorafit.atomic import atomic_folder
     from lorafit.errors import UserError
     from lorafit.lora.adapter import save_adapter
     from lorafit.lora.model import has_lora
@@ -34,10 +35,13 @@ def save_pretrained(
     path = Path(path)
     if has_lora(model):
         save_adapter(model, path, base_model_name_or_path=base_model_name_or_path, overwrite=overwrite)
-    else:
-        if path.is_dir() and any(path.iterdir()) and not overwrite:
-            raise UserError(f"{path} exists and is not empty (pass overwrite=True to replace it)")
-        model.save_pretrained(path)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(path)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(path)
+        return path
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise UserError(f"{path} exists and is not empty (pass overwrite=True to replace it)")
+    with atomic_folder(path) as staging:  # as the adapter folder: replaced whole, or left as it was if this fails
+        model.save_pretrained(staging)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
     return path
