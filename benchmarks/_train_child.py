@@ -59,17 +59,17 @@ def run_lorafit(spec: TrainSpec, run_dir: Path) -> dict:
 
     model = AutoModelForCausalLM.from_pretrained(spec.model, dtype=torch.float32)
     if spec.mode == "lora":
+        from lorafit.lora.matching import resolve_targets
+
+        # nf4_skip_layers naming the adapted layers (flag nf4base-attnbf16): resolved on the plain model
+        nf4_skipped = set(resolve_targets(model, spec.targets)) if spec.nf4_skip_targets else set()
         apply_lora(model, spec.r, spec.alpha, spec.targets)
         if spec.init_adapter:
             load_adapter(model, spec.init_adapter)
-        if spec.frozen_dtype == "nf4":  # what model/lora's frozen_dtype does
-            from lorafit.lora.nf4 import store_nf4_linears
+        if spec.frozen_dtype:  # what model/lora's frozen_dtype does
+            from lorafit.lora.component import store_frozen_base
 
-            store_nf4_linears(model)
-        elif spec.frozen_dtype:
-            from lorafit.lora.frozen import store_frozen_linears
-
-            store_frozen_linears(model, getattr(torch, spec.frozen_dtype))
+            store_frozen_base(model, spec.frozen_dtype, nf4_skipped)
     strategy = Strategy(ParallelismConfig(mixed_precision=spec.precision,
                                           activation_checkpointing=spec.activation_checkpointing,
                                           compile=spec.compile))  # fmt: skip

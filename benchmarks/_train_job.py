@@ -48,6 +48,7 @@ class TrainSpec:
     activation_checkpointing: bool = False
     compile: bool = False
     frozen_dtype: str | None = None  # lorafit only: frozen linear weights stored in this dtype (model/lora)
+    nf4_skip_targets: bool = False  # lorafit only, with nf4: the adapted layers stored in bf16 (nf4_skip_layers)
     loss_chunk_tokens: int | None = 256  # lorafit only: target positions per chunk of the fused head + CE
     threads: int | None = None
     # glibc's M_MMAP_THRESHOLD in bytes (None: glibc's default, a threshold that rises up to 32 MiB as large

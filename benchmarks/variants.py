@@ -11,7 +11,9 @@ lr 2e-3, 30 steps of 2 x 128 tokens, data/task_hard) and changes only what the v
     olora       init: olora
     loraplus    loraplus_lr_ratio 16, lr 1e-3    all_linear  target_layers [all-linear]
     nf4         frozen_dtype: nf4 (4-bit base)   bf16base    frozen_dtype: bfloat16
+    nf4_attn_bf16  frozen_dtype: nf4 with nf4_skip_layers [q_proj, k_proj, v_proj, o_proj] (the adapted layers bf16)
     full        no LoRA, every parameter trains, lr 1e-4 (configs/smollm2_135m_full.yaml's)
+    full_lr3e-4 the same at lr 3e-4
 
 Reported per run (from the run folder and `os.wait4` on the child): held-out exact match and answer loss after
 training (64 held-out examples, unseen names/cities/years/wordings), the mean training step time, the whole
@@ -50,9 +52,12 @@ def _loraplus(config: dict) -> None:
     config["optimizer"]["config"].update(lr=1.0e-3, loraplus_lr_ratio=16)
 
 
-def _full(config: dict) -> None:
-    config["model"] = {"instance_key": "base_model", "pass_type": "BY_REFERENCE"}
-    config["optimizer"]["config"]["lr"] = 1.0e-4
+def _full(lr: float):
+    def apply(config: dict) -> None:
+        config["model"] = {"instance_key": "base_model", "pass_type": "BY_REFERENCE"}
+        config["optimizer"]["config"]["lr"] = lr
+
+    return apply
 
 
 VARIANTS = {
@@ -64,8 +69,10 @@ VARIANTS = {
     "loraplus": _loraplus,
     "all_linear": _lora(target_layers=["all-linear"]),
     "nf4": _lora(frozen_dtype="nf4"),
+    "nf4_attn_bf16": _lora(frozen_dtype="nf4", nf4_skip_layers=["q_proj", "k_proj", "v_proj", "o_proj"]),
     "bf16base": _lora(frozen_dtype="bfloat16"),
-    "full": _full,
+    "full": _full(1.0e-4),
+    "full_lr3e-4": _full(3.0e-4),
 }
 
 
@@ -133,7 +140,7 @@ def table(runs: dict[str, dict], variants: list[str]) -> str:
         losses = ", ".join(f"{r['heldout_loss_after']:.3f}" for r in mine)
         steps = sorted(r["step_s"] for r in mine)
         params = f"{mine[0]['trainable_params'][0]:,}" if mine[0]["trainable_params"] else "?"
-        params = "every parameter" if variant == "full" else params  # a full run prints no adapter summary
+        params = "every parameter" if variant.startswith("full") else params  # a full run prints no adapter summary
         peak = max(r["peak_rss_mb"] for r in mine)
         lines.append(f"| {variant} | {len(mine)} | {mean_acc:.1%} ({accs}) | {losses} | {steps[len(steps) // 2]:.2f} s "
                      f"| {peak:,} MB | {mine[0]['saved_mb']:g} MB | {params} |")  # fmt: skip

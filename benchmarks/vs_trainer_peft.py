@@ -50,11 +50,14 @@ def parse_variant(text: str) -> tuple[str, tuple[str, dict]]:
     precision, *flags = (settings or "fp32").split("+")
     known = {"compile": ("compile", True), "checkpointing": ("activation_checkpointing", True),
              "tbbmalloc": ("allocator", "tbbmalloc"), "glibc": ("allocator", "system"),
-             "bf16base": ("frozen_dtype", "bfloat16"), "nf4base": ("frozen_dtype", "nf4")}  # fmt: skip
-    bad_flag = any(f not in known for f in flags) or (tool != "lorafit" and {"bf16base", "nf4base"} & set(flags))
+             "bf16base": ("frozen_dtype", "bfloat16"), "nf4base": ("frozen_dtype", "nf4"),
+             "attnbf16": ("nf4_skip_targets", True)}  # fmt: skip
+    lorafit_only = {"bf16base", "nf4base", "attnbf16"}
+    bad_flag = any(f not in known for f in flags) or (tool != "lorafit" and lorafit_only & set(flags))
+    bad_flag = bad_flag or ("attnbf16" in flags and "nf4base" not in flags)
     if tool not in TOOLS or precision not in ("fp32", "bf16") or bad_flag:
         raise SystemExit(f"bad variant {text!r}: TOOL:PRECISION[+compile][+checkpointing][+tbbmalloc|+glibc]"
-                         "[+bf16base|+nf4base (lorafit only)], "
+                         "[+bf16base|+nf4base[+attnbf16] (lorafit only)], "
                          f"TOOL in {list(TOOLS)}, PRECISION fp32 or bf16")  # fmt: skip
     return f"{tool}:{settings or 'fp32'}", (tool, {"precision": precision, **dict(known[f] for f in flags)})
 
@@ -75,7 +78,8 @@ def main() -> None:
         "+compile, +checkpointing (activation checkpointing), +tbbmalloc or +glibc (the process's malloc; default: "
         "each tool's own, i.e. tbbmalloc for lorafit as `lorafit run` re-executes under it, glibc for the Trainer), "
         "+bf16base (lorafit only: frozen_dtype bfloat16, the frozen base stored in bf16, computed in fp32), "
-        "+nf4base (lorafit only: frozen_dtype nf4, the frozen base stored as 4-bit NF4), "
+        "+nf4base (lorafit only: frozen_dtype nf4, the frozen base stored as 4-bit NF4), +nf4base+attnbf16 (the "
+        "adapted layers stored in bf16 instead: nf4_skip_layers naming the targets), "
         "e.g. lorafit:fp32+compile,hf:bf16+tbbmalloc. "
         "bf16 autocast is 5-15x slower on CPUs without AVX512-BF16 or AMX (docs/benchmarks.md)",
     )

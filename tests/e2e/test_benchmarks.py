@@ -123,18 +123,21 @@ def test_matmul_dtypes_benchmark(tiny_model_dir, tmp_path):
 
 
 def test_variants_benchmark_runs_real_lorafit_runs(tiny_model_dir, tmp_path):
-    """PiSSA and the 4-bit base through `lorafit run` (the tiny model stands in for SmolLM2): a table row each,
-    a PiSSA adapter converted to rank 2r, and none of torchao's CUDA-library noise in the user's log."""
-    cmd = [sys.executable, str(REPO / "benchmarks" / "variants.py"), "--variants", "pissa", "nf4", "--steps", "2",
+    """PiSSA and the 4-bit base (its adapted layers in bf16) through `lorafit run` (the tiny model stands in for
+    SmolLM2): a table row each, a PiSSA adapter converted to rank 2r, and none of torchao's CUDA-library noise in
+    the user's log."""
+    cmd = [sys.executable, str(REPO / "benchmarks" / "variants.py"), "--variants", "pissa", "nf4_attn_bf16",
+           "--steps", "2",
            "--parallel", "2", "--model-folder", str(tiny_model_dir), "--work-dir", str(tmp_path / "work"),
            "--out", str(tmp_path)]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((tmp_path / "variants.json").read_text())
-    assert set(result["runs"]) == {"pissa_s1", "nf4_s1"} and result["table"] in proc.stdout
+    assert set(result["runs"]) == {"pissa_s1", "nf4_attn_bf16_s1"} and result["table"] in proc.stdout
     assert all(r["steps"] == 2 and r["peak_rss_mb"] > 0 and r["n"] == 64 for r in result["runs"].values())
     assert all(r["trainable_params"][0] > 0 for r in result["runs"].values())
     adapter = json.loads((tmp_path / "work" / "runs" / "pissa_s1" / "adapter" / "adapter_config.json").read_text())
     assert adapter["r"] == 16 and adapter["init_lora_weights"] is True  # r=8 trained, saved converted
-    log = (tmp_path / "work" / "nf4_s1.log").read_text()
+    log = (tmp_path / "work" / "nf4_attn_bf16_s1.log").read_text()
     assert "stored as NF4" in log and "Failed to load" not in log and "Enum subclass" not in log
+    assert "8 named in nf4_skip_layers stored in bfloat16" in log  # q, k, v, o of the tiny model's 2 blocks

@@ -97,3 +97,37 @@ def test_component_refuses_nf4_with_a_decomposing_init():
     config = LoraModelConfig.model_construct(model=make_llama(), init="pissa", frozen_dtype="nf4", **values)
     with pytest.raises(UserError, match="init: init pissa cannot be combined with frozen_dtype nf4"):
         build_lora_model(config)
+
+
+def _component(**changes):
+    from lorafit.lora.component import LoraModelConfig
+
+    values = dict(r=4, alpha=8, target_layers=TARGETS, dropout=0.0, use_rslora=False, use_dora=False, init="kaiming")
+    return LoraModelConfig.model_construct(model=make_llama(), **{**values, **changes})
+
+
+def test_nf4_skip_layers_stay_bf16_and_the_rest_is_4_bit():
+    from lorafit.lora.component import build_lora_model
+    from lorafit.lora.frozen import store_frozen_linears
+
+    model = build_lora_model(_component(frozen_dtype="nf4", nf4_skip_layers=["q_proj", "mlp.gate_proj"]))
+    for block in model.model.layers:
+        assert block.self_attn.q_proj.weight.dtype == torch.bfloat16 and not is_nf4(block.self_attn.q_proj.weight)
+        gate = block.mlp.gate_proj
+        assert type(gate).__name__ == "FrozenLinear" and gate.weight.dtype == torch.bfloat16
+        assert is_nf4(block.self_attn.v_proj.weight) and type(block.mlp.up_proj).__name__ == "NF4Linear"
+    # the same function as the base with those layers rounded to bf16 and the others to NF4 (what the adapter sees)
+    reference = make_llama().requires_grad_(False)
+    skipped = {f"model.layers.{i}.{n}" for i in range(2) for n in ("self_attn.q_proj", "mlp.gate_proj")}
+    store_frozen_linears(reference, torch.bfloat16, only=skipped)
+    store_nf4_linears(reference, skip=skipped)
+    torch.testing.assert_close(model(X).logits, reference(X).logits, rtol=0, atol=1e-5)  # B = 0: the base alone
+
+
+def test_nf4_skip_layers_is_checked():
+    from lorafit.lora.component import build_lora_model
+
+    with pytest.raises(UserError, match="nf4_skip_layers: only applies with frozen_dtype: nf4"):
+        build_lora_model(_component(frozen_dtype="bfloat16", nf4_skip_layers=["q_proj"]))
+    with pytest.raises(UserError, match=r"nf4_skip_layers\[1\]: .*'qproj'"):
+        build_lora_model(_component(frozen_dtype="nf4", nf4_skip_layers=["q_proj", "qproj"]))

@@ -13,9 +13,14 @@
         use_rslora: false                 # optional: scaling alpha/sqrt(r) instead of alpha/r
         use_dora: false                   # optional: DoRA, weight-decomposed LoRA (nn.Linear targets)
         frozen_dtype: bfloat16            # optional: store the frozen linear weights in bf16, compute in fp32
+        nf4_skip_layers: [q_proj, v_proj] # optional, with frozen_dtype nf4: these stay bf16, not 4-bit
 
 `frozen_dtype: nf4` stores them as 4-bit NF4 (QLoRA's data type, torchao's NF4Tensor; `pip install 'lorafit[nf4]'`):
 about 1/8 of their fp32 memory, dequantised where they are used (lorafit/lora/nf4.py); not with init pissa/olora.
+`nf4_skip_layers` (target_layers' syntax) keeps the layers it names out of the 4-bit format and stores them in
+bf16 instead, like bitsandbytes' `llm_int8_skip_modules`. On a small model the 4-bit rounding costs quality that
+the adapters do not win back (SmolLM2-135M: docs/quality.md); keeping the adapted attention projections in bf16
+wins most of it back for a little memory.
 
 `frozen_dtype: bfloat16` halves the memory of the frozen base's linear layers (not the output head): they are
 rounded to bf16 once and cast up to the activations' dtype where they are used (lorafit/lora/frozen.py). It
@@ -42,6 +47,7 @@ from lorafit.config.registry import Component, ComponentConfig, register_compone
 from lorafit.console import info
 from lorafit.errors import UserError
 from lorafit.lora.frozen import store_frozen_linears
+from lorafit.lora.matching import resolve_targets
 from lorafit.lora.model import apply_lora, trainable_summary
 from lorafit.lora.nf4 import store_nf4_linears
 from lorafit.lora.variants import DECOMPOSING_INITS
@@ -59,6 +65,7 @@ class LoraModelConfig(ComponentConfig):
     use_rslora: bool = False
     use_dora: bool = False
     frozen_dtype: Literal["bfloat16", "nf4"] | None = None  # None: the frozen weights keep the base model's dtype
+    nf4_skip_layers: list[str] = Field(default_factory=list)  # with nf4: these layers are stored in bf16 instead
 
 
 @register_component("model", "lora", LoraModelConfig)
@@ -70,14 +77,33 @@ def build_lora_model(config: LoraModelConfig) -> nn.Module:
     if config.frozen_dtype == "nf4" and config.init in DECOMPOSING_INITS:
         reason = "the residual base would have to be re-quantised after the decomposition; use kaiming or gaussian"
         raise UserError(f"init {config.init} cannot be combined with frozen_dtype nf4: {reason}", field="init")
+    in_bf16 = _nf4_skipped(model, config)
     apply_lora(model, config.r, config.alpha, config.target_layers, dropout=config.dropout, init=config.init,
                use_rslora=config.use_rslora, use_dora=config.use_dora, warn_save_pretrained=False)  # fmt: skip
-    if config.frozen_dtype == "nf4":
-        changed = store_nf4_linears(model)
-        info(f"frozen weights of {changed} linear layers stored as NF4 (4-bit, torchao), computed in fp32")
-    elif config.frozen_dtype:
-        changed = store_frozen_linears(model, getattr(torch, config.frozen_dtype))
-        info(f"frozen weights of {changed} linear layers stored in {config.frozen_dtype}, computed in fp32")
+    if config.frozen_dtype:
+        info(store_frozen_base(model, config.frozen_dtype, in_bf16))
     if current_context().announce:
         info(trainable_summary(model))
     return model
+
+
+def store_frozen_base(model: nn.Module, frozen_dtype: str, nf4_skipped: set[str] = frozenset()) -> str:
+    """Store the frozen linear weights as `frozen_dtype` says (with nf4: those in `nf4_skipped` in bf16); what
+    was done, for the log. Also the benchmarks' way to do what `frozen_dtype` does."""
+    if frozen_dtype != "nf4":
+        changed = store_frozen_linears(model, getattr(torch, frozen_dtype))
+        return f"frozen weights of {changed} linear layers stored in {frozen_dtype}, computed in fp32"
+    kept = store_frozen_linears(model, torch.bfloat16, only=nf4_skipped) if nf4_skipped else 0
+    changed = store_nf4_linears(model, skip=nf4_skipped)
+    also = f"; {kept} named in nf4_skip_layers stored in bfloat16" if nf4_skipped else ""
+    return f"frozen weights of {changed} linear layers stored as NF4 (4-bit, torchao){also}, computed in fp32"
+
+
+def _nf4_skipped(model: nn.Module, config: LoraModelConfig) -> set[str]:
+    """The qualified names `nf4_skip_layers` selects (resolved before the adapters go in, on the plain model)."""
+    if not config.nf4_skip_layers:
+        return set()
+    if config.frozen_dtype != "nf4":
+        raise UserError(f"only applies with frozen_dtype: nf4 (got frozen_dtype: {config.frozen_dtype}); "
+                        "remove it or set frozen_dtype: nf4", field="nf4_skip_layers")  # fmt: skip
+    return set(resolve_targets(model, config.nf4_skip_layers, field="nf4_skip_layers"))

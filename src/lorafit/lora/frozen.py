@@ -91,14 +91,17 @@ def plain_linear(layer: nn.Linear) -> nn.Linear:
     return plain.train(layer.training)
 
 
-def store_frozen_linears(model: nn.Module, dtype: torch.dtype) -> int:
-    """Store the frozen weights of `model`'s linear layers (not the output head) in `dtype`; how many changed.
+def store_frozen_linears(model: nn.Module, dtype: torch.dtype, only: set[str] | None = None) -> int:
+    """Store the frozen weights of `model`'s linear layers (not the output head; with `only`, those of these
+    qualified names) in `dtype`; how many changed.
 
     Plain nn.Linear layers become `FrozenLinear`. `store_frozen_linears(model, torch.float32)` undoes it (the
     layers become plain nn.Linear again; the bf16 rounding stays).
     """
     changed = 0
     for name, module in frozen_linears(model):
+        if only is not None and name not in only:
+            continue
         if type(module) is nn.Linear and dtype != torch.float32:
             module = FrozenLinear(module)
             model.set_submodule(name, module)

@@ -96,8 +96,9 @@ class NF4Linear(FrozenLinear):
         return f"{super().extra_repr()}, weight=nf4"
 
 
-def store_nf4_linears(model: nn.Module) -> int:
-    """Store the frozen weights of `model`'s linear layers (not the output head) as NF4; how many changed.
+def store_nf4_linears(model: nn.Module, skip: set[str] = frozenset()) -> int:
+    """Store the frozen weights of `model`'s linear layers (not the output head, nor the qualified names in
+    `skip`) as NF4; how many changed.
 
     Plain nn.Linear layers become `NF4Linear`; layers that compute through `frozen_linear` (the LoRA linear
     layer) keep their class, since `frozen_linear` hands an NF4 weight to F.linear too.
@@ -105,7 +106,7 @@ def store_nf4_linears(model: nn.Module) -> int:
     changed = 0
     for name, module in frozen_linears(model):
         weight = module.weight
-        if is_nf4(weight) or weight.device.type == "meta" or weight.numel() % NF4_BLOCK:
+        if name in skip or is_nf4(weight) or weight.device.type == "meta" or weight.numel() % NF4_BLOCK:
             continue
         if type(module) in (nn.Linear, FrozenLinear):
             module = NF4Linear(module)
