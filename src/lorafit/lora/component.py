@@ -18,9 +18,8 @@
 `frozen_dtype: nf4` stores them as 4-bit NF4 (QLoRA's data type, torchao's NF4Tensor; `pip install 'lorafit[nf4]'`):
 about 1/8 of their fp32 memory, dequantised where they are used (lorafit/lora/nf4.py); not with init pissa/olora.
 `nf4_skip_layers` (target_layers' syntax) keeps the layers it names out of the 4-bit format and stores them in
-bf16 instead, like bitsandbytes' `llm_int8_skip_modules`. On a small model the 4-bit rounding costs quality that
-the adapters do not win back (SmolLM2-135M: docs/quality.md); keeping the adapted attention projections in bf16
-wins most of it back for a little memory.
+bf16 instead, like bitsandbytes' `llm_int8_skip_modules` (for layers known to be sensitive to rounding). Which
+layers to keep is the model's and task's question: docs/quality.md measures it on SmolLM2-135M.
 
 `frozen_dtype: bfloat16` halves the memory of the frozen base's linear layers (not the output head): they are
 rounded to bf16 once and cast up to the activations' dtype where they are used (lorafit/lora/frozen.py). It
@@ -93,7 +92,9 @@ def store_frozen_base(model: nn.Module, frozen_dtype: str, nf4_skipped: set[str]
     if frozen_dtype != "nf4":
         changed = store_frozen_linears(model, getattr(torch, frozen_dtype))
         return f"frozen weights of {changed} linear layers stored in {frozen_dtype}, computed in fp32"
-    kept = store_frozen_linears(model, torch.bfloat16, only=nf4_skipped) if nf4_skipped else 0
+    # the skipped layers first, without releasing the file: that would copy every weight still in the file (the
+    # fp32 weights about to be quantised) into memory (benchmark job with checkpointing: peak 989 MiB instead of 783)
+    kept = store_frozen_linears(model, torch.bfloat16, only=nf4_skipped, release_file=False) if nf4_skipped else 0
     changed = store_nf4_linears(model, skip=nf4_skipped)
     also = f"; {kept} named in nf4_skip_layers stored in bfloat16" if nf4_skipped else ""
     return f"frozen weights of {changed} linear layers stored as NF4 (4-bit, torchao){also}, computed in fp32"

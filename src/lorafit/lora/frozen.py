@@ -91,12 +91,15 @@ def plain_linear(layer: nn.Linear) -> nn.Linear:
     return plain.train(layer.training)
 
 
-def store_frozen_linears(model: nn.Module, dtype: torch.dtype, only: set[str] | None = None) -> int:
+def store_frozen_linears(
+    model: nn.Module, dtype: torch.dtype, only: set[str] | None = None, *, release_file: bool = True
+) -> int:
     """Store the frozen weights of `model`'s linear layers (not the output head; with `only`, those of these
     qualified names) in `dtype`; how many changed.
 
     Plain nn.Linear layers become `FrozenLinear`. `store_frozen_linears(model, torch.float32)` undoes it (the
-    layers become plain nn.Linear again; the bf16 rounding stays).
+    layers become plain nn.Linear again; the bf16 rounding stays). `release_file=False` leaves the other weights
+    in the loaded file's memory mapping, for a conversion of the rest that follows (see `_release_file_mapping`).
     """
     changed = 0
     for name, module in frozen_linears(model):
@@ -116,7 +119,7 @@ def store_frozen_linears(model: nn.Module, dtype: torch.dtype, only: set[str] | 
         module.weight.data = stored.to(dtype)
         drop_file_pages(stored)  # the weight as loaded is unused now: its file pages leave before the next is read
         changed += 1
-    if changed:
+    if changed and release_file:
         _release_file_mapping(model)
     return changed
 
