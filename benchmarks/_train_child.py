@@ -59,10 +59,10 @@ def run_lorafit(spec: TrainSpec, run_dir: Path) -> dict:
 
     model = AutoModelForCausalLM.from_pretrained(spec.model, dtype=torch.float32)
     if spec.mode == "lora":
-        from lorafit.lora.matching import resolve_targets
+        from lorafit.lora.nf4 import nf4_skip_names
 
-        # nf4_skip_layers naming the adapted layers (flag nf4base-attnbf16): resolved on the plain model
-        nf4_skipped = set(resolve_targets(model, spec.targets)) if spec.nf4_skip_targets else set()
+        # nf4_skip_layers naming the adapted layers (variant flags +nf4base+attnbf16): resolved on the plain model
+        nf4_skipped = nf4_skip_names(model, spec.targets) if spec.nf4_skip_targets else set()
         apply_lora(model, spec.r, spec.alpha, spec.targets)
         if spec.init_adapter:
             load_adapter(model, spec.init_adapter)

@@ -39,11 +39,10 @@ def stored(model_folder: Path, frozen_dtype: str | None, out_of_nf4: list[str], 
     from transformers import AutoModelForCausalLM
 
     from lorafit.lora.component import store_frozen_base
-    from lorafit.lora.matching import resolve_targets
-    from lorafit.lora.nf4 import store_nf4_linears
+    from lorafit.lora.nf4 import nf4_skip_names, store_nf4_linears
 
     model = AutoModelForCausalLM.from_pretrained(model_folder, dtype=torch.float32).requires_grad_(False).eval()
-    skipped = set(resolve_targets(model, out_of_nf4)) if out_of_nf4 else set()
+    skipped = nf4_skip_names(model, out_of_nf4) if out_of_nf4 else set()
     if keep_fp32:
         store_nf4_linears(model, skip=skipped)  # the skipped layers keep the loaded fp32
     elif frozen_dtype:

@@ -31,7 +31,6 @@ def probe_batch(model, tokenizer) -> torch.Tensor:
 def export_merged(model, tokenizer, output_dir: Path, *, overwrite: bool = False, atol: float | None = None) -> float:
     """Write `output_dir`: merged model (safetensors), config, tokenizer. Returns the max logit difference."""
     from lorafit.lora import merge_and_unload
-    from lorafit.lora.frozen import has_low_precision_frozen, store_frozen_linears
 
     output_dir = Path(output_dir)
     if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
@@ -44,12 +43,9 @@ def export_merged(model, tokenizer, output_dir: Path, *, overwrite: bool = False
     # NF4 weights cannot be deep-copied exactly (torchao re-quantises on clone); the merge dequantises them anyway,
     # and the dequantised weights compute exactly what the NF4 ones did
     dequantize_nf4_linears(model)
-    merged = copy.deepcopy(model)
-    if has_low_precision_frozen(merged):
-        # bf16-stored frozen weights (frozen_dtype) merge in fp32: the export is the base as trained (rounded to
-        # bf16) plus the adapter, in one dtype, and compares with the adapter model at fp32 tolerance
-        store_frozen_linears(merged, torch.float32)
-    merged = merge_and_unload(merged)
+    # bf16-stored frozen weights (frozen_dtype) merge in fp32 (merge_and_unload): the export is the base as trained
+    # (rounded to bf16) plus the adapter, in one dtype, and compares with the adapter model at fp32 tolerance
+    merged = merge_and_unload(copy.deepcopy(model))
     got = merged(input_ids=ids).logits.float()
     diff = (got - expected).abs().max().item()
     dtype = next(merged.parameters()).dtype

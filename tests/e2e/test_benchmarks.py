@@ -144,4 +144,4 @@ def test_variants_benchmark_runs_real_lorafit_runs(tiny_model_dir, tmp_path):
     assert adapter["r"] == 16 and adapter["init_lora_weights"] is True  # r=8 trained, saved converted
     log = (tmp_path / "work" / "nf4_attn_bf16_s1.log").read_text()
     assert "stored as NF4" in log and "Failed to load" not in log and "Enum subclass" not in log
-    assert "8 named in nf4_skip_layers stored in bfloat16" in log  # q, k, v, o of the tiny model's 2 blocks
+    assert "8 named in nf4_skip_layers kept in bfloat16" in log  # q, k, v, o of the tiny model's 2 blocks

@@ -101,8 +101,10 @@ def test_a_folder_set_aside_by_a_killed_writer_comes_back(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
 
 
-def test_save_pretrained_of_a_plain_model_replaces_the_folder_whole_or_not_at_all(tmp_path):
+@pytest.mark.parametrize("lora", [False, True], ids=["plain model", "adapter"])
+def test_save_pretrained_replaces_the_folder_whole_or_not_at_all(tmp_path, lora):
     import lorafit
+    from lorafit.errors import UserError
     from tiny import make_llama
 
     class FailingTokenizer:
@@ -110,10 +112,18 @@ def test_save_pretrained_of_a_plain_model_replaces_the_folder_whole_or_not_at_al
             (Path(path) / "tokenizer.json").write_text("{")  # half written, then the disk is full
             raise OSError(28, "No space left on device")
 
+    def model():
+        return lorafit.apply_lora(make_llama(), 4, 8, ["q_proj"], warn_save_pretrained=False) if lora else make_llama()
+
     folder = tmp_path / "model"
-    lorafit.save_pretrained(make_llama(), folder)
+    lorafit.save_pretrained(model(), folder)
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
     with pytest.raises(OSError, match="No space left"):
-        lorafit.save_pretrained(make_llama(), folder, FailingTokenizer(), overwrite=True)
+        lorafit.save_pretrained(model(), folder, FailingTokenizer(), overwrite=True)
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # the saved model, untouched
     assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no staging folder left behind
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    with pytest.raises(UserError, match="it is a file"):
+        lorafit.save_pretrained(model(), a_file)
+    assert a_file.read_text() == "mine"

@@ -129,5 +129,28 @@ def test_nf4_skip_layers_is_checked():
 
     with pytest.raises(UserError, match="nf4_skip_layers: only applies with frozen_dtype: nf4"):
         build_lora_model(_component(frozen_dtype="bfloat16", nf4_skip_layers=["q_proj"]))
-    with pytest.raises(UserError, match=r"nf4_skip_layers\[1\]: .*'qproj'"):
+    with pytest.raises(UserError, match=r"nf4_skip_layers\[1\]: 'qproj' .*did you mean 'q_proj'"):
         build_lora_model(_component(frozen_dtype="nf4", nf4_skip_layers=["q_proj", "qproj"]))
+    # the head, an embedding or a whole attention block would be kept as they are anyway: named, not ignored
+    entries = ["lm_head", "embed_tokens", "self_attn", "re:("]
+    with pytest.raises(UserError) as refused:
+        build_lora_model(_component(frozen_dtype="nf4", nf4_skip_layers=entries))
+    message = str(refused.value)
+    assert all(f"nf4_skip_layers[{i}]: '{entry}'" in message for i, entry in enumerate(entries)), message
+    assert "selects no layer that frozen_dtype nf4 stores in 4-bit" in message and "not a valid regular" in message
+
+
+@pytest.mark.parametrize("frozen", [{"frozen_dtype": "nf4", "nf4_skip_layers": ["q_proj"]},
+                                    {"frozen_dtype": "bfloat16"}], ids=["nf4 + bf16", "bf16"])  # fmt: skip
+def test_merge_and_unload_of_a_low_precision_base_is_one_fp32_model(frozen):
+    from lorafit.lora.component import build_lora_model
+
+    model = build_lora_model(_component(**frozen))
+    with torch.no_grad():
+        for p in lora_parameters(model):
+            p.normal_(0, 0.1, generator=torch.Generator().manual_seed(p.numel()))
+    trained = model(X).logits
+    merged = merge_and_unload(model)
+    assert {p.dtype for p in merged.parameters()} == {torch.float32}
+    assert {type(m).__name__ for m in merged.modules()} & {"NF4Linear", "FrozenLinear", "LoraLinear"} == set()
+    torch.testing.assert_close(merged(X).logits, trained, rtol=0, atol=1e-5)

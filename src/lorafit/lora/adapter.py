@@ -18,6 +18,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -120,8 +121,10 @@ def save_adapter(
     *,
     base_model_name_or_path: str | None = None,
     overwrite: bool = False,
+    tokenizer: Any = None,
 ) -> Path:
-    """Write the adapter folder atomically (temp folder + rename). Tensors come from `state_dict` if given.
+    """Write the adapter folder atomically (temp folder + rename), with `tokenizer` saved in it if given. Tensors
+    come from `state_dict` if given.
 
     Under FSDP2 pass the gathered full state dict and call this on rank 0 only. An existing non-empty
     folder is replaced only with `overwrite=True`.
@@ -140,6 +143,8 @@ def save_adapter(
     with atomic_folder(path) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
     return path
 
 

@@ -12,8 +12,8 @@
         init: kaiming                     # optional: kaiming (PEFT's default), gaussian, pissa or olora
         use_rslora: false                 # optional: scaling alpha/sqrt(r) instead of alpha/r
         use_dora: false                   # optional: DoRA, weight-decomposed LoRA (nn.Linear targets)
-        frozen_dtype: bfloat16            # optional: store the frozen linear weights in bf16, compute in fp32
-        nf4_skip_layers: [q_proj, v_proj] # optional, with frozen_dtype nf4: these stay bf16, not 4-bit
+        frozen_dtype: bfloat16            # optional: store the frozen linear weights in bf16 (or nf4), compute in fp32
+        # nf4_skip_layers: [down_proj]    # optional, with frozen_dtype: nf4 only: these layers stay bf16, not 4-bit
 
 `frozen_dtype: nf4` stores them as 4-bit NF4 (QLoRA's data type, torchao's NF4Tensor; `pip install 'lorafit[nf4]'`):
 about 1/8 of their fp32 memory, dequantised where they are used (lorafit/lora/nf4.py); not with init pissa/olora.
@@ -45,10 +45,9 @@ from lorafit.config.context import current_context
 from lorafit.config.registry import Component, ComponentConfig, register_component
 from lorafit.console import info
 from lorafit.errors import UserError
-from lorafit.lora.frozen import store_frozen_linears
-from lorafit.lora.matching import resolve_targets
+from lorafit.lora.frozen import release_file_mapping, store_frozen_linears
 from lorafit.lora.model import apply_lora, trainable_summary
-from lorafit.lora.nf4 import store_nf4_linears
+from lorafit.lora.nf4 import nf4_skip_names, store_nf4_linears
 from lorafit.lora.variants import DECOMPOSING_INITS
 
 
@@ -94,9 +93,12 @@ def store_frozen_base(model: nn.Module, frozen_dtype: str, nf4_skipped: set[str]
         return f"frozen weights of {changed} linear layers stored in {frozen_dtype}, computed in fp32"
     # the skipped layers first, without releasing the file: that would copy every weight still in the file (the
     # fp32 weights about to be quantised) into memory (benchmark job with checkpointing: peak 989 MiB instead of 783)
-    kept = store_frozen_linears(model, torch.bfloat16, only=nf4_skipped, release_file=False) if nf4_skipped else 0
+    if nf4_skipped:
+        store_frozen_linears(model, torch.bfloat16, only=nf4_skipped, release_file=False)
     changed = store_nf4_linears(model, skip=nf4_skipped)
-    also = f"; {kept} named in nf4_skip_layers stored in bfloat16" if nf4_skipped else ""
+    if nf4_skipped and not changed:
+        release_file_mapping(model)  # store_nf4_linears releases it only when it quantised something
+    also = f"; {len(nf4_skipped)} named in nf4_skip_layers kept in bfloat16" if nf4_skipped else ""
     return f"frozen weights of {changed} linear layers stored as NF4 (4-bit, torchao){also}, computed in fp32"
 
 
@@ -107,4 +109,4 @@ def _nf4_skipped(model: nn.Module, config: LoraModelConfig) -> set[str]:
     if config.frozen_dtype != "nf4":
         raise UserError(f"only applies with frozen_dtype: nf4 (got frozen_dtype: {config.frozen_dtype}); "
                         "remove it or set frozen_dtype: nf4", field="nf4_skip_layers")  # fmt: skip
-    return set(resolve_targets(model, config.nf4_skip_layers, field="nf4_skip_layers"))
+    return nf4_skip_names(model, config.nf4_skip_layers)

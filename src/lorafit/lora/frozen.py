@@ -99,7 +99,7 @@ def store_frozen_linears(
 
     Plain nn.Linear layers become `FrozenLinear`. `store_frozen_linears(model, torch.float32)` undoes it (the
     layers become plain nn.Linear again; the bf16 rounding stays). `release_file=False` leaves the other weights
-    in the loaded file's memory mapping, for a conversion of the rest that follows (see `_release_file_mapping`).
+    in the loaded file's memory mapping, for a conversion of the rest that follows (see `release_file_mapping`).
     """
     changed = 0
     for name, module in frozen_linears(model):
@@ -120,11 +120,11 @@ def store_frozen_linears(
         drop_file_pages(stored)  # the weight as loaded is unused now: its file pages leave before the next is read
         changed += 1
     if changed and release_file:
-        _release_file_mapping(model)
+        release_file_mapping(model)
     return changed
 
 
-def _release_file_mapping(model: nn.Module) -> None:
+def release_file_mapping(model: nn.Module) -> None:
     """Copy the tensors that still live in a memory-mapped weights file into memory of their own.
 
     from_pretrained maps a safetensors file and leaves the parameters in it. Converting a weight reads

@@ -78,8 +78,19 @@ def unmerge_lora(model: nn.Module) -> None:
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Merge, then put the plain base modules back (same Parameters): a plain transformers model, no LoRA left."""
+    """Merge, then put the plain base modules back (same Parameters): a plain transformers model, no LoRA left.
+
+    Frozen weights stored in a lower precision than the adapters (`frozen_dtype`: NF4 or bf16) become fp32 first:
+    plain modules compute in their weight's dtype, so the result holds one dtype, the base as trained (rounded as
+    it was stored) plus the adapter.
+    """
+    from lorafit.lora.frozen import has_low_precision_frozen, store_frozen_linears
+    from lorafit.lora.nf4 import dequantize_nf4_linears
+
     model = unwrap(model)
+    if has_low_precision_frozen(model):
+        dequantize_nf4_linears(model)
+        store_frozen_linears(model, torch.float32)
     merge_lora(model)
     for name, layer in lora_layers(model):
         _replace(model, name, layer.to_base())

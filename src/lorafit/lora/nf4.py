@@ -26,6 +26,7 @@ block sizes (inexact, and failing for most SmolLM2 shapes), so models are dequan
 
 from __future__ import annotations
 
+import re
 import sys
 
 import torch
@@ -35,9 +36,9 @@ from torch import nn
 from lorafit.lora.frozen import (
     FrozenLinear,
     FrozenWeightLayer,
-    _release_file_mapping,
     drop_file_pages,
     frozen_linears,
+    release_file_mapping,
 )
 from lorafit.third_party_noise import silence_torchao_import_noise
 
@@ -96,6 +97,37 @@ class NF4Linear(FrozenLinear):
         return f"{super().extra_repr()}, weight=nf4"
 
 
+def nf4_skip_names(model: nn.Module, entries: list[str], field: str = "nf4_skip_layers") -> set[str]:
+    """The qualified names of the layers `entries` (target_layers' rules) select among those `store_nf4_linears`
+    would store as NF4: nn.Linear layers other than the output head, with a multiple of 64 weights. An entry that
+    selects none of them (the head, an embedding, a whole attention block, a misspelling) is refused by name."""
+    from lorafit.errors import Problem, UserError, did_you_mean
+    from lorafit.lora.matching import parse_target
+
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head]
+    quantisable = [name for name, module in linears if not module.weight.numel() % NF4_BLOCK]
+    chosen, problems = set(), []
+    for i, text in enumerate(entries):
+        target = parse_target(text)
+        try:
+            hits = {n for n in quantisable if target.kind == "all-linear" or target.matches(n)}
+        except re.error as error:
+            problems.append(Problem(f"{field}[{i}]", f"'{text}' is not a valid regular expression: {error}"))
+            continue
+        if not hits:
+            leaves = sorted({n.rsplit(".", 1)[-1] for n in quantisable})
+            hint = did_you_mean(target.value, leaves)
+            problems.append(Problem(f"{field}[{i}]", f"'{text}' selects no layer that frozen_dtype nf4 stores in 4-bit "
+                                    f"(linear layers other than the output head, a multiple of {NF4_BLOCK} weights: "
+                                    f"{', '.join(leaves)}){hint}"))  # fmt: skip
+        chosen |= hits
+    if problems:
+        raise UserError("", problems=problems)
+    return chosen
+
+
 def store_nf4_linears(model: nn.Module, skip: set[str] = frozenset()) -> int:
     """Store the frozen weights of `model`'s linear layers (not the output head, nor the qualified names in
     `skip`) as NF4; how many changed.
@@ -117,7 +149,7 @@ def store_nf4_linears(model: nn.Module, skip: set[str] = frozenset()) -> int:
         drop_file_pages(weight)  # this fp32 weight is now unused: its file pages leave the process before the next
         changed += 1
     if changed:
-        _release_file_mapping(model)
+        release_file_mapping(model)
     return changed
 
 

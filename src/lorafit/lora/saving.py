@@ -34,10 +34,10 @@ def save_pretrained(
 
     path = Path(path)
     if has_lora(model):
-        save_adapter(model, path, base_model_name_or_path=base_model_name_or_path, overwrite=overwrite)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(path)
-        return path
+        return save_adapter(model, path, base_model_name_or_path=base_model_name_or_path, overwrite=overwrite,
+                            tokenizer=tokenizer)  # fmt: skip
+    if path.exists() and not path.is_dir():
+        raise UserError(f"cannot save a model to {path}: it is a file")
     if path.is_dir() and any(path.iterdir()) and not overwrite:
         raise UserError(f"{path} exists and is not empty (pass overwrite=True to replace it)")
     with atomic_folder(path) as staging:  # as the adapter folder: replaced whole, or left as it was if this fails
