@@ -12,6 +12,7 @@ lr 2e-3, 30 steps of 2 x 128 tokens, data/task_hard) and changes only what the v
     loraplus    loraplus_lr_ratio 16, lr 1e-3    all_linear  target_layers [all-linear]
     nf4         frozen_dtype: nf4 (4-bit base)   bf16base    frozen_dtype: bfloat16
     nf4_attn_bf16  frozen_dtype: nf4 with nf4_skip_layers [q_proj, k_proj, v_proj, o_proj] (the adapted layers bf16)
+    nf4_all_linear frozen_dtype: nf4 with target_layers [all-linear] (QLoRA's recipe: an adapter on every 4-bit layer)
     full        no LoRA, every parameter trains, lr 1e-4 (configs/smollm2_135m_full.yaml's)
     full_lr3e-4 the same at lr 3e-4
 
@@ -70,6 +71,7 @@ VARIANTS = {
     "all_linear": _lora(target_layers=["all-linear"]),
     "nf4": _lora(frozen_dtype="nf4"),
     "nf4_attn_bf16": _lora(frozen_dtype="nf4", nf4_skip_layers=["q_proj", "k_proj", "v_proj", "o_proj"]),
+    "nf4_all_linear": _lora(frozen_dtype="nf4", target_layers=["all-linear"]),
     "bf16base": _lora(frozen_dtype="bfloat16"),
     "full": _full(1.0e-4),
     "full_lr3e-4": _full(3.0e-4),
@@ -128,22 +130,44 @@ def _trainable(log: str) -> list[int]:
     return [int(match.group(1).replace(",", "")), int(match.group(2).replace(",", ""))] if match else []
 
 
+def _by_seed(runs: dict[str, dict], variant: str) -> dict[int, dict]:
+    """`variant`'s runs by seed (run names are <variant>_s<seed>), in seed order."""
+    mine = {int(name.rsplit("_s", 1)[1]): r for name, r in runs.items() if name.rsplit("_s", 1)[0] == variant}
+    return dict(sorted(mine.items()))
+
+
+def _against_lora(mine: dict[int, dict], lora: dict[int, dict]) -> str:
+    """The paired difference to plain LoRA over the seeds both ran: seed noise is larger than most gaps, and the
+    same seed means the same data order and the same adapter initialisation."""
+    shared = [seed for seed in mine if seed in lora]
+    if not shared:
+        return "-"
+    diffs = [mine[s]["correct_after"] - lora[s]["correct_after"] for s in shared]
+    lower = sum(mine[s]["heldout_loss_after"] < lora[s]["heldout_loss_after"] for s in shared)
+    return f"{sum(diffs) / len(diffs):+.1f} ({', '.join(f'{d:+d}' for d in diffs)}); loss lower {lower}/{len(shared)}"
+
+
 def table(runs: dict[str, dict], variants: list[str]) -> str:
-    lines = ["| variant | seeds | held-out exact match | held-out answer loss | step time | peak RSS | saved file | "
-             "trainable params |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    header = ("| variant | seeds | held-out exact match | vs lora, same seeds: answers, per seed | answer loss "
+              "| step time | peak RSS | saved file | trainable params |")  # fmt: skip
+    lines = [header, "|---" * 9 + "|"]
+    lora = _by_seed(runs, "lora")
     for variant in variants:
-        mine = [r for name, r in runs.items() if name.rsplit("_s", 1)[0] == variant]
+        mine = _by_seed(runs, variant)
         if not mine:
             continue
-        accs = ", ".join(f"{r['correct_after']}/{r['n']}" for r in mine)
-        mean_acc = sum(r["accuracy_after"] for r in mine) / len(mine)
-        losses = ", ".join(f"{r['heldout_loss_after']:.3f}" for r in mine)
-        steps = sorted(r["step_s"] for r in mine)
-        params = f"{mine[0]['trainable_params'][0]:,}" if mine[0]["trainable_params"] else "?"
+        rows = list(mine.values())
+        accs = ", ".join(f"{r['correct_after']}/{r['n']}" for r in rows)
+        mean_acc = sum(r["accuracy_after"] for r in rows) / len(rows)
+        paired = _against_lora(mine, lora) if variant != "lora" else "(the reference)"
+        losses = ", ".join(f"{r['heldout_loss_after']:.3f}" for r in rows)
+        steps = sorted(r["step_s"] for r in rows)
+        params = f"{rows[0]['trainable_params'][0]:,}" if rows[0]["trainable_params"] else "?"
         params = "every parameter" if variant.startswith("full") else params  # a full run prints no adapter summary
-        peak = max(r["peak_rss_mb"] for r in mine)
-        lines.append(f"| {variant} | {len(mine)} | {mean_acc:.1%} ({accs}) | {losses} | {steps[len(steps) // 2]:.2f} s "
-                     f"| {peak:,} MB | {mine[0]['saved_mb']:g} MB | {params} |")  # fmt: skip
+        peak = max(r["peak_rss_mb"] for r in rows)
+        step = steps[len(steps) // 2]
+        lines.append(f"| {variant} | {len(rows)} | {mean_acc:.1%} ({accs}) | {paired} | {losses} | {step:.2f} s "
+                     f"| {peak:,} MB | {rows[0]['saved_mb']:g} MB | {params} |")  # fmt: skip
     return "\n".join(lines)
 
 

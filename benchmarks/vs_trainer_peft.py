@@ -26,6 +26,7 @@ import tempfile
 from pathlib import Path
 
 from _common import (
+    LORA_TARGETS,
     bar_with_range,
     base_parser,
     fmt_summary,
@@ -69,6 +70,8 @@ def main() -> None:
     parser.add_argument("--micro-batch-size", type=int, default=2)
     parser.add_argument("--accumulation", type=int, default=1)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--targets", nargs="+", default=list(LORA_TARGETS),
+                        help="LoRA target layers of both contenders (default: q,k,v,o); e.g. all-linear")  # fmt: skip
     parser.add_argument("--data", choices=list(DATA_CHOICES), default="text",
                         help="; ".join(f"{k}: {v}" for k, v in DATA_CHOICES.items()).replace("%", "%%"))  # fmt: skip
     parser.add_argument(
@@ -95,7 +98,7 @@ def main() -> None:
         spec = prepare_job(path, work, dict(steps=args.steps, sequence_length=args.sequence_length,
                                             micro_batch_size=args.micro_batch_size,
                                             gradient_accumulation_steps=args.accumulation, lr=args.lr,
-                                            threads=args.threads), data=args.data)  # fmt: skip
+                                            threads=args.threads, targets=args.targets), data=args.data)  # fmt: skip
         print(f"job: {spec.steps} steps x {spec.tokens_per_step} tokens; contenders: {', '.join(contenders)}")
         runs = run_contenders(spec, contenders, args.reps, work)
 
