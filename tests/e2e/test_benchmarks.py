@@ -145,3 +145,15 @@ def test_variants_benchmark_runs_real_lorafit_runs(tiny_model_dir, tmp_path):
     log = (tmp_path / "work" / "nf4_attn_bf16_s1.log").read_text()
     assert "stored as NF4" in log and "Failed to load" not in log and "Enum subclass" not in log
     assert "8 named in nf4_skip_layers kept in bfloat16" in log  # q, k, v, o of the tiny model's 2 blocks
+
+    # forgetting.py on these run folders: the PiSSA adapter (converted to the original base) is judged on the base;
+    # the 4-bit run is refused (its adapter belongs to another base)
+    runs = tmp_path / "work" / "runs"
+    forgetting = [sys.executable, str(REPO / "benchmarks" / "forgetting.py"), "--model-folder", str(tiny_model_dir),
+                  "--max-new-tokens", "8", "--out", str(tmp_path)]  # fmt: skip
+    proc = subprocess.run([*forgetting, str(runs / "pissa_s1")], capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    losses = json.loads((tmp_path / "forgetting.json").read_text())["loss_on_base_answers"]
+    assert set(losses) == {"base", "pissa_s1"} and all(0 < v < 20 for v in losses.values())
+    refused = subprocess.run([*forgetting, str(runs / "nf4_attn_bf16_s1")], capture_output=True, text=True, cwd=REPO)
+    assert refused.returncode != 0 and "low-precision base" in refused.stderr
