@@ -20,8 +20,18 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def _low_precision_base(node) -> bool:
+    """Whether a run's resolved config has a `model/lora` with `frozen_dtype` set, wherever it sits."""
+    if isinstance(node, dict):
+        if node.get("variant_key") == "lora" and (node.get("config") or {}).get("frozen_dtype"):
+            return True
+        return any(_low_precision_base(value) for value in node.values())
+    return isinstance(node, list) and any(_low_precision_base(value) for value in node)
 
 
 def load_run(run: Path, base: Path):
@@ -31,7 +41,7 @@ def load_run(run: Path, base: Path):
 
     if (run / "model").is_dir():  # full fine-tuning: a plain Hugging Face folder
         return AutoModelForCausalLM.from_pretrained(run / "model", dtype=torch.float32)
-    if "frozen_dtype" in (run / "config.resolved.yaml").read_text():
+    if _low_precision_base(yaml.safe_load((run / "config.resolved.yaml").read_text())):
         raise SystemExit(f"{run}: trained on a low-precision base; its adapter on the fp32 base is another model")
     return load_adapter(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), run / "adapter")
 

@@ -75,10 +75,15 @@ class FrozenLinear(FrozenWeightLayer, nn.Linear):
 def frozen_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
     """(name, layer) of `model`'s linear layers with a frozen weight, the output head excepted (it stays as
     the loss needs it): what `store_frozen_linears` and `store_nf4_linears` convert."""
-    get_head = getattr(model, "get_output_embeddings", None)
-    head = get_head() if callable(get_head) else None
+    head = output_head(model)
     return [(name, module) for name, module in model.named_modules()
             if isinstance(module, nn.Linear) and module is not head and not module.weight.requires_grad]  # fmt: skip
+
+
+def output_head(model: nn.Module) -> nn.Module | None:
+    """The model's output projection (`get_output_embeddings()`), which frozen-weight storage leaves as it is."""
+    get_head = getattr(model, "get_output_embeddings", None)
+    return get_head() if callable(get_head) else None
 
 
 def plain_linear(layer: nn.Linear) -> nn.Linear:

@@ -38,6 +38,7 @@ from lorafit.lora.frozen import (
     FrozenWeightLayer,
     drop_file_pages,
     frozen_linears,
+    output_head,
     release_file_mapping,
 )
 from lorafit.third_party_noise import silence_torchao_import_noise
@@ -104,8 +105,7 @@ def nf4_skip_names(model: nn.Module, entries: list[str], field: str = "nf4_skip_
     from lorafit.errors import Problem, UserError, did_you_mean
     from lorafit.lora.matching import parse_target
 
-    get_head = getattr(model, "get_output_embeddings", None)
-    head = get_head() if callable(get_head) else None
+    head = output_head(model)
     linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head]
     quantisable = [name for name, module in linears if not module.weight.numel() % NF4_BLOCK]
     chosen, problems = set(), []
