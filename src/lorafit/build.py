@@ -10,23 +10,35 @@ import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
 from lorafit.components import load_builtin_components
 from lorafit.config.context import build_context, current_context
 from lorafit.config.graph import ConfigGraph, is_component, is_reference, pydantic_problems
-from lorafit.config.layouts import normalize_layout
+from lorafit.config.layouts import (
+    RunOutline,
+    adapters_from_checkpoint,
+    components_of,
+    has_weights_file,
+    layout_of,
+    needs_whole_weights,
+)
 from lorafit.config.loader import ConfigEnv, load_config
 from lorafit.config.registry import REGISTRY
 from lorafit.config.run_spec import DEFAULT_COMPONENTS, RUN_ENTITIES, RunSettings, RunSpec, num_steps, settings_of
 from lorafit.console import info
 from lorafit.errors import ConfigError, Problem, UserError, did_you_mean
 
+if TYPE_CHECKING:  # an annotation only: training/ imports torch
+    from lorafit.training.loss import LossNormalization
+
 
 @dataclass
 class BuiltRun:
+    """The run description every config layout builds (config/layouts.py): typed settings and built entities."""
+
     settings: RunSettings
     model: Any
     train_dataset: Any
@@ -39,20 +51,23 @@ class BuiltRun:
     # the model was built on the meta device (fsdp2 on several processes): called with it after sharding, it reads
     # each rank's shards of the base weights and initialises the adapters (TrainJob.fill_weights_after_sharding)
     fill_weights_after_sharding: Callable[[Any], None] | None = None
-    job_options: dict[str, Any] = field(default_factory=dict)  # TrainJob fields a config layout sets (Modalities)
-    modalities: dict[str, Any] | None = None  # a Modalities config: its plan (steps, batch) and checkpoint root
+    shuffle: bool = True  # the sampler permutes the train samples each epoch
+    progress: bool | None = None  # rich progress bar; None: when stdout is a terminal
+    loss_normalization: LossNormalization = "global_tokens"  # training/loss.py
+    # `lorafit validate`'s lines on steps and batches when the layout plans them its own way (else from settings)
+    step_plan: list[str] = field(default_factory=list)
 
 
 def check_run_config(config: dict[str, Any]) -> ConfigGraph:
     """The graph of a run config, or a ConfigError listing every problem found."""
     load_builtin_components()
-    from lorafit.modalities import run as modalities_run
+    graph, problems = layout_of(config, NATIVE).check(config)
+    if problems:
+        raise ConfigError("", problems=sorted(set(problems), key=lambda p: p.path))
+    return graph
 
-    if modalities_run.is_modalities_config(config):  # Modalities' entities and settings layouts
-        graph, problems = modalities_run.check(config)
-        if problems:
-            raise ConfigError("", problems=sorted(set(problems), key=lambda p: p.path))
-        return graph
+
+def _check_native(config: dict[str, Any]) -> tuple[ConfigGraph, list[Problem]]:
     graph = ConfigGraph(config)
     problems = graph.check()
     for key, value in config.items():
@@ -80,9 +95,7 @@ def check_run_config(config: dict[str, Any]) -> ConfigGraph:
             for p in pydantic_problems(e, "", RunSpec)
         ]
     problems += _missing_tracker_packages(config)
-    if problems:
-        raise ConfigError("", problems=sorted(set(problems), key=lambda p: p.path))
-    return graph
+    return graph, problems
 
 
 def _missing_tracker_packages(config: dict[str, Any]) -> list[Problem]:
@@ -96,31 +109,55 @@ def _missing_tracker_packages(config: dict[str, Any]) -> list[Problem]:
 
 
 def build_run(graph: ConfigGraph, *, world_size: int = 1) -> BuiltRun:
-    """The run's entities, built once. With fsdp2 on `world_size` > 1 processes the model is built on the meta
-    device and gets its weights after sharding (`meta_build_blocker` says when it cannot)."""
-    blocker = meta_build_blocker(graph.config, world_size) if current_context().load_weights else "validate"
+    """The run's entities, built once by the config's layout. With fsdp2 on `world_size` > 1 processes the model
+    is built on the meta device and gets its weights after sharding (`meta_build_blocker` says when it cannot)."""
+    layout, outline = layout_of(graph.config, NATIVE), run_outline(graph.config)
+    blocker = _meta_build_blocker(outline, world_size) if current_context().load_weights else "validate"
     if blocker is None:
         with build_context(meta_device=True):
-            run = _build_run(graph)
-        return _after_meta_build(run, seed_adapters=not adapters_from_checkpoint(graph.config))
+            run = layout.build(graph)
+        _check_sequence_length(run)
+        return _after_meta_build(run, seed_adapters=not outline.adapters_from_checkpoint)
     if world_size > 1 and blocker != "not fsdp2":
         info(f"parallelism fsdp2: every rank builds the whole model and loads its weights before sharding: {blocker}")
-    run = _build_run(graph)
-    if not adapters_from_checkpoint(graph.config):
+    run = layout.build(graph)
+    _check_sequence_length(run)
+    if not outline.adapters_from_checkpoint:
         _seed_adapters(run)
     return run
 
 
-def _build_run(graph: ConfigGraph) -> BuiltRun:
-    config = graph.config
-    from lorafit.modalities import run as modalities_run
+def run_outline(config: dict[str, Any]) -> RunOutline:
+    """The run-level decisions of a checked config (config/layouts.py), taken by its layout."""
+    load_builtin_components()
+    return layout_of(config, NATIVE).outline(config)
 
-    if modalities_run.is_modalities_config(config):
-        run = modalities_run.build(graph, BuiltRun)
-        _check_sequence_length(run)
-        return run
+
+class _LorafitLayout:
+    """lorafit's own layout: `settings` (config/run_spec.py) and the run entities."""
+
+    name = "lorafit"
+
+    def recognises(self, config: dict[str, Any]) -> bool:
+        return True
+
+    def check(self, config: dict[str, Any]) -> tuple[ConfigGraph, list[Problem]]:
+        return _check_native(config)
+
+    def outline(self, config: dict[str, Any]) -> RunOutline:
+        return _native_outline(config)
+
+    def build(self, graph: ConfigGraph) -> BuiltRun:
+        return _build_native(graph)
+
+
+NATIVE = _LorafitLayout()
+
+
+def _build_native(graph: ConfigGraph) -> BuiltRun:
+    config = graph.config
     settings = RunSettings.model_validate(settings_of(config))
-    from lorafit.models.deferred import deferred_init
+    from lorafit.models.deferred import deferred_init  # deferred: it imports torch and transformers
 
     built: dict[str, Any] = {}
     # random init only for models that no checkpoint fills; datasets that leave sequence_length null take the
@@ -134,31 +171,23 @@ def _build_run(graph: ConfigGraph) -> BuiltRun:
             spec = REGISTRY.get(component_key, variant_key)
             built[key] = spec.builder(spec.config_model.model_validate({}))
     run = BuiltRun(settings=settings, **built)
-    _check_sequence_length(run)
     _check_vocabulary(run)
     return run
 
 
-def adapters_from_checkpoint(config: dict[str, Any]) -> bool:
-    """Whether a `model/checkpointed` wraps the `model/lora`: its file then holds every A and B (loading is strict),
-    and the run starts from them (Modalities' way to continue from a LoRA checkpoint) instead of drawing new ones."""
+def _native_outline(config: dict[str, Any]) -> RunOutline:
+    """The decisions of a lorafit config, from its checked components (the `parallelism/fsdp2` block typed)."""
+    from lorafit.distributed.parallel import FSDP2Config  # deferred: it imports torch
 
-    def resolve(node: Any) -> Any:
-        while is_reference(node):
-            node = config.get(node["instance_key"])
-        return node
-
-    def has_lora(node: Any) -> bool:
-        node = resolve(node)
-        if not isinstance(node, dict):
-            return False
-        if node.get("component_key") == "model" and node.get("variant_key") == "lora":
-            return True
-        return has_lora((node.get("config") or {}).get("model")) if node.get("component_key") == "model" else False
-
-    return any(
-        c.get("variant_key") == "checkpointed" and has_lora((c.get("config") or {}).get("model"))
-        for c in _components(config)
+    spec = _parallelism_spec(config)
+    components = list(components_of(config))
+    return RunOutline(
+        parallelism=spec.get("variant_key", "fsdp2") if spec is not None else None,
+        load_after_sharding=FSDP2Config.model_validate((spec or {}).get("config") or {}).load_after_sharding,
+        weights_file=has_weights_file(components),
+        needs_whole_weights=needs_whole_weights(components),
+        adapters_from_checkpoint=adapters_from_checkpoint(config),
+        has_evaluators=bool(config.get("evaluators")),
     )
 
 
@@ -166,7 +195,7 @@ def _seed_adapters(run: BuiltRun) -> None:
     """Adapters drawn from settings.seed, not from whatever state the global RNG had while building:
     the same config gives the same initial adapter in any process, on 1 rank or N. (pissa/olora layers that
     decomposed their loaded base when injected keep it: one decomposition, as after a meta build.)"""
-    from lorafit.lora import has_lora, reset_lora_parameters
+    from lorafit.lora import has_lora, reset_lora_parameters  # deferred: lora/ imports torch
 
     if has_lora(run.model):
         reset_lora_parameters(run.model, seed=run.settings.seed, keep_decomposed=True)
@@ -177,40 +206,23 @@ def _seed_adapters(run: BuiltRun) -> None:
 # the meta device instead (no memory), with LoRA injected there too, the model is sharded first; then each rank reads
 # only its shards of the weights file (lorafit/models/shard_loading.py), and the adapters are initialised once, from
 # the run's seed and the loaded base (pissa/olora decompose it, DoRA measures it), exactly as on one process.
-_WEIGHT_FILE_MODELS = ("huggingface_pretrained_model", "checkpointed")
-
-
 def meta_build_blocker(config: dict[str, Any], world_size: int) -> str | None:
     """None when the run's model is built on the meta device and loaded after sharding; else why not."""
-    if world_size < 2 or not _shards_with_fsdp2(config):
+    return _meta_build_blocker(run_outline(config), world_size)
+
+
+def _meta_build_blocker(outline: RunOutline, world_size: int) -> str | None:
+    if world_size < 2 or outline.parallelism not in (None, "fsdp2"):  # absent: fsdp2 (torchrun)
         return "not fsdp2"
-    if not _load_after_sharding(config):
+    if not outline.load_after_sharding:
         return "parallelism.config.load_after_sharding is false"
-    components = list(_components(config))
-    if not any(c.get("component_key") == "model" and c.get("variant_key") in _WEIGHT_FILE_MODELS
-               for c in components):  # fmt: skip
+    if not outline.weights_file:
         return "the model has no weights file (random initialisation runs on the whole model)"
-    for c in components:
-        frozen = (c.get("config") or {}).get("frozen_dtype") if c.get("variant_key") == "lora" else None
-        if frozen:
-            return f"model/lora frozen_dtype {frozen} converts the loaded weights, which needs them before sharding"
-    if any(c.get("component_key") == "model" and c.get("variant_key") == "model_initialized" for c in components):
-        return "model/model_initialized re-draws loaded weights, which needs them before sharding"
-    if config.get("evaluators"):
+    if outline.needs_whole_weights:
+        return outline.needs_whole_weights
+    if outline.has_evaluators:
         return "the evaluators run on rank 0's whole model before training"
     return None
-
-
-def _shards_with_fsdp2(config: dict[str, Any]) -> bool:
-    from lorafit.modalities import run as modalities_run
-
-    if modalities_run.is_modalities_config(config):
-        from lorafit.distributed.parallel import FSDP2Strategy
-        from lorafit.modalities.training import parallelism_of
-
-        return isinstance(parallelism_of(modalities_run.wrapped_model_block(config)), FSDP2Strategy)
-    spec = _parallelism_spec(config)
-    return spec is None or spec.get("variant_key", "fsdp2") == "fsdp2"  # absent: fsdp2 (torchrun)
 
 
 def _parallelism_spec(config: dict[str, Any]) -> dict[str, Any] | None:
@@ -218,25 +230,6 @@ def _parallelism_spec(config: dict[str, Any]) -> dict[str, Any] | None:
     if is_reference(spec):
         spec = config.get(spec["instance_key"])
     return spec if isinstance(spec, dict) else None
-
-
-def _load_after_sharding(config: dict[str, Any]) -> bool:
-    """The typed `parallelism/fsdp2` setting (the graph check validated it already; this reads the same value)."""
-    from lorafit.distributed.parallel import FSDP2Config
-
-    spec = _parallelism_spec(config)
-    return FSDP2Config.model_validate((spec or {}).get("config") or {}).load_after_sharding
-
-
-def _components(value: Any):
-    if isinstance(value, dict):
-        if is_component(value):
-            yield value
-        for item in value.values():
-            yield from _components(item)
-    elif isinstance(value, list):
-        for item in value:
-            yield from _components(item)
 
 
 def _after_meta_build(run: BuiltRun, *, seed_adapters: bool = True) -> BuiltRun:
@@ -304,7 +297,7 @@ def _check_vocabulary(run: BuiltRun) -> None:
 def load_run_config(
     config_path: Path, env: ConfigEnv | None = None, overrides: tuple[str, ...] = ()
 ) -> tuple[dict[str, Any], ConfigGraph]:
-    config = normalize_layout(load_config(Path(config_path), env, overrides))  # other layouts: config/layouts.py
+    config = load_config(Path(config_path), env, overrides)  # its layout is recognised when checked
     return config, check_run_config(config)
 
 
@@ -333,10 +326,8 @@ def validate_config(config_path: Path, overrides: tuple[str, ...] = (), *, verbo
         f"= micro batch {sp.local_train_micro_batch_size} x accumulation {sp.gradient_accumulation_steps} "
         f"x sequence {sp.sequence_length}"
     )
-    if run.modalities is not None:
-        from lorafit.modalities.run import describe
-
-        lines[-1:] = describe(run)
+    if run.step_plan:  # the layout plans steps and batches its own way
+        lines[-1:] = run.step_plan
     return "\n".join(lines)
 
 

@@ -76,8 +76,11 @@ BUILTIN_COMPONENTS: dict[tuple[str, str], str] = {
     ("evaluator", "exact_match"): "lorafit.evaluation.exact_match",
 }
 BUILTIN_COMPONENT_MODULES = sorted(set(BUILTIN_COMPONENTS.values()))
+# other config layouts and the checkpoint names they save under, each translated at the border into lorafit's:
+# config/layouts.py (register_layout) and models/checkpointed.py (register_key_mapping)
+BUILTIN_TRANSLATOR_MODULES = ("lorafit.modalities.layout", "lorafit.modalities.checkpoint_keys")
 
 
 def load_builtin_components() -> None:
-    for module in BUILTIN_COMPONENT_MODULES:
+    for module in (*BUILTIN_COMPONENT_MODULES, *BUILTIN_TRANSLATOR_MODULES):
         importlib.import_module(module)

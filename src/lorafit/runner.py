@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from lorafit import allocator, resume
-from lorafit.build import BuiltRun, build_run, load_run_config
+from lorafit.build import BuiltRun, build_run, load_run_config, run_outline
 from lorafit.config.loader import ConfigEnv
 from lorafit.console import info, warn
 from lorafit.errors import UserError
@@ -62,7 +62,7 @@ def _run(request: RunRequest, dist_env) -> Path:
         experiments_root_path=str(root),
     )
     config, graph = load_run_config(config_path, env, request.overrides)
-    root = _modalities_root(config, root, request)
+    root = _run_root(config, root, request)
     sources = dist_env.on_main(resume.source_fingerprints, config)
     _record_allocator(config)
 
@@ -108,12 +108,10 @@ def _run(request: RunRequest, dist_env) -> Path:
     return run_dir
 
 
-def _modalities_root(config: dict[str, Any], root: Path, request: RunRequest) -> Path:
-    """A Modalities config's run folder is where Modalities keeps the experiment: checkpoint_path/<experiment_id>/
-    (unless --experiments_root_path names another root)."""
-    from lorafit.modalities.run import checkpoint_root
-
-    found = checkpoint_root(config)
+def _run_root(config: dict[str, Any], root: Path, request: RunRequest) -> Path:
+    """Where the run folder goes: the root the config's layout names (Modalities': its checkpoint_path, where it
+    keeps the experiment as checkpoint_path/<experiment_id>/), unless --experiments_root_path names another."""
+    found = run_outline(config).run_root
     if found is None or request.experiments_root_path != Path("experiments"):
         return root
     return found
@@ -186,7 +184,9 @@ def train(built: BuiltRun, run_dir: Path, dist_env, checkpoint: Path | None, sou
         gather_full_model=dist_env.world_size > 1 and bool(built.evaluators or built.settings.export.merged_model),
         source_fingerprints=sources,
         trackers=trackers,
-        **built.job_options,
+        shuffle=built.shuffle,
+        progress=built.progress,
+        loss_normalization=built.loss_normalization,
     )
     return train_loop(job)
 

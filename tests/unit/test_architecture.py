@@ -1,6 +1,8 @@
 """What docs/architecture.md and STYLE.md promise about src/: every file has its line in the layout, no file grows
-past 400 lines, and no behaviour hides in a patched forward or in source-text matching."""
+past 400 lines, no behaviour hides in a patched forward or in source-text matching, Modalities is translated at the
+border (no core file imports it or asks whether a config is one), and no import cycle joins two files."""
 
+import ast
 import fnmatch
 import re
 from pathlib import Path
@@ -35,4 +37,64 @@ def test_no_patched_forward_and_no_source_text_matching():
         for i, line in enumerate(p.read_text().splitlines(), 1)
         if re.search(r"\.forward\s*=(?!=)|getsource", line)
     ]
+    assert not found, found
+
+
+# ------------------------------------------------------------------------------------------------ imports, read
+def _module_of(path: Path) -> str:
+    parts = list(path.relative_to(SRC.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {_module_of(p): p for p in SRC.rglob("*.py") if "__pycache__" not in p.parts}
+
+
+def _imports(path: Path) -> list[tuple[str, int, bool]]:
+    """(lorafit module, line, inside a function) of every import in `path`: top-level, function-local and under
+    TYPE_CHECKING alike. `from a.b import c` names the module a.b.c when c is one, else a.b."""
+    module = _module_of(path)
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found = []
+
+    def visit(node: ast.AST, in_function: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            names: list[str] = []
+            if isinstance(child, ast.Import):
+                names = [alias.name for alias in child.names]
+            elif isinstance(child, ast.ImportFrom):
+                base = child.module or ""
+                if child.level:
+                    parts = package.split(".")[: len(package.split(".")) - child.level + 1]
+                    base = ".".join([*parts, base] if base else parts)
+                names = [f"{base}.{a.name}" if f"{base}.{a.name}" in MODULES else base for a in child.names]
+            for name in names:
+                while name.startswith("lorafit") and name not in MODULES:
+                    name = name.rpartition(".")[0]
+                if name.startswith("lorafit") and name != module:
+                    found.append((name, child.lineno, in_function))
+            visit(child, in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)))
+
+    visit(ast.parse(path.read_text()), False)
+    return found
+
+
+# ------------------------------------------------------------------------------------------------ Modalities
+MODALITIES_ENTRY_POINTS = {"lorafit.components", "lorafit.commands.data"}  # the component table, `lorafit data`
+
+
+def test_only_the_component_table_and_lorafit_data_import_modalities():
+    """Modalities is one translator at the edge (config/layouts.py): the core neither imports it nor branches on
+    it; what Modalities means differently reaches the core as typed settings (BuiltRun, RunOutline)."""
+    found = [f"{MODULES[m].relative_to(SRC)}:{line} imports {name}"
+             for m in MODULES if not m.startswith("lorafit.modalities") and m not in MODALITIES_ENTRY_POINTS
+             for name, line, _ in _imports(MODULES[m]) if name.startswith("lorafit.modalities")]  # fmt: skip
+    assert not found, found
+
+
+def test_no_core_file_asks_whether_a_config_is_a_modalities_config():
+    """Neither by a helper (is_modalities_config) nor by looking for Modalities' own entities in the config."""
+    asks = re.compile(r"is_modalities|[\"']train_dataloader[\"']|[\"']wrapped_model[\"']|[\"']app_state[\"']")
+    found = [f"{p.relative_to(SRC)}:{i}" for m, p in MODULES.items()
+             if not m.startswith("lorafit.modalities") and m not in MODALITIES_ENTRY_POINTS
+             for i, line in enumerate(p.read_text().splitlines(), 1) if asks.search(line)]  # fmt: skip
     assert not found, found

@@ -144,7 +144,7 @@ def test_fsdp2_wrapped_and_clipper_resolve_as_fsdp_wrapped(tmp_path, monkeypatch
     assert new.parallelism.config == old.parallelism.config
     assert new.parallelism.config.mixed_precision == ("bf16" if fsdp2 == "BF_16" else "fp32")
     assert new.settings == old.settings and new.settings.gradient_clipping == 0.5
-    assert new.modalities["plan"] == old.modalities["plan"]
+    assert new.step_plan == old.step_plan
 
 
 def test_fsdp2_keys_are_modalities_050s():
@@ -205,7 +205,7 @@ def test_fsdp2_clippers_and_keys(tmp_path, monkeypatch, caplog):
 def test_precision_is_read_through_model_initialized():
     """Modalities 0.5.0 initialises after sharding (model_initialized {model: fsdp2_wrapped}): the run's precision and
     sharding come from the fsdp block however deep it sits, not from the outermost model (it was fp32 silently)."""
-    from lorafit.build import _shards_with_fsdp2
+    from lorafit.build import run_outline
     from lorafit.distributed.parallel import DDPStrategy
     from lorafit.modalities.run import wrapped_model_block
     from lorafit.modalities.training import parallelism_of
@@ -225,6 +225,7 @@ def test_precision_is_read_through_model_initialized():
     assert wrapped_model_block({**config, "app_state": app}) is fsdp2
     ddp = {**fsdp2, "variant_key": "fsdp_wrapped", "config": {**fsdp2["config"], "sharding_strategy": "NO_SHARD"}}
     assert isinstance(parallelism_of(wrapped_model_block({**config, "sharded": ddp})), DDPStrategy)
-    assert _shards_with_fsdp2({**config, "app_state": app}) and not _shards_with_fsdp2({**config, "sharded": ddp})
+    assert run_outline({**config, "app_state": app}).parallelism == "fsdp2"
+    assert run_outline({**config, "sharded": ddp}).parallelism == "ddp"
     # no fsdp block at all: the outermost model, as before
     assert wrapped_model_block({"model_raw": raw, "wrapped_model": raw, "train_dataloader": {}}) is raw

@@ -1,22 +1,59 @@
-"""Other config layouts, mapped onto lorafit's before anything is checked: THE hook for them.
+"""Config layouts: how a config file of one layout becomes the core's run description. THE hook for other layouts.
 
 `lorafit run` and `lorafit validate` read a config as: load the YAML and resolve `${...}` (config/loader.py) ->
-`normalize_layout` (here) -> check the whole graph and the run spec (job.check_run_config) -> build (job.build_run)
--> one typed `RunSettings` plus the built entities -> `TrainJob(settings=...)` -> the loop.
+`layout_of(config)` (here) -> its `check` (the whole graph and its settings, every problem at once) -> its
+`outline` (the run-level decisions taken before building: parallelism, where the run folder goes, whether the
+model is built on the meta device) -> its `build` -> `BuiltRun` (lorafit/build.py): one typed `RunSettings` plus
+the built entities -> `TrainJob(settings=...)` -> the loop.
 
-A layout is a function `(config: dict) -> dict | None`: given the resolved config, it returns the same config in
-lorafit's layout (the `settings` block of `config/run_spec.py`, the run entities `model`, `train_dataset`, ...),
-or None when the config is not in its layout. Register one with `@register_layout`. The first that answers
-wins. A mapping must not drop anything: a key it cannot map stays where it is, so the checks that follow report
-it with its path (and a key documented as having no effect must say so in the log).
+lorafit's own layout (the `settings` block of `config/run_spec.py` and the run entities `model`, `train_dataset`,
+...) is the default (lorafit/build.py). Another layout (Modalities', lorafit/modalities/run.py) is translated at this
+border into the same run description: what it means differently arrives as typed settings of the core (the loss
+normalisation, the run folder root, the step plan it prints), never as a question the core asks about the config.
+The component table (lorafit/components.py) imports the modules that register layouts.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-Layout = Callable[[dict[str, Any]], dict[str, Any] | None]
+from lorafit.config.graph import ConfigGraph, is_component, is_reference
+from lorafit.config.registry import REGISTRY
+
+if TYPE_CHECKING:  # annotations only: build.py imports this module
+    from lorafit.build import BuiltRun
+    from lorafit.errors import Problem
+
+
+@dataclass(frozen=True)
+class RunOutline:
+    """What a run decides from its checked config before anything is built (typed; read once, here)."""
+
+    parallelism: Literal["none", "ddp", "fsdp2"] | None  # None: the default (fsdp2 under torchrun, else none)
+    load_after_sharding: bool = True  # fsdp2: build on the meta device, read each rank's shards after sharding
+    weights_file: bool = False  # the model's weights come from a file (the meta build can read them after sharding)
+    # why the loaded weights must be whole before sharding (a conversion or re-draw of them), or None
+    needs_whole_weights: str | None = None
+    adapters_from_checkpoint: bool = False  # the weights file holds the adapters too: none are drawn
+    has_evaluators: bool = False
+    run_root: Path | None = None  # run folders go under it unless --experiments_root_path names another root
+
+
+class Layout(Protocol):
+    name: str
+
+    def recognises(self, config: dict[str, Any]) -> bool: ...
+
+    def check(self, config: dict[str, Any]) -> tuple[ConfigGraph, list[Problem]]: ...
+
+    def outline(self, config: dict[str, Any]) -> RunOutline: ...
+
+    def build(self, graph: ConfigGraph, world_size: int) -> BuiltRun: ...
+
+
 LAYOUTS: list[Layout] = []
 
 
@@ -25,10 +62,69 @@ def register_layout(layout: Layout) -> Layout:
     return layout
 
 
-def normalize_layout(config: dict[str, Any]) -> dict[str, Any]:
-    """`config` in lorafit's layout (unchanged when no registered layout recognises it)."""
-    for layout in LAYOUTS:
-        mapped = layout(config)
-        if mapped is not None:
-            return mapped
-    return config
+def layout_of(config: dict[str, Any], default: Layout) -> Layout:
+    """The registered layout that recognises `config` (the first), else `default` (lorafit's own)."""
+    return next((layout for layout in LAYOUTS if layout.recognises(config)), default)
+
+
+# ------------------------------------------------------------------------------------------------ for outlines
+# What every layout's outline asks of a checked config's component blocks (the blocks are the checked ones: their
+# keys and variants are known to be valid here).
+WEIGHT_FILE_MODELS = ("huggingface_pretrained_model", "checkpointed")
+
+
+def components_of(value: Any) -> Iterator[dict[str, Any]]:
+    """Every component block in a config value, however deep (references not followed)."""
+    if isinstance(value, dict):
+        if is_component(value):
+            yield value
+        for item in value.values():
+            yield from components_of(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from components_of(item)
+
+
+_components = components_of
+
+
+def has_weights_file(components: list[dict[str, Any]]) -> bool:
+    """Whether a model component reads its weights from a file (which the meta build can read after sharding)."""
+    return any(c.get("component_key") == "model" and c.get("variant_key") in WEIGHT_FILE_MODELS for c in components)
+
+
+def needs_whole_weights(components: list[dict[str, Any]]) -> str | None:
+    """Why some component needs the loaded weights whole before sharding (it converts or re-draws them), or None:
+    a LoRA `frozen_dtype`, or a component whose config says so (`ComponentConfig.needs_whole_weights`)."""
+    for c in components:
+        frozen = (c.get("config") or {}).get("frozen_dtype") if c.get("variant_key") == "lora" else None
+        if frozen:
+            return f"model/lora frozen_dtype {frozen} converts the loaded weights, which needs them before sharding"
+        if REGISTRY.has(c.get("component_key"), c.get("variant_key")):
+            reason = REGISTRY.get(c["component_key"], c["variant_key"]).config_model.needs_whole_weights
+            if reason:
+                return f"{c['component_key']}/{c['variant_key']} {reason}"
+    return None
+
+
+def adapters_from_checkpoint(config: dict[str, Any]) -> bool:
+    """Whether a `model/checkpointed` wraps the `model/lora`: its file then holds every A and B (loading is strict),
+    and the run starts from them (Modalities' way to continue from a LoRA checkpoint) instead of drawing new ones."""
+
+    def resolve(node: Any) -> Any:
+        while is_reference(node):
+            node = config.get(node["instance_key"])
+        return node
+
+    def has_lora(node: Any) -> bool:
+        node = resolve(node)
+        if not isinstance(node, dict):
+            return False
+        if node.get("component_key") == "model" and node.get("variant_key") == "lora":
+            return True
+        return has_lora((node.get("config") or {}).get("model")) if node.get("component_key") == "model" else False
+
+    return any(
+        c.get("variant_key") == "checkpointed" and has_lora((c.get("config") or {}).get("model"))
+        for c in _components(config)
+    )

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict
 
@@ -28,6 +28,9 @@ class ComponentConfig(BaseModel):
     """Base class of every component's config: unknown keys are errors, built objects are allowed."""
 
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True, protected_namespaces=())
+    # set by a model component that converts or re-draws the weights it is given: why it needs them whole before
+    # sharding (so an fsdp2 run loads them before sharding instead of building on the meta device; build.py)
+    needs_whole_weights: ClassVar[str | None] = None
 
 
 class Pending:
@@ -110,6 +113,9 @@ class Registry:
 
     def variant_keys(self, component_key: str) -> list[str]:
         return sorted(vk for ck, vk in self._specs if ck == component_key)
+
+    def has(self, component_key: Any, variant_key: Any) -> bool:
+        return (component_key, variant_key) in self._specs
 
     def get(self, component_key: str, variant_key: str) -> ComponentSpec:
         """The spec, or a ValueError whose message lists the valid choices and the nearest one."""

@@ -19,6 +19,8 @@ from collections.abc import Iterable
 
 import torch
 
+from lorafit.models.checkpointed import register_key_mapping
+
 WRAPPER_PREFIXES = ("huggingface_model.", "module.", "_orig_mod.")
 WRAPPER_INFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
 LORA_SUFFIXES = {
@@ -89,3 +91,13 @@ def describe_unmapped(unexpected: list[str], model_keys: Iterable[str]) -> str:
             f"{stems[0]}): target_layers or the model differ from the run that wrote it"
         )
     return ""
+
+
+class ModalitiesKeys:
+    """The mapping above, as model/checkpointed takes one (models/checkpointed.py `KeyMapping`)."""
+
+    map = staticmethod(map_modalities_keys)
+    describe_unmapped = staticmethod(describe_unmapped)
+
+
+register_key_mapping(ModalitiesKeys())

@@ -20,7 +20,7 @@ import logging
 import math
 import re
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -143,6 +143,8 @@ def build_composed_initialization(config: ComposedInitializationConfig) -> Compo
 
 
 class WeightInitializedModelConfig(ComponentConfig):
+    needs_whole_weights: ClassVar[str] = "re-draws loaded weights, which needs them before sharding"
+
     model: Component("model")
     model_initializer: Component("model_initialization")
 

@@ -23,11 +23,13 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from lorafit.build import BuiltRun
 from lorafit.config.graph import ConfigGraph, is_component, is_reference, pydantic_problems
 from lorafit.config.run_spec import Checkpointing, Intervals, RunSettings, StepProfile, TrainingTarget
 from lorafit.distributed.parallel import decoder_blocks
 from lorafit.errors import ConfigError, Problem, UserError, did_you_mean
 from lorafit.modalities.settings import ModalitiesSettings, NewProgress, settings_problems
+from lorafit.modalities.training import parallelism_of
 
 ENTITIES = {
     "wrapped_model": "model",
@@ -46,10 +48,6 @@ ENTITIES = {
 PROGRESS = ("batch_progress_subscriber", "progress_subscriber")
 # app_state/raw (modalities 0.5.0) holds these three entities as model, optimizer and lr_scheduler
 APP_STATE = {"wrapped_model": "model", "optimizer": "optimizer", "scheduler": "lr_scheduler"}
-
-
-def is_modalities_config(config: dict[str, Any]) -> bool:
-    return "train_dataloader" in config
 
 
 def entities_of(config: dict[str, Any]) -> dict[str, str]:
@@ -147,11 +145,10 @@ def check(config: dict[str, Any]) -> tuple[ConfigGraph, list[Problem]]:
 
 
 # ------------------------------------------------------------------------------------------------ building
-def build(graph: ConfigGraph, built_run_cls: type) -> Any:
-    """The run's entities and settings: a `BuiltRun` for lorafit's runner."""
+def build(graph: ConfigGraph) -> BuiltRun:
+    """The run's entities and settings: the `BuiltRun` lorafit's runner takes from any layout."""
     from lorafit.modalities.data import ModalitiesLoader
     from lorafit.modalities.tokenizer import unwrap_tokenizer
-    from lorafit.modalities.training import parallelism_of
     from lorafit.models.deferred import deferred_init
 
     config = graph.config
@@ -187,7 +184,8 @@ def build(graph: ConfigGraph, built_run_cls: type) -> Any:
         loggers=_loggers(results, settings),
     )
     tokenizer = _tokenizer_of(train)
-    run = built_run_cls(
+    plan["checkpoint_root"] = built["checkpoint_saving"].execution.checkpoint_path
+    return BuiltRun(
         settings=run_settings,
         model=built["wrapped_model"],
         train_dataset=train.view(world),
@@ -199,14 +197,11 @@ def build(graph: ConfigGraph, built_run_cls: type) -> Any:
             wrapped_model_block(config),
             activation_checkpointing=bool(settings.training and settings.training.activation_checkpointing_modules),
         ),
+        shuffle=train.shuffle,
+        progress=built["progress"].bar,
+        loss_normalization="micro_batch_mean",  # Modalities' CLMCrossEntropyLoss: the token mean per micro-batch
+        step_plan=describe(plan),
     )
-    run.job_options = {
-        "shuffle": train.shuffle,
-        "progress": built["progress"].bar,
-        "loss_normalization": "micro_batch_mean",
-    }
-    run.modalities = {"plan": plan, "checkpoint_root": built["checkpoint_saving"].execution.checkpoint_path}
-    return run
 
 
 def wrapped_model_block(config: dict[str, Any]) -> dict[str, Any]:
@@ -333,8 +328,6 @@ def _check_consistency(graph: ConfigGraph, settings: ModalitiesSettings, built: 
 
 def checkpoint_root(config: dict[str, Any]) -> Path | None:
     """checkpoint_saving's checkpoint_path in a resolved Modalities config (references followed), or None."""
-    if not is_modalities_config(config):
-        return None
     node: Any = config.get("checkpoint_saving")
     for key in ("config", "checkpoint_saving_execution", "config", "checkpoint_path"):
         while is_reference(node):
@@ -362,9 +355,8 @@ def _tokenizer_of(loader: Any) -> Any:
     return getattr(loader.collate_fn, "tokenizer", None)
 
 
-def describe(run: Any) -> list[str]:
-    """`lorafit validate`'s lines for a Modalities config: the numbers Modalities would use."""
-    p = run.modalities["plan"]
+def describe(p: dict[str, Any]) -> list[str]:
+    """`lorafit validate`'s lines for a Modalities config: the numbers Modalities would use (`plan_of`'s plan)."""
     iv = p["intervals"]
     return [
         f"Modalities config: {p['steps']} steps on {p['world']} process(es); global batch {p['global_batch']} samples "
@@ -372,6 +364,6 @@ def describe(run: Any) -> list[str]:
         f"{p['tokens_per_step']:,} tokens per step (x sequence length {p['sequence']})",
         f"intervals: log every {iv['training_log_interval_in_steps']}, evaluate every "
         f"{iv['evaluation_interval_in_steps']}, checkpoint every {iv['checkpointing_interval_in_steps']} steps; "
-        f"checkpoints under {run.modalities['checkpoint_root']}/<experiment_id>/; loss: token mean per micro-batch, "
+        f"checkpoints under {p['checkpoint_root']}/<experiment_id>/; loss: token mean per micro-batch, "
         "averaged over micro-batches and ranks",
     ]

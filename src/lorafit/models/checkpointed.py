@@ -17,9 +17,10 @@ config written for a GPU box still runs on a laptop. `precision`: FP_32 | BF_16 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from pydantic import field_validator
@@ -109,17 +110,35 @@ class TorchCheckpointLoader:
         return model.to(device=device, dtype=to_dtype(self.precision))
 
 
-def _with_model_names(model: nn.Module, state_dict: dict[str, Any], path) -> dict[str, Any]:
-    """Modalities' names (wrapper prefixes, bare LoRA A/B) mapped to the model's, said in the log; when keys still
-    do not fit, the error says which mapping is missing."""
-    from lorafit.modalities.checkpoint_keys import describe_unmapped, map_modalities_keys
+class KeyMapping(Protocol):
+    """Another program's checkpoint names -> the model's (e.g. Modalities' wrapper prefixes and bare LoRA A/B:
+    lorafit/modalities/checkpoint_keys.py), in the manner of torchtitan's state_dict_adapter."""
 
+    def map(self, state_dict: dict[str, Any], model_keys: Iterable[str]) -> tuple[dict[str, Any], list[str]]:
+        """`state_dict` renamed where a key is not the model's, and one line per mapping applied."""
+
+    def describe_unmapped(self, unexpected: list[str], model_keys: Iterable[str]) -> str:
+        """Why keys no mapping covers do not fit ('' when it has nothing to say)."""
+
+
+KEY_MAPPINGS: list[KeyMapping] = []  # filled by the component table's translators (lorafit/components.py)
+
+
+def register_key_mapping(mapping: KeyMapping) -> KeyMapping:
+    KEY_MAPPINGS.append(mapping)
+    return mapping
+
+
+def _with_model_names(model: nn.Module, state_dict: dict[str, Any], path) -> dict[str, Any]:
+    """Other programs' names mapped to the model's (`KEY_MAPPINGS`), said in the log; when keys still do not fit,
+    the error says which mapping is missing."""
     expected = model.state_dict().keys()
-    state_dict, notes = map_modalities_keys(state_dict, expected)
-    for note in notes:
-        info(f"{path}: {note}")
+    for mapping in KEY_MAPPINGS:
+        state_dict, notes = mapping.map(state_dict, expected)
+        for note in notes:
+            info(f"{path}: {note}")
     unexpected = [k for k in state_dict if k not in expected]
-    hint = describe_unmapped(unexpected, expected)
+    hint = next((h for m in KEY_MAPPINGS if (h := m.describe_unmapped(unexpected, expected))), "")
     if hint:
         raise UserError(f"{path} does not fit the model ({type(model).__name__}){hint}")
     return state_dict

@@ -13,6 +13,7 @@ from torch import nn
 
 from lorafit.config.run_spec import RunSettings
 from lorafit.distributed.env import DistEnv
+from lorafit.training.loss import LossNormalization
 
 
 @dataclass
@@ -46,9 +47,7 @@ class TrainJob:
     progress: bool | None = None  # rich progress bar; None: when stdout is a terminal
     write_adapter: bool = True  # write the trained weights: adapter/ (LoRA) or model/ (full); False: neither
     tokenizer: Any = None  # saved into model/ after full fine-tuning, so the folder loads and generates alone
-    # "global_tokens": the mean over the global batch's target tokens (lorafit's); "micro_batch_mean": each
-    # micro-batch's token mean, averaged over micro-batches and ranks (Modalities' CLMCrossEntropyLoss)
-    loss_normalization: str = "global_tokens"
+    loss_normalization: LossNormalization = "global_tokens"  # what a step's loss is the mean of (training/loss.py)
     trackers: list[Any] | None = None  # rank 0's open trackers (training/trackers.py); None: TensorBoard, if installed
 
 

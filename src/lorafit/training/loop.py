@@ -102,7 +102,7 @@ def train(job: TrainJob) -> TrainResult:
                 scale = world / max(n_targets, 1.0)
                 loss_sum = torch.zeros((), dtype=torch.float64, device=env.device)
                 for i, batch in enumerate(micro):
-                    if per_micro_batch:  # Modalities: each micro-batch's token mean / accumulation, ranks averaged
+                    if per_micro_batch:  # each micro-batch's token mean / accumulation, ranks averaged
                         scale = 1.0 / (max(int((batch["labels"] != IGNORE_INDEX).sum()), 1) * accum)
                     with strategy.accumulating(loss_fn, sync=i == accum - 1):  # reduce once, on the last micro-batch
                         with strategy.autocast(env):
