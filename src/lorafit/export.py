@@ -38,7 +38,7 @@ def export_merged(model, tokenizer, output_dir: Path, *, overwrite: bool = False
     model = model.eval()
     ids = probe_batch(model, tokenizer)
     expected = model(input_ids=ids).logits.float()
-    from lorafit.lora.nf4 import dequantize_nf4_linears
+    from lorafit.frozen.nf4 import dequantize_nf4_linears
 
     # NF4 weights cannot be deep-copied exactly (torchao re-quantises on clone); the merge dequantises them anyway,
     # and the dequantised weights compute exactly what the NF4 ones did

@@ -56,7 +56,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         # frozen weights stored in bf16 (model/lora frozen_dtype): DDP trains them, FSDP2 refuses them up front
         from engine_cases import lora_model
         from lorafit.errors import UserError
-        from lorafit.lora.frozen import store_frozen_linears
+        from lorafit.frozen.linear import store_frozen_linears
 
         bf16_base = [lora_model(), lora_model()]
         for model in bf16_base:

@@ -12,8 +12,8 @@ TARGETS = ["q_proj", "v_proj", "down_proj"]
 
 def lora_pair():
     """(model with bf16-stored frozen linears, fp32 model whose base was rounded to bf16): the same function."""
+    from lorafit.frozen.linear import store_frozen_linears
     from lorafit.lora import apply_lora
-    from lorafit.lora.frozen import store_frozen_linears
     from tiny import make_llama
 
     model = apply_lora(make_llama(), r=4, alpha=8, target_layers=TARGETS, seed=0)
@@ -72,8 +72,8 @@ def test_merged_export_of_a_bf16_stored_base_is_fp32_and_matches(tmp_path, tiny_
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lorafit.export import export_merged
+    from lorafit.frozen.linear import _file_mapped_ranges, has_low_precision_frozen, store_frozen_linears
     from lorafit.lora import apply_lora
-    from lorafit.lora.frozen import _file_mapped_ranges, has_low_precision_frozen, store_frozen_linears
 
     model = apply_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir), r=4, alpha=8, target_layers=TARGETS)
     with torch.no_grad():

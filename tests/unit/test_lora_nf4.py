@@ -9,9 +9,9 @@ import torch
 
 from engine_cases import TARGETS, TokenDataset, make_job, one_thread  # noqa: F401 - autouse fixture
 from lorafit.errors import UserError
+from lorafit.frozen.linear import has_low_precision_frozen
+from lorafit.frozen.nf4 import dequantize_nf4_linears, has_nf4, is_nf4, store_nf4_linears
 from lorafit.lora import apply_lora, lora_parameters, merge_and_unload, save_adapter
-from lorafit.lora.frozen import has_low_precision_frozen
-from lorafit.lora.nf4 import dequantize_nf4_linears, has_nf4, is_nf4, store_nf4_linears
 from tiny import make_llama
 
 X = torch.randint(0, 384, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -107,8 +107,8 @@ def _component(**changes):
 
 
 def test_nf4_skip_layers_stay_bf16_and_the_rest_is_4_bit():
+    from lorafit.frozen.linear import store_frozen_linears
     from lorafit.lora.component import build_lora_model
-    from lorafit.lora.frozen import store_frozen_linears
 
     model = build_lora_model(_component(frozen_dtype="nf4", nf4_skip_layers=["q_proj", "mlp.gate_proj"]))
     for block in model.model.layers:

@@ -1,7 +1,7 @@
 """Quantising a memory-mapped model to NF4 keeps one fp32 weight resident at a time, and gives the same NF4 model.
 
 from_pretrained leaves a safetensors file's fp32 weights in a file mapping; `store_nf4_linears` reads each one,
-quantises it and hands its pages back (lorafit/lora/nf4.py). Without that, the pages of every weight read stay
+quantises it and hands its pages back (lorafit/frozen/nf4.py). Without that, the pages of every weight read stay
 resident until the end: the whole fp32 model in memory next to its NF4 copy.
 """
 
@@ -15,8 +15,8 @@ import sys
 import pytest
 import torch
 
+from lorafit.frozen.nf4 import is_nf4, store_nf4_linears
 from lorafit.lora import apply_lora
-from lorafit.lora.nf4 import is_nf4, store_nf4_linears
 
 LAYERS, HIDDEN, INTERMEDIATE = 6, 512, 1536
 LINEAR_BYTES = LAYERS * (4 * HIDDEN * HIDDEN + 3 * HIDDEN * INTERMEDIATE) * 4  # 78 MiB of fp32 linear weights
@@ -40,7 +40,7 @@ import json, sys, torch
 from transformers import AutoModelForCausalLM
 from lorafit.lora import apply_lora
 from lorafit.lora.component import store_frozen_base
-from lorafit.lora.nf4 import _nf4_module
+from lorafit.frozen.nf4 import _nf4_module
 _nf4_module()  # torchao's import, before the baseline
 def status():
     fields = dict(line.split(":", 1) for line in open("/proc/self/status"))

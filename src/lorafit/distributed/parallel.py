@@ -150,7 +150,7 @@ class FSDP2Strategy(Strategy):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        from lorafit.lora.frozen import has_low_precision_frozen
+        from lorafit.frozen.linear import has_low_precision_frozen
 
         if has_low_precision_frozen(model):
             raise UserError(

@@ -16,13 +16,13 @@
         # nf4_skip_layers: [down_proj]    # optional, with frozen_dtype: nf4 only: these layers stay bf16, not 4-bit
 
 `frozen_dtype: nf4` stores them as 4-bit NF4 (QLoRA's data type, torchao's NF4Tensor; `pip install 'lorafit[nf4]'`):
-about 1/8 of their fp32 memory, dequantised where they are used (lorafit/lora/nf4.py); not with init pissa/olora.
+about 1/8 of their fp32 memory, dequantised where they are used (lorafit/frozen/nf4.py); not with init pissa/olora.
 `nf4_skip_layers` (target_layers' syntax) keeps the layers it names out of the 4-bit format and stores them in
 bf16 instead, like bitsandbytes' `llm_int8_skip_modules` (for layers known to be sensitive to rounding). Which
 layers to keep is the model's and task's question: docs/quality.md measures it on SmolLM2-135M.
 
 `frozen_dtype: bfloat16` halves the memory of the frozen base's linear layers (not the output head): they are
-rounded to bf16 once and cast up to the activations' dtype where they are used (lorafit/lora/frozen.py). It
+rounded to bf16 once and cast up to the activations' dtype where they are used (lorafit/frozen/linear.py). It
 cannot be combined with FSDP2, which all-gathers a layer's parameters in one dtype; use ddp or none.
 
 `init: pissa` / `olora` start the adapter from the top of each base weight (SVD / QR, PEFT's definitions) and leave
@@ -45,9 +45,9 @@ from lorafit.config.context import current_context
 from lorafit.config.registry import Component, ComponentConfig, register_component
 from lorafit.console import info
 from lorafit.errors import UserError
-from lorafit.lora.frozen import release_file_mapping, store_frozen_linears
+from lorafit.frozen.linear import release_file_mapping, store_frozen_linears
+from lorafit.frozen.nf4 import nf4_skip_names, store_nf4_linears
 from lorafit.lora.model import apply_lora, trainable_summary
-from lorafit.lora.nf4 import nf4_skip_names, store_nf4_linears
 from lorafit.lora.variants import DECOMPOSING_INITS
 
 

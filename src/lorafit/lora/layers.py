@@ -20,7 +20,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lorafit.errors import Problem, UserError
-from lorafit.lora.frozen import FrozenWeightLayer, frozen_linear, plain_linear
+from lorafit.frozen.linear import FrozenWeightLayer, frozen_linear, plain_linear
 from lorafit.lora.variants import DECOMPOSING_INITS, dora_merged_weight, dora_weight_norm, initial_factors
 from lorafit.models.wrappers import full_tensor, is_dtensor
 

@@ -136,7 +136,7 @@ def release_file_mapping(model: nn.Module) -> None:
     (makes resident) its pages, and the mapping holds all of them until its last tensor is gone: without this,
     the fp32 file pages of the converted weights would stay in the process next to their bf16 copies.
     """
-    from lorafit.lora.nf4 import is_nf4
+    from lorafit.frozen.nf4 import is_nf4
 
     ranges = _file_mapped_ranges()
     if not ranges:
@@ -202,7 +202,7 @@ def _file_mapped_ranges() -> list[tuple[int, int]]:
 
 def has_low_precision_frozen(model: nn.Module) -> bool:
     """True when some frozen weights are stored in another dtype than the trainable ones (see above)."""
-    from lorafit.lora.nf4 import has_nf4
+    from lorafit.frozen.nf4 import has_nf4
 
     trainable = {p.dtype for p in model.parameters() if p.requires_grad}
     frozen = {p.dtype for p in model.parameters() if not p.requires_grad}

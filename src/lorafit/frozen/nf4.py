@@ -6,7 +6,7 @@ CPU backend was the other candidate; it was not measured here.
 
 How it computes: an NF4Tensor is a torch tensor subclass that implements `F.linear` (dequantise to the input's dtype,
 then a plain matmul; backward to the input only). Plain frozen linears are swapped for `NF4Linear` (a `FrozenLinear`,
-lorafit/lora/frozen.py); the LoRA linear layer keeps its class and hands the NF4 weight to F.linear. Each weight
+lorafit/frozen/linear.py); the LoRA linear layer keeps its class and hands the NF4 weight to F.linear. Each weight
 takes ~4.1 bits (64-value blocks, double-quantised scales) instead of 32. Adapters stay fp32 and are saved in
 plain PEFT LoRA format.
 
@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812 - the universal spelling
 from torch import nn
 
-from lorafit.lora.frozen import (
+from lorafit.frozen.linear import (
     FrozenLinear,
     FrozenWeightLayer,
     drop_file_pages,
