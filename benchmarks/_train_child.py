@@ -59,7 +59,7 @@ def run_lorafit(spec: TrainSpec, run_dir: Path) -> dict:
 
     model = AutoModelForCausalLM.from_pretrained(spec.model, dtype=torch.float32)
     if spec.mode == "lora":
-        from lorafit.frozen.nf4 import nf4_skip_names
+        from lorafit.lora.matching import nf4_skip_names
 
         # nf4_skip_layers naming the adapted layers (variant flags +nf4base+attnbf16): resolved on the plain model
         nf4_skipped = nf4_skip_names(model, spec.targets) if spec.nf4_skip_targets else set()

@@ -38,8 +38,9 @@ CHOICES: dict[str, tuple[str | None, list[str], bool]] = {
 def stored(model_folder: Path, frozen_dtype: str | None, out_of_nf4: list[str], keep_fp32: bool):
     from transformers import AutoModelForCausalLM
 
-    from lorafit.frozen.nf4 import nf4_skip_names, store_nf4_linears
+    from lorafit.frozen.nf4 import store_nf4_linears
     from lorafit.lora.component import store_frozen_base
+    from lorafit.lora.matching import nf4_skip_names
 
     model = AutoModelForCausalLM.from_pretrained(model_folder, dtype=torch.float32).requires_grad_(False).eval()
     skipped = nf4_skip_names(model, out_of_nf4) if out_of_nf4 else set()

@@ -7,10 +7,8 @@ Nothing is built from a config that has a known problem.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -18,6 +16,7 @@ from lorafit.components import load_builtin_components
 from lorafit.config.context import build_context, current_context
 from lorafit.config.graph import ConfigGraph, is_component, is_reference, pydantic_problems
 from lorafit.config.layouts import (
+    BuiltRun,
     RunOutline,
     adapters_from_checkpoint,
     components_of,
@@ -30,32 +29,6 @@ from lorafit.config.registry import REGISTRY
 from lorafit.config.run_spec import DEFAULT_COMPONENTS, RUN_ENTITIES, RunSettings, RunSpec, num_steps, settings_of
 from lorafit.console import info
 from lorafit.errors import ConfigError, Problem, UserError, did_you_mean
-
-if TYPE_CHECKING:  # an annotation only: training/ imports torch
-    from lorafit.training.loss import LossNormalization
-
-
-@dataclass
-class BuiltRun:
-    """The run description every config layout builds (config/layouts.py): typed settings and built entities."""
-
-    settings: RunSettings
-    model: Any
-    train_dataset: Any
-    tokenizer: Any = None
-    eval_datasets: dict[str, Any] = field(default_factory=dict)
-    optimizer: Any = None
-    scheduler: Any = None
-    parallelism: Any = None
-    evaluators: list[Any] = field(default_factory=list)
-    # the model was built on the meta device (fsdp2 on several processes): called with it after sharding, it reads
-    # each rank's shards of the base weights and initialises the adapters (TrainJob.fill_weights_after_sharding)
-    fill_weights_after_sharding: Callable[[Any], None] | None = None
-    shuffle: bool = True  # the sampler permutes the train samples each epoch
-    progress: bool | None = None  # rich progress bar; None: when stdout is a terminal
-    loss_normalization: LossNormalization = "global_tokens"  # training/loss.py
-    # `lorafit validate`'s lines on steps and batches when the layout plans them its own way (else from settings)
-    step_plan: list[str] = field(default_factory=list)
 
 
 def check_run_config(config: dict[str, Any]) -> ConfigGraph:

@@ -98,3 +98,48 @@ def test_no_core_file_asks_whether_a_config_is_a_modalities_config():
              if not m.startswith("lorafit.modalities") and m not in MODALITIES_ENTRY_POINTS
              for i, line in enumerate(p.read_text().splitlines(), 1) if asks.search(line)]  # fmt: skip
     assert not found, found
+
+
+# ------------------------------------------------------------------------------------------------ import cycles
+def _cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in edges[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(edges):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_cycle_between_files():
+    """Every import counts, function-local and TYPE_CHECKING ones too: a local import hides a cycle, it does not
+    remove it. A package's __init__ counts as a file (importing `lorafit.lora` runs lora/__init__.py)."""
+    edges = {m: {name for name, _, _ in _imports(p)} for m, p in MODULES.items()}
+    assert not _cycles(edges), _cycles(edges)

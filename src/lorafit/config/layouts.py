@@ -15,17 +15,29 @@ The component table (lorafit/components.py) imports the modules that register la
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from lorafit.config.graph import ConfigGraph, is_component, is_reference
 from lorafit.config.registry import REGISTRY
+from lorafit.config.run_spec import RunSettings
 
-if TYPE_CHECKING:  # annotations only: build.py imports this module
-    from lorafit.build import BuiltRun
+if TYPE_CHECKING:  # annotations only: torch and transformers cost seconds to import
+    from torch import nn
+    from torch.optim import Optimizer
+    from torch.optim.lr_scheduler import LRScheduler
+    from torch.utils.data import Dataset
+    from transformers import PreTrainedTokenizerBase
+
+    from lorafit.distributed.parallel import Strategy
     from lorafit.errors import Problem
+
+# What a step's loss is the mean of (training/loop.py). "global_tokens" (lorafit's): every target token of the
+# global batch, one weight each, so 1 and N processes agree. "micro_batch_mean": each micro-batch's token mean,
+# averaged over micro-batches and ranks (Modalities' CLMCrossEntropyLoss; the Modalities layout sets it)
+LossNormalization = Literal["global_tokens", "micro_batch_mean"]
 
 
 @dataclass(frozen=True)
@@ -40,6 +52,37 @@ class RunOutline:
     adapters_from_checkpoint: bool = False  # the weights file holds the adapters too: none are drawn
     has_evaluators: bool = False
     run_root: Path | None = None  # run folders go under it unless --experiments_root_path names another root
+
+
+class Evaluator(Protocol):
+    """What runner.run_evaluators calls before and after training (e.g. evaluator/exact_match)."""
+
+    name: str
+
+    def run(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase | None) -> dict[str, Any]: ...
+
+
+@dataclass
+class BuiltRun:
+    """The run description every config layout builds (config/layouts.py): typed settings and built entities."""
+
+    settings: RunSettings
+    model: nn.Module
+    train_dataset: Dataset  # map-style: items {"input_ids", "labels", ...}
+    tokenizer: PreTrainedTokenizerBase | None = None
+    eval_datasets: dict[str, Dataset] = field(default_factory=dict)
+    optimizer: Callable[[nn.Module], Optimizer] | None = None  # over the trainable parameters of what was wrapped
+    scheduler: Callable[[Optimizer, int], LRScheduler] | None = None  # (optimizer, total steps)
+    parallelism: Strategy | None = None  # None: fsdp2 under torchrun, else none
+    evaluators: list[Evaluator] = field(default_factory=list)
+    # the model was built on the meta device (fsdp2 on several processes): called with it after sharding, it reads
+    # each rank's shards of the base weights and initialises the adapters (TrainJob.fill_weights_after_sharding)
+    fill_weights_after_sharding: Callable[[nn.Module], None] | None = None
+    shuffle: bool = True  # the sampler permutes the train samples each epoch
+    progress: bool | None = None  # rich progress bar; None: when stdout is a terminal
+    loss_normalization: LossNormalization = "global_tokens"
+    # `lorafit validate`'s lines on steps and batches when the layout plans them its own way (else from settings)
+    step_plan: list[str] = field(default_factory=list)
 
 
 class Layout(Protocol):

@@ -18,16 +18,11 @@ the embeddings keep their dtype: the head runs inside the fused loss, and the em
 
 from __future__ import annotations
 
-import ctypes
-import mmap
-import sys
-
 import torch
 import torch.nn.functional as F  # noqa: N812 - the universal spelling
 from torch import nn
 
-_DONTNEED = 4  # MADV_DONTNEED (Linux)
-_COPY_SLICE_BYTES = 4 << 20
+from lorafit.models.file_pages import drop_file_pages, has_plain_storage, release_file_mapping
 
 
 class _UpcastLinear(torch.autograd.Function):
@@ -129,81 +124,10 @@ def store_frozen_linears(
     return changed
 
 
-def release_file_mapping(model: nn.Module) -> None:
-    """Copy the tensors that still live in a memory-mapped weights file into memory of their own.
-
-    from_pretrained maps a safetensors file and leaves the parameters in it. Converting a weight reads
-    (makes resident) its pages, and the mapping holds all of them until its last tensor is gone: without this,
-    the fp32 file pages of the converted weights would stay in the process next to their bf16 copies.
-    """
-    from lorafit.frozen.nf4 import is_nf4
-
-    ranges = _file_mapped_ranges()
-    if not ranges:
-        return
-    with torch.no_grad():
-        for tensor in [*model.parameters(), *model.buffers()]:
-            if is_nf4(tensor):  # a tensor subclass without storage of its own; its parts were just created
-                continue
-            address = tensor.untyped_storage().data_ptr()
-            if tensor.device.type == "cpu" and any(lo <= address < hi for lo, hi in ranges):
-                tensor.data = _copy_out_of_file(tensor.data, ranges)
-
-
-def _copy_out_of_file(mapped: torch.Tensor, ranges: list[tuple[int, int]]) -> torch.Tensor:
-    """A copy of file-mapped `mapped` in memory of its own, made slice by slice, each slice's file pages dropped
-    once copied: the copy and the whole original (the 113 MB embedding of SmolLM2) are never resident together."""
-    if not mapped.is_contiguous():
-        copy = mapped.clone()
-        drop_file_pages(mapped, ranges)
-        return copy
-    copy = torch.empty_like(mapped)
-    source, target = mapped.view(-1), copy.view(-1)
-    step = max(1, _COPY_SLICE_BYTES // mapped.element_size())
-    for start in range(0, source.numel(), step):
-        target[start : start + step] = source[start : start + step]
-        drop_file_pages(source[start : start + step], ranges)
-    return copy
-
-
-def drop_file_pages(tensor: torch.Tensor, ranges: list[tuple[int, int]] | None = None) -> None:
-    """Hand the memory pages of a file-mapped `tensor` that is no longer used back to the kernel (Linux only).
-
-    A file mapping's pages stay resident, counted in the process's RSS, once read, until the whole mapping goes:
-    converting the weights of a mapped file one by one would otherwise end with all of them resident at once.
-    Only pages wholly inside the tensor's bytes are dropped (no neighbour is touched), and only in a file
-    mapping, whose pages the kernel re-reads from the file if they are ever touched again: no value changes.
-    """
-    if tensor.device.type != "cpu" or sys.platform != "linux" or tensor.untyped_storage().nbytes() == 0:
-        return
-    page = mmap.PAGESIZE
-    start = tensor.untyped_storage().data_ptr() + tensor.storage_offset() * tensor.element_size()
-    first, last = -(-start // page) * page, (start + tensor.numel() * tensor.element_size()) // page * page
-    ranges = _file_mapped_ranges() if ranges is None else ranges
-    if last > first and any(lo <= first and last <= hi for lo, hi in ranges):
-        ctypes.CDLL(None, use_errno=True).madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _DONTNEED)
-
-
-def _file_mapped_ranges() -> list[tuple[int, int]]:
-    """Address ranges of this process's file-backed memory mappings (Linux; elsewhere none)."""
-    try:
-        with open("/proc/self/maps") as maps:
-            lines = maps.read().splitlines()
-    except OSError:
-        return []
-    ranges = []
-    for line in lines:
-        fields = line.split(maxsplit=5)
-        if len(fields) == 6 and fields[5].startswith("/"):
-            lo, hi = (int(x, 16) for x in fields[0].split("-"))
-            ranges.append((lo, hi))
-    return ranges
-
-
 def has_low_precision_frozen(model: nn.Module) -> bool:
-    """True when some frozen weights are stored in another dtype than the trainable ones (see above)."""
-    from lorafit.frozen.nf4 import has_nf4
-
+    """True when some frozen weights are stored in another dtype than the trainable ones (see above), or in a
+    tensor subclass of their own (NF4, frozen/nf4.py: an NF4Tensor reports its outer dtype). For an unsharded model."""
     trainable = {p.dtype for p in model.parameters() if p.requires_grad}
-    frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
-    return bool(trainable) and (bool(frozen - trainable) or has_nf4(model))  # NF4Tensor reports its outer dtype
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    other_storage = any(not has_plain_storage(p) for p in frozen)
+    return bool(trainable) and (bool({p.dtype for p in frozen} - trainable) or other_storage)

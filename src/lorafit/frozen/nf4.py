@@ -26,21 +26,14 @@ block sizes (inexact, and failing for most SmolLM2 shapes), so models are dequan
 
 from __future__ import annotations
 
-import re
 import sys
 
 import torch
 import torch.nn.functional as F  # noqa: N812 - the universal spelling
 from torch import nn
 
-from lorafit.frozen.linear import (
-    FrozenLinear,
-    FrozenWeightLayer,
-    drop_file_pages,
-    frozen_linears,
-    output_head,
-    release_file_mapping,
-)
+from lorafit.frozen.linear import FrozenLinear, FrozenWeightLayer, frozen_linears
+from lorafit.models.file_pages import drop_file_pages, release_file_mapping
 from lorafit.third_party_noise import silence_torchao_import_noise
 
 NF4_BLOCK = 64  # values per absmax block (QLoRA's choice)
@@ -96,36 +89,6 @@ class NF4Linear(FrozenLinear):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, weight=nf4"
-
-
-def nf4_skip_names(model: nn.Module, entries: list[str], field: str = "nf4_skip_layers") -> set[str]:
-    """The qualified names of the layers `entries` (target_layers' rules) select among those `store_nf4_linears`
-    would store as NF4: nn.Linear layers other than the output head, with a multiple of 64 weights. An entry that
-    selects none of them (the head, an embedding, a whole attention block, a misspelling) is refused by name."""
-    from lorafit.errors import Problem, UserError, did_you_mean
-    from lorafit.lora.matching import parse_target
-
-    head = output_head(model)
-    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head]
-    quantisable = [name for name, module in linears if not module.weight.numel() % NF4_BLOCK]
-    chosen, problems = set(), []
-    for i, text in enumerate(entries):
-        target = parse_target(text)
-        try:
-            hits = {n for n in quantisable if target.kind == "all-linear" or target.matches(n)}
-        except re.error as error:
-            problems.append(Problem(f"{field}[{i}]", f"'{text}' is not a valid regular expression: {error}"))
-            continue
-        if not hits:
-            leaves = sorted({n.rsplit(".", 1)[-1] for n in quantisable})
-            hint = did_you_mean(target.value, leaves)
-            problems.append(Problem(f"{field}[{i}]", f"'{text}' selects no layer that frozen_dtype nf4 stores in 4-bit "
-                                    f"(linear layers other than the output head, a multiple of {NF4_BLOCK} weights: "
-                                    f"{', '.join(leaves)}){hint}"))  # fmt: skip
-        chosen |= hits
-    if problems:
-        raise UserError("", problems=problems)
-    return chosen
 
 
 def store_nf4_linears(model: nn.Module, skip: set[str] = frozenset()) -> int:

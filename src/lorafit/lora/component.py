@@ -45,10 +45,12 @@ from lorafit.config.context import current_context
 from lorafit.config.registry import Component, ComponentConfig, register_component
 from lorafit.console import info
 from lorafit.errors import UserError
-from lorafit.frozen.linear import release_file_mapping, store_frozen_linears
-from lorafit.frozen.nf4 import nf4_skip_names, store_nf4_linears
+from lorafit.frozen.linear import store_frozen_linears
+from lorafit.frozen.nf4 import store_nf4_linears
+from lorafit.lora.matching import nf4_skip_names
 from lorafit.lora.model import apply_lora, trainable_summary
 from lorafit.lora.variants import DECOMPOSING_INITS
+from lorafit.models.file_pages import release_file_mapping
 
 
 class LoraModelConfig(ComponentConfig):

@@ -18,7 +18,9 @@ from dataclasses import dataclass
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from lorafit.errors import Problem, UserError, nearest
+from lorafit.errors import Problem, UserError, did_you_mean, nearest
+from lorafit.frozen.linear import output_head
+from lorafit.frozen.nf4 import NF4_BLOCK
 from lorafit.lora.kinds import LORA_CLASSES, SUPPORTED_TYPES
 from lorafit.lora.layers import LoraLayer
 
@@ -160,3 +162,30 @@ def resolve_targets(
         raise UserError("", problems=problems)
     order = {c.name: k for k, c in enumerate(cands)}
     return dict(sorted(chosen.items(), key=lambda item: order[item[0]]))
+
+
+def nf4_skip_names(model: nn.Module, entries: list[str], field: str = "nf4_skip_layers") -> set[str]:
+    """The qualified names of the layers `entries` (target_layers' rules) select among those `store_nf4_linears`
+    would store as NF4: nn.Linear layers other than the output head, with a multiple of 64 weights. An entry that
+    selects none of them (the head, an embedding, a whole attention block, a misspelling) is refused by name."""
+    head = output_head(model)
+    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head]
+    quantisable = [name for name, module in linears if not module.weight.numel() % NF4_BLOCK]
+    chosen, problems = set(), []
+    for i, text in enumerate(entries):
+        target = parse_target(text)
+        try:
+            hits = {n for n in quantisable if target.kind == "all-linear" or target.matches(n)}
+        except re.error as error:
+            problems.append(Problem(f"{field}[{i}]", f"'{text}' is not a valid regular expression: {error}"))
+            continue
+        if not hits:
+            leaves = sorted({n.rsplit(".", 1)[-1] for n in quantisable})
+            hint = did_you_mean(target.value, leaves)
+            problems.append(Problem(f"{field}[{i}]", f"'{text}' selects no layer that frozen_dtype nf4 stores in 4-bit "
+                                    f"(linear layers other than the output head, a multiple of {NF4_BLOCK} weights: "
+                                    f"{', '.join(leaves)}){hint}"))  # fmt: skip
+        chosen |= hits
+    if problems:
+        raise UserError("", problems=problems)
+    return chosen

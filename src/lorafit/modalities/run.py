@@ -23,8 +23,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from lorafit.build import BuiltRun
 from lorafit.config.graph import ConfigGraph, is_component, is_reference, pydantic_problems
+from lorafit.config.layouts import BuiltRun
 from lorafit.config.run_spec import Checkpointing, Intervals, RunSettings, StepProfile, TrainingTarget
 from lorafit.distributed.parallel import decoder_blocks
 from lorafit.errors import ConfigError, Problem, UserError, did_you_mean

@@ -11,9 +11,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from lorafit.config.layouts import LossNormalization
 from lorafit.config.run_spec import RunSettings
 from lorafit.distributed.env import DistEnv
-from lorafit.training.loss import LossNormalization
 
 
 @dataclass
@@ -47,7 +47,7 @@ class TrainJob:
     progress: bool | None = None  # rich progress bar; None: when stdout is a terminal
     write_adapter: bool = True  # write the trained weights: adapter/ (LoRA) or model/ (full); False: neither
     tokenizer: Any = None  # saved into model/ after full fine-tuning, so the folder loads and generates alone
-    loss_normalization: LossNormalization = "global_tokens"  # what a step's loss is the mean of (training/loss.py)
+    loss_normalization: LossNormalization = "global_tokens"  # what a step's loss is the mean of (config/layouts.py)
     trackers: list[Any] | None = None  # rank 0's open trackers (training/trackers.py); None: TensorBoard, if installed
 
 

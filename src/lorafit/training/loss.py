@@ -21,18 +21,11 @@ cross-entropy over chunks of their logits.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lorafit.data.datasets import IGNORE_INDEX  # the label the datasets give positions without a loss
-
-# What a step's loss is the mean of. "global_tokens" (lorafit's): every target token of the global batch, one
-# weight each, so 1 and N processes agree. "micro_batch_mean": each micro-batch's token mean, averaged over
-# micro-batches and ranks (Modalities' CLMCrossEntropyLoss; the Modalities layout sets it)
-LossNormalization = Literal["global_tokens", "micro_batch_mean"]
 
 
 def _chunk_loss(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
