@@ -143,3 +143,13 @@ def test_no_import_cycle_between_files():
     remove it. A package's __init__ counts as a file (importing `lorafit.lora` runs lora/__init__.py)."""
     edges = {m: {name for name, _, _ in _imports(p)} for m, p in MODULES.items()}
     assert not _cycles(edges), _cycles(edges)
+
+
+def test_models_and_frozen_storage_do_not_import_what_builds_on_them():
+    """models/ and frozen/ sit below training/, distributed/ and lora/: what they need from above is declared
+    below and implemented above (models/wrappers.HoldsModel, a loss module holding the model)."""
+    above = ("lorafit.training", "lorafit.distributed", "lorafit.lora", "lorafit.build", "lorafit.runner")
+    found = [f"{MODULES[m].relative_to(SRC)}:{line} imports {name}"
+             for m in MODULES if m.startswith(("lorafit.models", "lorafit.frozen"))
+             for name, line, _ in _imports(MODULES[m]) if name.startswith(above)]  # fmt: skip
+    assert not found, found

@@ -166,8 +166,7 @@ def _any_rank(flag: bool) -> bool:
 
     if not (dist.is_available() and dist.is_initialized()):
         return flag
-    from lorafit.distributed.env import current_env
-
-    value = torch.tensor([int(flag)], device=current_env().device)  # nccl reduces only CUDA tensors
+    nccl = dist.get_backend() == "nccl"  # it reduces only CUDA tensors: this rank's device
+    value = torch.tensor([int(flag)], device=torch.device("cuda", torch.cuda.current_device()) if nccl else "cpu")
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item())

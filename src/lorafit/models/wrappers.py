@@ -21,15 +21,20 @@ def canonical_name(name: str) -> str:
     return name
 
 
+class HoldsModel(nn.Module):
+    """A module that runs a model held inside it, `causal_lm` (the training step's loss module, training/loss.py):
+    what `unwrap` looks through. Declared here, below training/, so that models/ never imports training/."""
+
+    causal_lm: nn.Module
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The Hugging Face model inside a DDP wrapper, a torch.compile OptimizedModule (FSDP2 does not wrap) or the
-    training step's loss module (`CausalLMLoss`)."""
-    from lorafit.training.loss import CausalLMLoss
-
+    training step's loss module (a `HoldsModel`)."""
     while True:
         if isinstance(model, nn.parallel.DistributedDataParallel):
             model = model.module
-        elif isinstance(model, CausalLMLoss):
+        elif isinstance(model, HoldsModel):
             model = model.causal_lm
         elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
             model = model._orig_mod

@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lorafit.data.datasets import IGNORE_INDEX  # the label the datasets give positions without a loss
+from lorafit.models.wrappers import HoldsModel
 
 
 def _chunk_loss(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -126,7 +127,7 @@ def linear_cross_entropy(
     return _LinearCrossEntropy.apply(flat_hidden, head.weight, head.bias, flat_labels, rows)
 
 
-class CausalLMLoss(nn.Module):
+class CausalLMLoss(HoldsModel):
     """Summed token cross-entropy (fp32) of a Hugging Face causal LM: the module the step calls and parallelism
     wraps. `forward(input_ids, labels, attention_mask=None, position_ids=None, **model_inputs)`.
 
