@@ -4,10 +4,6 @@ The LoRA API is imported lazily, so `lorafit --help` and config checks do not pa
 """
 
 from lorafit.config.registry import ComponentConfig, register_component
-from lorafit.third_party_noise import silence_torchao_import_noise
-
-# transformers imports torchao whenever it is installed (the nf4 extra): keep its harmless CUDA-library warnings quiet
-silence_torchao_import_noise()
 
 __version__ = "0.1.0"
 

@@ -11,6 +11,7 @@ import importlib
 import sys
 
 from lorafit.errors import UserError
+from lorafit.third_party_noise import silence_torchao_import_noise
 
 COMMANDS = ["run", "validate", "components", "models", "data", "merge", "generate", "export"]
 
@@ -55,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # the program's own process: transformers imports torchao whenever it is installed (the nf4 extra), and its
+    # CUDA-library warnings are harmless here. Importing lorafit as a library leaves other loggers alone.
+    silence_torchao_import_noise()
     argv = sys.argv[1:] if argv is None else argv
     # --debug is accepted anywhere on the line, so `lorafit run ... --debug` works too
     debug = "--debug" in argv

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -103,11 +104,30 @@ class RecordSource:
 
 def load_local(path: Path, split: str | None):
     """A `datasets.Dataset` from a local file (by suffix) or a `save_to_disk` folder, without network access."""
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     try:
         import datasets
     except ImportError:  # pragma: no cover - a dependency of lorafit; a broken install
         raise UserError(f"{path}: reading it needs the `datasets` package (pip install datasets)") from None
+    with _offline(datasets.config):
+        return _load_local(datasets, path, split)
+
+
+@contextmanager
+def _offline(config: Any) -> Iterator[None]:
+    """`datasets` offline for this call only (its flags, read from HF_DATASETS_OFFLINE when it was imported), as
+    they were afterwards: neither the process environment nor the caller's later use of `datasets` changes."""
+    names = [n for n in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE") if hasattr(config, n)]
+    was = {n: getattr(config, n) for n in names}
+    for name in names:
+        setattr(config, name, True)
+    try:
+        yield
+    finally:
+        for name, value in was.items():
+            setattr(config, name, value)
+
+
+def _load_local(datasets: Any, path: Path, split: str | None):
     try:
         if path.is_dir():
             loaded = datasets.load_from_disk(str(path))

@@ -34,7 +34,7 @@ from torch import nn
 
 from lorafit.frozen.linear import FrozenLinear, FrozenWeightLayer, frozen_linears
 from lorafit.models.file_pages import drop_file_pages, release_file_mapping
-from lorafit.third_party_noise import silence_torchao_import_noise
+from lorafit.third_party_noise import quiet_torchao_import
 
 NF4_BLOCK = 64  # values per absmax block (QLoRA's choice)
 _MAX_SCALER_BLOCK = 256  # absmax values per double-quantisation block (QLoRA's choice)
@@ -42,9 +42,9 @@ _NEAREST_CHUNK = 1 << 16  # values per step of torchao's nearest-level search (s
 
 
 def _nf4_module():
-    silence_torchao_import_noise()
     try:
-        from torchao.quantization.quantize_.workflows.nf4 import nf4_tensor
+        with quiet_torchao_import():  # its harmless CUDA-library warnings, not the user's loggers changed for good
+            from torchao.quantization.quantize_.workflows.nf4 import nf4_tensor
     except ImportError:
         from lorafit.errors import UserError
 
