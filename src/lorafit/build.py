@@ -7,6 +7,7 @@ Nothing is built from a config that has a known problem.
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -67,8 +68,52 @@ def _check_native(config: dict[str, Any]) -> tuple[ConfigGraph, list[Problem]]:
             else Problem(p.path, f"a run needs a top-level '{p.path}' entity (a component or a reference to one)")
             for p in pydantic_problems(e, "", RunSpec)
         ]
-    problems += _missing_tracker_packages(config)
+    problems += _missing_tracker_packages(config) + _sequence_length_problems(config)
     return graph, problems
+
+
+def _datasets(value: Any, path: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
+    """(YAML path, block) of every dataset component where it is written (references not followed)."""
+    if isinstance(value, dict):
+        if is_component(value) and value.get("component_key") == "dataset":
+            yield path, value
+        for key, item in value.items():
+            yield from _datasets(item, f"{path}.{key}" if path else str(key))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from _datasets(item, f"{path}[{i}]")
+
+
+def _sequence_length_problems(config: dict[str, Any]) -> list[Problem]:
+    """A dataset's own sequence_length must be the run's: one number for the blocks, the step budget and the
+    position check (a dataset that leaves it null is given the settings' when built)."""
+    try:
+        seq = RunSettings.model_validate(settings_of(config)).step_profile.sequence_length
+    except ValidationError:
+        return []  # RunSpec reported it
+    return [Problem(f"{path}.config.sequence_length", f"{own} differs from settings.step_profile.sequence_length "
+                    f"{seq}: a run has one sequence length; leave it null here (or set the run's in settings)")
+            for path, block in _datasets(config) if isinstance(block.get("config"), dict)
+            and (own := block["config"].get("sequence_length")) is not None and own != seq]  # fmt: skip
+
+
+def _with_sequence_length(config: dict[str, Any], seq: int) -> dict[str, Any]:
+    """`config` with `seq` written into every dataset block that takes a sequence_length and leaves it null."""
+
+    def fill(value: Any) -> Any:
+        if isinstance(value, list):
+            return [fill(v) for v in value]
+        if not isinstance(value, dict):
+            return value
+        value = {k: fill(v) for k, v in value.items()}
+        if is_component(value) and value.get("component_key") == "dataset":
+            vk = value.get("variant_key")
+            fields = REGISTRY.get("dataset", vk).config_model.model_fields if REGISTRY.has("dataset", vk) else {}
+            if "sequence_length" in fields and (value.get("config") or {}).get("sequence_length") is None:
+                value["config"] = {**(value.get("config") or {}), "sequence_length": seq}
+        return value
+
+    return fill(config)
 
 
 def _missing_tracker_packages(config: dict[str, Any]) -> list[Problem]:
@@ -133,9 +178,10 @@ def _build_native(graph: ConfigGraph) -> BuiltRun:
     from lorafit.models.deferred import deferred_init  # deferred: it imports torch and transformers
 
     built: dict[str, Any] = {}
-    # random init only for models that no checkpoint fills; datasets that leave sequence_length null take the
-    # settings' (one source of truth: config/context.py)
-    with deferred_init(), build_context(sequence_length=settings.step_profile.sequence_length):
+    # one sequence length: datasets that leave theirs null are given the settings' in their config (a differing
+    # one was refused by the check), so the blocks, the step budget and the position check use the same number
+    graph = ConfigGraph(_with_sequence_length(config, settings.step_profile.sequence_length))
+    with deferred_init():  # random init only for models that no checkpoint fills
         for key in RUN_ENTITIES:
             if key in config:
                 built[key] = graph.build(key)

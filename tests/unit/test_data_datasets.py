@@ -127,18 +127,14 @@ def test_dataloader_workers_reopen_the_memmap(packed_text):
 
 
 def test_a_null_sequence_length_is_the_runs_and_is_checked(packed_text):
-    """One source of truth: a dataset without its own length takes settings.step_profile.sequence_length from
-    the run's build (config/context.py), at build time."""
-    from lorafit.config.context import build_context
-
+    """One source of truth: a dataset without its own length is given settings.step_profile.sequence_length in
+    its config when the run is built (lorafit/build.py; tests/unit/test_run_sequence_length.py), and checked."""
     with pytest.raises(RuntimeError, match="sequence_length is not set"):
         len(PackedDataset(packed_text))
-    with build_context(sequence_length=4):
-        ds = _build("packed", path=str(packed_text))
+    ds = _build("packed", path=str(packed_text), sequence_length=4)
     assert ds.sequence_length == 4 and len(ds) == (PackedTokens(packed_text).num_tokens - 1) // 4
-    too_long = pytest.raises(UserError, match=r"fewer than one block of sequence_length \+ 1 = 100001")
-    with too_long, build_context(sequence_length=100_000):
-        _build("packed", path=str(packed_text))
+    with pytest.raises(UserError, match=r"fewer than one block of sequence_length \+ 1 = 100001"):
+        _build("packed", path=str(packed_text), sequence_length=100_000)
 
 
 def trained_text(tok, data: PackedTokens, doc: int, upto: int) -> str:

@@ -19,9 +19,6 @@ from dataclasses import dataclass, replace
 class BuildContext:
     meta_device: bool = False  # build models without weights (validate, or before sharding)
     load_weights: bool = True  # with meta_device: True records the weights file (read after sharding), False none
-    # settings.step_profile.sequence_length of the run being built: the length of every dataset whose own
-    # `sequence_length` is null (one source of truth; None outside a run's build)
-    sequence_length: int | None = None
     announce: bool = True  # builders say what they built (validate prints its own account, once, in order)
 
 

@@ -11,7 +11,7 @@ The collator only pads.
       variant_key: packed            # or instruction
       config:
         path: data/lorem_ipsum/packed  # the prefix given to `lorafit data pack --output` (or its .bin)
-        sequence_length: null          # null: the run's settings.step_profile.sequence_length
+        sequence_length: null          # null: settings.step_profile.sequence_length (another number is refused)
 """
 
 from __future__ import annotations
@@ -261,17 +261,12 @@ class PackedFileConfig(ComponentConfig):
     sequence_length: int | None = Field(None, ge=1)
 
 
-def run_sequence_length(own: int | None) -> int | None:
-    """A dataset's length: its own `sequence_length`, or (null) the run's settings.step_profile.sequence_length."""
-    return own if own is not None else current_context().sequence_length
-
-
 def _build(cls: type[_PackedBase], config: PackedFileConfig) -> _PackedBase:
     prefix = resolve_prefix(config.path)
     for suffix in (".json", ".bin"):
         if not prefix.with_name(prefix.name + suffix).is_file():
             raise UserError(f"{prefix}{suffix} not found (pack the data with `lorafit data pack`)", field="path")
-    dataset = cls(prefix, run_sequence_length(config.sequence_length))
+    dataset = cls(prefix, config.sequence_length)  # null in a run's config: the settings' (lorafit/build.py)
     if current_context().load_weights:  # `lorafit validate` only checks that the files are there
         dataset.data  # noqa: B018 - opens, checks sizes, and with a sequence length, indexes
     return dataset

@@ -24,7 +24,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from lorafit.config.registry import Component, ComponentConfig, register_component
-from lorafit.data.datasets import InstructionDataset, PackedDataset, PackedInstructionDataset, run_sequence_length
+from lorafit.data.datasets import InstructionDataset, PackedDataset, PackedInstructionDataset
 from lorafit.data.raw import build_cached, cache_prefix
 from lorafit.data.records import check_local
 
@@ -53,11 +53,9 @@ def build_hf_datasets_dataset(config: HFDatasetsConfig) -> Any:
 
     def make(prefix: Path, kind: str | None) -> Any:
         if kind == "text" or (kind is None and config.format == "text"):
-            return PackedDataset(prefix, run_sequence_length(config.sequence_length))
+            return PackedDataset(prefix, config.sequence_length)
         if config.packing:
-            return PackedInstructionDataset(
-                prefix, run_sequence_length(config.sequence_length), too_long=config.too_long
-            )
-        return InstructionDataset(prefix, run_sequence_length(config.sequence_length))
+            return PackedInstructionDataset(prefix, config.sequence_length, too_long=config.too_long)
+        return InstructionDataset(prefix, config.sequence_length)
 
     return build_cached(source, config.tokenizer, prefix, spec, make)

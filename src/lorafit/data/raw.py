@@ -34,7 +34,7 @@ from lorafit.atomic import write_atomic
 from lorafit.config.context import current_context
 from lorafit.config.registry import Component, ComponentConfig, register_component
 from lorafit.console import info, is_main_rank
-from lorafit.data.datasets import InstructionDataset, PackedDataset, PackedInstructionDataset, run_sequence_length
+from lorafit.data.datasets import InstructionDataset, PackedDataset, PackedInstructionDataset
 from lorafit.data.pack import PackedTokens, pack_file, resolve_prefix
 from lorafit.data.records import RecordSource, check_local
 from lorafit.distributed.env import current_env
@@ -233,7 +233,7 @@ def _build(config: RawTextConfig | RawInstructionConfig, kind: str, make: Any) -
         raise UserError(f"{source} is a folder: give a file, or read the folder with dataset/hf_datasets", field="path")
     prefix = cache_prefix(source, config.cache_path, kind)
     return build_cached(source, config.tokenizer, prefix, _spec(config),
-                        lambda prefix, _kind: make(prefix, run_sequence_length(config.sequence_length)))  # fmt: skip
+                        lambda prefix, _kind: make(prefix, config.sequence_length))  # fmt: skip
 
 
 @register_component("dataset", "text", RawTextConfig)
