@@ -64,6 +64,12 @@ def copy_full_tensor(param: torch.Tensor, full: torch.Tensor) -> None:
             param.copy_(full)
 
 
+def lora_scaling(alpha: float, r: int, use_rslora: bool) -> float:
+    """What B A is multiplied by: alpha / r, or with rsLoRA alpha / sqrt(r), which keeps the update's scale
+    independent of r (Kalajdzievski 2023). PEFT's definition; the one place it is computed."""
+    return alpha / (math.sqrt(r) if use_rslora else r)
+
+
 def hyper_problems(r, alpha, dropout, init: str | None = None, *, alpha_key: str = "alpha",
                    dropout_key: str = "dropout") -> list[Problem]:  # fmt: skip
     """The problems of LoRA's numbers, wherever they come from: `apply_lora`'s arguments, a layer's, or an
@@ -104,8 +110,7 @@ class LoraLayer:
         self.r = int(r)
         self.alpha = float(alpha)
         self.use_rslora = bool(use_rslora)
-        # rsLoRA keeps the update's scale independent of r (Kalajdzievski 2023); PEFT's definition
-        self.scaling = self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+        self.scaling = lora_scaling(self.alpha, self.r, self.use_rslora)
         self.init = init
         self.merged = False
         self.register_parameter("lora_magnitude_vector", None)

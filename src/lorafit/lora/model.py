@@ -8,7 +8,6 @@ its own keys; only `*.lora_A.weight`, `*.lora_B.weight`, `*.lora_embedding_A/B` 
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -18,7 +17,7 @@ from torch import nn
 
 from lorafit.errors import Problem, UserError
 from lorafit.lora.kinds import wrap
-from lorafit.lora.layers import LoraLayer, hyper_problems
+from lorafit.lora.layers import LoraLayer, hyper_problems, lora_scaling
 from lorafit.lora.matching import Target, resolve_targets
 from lorafit.lora.variants import DECOMPOSING_INITS
 from lorafit.models.deferred import is_pending
@@ -41,7 +40,7 @@ class LoraSettings:
 
     @property
     def scaling(self) -> float:
-        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+        return lora_scaling(self.alpha, self.r, self.use_rslora)
 
     @property
     def embedding_targets(self) -> list[str]:
