@@ -29,7 +29,13 @@ from lorafit.config.loader import ConfigEnv, load_config
 from lorafit.config.registry import REGISTRY
 from lorafit.config.run_spec import DEFAULT_COMPONENTS, RUN_ENTITIES, RunSettings, RunSpec, num_steps, settings_of
 from lorafit.console import info
+from lorafit.distributed.parallel import FSDP2Config
 from lorafit.errors import ConfigError, Problem, UserError, did_you_mean
+from lorafit.lora import count_parameters, describe_lora, has_lora, reset_lora_parameters
+from lorafit.models.deferred import deferred_init
+from lorafit.models.shard_loading import is_meta, load_shards, weight_file
+from lorafit.models.weights import reinit_nonpersistent_buffers
+from lorafit.training.trackers import LoggersConfig, missing_packages
 
 
 def check_run_config(config: dict[str, Any]) -> ConfigGraph:
@@ -117,8 +123,6 @@ def _with_sequence_length(config: dict[str, Any], seq: int) -> dict[str, Any]:
 
 
 def _missing_tracker_packages(config: dict[str, Any]) -> list[Problem]:
-    from lorafit.training.trackers import LoggersConfig, missing_packages
-
     try:
         loggers = LoggersConfig.model_validate(settings_of(config).get("loggers") or {})
     except ValidationError:
@@ -175,7 +179,6 @@ NATIVE = _LorafitLayout()
 def _build_native(graph: ConfigGraph) -> BuiltRun:
     config = graph.config
     settings = RunSettings.model_validate(settings_of(config))
-    from lorafit.models.deferred import deferred_init  # deferred: it imports torch and transformers
 
     built: dict[str, Any] = {}
     # one sequence length: datasets that leave theirs null are given the settings' in their config (a differing
@@ -196,7 +199,6 @@ def _build_native(graph: ConfigGraph) -> BuiltRun:
 
 def _native_outline(config: dict[str, Any]) -> RunOutline:
     """The decisions of a lorafit config, from its checked components (the `parallelism/fsdp2` block typed)."""
-    from lorafit.distributed.parallel import FSDP2Config  # deferred: it imports torch
 
     spec = _parallelism_spec(config)
     components = list(components_of(config))
@@ -214,7 +216,6 @@ def _seed_adapters(run: BuiltRun) -> None:
     """Adapters drawn from settings.seed, not from whatever state the global RNG had while building:
     the same config gives the same initial adapter in any process, on 1 rank or N. (pissa/olora layers that
     decomposed their loaded base when injected keep it: one decomposition, as after a meta build.)"""
-    from lorafit.lora import has_lora, reset_lora_parameters  # deferred: lora/ imports torch
 
     if has_lora(run.model):
         reset_lora_parameters(run.model, seed=run.settings.seed, keep_decomposed=True)
@@ -252,8 +253,6 @@ def _parallelism_spec(config: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def _after_meta_build(run: BuiltRun, *, seed_adapters: bool = True) -> BuiltRun:
-    from lorafit.models.shard_loading import is_meta, weight_file
-
     if not is_meta(run.model):  # a builder loaded the model itself (and said why)
         if seed_adapters:
             _seed_adapters(run)
@@ -274,9 +273,6 @@ def _after_meta_build(run: BuiltRun, *, seed_adapters: bool = True) -> BuiltRun:
 def fill_weights_after_sharding(model: Any, *, seed: int | None) -> None:
     """Base weights (this rank's shards), rotary tables, then the adapters from `seed`: the order of one process.
     `seed` None: the file held the adapters too (`adapters_from_checkpoint`), they stay as loaded."""
-    from lorafit.lora import has_lora, reset_lora_parameters
-    from lorafit.models.shard_loading import load_shards
-    from lorafit.models.weights import reinit_nonpersistent_buffers
 
     load_shards(model)
     reinit_nonpersistent_buffers(model, force=True)  # `to_empty` left them uninitialised
@@ -323,7 +319,6 @@ def load_run_config(
 def build_run_entities(config_path: Path, names: list[str]) -> dict[str, Any]:
     """Only the named run entities of a config (e.g. the model and tokenizer for `lorafit merge`)."""
     config, graph = load_run_config(config_path)
-    from lorafit.models.deferred import deferred_init
 
     with deferred_init():
         return {name: graph.build(name) for name in names if name in config}
@@ -351,8 +346,6 @@ def validate_config(config_path: Path, overrides: tuple[str, ...] = (), *, verbo
 
 
 def _describe_model(model: Any, verbose: bool) -> str:
-    from lorafit.lora import count_parameters, describe_lora, has_lora
-
     if has_lora(model):
         text = describe_lora(model, verbose=verbose)
         return text if verbose else f"{text}\n(--verbose lists every adapted module)"

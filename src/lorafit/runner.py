@@ -16,9 +16,18 @@ from lorafit import allocator, resume
 from lorafit.build import BuiltRun, build_run, load_run_config, run_outline
 from lorafit.config.loader import ConfigEnv
 from lorafit.console import info, warn
+from lorafit.distributed.env import init_distributed
+from lorafit.distributed.parallel import DDPStrategy, FSDP2Strategy, Strategy
 from lorafit.errors import UserError
-from lorafit.experiment import create_run_dir, default_experiment_id, read_resolved
-from lorafit.training.trackers import open_trackers
+from lorafit.experiment import CONFIG_COPY, RESOLVED_CONFIG, create_run_dir, default_experiment_id, read_resolved
+from lorafit.export import export_merged
+from lorafit.lora import has_lora
+from lorafit.lora.provenance import annotate_adapter, prompt_format_of, record_merge
+from lorafit.report import render_report
+from lorafit.training.job import TrainJob
+from lorafit.training.loop import train as train_loop
+from lorafit.training.metrics import append_metrics
+from lorafit.training.trackers import open_trackers, scalars
 
 
 @dataclass
@@ -32,8 +41,6 @@ class RunRequest:
 
 
 def run(request: RunRequest) -> Path:
-    from lorafit.distributed.env import init_distributed
-
     dist_env = init_distributed()
     try:
         return _run(request, dist_env)
@@ -119,7 +126,6 @@ def _run_root(config: dict[str, Any], root: Path, request: RunRequest) -> Path:
 
 def discard_unused_run_dir(run_dir: Path) -> None:
     """Remove a run folder this call created, if it still holds only the config copies."""
-    from lorafit.experiment import CONFIG_COPY, RESOLVED_CONFIG
 
     if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {CONFIG_COPY, RESOLVED_CONFIG}:
         for name in (CONFIG_COPY, RESOLVED_CONFIG):
@@ -128,8 +134,6 @@ def discard_unused_run_dir(run_dir: Path) -> None:
 
 
 def is_single_process_strategy(strategy) -> bool:
-    from lorafit.distributed.parallel import DDPStrategy, FSDP2Strategy, Strategy
-
     return isinstance(strategy, Strategy) and not isinstance(strategy, (DDPStrategy, FSDP2Strategy))
 
 
@@ -164,8 +168,6 @@ def _step_of(checkpoint: Path) -> int:
 
 def train(built: BuiltRun, run_dir: Path, dist_env, checkpoint: Path | None, sources: dict[str, str], trackers=None):
     """Hand the built entities and the settings to the training loop."""
-    from lorafit.training.job import TrainJob
-    from lorafit.training.loop import train as train_loop
 
     job = TrainJob(
         model=built.model,
@@ -220,9 +222,6 @@ def run_evaluators(
 
 
 def log_evaluator_results(run_dir: Path, results: dict[str, Any], step: int, trackers) -> None:
-    from lorafit.training.metrics import append_metrics
-    from lorafit.training.trackers import scalars
-
     record = {"step": step}
     for name, values in results.items():
         record |= {f"evaluator/{name}/{k}": v for k, v in values.items() if isinstance(v, (int, float))}
@@ -232,17 +231,12 @@ def log_evaluator_results(run_dir: Path, results: dict[str, Any], step: int, tra
 
 
 def export(built: BuiltRun, run_dir: Path, result) -> None:
-    from lorafit.lora import has_lora
-    from lorafit.lora.provenance import annotate_adapter, prompt_format_of, record_merge
-
     if result.adapter_dir is not None:  # how it was trained, for `lorafit generate` (lorafit/lora/provenance.py)
         annotate_adapter(result.adapter_dir, prompt_format_of(built.train_dataset),
                          built.settings.export.base_model_name_or_path)  # fmt: skip
     if built.settings.export.merged_model and not has_lora(result.model_for_eval()):
         info("export.merged_model: nothing to merge (full fine-tuning); model/ is already a plain Hugging Face folder")
     elif built.settings.export.merged_model:
-        from lorafit.export import export_merged
-
         # merged/ is this run's own output (a resumed run writes it again from the newer adapter)
         export_merged(result.model_for_eval(), built.tokenizer, run_dir / "merged", overwrite=True)
         if result.adapter_dir is not None:
@@ -252,8 +246,6 @@ def export(built: BuiltRun, run_dir: Path, result) -> None:
 
 
 def write_report(run_dir: Path, result) -> None:
-    from lorafit.report import render_report
-
     text = render_report(run_dir, result)
     (run_dir / "report.md").write_text(text)
     info(text)

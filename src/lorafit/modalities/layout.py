@@ -16,13 +16,13 @@ from lorafit.config.layouts import (
     needs_whole_weights,
     register_layout,
 )
+from lorafit.distributed.parallel import DDPStrategy
 from lorafit.modalities import run
 from lorafit.modalities.training import parallelism_of
 
 
 def outline(config: dict[str, Any]) -> RunOutline:
     """The run-level decisions: the wrapped model's sharding, and the run folder under checkpoint_path."""
-    from lorafit.distributed.parallel import DDPStrategy
 
     components = list(components_of(config))
     ddp = isinstance(parallelism_of(run.wrapped_model_block(config)), DDPStrategy)

@@ -28,8 +28,12 @@ from lorafit.config.layouts import BuiltRun
 from lorafit.config.run_spec import Checkpointing, Intervals, RunSettings, StepProfile, TrainingTarget
 from lorafit.distributed.parallel import decoder_blocks
 from lorafit.errors import ConfigError, Problem, UserError, did_you_mean
+from lorafit.modalities.data import ModalitiesLoader
 from lorafit.modalities.settings import ModalitiesSettings, NewProgress, settings_problems
+from lorafit.modalities.tokenizer import unwrap_tokenizer
 from lorafit.modalities.training import parallelism_of
+from lorafit.models.deferred import deferred_init
+from lorafit.training.trackers import LoggersConfig, WandbConfig
 
 ENTITIES = {
     "wrapped_model": "model",
@@ -147,9 +151,6 @@ def check(config: dict[str, Any]) -> tuple[ConfigGraph, list[Problem]]:
 # ------------------------------------------------------------------------------------------------ building
 def build(graph: ConfigGraph) -> BuiltRun:
     """The run's entities and settings: the `BuiltRun` lorafit's runner takes from any layout."""
-    from lorafit.modalities.data import ModalitiesLoader
-    from lorafit.modalities.tokenizer import unwrap_tokenizer
-    from lorafit.models.deferred import deferred_init
 
     config = graph.config
     settings = ModalitiesSettings.model_validate(config["settings"])
@@ -339,8 +340,6 @@ def checkpoint_root(config: dict[str, Any]) -> Path | None:
 
 
 def _loggers(results: Any, settings: ModalitiesSettings) -> Any:
-    from lorafit.training.trackers import LoggersConfig, WandbConfig
-
     wandb = getattr(results, "wandb", None)
     if wandb is None:
         return LoggersConfig()
