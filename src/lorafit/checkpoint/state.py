@@ -41,6 +41,7 @@ from lorafit.atomic import publish_folder
 from lorafit.console import warn
 from lorafit.distributed.env import DistEnv
 from lorafit.errors import UserError
+from lorafit.models.wrappers import canonical_name, unwrap
 
 CHECKPOINTS = "checkpoints"
 COMPLETE = "COMPLETE"
@@ -68,8 +69,6 @@ def _trainable_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tupl
     (embed_tokens), and loading it there restores the head too, since it is the same parameter.
     """
     from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    from lorafit.models.wrappers import canonical_name, unwrap
 
     trainable = {canonical_name(n) for n, p in unwrap(model).named_parameters() if p.requires_grad}
     model_sd, optim_sd = get_state_dict(model, optimizer, options=_options())

@@ -17,6 +17,10 @@ from torch import nn
 
 from lorafit.atomic import atomic_folder
 from lorafit.distributed.env import DistEnv
+from lorafit.distributed.parallel import gather_adapter_state_dict, gather_full_state_dict
+from lorafit.lora import apply_lora, get_settings, has_lora, save_adapter
+from lorafit.lora.adapter import PREFIX
+from lorafit.models.wrappers import is_dtensor, unwrap
 
 ADAPTER_DIR = "adapter"
 MODEL_DIR = "model"
@@ -30,8 +34,6 @@ class TrainedWeights:
 
 
 def is_sharded(model: nn.Module) -> bool:
-    from lorafit.models.wrappers import is_dtensor
-
     return any(is_dtensor(p) for p in model.parameters())
 
 
@@ -42,8 +44,6 @@ def write_trained_weights(model: nn.Module, env: DistEnv, run_dir: Path, *, writ
     `keep_full`: also return the gathered full state dict of a sharded model (for `TrainResult.model_for_eval`).
     `write=False` writes nothing (benchmarks). `tokenizer` is saved beside a full model so the folder is complete.
     """
-    from lorafit.distributed.parallel import gather_adapter_state_dict, gather_full_state_dict
-    from lorafit.lora import has_lora
 
     run_dir = Path(run_dir)
     lora, sharded = has_lora(model), is_sharded(model)
@@ -65,15 +65,10 @@ def write_trained_weights(model: nn.Module, env: DistEnv, run_dir: Path, *, writ
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    from lorafit.models.wrappers import unwrap
-
     return unwrap(model)
 
 
 def _save_adapter(model: nn.Module, adapter: dict[str, torch.Tensor], path: Path) -> Path:
-    from lorafit.lora import save_adapter
-    from lorafit.lora.adapter import PREFIX
-
     # save_adapter takes module names and adds PEFT's prefix itself
     by_module = {k.removeprefix(PREFIX): v for k, v in adapter.items()}
     save_adapter(_unwrap(model), path, state_dict=by_module, overwrite=True)
@@ -95,8 +90,6 @@ def unsharded_copy(sharded: nn.Module, full_state_dict: dict[str, torch.Tensor] 
     """A plain copy of an FSDP2-sharded Hugging Face model: its original class, the same LoRA (if any), the full
     weights from `full_state_dict` (see `gather_full_state_dict`)."""
     from torch.distributed.fsdp import FSDPModule
-
-    from lorafit.lora import apply_lora, get_settings, has_lora
 
     if not full_state_dict:
         raise RuntimeError("the model is sharded: its full state dict must be gathered first (rank 0)")

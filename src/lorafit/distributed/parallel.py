@@ -36,7 +36,11 @@ from torch import nn
 from lorafit.config.registry import ComponentConfig, register_component
 from lorafit.console import info, warn
 from lorafit.distributed.env import DistEnv
+from lorafit.distributed.precision import resolve_precision
 from lorafit.errors import UserError
+from lorafit.frozen.linear import has_low_precision_frozen
+from lorafit.lora import adapter_state_dict
+from lorafit.models.wrappers import unwrap
 
 
 class ParallelismConfig(ComponentConfig):
@@ -70,8 +74,6 @@ class Strategy:
 
     def precision(self, env: DistEnv) -> str:
         if self._precision is None:
-            from lorafit.distributed.precision import resolve_precision
-
             self._precision = resolve_precision(self.config.mixed_precision, env.device)
         return self._precision
 
@@ -88,8 +90,6 @@ class Strategy:
                 block.compile()  # in place: parameter names do not change (no `_orig_mod.`)
         model = self._distribute(model, env, blocks)
         if fill_weights is not None:
-            from lorafit.models.wrappers import unwrap
-
             fill_weights(unwrap(model))  # the Hugging Face model, by its own parameter names
         return model
 
@@ -150,8 +150,6 @@ class FSDP2Strategy(Strategy):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        from lorafit.frozen.linear import has_low_precision_frozen
-
         if has_low_precision_frozen(model):
             raise UserError(
                 "frozen_dtype (model/lora) stores frozen weights in another dtype than the adapters, and FSDP2 "
@@ -194,7 +192,6 @@ def _materialize(model: nn.Module, device: torch.device) -> nn.Module:
 
 def decoder_blocks(model: nn.Module) -> list[nn.Module]:
     """The outermost modules whose class is in the model's `_no_split_modules` (e.g. LlamaDecoderLayer)."""
-    from lorafit.models.wrappers import unwrap
 
     model = unwrap(model)
     names = set(getattr(model, "_no_split_modules", None) or [])
@@ -226,7 +223,6 @@ def gather_adapter_state_dict(model: nn.Module, env: DistEnv) -> dict[str, torch
     Under FSDP2 each rank holds a slice of every adapter matrix; the full state dict gathers them. It also holds
     frozen tied parameters (lm_head.weight) even with ignore_frozen_params, so adapter keys are picked explicitly.
     """
-    from lorafit.lora import adapter_state_dict
 
     if not env.distributed:
         return adapter_state_dict(model)
@@ -242,8 +238,6 @@ def gather_full_state_dict(model: nn.Module, env: DistEnv) -> dict[str, torch.Te
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     if not env.distributed:
-        from lorafit.models.wrappers import unwrap
-
         return {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return full if env.is_main else {}

@@ -21,6 +21,7 @@ from pydantic import Field
 
 from lorafit.config.registry import ComponentConfig, register_component
 from lorafit.errors import UserError
+from lorafit.models.wrappers import unwrap
 from lorafit.training.loss import IGNORE_INDEX, CausalLMLoss
 
 
@@ -178,8 +179,6 @@ def generate_greedy(
 ) -> list[str]:
     """Greedy answers (decoded, special tokens removed, cut at EOS), in the order of `examples`."""
     from transformers import GenerationConfig
-
-    from lorafit.models.wrappers import unwrap
 
     model = unwrap(model)  # DDP wraps forward only; generate lives on the HF model
     device = torch.device(device) if device is not None else _device_of(model)

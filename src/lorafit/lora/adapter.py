@@ -26,7 +26,7 @@ from torch import nn
 from lorafit.atomic import atomic_folder
 from lorafit.errors import Problem, UserError
 from lorafit.lora.layers import copy_full_tensor, hyper_problems
-from lorafit.lora.matching import ALL_LINEAR, Target, candidates
+from lorafit.lora.matching import ALL_LINEAR, Target, candidates, resolve_targets
 from lorafit.lora.model import (
     LoraSettings,
     get_settings,
@@ -344,8 +344,6 @@ def _base_layer_weights(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -
 
 
 def _check_same_adapter(model: nn.Module, settings: LoraSettings, targets: list[Target], where: str) -> None:
-    from lorafit.lora.matching import resolve_targets
-
     current = get_settings(model)
     if any(layer.merged for _, layer in lora_layers(model)):
         raise UserError("cannot load an adapter into a merged model: unmerge it first")

@@ -13,6 +13,8 @@ import torch
 from torch import nn
 
 from lorafit.errors import UserError
+from lorafit.frozen.linear import has_low_precision_frozen, store_frozen_linears
+from lorafit.frozen.nf4 import dequantize_nf4_linears
 from lorafit.lora.layers import LoraLayer
 from lorafit.lora.model import _replace, lora_layers
 from lorafit.models.wrappers import canonical_name, is_dtensor, unwrap
@@ -49,7 +51,6 @@ def merge_lora(model: nn.Module) -> None:
     if any(is_dtensor(layer.weight) for _, layer in layers):
         # merging into shards is how Modalities corrupted evaluation; merge a gathered, unsharded copy instead
         raise UserError("cannot merge LoRA into a sharded (FSDP) model: gather a full state dict and merge that")
-    from lorafit.frozen.nf4 import dequantize_nf4_linears
 
     # a 4-bit base (frozen_dtype nf4) is dequantised: the merged weight is the NF4-rounded base plus the adapter, fp32
     dequantize_nf4_linears(model)
@@ -84,8 +85,6 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     plain modules compute in their weight's dtype, so the result holds one dtype, the base as trained (rounded as
     it was stored) plus the adapter.
     """
-    from lorafit.frozen.linear import has_low_precision_frozen, store_frozen_linears
-    from lorafit.frozen.nf4 import dequantize_nf4_linears
 
     model = unwrap(model)
     if has_low_precision_frozen(model):

@@ -15,6 +15,11 @@ from typing import Any
 
 from torch import nn
 
+from lorafit.atomic import atomic_folder
+from lorafit.errors import UserError
+from lorafit.lora.adapter import save_adapter
+from lorafit.lora.model import has_lora
+
 
 def save_pretrained(
     model: nn.Module,
@@ -27,10 +32,6 @@ def save_pretrained(
     """A model with LoRA -> `path` as a PEFT adapter folder (`adapter_config.json` + `adapter_model.safetensors`,
     loadable with `peft.PeftModel` / `AutoPeftModelForCausalLM` / `lorafit.load_adapter`); a model without ->
     `model.save_pretrained(path)`. The tokenizer, if given, is saved beside either."""
-    from lorafit.atomic import atomic_folder
-    from lorafit.errors import UserError
-    from lorafit.lora.adapter import save_adapter
-    from lorafit.lora.model import has_lora
 
     path = Path(path)
     if has_lora(model):

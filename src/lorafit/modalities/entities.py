@@ -17,6 +17,7 @@ from pydantic import Field, model_validator
 
 from lorafit.config.registry import Component, ComponentConfig, register_component
 from lorafit.errors import UserError
+from lorafit.modalities.training import ModalitiesScheduler
 
 
 class RawAppStateConfig(ComponentConfig):
@@ -35,7 +36,6 @@ class AppState:
 @register_component("app_state", "raw", RawAppStateConfig)
 def build_raw_app_state(config: RawAppStateConfig) -> AppState:
     """The run's model, optimizer and scheduler (no scheduler: the optimizer's lr throughout)."""
-    from lorafit.modalities.training import ModalitiesScheduler
 
     scheduler = config.lr_scheduler if config.lr_scheduler is not None else ModalitiesScheduler("dummy_lr", None)
     return AppState(config.model, config.optimizer, scheduler)

@@ -11,6 +11,7 @@ from pathlib import Path
 from pydantic import Field
 
 from lorafit.config.registry import ComponentConfig, register_component
+from lorafit.modalities.data import PackedContinuousDataset
 
 
 class _Ranks(ComponentConfig):
@@ -97,7 +98,6 @@ def samples_from_tokens(c: SamplesFromTokensConfig) -> int:
 @register_component("number_conversion", "num_tokens_from_packed_mem_map_dataset_continuous", TokensFromDatasetConfig)
 def tokens_from_dataset(c: TokensFromDatasetConfig) -> int:
     """The tokens whole steps use of a .pbin: its blocks x sequence_length, cut to whole global steps."""
-    from lorafit.modalities.data import PackedContinuousDataset
 
     samples = len(PackedContinuousDataset(c.dataset_path, c.sequence_length, "input_ids", c.reuse_last_target))
     steps = samples // c.num_ranks // c.local_micro_batch_size // c.gradient_accumulation_steps

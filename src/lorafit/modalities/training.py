@@ -21,6 +21,7 @@ from pydantic import Field, create_model, field_validator, model_validator
 from torch import nn
 
 from lorafit.config.registry import Component, ComponentConfig, register_component
+from lorafit.distributed.parallel import DDPStrategy, FSDP2Strategy, ParallelismConfig
 from lorafit.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -111,7 +112,6 @@ def build_fsdp2_wrapped(config: FSDP2WrappedConfig) -> nn.Module:
 def parallelism_of(wrapped: dict[str, Any], *, activation_checkpointing: bool = False) -> Any:
     """The strategy an `fsdp_wrapped` / `fsdp2_wrapped` config block asks for (activation checkpointing: of every
     decoder block)."""
-    from lorafit.distributed.parallel import DDPStrategy, FSDP2Strategy, ParallelismConfig
 
     cfg = wrapped.get("config") or {}
     settings = cfg.get("mixed_precision_settings", "FP_32")

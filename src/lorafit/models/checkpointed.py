@@ -31,7 +31,7 @@ from lorafit.config.registry import Component, ComponentConfig, register_compone
 from lorafit.console import info, warn
 from lorafit.errors import UserError
 from lorafit.models.dtypes import dtype_name, to_dtype
-from lorafit.models.shard_loading import is_meta
+from lorafit.models.shard_loading import defer_weights, file_tensors, is_meta
 from lorafit.models.weights import load_into, load_state_dict_file, resolve_weights_path
 
 DEVICE_WORDS = ("auto", "cpu", "cuda")
@@ -95,7 +95,6 @@ class TorchCheckpointLoader:
     def defer(self, model: nn.Module, path: str | Path) -> nn.Module:
         """`model` (on the meta device) cast to `precision`, with `path` recorded as its weights, read after
         sharding (lorafit/models/shard_loading.py); keys and shapes checked now, Modalities' names mapped."""
-        from lorafit.models.shard_loading import defer_weights, file_tensors
 
         tensors = _with_model_names(model, file_tensors(path), path)
         return defer_weights(model.to(dtype=to_dtype(self.precision)), tensors, source=str(path))

@@ -35,6 +35,7 @@ from lorafit.console import info
 from lorafit.errors import UserError, did_you_mean
 from lorafit.models.deferred import defer_or_initialize
 from lorafit.models.dtypes import dtype_name, to_dtype
+from lorafit.models.shard_loading import defer_weights, file_tensors
 
 __all__ = [
     "build_from_config",
@@ -144,7 +145,6 @@ def _defer_folder_weights(model: nn.Module, source: str, field: str, kwargs: dic
     """The meta-device `model` with the folder's weights recorded, to be read shard by shard after FSDP2 has
     sharded it (lorafit/models/shard_loading.py); None, said in the log, where only transformers' own loader can
     load the folder: then every rank loads the whole model before sharding, as without fsdp2."""
-    from lorafit.models.shard_loading import defer_weights, file_tensors
 
     reason = None
     if kwargs:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from lorafit.errors import UserError
+from lorafit.models.deferred import clear_pending, is_pending
 
 # in a Hugging Face folder, the first of these that exists is the model's weights
 FOLDER_WEIGHTS = (
@@ -214,7 +215,6 @@ def load_into(
     A model on the meta device or with uninitialised weights (see `lorafit.models.deferred`) takes the file's tensors
     as its parameters (no copy, the file's dtype); an initialised one gets them copied in (its own dtype).
     """
-    from lorafit.models.deferred import clear_pending, is_pending
 
     problem = key_problems(model, state_dict, source)
     if problem:

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lorafit.data import collate as lorafit_collate
 from lorafit.distributed.env import DistEnv
 from lorafit.training.loss import IGNORE_INDEX
 
@@ -20,7 +21,6 @@ def default_collate(dataset: Any) -> Callable[[list[Batch]], Batch]:
     collate = getattr(dataset, "collate_fn", None)
     if callable(collate):
         return collate
-    from lorafit.data import collate as lorafit_collate
 
     return lorafit_collate
 

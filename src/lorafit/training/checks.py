@@ -15,6 +15,7 @@ from torch import nn
 
 from lorafit.distributed.env import DistEnv
 from lorafit.errors import UserError
+from lorafit.lora.model import has_lora, named_lora_parameters
 from lorafit.models.wrappers import local_tensor
 
 
@@ -32,7 +33,6 @@ def check_gradient_flow(model: nn.Module, step: int, env: DistEnv) -> None:
     Collective under DDP/FSDP2: per-matrix squared norms and non-finite counts are summed over ranks, since
     under FSDP2 each rank only sees its shard.
     """
-    from lorafit.lora.model import has_lora, named_lora_parameters
 
     if not has_lora(model):
         if step == 1:

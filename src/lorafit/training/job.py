@@ -11,9 +11,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from lorafit.checkpoint.trained_weights import is_sharded, unsharded_copy
 from lorafit.config.layouts import LossNormalization
 from lorafit.config.run_spec import RunSettings
 from lorafit.distributed.env import DistEnv
+from lorafit.distributed.parallel import gather_full_state_dict
+from lorafit.models.wrappers import unwrap
 
 
 @dataclass
@@ -71,8 +74,6 @@ class TrainResult:
     def model_for_eval(self) -> nn.Module:
         """An unwrapped, unsharded model with the trained weights (rank 0), in eval mode: the trained model
         itself, or after FSDP2 a plain copy built from the gathered weights (with the same LoRA, if any)."""
-        from lorafit.checkpoint.trained_weights import is_sharded, unsharded_copy
-        from lorafit.models.wrappers import unwrap
 
         if self._eval_model is None:
             inner = unwrap(self.model)
@@ -81,8 +82,6 @@ class TrainResult:
             else:
                 full = self.full_state_dict
                 if full is None and self.env.world_size == 1:  # a one-rank group: gathering needs no other rank
-                    from lorafit.distributed.parallel import gather_full_state_dict
-
                     full = gather_full_state_dict(self.model, self.env)
                 if full is None:
                     raise RuntimeError("the model is sharded: train with gather_full_model=True to evaluate on rank 0")

@@ -21,6 +21,7 @@ from lorafit.checkpoint.state import find_latest, save_checkpoint
 from lorafit.checkpoint.trained_weights import write_trained_weights
 from lorafit.config.run_spec import num_steps
 from lorafit.console import info, warn
+from lorafit.data import ResumableSampler
 from lorafit.distributed.parallel import default_strategy
 from lorafit.models.wrappers import full_tensor, unwrap
 from lorafit.training.batches import default_collate, held_out_losses, to_device, train_micro_batches
@@ -32,8 +33,6 @@ from lorafit.training.swiglu import lean_mlps
 
 
 def train(job: TrainJob) -> TrainResult:
-    from lorafit.data import ResumableSampler
-
     env, run_dir, settings = job.env, Path(job.run_dir), job.settings
     intervals, world = settings.intervals, env.world_size
     profile = settings.step_profile
