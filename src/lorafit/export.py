@@ -14,6 +14,8 @@ import torch
 from lorafit.atomic import atomic_folder
 from lorafit.console import info, library_progress_bars
 from lorafit.errors import UserError
+from lorafit.frozen.nf4 import dequantize_nf4_linears
+from lorafit.lora import merge_and_unload
 
 PROBE_TEXT = "The quick brown fox jumps over the lazy dog. What is the capital of France?"
 
@@ -30,7 +32,6 @@ def probe_batch(model, tokenizer) -> torch.Tensor:
 @torch.no_grad()
 def export_merged(model, tokenizer, output_dir: Path, *, overwrite: bool = False, atol: float | None = None) -> float:
     """Write `output_dir`: merged model (safetensors), config, tokenizer. Returns the max logit difference."""
-    from lorafit.lora import merge_and_unload
 
     output_dir = Path(output_dir)
     if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
@@ -38,7 +39,6 @@ def export_merged(model, tokenizer, output_dir: Path, *, overwrite: bool = False
     model = model.eval()
     ids = probe_batch(model, tokenizer)
     expected = model(input_ids=ids).logits.float()
-    from lorafit.frozen.nf4 import dequantize_nf4_linears
 
     # NF4 weights cannot be deep-copied exactly (torchao re-quantises on clone); the merge dequantises them anyway,
     # and the dequantised weights compute exactly what the NF4 ones did

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from lorafit.console import info
 from lorafit.errors import UserError
 
 
@@ -100,8 +101,6 @@ def _rendezvous(rank: int, world_size: int) -> dist.TCPStore:
     timeout. torchrun's agent guarantees the peers exist; WORLD_SIZE/RANK/MASTER_* set by hand, or stale in a
     shell, do not, and torch would wait silently for 30 minutes."""
     from datetime import timedelta
-
-    from lorafit.console import info
 
     addr, port = os.environ["MASTER_ADDR"], _int_env("MASTER_PORT", 0)
     timeout = _int_env(RENDEZVOUS_TIMEOUT_ENV, 120)

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812 - the universal spelling
 from torch import nn
 
+from lorafit.errors import UserError
 from lorafit.frozen.linear import FrozenLinear, FrozenWeightLayer, frozen_linears
 from lorafit.models.file_pages import drop_file_pages, release_file_mapping
 from lorafit.third_party_noise import quiet_torchao_import
@@ -46,8 +47,6 @@ def _nf4_module():
         with quiet_torchao_import():  # its harmless CUDA-library warnings, not the user's loggers changed for good
             from torchao.quantization.quantize_.workflows.nf4 import nf4_tensor
     except ImportError:
-        from lorafit.errors import UserError
-
         raise UserError("frozen_dtype nf4 needs torchao: pip install 'lorafit[nf4]' (or torchao==0.18.0)") from None
     return nf4_tensor
 

@@ -36,9 +36,13 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lorafit.atomic import write_atomic
+from lorafit.components import load_builtin_components as load
+from lorafit.config.graph import ConfigGraph, pydantic_problems
+from lorafit.config.loader import load_config
 from lorafit.console import info, warn
 from lorafit.data.pbin import read_raw_index, token_size_for, write_pbin
 from lorafit.errors import ConfigError, UserError
+from lorafit.modalities.tokenizer import ModalitiesTokenizer
 
 
 def create_raw_index(src_path: Path, index_path: Path | None = None) -> Path:
@@ -86,9 +90,6 @@ class PackSettings(BaseModel):
 
 def pack_encoded_data(config_path: Path, *, overrides: tuple[str, ...] = (), overwrite: bool = False) -> Path:
     """Tokenize the indexed JSONL file that a Modalities data-preparation config names into a `.pbin` file."""
-    from lorafit.config.graph import ConfigGraph, pydantic_problems
-    from lorafit.config.loader import load_config
-    from lorafit.modalities.tokenizer import ModalitiesTokenizer
 
     load_builtin_components()
     config = load_config(Path(config_path), overrides=overrides)
@@ -142,8 +143,6 @@ def pack_encoded_data(config_path: Path, *, overrides: tuple[str, ...] = (), ove
 
 
 def load_builtin_components() -> None:
-    from lorafit.components import load_builtin_components as load
-
     load()
 
 

