@@ -167,7 +167,7 @@ class _LorafitLayout:
         return _check_native(config)
 
     def outline(self, config: dict[str, Any]) -> RunOutline:
-        return _native_outline(config)
+        return lorafit_outline(config)
 
     def build(self, graph: ConfigGraph) -> BuiltRun:
         return _build_native(graph)
@@ -197,7 +197,7 @@ def _build_native(graph: ConfigGraph) -> BuiltRun:
     return run
 
 
-def _native_outline(config: dict[str, Any]) -> RunOutline:
+def lorafit_outline(config: dict[str, Any]) -> RunOutline:
     """The decisions of a lorafit config, from its checked components (the `parallelism/fsdp2` block typed)."""
 
     spec = _parallelism_spec(config)

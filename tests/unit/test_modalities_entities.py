@@ -206,9 +206,7 @@ def test_precision_is_read_through_model_initialized():
     """Modalities 0.5.0 initialises after sharding (model_initialized {model: fsdp2_wrapped}): the run's precision and
     sharding come from the fsdp block however deep it sits, not from the outermost model (it was fp32 silently)."""
     from lorafit.build import run_outline
-    from lorafit.distributed.parallel import DDPStrategy
-    from lorafit.modalities.run import wrapped_model_block
-    from lorafit.modalities.training import parallelism_of
+    from lorafit.modalities.sharding import translate, wrapped_model_block
 
     ref = {"pass_type": "BY_REFERENCE"}
     fsdp2 = {"component_key": "model", "variant_key": "fsdp2_wrapped",
@@ -219,13 +217,45 @@ def test_precision_is_read_through_model_initialized():
     raw = {"component_key": "model", "variant_key": "huggingface_pretrained_model", "config": {}}
     config = {"model_raw": raw, "sharded": fsdp2, "wrapped_model": initialized, "train_dataloader": {}}
     assert wrapped_model_block(config) is fsdp2
-    assert parallelism_of(wrapped_model_block(config)).config.mixed_precision == "bf16"
+    translated, block_names = translate(config)
+    assert translated["parallelism"]["config"]["mixed_precision"] == "bf16" and block_names == ("sharded", [])
+    assert translated["sharded"] == {**ref, "instance_key": "model_raw"}  # the block: the model it wraps
     app = {"component_key": "app_state", "variant_key": "raw",
            "config": {"model": {**ref, "instance_key": "wrapped_model"}}}  # fmt: skip
     assert wrapped_model_block({**config, "app_state": app}) is fsdp2
     ddp = {**fsdp2, "variant_key": "fsdp_wrapped", "config": {**fsdp2["config"], "sharding_strategy": "NO_SHARD"}}
-    assert isinstance(parallelism_of(wrapped_model_block({**config, "sharded": ddp})), DDPStrategy)
+    assert translate({**config, "sharded": ddp})[0]["parallelism"]["variant_key"] == "ddp"
     assert run_outline({**config, "app_state": app}).parallelism == "fsdp2"
     assert run_outline({**config, "sharded": ddp}).parallelism == "ddp"
     # no fsdp block at all: the outermost model, as before
     assert wrapped_model_block({"model_raw": raw, "wrapped_model": raw, "train_dataloader": {}}) is raw
+
+
+def test_the_fsdp_block_is_translated_and_its_block_names_still_checked(monkeypatch):
+    """fsdp_wrapped is not built and taken apart: the checked config holds the model it wrapped and lorafit's
+    parallelism entity; its block_names are checked against the built model, by their YAML path."""
+    from lorafit.build import load_run_config
+
+    sizes = ("settings.training.sequence_length=128", "evaluation_subscriber.config.mode=OFFLINE")
+    monkeypatch.chdir(REPO)
+    config, graph = load_run_config(SHIPPED, overrides=sizes)
+    assert config["wrapped_model"]["variant_key"] == "fsdp_wrapped"  # as written
+    assert graph.config["wrapped_model"] == config["wrapped_model"]["config"]["model"]
+    assert graph.config["parallelism"]["component_key"] == "parallelism"
+    with pytest.raises(UserError, match=r"wrapped_model.config.block_names: \['GPT2Block'\] are not module classes"):
+        _built(monkeypatch, SHIPPED, *sizes, "wrapped_model.config.block_names=[GPT2Block]")
+
+
+def test_an_fsdp_block_outside_a_modalities_config_is_refused(tmp_path, tiny_model_dir):
+    """In a lorafit config the sharding is the parallelism entity: fsdp_wrapped there would shard nothing."""
+    from lorafit.build import build_run, load_run_config
+    from tiny_runs import tiny_run_config
+
+    config = tiny_run_config(tiny_model_dir, cache_path=tmp_path / "cache")
+    config["model"] = {"component_key": "model", "variant_key": "fsdp_wrapped",
+                       "config": {"model": config["model"], "sync_module_states": True, "block_names": [],
+                                  "mixed_precision_settings": "FP_32", "sharding_strategy": "FULL_SHARD"}}  # fmt: skip
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(UserError, match=r"model/fsdp_wrapped is Modalities' sharding .* set parallelism"):
+        build_run(load_run_config(path)[1])

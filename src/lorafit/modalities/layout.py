@@ -1,38 +1,24 @@
 """The Modalities layout, registered at the border (config/layouts.py): a config with a top-level
 `train_dataloader` is checked and built by lorafit/modalities/run.py into the run description every layout gives
-(`BuiltRun`), and its run-level decisions (sharding from the wrapped model, the run folder under checkpoint_path)
-are taken here, from its own blocks, before anything is built.
+(`BuiltRun`): its sharding (the fsdp block) becomes lorafit's `parallelism` entity when it is checked, and its
+run-level decisions are lorafit's on the translated config, with the run folder under checkpoint_path.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
-from lorafit.config.layouts import (
-    RunOutline,
-    adapters_from_checkpoint,
-    components_of,
-    has_weights_file,
-    needs_whole_weights,
-    register_layout,
-)
-from lorafit.distributed.parallel import DDPStrategy
+from lorafit.build import lorafit_outline
+from lorafit.config.layouts import RunOutline, register_layout
 from lorafit.modalities import run
-from lorafit.modalities.training import parallelism_of
 
 
 def outline(config: dict[str, Any]) -> RunOutline:
-    """The run-level decisions: the wrapped model's sharding, and the run folder under checkpoint_path."""
-
-    components = list(components_of(config))
-    ddp = isinstance(parallelism_of(run.wrapped_model_block(config)), DDPStrategy)
-    return RunOutline(
-        parallelism="ddp" if ddp else "fsdp2",
-        weights_file=has_weights_file(components),
-        needs_whole_weights=needs_whole_weights(components),
-        adapters_from_checkpoint=adapters_from_checkpoint(config),
-        run_root=run.checkpoint_root(config),
-    )
+    """lorafit's decisions on the translated config (its sharding, now a `parallelism` entity), and the run folder
+    under checkpoint_path, where Modalities keeps the experiment."""
+    translated, _ = run.translate(config)
+    return dataclasses.replace(lorafit_outline(translated), run_root=run.checkpoint_root(config))
 
 
 class ModalitiesLayout:

@@ -30,8 +30,9 @@ from lorafit.distributed.parallel import decoder_blocks
 from lorafit.errors import ConfigError, Problem, UserError, did_you_mean
 from lorafit.modalities.data import ModalitiesLoader
 from lorafit.modalities.settings import ModalitiesSettings, NewProgress, settings_problems
+from lorafit.modalities.sharding import ModalitiesGraph, translate, wrapped_model_block
 from lorafit.modalities.tokenizer import unwrap_tokenizer
-from lorafit.modalities.training import parallelism_of
+from lorafit.modalities.training import check_block_names, say_not_honoured
 from lorafit.models.deferred import deferred_init
 from lorafit.training.trackers import LoggersConfig, WandbConfig
 
@@ -145,11 +146,16 @@ def check(config: dict[str, Any]) -> tuple[ConfigGraph, list[Problem]]:
         problems += pydantic_problems(e, "settings", ModalitiesSettings)
     else:
         problems += settings_problems(settings)
-    return graph, problems
+    if problems:
+        return graph, problems
+    say_not_honoured(wrapped_model_block(graph.config))
+    checkpointing = bool(settings.training and settings.training.activation_checkpointing_modules)
+    translated, block_names = translate(graph.config, activation_checkpointing=checkpointing)
+    return ModalitiesGraph(translated, block_names), problems
 
 
 # ------------------------------------------------------------------------------------------------ building
-def build(graph: ConfigGraph) -> BuiltRun:
+def build(graph: ModalitiesGraph) -> BuiltRun:
     """The run's entities and settings: the `BuiltRun` lorafit's runner takes from any layout."""
 
     config = graph.config
@@ -161,6 +167,9 @@ def build(graph: ConfigGraph) -> BuiltRun:
         app = built.pop("app_state")
         built.update({key: getattr(app, name) for key, name in APP_STATE.items()})
     built["progress"] = built.pop(PROGRESS[1], None) or built.pop(PROGRESS[0])
+    if graph.block_names is not None:  # the translated fsdp block's (modalities/training.py)
+        path, names = graph.block_names
+        check_block_names(built["wrapped_model"], names, f"{path}.config.block_names")
     if "device_mesh" in built:
         built["device_mesh"].check(world)
     evals: list[ModalitiesLoader] = [
@@ -194,35 +203,12 @@ def build(graph: ConfigGraph) -> BuiltRun:
         eval_datasets={loader.tag: loader.view(world) for loader in evals},
         optimizer=built["optimizer"],
         scheduler=built["scheduler"],
-        parallelism=parallelism_of(
-            wrapped_model_block(config),
-            activation_checkpointing=bool(settings.training and settings.training.activation_checkpointing_modules),
-        ),
+        parallelism=graph.build("parallelism"),  # what the fsdp block asked, translated when checked
         shuffle=train.shuffle,
         progress=built["progress"].bar,
         loss_normalization="micro_batch_mean",  # Modalities' CLMCrossEntropyLoss: the token mean per micro-batch
         step_plan=describe(plan),
     )
-
-
-def wrapped_model_block(config: dict[str, Any]) -> dict[str, Any]:
-    """The config block of the run's wrapped model (`wrapped_model`, or app_state's `model`), references followed."""
-
-    def follow(node: Any) -> Any:
-        while is_reference(node):
-            node = config[node["instance_key"]]
-        return node
-
-    top = follow(follow(config["app_state"])["config"]["model"] if "app_state" in config else config["wrapped_model"])
-    # Modalities 0.5.0 initialises after sharding: model_initialized {model: fsdp2_wrapped {...}}. The precision and
-    # sharding live in the fsdp block, however deep, so look through model wrappers down to it.
-    node = top
-    while isinstance(node, dict) and node.get("variant_key") not in ("fsdp_wrapped", "fsdp2_wrapped"):
-        inner = (node.get("config") or {}).get("model") if node.get("component_key") == "model" else None
-        if inner is None:
-            return top
-        node = follow(inner)
-    return node if isinstance(node, dict) else top
 
 
 def plan_of(settings: ModalitiesSettings, train: Any, world: int) -> dict[str, Any]:

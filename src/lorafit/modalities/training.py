@@ -1,7 +1,8 @@
 """Modalities' training components: what each means, turned into the settings of lorafit's one training loop.
 
-model/fsdp_wrapped            -> parallelism fsdp2 (FULL_SHARD, HYBRID_SHARD, SHARD_GRAD_OP) or ddp (NO_SHARD)
-model/fsdp2_wrapped           -> parallelism fsdp2 (modalities 0.5.0 / main; the same build, param_dtype -> precision)
+model/fsdp_wrapped            -> parallelism fsdp2 (FULL_SHARD, HYBRID_SHARD, SHARD_GRAD_OP) or ddp (NO_SHARD); the
+                                 block is translated, when the config is read, into the model it wraps + `parallelism`
+model/fsdp2_wrapped           -> parallelism fsdp2 (modalities 0.5.0 / main; translated alike, param_dtype -> precision)
 optimizer/adam_w, adam        -> torch AdamW / Adam over the trainable parameters, Modalities' one group
 scheduler/onecycle_lr, step_lr, constant_lr, cosine_annealing_lr, dummy_lr -> the torch scheduler, as configured
 loss/clm_cross_entropy_loss   -> token cross-entropy, mean per micro-batch, averaged over micro-batches and ranks
@@ -21,7 +22,6 @@ from pydantic import Field, create_model, field_validator, model_validator
 from torch import nn
 
 from lorafit.config.registry import Component, ComponentConfig, register_component
-from lorafit.distributed.parallel import DDPStrategy, FSDP2Strategy, ParallelismConfig
 from lorafit.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -54,21 +54,6 @@ class FSDPWrappedConfig(ComponentConfig):
         return value
 
 
-@register_component("model", "fsdp_wrapped", FSDPWrappedConfig)
-def build_fsdp_wrapped(config: FSDPWrappedConfig) -> nn.Module:
-    """The model, to be sharded by the run with FSDP2 over its block_names (checked to exist)."""
-    model = config.model
-    classes = {type(m).__name__ for m in model.modules()}
-    missing = [name for name in config.block_names if name not in classes]
-    if missing:
-        raise UserError(
-            f"{missing} are not module classes of the model (it has e.g. "
-            f"{sorted(c for c in classes if 'Layer' in c or 'Block' in c)[:5]})",
-            field="block_names",
-        )
-    return model
-
-
 class FSDP2PrecisionConfig(ComponentConfig):
     """Modalities' FSDP2MixedPrecisionSettings (PyTorchDtypes names)."""
 
@@ -95,31 +80,74 @@ class FSDP2WrappedConfig(ComponentConfig):
     layers_per_fsdp_unit: int = Field(1, ge=1)
 
 
+FSDP_VARIANTS = ("fsdp_wrapped", "fsdp2_wrapped")
+_TRANSLATED = (
+    "{variant} is Modalities' sharding of a model, translated into lorafit's `parallelism` entity when "
+    "a Modalities config (top-level train_dataloader) is read; in a lorafit config give the model itself "
+    "and set parallelism: {{component_key: parallelism, variant_key: fsdp2}}"
+)
+
+
+@register_component("model", "fsdp_wrapped", FSDPWrappedConfig)
+def build_fsdp_wrapped(config: FSDPWrappedConfig) -> nn.Module:
+    """In a Modalities config, the model it wraps plus lorafit's parallelism (fsdp2; ddp for NO_SHARD).
+
+    Never built: the block is translated when the config is checked (lorafit/modalities/sharding.py); elsewhere it
+    is refused."""
+    raise UserError(_TRANSLATED.format(variant="model/fsdp_wrapped"))
+
+
 @register_component("model", "fsdp2_wrapped", FSDP2WrappedConfig)
 def build_fsdp2_wrapped(config: FSDP2WrappedConfig) -> nn.Module:
-    """The model, to be sharded by the run with FSDP2 over its block_names (checked to exist), as fsdp_wrapped."""
+    """In a Modalities config, the model it wraps plus lorafit's parallelism fsdp2 (as fsdp_wrapped)."""
+    raise UserError(_TRANSLATED.format(variant="model/fsdp2_wrapped"))
+
+
+def say_not_honoured(wrapped: dict[str, Any]) -> None:
+    """Log the fsdp2_wrapped settings lorafit does not follow (memory, communication or the bf16 rounding of the
+    reduction: said, not an error)."""
+    if wrapped.get("variant_key") != "fsdp2_wrapped":
+        return
+    cfg = wrapped.get("config") or {}
+    precision = cfg.get("mixed_precision_settings") or {}
     for key, value, default in (
-        ("mixed_precision_settings.reduce_dtype", config.mixed_precision_settings.reduce_dtype, "FP_32"),
-        ("reshard_after_forward", config.reshard_after_forward, True),
-        ("layers_per_fsdp_unit", config.layers_per_fsdp_unit, 1),
+        ("mixed_precision_settings.reduce_dtype", precision.get("reduce_dtype", "FP_32"), "FP_32"),
+        ("reshard_after_forward", cfg.get("reshard_after_forward", True), True),
+        ("layers_per_fsdp_unit", cfg.get("layers_per_fsdp_unit", 1), 1),
     ):
-        if value != default:  # memory, communication or bf16 rounding of the reduction: logged, not an error
+        if value != default:
             log.info("model/fsdp2_wrapped %s %s: not honoured; lorafit reduces gradients in fp32, reshards every "
                      "block after forward, one block a unit (docs/modalities.md)", key, value)  # fmt: skip
-    return build_fsdp_wrapped(config)
 
 
-def parallelism_of(wrapped: dict[str, Any], *, activation_checkpointing: bool = False) -> Any:
-    """The strategy an `fsdp_wrapped` / `fsdp2_wrapped` config block asks for (activation checkpointing: of every
-    decoder block)."""
+def check_block_names(model: nn.Module, block_names: list[str], field: str) -> None:
+    """The wrapping's block_names must be module classes of the model (Modalities' FSDP wrap policy)."""
+    classes = {type(m).__name__ for m in model.modules()}
+    missing = [name for name in block_names if name not in classes]
+    if missing:
+        raise UserError(
+            f"{missing} are not module classes of the model (it has e.g. "
+            f"{sorted(c for c in classes if 'Layer' in c or 'Block' in c)[:5]})",
+            field=field,
+        )
 
-    cfg = wrapped.get("config") or {}
+
+def parallelism_block(wrapped: dict[str, Any], *, activation_checkpointing: bool = False) -> dict[str, Any]:
+    """lorafit's `parallelism` component for a checked `fsdp_wrapped` / `fsdp2_wrapped` config block (any other
+    block: fsdp2 in fp32, Modalities' sharding of an unwrapped model); activation checkpointing of every decoder
+    block. fsdp2_wrapped's parameter dtype is the precision; gradients are reduced in fp32 regardless."""
+    cfg = (wrapped.get("config") or {}) if wrapped.get("variant_key") in FSDP_VARIANTS else {}
     settings = cfg.get("mixed_precision_settings", "FP_32")
-    if isinstance(settings, dict):  # fsdp2_wrapped: the parameters' dtype; gradients are reduced in fp32 regardless
+    if isinstance(settings, dict):
         settings = settings.get("param_dtype", "FP_32")
-    precision = "bf16" if str(settings).startswith("BF_16") else "fp32"
-    strategy = DDPStrategy if cfg.get("sharding_strategy") == "NO_SHARD" else FSDP2Strategy
-    return strategy(ParallelismConfig(mixed_precision=precision, activation_checkpointing=activation_checkpointing))
+    return {
+        "component_key": "parallelism",
+        "variant_key": "ddp" if cfg.get("sharding_strategy") == "NO_SHARD" else "fsdp2",
+        "config": {
+            "mixed_precision": "bf16" if str(settings).startswith("BF_16") else "fp32",
+            "activation_checkpointing": activation_checkpointing,
+        },
+    }
 
 
 # ------------------------------------------------------------------------------------------------ optimizers
