@@ -106,9 +106,9 @@ def storage_error(error: BaseException) -> OSError | None:
     return None
 
 
-def describe_storage_error(error: OSError, doing: str = "") -> str:
-    """One line: what could not be written, and why, in words."""
-    where = f" {error.filename}" if error.filename else " a file"
+def describe_storage_error(error: OSError, doing: str = "", path: str | os.PathLike | None = None) -> str:
+    """One line: what could not be written (the error's file, else `path`), and why, in words."""
+    where = f" {error.filename or path}" if error.filename or path else " a file"
     what = f"{doing}: " if doing else ""
     return (f"{what}cannot write{where}: {os.strerror(error.errno)} ({_STORAGE_ERRNOS[error.errno]}, "
             f"{errno.errorcode.get(error.errno, error.errno)})")  # fmt: skip

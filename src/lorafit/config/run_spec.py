@@ -22,6 +22,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from lorafit.config.registry import Component
+from lorafit.config.strict_values import StrictValues
 from lorafit.training.trackers import LoggersConfig
 
 RUN_ENTITIES = (
@@ -40,7 +41,7 @@ DEFAULT_COMPONENTS = {
 }
 
 
-class _Strict(BaseModel):
+class _Strict(StrictValues):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 

@@ -151,7 +151,8 @@ class _Writer:
 
     def abort(self) -> None:
         for f in self.files.values():
-            f.close()
+            with contextlib.suppress(OSError):  # closing flushes: under a full disk that fails again
+                f.close()
         for path in self.temp.values():
             path.unlink(missing_ok=True)
 

@@ -120,7 +120,10 @@ def load_local(path: Path, split: str | None):
             loaded = datasets.load_dataset(builder, data_files=str(path), split="train", **extra)
     except UserError:
         raise
-    except (FileNotFoundError, ValueError, OSError, datasets.exceptions.DatasetGenerationError) as e:
+    # KeyError / TypeError: a save_to_disk folder whose state.json or dataset_info.json is damaged (only
+    # datasets' own calls are in this block, so these are the files' fault, not lorafit's)
+    except (FileNotFoundError, ValueError, OSError, KeyError, TypeError,
+            datasets.exceptions.DatasetGenerationError) as e:  # fmt: skip
         cause = e.__cause__ or e
         raise UserError(f"{path}: cannot read it with `datasets`: {type(cause).__name__}: {cause}") from None
     if isinstance(loaded, datasets.DatasetDict):

@@ -38,8 +38,10 @@ import os
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import ConfigDict, field_validator
 
+from lorafit.atomic import own_folder
+from lorafit.config.strict_values import StrictValues
 from lorafit.console import info
 from lorafit.errors import ConfigError, Problem
 
@@ -52,7 +54,7 @@ class Tracker(Protocol):
     def close(self) -> None: ...
 
 
-class _Strict(BaseModel):
+class _Strict(StrictValues):
     model_config = ConfigDict(extra="forbid")
 
 
@@ -99,7 +101,8 @@ class TensorBoardTracker:
     name = "tensorboard"
 
     def __init__(self, log_dir: Path):
-        self.log_dir = Path(log_dir)
+        # checked now, made by the first value (a run that fails to start leaves no folder behind)
+        self.log_dir = own_folder(log_dir, "settings.loggers.tensorboard", create=False)
         self.writer = None
         self.purge_step: int | None = None
 
@@ -159,8 +162,16 @@ def open_wandb(config: WandbConfig, run_dir: Path, experiment_id: str, run_confi
         import wandb
     except ImportError:
         raise _missing("settings.loggers.wandb", "wandb", "wandb") from None
-    directory = Path(config.directory) if config.directory is not None else Path(run_dir)
-    directory.mkdir(parents=True, exist_ok=True)
+    if config.directory is None:  # the run folder's own wandb/, never written through a link
+        directory = Path(run_dir)
+        own_folder(directory / "wandb", "settings.loggers.wandb", create=False)
+    else:  # the user's folder, links and all; a file there is refused before W&B makes anything
+        directory = Path(config.directory)
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as error:  # FileExistsError / NotADirectoryError: a file at or above it
+            what = "is a file, not a folder" if directory.is_file() else f"cannot be made ({error.strerror})"
+            raise ConfigError(f"{directory} {what}", field="settings.loggers.wandb.directory") from None
     try:
         run = wandb.init(project=config.project, entity=config.entity, name=config.name or experiment_id,
                          id=_wandb_id(experiment_id), resume="allow", mode=config.mode, dir=str(directory),
