@@ -22,7 +22,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import GrammarParseError, OmegaConfBaseException
 
 from lorafit.config.strict_yaml import load_yaml_text
-from lorafit.errors import ConfigError, Problem, join_path
+from lorafit.errors import ConfigError, Problem, join_path, nearest
 
 
 @dataclass(frozen=True)
@@ -148,9 +148,9 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
             problems.append(Problem("", f"override {item!r} is not key.path=value"))
             continue
         if not _has_key(data, key.strip()):
-            problems.append(Problem(key.strip(), f"override {item!r}: no such key in the config (only existing "
-                                                 "keys, or new keys of a component's config, which its component "
-                                                 "checks, can be set)"))  # fmt: skip
+            problems.append(Problem(key.strip(), f"override {item!r}: no such key in the config{_suggest(data, key)} "
+                                                 "(only existing keys, or new keys of a component's config, which its "
+                                                 "component checks, can be set)"))  # fmt: skip
     if problems:
         raise ConfigError("", problems=problems)
     try:
@@ -177,6 +177,22 @@ def _has_key(data: Any, dotted: str) -> bool:
         else:
             return False
     return True
+
+
+def _suggest(data: Any, dotted: str) -> str:
+    """' (did you mean 'a.b.c'?)' for the first part of `dotted` that does not exist, as typos in the file get."""
+    parts = dotted.strip().replace("]", "").replace("[", ".").split(".")
+    node, done = data, []
+    for part in parts:
+        if isinstance(node, dict) and part in node:
+            node, done = node[part], [*done, part]
+            continue
+        best = nearest(part, [str(k) for k in node]) if isinstance(node, dict) else None
+        if best is None:
+            where, keys = ".".join(done), ", ".join(map(str, node)) if isinstance(node, dict) else ""
+            return f"; '{where}' has {keys}" if done and keys else ""
+        return f" (did you mean '{'.'.join([*done, best, *parts[len(done) + 1 :]])}'?)"
+    return ""
 
 
 def _resolve_node(node: Any, path: str, problems: list[Problem]) -> Any:
