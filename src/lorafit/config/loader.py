@@ -10,6 +10,7 @@ Every value that fails to resolve is reported, each with its YAML path, in one e
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -187,12 +188,21 @@ def _suggest(data: Any, dotted: str) -> str:
         if isinstance(node, dict) and part in node:
             node, done = node[part], [*done, part]
             continue
+        if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node, done = node[int(part)], [*done, part]
+            continue
         best = nearest(part, [str(k) for k in node]) if isinstance(node, dict) else None
         if best is None:
-            where, keys = ".".join(done), ", ".join(map(str, node)) if isinstance(node, dict) else ""
+            where = _indexed(".".join(done))
+            keys = ", ".join(map(str, node)) if isinstance(node, dict) else ""
             return f"; '{where}' has {keys}" if done and keys else ""
-        return f" (did you mean '{'.'.join([*done, best, *parts[len(done) + 1 :]])}'?)"
+        return f" (did you mean '{_indexed('.'.join([*done, best, *parts[len(done) + 1 :]]))}'?)"
     return ""
+
+
+def _indexed(dotted: str) -> str:
+    """`a.keys.0` -> `a.keys[0]`, as the user writes list items."""
+    return re.sub(r"[.]([0-9]+)(?=[.]|$)", r"[\1]", dotted)
 
 
 def _resolve_node(node: Any, path: str, problems: list[Problem]) -> Any:
