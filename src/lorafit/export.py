@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from lorafit.atomic import atomic_folder
-from lorafit.console import info, library_progress_bars
+from lorafit.console import info
 from lorafit.errors import UserError
 
 PROBE_TEXT = "The quick brown fox jumps over the lazy dog. What is the capital of France?"
@@ -58,8 +58,8 @@ def export_merged(model, tokenizer, output_dir: Path, *, overwrite: bool = False
             "nothing was written"
         )
     with atomic_folder(output_dir) as tmp:
-        with library_progress_bars():  # the one bar of a merge: writing can take a while for a large model
-            merged.save_pretrained(tmp, safe_serialization=True)
+        info(f"writing the merged model to {output_dir}")  # our line, not transformers' bar: logs stay readable
+        merged.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     info(

@@ -112,7 +112,8 @@ def test_default_cache_folder_follows_xdg_then_home(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert cache_root() == tmp_path / "home" / ".cache" / "lorafit"
     monkeypatch.setenv("LORAFIT_CACHE_DIR", str(tmp_path / "mine"))
-    a, b = default_dataset_prefix(tmp_path / "x" / "train.jsonl", "instruction"), default_dataset_prefix(
-        tmp_path / "y" / "train.jsonl", "instruction"
+    a, b = (
+        default_dataset_prefix(tmp_path / "x" / "train.jsonl", "instruction"),
+        default_dataset_prefix(tmp_path / "y" / "train.jsonl", "instruction"),
     )
     assert a.parent == b.parent == tmp_path / "mine" / "datasets" and a != b and a.name.startswith("train-")
