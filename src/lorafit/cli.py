@@ -12,7 +12,7 @@ import sys
 
 from lorafit.errors import UserError
 
-COMMANDS = ["run", "validate", "components", "models", "data", "merge", "generate", "export"]
+COMMANDS = ["run", "validate", "components", "configs", "models", "data", "merge", "generate", "export"]
 
 
 class Parser(argparse.ArgumentParser):
