@@ -326,7 +326,8 @@ def validate_config(config_path: Path, overrides: tuple[str, ...] = (), *, verbo
     lines = [f"config OK: {config_path}"]
     lines.append(f"model: {type(run.model).__name__}")
     lines.append(_describe_model(run.model, verbose))
-    lines.append(describe_steps(run.settings, _samples_if_tokenized(run.train_dataset)))
+    epochs = run.settings.training_target.num_target_epochs is not None  # only then do the samples matter
+    lines.append(describe_steps(run.settings, _samples_if_tokenized(run.train_dataset) if epochs else None))
     if run.modalities is not None:
         from lorafit.modalities.run import describe
 

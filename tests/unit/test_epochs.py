@@ -68,3 +68,24 @@ def test_validate_and_run_with_an_epoch_target(tmp_path, tiny_model_dir, capsys)
                  "--experiment_id", "e"]) == 0  # fmt: skip
     rows = [json.loads(line) for line in (tmp_path / "exp" / "e" / "metrics.jsonl").read_text().splitlines()]
     assert max(r["step"] for r in rows if "loss" in r) == samples // 2
+
+
+def test_validate_counts_an_hf_datasets_text_cache_as_text_blocks(tmp_path, tiny_model_dir, capsys):
+    """Under validate the dataset is built without its data: the kind comes from the existing cache's index."""
+    from lorafit.cli import main
+    from tiny_runs import tiny_run_config
+
+    data = tmp_path / "notes.jsonl"
+    data.write_text("".join(json.dumps({"text": f"note {i}: " + "lorem ipsum " * 30}) + "\n" for i in range(20)))
+    config = tiny_run_config(tiny_model_dir, cache_path=tmp_path / "unused", micro=1, accum=1, sequence_length=32)
+    config["train_dataset"] = {"component_key": "dataset", "variant_key": "hf_datasets", "config": {
+        "path": str(data), "tokenizer": {"instance_key": "tokenizer", "pass_type": "BY_REFERENCE"}}}  # fmt: skip
+    config["settings"]["training_target"] = {"num_target_epochs": 2}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["data", "preview", "--config", str(path), "-n", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "train_dataset: PackedDataset" in out  # text blocks, not conversations
+    samples = int(out.split("samples of up to")[0].rsplit(" ", 2)[-2].replace(",", ""))
+    assert main(["validate", "--config", str(path)]) == 0
+    assert f"steps: {2 * samples} (one process)" in capsys.readouterr().out

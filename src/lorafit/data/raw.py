@@ -216,7 +216,8 @@ def build_cached(source: Path, tokenizer: Any, prefix: Path, spec: dict[str, Any
     cache path is checked and nothing is tokenized."""
     if not current_context().load_weights:
         check_cache_owner(source, prefix)
-        return make(prefix, None)
+        index = _read_json(_file(prefix, ".json"))  # what an earlier run packed there, if anything (validate's counts)
+        return make(prefix, index.get("kind") if isinstance(index, dict) else None)
     prefix = ensure_packed(source, tokenizer, prefix, spec)
     dataset = make(prefix, PackedTokens(prefix).kind)
     dataset.data  # noqa: B018 - opens and checks now rather than in the training loop
