@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from lorafit.atomic import atomic_folder
-from lorafit.console import info
+from lorafit.console import info, terminal_progress_bars
 from lorafit.errors import UserError
 
 PROBE_TEXT = "The quick brown fox jumps over the lazy dog. What is the capital of France?"
@@ -58,8 +58,9 @@ def export_merged(model, tokenizer, output_dir: Path, *, overwrite: bool = False
             "nothing was written"
         )
     with atomic_folder(output_dir) as tmp:
-        info(f"writing the merged model to {output_dir}")  # our line, not transformers' bar: logs stay readable
-        merged.save_pretrained(tmp, safe_serialization=True)
+        info(f"writing the merged model to {output_dir}")
+        with terminal_progress_bars():  # a large model takes a while: a bar at a terminal, never in a log
+            merged.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     info(
