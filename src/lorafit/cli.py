@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 from lorafit.errors import UserError
 
-COMMANDS = ["run", "validate", "components", "models", "data", "merge", "generate", "export"]
+COMMANDS = ["run", "validate", "components", "configs", "models", "data", "merge", "generate", "export"]
 
 
 class Parser(argparse.ArgumentParser):

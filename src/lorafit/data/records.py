@@ -108,6 +108,9 @@ def load_local(path: Path, split: str | None):
         import datasets
     except ImportError:  # pragma: no cover - a dependency of lorafit; a broken install
         raise UserError(f"{path}: reading it needs the `datasets` package (pip install datasets)") from None
+    from lorafit.data.cache_dir import cache_root
+
+    datasets.disable_progress_bars()  # "Generating train split" and the like: lorafit's own bar counts the rows
     try:
         if path.is_dir():
             loaded = datasets.load_from_disk(str(path))
@@ -117,7 +120,8 @@ def load_local(path: Path, split: str | None):
                 raise UserError(f"{path}: unknown file type '{path.suffix}'; valid: .txt, "
                                 f"{', '.join(sorted(DATASETS_SUFFIXES))} or a save_to_disk folder")  # fmt: skip
             extra = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
-            loaded = datasets.load_dataset(builder, data_files=str(path), split="train", **extra)
+            loaded = datasets.load_dataset(builder, data_files=str(path), split="train",
+                                           cache_dir=str(cache_root() / "hf_datasets"), **extra)  # fmt: skip
     except UserError:
         raise
     # KeyError / TypeError: a save_to_disk folder whose state.json or dataset_info.json is damaged (only

@@ -42,7 +42,7 @@ def train(job: TrainJob) -> TrainResult:
     profile = settings.step_profile
     micro_batch, accum = profile.local_train_micro_batch_size, profile.gradient_accumulation_steps
     global_batch = micro_batch * accum * world
-    total_steps = num_steps(settings, world)
+    total_steps = num_steps(settings, world, len(job.train_dataset))  # len: for an epoch target
 
     # --- set-up: wrap (checkpointing -> compile -> shard -> weights), then the optimizer over what was wrapped
     strategy = job.parallelism or default_strategy(env)
