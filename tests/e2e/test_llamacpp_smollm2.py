@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from llamacpp import greedy, load, require_llama_cpp, tokenize
 
 import lorafit
+from llamacpp import greedy, load, require_llama_cpp, tokenize
 from lorafit.cli import main
 
 pytestmark = [pytest.mark.slow, pytest.mark.llamacpp]
