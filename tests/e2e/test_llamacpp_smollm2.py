@@ -137,9 +137,15 @@ import json, sys
 sys.path.insert(0, sys.argv[3])
 from llamacpp import greedy, load
 with load(sys.argv[1], n_ctx=256) as llm:
+    print("loaded", flush=True)
     ids = json.loads(sys.argv[2])
     print(json.dumps([greedy(llm, p, 24, int(sys.argv[4])) for p in ids]))
 """
+
+
+def _has_amx() -> bool:
+    cpuinfo = Path("/proc/cpuinfo")
+    return cpuinfo.exists() and "amx_" in cpuinfo.read_text()
 
 
 def test_smollm2_q8_0_loads_and_decodes_in_llama_cpp(smollm2_dir, adapter, tokenizer, expected, tmp_path):
@@ -150,6 +156,10 @@ def test_smollm2_q8_0_loads_and_decodes_in_llama_cpp(smollm2_dir, adapter, token
     support = str(Path(__file__).resolve().parents[1] / "support")
     child = subprocess.run([sys.executable, "-c", Q8_0_CHILD, str(out), prompts, support, str(tokenizer.eos_token_id)],
                            capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert child.stdout.startswith("loaded"), f"llama.cpp could not load the q8_0 file: {child.stderr[-2000:]}"
+    if child.returncode < 0 and _has_amx():  # killed by a signal: the crash FACTS.md records, llama.cpp's own
+        pytest.xfail(f"llama.cpp's q8_0 decode crashed (signal {-child.returncode}) on this AMX CPU (FACTS.md: "
+                     "also for the file llama.cpp's own converter writes); the file loaded")  # fmt: skip
     assert child.returncode == 0, f"llama.cpp's q8_0 decode failed (rc {child.returncode}): {child.stderr[-2000:]}"
     got = json.loads(child.stdout.strip().splitlines()[-1])
     # 8-bit weights: the answers may part from the f32 ones after a while, but they start the same
