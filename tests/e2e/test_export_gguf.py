@@ -254,3 +254,47 @@ def test_unknown_pre_tokenizer_is_refused(tiny_model_dir, tiny_tokenizer, tmp_pa
     err = capsys.readouterr().err
     assert "llama.cpp does not know this tokenizer" in err and "matches none lorafit can name" in err
     assert "--pre-tokenizer NAME" in err and not out.exists()
+
+
+def test_gguf_adapter_refuses_what_llama_cpp_cannot_apply(tiny_model_dir, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    lorafit.apply_lora(model, r=4, alpha=8, target_layers=["q_proj"], use_dora=True)
+    lorafit.save_adapter(model, tmp_path / "dora")
+    out = tmp_path / "dora.gguf"
+    argv = ["export", "gguf-adapter", "--model", str(tiny_model_dir), "--adapter", str(tmp_path / "dora")]
+    assert main([*argv, "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "DoRA" in err and "export gguf --adapter" in err and "Traceback" not in err and not out.exists()
+
+
+def test_gguf_adapter_holds_what_llama_cpps_adapter_loader_reads(tiny_model_dir, adapter_dir, tmp_path):
+    """The keys llama.cpp's llama_adapter_lora_init checks, and A / B as PEFT holds them (B's q / k rows permuted);
+    llama.cpp itself applies the file in tests/e2e/test_llamacpp.py."""
+    import gguf
+    from safetensors.torch import load_file
+
+    from lorafit.gguf_export.llama import permute_rows
+
+    out = tmp_path / "adapter.gguf"
+    argv = ["export", "gguf-adapter", "--model", str(tiny_model_dir), "--adapter", str(adapter_dir)]
+    assert main([*argv, "--output", str(out)]) == 0
+    reader = gguf.GGUFReader(out)
+    fields = {key: field.contents() for key, field in reader.fields.items() if not key.startswith("GGUF.")}
+    assert (fields["general.type"], fields["general.architecture"], fields["adapter.type"]) == (
+        "adapter",
+        "llama",
+        "lora",
+    )
+    assert fields["adapter.lora.alpha"] == 8.0
+    tensors = {t.name: torch.from_numpy(t.data.copy()) for t in reader.tensors}
+    assert len(tensors) == 2 * 4 * 2  # q, k, v, down in 2 layers, A and B each
+    peft = load_file(adapter_dir / "adapter_model.safetensors")
+    prefix = "base_model.model.model.layers.1."
+    assert torch.equal(tensors["blk.1.attn_q.weight.lora_a"], peft[prefix + "self_attn.q_proj.lora_A.weight"])
+    assert torch.equal(
+        tensors["blk.1.attn_q.weight.lora_b"], permute_rows(peft[prefix + "self_attn.q_proj.lora_B.weight"], 4)
+    )
+    assert torch.equal(tensors["blk.1.attn_v.weight.lora_b"], peft[prefix + "self_attn.v_proj.lora_B.weight"])
+    assert torch.equal(tensors["blk.1.ffn_down.weight.lora_a"], peft[prefix + "mlp.down_proj.lora_A.weight"])
