@@ -62,12 +62,20 @@ def _prompt_ids(tokenizer, prompt: str) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def expected(smollm2_dir, adapter, tokenizer):
-    """Greedy tokens of the merged model and of the base, as `lorafit generate --chat` computes them."""
+def merged_dir(smollm2_dir, adapter, tmp_path_factory):
+    """The merged model, as `lorafit merge` writes it."""
+    out = tmp_path_factory.mktemp("merged") / "merged"
+    assert main(["merge", "--base", str(smollm2_dir), "--adapter", str(adapter), "--output_dir", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def expected(smollm2_dir, merged_dir, tokenizer):
+    """Greedy tokens of the merged model (and of the base), as `lorafit generate --chat` computes them."""
     from lorafit.inference import load_with_adapter
 
-    def answers(adapter_dir):
-        model, _ = load_with_adapter(smollm2_dir, adapter_dir, "fp32", flag="--model")
+    def answers(folder):
+        model, _ = load_with_adapter(folder, None, "fp32", flag="--model")
         out = []
         for prompt in PROMPTS:
             ids = torch.tensor([_prompt_ids(tokenizer, prompt)])
@@ -78,7 +86,7 @@ def expected(smollm2_dir, adapter, tokenizer):
             out.append(new[: new.index(tokenizer.eos_token_id) + 1] if tokenizer.eos_token_id in new else new)
         return out
 
-    merged, base = answers(adapter), answers(None)
+    merged, base = answers(merged_dir), answers(smollm2_dir)
     assert merged != base  # the adapter changes answers: a file that dropped it would fail below
     return merged
 
@@ -101,9 +109,7 @@ def _greedy_all(path: Path, tokenizer, lora: Path | None = None) -> list[list[in
         return [greedy(llm, _prompt_ids(tokenizer, p), MAX_NEW_TOKENS, tokenizer.eos_token_id) for p in PROMPTS]
 
 
-def test_smollm2_f32_in_llama_cpp_gives_lorafit_generates_tokens(
-    merged_f32, smollm2_dir, adapter, tokenizer, expected, capsys
-):
+def test_smollm2_f32_in_llama_cpp_gives_lorafit_generates_tokens(merged_f32, merged_dir, tokenizer, expected, capsys):
     import gguf
 
     pre = gguf.GGUFReader(merged_f32).fields["tokenizer.ggml.pre"].contents()
@@ -118,7 +124,7 @@ def test_smollm2_f32_in_llama_cpp_gives_lorafit_generates_tokens(
     # and the text `lorafit generate` prints is the text of llama.cpp's tokens
     capsys.readouterr()
     for prompt, tokens in zip(PROMPTS[:2], got[:2], strict=True):
-        argv = ["generate", "--model", str(smollm2_dir), "--adapter", str(adapter), "--prompt", prompt, "--chat"]
+        argv = ["generate", "--model", str(merged_dir), "--prompt", prompt, "--chat"]
         assert main([*argv, "--max_new_tokens", str(MAX_NEW_TOKENS)]) == 0
         printed = capsys.readouterr().out
         assert printed.rstrip("\n") == tokenizer.decode(tokens, skip_special_tokens=True)
