@@ -48,8 +48,10 @@ def _encode(array, qtype):
 
 @torch.no_grad()
 def export_gguf(model, tokenizer, output: str | os.PathLike, *, dtype: str = "f16", overwrite: bool = False,
-                name: str | None = None) -> Path:  # fmt: skip
-    """Write `model` (a plain LlamaForCausalLM, adapters merged) and `tokenizer` to the GGUF file `output`."""
+                name: str | None = None, pre_tokenizer: str | None = None) -> Path:  # fmt: skip
+    """Write `model` (a plain LlamaForCausalLM, adapters merged) and `tokenizer` to the GGUF file `output`.
+
+    `pre_tokenizer` names llama.cpp's pre-tokenizer for a tokenizer llama.cpp does not know (vocab.py)."""
     import gguf
 
     from lorafit.gguf_export.llama import ARCH, check_supported, gguf_tensors, to_numpy, write_hparams
@@ -68,7 +70,7 @@ def export_gguf(model, tokenizer, output: str | os.PathLike, *, dtype: str = "f1
     if tokenizer is None:
         raise UserError("GGUF export needs the tokenizer (llama.cpp reads it from the file): the model folder has none")
     shape = check_supported(model)
-    vocab = bpe_vocab(tokenizer, shape.vocab_size)
+    vocab = bpe_vocab(tokenizer, shape.vocab_size, pre_tokenizer)
     qtype, file_type = _types(dtype)
 
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,7 @@ Chosen in the config's `settings.loggers` block (checked by `LoggersConfig`):
           directory: null          # default: the run folder; wandb writes <directory>/wandb/<run>/
           name: null               # default: the experiment id
         mlflow:                    # default off (pip install 'lorafit[mlflow]')
-          tracking_uri: null       # default: a file store in <run folder>/mlruns
+          tracking_uri: null       # default: an SQLite store, <run folder>/mlflow.db
           experiment_name: lorafit
           run_name: null           # default: the experiment id
 
@@ -20,6 +20,10 @@ in-loop evaluation losses (`eval/<dataset>/loss`) and the evaluators' metrics (`
 before training at step 0 and after it at the last step). Only rank 0 opens trackers. A resumed run continues
 its MLflow run (found by run name) and its W&B run id (offline, each part is a folder with that id; `wandb sync`
 joins them).
+
+MLflow's default store is an SQLite file in the run folder, which every MLflow client opens as it is
+(`mlflow ui --backend-store-uri sqlite:///<run folder>/mlflow.db`). MLflow 3 refuses its older folder store
+(`file:` URIs, `mlruns/`) unless the user sets MLFLOW_ALLOW_FILE_STORE=true; lorafit never sets it for them.
 
 From Python (also how a Modalities `results_subscriber/wandb` component maps onto lorafit: its `project`,
 `mode` and `directory` are `WandbConfig`'s fields, its `experiment_id` is the run's id, and its
@@ -74,9 +78,9 @@ class WandbConfig(_Strict):
 
 
 class MlflowConfig(_Strict):
-    """MLflow; `tracking_uri` defaults to a file store in <run folder>/mlruns, `run_name` to the experiment id."""
+    """MLflow; `tracking_uri` defaults to an SQLite store, <run folder>/mlflow.db, `run_name` to the experiment id."""
 
-    tracking_uri: str | None = None  # None: file store <run folder>/mlruns
+    tracking_uri: str | None = None  # None: sqlite:///<run folder>/mlflow.db
     experiment_name: str = "lorafit"
     run_name: str | None = None  # None: the experiment id
 
@@ -199,23 +203,32 @@ def open_mlflow(
         from mlflow.tracking import MlflowClient
     except ImportError:
         raise _missing("settings.loggers.mlflow", "mlflow", "mlflow") from None
-    uri = config.tracking_uri or (Path(run_dir) / "mlruns").resolve().as_uri()
-    if uri.startswith("file:") or "://" not in uri:
-        # MLflow 3 keeps its file store working but refuses it unless this is set; a folder of plain files is what
-        # a run folder wants (no database server, readable with any tool)
-        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    run_dir = Path(run_dir).resolve()
+    uri = config.tracking_uri or f"sqlite:///{run_dir / 'mlflow.db'}"
     from mlflow.exceptions import MlflowException
 
     try:
-        return _start_mlflow(MlflowClient(tracking_uri=uri), config, experiment_id, run_config)
+        client = MlflowClient(tracking_uri=uri)
+        # the default store's artifact folder (no artifacts so far) beside it, not ./mlruns of the working folder;
+        # another store keeps its own default
+        artifacts = (run_dir / "mlartifacts").as_uri() if config.tracking_uri is None else None
+        return _start_mlflow(client, config, experiment_id, run_config, artifacts)
     except MlflowException as e:
-        raise ConfigError(f"cannot start the MLflow run at {uri} ({_first_line(e)})",
+        hint = ""
+        if (uri.startswith("file:") or "://" not in uri) and not os.environ.get("MLFLOW_ALLOW_FILE_STORE"):
+            hint = ("; MLflow 3 opens a file store only with MLFLOW_ALLOW_FILE_STORE=true in the environment: set it, "
+                    "or leave tracking_uri out for an SQLite store in the run folder")  # fmt: skip
+        raise ConfigError(f"cannot start the MLflow run at {uri} ({_first_line(e)}){hint}",
+                          field="settings.loggers.mlflow") from None  # fmt: skip
+    except ImportError as e:  # the SQLite store needs sqlalchemy and alembic (the mlflow extra installs them)
+        raise ConfigError(f"cannot open the MLflow store at {uri}: {e}; pip install 'lorafit[mlflow]'",
                           field="settings.loggers.mlflow") from None  # fmt: skip
 
 
-def _start_mlflow(client, config: MlflowConfig, experiment_id: str, run_config: dict | None) -> MlflowTracker:
+def _start_mlflow(client, config: MlflowConfig, experiment_id: str, run_config: dict | None,
+                  artifacts: str | None) -> MlflowTracker:  # fmt: skip
     experiment = client.get_experiment_by_name(config.experiment_name)
-    exp_id = experiment.experiment_id if experiment else client.create_experiment(config.experiment_name)
+    exp_id = experiment.experiment_id if experiment else client.create_experiment(config.experiment_name, artifacts)
     name = config.run_name or experiment_id
     found = client.search_runs([exp_id], filter_string=f"tags.mlflow.runName = '{name}'", max_results=1)
     if found:  # a resumed lorafit run continues its MLflow run
