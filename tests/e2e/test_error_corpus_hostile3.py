@@ -446,3 +446,30 @@ def test_a_broken_link_as_the_run_folder_says_so(tmp_path, tiny_model_dir, capsy
                      "--experiment_id", "x"], capsys)  # fmt: skip
     assert_one_error(code, err, "broken link to", str(tmp_path / "gone"))
     assert not (tmp_path / "gone").exists()
+
+
+# ------------------------------------------------------------------------------------- 8 and 9. export gguf
+def test_export_gguf_of_a_run_config_without_an_adapter_is_refused(tmp_path, tiny_model_dir, capsys):
+    """A run config names the base: exporting it alone would write the untrained model, exit 0, without a word."""
+    config = write_yaml(tmp_path / "c.yaml", smallest_run_config(tiny_model_dir, LOREM, tmp_path / "cache" / "c"))
+    out = tmp_path / "model.gguf"
+    code, err = cli(
+        ["export", "gguf", "--model", str(config), "--output", str(out), "--pre-tokenizer", "gpt-2"], capsys
+    )
+    assert_one_error(code, err, "--model", "is a run config", "untrained base", "--adapter")
+    assert not out.exists()
+
+
+def test_export_gguf_under_a_file_size_limit_is_one_error_and_leaves_nothing(tmp_path, tiny_model_dir):
+    import resource
+
+    def limit_file_size() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1024, 1024))
+
+    (tmp_path / "out").mkdir()
+    out = tmp_path / "out" / "model.gguf"
+    process = _start_run(["export", "gguf", "--model", str(tiny_model_dir), "--output", str(out), "--dtype", "f32",
+                          "--pre-tokenizer", "gpt-2"], preexec_fn=limit_file_size)  # fmt: skip
+    _, err = process.communicate(timeout=180)
+    assert_one_error(process.returncode, err, "--output", str(out), "cannot write")
+    assert list((tmp_path / "out").iterdir()) == []

@@ -53,6 +53,12 @@ def run_gguf(args: argparse.Namespace) -> int:
     from lorafit.lora import has_lora, merge_and_unload
 
     _check_output(args)
+    if args.model.suffix in (".yaml", ".yml") and args.adapter is None:
+        from lorafit.errors import UserError
+
+        raise UserError(f"--model {args.model} is a run config: it names the base model, not what a run trained, so "
+                        "this would export the untrained base. Give the run's adapter too (--adapter "
+                        "experiments/<id>/adapter), or a merged folder as --model")  # fmt: skip
     if args.pre_tokenizer is not None:
         from lorafit.gguf_export.vocab import pre_tokenizer_name
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from lorafit.atomic import atomic_file
-from lorafit.errors import UserError
+from lorafit.errors import UserError, writing
 
 DTYPES = ("f32", "f16", "bf16", "q8_0")
 
@@ -74,7 +74,7 @@ def export_gguf(model, tokenizer, output: str | os.PathLike, *, dtype: str = "f1
     qtype, file_type = _types(dtype)
 
     output.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(output) as tmp:
+    with writing(output, "--output"), atomic_file(output) as tmp:
         writer = gguf.GGUFWriter(tmp, ARCH)
         try:
             writer.add_name(name or output.stem)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from lorafit.atomic import atomic_file
-from lorafit.errors import UserError
+from lorafit.errors import UserError, writing
 
 DTYPES = ("f32", "f16")
 
@@ -100,7 +100,7 @@ def export_gguf_adapter(model, output: str | os.PathLike, *, dtype: str = "f32",
     numpy_type = {"f32": "float32", "f16": "float16"}[dtype]
 
     output.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(output) as tmp:
+    with writing(output, "--output"), atomic_file(output) as tmp:
         writer = gguf.GGUFWriter(tmp, ARCH)
         try:
             writer.add_type(gguf.GGUFType.ADAPTER)
