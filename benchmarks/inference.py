@@ -14,6 +14,7 @@ alternated inside every repetition, the first one changing each time; ratios are
 from __future__ import annotations
 
 import copy
+import statistics
 import time
 
 import torch
@@ -68,16 +69,18 @@ def time_prefill(model, ids: torch.Tensor, iters: int) -> float:
 
 
 def time_decode(model, prompt: torch.Tensor, new_tokens: int) -> float:
-    """Seconds per generated token (greedy, KV cache), prefill excluded by subtracting a 1-token generation."""
-    kwargs = dict(do_sample=False, use_cache=True, pad_token_id=0)
+    """Seconds per generated token: the median of the timed one-token forward passes over the KV cache (greedy),
+    after an untimed prefill. Each token is timed on its own: no difference of two noisy timings (which went
+    negative on a busy machine), so the result is a time, positive by construction."""
+    times = []
     with torch.inference_mode():
-        t0 = time.perf_counter()
-        model.generate(prompt, max_new_tokens=1, min_new_tokens=1, **kwargs)
-        t1 = time.perf_counter()
-        out = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
-        t2 = time.perf_counter()
-    assert out.shape[1] == prompt.shape[1] + new_tokens
-    return ((t2 - t1) - (t1 - t0)) / (new_tokens - 1)
+        out = model(prompt, use_cache=True)
+        for _ in range(new_tokens):
+            token = out.logits[:, -1:].argmax(-1)
+            t = time.perf_counter()
+            out = model(token, past_key_values=out.past_key_values, use_cache=True)
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
 
 
 def main() -> None:

@@ -3,6 +3,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh test,wandb,mlflow,nf4
+# the real llama.cpp for the `llamacpp` tier: built once (~4-8 min on 2 cores), then reused from a cache outside the repo
+bash scripts/install_llamacpp.sh
 VENV="${LORAFIT_VENV:-.venv}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 "$VENV/bin/ruff" check src tests benchmarks scripts
@@ -11,4 +13,5 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 #   integration:  pytest tests -m integration   (tests/e2e: whole runs, subprocesses, benchmark children)
 #   distributed:  pytest tests -m distributed   (2 processes with gloo)
 #   slow:         pytest tests -m slow          (the real SmolLM2 model)
+#   llamacpp:     pytest tests -m llamacpp      (GGUF files read by the real llama.cpp; fail under CI=true without it)
 "$VENV/bin/python" -m pytest tests "$@"

@@ -23,6 +23,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.distributed)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def lorafit_cache_dir(tmp_path_factory) -> Path:
+    """Dataset caches without a cache_path go here, never into the real ~/.cache/lorafit (subprocesses inherit it)."""
+    from lorafit.data.cache_dir import ENV_VAR
+
+    folder = tmp_path_factory.mktemp("lorafit_cache")
+    os.environ[ENV_VAR] = str(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     from tiny import make_tokenizer

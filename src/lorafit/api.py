@@ -47,7 +47,7 @@ def train(
     if isinstance(config, Mapping):
         with tempfile.TemporaryDirectory(prefix="lorafit-config-") as tmp:
             path = Path(tmp) / "config.yaml"
-            path.write_text(yaml.safe_dump(dict(config), sort_keys=False), encoding="utf-8")
+            path.write_text(yaml.safe_dump(_plain(config, "config"), sort_keys=False), encoding="utf-8")
             return run(RunRequest(path, Path(experiments_root_path), experiment_id, resume_from,
                                   allow_config_change, items))  # fmt: skip
     return run(RunRequest(Path(config), Path(experiments_root_path), experiment_id, resume_from,
@@ -61,5 +61,27 @@ def _override_items(overrides: Sequence[str] | Mapping[str, Any]) -> tuple[str, 
         raise UserError(f"overrides: give a list of 'key=value' strings or a dict, not the string {overrides!r}")
     if isinstance(overrides, Mapping):
         # JSON is a subset of YAML, which is how OmegaConf reads a dotlist value: 3, "text", [1, 2], null, true
-        return tuple(f"{key}={json.dumps(value)}" for key, value in overrides.items())
+        return tuple(f"{key}={json.dumps(_plain(value, f'overrides[{key!r}]'))}" for key, value in overrides.items())
+    if any(not isinstance(item, str) for item in overrides):
+        raise UserError("overrides: a list holds 'key=value' strings; give a dict for values of other types")
     return tuple(overrides)
+
+
+def _plain(value: Any, where: str) -> Any:
+    """`value` as YAML's and JSON's plain types: paths become strings, numpy numbers and arrays Python's; any
+    other object is refused naming where it is (yaml and json would raise a traceback on it)."""
+    from lorafit.errors import UserError
+
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    tolist = getattr(value, "tolist", None)  # numpy scalars and arrays (and torch tensors) without importing them
+    if callable(tolist) and type(value).__module__.split(".")[0] in ("numpy", "torch"):
+        return _plain(tolist(), where)
+    raise UserError(f"{where}: a {type(value).__name__} is not a config value; give numbers, strings, booleans, "
+                    "paths, lists or dicts")  # fmt: skip

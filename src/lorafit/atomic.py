@@ -17,6 +17,9 @@ import socket
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
+
+from lorafit.errors import UserError
 
 
 def _prefix(target: Path, kind: str = "tmp") -> str:
@@ -119,6 +122,31 @@ def publish_folder(staging: Path, target: Path, *, replace: bool = True) -> None
         _remove(old)
 
 
+def open_append(target: str | os.PathLike) -> IO[str]:
+    """`target` opened for appending text, never through a link: a link in its place (planted, or left by a copy
+    of the folder) is removed first, its own target untouched, and the file is created as lorafit's own."""
+    target = Path(target)
+    if target.is_symlink():
+        target.unlink()
+    fd = os.open(target, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    return os.fdopen(fd, "a", encoding="utf-8")
+
+
+def own_folder(target: str | os.PathLike, what: str, *, create: bool = True) -> Path:
+    """`target`, a folder lorafit writes files into (made if missing and `create`); a link or a file in its place
+    is refused (writing through a link would put lorafit's files, or replace files, somewhere else)."""
+    target = Path(target)
+    if target.is_symlink():
+        raise UserError(f"{what}: {target} is a link to {os.readlink(target)}; lorafit writes only into a folder "
+                        "of its own there: remove the link")  # fmt: skip
+    if target.exists() and not target.is_dir():
+        raise UserError(f"{what}: {target} is a file, not a folder; lorafit writes its own folder there: "
+                        "move the file away")  # fmt: skip
+    if create:
+        target.mkdir(parents=True, exist_ok=True)
+    return target
+
+
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
@@ -136,4 +164,5 @@ def _alive(pid: int) -> bool:
     return True
 
 
-__all__ = ["atomic_file", "atomic_folder", "publish_folder", "remove_abandoned", "staging_path", "write_atomic"]
+__all__ = ["atomic_file", "atomic_folder", "open_append", "own_folder", "publish_folder", "remove_abandoned",
+           "staging_path", "write_atomic"]  # fmt: skip

@@ -27,7 +27,7 @@ from lorafit.config.layouts import (
 )
 from lorafit.config.loader import ConfigEnv, load_config
 from lorafit.config.registry import REGISTRY
-from lorafit.config.run_spec import DEFAULT_COMPONENTS, RUN_ENTITIES, RunSettings, RunSpec, num_steps, settings_of
+from lorafit.config.run_spec import DEFAULT_COMPONENTS, RUN_ENTITIES, RunSettings, RunSpec, describe_steps, settings_of
 from lorafit.console import info
 from lorafit.distributed.parallel import FSDP2Config
 from lorafit.errors import ConfigError, Problem, UserError, did_you_mean
@@ -330,19 +330,22 @@ def validate_config(config_path: Path, overrides: tuple[str, ...] = (), *, verbo
     _config, graph = load_run_config(config_path, overrides=overrides)
     with build_context(meta_device=True, load_weights=False, announce=False):
         run = build_run(graph)
-    sp = run.settings.step_profile
     lines = [f"config OK: {config_path}"]
     lines.append(f"model: {type(run.model).__name__}")
     lines.append(_describe_model(run.model, verbose))
-    tokens = sp.local_train_micro_batch_size * sp.gradient_accumulation_steps * sp.sequence_length
-    lines.append(
-        f"steps: {num_steps(run.settings, 1)} (one process); tokens per step per process: {tokens} "
-        f"= micro batch {sp.local_train_micro_batch_size} x accumulation {sp.gradient_accumulation_steps} "
-        f"x sequence {sp.sequence_length}"
-    )
+    epochs = run.settings.training_target.num_target_epochs is not None  # only then do the samples matter
+    lines.append(describe_steps(run.settings, _samples_if_tokenized(run.train_dataset) if epochs else None))
     if run.step_plan:  # the layout plans steps and batches its own way
         lines[-1:] = run.step_plan
     return "\n".join(lines)
+
+
+def _samples_if_tokenized(dataset: Any) -> int | None:
+    """len(dataset) when its tokenized data is already there (validate tokenizes nothing), else None."""
+    try:
+        return len(dataset)
+    except (UserError, RuntimeError, OSError):
+        return None
 
 
 def _describe_model(model: Any, verbose: bool) -> str:

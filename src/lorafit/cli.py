@@ -7,13 +7,17 @@ receives the parsed arguments. No logic here beyond error presentation.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 
 from lorafit.errors import UserError
 from lorafit.third_party_noise import silence_torchao_import_noise
 
-COMMANDS = ["run", "validate", "components", "models", "data", "merge", "generate", "export"]
+COMMANDS = ["run", "validate", "components", "configs", "models", "data", "merge", "generate", "export"]
 
 
 class Parser(argparse.ArgumentParser):
@@ -69,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
 
     hide_library_progress_bars()
     try:
-        result = args.func(args)
+        with _sigterm_as_interrupt():
+            result = args.func(args)
     except UserError as error:
         if debug:
             raise
@@ -77,9 +82,9 @@ def main(argv: list[str] | None = None) -> int:
 
         print_error(error.render())
         return error.exit_code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return 128 + (signal.SIGTERM if isinstance(interrupt, Terminated) else signal.SIGINT)
     except BrokenPipeError:  # `lorafit components | head`: the reader has what it wanted; no traceback at exit
         from lorafit.console import detach_closed_stream, stdout_reader_gone
 
@@ -101,6 +106,27 @@ def main(argv: list[str] | None = None) -> int:
         print_error(describe_storage_error(cause, doing) + hint)
         return 2
     return int(result or 0)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so that it cleans up (temporary files, partial outputs) exactly as
+    after Ctrl-C instead of dying with them on disk."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum: int, frame: object) -> None:
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def entry() -> int:

@@ -95,14 +95,22 @@ def hide_library_progress_bars() -> None:
     logging.disable_progress_bar()
 
 
-class library_progress_bars:  # noqa: N801 - used as a context manager, like contextlib's
-    """transformers' bars on inside the block (the one `lorafit merge` shows while writing), as before after it."""
+def note(message: str) -> None:
+    """Something the user may want to know that is not a problem (stderr, so it never mixes into command output)."""
+    if is_main_rank():
+        _print(_stderr, "stderr", f"[dim]note:[/] {escape(message)}", markup=True, emoji=False)
+
+
+class terminal_progress_bars:  # noqa: N801 - used as a context manager, like contextlib's
+    """transformers' bars on inside the block when stderr is a terminal (a person watching a long write), never in
+    a log or a pipe, where each redraw is a line of noise; as before after it."""
 
     def __enter__(self) -> None:
         from transformers.utils import logging
 
         self.was_on = logging.is_progress_bar_enabled()
-        logging.enable_progress_bar()
+        if sys.stderr.isatty():
+            logging.enable_progress_bar()
 
     def __exit__(self, *exc) -> None:
         from transformers.utils import logging

@@ -6,8 +6,10 @@ it without a traceback and exits with its `exit_code`; every other exception is 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 
@@ -106,9 +108,24 @@ def storage_error(error: BaseException) -> OSError | None:
     return None
 
 
-def describe_storage_error(error: OSError, doing: str = "") -> str:
-    """One line: what could not be written, and why, in words."""
-    where = f" {error.filename}" if error.filename else " a file"
+def describe_storage_error(error: OSError, doing: str = "", path: str | os.PathLike | None = None) -> str:
+    """One line: what could not be written (the error's file, else `path`), and why, in words."""
+    where = f" {error.filename or path}" if error.filename or path else " a file"
     what = f"{doing}: " if doing else ""
     return (f"{what}cannot write{where}: {os.strerror(error.errno)} ({_STORAGE_ERRNOS[error.errno]}, "
             f"{errno.errorcode.get(error.errno, error.errno)})")  # fmt: skip
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike, flag: str) -> Iterator[None]:
+    """An OSError while writing `path` (a full disk, a file-size limit, a read-only folder) as one UserError naming
+    `flag` and the file. A size limit can surface without an errno ("1024 requested and 0 written")."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno in _STORAGE_ERRNOS:
+            raise UserError(f"{flag}: {describe_storage_error(error, path=path)}") from None
+        if error.errno is None:
+            raise UserError(f"{flag}: cannot write {path}: {error} (the disk is full or a file-size limit was "
+                            "reached)") from None  # fmt: skip
+        raise

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from lorafit.atomic import atomic_folder
-from lorafit.console import info, library_progress_bars
+from lorafit.console import info, terminal_progress_bars
 from lorafit.errors import UserError
 from lorafit.frozen.nf4 import dequantize_nf4_linears
 from lorafit.lora import merge_and_unload
@@ -58,7 +58,8 @@ def export_merged(model, tokenizer, output_dir: Path, *, overwrite: bool = False
             "nothing was written"
         )
     with atomic_folder(output_dir) as tmp:
-        with library_progress_bars():  # the one bar of a merge: writing can take a while for a large model
+        info(f"writing the merged model to {output_dir}")
+        with terminal_progress_bars():  # a large model takes a while: a bar at a terminal, never in a log
             merged.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -48,30 +49,54 @@ def load_with_adapter(base: Path, adapter: Path | None, dtype: str = "fp32", fla
     return model.eval(), tokenizer
 
 
-@torch.no_grad()
+@dataclass(frozen=True)
+class Sampling:
+    """How `generate` picks tokens: greedy at temperature 0, else sampled (top_k 0 and top_p 1: no cut)."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+
+
 def generate(model, tokenizer, prompt: str, *, chat: bool, max_new_tokens: int, temperature: float) -> str:
+    """One prompt (a user message when `chat`), greedy or sampled at `temperature`."""
+    return generate_batch(model, tokenizer, [prompt], chat=chat, sampling=Sampling(max_new_tokens, temperature))[0]
+
+
+@torch.no_grad()
+def generate_batch(model, tokenizer, prompts: list[str | list[dict]], *, chat: bool, sampling: Sampling) -> list[str]:
+    """The answers to `prompts`, generated together (left-padded). A prompt is text, or with `chat` a user
+    message or a whole conversation (a list of {role, content}) rendered with the chat template."""
     if tokenizer is None:
         raise UserError("generation needs a tokenizer: the model folder has none")
     if chat:
         if not getattr(tokenizer, "chat_template", None):
-            raise UserError("--chat: the tokenizer has no chat template")
-        ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
-        )["input_ids"]
+            raise UserError("--chat: the tokenizer has no chat template (name one with --chat_template)")
+        conversations = [[{"role": "user", "content": p}] if isinstance(p, str) else p for p in prompts]
+        texts = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in conversations]
+        encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     else:
-        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
-    if ids.shape[-1] == 0:  # nothing to condition on: generate() would fail reshaping an empty tensor
-        raise UserError(f"--prompt {prompt!r} gives no token to start from; give some text (or use --chat)")
-    ids = ids.to(next(model.parameters()).device)
-    sampling = temperature > 0
+        encoded = [tokenizer(p)["input_ids"] for p in prompts]
+    for prompt, ids in zip(prompts, encoded, strict=True):
+        if not ids:  # nothing to condition on: generate() would fail reshaping an empty tensor
+            raise UserError(f"--prompt {prompt!r} gives no token to start from; give some text (or use --chat)")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    width = max(len(ids) for ids in encoded)
+    device = next(model.parameters()).device
+    # left padding: every prompt ends where generation starts
+    ids = torch.tensor([[pad] * (width - len(x)) + list(x) for x in encoded], device=device)
+    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in encoded], device=device)
+    sampled = sampling.temperature > 0
     out = model.generate(
         input_ids=ids,
-        attention_mask=torch.ones_like(ids),
-        max_new_tokens=max_new_tokens,
-        do_sample=sampling,
-        temperature=temperature if sampling else None,
-        top_p=None,
-        top_k=None,
-        pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+        attention_mask=mask,
+        max_new_tokens=sampling.max_new_tokens,
+        do_sample=sampled,
+        temperature=sampling.temperature if sampled else None,
+        # explicit when sampling (1.0 and 0 switch the cuts off), so a model's generation_config.json adds none
+        top_p=sampling.top_p if sampled else None,
+        top_k=sampling.top_k if sampled else None,
+        pad_token_id=pad,
     )
-    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+    return [tokenizer.decode(row[width:], skip_special_tokens=True) for row in out]

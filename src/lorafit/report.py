@@ -31,7 +31,13 @@ def _num(value: int | float, sign: bool = False) -> str:
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
-    return json.loads(path.read_text()) if path.is_file() else None
+    """The run's own JSON file, or None: absent, a link (never read through), or damaged (the report goes on)."""
+    if path.is_symlink() or not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
 
 
 def _training_lines(records: list[dict[str, Any]]) -> list[str]:

@@ -17,6 +17,7 @@ The checkpoint format itself (atomic save, checksums, load) lives in `lorafit.ch
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,6 +79,8 @@ def locate(resume_from: str, experiments_root: Path, experiment_id: str | None) 
     run's folder name makes a new run (`new_run`): `lorafit run` creates it, the source run is only read."""
     if resume_from != "latest":
         path = Path(resume_from)
+        if path.is_symlink() and not path.exists():
+            raise UserError(f"--resume_from: {path} is a broken link to {os.readlink(path)}")
         if not path.exists():
             raise UserError(f"--resume_from: {path} does not exist; pass 'latest', a run folder or a checkpoint folder")
         if (path / "checkpoints").is_dir():
@@ -107,7 +110,12 @@ def locate(resume_from: str, experiments_root: Path, experiment_id: str | None) 
 def _latest(run_dir: Path) -> Path:
     path = find_latest(run_dir)
     if path is None:
-        raise UserError(f"--resume_from latest: no complete checkpoint under {Path(run_dir) / 'checkpoints'}")
+        folder = Path(run_dir) / "checkpoints"
+        found = [f"{p.name}: {verify_checkpoint(p)}" for _, p in list_checkpoints(run_dir)]
+        why = ("; ".join(found) if found else
+               "the run stopped before its first checkpoint, so there is nothing to continue: start it again with "
+               f"another --experiment_id, or delete {run_dir} and reuse its id")  # fmt: skip
+        raise UserError(f"--resume_from latest: no complete checkpoint under {folder} ({why})")
     return path
 
 

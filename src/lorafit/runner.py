@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from lorafit import allocator, resume
+from lorafit.atomic import write_atomic
 from lorafit.build import BuiltRun, build_run, load_run_config, run_outline
 from lorafit.config.loader import ConfigEnv
 from lorafit.console import info, warn
@@ -215,7 +216,7 @@ def run_evaluators(
                     if isinstance(v, (int, float))
                 )
             )
-        (run_dir / f"eval_{when}.json").write_text(json.dumps(results, indent=2, default=str))
+        write_atomic(run_dir / f"eval_{when}.json", json.dumps(results, indent=2, default=str))
         log_evaluator_results(run_dir, results, trained.steps if trained is not None else 0, trackers)
     dist_env.barrier()
     return results
@@ -247,5 +248,5 @@ def export(built: BuiltRun, run_dir: Path, result) -> None:
 
 def write_report(run_dir: Path, result) -> None:
     text = render_report(run_dir, result)
-    (run_dir / "report.md").write_text(text)
+    write_atomic(run_dir / "report.md", text)
     info(text)

@@ -31,7 +31,8 @@ def test_inference_benchmark(tiny_model_dir, tmp_path):
     assert result["merged_vs_unmerged_max_abs_logit_diff"] < 1e-4
     for key in ("prefill_merged_over_base", "decode_merged_over_base", "decode_unmerged_over_base"):
         ratio = result["ratios"][key]
-        assert len(ratio["values"]) == 1 and 0 < ratio["median"] < 100
+        # the structure, not the clock: one repetition, a ratio of two positive times (never a difference)
+        assert len(ratio["values"]) == 1 and 0 < ratio["median"] < float("inf")
     assert set(result["prefill_s"]) == {"base", "merged", "unmerged"}
 
 

@@ -1,5 +1,6 @@
-"""What the commands print outside a terminal: no library progress bars, one writing bar for `merge`, `validate`'s
-summary (every module only with --verbose), and training lines that say `step N/total` and an ETA."""
+"""What the commands print outside a terminal: no library progress bars (`merge`'s writing bar only at a
+terminal), `validate`'s summary (every module only with --verbose), and training lines that say `step N/total`
+and an ETA."""
 
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ def test_run_lines_carry_step_total_and_eta_and_no_loading_bar(config_path, tmp_
     assert out.count("trainable params:") == 1
 
 
-def test_merge_prints_one_writing_bar(config_path, tmp_path, tiny_model_dir, capfd):
+def test_merge_prints_its_own_lines_and_no_bar_outside_a_terminal(config_path, tmp_path, tiny_model_dir, capfd):
     assert main(["run", "--config", str(config_path), "--experiments-root-path", str(tmp_path), "--experiment-id",
                  "m"]) == 0  # fmt: skip
     capfd.readouterr()
@@ -45,9 +46,8 @@ def test_merge_prints_one_writing_bar(config_path, tmp_path, tiny_model_dir, cap
     assert main(["merge", "--base", str(tiny_model_dir), "--adapter", str(adapter), "--output-dir",
                  str(tmp_path / "merged")]) == 0  # fmt: skip
     out, err = capfd.readouterr()
-    assert "Loading weights" not in out + err
-    assert len(re.findall(r"Writing model shards: 100%", err)) == 1
-    assert out.count("merged model written to") == 1
+    assert "Loading weights" not in out + err and "Writing model shards" not in out + err and "it/s]" not in err
+    assert out.count("writing the merged model to") == 1 and out.count("merged model written to") == 1
 
 
 def test_validate_summarises_and_lists_modules_with_verbose(config_path, capfd):

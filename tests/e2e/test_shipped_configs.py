@@ -16,9 +16,49 @@ REPO = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 
 
+GALLERY = ("chat_sft", "text_continuation", "qlora", "multi_process")  # the starting configs `lorafit configs cp` gives
+
+
 def test_configs_exist():
     names = {p.name for p in CONFIGS}
-    assert {"config_lorem_ipsum_lora.yaml", "smollm2_135m_lora.yaml"} <= names
+    assert {"config_lorem_ipsum_lora.yaml", "smollm2_135m_lora.yaml", *(f"{g}.yaml" for g in GALLERY)} <= names
+
+
+def _on_tiny(tiny_model_dir, *more: str) -> list[str]:
+    """Overrides that put a starting config on the tiny model (its context is 256 positions), for `steps` steps."""
+    return [f"settings.paths.model_folder={tiny_model_dir}", "settings.step_profile.sequence_length=128", *more]
+
+
+@pytest.mark.parametrize("name", GALLERY)
+def test_starting_config_validates_and_trains_on_the_tiny_model(name, tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """Each starting config as a user gets it (copied out), with only its model swapped: validate, then 2 steps."""
+    from lorafit.cli import main
+
+    monkeypatch.chdir(REPO)  # its data paths are relative to the repository root
+    copy = tmp_path / "mine.yaml"
+    assert main(["configs", "cp", name, str(copy)]) == 0
+    assert copy.read_bytes() == (REPO / "configs" / f"{name}.yaml").read_bytes()
+    assert main(["validate", "--config", str(copy), *_on_tiny(tiny_model_dir)]) == 0
+    assert "num_target_epochs" in capsys.readouterr().out  # the gallery speaks epochs
+    if name == "multi_process":
+        return  # trained under torchrun below
+    steps = "settings.training_target={num_target_steps: 2}"
+    run = ["run", "--config", str(copy), "--experiments_root_path", str(tmp_path / "exp"), "--experiment_id", "x"]
+    assert main([*run, *_on_tiny(tiny_model_dir, steps)]) == 0
+    assert (tmp_path / "exp" / "x" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_multi_process_starting_config_under_torchrun(tiny_model_dir, tmp_path):
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+               f"--rdzv-endpoint=127.0.0.1:{free_port()}", "src/lorafit/__main__.py", "run",
+               "--config", "configs/multi_process.yaml", "--experiments_root_path", str(tmp_path),
+               "--experiment_id", "mp", *_on_tiny(tiny_model_dir, "settings.training_target={num_target_steps: 2}",
+                                                 "parallelism.config.mixed_precision=fp32")]  # fmt: skip
+    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "fsdp2" in proc.stdout and "on 2 process(es)" in proc.stdout
+    assert (tmp_path / "mp" / "adapter" / "adapter_model.safetensors").is_file()
 
 
 @pytest.mark.slow

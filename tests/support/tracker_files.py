@@ -1,4 +1,5 @@
-"""Read what the trackers wrote, straight from their files: W&B's offline `run-*.wandb` and MLflow's file store."""
+"""Read what the trackers wrote, straight from their files: W&B's offline `run-*.wandb`, and MLflow's store through a
+plain MLflow client in another process (no MLFLOW_ALLOW_FILE_STORE, nothing lorafit set up)."""
 
 from __future__ import annotations
 
@@ -55,11 +56,28 @@ def wandb_config(run_dir: Path) -> dict:
     return config
 
 
-def mlflow_metrics(store: Path) -> dict[str, list[tuple[int, float]]]:
-    """`{metric key: [(step, value), ...]}` of the one run in an MLflow file store (`<store>/<exp>/<run>/metrics`)."""
-    (metrics_dir,) = [p for p in Path(store).glob("*/*/metrics") if p.is_dir()]
-    out = {}
-    for path in sorted(p for p in metrics_dir.rglob("*") if p.is_file()):
-        rows = [line.split() for line in path.read_text().splitlines()]  # "<timestamp ms> <value> <step>"
-        out[str(path.relative_to(metrics_dir))] = [(int(step), float(value)) for _t, value, step in rows]
-    return out
+MLFLOW_READER = """
+import json, sys
+from mlflow.tracking import MlflowClient
+
+client = MlflowClient(tracking_uri=sys.argv[1])
+(run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+history = {key: client.get_metric_history(run.info.run_id, key) for key in run.data.metrics}
+print(json.dumps({key: sorted((m.step, m.value) for m in values) for key, values in history.items()}))
+"""
+
+
+def mlflow_metrics(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """`{metric key: [(step, value), ...]}` of the one run in the MLflow store lorafit wrote into `run_dir`, read by
+    a plain `MlflowClient` in a fresh process, as a user would open it."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_ALLOW_FILE_STORE"}
+    uri = f"sqlite:///{Path(run_dir).resolve() / 'mlflow.db'}"
+    child = subprocess.run([sys.executable, "-c", MLFLOW_READER, uri], env=env, capture_output=True, text=True,
+                           timeout=300, check=False)  # fmt: skip
+    assert child.returncode == 0, child.stderr[-3000:]
+    return {key: [(int(step), float(value)) for step, value in rows]
+            for key, rows in json.loads(child.stdout.strip().splitlines()[-1]).items()}  # fmt: skip

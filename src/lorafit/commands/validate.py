@@ -14,7 +14,10 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--config_file_path", "--config", type=Path, required=True, metavar="PATH")
     parser.add_argument("--verbose", "-v", action="store_true", help="list every adapted module")
     parser.add_argument(
-        "overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. settings.training.sequence_length=256"
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="config overrides, e.g. settings.step_profile.sequence_length=256",
     )
     parser.set_defaults(func=run)
 

@@ -65,14 +65,26 @@ def field_rows(model: type[BaseModel]) -> list[tuple[str, str, str, str]]:
 
 
 def describe_components(
-    registry: Registry, only: str | None = None, markdown: bool = False, builtin_only: bool = False
+    registry: Registry,
+    only: str | None = None,
+    markdown: bool = False,
+    builtin_only: bool = False,
+    where: typing.Callable[[Any], bool] | None = None,
+    fields: bool = True,
 ) -> str:
-    """`builtin_only`: lorafit's own components, not those a user (or a test) registered."""
+    """`builtin_only`: lorafit's own components, not those a user (or a test) registered; `where(spec)`: only
+    those it accepts; `fields` False: one line per component (text only)."""
     lines: list[str] = []
     for spec in registry.specs():
         if only and spec.component_key != only:
             continue
         if builtin_only and not spec.builder.__module__.startswith("lorafit."):
+            continue
+        if where is not None and not where(spec):
+            continue
+        if not markdown and not fields:
+            summary = spec.doc.split(". ")[0].rstrip(".") if spec.doc else ""
+            lines.append(f"{spec.component_key} / {spec.variant_key}" + (f"  — {summary}" if summary else ""))
             continue
         if markdown:
             lines += [

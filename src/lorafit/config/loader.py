@@ -10,6 +10,7 @@ Every value that fails to resolve is reported, each with its YAML path, in one e
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -22,7 +23,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import GrammarParseError, OmegaConfBaseException
 
 from lorafit.config.strict_yaml import load_yaml_text
-from lorafit.errors import ConfigError, Problem, join_path
+from lorafit.errors import ConfigError, Problem, join_path, nearest
 
 
 @dataclass(frozen=True)
@@ -148,9 +149,9 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
             problems.append(Problem("", f"override {item!r} is not key.path=value"))
             continue
         if not _has_key(data, key.strip()):
-            problems.append(Problem(key.strip(), f"override {item!r}: no such key in the config (only existing "
-                                                 "keys, or new keys of a component's config, which its component "
-                                                 "checks, can be set)"))  # fmt: skip
+            problems.append(Problem(key.strip(), f"override {item!r}: no such key in the config{_suggest(data, key)} "
+                                                 "(only existing keys, or new keys of a component's config, which its "
+                                                 "component checks, can be set)"))  # fmt: skip
     if problems:
         raise ConfigError("", problems=problems)
     try:
@@ -177,6 +178,31 @@ def _has_key(data: Any, dotted: str) -> bool:
         else:
             return False
     return True
+
+
+def _suggest(data: Any, dotted: str) -> str:
+    """' (did you mean 'a.b.c'?)' for the first part of `dotted` that does not exist, as typos in the file get."""
+    parts = dotted.strip().replace("]", "").replace("[", ".").split(".")
+    node, done = data, []
+    for part in parts:
+        if isinstance(node, dict) and part in node:
+            node, done = node[part], [*done, part]
+            continue
+        if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node, done = node[int(part)], [*done, part]
+            continue
+        best = nearest(part, [str(k) for k in node]) if isinstance(node, dict) else None
+        if best is None:
+            where = _indexed(".".join(done))
+            keys = ", ".join(map(str, node)) if isinstance(node, dict) else ""
+            return f"; '{where}' has {keys}" if done and keys else ""
+        return f" (did you mean '{_indexed('.'.join([*done, best, *parts[len(done) + 1 :]]))}'?)"
+    return ""
+
+
+def _indexed(dotted: str) -> str:
+    """`a.keys.0` -> `a.keys[0]`, as the user writes list items."""
+    return re.sub(r"[.]([0-9]+)(?=[.]|$)", r"[\1]", dotted)
 
 
 def _resolve_node(node: Any, path: str, problems: list[Problem]) -> Any:

@@ -21,10 +21,11 @@ from typing import Annotated, Any, ClassVar
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict
 
+from lorafit.config.strict_values import StrictValues
 from lorafit.errors import did_you_mean
 
 
-class ComponentConfig(BaseModel):
+class ComponentConfig(StrictValues):
     """Base class of every component's config: unknown keys are errors, built objects are allowed."""
 
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True, protected_namespaces=())

@@ -22,6 +22,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from lorafit.config.registry import Component
+from lorafit.config.strict_values import StrictValues
+from lorafit.errors import UserError
 from lorafit.training.trackers import LoggersConfig
 
 RUN_ENTITIES = (
@@ -40,7 +42,7 @@ DEFAULT_COMPONENTS = {
 }
 
 
-class _Strict(BaseModel):
+class _Strict(StrictValues):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
@@ -53,13 +55,20 @@ class StepProfile(_Strict):
 
 
 class TrainingTarget(_Strict):
+    """How long to train: steps, tokens (steps = tokens // tokens per step), or epochs over the training samples
+    (steps = floor(epochs x samples // global batch); a sample is what the dataset yields: a packed block of
+    conversations or text, or one conversation without packing; see `num_steps`)."""
+
     num_target_steps: int | None = Field(None, ge=1)
     num_target_tokens: int | None = Field(None, ge=1)
+    num_target_epochs: float | None = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _one_target(self) -> TrainingTarget:
-        if self.num_target_steps is None and self.num_target_tokens is None:
-            raise ValueError("set num_target_steps or num_target_tokens")
+        if self.num_target_steps is None and self.num_target_tokens is None and self.num_target_epochs is None:
+            raise ValueError("set num_target_steps, num_target_tokens or num_target_epochs")
+        if self.num_target_epochs is not None and (self.num_target_steps or self.num_target_tokens):
+            raise ValueError("num_target_epochs goes alone: remove num_target_steps / num_target_tokens")
         return self
 
 
@@ -113,13 +122,60 @@ class RunSpec(BaseModel):
     evaluators: list[Component("evaluator")] = []
 
 
-def num_steps(settings: RunSettings, world_size: int) -> int:
+def num_steps(settings: RunSettings, world_size: int, num_samples: int | None = None) -> int:
+    """Optimizer steps of the run. For an epoch target, `num_samples` is len(train_dataset): an epoch is
+    samples // global batch steps (global batch = micro batch x accumulation x processes; the sampler leaves the
+    tail that does not fill one out of that epoch, a different tail each epoch), the target that times
+    `epochs`, rounded down, at least 1."""
     target = settings.training_target
     if target.num_target_steps is not None:
         return target.num_target_steps
     sp = settings.step_profile
-    tokens_per_step = sp.local_train_micro_batch_size * sp.gradient_accumulation_steps * world_size * sp.sequence_length
-    return max(1, target.num_target_tokens // tokens_per_step)
+    global_batch = sp.local_train_micro_batch_size * sp.gradient_accumulation_steps * world_size
+    if target.num_target_epochs is not None:
+        if num_samples is None:
+            raise ValueError("an epoch target needs the number of training samples")
+        per_epoch = num_samples // global_batch
+        if per_epoch < 1:
+            raise UserError(f"num_target_epochs: the training data has {num_samples:,} samples, fewer than one global "
+                            f"batch of {global_batch} (micro batch {sp.local_train_micro_batch_size} x accumulation "
+                            f"{sp.gradient_accumulation_steps} x {world_size} processes)",
+                            field="settings.training_target.num_target_epochs")  # fmt: skip
+        return max(1, int(target.num_target_epochs * per_epoch + 1e-9))  # 2.3 x 10 is 22.999...96 in floats
+    return max(1, target.num_target_tokens // (global_batch * sp.sequence_length))
+
+
+def describe_steps(settings: RunSettings, num_samples: int | None, world_sizes: tuple[int, ...] = (2, 8)) -> str:
+    """`lorafit validate`'s account of the step budget: the steps, what one step holds, and with several
+    processes; for an epoch target, what an epoch is (`num_samples`: None when the data is not tokenized yet)."""
+    sp, target = settings.step_profile, settings.training_target
+    micro, accum, seq = sp.local_train_micro_batch_size, sp.gradient_accumulation_steps, sp.sequence_length
+    epochs = target.num_target_epochs
+    known = epochs is None or (num_samples is not None and num_samples >= micro * accum)
+    steps = f"{num_steps(settings, 1, num_samples):,}" if known else "counted from the data at the start of the run"
+    lines = [f"steps: {steps} (one process); tokens per step per process: {micro * accum * seq} = micro batch "
+             f"{micro} x accumulation {accum} x sequence {seq} (global batch: micro batch x accumulation x "
+             "processes)"]  # fmt: skip
+    if target.num_target_steps is not None:
+        return lines[0]
+    if epochs is None:
+        more = ", ".join(f"{w} processes: {num_steps(settings, w):,}" for w in world_sizes)
+        lines.append(f"  num_target_tokens {target.num_target_tokens:,}: steps = tokens // (tokens per step per "
+                     f"process x processes); {more}")  # fmt: skip
+        return "\n".join(lines)
+    lines.append(f"  num_target_epochs {epochs:g}: an epoch shows every training sample once (a sample: a packed "
+                 "block of conversations or text, or one conversation without packing); steps = floor(epochs x "
+                 "(samples // global batch)); samples that do not fill a last global batch are left out of that "
+                 "epoch (a different tail each epoch)")  # fmt: skip
+    if num_samples is None:
+        lines.append("  the data is not tokenized yet, so the samples are not counted (`lorafit data preview "
+                     "--config ...` tokenizes it and shows them)")  # fmt: skip
+        return "\n".join(lines)
+    counts = [f"{w} process{'es' if w > 1 else ''}: {num_samples // (micro * accum * w):,} steps per epoch, "
+              f"{num_steps(settings, w, num_samples):,} in all"
+              for w in (1, *world_sizes) if num_samples >= micro * accum * w]  # fmt: skip
+    lines.append(f"  {num_samples:,} training samples (the tokenized cache as it is now): {'; '.join(counts)}")
+    return "\n".join(lines)
 
 
 def settings_of(config: dict[str, Any]) -> dict[str, Any]:

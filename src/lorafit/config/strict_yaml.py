@@ -81,6 +81,7 @@ def _check_expansion(root: Node, path: Path) -> None:
     size: dict[int, int] = {}
     depth: dict[int, int] = {}
     on_path: set[int] = set()
+    aliased = False  # whether any node is reached twice: only an alias shares a node
     stack: list[tuple[Node, bool]] = [(root, False)]
     while stack:
         node, children_done = stack.pop()
@@ -91,13 +92,17 @@ def _check_expansion(root: Node, path: Path) -> None:
             depth[key] = 1 + max((depth[id(k)] for k in kids), default=0)
             on_path.discard(key)
             if size[key] > MAX_VALUES:
-                limit = f"{MAX_VALUES:,} values (through aliases, *name, if any)"
-                raise ConfigError(f"{path}: line {_line(node)}: this value expands to more than {limit}: refused")
+                if aliased:
+                    raise ConfigError(f"{path}: line {_line(node)}: this value expands to more than {MAX_VALUES:,} "
+                                      "values through aliases (*name): refused")  # fmt: skip
+                raise ConfigError(f"{path}: line {_line(node)}: too many values (more than {MAX_VALUES:,}; a run "
+                                  "config holds hundreds): refused")  # fmt: skip
             if depth[key] > MAX_DEPTH:
                 raise ConfigError(f"{path}: line {_line(node)}: this value nests more than {MAX_DEPTH} levels deep "
                                   "once its aliases (*name) are expanded")  # fmt: skip
             continue
         if key in size:
+            aliased = True
             continue
         if key in on_path:
             raise ConfigError(f"{path}: line {_line(node)}: a recursive alias (an anchor used inside itself)")

@@ -151,7 +151,8 @@ class _Writer:
 
     def abort(self) -> None:
         for f in self.files.values():
-            f.close()
+            with contextlib.suppress(OSError):  # closing flushes: under a full disk that fails again
+                f.close()
         for path in self.temp.values():
             path.unlink(missing_ok=True)
 
@@ -189,13 +190,34 @@ def _pack_text(documents: Iterator[tuple[str, str, int]], tokenizer, writer: _Wr
 
 def _pack_instruction(records, reader: FormatReader, tokenizer, writer: _Writer, advance) -> int:
     if not getattr(tokenizer, "chat_template", None):
-        name = tokenizer.name_or_path
-        raise UserError(f"instruction data needs a chat template, and the tokenizer ({name}) has none")
+        raise UserError(no_template_message(tokenizer))
+    without_system = 0
     for where, record, done in records:
-        ids, mask = render_with_mask(tokenizer, reader.messages(record, where), where)
+        messages = reader.messages(record, where)
+        without_system += messages[0]["role"] != "system"
+        ids, mask = render_with_mask(tokenizer, messages, where)
         writer.add(ids, mask)
         advance(done)
+    say_default_system_prompt(tokenizer, without_system)
     return 0
+
+
+def no_template_message(tokenizer) -> str:
+    return (f"conversations need a chat template, and the tokenizer ({tokenizer.name_or_path}) has none: name one "
+            "with the tokenizer's chat_template (chatml, llama3, plain for a base model, or a Jinja file; "
+            "--chat_template on the command line)")  # fmt: skip
+
+
+def say_default_system_prompt(tokenizer, without_system: int) -> None:
+    """A template's own system prompt changes what is trained: say so, with the text, when it was added."""
+    from lorafit.data.chat_templates import default_system_prompt
+
+    default = default_system_prompt(tokenizer) if without_system else None
+    if default:
+        shown = default if len(default) <= 120 else default[:117] + "..."
+        info(f"the chat template adds its default system prompt {shown!r} to the {without_system:,} conversations "
+             "without a system message (give them one, or choose another template with the tokenizer's "
+             "chat_template)")  # fmt: skip
 
 
 def open_records(source: RecordSource, reader: FormatReader):

@@ -108,6 +108,18 @@ class PbinFile:
         return self.tokens[offset // self.token_size : (offset + length) // self.token_size]
 
 
+def looks_like_pbin(path: str | Path) -> bool:
+    """Whether `path` starts with a .pbin header that fits its size (data length, then 1, 2 or 4 bytes per token):
+    enough to tell an earlier `pack_encoded_data` output from a user's file before replacing it."""
+    with open(path, "rb") as f:
+        header = f.read(HEADER_BYTES)
+    if len(header) < HEADER_BYTES:
+        return False
+    data_length = int.from_bytes(header[:DATA_LENGTH_BYTES], "little")
+    token_size = int.from_bytes(header[DATA_LENGTH_BYTES:], "little")
+    return token_size in TOKEN_DTYPES and HEADER_BYTES + data_length < Path(path).stat().st_size
+
+
 def read_pbin(path: str | Path, *, field: str | None = None) -> PbinFile:
     """Open a `.pbin` written by Modalities or lorafit. Every inconsistency is a UserError naming the file."""
     path = Path(path)

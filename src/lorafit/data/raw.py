@@ -6,7 +6,7 @@
       config:
         path: data/task/train.jsonl
         tokenizer: {instance_key: tokenizer, pass_type: BY_REFERENCE}
-        cache_path: null                  # default: next to `path`, e.g. data/task/train.instruction
+        cache_path: null                  # default: lorafit's cache folder (lorafit.data.cache_dir)
         sequence_length: null             # null: the run's settings.step_profile.sequence_length
         format: auto                      # or messages, sharegpt, alpaca, prompt_response (lorafit.data.formats)
         columns: null                     # e.g. {prompt: question, response: answer}
@@ -205,7 +205,10 @@ def _pack_if_stale(source: Path, tokenizer: Any, prefix: Path, spec: dict[str, A
 
 
 def cache_prefix(source: Path, cache_path: str | None, suffix: str) -> Path:
-    return resolve_prefix(cache_path) if cache_path else source.with_name(source.stem + f".{suffix}")
+    """`cache_path`, else a prefix in lorafit's own cache folder (lorafit.data.cache_dir), never beside the data."""
+    from lorafit.data.cache_dir import default_dataset_prefix
+
+    return resolve_prefix(cache_path) if cache_path else default_dataset_prefix(source, suffix)
 
 
 def build_cached(source: Path, tokenizer: Any, prefix: Path, spec: dict[str, Any], make: Any) -> Any:
@@ -213,7 +216,8 @@ def build_cached(source: Path, tokenizer: Any, prefix: Path, spec: dict[str, Any
     cache path is checked and nothing is tokenized."""
     if not current_context().load_weights:
         check_cache_owner(source, prefix)
-        return make(prefix, None)
+        index = _read_json(_file(prefix, ".json"))  # what an earlier run packed there, if anything (validate's counts)
+        return make(prefix, index.get("kind") if isinstance(index, dict) else None)
     prefix = ensure_packed(source, tokenizer, prefix, spec)
     dataset = make(prefix, PackedTokens(prefix).kind)
     dataset.data  # noqa: B018 - opens and checks now rather than in the training loop

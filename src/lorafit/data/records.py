@@ -128,6 +128,8 @@ def _offline(config: Any) -> Iterator[None]:
 
 
 def _load_local(datasets: Any, path: Path, split: str | None):
+    from lorafit.data.cache_dir import cache_root
+
     try:
         if path.is_dir():
             loaded = datasets.load_from_disk(str(path))
@@ -137,10 +139,14 @@ def _load_local(datasets: Any, path: Path, split: str | None):
                 raise UserError(f"{path}: unknown file type '{path.suffix}'; valid: .txt, "
                                 f"{', '.join(sorted(DATASETS_SUFFIXES))} or a save_to_disk folder")  # fmt: skip
             extra = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
-            loaded = datasets.load_dataset(builder, data_files=str(path), split="train", **extra)
+            loaded = datasets.load_dataset(builder, data_files=str(path), split="train",
+                                           cache_dir=str(cache_root() / "hf_datasets"), **extra)  # fmt: skip
     except UserError:
         raise
-    except (FileNotFoundError, ValueError, OSError, datasets.exceptions.DatasetGenerationError) as e:
+    # KeyError / TypeError: a save_to_disk folder whose state.json or dataset_info.json is damaged (only
+    # datasets' own calls are in this block, so these are the files' fault, not lorafit's)
+    except (FileNotFoundError, ValueError, OSError, KeyError, TypeError,
+            datasets.exceptions.DatasetGenerationError) as e:  # fmt: skip
         cause = e.__cause__ or e
         raise UserError(f"{path}: cannot read it with `datasets`: {type(cause).__name__}: {cause}") from None
     if isinstance(loaded, datasets.DatasetDict):

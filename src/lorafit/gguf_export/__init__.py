@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from lorafit.atomic import atomic_file
-from lorafit.errors import UserError
+from lorafit.errors import UserError, writing
 
 DTYPES = ("f32", "f16", "bf16", "q8_0")
 
@@ -48,8 +48,10 @@ def _encode(array, qtype):
 
 @torch.no_grad()
 def export_gguf(model, tokenizer, output: str | os.PathLike, *, dtype: str = "f16", overwrite: bool = False,
-                name: str | None = None) -> Path:  # fmt: skip
-    """Write `model` (a plain LlamaForCausalLM, adapters merged) and `tokenizer` to the GGUF file `output`."""
+                name: str | None = None, pre_tokenizer: str | None = None) -> Path:  # fmt: skip
+    """Write `model` (a plain LlamaForCausalLM, adapters merged) and `tokenizer` to the GGUF file `output`.
+
+    `pre_tokenizer` names llama.cpp's pre-tokenizer for a tokenizer llama.cpp does not know (vocab.py)."""
     import gguf
 
     from lorafit.gguf_export.llama import ARCH, check_supported, gguf_tensors, to_numpy, write_hparams
@@ -68,11 +70,11 @@ def export_gguf(model, tokenizer, output: str | os.PathLike, *, dtype: str = "f1
     if tokenizer is None:
         raise UserError("GGUF export needs the tokenizer (llama.cpp reads it from the file): the model folder has none")
     shape = check_supported(model)
-    vocab = bpe_vocab(tokenizer, shape.vocab_size)
+    vocab = bpe_vocab(tokenizer, shape.vocab_size, pre_tokenizer)
     qtype, file_type = _types(dtype)
 
     output.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(output) as tmp:
+    with writing(output, "--output"), atomic_file(output) as tmp:
         writer = gguf.GGUFWriter(tmp, ARCH)
         try:
             writer.add_name(name or output.stem)

@@ -40,7 +40,7 @@ from lorafit.components import load_builtin_components as load
 from lorafit.config.graph import ConfigGraph, pydantic_problems
 from lorafit.config.loader import load_config
 from lorafit.console import info, warn
-from lorafit.data.pbin import read_raw_index, token_size_for, write_pbin
+from lorafit.data.pbin import looks_like_pbin, read_raw_index, token_size_for, write_pbin
 from lorafit.errors import ConfigError, UserError
 from lorafit.modalities.tokenizer import ModalitiesTokenizer
 
@@ -49,6 +49,10 @@ def create_raw_index(src_path: Path, index_path: Path | None = None) -> Path:
     """Index every line of a JSONL file: (byte offset, byte length without the newline). Never overwrites."""
     src_path = Path(src_path)
     index_path = Path(index_path) if index_path else src_path.with_suffix(".idx")
+    if src_path.is_dir():
+        raise UserError(f"{src_path} is a folder; create_raw_index indexes one JSONL file")
+    if src_path.exists() and not src_path.is_file():  # a FIFO or a device: read once, it could not be indexed
+        raise UserError(f"{src_path} is not a regular file (a pipe or a device); index a JSONL file on disk")
     if not src_path.is_file():
         raise UserError(f"JSONL file not found: {src_path}")
     if index_path.exists():
@@ -119,15 +123,15 @@ def pack_encoded_data(config_path: Path, *, overrides: tuple[str, ...] = (), ove
     if not src.is_file():
         raise ConfigError(f"file not found: {src}", field="settings.src_path")
     dst = settings.dst_path or src.with_suffix(".pbin")
-    if dst.exists() and not overwrite:
-        raise UserError(f"{dst} already exists (settings.dst_path): delete it, or pass --overwrite")
     index_path = settings.index_path or src.with_suffix(".idx")
     if not index_path.is_file():
         raise ConfigError(
             f"index not found: {index_path}; make it with `lorafit data create_raw_index {src}`",
             field="settings.index_path",
         )
+    _check_output(dst, {"settings.src_path": src, "settings.index_path": index_path}, overwrite)
     index = read_raw_index(index_path)
+    _check_index_matches(index, src, index_path)
     try:
         eod = tokenizer.get_token_id(settings.eod_token)
     except UserError as e:
@@ -140,6 +144,56 @@ def pack_encoded_data(config_path: Path, *, overrides: tuple[str, ...] = (), ove
     count = write_pbin(dst, documents, token_size)
     info(f"packed {count:,} documents from {src} into {dst} ({token_size} bytes per token)")
     return dst
+
+
+def _check_output(dst: Path, inputs: dict[str, Path], overwrite: bool) -> None:
+    """settings.dst_path may replace (with --overwrite) only an earlier .pbin, never an input of this very run."""
+    for key, path in inputs.items():
+        if dst.resolve() == path.resolve():
+            raise ConfigError(f"{dst} is also {key}: packing would replace its own input; choose another dst_path",
+                              field="settings.dst_path")  # fmt: skip
+    if not (dst.exists() or dst.is_symlink()):
+        return
+    if not overwrite:
+        raise UserError(f"{dst} already exists (settings.dst_path): delete it, or pass --overwrite")
+    if dst.is_symlink() or not dst.is_file() or not looks_like_pbin(dst):
+        raise ConfigError(f"{dst} exists and is not a .pbin file, so --overwrite does not replace it; "
+                          "choose another dst_path", field="settings.dst_path")  # fmt: skip
+
+
+def _check_index_matches(index, src: Path, index_path: Path) -> None:
+    """The index must describe SRC as it is now: every entry one whole line, in order, and every line left out
+    one that is not JSON (Modalities' `drop_faulty_entries`). Lines appended after `create_raw_index`, or the
+    index of another file, would otherwise be packed wrong or not at all, without a word."""
+    data = src.read_bytes()
+    problem, expected = None, 0  # expected: where the next unread line starts
+    for number, (start, length) in enumerate([*index.tolist(), (len(data) + 1, 0)], start=1):
+        at_end = number == len(index) + 1
+        if start < expected or (
+            not at_end and (start + length > len(data) or data[start + length : start + length + 1] not in (b"\n", b""))
+        ):
+            problem = f"entry {number} (bytes {start}-{start + length}) is not a whole line of the file"
+            break
+        for line in data[expected : min(start, len(data))].split(b"\n"):
+            if _is_json(line):
+                what = "after the last indexed line" if at_end else f"before entry {number}"
+                problem = f"a JSON line {what} is not indexed"
+                break
+        if problem:
+            break
+        expected = start + length + 1
+    if problem:
+        raise ConfigError(f"the index {index_path} does not match {src}: {problem}; was the file changed after "
+                          f"the index was made? Remake it: delete {index_path} and run "
+                          f"`lorafit data create_raw_index {src}`", field="settings.index_path")  # fmt: skip
+
+
+def _is_json(line: bytes) -> bool:
+    try:
+        json.loads(line)
+    except ValueError:
+        return False
+    return True
 
 
 def load_builtin_components() -> None:

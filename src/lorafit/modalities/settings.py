@@ -11,12 +11,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lorafit.config.graph import pydantic_problems
 from lorafit.config.run_spec import Intervals
+from lorafit.config.strict_values import StrictValues
 from lorafit.errors import Problem
 
 log = logging.getLogger(__name__)
 
 
-class _Strict(BaseModel):
+class _Strict(StrictValues):
     model_config = ConfigDict(extra="forbid")
 
 

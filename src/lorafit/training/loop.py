@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import random
+import signal
 import time
 from pathlib import Path
 
@@ -17,15 +18,17 @@ import numpy as np
 import torch
 
 from lorafit import resume
-from lorafit.checkpoint.state import find_latest, save_checkpoint
+from lorafit.checkpoint.state import checkpoint_dir, find_latest, save_checkpoint
 from lorafit.checkpoint.trained_weights import write_trained_weights
 from lorafit.config.run_spec import num_steps
 from lorafit.console import info, warn
 from lorafit.data import ResumableSampler
 from lorafit.distributed.parallel import default_strategy
+from lorafit.errors import UserError, describe_storage_error, storage_error
 from lorafit.models.wrappers import full_tensor, unwrap
 from lorafit.training.batches import default_collate, held_out_losses, to_device, train_micro_batches
 from lorafit.training.checks import check_finite, check_gradient_flow
+from lorafit.training.interrupt import StopRequest, TrainingInterrupted
 from lorafit.training.job import TrainJob, TrainResult
 from lorafit.training.loss import IGNORE_INDEX, CausalLMLoss
 from lorafit.training.metrics import MetricsLogger, peak_memory_mb, plot_loss
@@ -38,7 +41,7 @@ def train(job: TrainJob) -> TrainResult:
     profile = settings.step_profile
     micro_batch, accum = profile.local_train_micro_batch_size, profile.gradient_accumulation_steps
     global_batch = micro_batch * accum * world
-    total_steps = num_steps(settings, world)
+    total_steps = num_steps(settings, world, len(job.train_dataset))  # len: for an epoch target
 
     # --- set-up: wrap (checkpointing -> compile -> shard -> weights), then the optimizer over what was wrapped
     strategy = job.parallelism or default_strategy(env)
@@ -83,18 +86,28 @@ def train(job: TrainJob) -> TrainResult:
         trainer_state = {"tokens": tokens, "elapsed_s": time.perf_counter() - start, "sources": job.source_fingerprints,
                          "global_batch_size": global_batch, "sampler": sampler.state_dict(),
                          "scheduler": scheduler.state_dict()}  # fmt: skip
-        return save_checkpoint(run_dir, step, model, optimizer, trainer_state, env, settings.checkpointing.keep_last)
+        try:
+            return save_checkpoint(
+                run_dir, step, model, optimizer, trainer_state, env, settings.checkpointing.keep_last
+            )
+        except BaseException as error:  # BaseException: DCP's CheckpointException wraps a full disk as one
+            raise _checkpoint_failure(error, checkpoint_dir(run_dir, step), last_checkpoint) from None
 
     per_micro_batch = job.loss_normalization == "micro_batch_mean"
+    interrupted = False
     try:
-        with lean_mlps(model):
+        with lean_mlps(model), StopRequest() as stop:
             while step < min(total_steps, job.stop_at_step or total_steps):
-                # the whole global batch's target count first: every micro-batch loss is divided by it
+                # the whole global batch's target count first: every micro-batch loss is divided by it. A Ctrl-C
+                # or SIGTERM on any rank rides along, so every rank stops before the same step (training/interrupt.py)
                 micro = [to_device(next(batches), env.device) for _ in range(accum)]
                 counts = torch.tensor([sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro),
-                                       sum(_real_tokens(b) for b in micro)],
+                                       sum(_real_tokens(b) for b in micro), float(stop.requested is not None)],
                                       dtype=torch.float64, device=env.device)  # fmt: skip
-                n_targets, n_tokens = env.all_reduce_sum(counts).tolist()
+                n_targets, n_tokens, stopping = env.all_reduce_sum(counts).tolist()
+                if stopping:  # the sampler has not advanced: the checkpoint below resumes with these batches
+                    interrupted = True
+                    break
                 if n_targets == 0:
                     warn(f"step {step + 1}: the global batch has no target token (all labels are -100)")
                 # DDP and FSDP2 average gradients over ranks; x world turns that back into the global sum
@@ -142,12 +155,20 @@ def train(job: TrainJob) -> TrainResult:
                 if checkpoint_every and step % checkpoint_every == 0:
                     last_checkpoint, last_ckpt_step = checkpoint(), step
 
-            if job.eval_datasets and last_eval_step != step:
+            if job.eval_datasets and last_eval_step != step and not interrupted:
                 eval_losses = run_eval()
         if last_ckpt_step != step:
             last_checkpoint = checkpoint()
     finally:
         metrics.close()
+    if interrupted:
+        if last_checkpoint:
+            saved = (f"checkpoint {last_checkpoint}. Continue with the same command plus --resume_from latest "
+                     f"--experiment_id {run_dir.name}")  # fmt: skip
+        else:
+            saved = f"no step was trained, so nothing was saved: start again (delete {run_dir} to reuse its id)"
+        raise TrainingInterrupted(f"interrupted after step {step} of {total_steps}; {saved}",
+                                  stop.requested or signal.SIGINT)  # fmt: skip
 
     # --- the results: adapter/ (LoRA) or model/ (full fine-tuning), gathered from the shards; the loss curve
     weights = write_trained_weights(model, env, run_dir, write=job.write_adapter, keep_full=job.gather_full_model,
@@ -159,6 +180,21 @@ def train(job: TrainJob) -> TrainResult:
                        elapsed_s=time.perf_counter() - start, losses=losses, eval_losses=eval_losses,
                        adapter_dir=weights.adapter_dir, model_dir=weights.model_dir, resumed_from=resumed,
                        last_checkpoint=last_checkpoint, full_state_dict=weights.full_state_dict)  # fmt: skip
+
+
+def _checkpoint_failure(error: BaseException, target: Path, last_complete: Path | None) -> BaseException:
+    """A full disk (or a size limit) while saving `target`, said as what is true now; any other error as itself."""
+    cause = storage_error(error)
+    if cause is None:
+        return error
+    run_dir = target.parent.parent
+    if last_complete is not None:
+        kept = f"the last complete checkpoint, {last_complete}, is kept: make room, then add --resume_from latest"
+    else:  # said plainly: --resume_from latest would find nothing
+        kept = (f"no checkpoint of this run was completed, so there is nothing to resume: make room, then start "
+                f"again (delete {run_dir} to reuse --experiment_id {run_dir.name})")  # fmt: skip
+    where = f"{target} ({cause.filename})" if cause.filename else target
+    return UserError(describe_storage_error(cause, "saving a checkpoint", where) + f"; {kept}")
 
 
 def _real_tokens(batch: dict[str, torch.Tensor]) -> int:

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from lorafit.atomic import write_atomic
+from lorafit.atomic import atomic_file, open_append, write_atomic
 from lorafit.console import info, warn
 from lorafit.training.trackers import LoggersConfig, Tracker, open_trackers, scalars
 
@@ -50,7 +50,7 @@ class MetricsLogger:
             return
         # records up to the resumed step stay (step 0: the evaluators' results before training)
         _truncate_after(self.path, start_step)
-        self.file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        self.file = open_append(self.path)  # closed in close()
         if trackers is None:
             trackers = open_trackers(LoggersConfig(), run_dir, Path(run_dir).name)
         self.trackers = trackers
@@ -116,7 +116,7 @@ def _duration(seconds: float) -> str:
 
 def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
     """One record appended to metrics.jsonl outside the training loop (the evaluators' results)."""
-    with open(Path(run_dir) / METRICS, "a", encoding="utf-8") as f:
+    with open_append(Path(run_dir) / METRICS) as f:
         f.write(json.dumps(record) + "\n")
 
 
@@ -133,6 +133,8 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 def _truncate_after(path: Path, step: int) -> None:
+    if path.is_symlink():  # never read or written through: open_append replaces it with lorafit's own file
+        return
     if not path.exists():
         return
     kept = [r for r in read_metrics(path) if r.get("step", 0) <= step]
@@ -165,6 +167,7 @@ def plot_loss(run_dir: Path) -> Path | None:
     ax.legend()
     out = Path(run_dir) / "loss.png"
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
+    with atomic_file(out) as staging:  # savefig would follow a link at loss.png
+        fig.savefig(staging, dpi=100, format="png")
     plt.close(fig)
     return out

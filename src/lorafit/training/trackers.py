@@ -11,7 +11,7 @@ Chosen in the config's `settings.loggers` block (checked by `LoggersConfig`):
           directory: null          # default: the run folder; wandb writes <directory>/wandb/<run>/
           name: null               # default: the experiment id
         mlflow:                    # default off (pip install 'lorafit[mlflow]')
-          tracking_uri: null       # default: a file store in <run folder>/mlruns
+          tracking_uri: null       # default: an SQLite store, <run folder>/mlflow.db
           experiment_name: lorafit
           run_name: null           # default: the experiment id
 
@@ -20,6 +20,10 @@ in-loop evaluation losses (`eval/<dataset>/loss`) and the evaluators' metrics (`
 before training at step 0 and after it at the last step). Only rank 0 opens trackers. A resumed run continues
 its MLflow run (found by run name) and its W&B run id (offline, each part is a folder with that id; `wandb sync`
 joins them).
+
+MLflow's default store is an SQLite file in the run folder, which every MLflow client opens as it is
+(`mlflow ui --backend-store-uri sqlite:///<run folder>/mlflow.db`). MLflow 3 refuses its older folder store
+(`file:` URIs, `mlruns/`) unless the user sets MLFLOW_ALLOW_FILE_STORE=true; lorafit never sets it for them.
 
 From Python (also how a Modalities `results_subscriber/wandb` component maps onto lorafit: its `project`,
 `mode` and `directory` are `WandbConfig`'s fields, its `experiment_id` is the run's id, and its
@@ -38,8 +42,10 @@ import os
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import ConfigDict, field_validator
 
+from lorafit.atomic import own_folder
+from lorafit.config.strict_values import StrictValues
 from lorafit.console import info
 from lorafit.errors import ConfigError, Problem
 
@@ -52,7 +58,7 @@ class Tracker(Protocol):
     def close(self) -> None: ...
 
 
-class _Strict(BaseModel):
+class _Strict(StrictValues):
     model_config = ConfigDict(extra="forbid")
 
 
@@ -72,9 +78,9 @@ class WandbConfig(_Strict):
 
 
 class MlflowConfig(_Strict):
-    """MLflow; `tracking_uri` defaults to a file store in <run folder>/mlruns, `run_name` to the experiment id."""
+    """MLflow; `tracking_uri` defaults to an SQLite store, <run folder>/mlflow.db, `run_name` to the experiment id."""
 
-    tracking_uri: str | None = None  # None: file store <run folder>/mlruns
+    tracking_uri: str | None = None  # None: sqlite:///<run folder>/mlflow.db
     experiment_name: str = "lorafit"
     run_name: str | None = None  # None: the experiment id
 
@@ -99,7 +105,8 @@ class TensorBoardTracker:
     name = "tensorboard"
 
     def __init__(self, log_dir: Path):
-        self.log_dir = Path(log_dir)
+        # checked now, made by the first value (a run that fails to start leaves no folder behind)
+        self.log_dir = own_folder(log_dir, "settings.loggers.tensorboard", create=False)
         self.writer = None
         self.purge_step: int | None = None
 
@@ -159,8 +166,16 @@ def open_wandb(config: WandbConfig, run_dir: Path, experiment_id: str, run_confi
         import wandb
     except ImportError:
         raise _missing("settings.loggers.wandb", "wandb", "wandb") from None
-    directory = Path(config.directory) if config.directory is not None else Path(run_dir)
-    directory.mkdir(parents=True, exist_ok=True)
+    if config.directory is None:  # the run folder's own wandb/, never written through a link
+        directory = Path(run_dir)
+        own_folder(directory / "wandb", "settings.loggers.wandb", create=False)
+    else:  # the user's folder, links and all; a file there is refused before W&B makes anything
+        directory = Path(config.directory)
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as error:  # FileExistsError / NotADirectoryError: a file at or above it
+            what = "is a file, not a folder" if directory.is_file() else f"cannot be made ({error.strerror})"
+            raise ConfigError(f"{directory} {what}", field="settings.loggers.wandb.directory") from None
     try:
         run = wandb.init(project=config.project, entity=config.entity, name=config.name or experiment_id,
                          id=_wandb_id(experiment_id), resume="allow", mode=config.mode, dir=str(directory),
@@ -188,23 +203,32 @@ def open_mlflow(
         from mlflow.tracking import MlflowClient
     except ImportError:
         raise _missing("settings.loggers.mlflow", "mlflow", "mlflow") from None
-    uri = config.tracking_uri or (Path(run_dir) / "mlruns").resolve().as_uri()
-    if uri.startswith("file:") or "://" not in uri:
-        # MLflow 3 keeps its file store working but refuses it unless this is set; a folder of plain files is what
-        # a run folder wants (no database server, readable with any tool)
-        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    run_dir = Path(run_dir).resolve()
+    uri = config.tracking_uri or f"sqlite:///{run_dir / 'mlflow.db'}"
     from mlflow.exceptions import MlflowException
 
     try:
-        return _start_mlflow(MlflowClient(tracking_uri=uri), config, experiment_id, run_config)
+        client = MlflowClient(tracking_uri=uri)
+        # the default store's artifact folder (no artifacts so far) beside it, not ./mlruns of the working folder;
+        # another store keeps its own default
+        artifacts = (run_dir / "mlartifacts").as_uri() if config.tracking_uri is None else None
+        return _start_mlflow(client, config, experiment_id, run_config, artifacts)
     except MlflowException as e:
-        raise ConfigError(f"cannot start the MLflow run at {uri} ({_first_line(e)})",
+        hint = ""
+        if (uri.startswith("file:") or "://" not in uri) and not os.environ.get("MLFLOW_ALLOW_FILE_STORE"):
+            hint = ("; MLflow 3 opens a file store only with MLFLOW_ALLOW_FILE_STORE=true in the environment: set it, "
+                    "or leave tracking_uri out for an SQLite store in the run folder")  # fmt: skip
+        raise ConfigError(f"cannot start the MLflow run at {uri} ({_first_line(e)}){hint}",
+                          field="settings.loggers.mlflow") from None  # fmt: skip
+    except ImportError as e:  # the SQLite store needs sqlalchemy and alembic (the mlflow extra installs them)
+        raise ConfigError(f"cannot open the MLflow store at {uri}: {e}; pip install 'lorafit[mlflow]'",
                           field="settings.loggers.mlflow") from None  # fmt: skip
 
 
-def _start_mlflow(client, config: MlflowConfig, experiment_id: str, run_config: dict | None) -> MlflowTracker:
+def _start_mlflow(client, config: MlflowConfig, experiment_id: str, run_config: dict | None,
+                  artifacts: str | None) -> MlflowTracker:  # fmt: skip
     experiment = client.get_experiment_by_name(config.experiment_name)
-    exp_id = experiment.experiment_id if experiment else client.create_experiment(config.experiment_name)
+    exp_id = experiment.experiment_id if experiment else client.create_experiment(config.experiment_name, artifacts)
     name = config.run_name or experiment_id
     found = client.search_runs([exp_id], filter_string=f"tags.mlflow.runName = '{name}'", max_results=1)
     if found:  # a resumed lorafit run continues its MLflow run
