@@ -7,7 +7,12 @@ from pathlib import Path
 
 import torch
 
+from lorafit.build import build_run_entities
 from lorafit.errors import UserError
+from lorafit.lora import load_adapter
+from lorafit.lora.provenance import check_not_merged_already
+from lorafit.models.huggingface import load_pretrained_model
+from lorafit.models.tokenizer import load_tokenizer
 
 
 def load_base(base: Path, dtype: str = "fp32", flag: str = "--base"):
@@ -16,14 +21,10 @@ def load_base(base: Path, dtype: str = "fp32", flag: str = "--base"):
     `flag` is the command-line option that named `base` (merge's --base, generate's --model), for messages."""
     base = Path(base)
     if base.suffix in (".yaml", ".yml"):
-        from lorafit.build import build_run_entities
-
         entities = build_run_entities(base, ["model", "tokenizer"])
         return entities["model"], entities.get("tokenizer")
     if not (base / "config.json").is_file():
         raise UserError(f"{flag}: {base} is neither a Hugging Face model folder (with config.json) nor a YAML config")
-    from lorafit.models.huggingface import load_pretrained_model
-    from lorafit.models.tokenizer import load_tokenizer
 
     model = load_pretrained_model(base, dtype=dtype)
     tokenizer = load_tokenizer(base) if (base / "tokenizer_config.json").is_file() else None
@@ -33,18 +34,12 @@ def load_base(base: Path, dtype: str = "fp32", flag: str = "--base"):
 def load_with_adapter(base: Path, adapter: Path | None, dtype: str = "fp32", flag: str = "--base"):
     model, tokenizer = load_base(base, dtype, flag)
     if adapter is not None:
-        from lorafit.lora import load_adapter
-
         if not (Path(adapter) / "adapter_config.json").is_file():
             raise UserError(f"--adapter: {adapter} has no adapter_config.json (expected a PEFT-format adapter folder)")
         if Path(base).is_dir():  # a folder `lorafit merge` made from this very adapter: refuse to add it twice
-            from lorafit.lora.provenance import check_not_merged_already
-
             check_not_merged_already(Path(base), Path(adapter))
         load_adapter(model, Path(adapter))
     if tokenizer is None and adapter is not None and (Path(adapter) / "tokenizer_config.json").is_file():
-        from lorafit.models.tokenizer import load_tokenizer
-
         tokenizer = load_tokenizer(Path(adapter))
     return model.eval(), tokenizer
 

@@ -35,6 +35,7 @@ from lorafit.checkpoint.state import (
     restore_rng,
     verify_checkpoint,
 )
+from lorafit.config.run_spec import StepProfile, settings_of
 from lorafit.console import info, warn
 from lorafit.errors import UserError
 
@@ -182,7 +183,6 @@ def config_differences(old: Any, new: Any, path: str = "") -> list[str]:
 
 
 def _batch_split(config: dict[str, Any]) -> tuple[int, int]:
-    from lorafit.config.run_spec import StepProfile, settings_of
 
     raw = settings_of(config).get("step_profile") or {}
     try:

@@ -9,6 +9,7 @@ import sys
 SNAPSHOT = """
 import json, logging, os, pkgutil, importlib, warnings
 import torch, transformers, datasets, safetensors, pydantic, omegaconf, rich  # what lorafit itself imports
+import torch.distributed.checkpoint  # (DCP names its loggers when imported: checkpoint/dcp_metadata.py)
 
 def state():
     loggers = {name: [type(l).__name__, l.level, l.propagate, l.disabled, [type(f).__name__ for f in l.filters],

@@ -138,7 +138,7 @@ def verify_checkpoint(path: Path) -> str | None:
         if file_sha256(file) != expected:
             return f"file {name} does not match its checksum"
     # the checksums only say the files are the ones the writer listed: whoever wrote them chose their content
-    from lorafit.checkpoint.dcp_metadata import metadata_problem  # imports DCP (~1 s): only resuming needs it
+    from lorafit.checkpoint.dcp_metadata import metadata_problem  # deferred: DCP (~1 s) only for resuming
 
     return metadata_problem(path)
 
@@ -228,7 +228,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
-    from lorafit.checkpoint.dcp_metadata import SafeFileSystemReader, metadata_problem  # with DCP, as above
+    from lorafit.checkpoint.dcp_metadata import SafeFileSystemReader, metadata_problem  # deferred: as above
 
     path = Path(path)
     if problem := metadata_problem(path):  # said as itself, not as the config mismatch the except below reports

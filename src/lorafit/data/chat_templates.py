@@ -26,6 +26,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from lorafit.console import info
 from lorafit.errors import UserError, did_you_mean
 
 CHATML = (
@@ -112,8 +113,6 @@ def use_template(tokenizer: Any, value: str | None, *, field: str | None = None)
     tokenizer.chat_template = text
     missing = [m for m in MARKERS.get(str(value), ()) if m not in tokenizer.get_vocab()]
     if missing:
-        from lorafit.console import info
-
         info(f"chat template {value}: {', '.join(missing)} are not tokens of this tokenizer, so they are trained as "
              "several ordinary tokens each, and generation stops only at the tokenizer's EOS "
              f"({tokenizer.eos_token!r}); `plain` closes each answer with that EOS token")  # fmt: skip

@@ -31,6 +31,7 @@ import numpy as np
 from lorafit.atomic import remove_abandoned, staging_path
 from lorafit.console import info
 from lorafit.data.chat import render_with_mask
+from lorafit.data.chat_templates import default_system_prompt
 from lorafit.data.formats import FormatReader, kind_of
 from lorafit.data.records import RecordSource
 from lorafit.errors import UserError
@@ -210,8 +211,6 @@ def no_template_message(tokenizer) -> str:
 
 def say_default_system_prompt(tokenizer, without_system: int) -> None:
     """A template's own system prompt changes what is trained: say so, with the text, when it was added."""
-    from lorafit.data.chat_templates import default_system_prompt
-
     default = default_system_prompt(tokenizer) if without_system else None
     if default:
         shown = default if len(default) <= 120 else default[:117] + "..."

@@ -11,16 +11,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from lorafit.data.chat_templates import use_template
+from lorafit.data.datasets import IGNORE_INDEX, InstructionDataset, PackedDataset, PackedInstructionDataset
+from lorafit.data.pack import pack_file
 from lorafit.errors import UserError
+from lorafit.models.tokenizer import load_tokenizer
 
 TRAINED_OPEN, TRAINED_CLOSE, NEW_DOCUMENT = "[[", "]]", " | "
 
 
 def build_dataset(config_path: Path, name: str, overrides: tuple[str, ...]) -> tuple[Any, Any, int]:
     """(the dataset `name` of the run config, the run's tokenizer or None, the run's sequence length)."""
-    from lorafit.build import load_run_config
-    from lorafit.config.context import build_context
-    from lorafit.config.run_spec import RunSettings, settings_of
+    from lorafit.build import load_run_config  # deferred: data/ sits below the run build; only --config needs it
+    from lorafit.config.context import build_context  # deferred: as above
+    from lorafit.config.run_spec import RunSettings, settings_of  # deferred: as above
 
     config, graph = load_run_config(config_path, overrides=overrides)
     key, _, member = name.partition(".")
@@ -42,8 +46,6 @@ def build_dataset(config_path: Path, name: str, overrides: tuple[str, ...]) -> t
 
 def render_sample(sample: dict[str, Any], tokenizer: Any) -> str:
     """The sample's tokens as text, targets marked: token t + 1 is trained when labels[t] is not -100."""
-    from lorafit.data.datasets import IGNORE_INDEX
-
     inputs = sample["input_ids"].tolist()
     labels = sample["labels"].tolist()
     positions = sample.get("position_ids")
@@ -116,11 +118,6 @@ def preview_file(path: Path, tokenizer_dir: Path, *, fmt: str, chat_template: st
                  packing: bool, num_samples: int) -> str:  # fmt: skip
     """A data file packed into a temporary folder with the tokenizer, previewed as dataset/hf_datasets reads it."""
     import tempfile
-
-    from lorafit.data.chat_templates import use_template
-    from lorafit.data.datasets import InstructionDataset, PackedDataset, PackedInstructionDataset
-    from lorafit.data.pack import pack_file
-    from lorafit.models.tokenizer import load_tokenizer
 
     if sequence_length < 2:
         raise UserError(f"--sequence_length must be >= 2, got {sequence_length}")

@@ -34,6 +34,7 @@ from lorafit.atomic import write_atomic
 from lorafit.config.context import current_context
 from lorafit.config.registry import Component, ComponentConfig, register_component
 from lorafit.console import info, is_main_rank
+from lorafit.data.cache_dir import default_dataset_prefix
 from lorafit.data.datasets import InstructionDataset, PackedDataset, PackedInstructionDataset
 from lorafit.data.pack import PackedTokens, pack_file, resolve_prefix
 from lorafit.data.records import RecordSource, check_local
@@ -206,8 +207,6 @@ def _pack_if_stale(source: Path, tokenizer: Any, prefix: Path, spec: dict[str, A
 
 def cache_prefix(source: Path, cache_path: str | None, suffix: str) -> Path:
     """`cache_path`, else a prefix in lorafit's own cache folder (lorafit.data.cache_dir), never beside the data."""
-    from lorafit.data.cache_dir import default_dataset_prefix
-
     return resolve_prefix(cache_path) if cache_path else default_dataset_prefix(source, suffix)
 
 

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from lorafit.data.cache_dir import cache_root
 from lorafit.data.sources import is_jsonl, iter_jsonl_records, iter_text_documents
 from lorafit.errors import UserError
 
@@ -128,8 +129,6 @@ def _offline(config: Any) -> Iterator[None]:
 
 
 def _load_local(datasets: Any, path: Path, split: str | None):
-    from lorafit.data.cache_dir import cache_root
-
     try:
         if path.is_dir():
             loaded = datasets.load_from_disk(str(path))

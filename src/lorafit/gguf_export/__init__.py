@@ -13,6 +13,9 @@ import torch
 
 from lorafit.atomic import atomic_file
 from lorafit.errors import UserError, writing
+from lorafit.gguf_export.llama import ARCH, check_supported, gguf_tensors, to_numpy, write_hparams
+from lorafit.gguf_export.vocab import bpe_vocab, write_vocab
+from lorafit.lora import has_lora
 
 DTYPES = ("f32", "f16", "bf16", "q8_0")
 
@@ -53,10 +56,6 @@ def export_gguf(model, tokenizer, output: str | os.PathLike, *, dtype: str = "f1
 
     `pre_tokenizer` names llama.cpp's pre-tokenizer for a tokenizer llama.cpp does not know (vocab.py)."""
     import gguf
-
-    from lorafit.gguf_export.llama import ARCH, check_supported, gguf_tensors, to_numpy, write_hparams
-    from lorafit.gguf_export.vocab import bpe_vocab, write_vocab
-    from lorafit.lora import has_lora
 
     output = Path(output)
     if dtype not in DTYPES:

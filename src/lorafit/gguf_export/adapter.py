@@ -20,13 +20,18 @@ import torch
 
 from lorafit.atomic import atomic_file
 from lorafit.errors import UserError, writing
+from lorafit.gguf_export.llama import ARCH, LAYER_TENSORS, TOP_TENSORS, check_supported, permute_rows
+from lorafit.lora import get_settings
+from lorafit.lora.layers import LoraLinear
+from lorafit.lora.model import lora_layers
+from lorafit.lora.variants import DECOMPOSING_INITS
+from lorafit.models.wrappers import canonical_name, full_tensor
 
 DTYPES = ("f32", "f16")
 
 
 def _gguf_name(module: str, shape) -> str:
     """llama.cpp's name of the base tensor that `module` (a qualified Linear name) holds."""
-    from lorafit.gguf_export.llama import LAYER_TENSORS, TOP_TENSORS
 
     weight = module + ".weight"
     if weight == "lm_head.weight":
@@ -44,12 +49,6 @@ def _gguf_name(module: str, shape) -> str:
 
 def adapter_tensors(model, shape) -> tuple[float, list[tuple[str, torch.Tensor]]]:
     """(alpha for llama.cpp, [(GGUF name, fp32 tensor)]) of the adapter on `model`."""
-    from lorafit.gguf_export.llama import permute_rows
-    from lorafit.lora import get_settings
-    from lorafit.lora.layers import LoraLinear
-    from lorafit.lora.model import lora_layers
-    from lorafit.lora.variants import DECOMPOSING_INITS
-    from lorafit.models.wrappers import canonical_name, full_tensor
 
     settings = get_settings(model)
     if settings.use_dora:
@@ -85,8 +84,6 @@ def export_gguf_adapter(model, output: str | os.PathLike, *, dtype: str = "f32",
                         name: str | None = None) -> Path:  # fmt: skip
     """Write the LoRA adapter on `model` (a LlamaForCausalLM with LoRA) to the GGUF adapter file `output`."""
     import gguf
-
-    from lorafit.gguf_export.llama import ARCH, check_supported
 
     output = Path(output)
     if dtype not in DTYPES:
