@@ -72,8 +72,11 @@ def _plain(value: Any, where: str) -> Any:
     other object is refused naming where it is (yaml and json would raise a traceback on it)."""
     from lorafit.errors import UserError
 
-    if value is None or isinstance(value, (bool, int, float, str)):
+    if value is None:
         return value
+    for plain in (bool, int, float, str):  # also their subclasses (numpy.float64, numpy.str_), which YAML refuses
+        if isinstance(value, plain):
+            return plain(value)
     if isinstance(value, os.PathLike):
         return os.fspath(value)
     if isinstance(value, Mapping):

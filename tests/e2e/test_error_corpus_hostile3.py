@@ -101,6 +101,70 @@ def test_a_checkpoint_whose_metadata_would_run_code_is_refused(how, finished_run
     assert not (root / "b").exists()
 
 
+def _poison_a_value(checkpoint: Path, marker: Path) -> str:
+    """Point one non-tensor value of the state dict (the optimizer's lr) at a torch.save'd payload appended to its
+    .distcp file; .metadata stays DCP's own kind of file (it passes the allow-list), COMPLETE is recomputed."""
+    import io
+
+    import torch
+
+    from lorafit.checkpoint.dcp_metadata import read_metadata
+
+    metadata = read_metadata(checkpoint / ".metadata")
+    buffer = io.BytesIO()
+    torch.save(_Payload(marker), buffer)
+    for index, item in metadata.storage_data.items():
+        if index.fqn.endswith(".lr"):
+            data_file = checkpoint / item.relative_path
+            item.offset, item.length = data_file.stat().st_size, len(buffer.getvalue())
+            with data_file.open("ab") as f:
+                f.write(buffer.getvalue())
+            break
+    (checkpoint / ".metadata").write_bytes(pickle.dumps(metadata))
+    record = json.loads((checkpoint / COMPLETE).read_text())
+    record["files"] = {name: file_sha256(checkpoint / name) for name in record["files"]}
+    (checkpoint / COMPLETE).write_text(json.dumps(record))
+    return data_file.name
+
+
+def test_a_checkpoint_value_that_would_run_code_is_refused(finished_run, tmp_path, capsys):
+    """DCP reads the state dict's non-tensor values (lr, betas) with torch.load(weights_only=False): not here."""
+    import shutil
+
+    config, shared = finished_run
+    root = tmp_path / "exp"
+    shutil.copytree(shared / "a", root / "a")
+    marker = tmp_path / "payload-ran"
+    checkpoint = root / "a" / "checkpoints" / "step_000002"
+    data_file = _poison_a_value(checkpoint, marker)
+    argv = ["run", "--config_file_path", str(config), "--experiments_root_path", str(root), "--experiment_id", "b",
+            "--resume_from", str(checkpoint)]  # fmt: skip
+    code, err = cli(argv, capsys)
+    message = assert_one_error(code, err, data_file, "never loaded")
+    assert not marker.exists(), "the pickled payload ran"
+    assert "LoRA r" not in message and not (root / "b").exists()
+
+
+def test_the_safe_planner_refuses_what_slips_past_the_check(finished_run, tmp_path):
+    """The planner DCP loads with refuses the same value (a file swapped after the check is not trusted either)."""
+    import shutil
+
+    import torch
+
+    from lorafit.checkpoint.dcp_metadata import SafeFileSystemReader, SafeLoadPlanner
+
+    _, shared = finished_run
+    checkpoint = tmp_path / "step"
+    shutil.copytree(shared / "a" / "checkpoints" / "step_000002", checkpoint)
+    marker = tmp_path / "payload-ran"
+    _poison_a_value(checkpoint, marker)
+    state = {"optim": {"param_groups": [{"lr": 0.0}]}}
+    with pytest.raises(BaseException, match="not a plain value"):
+        torch.distributed.checkpoint.load(state, storage_reader=SafeFileSystemReader(checkpoint),
+                                          planner=SafeLoadPlanner(allow_partial_load=True), no_dist=True)  # fmt: skip
+    assert not marker.exists()
+
+
 def test_the_safe_reader_reads_what_dcp_writes(finished_run):
     """The allow-list is not too narrow: DCP's own metadata (model + AdamW state) reads as DCP's Metadata."""
     from torch.distributed.checkpoint.metadata import Metadata
@@ -340,7 +404,8 @@ def test_train_api_takes_paths_and_numpy_values(tmp_path, tiny_model_dir):
 
     config = smallest_run_config(tiny_model_dir, LOREM, tmp_path / "cache" / "c")
     config["tokenizer"]["config"]["path"] = Path(config["tokenizer"]["config"]["path"])  # a Path in the dict
-    run_dir = lorafit.train(config, {"settings.seed": np.int64(3), "optimizer.config.lr": np.float32(0.002)},
+    config["optimizer"]["config"]["weight_decay"] = np.float32(0.0)  # numpy values in the dict too
+    run_dir = lorafit.train(config, {"settings.seed": np.int64(3), "optimizer.config.lr": np.float64(0.002)},
                             experiments_root_path=tmp_path / "exp", experiment_id="np")  # fmt: skip
     resolved = yaml.safe_load((run_dir / "config.resolved.yaml").read_text())
     assert resolved["settings"]["seed"] == 3

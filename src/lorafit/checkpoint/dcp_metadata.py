@@ -1,21 +1,26 @@
-"""A DCP checkpoint's `.metadata`, read without running pickled code.
+"""A DCP checkpoint read without running pickled code: its `.metadata` and the non-tensor values in its data files.
 
-torch.distributed.checkpoint's `FileSystemReader.read_metadata` calls plain `pickle.load`, so a checkpoint folder
-someone else made (a shared run, a download) could run any code the moment it is resumed. lorafit reads the file
-with an unpickler that resolves only DCP's own metadata classes and the few torch/pathlib values they hold (the
-`pickle` docs' "Restricting Globals"), both when a checkpoint is verified (before DCP touches the folder) and as
-the reader DCP loads with, so the file checked is the file loaded.
+torch.distributed.checkpoint unpickles two things with no restriction: `.metadata` (`FileSystemReader.read_metadata`,
+plain `pickle.load`) and every non-tensor value of the state dict stored in the `.distcp` files (the optimizer's
+lr, betas, ...: `DefaultLoadPlanner.load_bytes`, `torch.load(weights_only=False)`). A checkpoint folder someone else
+made (a shared run, a download) could so run any code the moment it is resumed. lorafit reads `.metadata` with an
+unpickler that resolves only DCP's own metadata classes and the few torch/pathlib values they hold (the `pickle`
+docs' "Restricting Globals"), and the byte values with `torch.load(weights_only=True)`: once when a checkpoint is
+verified, before DCP touches the folder, and again in the reader and the planner DCP loads with.
 """
 
 from __future__ import annotations
 
+import io
 import pickle
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint import FileSystemReader
-from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, StorageMeta
+from torch.distributed.checkpoint.planner import ReadItem
 
 METADATA = ".metadata"
 
@@ -68,15 +73,39 @@ def read_metadata(file: Path) -> Metadata:
     return metadata
 
 
+def load_value(data: io.BytesIO | bytes, where: str) -> Any:
+    """A non-tensor value DCP stored (torch.save'd): plain values and tensors only."""
+    try:
+        return torch.load(io.BytesIO(data) if isinstance(data, bytes) else data, weights_only=True)
+    except pickle.UnpicklingError as error:
+        reason = str(error).split("WeightsUnpickler error:")[-1].strip().splitlines()[0]
+        raise pickle.UnpicklingError(f"{where} is not a plain value ({reason[:200]})") from None
+    except Exception as error:  # truncated or garbled bytes
+        raise pickle.UnpicklingError(f"{where} is damaged ({type(error).__name__})") from None
+
+
 def metadata_problem(folder: Path) -> str | None:
-    """None if `folder/.metadata` is safe to hand to DCP; otherwise why not (names the file)."""
+    """None if `folder`'s `.metadata`, and every non-tensor value its data files hold, are safe to hand to DCP;
+    otherwise why not (names the file)."""
     file = Path(folder) / METADATA
     try:
-        read_metadata(file)
+        metadata = read_metadata(file)
     except FileNotFoundError:
         return f"{file} is missing"
     except pickle.UnpicklingError as error:
         return f"refused to read {file}: {error}; a pickle that would run code is never loaded"
+    for index, item in metadata.storage_data.items():
+        if not isinstance(metadata.state_dict_metadata.get(index.fqn), BytesStorageMetadata):
+            continue  # tensors are raw bytes, never unpickled
+        data_file = Path(folder) / item.relative_path
+        try:
+            with open(data_file, "rb") as f:
+                f.seek(item.offset)
+                load_value(f.read(item.length), f"the value {index.fqn} in {data_file.name}")
+        except OSError as error:
+            return f"cannot read {data_file}: {error.strerror or error}"
+        except pickle.UnpicklingError as error:
+            return f"refused to load {data_file}: {error}; a pickle that would run code is never loaded"
     return None
 
 
@@ -89,3 +118,15 @@ class SafeFileSystemReader(FileSystemReader):
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
         return metadata
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP's load planner with the non-tensor values read as plain values (`weights_only=True`)."""
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        fqn = read_item.dest_index.fqn
+        loaded = load_value(value, f"the value {fqn}")
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[fqn], loaded)
+        else:
+            self.state_dict[fqn] = loaded

@@ -228,7 +228,11 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
-    from lorafit.checkpoint.dcp_metadata import SafeFileSystemReader, metadata_problem  # deferred: as above
+    from lorafit.checkpoint.dcp_metadata import (
+        SafeFileSystemReader,
+        SafeLoadPlanner,
+        metadata_problem,
+    )  # deferred: as above
 
     path = Path(path)
     if problem := metadata_problem(path):  # said as itself, not as the config mismatch the except below reports
@@ -237,10 +241,15 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     state = {"model": model_sd, "optim": optim_sd}
     try:
         with _quiet_single_process(env):
-            dcp.load(state, storage_reader=SafeFileSystemReader(path), no_dist=not env.distributed)
+            dcp.load(
+                state, storage_reader=SafeFileSystemReader(path), planner=SafeLoadPlanner(), no_dist=not env.distributed
+            )
     except (Exception, CheckpointException) as error:  # a shape or a key differs: another LoRA r or targets
         # CheckpointException (a BaseException) carries each rank's traceback as text: its last line is the cause
         text = str(error).strip().splitlines()
+        if any("not a plain value" in line or "UnpicklingError" in line for line in text):  # the planner refused
+            raise UserError(f"cannot resume from {path}: refused to load a value of its data files "
+                            f"({text[-1]}); a pickle that would run code is never loaded") from None  # fmt: skip
         raise UserError(f"cannot resume from {path}: it does not fit this run's trainable parameters "
                         f"({text[-1] if text else type(error).__name__}); was it written with another LoRA r or "
                         "target_layers? Resume with the config it was written with") from None  # fmt: skip

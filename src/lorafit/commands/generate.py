@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from lorafit import allocator
+from lorafit.errors import UserError
 
 
 def add_parser(subparsers) -> None:
@@ -49,6 +50,11 @@ def run(args: argparse.Namespace) -> int:
     sampling = _sampling(args)
     chat = True if args.interactive else chat_default(args.adapter) if args.chat is None else args.chat
     prompts = _read_prompts(args.prompts_file) if args.prompts_file else None
+    if prompts and any(isinstance(p, list) for p in prompts):
+        if args.chat is False:
+            raise UserError(f"--prompts_file {args.prompts_file} holds 'messages' conversations, which only a chat "
+                            "template turns into text: drop --no-chat")  # fmt: skip
+        chat = True  # a conversation is a chat prompt, whatever the adapter was trained on
     model, tokenizer = load_with_adapter(args.model, args.adapter, flag="--model")
     if tokenizer is not None:
         use_template(tokenizer, args.chat_template, field="--chat_template")
@@ -73,7 +79,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _sampling(args: argparse.Namespace):
-    from lorafit.errors import UserError
     from lorafit.inference import Sampling
 
     checks = [(args.max_new_tokens >= 1, f"--max_new_tokens must be >= 1, got {args.max_new_tokens}"),
@@ -93,8 +98,6 @@ def _sampling(args: argparse.Namespace):
 
 def _read_prompts(path: Path) -> list:
     """Prompts of a .txt (one per non-empty line) or .jsonl file ('prompt' text or 'messages' conversation)."""
-    from lorafit.errors import UserError
-
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:

@@ -109,8 +109,20 @@ def load_local(path: Path, split: str | None):
         import datasets
     except ImportError:  # pragma: no cover - a dependency of lorafit; a broken install
         raise UserError(f"{path}: reading it needs the `datasets` package (pip install datasets)") from None
-    with _offline(datasets.config):
+    with _offline(datasets.config), _no_progress_bars(datasets):
         return _load_local(datasets, path, split)
+
+
+@contextmanager
+def _no_progress_bars(datasets: Any) -> Iterator[None]:
+    """No "Generating train split" bars (lorafit's own bar counts the rows), for this call only."""
+    was = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was:
+            datasets.enable_progress_bars()
 
 
 @contextmanager

@@ -164,28 +164,40 @@ def _check_output(dst: Path, inputs: dict[str, Path], overwrite: bool) -> None:
 def _check_index_matches(index, src: Path, index_path: Path) -> None:
     """The index must describe SRC as it is now: every entry one whole line, in order, and every line left out
     one that is not JSON (Modalities' `drop_faulty_entries`). Lines appended after `create_raw_index`, or the
-    index of another file, would otherwise be packed wrong or not at all, without a word."""
-    data = src.read_bytes()
+    index of another file, would otherwise be packed wrong or not at all, without a word. Streamed: two one-byte
+    reads per entry, and the lines between entries (those left out) read whole."""
+    size = src.stat().st_size
     problem, expected = None, 0  # expected: where the next unread line starts
-    for number, (start, length) in enumerate([*index.tolist(), (len(data) + 1, 0)], start=1):
-        at_end = number == len(index) + 1
-        if start < expected or (
-            not at_end and (start + length > len(data) or data[start + length : start + length + 1] not in (b"\n", b""))
-        ):
-            problem = f"entry {number} (bytes {start}-{start + length}) is not a whole line of the file"
-            break
-        for line in data[expected : min(start, len(data))].split(b"\n"):
-            if _is_json(line):
-                what = "after the last indexed line" if at_end else f"before entry {number}"
-                problem = f"a JSON line {what} is not indexed"
+    with src.open("rb") as f:
+        for number, (start, length) in enumerate(index.tolist(), start=1):
+            end = start + length
+            f.seek(max(start - 1, 0))
+            before = f.read(1) if start else b"\n"
+            f.seek(end)
+            if start < expected or end > size or before != b"\n" or f.read(1) not in (b"\n", b""):
+                problem = f"entry {number} (bytes {start}-{end}) is not a whole line of the file"
                 break
-        if problem:
-            break
-        expected = start + length + 1
+            if _json_line_between(f, expected, start):
+                problem = f"a JSON line before entry {number} is not indexed"
+                break
+            expected = end + 1
+        else:
+            if _json_line_between(f, expected, size):
+                problem = "a JSON line after the last indexed line is not indexed"
     if problem:
         raise ConfigError(f"the index {index_path} does not match {src}: {problem}; was the file changed after "
                           f"the index was made? Remake it: delete {index_path} and run "
                           f"`lorafit data create_raw_index {src}`", field="settings.index_path")  # fmt: skip
+
+
+def _json_line_between(f, start: int, stop: int) -> bool:
+    """Whether any line of the file between byte `start` and `stop` is JSON (read line by line)."""
+    f.seek(start)
+    while f.tell() < stop:
+        line = f.readline(stop - f.tell())
+        if _is_json(line.rstrip(b"\r\n")):
+            return True
+    return False
 
 
 def _is_json(line: bytes) -> bool:

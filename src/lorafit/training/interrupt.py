@@ -8,11 +8,11 @@ checkpoint and raises `TrainingInterrupted`. A second signal stops at once, as C
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from types import FrameType
 
-from lorafit.console import warn
 from lorafit.errors import UserError
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -48,5 +48,6 @@ class StopRequest:
         if self.requested is not None:
             raise KeyboardInterrupt  # the second signal: stop now, without a checkpoint of this step
         self.requested = signum
-        warn(f"{signal.Signals(signum).name}: finishing this step, then saving a checkpoint and stopping "
-             "(send it again to stop at once)")  # fmt: skip
+        # os.write, not print: a handler that prints while the main thread is printing can raise "reentrant call"
+        os.write(2, f"warning: {signal.Signals(signum).name}: finishing this step, then saving a checkpoint and "
+                    "stopping (send it again to stop at once)\n".encode())  # fmt: skip

@@ -155,16 +155,20 @@ def train(job: TrainJob) -> TrainResult:
                 if checkpoint_every and step % checkpoint_every == 0:
                     last_checkpoint, last_ckpt_step = checkpoint(), step
 
+            interrupted = interrupted or _stop_asked(stop, env)  # a signal in the last step counts too
+            if last_ckpt_step != step:  # before the last evaluation: a second Ctrl-C there loses no training
+                last_checkpoint = checkpoint()
             if job.eval_datasets and last_eval_step != step and not interrupted:
                 eval_losses = run_eval()
-        if last_ckpt_step != step:
-            last_checkpoint = checkpoint()
+            interrupted = interrupted or _stop_asked(stop, env)  # ... and one during that evaluation
     finally:
         metrics.close()
     if interrupted:
-        if last_checkpoint:
+        if last_checkpoint and Path(run_dir) in Path(last_checkpoint).parents:
             saved = (f"checkpoint {last_checkpoint}. Continue with the same command plus --resume_from latest "
                      f"--experiment_id {run_dir.name}")  # fmt: skip
+        elif last_checkpoint:  # a new run from another run's checkpoint, stopped before its own first one
+            saved = f"nothing new was saved. Start again with --resume_from {last_checkpoint}"
         else:
             saved = f"no step was trained, so nothing was saved: start again (delete {run_dir} to reuse its id)"
         raise TrainingInterrupted(f"interrupted after step {step} of {total_steps}; {saved}",
@@ -180,6 +184,12 @@ def train(job: TrainJob) -> TrainResult:
                        elapsed_s=time.perf_counter() - start, losses=losses, eval_losses=eval_losses,
                        adapter_dir=weights.adapter_dir, model_dir=weights.model_dir, resumed_from=resumed,
                        last_checkpoint=last_checkpoint, full_state_dict=weights.full_state_dict)  # fmt: skip
+
+
+def _stop_asked(stop: StopRequest, env) -> bool:
+    """Whether any rank got SIGINT/SIGTERM (every rank calls: one all-reduce of a flag)."""
+    flag = torch.tensor([float(stop.requested is not None)], dtype=torch.float64, device=env.device)
+    return bool(env.all_reduce_sum(flag).item())
 
 
 def _checkpoint_failure(error: BaseException, target: Path, last_complete: Path | None) -> BaseException:
