@@ -188,6 +188,7 @@ def train(built: BuiltRun, run_dir: Path, dist_env, checkpoint: Path | None, sou
         source_fingerprints=sources,
         trackers=trackers,
         shuffle=built.shuffle,
+        samples_per_epoch=built.samples_per_epoch,
         progress=built.progress,
         loss_normalization=built.loss_normalization,
     )

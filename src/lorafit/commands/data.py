@@ -62,6 +62,9 @@ def add_parser(subparsers) -> None:
         help="config overrides (OmegaConf dotlist), e.g. settings.src_path=other.jsonl",
     )
     encoded.add_argument("--overwrite", action="store_true", help="replace an existing settings.dst_path")
+    encoded.add_argument("--modalities_release", default="0.5.0", choices=["0.5.0", "lora_branch"],
+                         help="whose bytes to write: 0.5.0 (the current release, default) appends eod_token only to "
+                         "a document not already ending with it; lora_branch always appends it")  # fmt: skip
     encoded.set_defaults(func=run_pack_encoded_data)
     _add_preview(commands)
 
@@ -109,7 +112,8 @@ def run_pack_encoded_data(args: argparse.Namespace) -> int:
     if (args.config is None) == (args.config_file_path is None):
         raise UserError("give the data-preparation config once: `lorafit data pack_encoded_data CONFIG` "
                         "(or --config_file_path CONFIG)")  # fmt: skip
-    pack_encoded_data(args.config or args.config_file_path, overrides=tuple(overrides), overwrite=args.overwrite)
+    pack_encoded_data(args.config or args.config_file_path, overrides=tuple(overrides), overwrite=args.overwrite,
+                      release=args.modalities_release)  # fmt: skip
     return 0
 
 

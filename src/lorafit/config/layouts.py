@@ -79,6 +79,9 @@ class BuiltRun:
     # each rank's shards of the base weights and initialises the adapters (TrainJob.fill_weights_after_sharding)
     fill_weights_after_sharding: Callable[[nn.Module], None] | None = None
     shuffle: bool = True  # the sampler permutes the train samples each epoch
+    # train samples per epoch when the layout fixes it (Modalities: whole micro-batches on every rank, drawn from a
+    # permutation of ALL samples as torch's DistributedSampler + BatchSampler(drop_last) do); None: whole global batches
+    samples_per_epoch: int | None = None
     progress: bool | None = None  # rich progress bar; None: when stdout is a terminal
     loss_normalization: LossNormalization = "global_tokens"
     # `lorafit validate`'s lines on steps and batches when the layout plans them its own way (else from settings)

@@ -22,6 +22,10 @@ The contract, precisely:
   is a multiple of the new one (true when the global batch size is unchanged).
 - For the same global batches for any world size across epoch ends, `epoch_length` must not depend on
   the world size: pass `global_batch_size` (samples per optimizer step over all ranks) with `drop_last`.
+- `epoch_length` may also be given (a multiple of the world size, at most N): the order still permutes all N
+  samples and the epoch ends after that many. This is torch's DistributedSampler(drop_last) followed by
+  BatchSampler(drop_last), sample for sample on every rank, when epoch_length = floor(floor(N / W) / m) * m * W
+  (Modalities' data loaders).
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ class ResumableSampler(Sampler[int]):
         shuffle: bool = True,
         drop_last: bool = True,
         global_batch_size: int | None = None,
+        epoch_length: int | None = None,
     ):
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in a world of size {world_size}")
@@ -58,7 +63,12 @@ class ResumableSampler(Sampler[int]):
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.shuffle, self.drop_last = shuffle, drop_last
         self.global_batch_size = global_batch_size
-        if drop_last:
+        if epoch_length is not None:
+            if epoch_length % world_size or not 0 < epoch_length <= self.dataset_len:
+                raise ValueError(f"epoch_length {epoch_length}: a multiple of world_size {world_size}, "
+                                 f"at most the {self.dataset_len} samples")  # fmt: skip
+            self.epoch_length = epoch_length
+        elif drop_last:
             self.epoch_length = self.dataset_len // unit * unit
         else:
             self.epoch_length = -(-self.dataset_len // world_size) * world_size

@@ -31,28 +31,37 @@ from lorafit.data.datasets import IGNORE_INDEX
 from lorafit.data.pbin import read_pbin
 from lorafit.errors import UserError
 
-
 # ------------------------------------------------------------------------------------------------ dataset
+Release = Literal["lora_branch", "0.5.0"]
+
+
 class PackedMemMapDatasetContinuousConfig(ComponentConfig):
-    """Modalities' `PackedMemMapDatasetContinuous`: fixed blocks of sequence_length + 1 tokens of a .pbin file."""
+    """Modalities' `PackedMemMapDatasetContinuous`: fixed blocks of tokens of a .pbin file.
+
+    `release` is which Modalities the config is written for, where they differ: with reuse_last_target false
+    the lora branch cuts blocks of sequence_length + 1 tokens, modalities 0.5.0 of sequence_length. Not a
+    Modalities key: the Modalities layout sets it from the config's settings block (settings.training: the lora
+    branch; settings.step_profile: 0.5.0) and says so; give it to decide yourself."""
 
     raw_data_path: Path
     sequence_length: int = Field(gt=1)
     sample_key: str
     reuse_last_target: bool = True
+    release: Release = "lora_branch"
 
 
 class PackedContinuousDataset(torch.utils.data.Dataset):
-    def __init__(self, path: Path, sequence_length: int, sample_key: str, reuse_last_target: bool):
+    def __init__(self, path: Path, sequence_length: int, sample_key: str, reuse_last_target: bool,
+                 release: Release = "lora_branch"):  # fmt: skip
         self.path, self.sample_key = Path(path), sample_key
         self.sequence_length = sequence_length
-        self.block = sequence_length + 1
+        self.block = sequence_length if release == "0.5.0" and not reuse_last_target else sequence_length + 1
         self.stride = sequence_length if reuse_last_target else self.block
         self.pbin = read_pbin(path, field="raw_data_path")
         total = self.pbin.num_tokens
         if total < self.block:
             raise UserError(
-                f"{path} holds {total} tokens, fewer than one block of sequence_length + 1 = {self.block}",
+                f"{path} holds {total} tokens, fewer than one block of {self.block}",
                 field="sequence_length",
             )
         # Modalities: (total - block) // (block - 1) + 1 blocks with reuse_last_target, else total // block
@@ -72,7 +81,7 @@ class PackedContinuousDataset(torch.utils.data.Dataset):
 def build_packed_continuous(config: PackedMemMapDatasetContinuousConfig) -> PackedContinuousDataset:
     """Blocks of sequence_length + 1 tokens over a Modalities .pbin file (Modalities' continuous dataset)."""
     return PackedContinuousDataset(
-        config.raw_data_path, config.sequence_length, config.sample_key, config.reuse_last_target
+        config.raw_data_path, config.sequence_length, config.sample_key, config.reuse_last_target, config.release
     )
 
 
@@ -317,8 +326,14 @@ class ModalitiesLoader:
         batches = len(self.dataset) // world_size // self.micro_batch_size
         return min(batches, self.fixed_num_batches) if self.fixed_num_batches is not None else batches
 
-    def view(self, world_size: int) -> CollatedView:
-        length = self.local_num_batches(world_size) * self.micro_batch_size * world_size
+    def epoch_samples(self, world_size: int) -> int:
+        """Samples one pass of the loader trains on, over all ranks: whole micro-batches on every rank."""
+        return self.local_num_batches(world_size) * self.micro_batch_size * world_size
+
+    def view(self, world_size: int, *, whole: bool = False) -> CollatedView:
+        """The dataset with the collator; `whole`: all samples (the train sampler permutes all of them, as torch's
+        DistributedSampler does, and takes `epoch_samples`), else cut to the samples one pass visits."""
+        length = len(self.dataset) if whole else self.epoch_samples(world_size)
         return CollatedView(self.dataset, self.collate_fn or _default_collate, length)
 
 

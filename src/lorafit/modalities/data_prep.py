@@ -19,8 +19,9 @@
     tokenizer: {component_key: tokenizer, variant_key: pretrained_hf_tokenizer, config: {...}}
 
 Each line: jq_pattern's first result is tokenized with the tokenizer's padding / truncation / max_length, and
-eod_token is appended (the `lora` branch's rule: always; modalities 0.5.0 skips it when the tokens already end
-with it). Tokens are written as 1, 2 or 4 bytes each (from the vocabulary size) in a `.pbin` file.
+eod_token is appended, by the rule of the Modalities release asked for (`--modalities_release`): modalities 0.5.0,
+the default, skips it when the tokens already end with it (a document padded with it); the `lora` branch always
+appends it. Tokens are written as 1, 2 or 4 bytes each (from the vocabulary size) in a `.pbin` file.
 lorafit tokenizes in one process with the fast tokenizer's own threads (`num_cpus` of them); Modalities uses
 num_cpus worker processes. The output is the same bytes.
 """
@@ -92,8 +93,13 @@ class PackSettings(BaseModel):
     sequence_length: int | None = None  # only a value for interpolation (max_length: ${settings.sequence_length})
 
 
-def pack_encoded_data(config_path: Path, *, overrides: tuple[str, ...] = (), overwrite: bool = False) -> Path:
-    """Tokenize the indexed JSONL file that a Modalities data-preparation config names into a `.pbin` file."""
+def pack_encoded_data(config_path: Path, *, overrides: tuple[str, ...] = (), overwrite: bool = False,
+                      release: str = "0.5.0") -> Path:  # fmt: skip
+    """Tokenize the indexed JSONL file that a Modalities data-preparation config names into a `.pbin` file, the
+    bytes `release`'s `pack_encoded_data` writes: "0.5.0" (the current release) appends eod_token only to a
+    document that does not already end with it (a document padded with it, say); "lora_branch" always appends."""
+    if release not in RELEASE_RULES:
+        raise UserError(f"--modalities_release {release!r}: valid: {', '.join(RELEASE_RULES)}")
 
     load_builtin_components()
     config = load_config(Path(config_path), overrides=overrides)
@@ -139,7 +145,7 @@ def pack_encoded_data(config_path: Path, *, overrides: tuple[str, ...] = (), ove
     program = _compile_jq(settings.jq_pattern)
     token_size = token_size_for(tokenizer.vocab_size)
     os.environ.setdefault("RAYON_NUM_THREADS", str(settings.num_cpus))  # the fast tokenizer's worker threads
-    documents = _documents(src, index, program, tokenizer, eod, settings.processing_batch_size)
+    documents = _documents(src, index, program, tokenizer, eod, settings.processing_batch_size, release)
     dst.parent.mkdir(parents=True, exist_ok=True)
     count = write_pbin(dst, documents, token_size)
     info(f"packed {count:,} documents from {src} into {dst} ({token_size} bytes per token)")
@@ -221,7 +227,7 @@ def _compile_jq(pattern: str) -> Any:
         raise ConfigError(f"invalid jq program {pattern!r}: {str(e).strip()}", field="settings.jq_pattern") from None
 
 
-def _documents(src: Path, index, program, tokenizer, eod: int, batch_size: int):
+def _documents(src: Path, index, program, tokenizer, eod: int, batch_size: int, release: str):
     """Token lists, one per indexed line, EOD appended; texts tokenized `batch_size` at a time."""
     with src.open("rb") as f:
         data = f.read() if src.stat().st_size < 2**31 else None
@@ -245,12 +251,16 @@ def _documents(src: Path, index, program, tokenizer, eod: int, batch_size: int):
                 )
             texts.append(value)
             if len(texts) == batch_size:
-                yield from _tokenized(texts, tokenizer, eod, src)
+                yield from _tokenized(texts, tokenizer, eod, src, release)
                 texts = []
-        yield from _tokenized(texts, tokenizer, eod, src)
+        yield from _tokenized(texts, tokenizer, eod, src, release)
 
 
-def _tokenized(texts: list[str], tokenizer, eod: int, src: Path):
+RELEASE_RULES = {"0.5.0": "eod_token appended unless the document ends with it",
+                 "lora_branch": "eod_token always appended"}  # fmt: skip
+
+
+def _tokenized(texts: list[str], tokenizer, eod: int, src: Path, release: str):
     if not texts:
         return
     if tokenizer.padding in (True, "longest"):  # padding to the longest of a batch: one text at a time, as Modalities
@@ -263,4 +273,4 @@ def _tokenized(texts: list[str], tokenizer, eod: int, src: Path):
         if not tokens:
             warn(f"{src}: an empty document is left out (as Modalities does)")
             continue
-        yield [*tokens, eod]
+        yield list(tokens) if release == "0.5.0" and tokens[-1] == eod else [*tokens, eod]

@@ -26,6 +26,7 @@ from pydantic import ValidationError
 from lorafit.config.graph import ConfigGraph, is_component, is_reference, pydantic_problems
 from lorafit.config.layouts import BuiltRun
 from lorafit.config.run_spec import Checkpointing, Intervals, RunSettings, StepProfile, TrainingTarget
+from lorafit.console import info
 from lorafit.distributed.parallel import decoder_blocks
 from lorafit.errors import ConfigError, Problem, UserError, did_you_mean
 from lorafit.modalities.data import ModalitiesLoader
@@ -150,8 +151,40 @@ def check(config: dict[str, Any]) -> tuple[ConfigGraph, list[Problem]]:
         return graph, problems
     say_not_honoured(wrapped_model_block(graph.config))
     checkpointing = bool(settings.training and settings.training.activation_checkpointing_modules)
-    translated, block_names = translate(graph.config, activation_checkpointing=checkpointing)
+    translated, block_names = translate(with_release(graph.config, release_of(settings)),
+                                        activation_checkpointing=checkpointing)  # fmt: skip
     return ModalitiesGraph(translated, block_names), problems
+
+
+RELEASES = {
+    "lora_branch": "Modalities config written for the lora branch (settings.training): with reuse_last_target false "
+    "a sample is a block of sequence_length + 1 tokens",
+    "0.5.0": "Modalities config written for modalities 0.5.0 (settings.step_profile): with reuse_last_target false a "
+    "sample is a block of sequence_length tokens",
+}
+
+
+def release_of(settings: ModalitiesSettings) -> str:
+    """Which Modalities a config is written for, where their meanings differ (data blocks, .pbin packing): its
+    settings block tells. settings.training is the lora branch's (2024); settings.step_profile is modalities
+    0.5.0's (and the lora_2 branch's, which has no reuse_last_target and agrees with 0.5.0 everywhere else)."""
+    return "lora_branch" if settings.training is not None else "0.5.0"
+
+
+def with_release(config: dict[str, Any], release: str) -> dict[str, Any]:
+    """The config with every continuous packed dataset that does not name its `release` given this one."""
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, list):
+            return [walk(item) for item in node]
+        if not isinstance(node, dict):
+            return node
+        node = {key: walk(value) for key, value in node.items()}
+        if node.get("variant_key") == "packed_mem_map_dataset_continuous" and isinstance(node.get("config"), dict):
+            node["config"] = {"release": release, **node["config"]}
+        return node
+
+    return walk(config)
 
 
 # ------------------------------------------------------------------------------------------------ building
@@ -177,6 +210,8 @@ def build(graph: ModalitiesGraph) -> BuiltRun:
     ]
     train: ModalitiesLoader = built["train_dataloader"]
     plan = plan_of(settings, train, world)
+    plan["release"] = release_of(settings)
+    info(RELEASES[plan["release"]])
     _check_consistency(graph, settings, built, plan)
     keep = built["checkpoint_saving"].strategy.keep
     results = built["evaluation_subscriber"]
@@ -198,13 +233,14 @@ def build(graph: ModalitiesGraph) -> BuiltRun:
     return BuiltRun(
         settings=run_settings,
         model=built["wrapped_model"],
-        train_dataset=train.view(world),
+        train_dataset=train.view(world, whole=True),
         tokenizer=unwrap_tokenizer(tokenizer) if tokenizer is not None else None,
         eval_datasets={loader.tag: loader.view(world) for loader in evals},
         optimizer=built["optimizer"],
         scheduler=built["scheduler"],
         parallelism=graph.build("parallelism"),  # what the fsdp block asked, translated when checked
         shuffle=train.shuffle,
+        samples_per_epoch=train.epoch_samples(world),
         progress=built["progress"].bar,
         loss_normalization="micro_batch_mean",  # Modalities' CLMCrossEntropyLoss: the token mean per micro-batch
         step_plan=describe(plan),
@@ -351,4 +387,5 @@ def describe(p: dict[str, Any]) -> list[str]:
         f"{iv['evaluation_interval_in_steps']}, checkpoint every {iv['checkpointing_interval_in_steps']} steps; "
         f"checkpoints under {p['checkpoint_root']}/<experiment_id>/; loss: token mean per micro-batch, "
         "averaged over micro-batches and ranks",
+        RELEASES[p["release"]] + " (train_dataset.config.release decides it otherwise)",
     ]

@@ -9,7 +9,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from lorafit.config.run_spec import RunSettings
 from lorafit.data import collate as lorafit_collate
+from lorafit.data.sampler import ResumableSampler
 from lorafit.distributed.env import DistEnv
 from lorafit.training.loss import IGNORE_INDEX
 
@@ -23,6 +25,16 @@ def default_collate(dataset: Any) -> Callable[[list[Batch]], Batch]:
         return collate
 
     return lorafit_collate
+
+
+def train_sampler(dataset_len: int, settings: RunSettings, rank: int, world: int, shuffle: bool = True,
+                  samples_per_epoch: int | None = None) -> ResumableSampler:  # fmt: skip
+    """Rank `rank`'s sampler of a run's train data: the seed and global batch from `settings`; `samples_per_epoch`
+    when the config layout fixes the epoch (BuiltRun.samples_per_epoch), else whole global batches."""
+    sp = settings.step_profile
+    return ResumableSampler(dataset_len, rank=rank, world_size=world, seed=settings.seed, shuffle=shuffle,
+                            global_batch_size=sp.local_train_micro_batch_size * sp.gradient_accumulation_steps * world,
+                            epoch_length=samples_per_epoch)  # fmt: skip
 
 
 def train_micro_batches(dataset: Any, sampler: Any, micro_batch_size: int, collate: Callable) -> Iterator[Batch]:

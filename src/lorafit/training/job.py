@@ -38,6 +38,7 @@ class TrainJob:
     eval_datasets: Mapping[str, Any] = field(default_factory=dict)
     parallelism: Any = None  # a strategy from lorafit.distributed.parallel
     shuffle: bool = True
+    samples_per_epoch: int | None = None  # the sampler's epoch length when the config layout fixes it (BuiltRun)
     resume_from: str | os.PathLike | None = None  # None, "latest" or a checkpoint folder
     stop_at_step: int | None = None  # pause there (checkpoint written) although the run targets num_steps
     # target positions per chunk of the fused output head + CE (None: all at once); 256 SmolLM2 rows = 48 MiB of

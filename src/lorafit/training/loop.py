@@ -22,11 +22,10 @@ from lorafit.checkpoint.state import checkpoint_dir, find_latest, save_checkpoin
 from lorafit.checkpoint.trained_weights import write_trained_weights
 from lorafit.config.run_spec import num_steps
 from lorafit.console import info, warn
-from lorafit.data import ResumableSampler
 from lorafit.distributed.parallel import default_strategy
 from lorafit.errors import UserError, describe_storage_error, storage_error
 from lorafit.models.wrappers import full_tensor, unwrap
-from lorafit.training.batches import default_collate, held_out_losses, to_device, train_micro_batches
+from lorafit.training.batches import default_collate, held_out_losses, to_device, train_micro_batches, train_sampler
 from lorafit.training.checks import check_finite, check_gradient_flow
 from lorafit.training.interrupt import StopRequest, TrainingInterrupted
 from lorafit.training.job import TrainJob, TrainResult
@@ -52,8 +51,7 @@ def train(job: TrainJob) -> TrainResult:
     model = unwrap(loss_fn)  # the Hugging Face model inside, as trained (parameters possibly sharded)
     optimizer = job.optimizer_factory(model)
     scheduler = job.scheduler_factory(optimizer, total_steps)
-    sampler = ResumableSampler(len(job.train_dataset), rank=env.rank, world_size=world, seed=settings.seed,
-                               shuffle=job.shuffle, global_batch_size=global_batch)  # fmt: skip
+    sampler = train_sampler(len(job.train_dataset), settings, env.rank, world, job.shuffle, job.samples_per_epoch)
     _seed_everything(settings.seed + env.rank)  # differs per rank: dropout masks of different samples differ
 
     # --- resume (lorafit.resume): the trainable parameters + optimizer moments, data position, counters, random
