@@ -46,6 +46,10 @@ def main() -> int:
                 f"settings.src_path={stem}.jsonl",
                 f"settings.index_path={stem}.idx",
                 f"settings.dst_path={stem}.pbin",
+                # the shipped training configs are the lora branch's: its packing (eod always appended) makes each
+                # padded 128-token document one block of sequence_length + 1
+                "--modalities_release",
+                "lora_branch",
             ],
             check=True,
         )

@@ -188,3 +188,42 @@ def test_a_modalities_run_samples_the_whole_dataset_with_the_loaders_epoch(tmp_p
     n = read_pbin(TRAIN_PBIN).num_tokens // 129  # the lora branch: blocks of sequence_length + 1
     assert len(built.train_dataset) == n
     assert built.samples_per_epoch == n // 3 // 2 * 2 * 3
+
+
+def _prep(tmp: Path, tool: str, padded: bool) -> Path:
+    """The seed's data-preparation config (configs/modalities/packed_dataset_config_lora_smol.yaml, which pads
+    every document to 128 tokens with the eod token) or the same without padding, paths into `tmp/tool`."""
+    folder = tmp / tool
+    folder.mkdir(parents=True, exist_ok=True)
+    config = yaml.safe_load((REPO / "configs" / "modalities" / "packed_dataset_config_lora_smol.yaml").read_text())
+    src = folder / "chat_val.jsonl"
+    src.write_bytes((REPO / "data" / "modalities" / "chat_val.jsonl").read_bytes())
+    config["settings"].update(src_path=str(src), index_path=str(folder / "chat_val.idx"),
+                              dst_path=str(folder / "chat_val.pbin"), num_cpus=1)  # fmt: skip
+    config["tokenizer"]["config"]["pretrained_model_name_or_path"] = str(REPO / "data" / "models" / "SmolLM2-135M")
+    if not padded:
+        config["tokenizer"]["config"].update(padding=False, truncation=False)
+    path = folder / "prep.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+@pytest.mark.parametrize("padded", [True, False], ids=["padded_with_eod", "not_padded"])
+def test_index_and_pbin_bytes_equal_modalities(modalities_python, smollm2_dir, padded, tmp_path):
+    """`lorafit data create_raw_index` + `pack_encoded_data` (default: the current release's bytes) against
+    modalities 0.5.0's own `create_raw_data_index` + `pack_encoded_data` on the same config."""
+    from lorafit.cli import main
+
+    theirs, ours = _prep(tmp_path, "modalities", padded), _prep(tmp_path, "lorafit", padded)
+    reference(modalities_python, {"op": "index", "src": str(theirs.parent / "chat_val.jsonl"),
+                                  "index": str(theirs.parent / "chat_val.idx")})  # fmt: skip
+    reference(modalities_python, {"op": "pack", "config": str(theirs)})
+    assert main(["data", "create_raw_index", str(ours.parent / "chat_val.jsonl")]) == 0
+    assert main(["data", "pack_encoded_data", str(ours)]) == 0
+    for name in ("chat_val.idx", "chat_val.pbin"):
+        assert (ours.parent / name).read_bytes() == (theirs.parent / name).read_bytes(), name
+    # the lora branch's rule appends eod to every document: different bytes exactly where a document is padded
+    (ours.parent / "chat_val.pbin").unlink()
+    assert main(["data", "pack_encoded_data", str(ours), "--modalities_release", "lora_branch"]) == 0
+    same = (ours.parent / "chat_val.pbin").read_bytes() == (theirs.parent / "chat_val.pbin").read_bytes()
+    assert same is not padded
