@@ -227,3 +227,32 @@ def test_index_and_pbin_bytes_equal_modalities(modalities_python, smollm2_dir, p
     assert main(["data", "pack_encoded_data", str(ours), "--modalities_release", "lora_branch"]) == 0
     same = (ours.parent / "chat_val.pbin").read_bytes() == (theirs.parent / "chat_val.pbin").read_bytes()
     assert same is not padded
+
+
+NUMBERS = {  # modalities 0.5.0's number conversions, each in its own spelling (num_ranks or dp_degree)
+    "a": ("local_num_batches_from_num_samples", {"num_ranks": 3, "global_num_samples": 1001,
+                                                 "local_micro_batch_size": 2}),
+    "b": ("local_num_batches_from_num_tokens", {"num_ranks": 3, "global_num_tokens": 90001, "sequence_length": 128,
+                                                "local_micro_batch_size": 2}),
+    # (num_steps_from_num_samples cannot be built in 0.5.0: its config wants num_ranks, its function dp_degree)
+    "d": ("num_steps_from_num_tokens", {"dp_degree": 3, "local_micro_batch_size": 2, "global_num_tokens": 90001,
+                                        "sequence_length": 128, "gradient_accumulation_steps": 4}),
+    "e": ("num_tokens_from_num_steps", {"num_steps": 17, "dp_degree": 3, "local_micro_batch_size": 2,
+                                        "sequence_length": 128, "gradient_accumulation_steps": 4}),
+    "f": ("num_samples_from_num_tokens", {"num_tokens": 90001, "sequence_length": 128}),
+}  # fmt: skip
+
+
+def test_number_conversions_equal_modalities(modalities_python, tmp_path):
+    """Steps and tokens from modalities 0.5.0's number_conversion components, dp_degree spelling included."""
+    from lorafit.components import load_builtin_components
+    from lorafit.config.graph import ConfigGraph
+
+    config = {key: {"component_key": "number_conversion", "variant_key": variant, "config": values}
+              for key, (variant, values) in NUMBERS.items()}  # fmt: skip
+    (tmp_path / "numbers.yaml").write_text(yaml.safe_dump(config))
+    expected = reference(modalities_python, {"op": "numbers", "config": str(tmp_path / "numbers.yaml"),
+                                             "keys": list(NUMBERS)})  # fmt: skip
+    load_builtin_components()
+    graph = ConfigGraph(config)
+    assert {key: graph.build(key) for key in NUMBERS} == expected

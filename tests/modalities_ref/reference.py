@@ -8,6 +8,7 @@ its data tools. Requests:
   {"op": "batches", "config": PATH, "loader": "train_dataloader", "world_size": W, "num_batches": K}
       -> {"dataset_len": N, "ranks": [[[sample index, ...] per micro-batch] per rank],
           "first_sample": [token ids of the first sample of rank 0's first batch]}
+  {"op": "numbers", "config": PATH, "keys": [KEY, ...]}   -> {KEY: the number Modalities' component gives}
   {"op": "pack", "config": PATH}                       Modalities' `data pack_encoded_data CONFIG`
   {"op": "index", "src": PATH, "index": PATH}          Modalities' `data create_raw_index`
   {"op": "load_checkpoint", "config": PATH, "model": KEY}
@@ -60,6 +61,12 @@ def batches(request: dict) -> dict:
     return {"dataset_len": dataset_len, "ranks": ranks, "first_sample": first}
 
 
+def numbers(request: dict) -> dict:
+    built = _build(request["config"], dict.fromkeys(request["keys"], int), {"RANK": "0", "LOCAL_RANK": "0",
+                                                                         "WORLD_SIZE": "1"})  # fmt: skip
+    return {key: getattr(built, key) for key in request["keys"]}
+
+
 def pack(request: dict) -> dict:
     from modalities.api import FileExistencePolicy, pack_encoded_data
     from modalities.config.config import load_app_config_dict
@@ -89,7 +96,7 @@ def load_checkpoint(request: dict) -> dict:
 
 if __name__ == "__main__":
     request = json.load(sys.stdin)
-    answer = {"batches": batches, "pack": pack, "index": index, "load_checkpoint": load_checkpoint}[request["op"]](
-        request
-    )
+    answer = {"batches": batches, "numbers": numbers, "pack": pack, "index": index, "load_checkpoint": load_checkpoint}[
+        request["op"]
+    ](request)
     json.dump(answer, sys.stdout)

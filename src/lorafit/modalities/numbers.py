@@ -1,21 +1,23 @@
 """Modalities' number_conversion components: steps, batches and tokens from one another, by its formulas.
 
 The `lora` branch's step conversions have no gradient_accumulation_steps; the `lora_2` branch and modalities 0.5.0
-divide by it too (default 1 here, so both spellings give Modalities' number)."""
+divide by it too (default 1 here, so both spellings give Modalities' number). The number of data-parallel ranks is
+`num_ranks` in the branches and `dp_degree` in modalities 0.5.0: both are taken."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import AliasChoices, Field
 
 from lorafit.config.registry import ComponentConfig, register_component
 from lorafit.modalities.data import PackedContinuousDataset
 
 
 class _Ranks(ComponentConfig):
-    num_ranks: int = Field(gt=0)
+    # the lora branches' name, and modalities 0.5.0's (the data-parallel degree): either spelling, one number
+    num_ranks: int = Field(gt=0, validation_alias=AliasChoices("num_ranks", "dp_degree"))
     local_micro_batch_size: int = Field(gt=0)
 
 
