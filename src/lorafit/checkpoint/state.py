@@ -228,21 +228,21 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
-    from lorafit.checkpoint.dcp_metadata import (
-        SafeFileSystemReader,
-        SafeLoadPlanner,
-        metadata_problem,
-    )  # deferred: as above
+    from lorafit.checkpoint import dcp_metadata  # deferred: as above
 
     path = Path(path)
-    if problem := metadata_problem(path):  # said as itself, not as the config mismatch the except below reports
+    # a refused file is said as itself, not as the config mismatch the except below reports
+    if problem := dcp_metadata.metadata_problem(path):
         raise UserError(f"cannot resume from {path}: {problem}")
     model_sd, optim_sd = _trainable_state(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
     try:
         with _quiet_single_process(env):
             dcp.load(
-                state, storage_reader=SafeFileSystemReader(path), planner=SafeLoadPlanner(), no_dist=not env.distributed
+                state,
+                storage_reader=dcp_metadata.SafeFileSystemReader(path),
+                planner=dcp_metadata.SafeLoadPlanner(),
+                no_dist=not env.distributed,
             )
     except (Exception, CheckpointException) as error:  # a shape or a key differs: another LoRA r or targets
         # CheckpointException (a BaseException) carries each rank's traceback as text: its last line is the cause

@@ -30,6 +30,7 @@ from lorafit.console import info
 from lorafit.distributed.parallel import decoder_blocks
 from lorafit.errors import ConfigError, Problem, UserError, did_you_mean
 from lorafit.modalities.data import ModalitiesLoader
+from lorafit.modalities.no_effect import say_keys_without_effect
 from lorafit.modalities.settings import ModalitiesSettings, NewProgress, settings_problems
 from lorafit.modalities.sharding import ModalitiesGraph, translate, wrapped_model_block
 from lorafit.modalities.tokenizer import unwrap_tokenizer
@@ -150,6 +151,7 @@ def check(config: dict[str, Any]) -> tuple[ConfigGraph, list[Problem]]:
     if problems:
         return graph, problems
     say_not_honoured(wrapped_model_block(graph.config))
+    say_keys_without_effect(graph.config)
     checkpointing = bool(settings.training and settings.training.activation_checkpointing_modules)
     translated, block_names = translate(with_release(graph.config, release_of(settings)),
                                         activation_checkpointing=checkpointing)  # fmt: skip
