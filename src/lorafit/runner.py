@@ -189,6 +189,9 @@ def train(built: BuiltRun, run_dir: Path, dist_env, checkpoint: Path | None, sou
         trackers=trackers,
         shuffle=built.shuffle,
         samples_per_epoch=built.samples_per_epoch,
+        eval_batch_sizes=built.eval_batch_sizes,
+        eval_loss=built.eval_loss,
+        eval_at_start=built.eval_at_start,
         progress=built.progress,
         loss_normalization=built.loss_normalization,
     )

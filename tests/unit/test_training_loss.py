@@ -125,3 +125,32 @@ def test_fused_head_loss_with_no_target_is_zero_and_still_differentiable():
     loss = linear_cross_entropy(hidden, torch.nn.Linear(4, 6), torch.full((2, 3), -100))
     loss.backward()
     assert float(loss.detach()) == 0.0 and torch.count_nonzero(hidden.grad) == 0
+
+
+@pytest.mark.parametrize("mean", ["token_mean", "batch_mean"])
+def test_held_out_loss_is_the_token_mean_or_modalities_mean_of_batch_means(setup, mean):
+    """batch_mean (Modalities' evaluator): each batch's token-mean cross-entropy, averaged over the batches of the
+    eval loader's own batch size; token_mean: all target tokens of the set at once."""
+    import contextlib
+
+    from lorafit.distributed.env import DistEnv
+    from lorafit.training.batches import held_out_losses
+    from lorafit.training.loss import CausalLMLoss
+
+    model, input_ids, labels = setup
+    dataset = [{"input_ids": i, "labels": lab} for i, lab in zip(input_ids, labels, strict=True)]
+
+    def collate(items):
+        return {k: torch.stack([item[k] for item in items]) for k in items[0]}
+
+    env = DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), backend=None)
+    got = held_out_losses(CausalLMLoss(model), {"val": dataset}, env, 3, None, contextlib.nullcontext, collate,
+                          {"val": 2}, mean)["val"]  # fmt: skip
+    with torch.no_grad():
+        sums = [_reference(model, input_ids[s], labels[s]) for s in (slice(0, 2), slice(2, 3))]
+    counts = [(labels[s] != -100).sum() for s in (slice(0, 2), slice(2, 3))]
+    if mean == "batch_mean":  # batches of 2 (the loader's size, not the micro batch 3): samples [0, 1], [2]
+        expected = (sums[0] / counts[0] + sums[1] / counts[1]) / 2
+    else:
+        expected = (sums[0] + sums[1]) / (counts[0] + counts[1])
+    assert got == pytest.approx(float(expected), rel=1e-5)

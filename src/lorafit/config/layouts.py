@@ -37,6 +37,7 @@ if TYPE_CHECKING:  # annotations only: torch and transformers cost seconds to im
 # What a step's loss is the mean of (training/loop.py). "global_tokens" (lorafit's): every target token of the
 # global batch, one weight each, so 1 and N processes agree. "micro_batch_mean": each micro-batch's token mean,
 # averaged over micro-batches and ranks (Modalities' CLMCrossEntropyLoss; the Modalities layout sets it)
+EvalLoss = Literal["token_mean", "batch_mean"]
 LossNormalization = Literal["global_tokens", "micro_batch_mean"]
 
 
@@ -84,6 +85,12 @@ class BuiltRun:
     samples_per_epoch: int | None = None
     progress: bool | None = None  # rich progress bar; None: when stdout is a terminal
     loss_normalization: LossNormalization = "global_tokens"
+    # held-out evaluation: each eval dataset's batch size (default: the training micro batch), the loss as the
+    # token mean of the whole set or as the mean of each batch's token mean (Modalities' evaluator), and whether
+    # the untrained model is evaluated first (step 0; Modalities does)
+    eval_batch_sizes: dict[str, int] = field(default_factory=dict)
+    eval_loss: EvalLoss = "token_mean"
+    eval_at_start: bool = False
     # `lorafit validate`'s lines on steps and batches when the layout plans them its own way (else from settings)
     step_plan: list[str] = field(default_factory=list)
 

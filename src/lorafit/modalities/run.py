@@ -238,6 +238,10 @@ def build(graph: ModalitiesGraph) -> BuiltRun:
         train_dataset=train.view(world, whole=True),
         tokenizer=unwrap_tokenizer(tokenizer) if tokenizer is not None else None,
         eval_datasets={loader.tag: loader.view(world) for loader in evals},
+        # Modalities' evaluator: each loader's own batch size, the mean of per-batch means, first at step 0
+        eval_batch_sizes={loader.tag: loader.micro_batch_size for loader in evals},
+        eval_loss="batch_mean",
+        eval_at_start=True,
         optimizer=built["optimizer"],
         scheduler=built["scheduler"],
         parallelism=graph.build("parallelism"),  # what the fsdp block asked, translated when checked

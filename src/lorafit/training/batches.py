@@ -82,8 +82,12 @@ def held_out_losses(
     max_batches: int | None,
     autocast: Callable,
     collate: Callable | None = None,
+    batch_sizes: Mapping[str, int] | None = None,
+    mean: str = "token_mean",
 ) -> dict[str, float]:
-    """Mean token loss of each eval dataset through `loss_fn` (a `CausalLMLoss`, possibly wrapped); all ranks
+    """The loss of each eval dataset through `loss_fn` (a `CausalLMLoss`, possibly wrapped): the mean over all
+    its target tokens ("token_mean"), or the mean over its batches of each batch's token mean ("batch_mean",
+    Modalities' evaluator). `batch_sizes[name]` (default `micro_batch_size`) samples a batch per rank. All ranks
     take part and get the result."""
     was_training = loss_fn.training
     loss_fn.eval()
@@ -92,12 +96,18 @@ def held_out_losses(
         for name, dataset in datasets.items():
             total = torch.zeros(2, dtype=torch.float64, device=env.device)
             fn = collate or default_collate(dataset)
-            for batch in eval_micro_batches(dataset, env, micro_batch_size, max_batches, fn):
+            size = (batch_sizes or {}).get(name, micro_batch_size)
+            for batch in eval_micro_batches(dataset, env, size, max_batches, fn):
                 batch = to_device(batch, env.device)
                 with autocast():
                     loss_sum = loss_fn(**batch)
-                total[0] += loss_sum.double()
-                total[1] += (batch["labels"] != IGNORE_INDEX).sum()
+                targets = (batch["labels"] != IGNORE_INDEX).sum()
+                if mean == "batch_mean":  # one term per batch that has targets (a padding batch has none)
+                    total[0] += loss_sum.double() / targets.clamp(min=1)
+                    total[1] += (targets > 0).double()
+                else:
+                    total[0] += loss_sum.double()
+                    total[1] += targets
             env.all_reduce_sum(total)
             results[name] = float(total[0] / total[1].clamp(min=1))
     finally:

@@ -39,6 +39,9 @@ class TrainJob:
     parallelism: Any = None  # a strategy from lorafit.distributed.parallel
     shuffle: bool = True
     samples_per_epoch: int | None = None  # the sampler's epoch length when the config layout fixes it (BuiltRun)
+    eval_batch_sizes: Mapping[str, int] = field(default_factory=dict)  # as BuiltRun's: the held-out evaluation
+    eval_loss: str = "token_mean"
+    eval_at_start: bool = False
     resume_from: str | os.PathLike | None = None  # None, "latest" or a checkpoint folder
     stop_at_step: int | None = None  # pause there (checkpoint written) although the run targets num_steps
     # target positions per chunk of the fused output head + CE (None: all at once); 256 SmolLM2 rows = 48 MiB of

@@ -76,7 +76,8 @@ def train(job: TrainJob) -> TrainResult:
 
     def run_eval() -> dict[str, float]:
         results = held_out_losses(loss_fn, job.eval_datasets, env, micro_batch, settings.eval_max_batches,
-                           lambda: strategy.autocast(env), job.collate_fn)  # fmt: skip
+                                  lambda: strategy.autocast(env), job.collate_fn, job.eval_batch_sizes,
+                                  job.eval_loss)  # fmt: skip
         metrics.log({"step": step, **{f"eval/{k}/loss": v for k, v in results.items()}})
         return results
 
@@ -92,6 +93,8 @@ def train(job: TrainJob) -> TrainResult:
             raise _checkpoint_failure(error, checkpoint_dir(run_dir, step), last_checkpoint) from None
 
     per_micro_batch = job.loss_normalization == "micro_batch_mean"
+    if job.eval_at_start and job.eval_datasets and resumed is None:  # the untrained model's held-out loss, step 0
+        eval_losses = run_eval()
     interrupted = False
     try:
         with lean_mlps(model), StopRequest() as stop:
