@@ -42,8 +42,10 @@ def test_importing_every_lorafit_module_changes_no_environment_logger_or_warning
 
 def test_lorafit_quiets_torchao_only_for_its_own_import():
     """torchao's CUDA-library warnings are filtered while frozen/nf4.py imports it, and the filter is gone after."""
-    code = ("import logging; from lorafit.frozen.nf4 import _nf4_module; _nf4_module(); "
-            "print([f for n in ('torchao', 'torch.utils._pytree') for f in logging.getLogger(n).filters])")
+    code = (
+        "import logging; from lorafit.frozen.nf4 import _nf4_module; _nf4_module(); "
+        "print([f for n in ('torchao', 'torch.utils._pytree') for f in logging.getLogger(n).filters])"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout + proc.stderr[-2000:]
     assert "Failed to load" not in proc.stderr
