@@ -103,7 +103,7 @@ def _sequence_length_problems(config: dict[str, Any]) -> list[Problem]:
             and (own := block["config"].get("sequence_length")) is not None and own != seq]  # fmt: skip
 
 
-def _with_sequence_length(config: dict[str, Any], seq: int) -> dict[str, Any]:
+def with_sequence_length(config: dict[str, Any], seq: int) -> dict[str, Any]:
     """`config` with `seq` written into every dataset block that takes a sequence_length and leaves it null."""
 
     def fill(value: Any) -> Any:
@@ -183,7 +183,7 @@ def _build_native(graph: ConfigGraph) -> BuiltRun:
     built: dict[str, Any] = {}
     # one sequence length: datasets that leave theirs null are given the settings' in their config (a differing
     # one was refused by the check), so the blocks, the step budget and the position check use the same number
-    graph = ConfigGraph(_with_sequence_length(config, settings.step_profile.sequence_length))
+    graph = ConfigGraph(with_sequence_length(config, settings.step_profile.sequence_length))
     with deferred_init():  # random init only for models that no checkpoint fills
         for key in RUN_ENTITIES:
             if key in config:

@@ -22,11 +22,11 @@ TRAINED_OPEN, TRAINED_CLOSE, NEW_DOCUMENT = "[[", "]]", " | "
 
 def build_dataset(config_path: Path, name: str, overrides: tuple[str, ...]) -> tuple[Any, Any, int]:
     """(the dataset `name` of the run config, the run's tokenizer or None, the run's sequence length)."""
-    from lorafit.build import load_run_config  # deferred: data/ sits below the run build; only --config needs it
-    from lorafit.config.context import build_context  # deferred: as above
+    from lorafit.build import load_run_config, with_sequence_length  # deferred: data/ sits below the run build
+    from lorafit.config.graph import ConfigGraph  # deferred: as above
     from lorafit.config.run_spec import RunSettings, settings_of  # deferred: as above
 
-    config, graph = load_run_config(config_path, overrides=overrides)
+    config, _ = load_run_config(config_path, overrides=overrides)
     key, _, member = name.partition(".")
     if key not in ("train_dataset", "eval_datasets") or (key == "eval_datasets") != bool(member):
         raise UserError(f"--dataset {name}: give train_dataset or eval_datasets.NAME")
@@ -34,9 +34,9 @@ def build_dataset(config_path: Path, name: str, overrides: tuple[str, ...]) -> t
         raise UserError(f"{config_path} has no top-level '{key}' (a Modalities config: preview its dataset files "
                         "with --input / --tokenizer)")  # fmt: skip
     seq = RunSettings.model_validate(settings_of(config)).step_profile.sequence_length
-    with build_context(sequence_length=seq):
-        built = graph.build(key)
-        tokenizer = graph.build("tokenizer") if "tokenizer" in config else None
+    graph = ConfigGraph(with_sequence_length(config, seq))  # as the run builds it: one sequence length
+    built = graph.build(key)
+    tokenizer = graph.build("tokenizer") if "tokenizer" in config else None
     if member:
         if member not in built:
             raise UserError(f"--dataset {name}: eval_datasets has {', '.join(built) or 'nothing'}")
