@@ -317,9 +317,11 @@ def build_run_entities(config_path: Path, names: list[str]) -> dict[str, Any]:
         return {name: graph.build(name) for name in names if name in config}
 
 
-def validate_config(config_path: Path, overrides: tuple[str, ...] = (), *, verbose: bool = False) -> str:
+def validate_config(
+    config_path: Path, overrides: tuple[str, ...] = (), *, verbose: bool = False, processes: int = 1
+) -> str:
     """Check everything, build the model on the meta device, and say what a run would do (`verbose`: every
-    adapted module, not only where each target landed)."""
+    adapted module, not only where each target landed; `processes`: the run's process count, for its memory)."""
     _config, graph = load_run_config(config_path, overrides=overrides)
     with build_context(meta_device=True, load_weights=False, announce=False):
         run = build_run(graph)
@@ -337,6 +339,9 @@ def validate_config(config_path: Path, overrides: tuple[str, ...] = (), *, verbo
         from lorafit.modalities.run import describe
 
         lines[-1:] = describe(run)
+    from lorafit.training.memory import describe as describe_resources
+
+    lines += describe_resources(run, _config, processes)  # precision, compile and predicted peak memory
     return "\n".join(lines)
 
 

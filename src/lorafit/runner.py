@@ -18,6 +18,7 @@ from lorafit.config.loader import ConfigEnv
 from lorafit.console import info, warn
 from lorafit.errors import UserError
 from lorafit.experiment import create_run_dir, default_experiment_id, read_resolved
+from lorafit.training.memory import refuse_if_too_big
 from lorafit.training.trackers import open_trackers
 
 
@@ -87,6 +88,7 @@ def _run(request: RunRequest, dist_env) -> Path:
                 f"parallelism: 'none' with {dist_env.world_size} processes would train {dist_env.world_size} "
                 "unsynchronised copies; use variant_key fsdp2 or ddp (or leave parallelism out: fsdp2 under torchrun)",
             )
+        refuse_if_too_big(built, config, dist_env)  # predicted peak memory vs the machine's (training/memory.py)
         dist_env.on_main(lambda: trackers.extend(open_trackers(built.settings.loggers, run_dir, experiment_id,
                                                                run_config=config)))  # fmt: skip
     except UserError:
