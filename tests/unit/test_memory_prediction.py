@@ -49,6 +49,7 @@ def test_low_precision_base_and_sharding_shrink_the_weights():
     assert predict(replace(MAIN_JOB, frozen_bytes=MAIN_JOB.frozen_bytes // 2)).parts["weights"] == pytest.approx(
         base / 2
     )
+    assert predict(replace(MAIN_JOB, nf4=True)).parts["torchao"] == 86.0  # the 4-bit base's library
     sharded = predict(replace(MAIN_JOB, world_size=2, sharded=True)).parts
     assert base / 2 < sharded["weights"] < base  # half, plus the gathered root and two blocks
     assert sharded["adapters+optimizer"] == pytest.approx(predict(MAIN_JOB).parts["adapters+optimizer"] / 2)

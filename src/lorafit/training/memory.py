@@ -10,8 +10,9 @@ The prediction is the larger of two phases, each a sum of parts (MiB):
 - allocator: what loading a model, its tokenizer and running a first forward add beyond the weights themselves
   (library code, kernel caches, the allocator's own pools; measured: 170 MiB).
 - frozen weights: every frozen parameter at its storage size (fp32 4 bytes, bf16 2, NF4 ~4.13 bits for the
-  linear layers it quantises). Under FSDP2 on N processes: 1/N of them, plus the gathered root (embeddings,
-  final norm: kept whole from forward to backward) and two gathered decoder blocks (the one running, the next).
+  linear layers it quantises). A 4-bit base also loads torchao (measured: 86 MiB). Under FSDP2 on N processes:
+  1/N of them, plus the gathered root (embeddings, final norm: kept whole from forward to backward) and two
+  gathered decoder blocks (the one running, the next).
 - adapters and optimizer: each trainable parameter's value, gradient, AdamW's two moments and the temporary of its
   update (sqrt of the second moment, one parameter at a time, but kept in the allocator's cache): 20 bytes (1/N
   of it under FSDP2). The temporary's 4 bytes are what full fine-tuning's measured peak asked for beyond 16.
@@ -43,6 +44,7 @@ CKPT_HIDDEN = 2.0  # with activation checkpointing: floats per token and layer k
 GENERATION_FACTOR = 1.12  # measured generation peak / (KV cache + prefill intermediates)
 OPTIMIZER_BYTES = 20  # per trainable parameter: value, gradient, two AdamW moments, the update's temporary
 HEAD_CHUNK = 256  # positions per fused head + cross-entropy chunk (TrainJob.loss_chunk_tokens)
+TORCHAO_MIB = 86.0  # RSS that importing torchao's NF4 adds (frozen_dtype: nf4)
 NF4_BYTES = 4.127 / 8  # 4 bits + an int8 scale per 64 values + an fp32 scale per 256 scales
 
 
@@ -65,6 +67,7 @@ class MemoryJob:
     keeps_down_input: bool = False  # an adapter on the down projection, or full fine-tuning
     precision: str = "fp32"
     frozen_linear_bytes: int = 0  # the frozen linear weights in fp32 (what bf16 autocast caches a copy of)
+    nf4: bool = False  # a 4-bit base (torchao loaded)
     world_size: int = 1
     sharded: bool = False  # fsdp2 over world_size processes
     device: str = "cpu"
@@ -122,6 +125,8 @@ def predict(job: MemoryJob) -> MemoryPrediction:
         generation = max(generation, GENERATION_FACTOR * (kv + prefill))
     fixed = {"runtime": RUNTIME_MIB, "allocator": ALLOCATOR_MIB} if job.device == "cpu" else {}
     common = {**fixed, "weights": weights / MIB, "adapters+optimizer": state / MIB}
+    if job.nf4:
+        common["torchao"] = TORCHAO_MIB
     if autocast_copies:
         common["bf16 weight copies"] = autocast_copies / MIB
     training = {**common, "activations" + (" (checkpointed)" if job.checkpointing else ""): activations / MIB,
@@ -223,7 +228,8 @@ def job_from_run(run, config: dict, world_size: int = 1, precision: str = "fp32"
         hidden=hidden, intermediate=intermediate, vocab=vocab, kv_width=kv_heads * head_dim,
         micro_batch=sp.local_train_micro_batch_size, sequence_length=sp.sequence_length,
         checkpointing=strategy.config.activation_checkpointing, keeps_down_input=bool(down), precision=precision,
-        frozen_linear_bytes=frozen_linear, world_size=world_size, sharded=strategy.name == "fsdp2",
+        frozen_linear_bytes=frozen_linear, nf4=frozen_dtype == "nf4", world_size=world_size,
+        sharded=strategy.name == "fsdp2",
         device="cuda" if torch.cuda.is_available() else "cpu", evaluations=_evaluations(run),
     )  # fmt: skip
 
