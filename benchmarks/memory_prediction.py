@@ -77,8 +77,10 @@ def measure(name: str, work: Path) -> dict:
     with (work / f"{name}.log").open("w") as log:
         child = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
         _, status, usage = os.wait4(child.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"[{name}] failed:\n" + (work / f"{name}.log").read_text()[-3000:])
+    if os.waitstatus_to_exitcode(status) != 0:  # recorded, and the other cases still run
+        error = (work / f"{name}.log").read_text().strip().splitlines()[-1]
+        print(f"[{name}] failed: {error}", flush=True)
+        return {"config": config, "overrides": overrides, "processes": processes, "failed": error}
     predicted = float(match.group(1).replace(",", ""))
     measured = usage.ru_maxrss / 1024
     result = {"config": config, "overrides": overrides, "processes": processes, "predicted_mib": predicted,
@@ -99,6 +101,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.repredict:
         results = json.loads((args.out / "memory_prediction.json").read_text())["results"]
         for name, r in results.items():
+            if "failed" in r:
+                continue
             match = prediction_of(name)
             r.update(predicted_mib=float(match.group(1).replace(",", "")), parts=match.group(2))
             r["error"] = round(r["predicted_mib"] / r["measured_peak_rss_mib"] - 1, 4)
@@ -113,6 +117,9 @@ def main(argv: list[str] | None = None) -> None:
     print("| case | config | processes | predicted (MiB) | measured peak RSS (MiB) | error |")
     print("|---|---|---|---|---|---|")
     for name, r in results.items():
+        if "failed" in r:
+            print(f"| {name} | `{r['config']}` {' '.join(r['overrides'])} | {r['processes']} | failed: {r['failed']} |")
+            continue
         print(f"| {name} | `{r['config']}` {' '.join(r['overrides'])} | {r['processes']} | {r['predicted_mib']:,.0f} | "
               f"{r['measured_peak_rss_mib']:,} | {r['error']:+.1%} |")  # fmt: skip
 
