@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Generate the shipped fine-tuning task: person records extracted into one strict `key: value; ...` line.
 
-    python scripts/make_task_data.py [--out data/task] [--train 1200] [--heldout 64] [--seed 1234]
+    python scripts/make_task_data.py [--out data/task] [--train 1200] [--heldout 64] [--test 64] [--seed 1234]
 
 Each example is one chat turn in `{"messages": [{"role": "user", ...}, {"role": "assistant", ...}]}` jsonl:
 
@@ -10,8 +10,15 @@ Each example is one chat turn in `{"messages": [{"role": "user", ...}, {"role": 
 
 Why this task: the base SmolLM2-135M-Instruct cannot guess the keys, their order or the separators, so it scores ~0%
 exact match; the skill (copy four fields, whatever order the sentence gives them in, into a fixed line) is learnt by a
-LoRA in a few dozen steps. The held-out set measures generalisation, not memorisation: its first names, last names,
+LoRA in a few dozen steps. The held-out sets measure generalisation, not memorisation: their first names, last names,
 cities and jobs come from pools the training set never uses, and two of the sentence wordings appear only there.
+
+Three files, three roles:
+    train.jsonl    what the model trains on
+    heldout.jsonl  the validation split: every choice of the main job (learning rate, steps, block size) is made on it
+    test.jsonl     the test split: drawn like heldout.jsonl (same pools and wordings, other sentences), and looked at
+                   by no choice; the quickstart's reported score. It is drawn after the other two, from the same
+                   random stream, so adding it left train.jsonl and heldout.jsonl byte for byte as they were.
 
 Pure Python and seeded: the same arguments always write byte-identical files.
 """
@@ -109,8 +116,9 @@ def make_example(rng: random.Random, pools: dict[str, list[str]], templates: lis
     return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]}
 
 
-def make_task(n_train: int, n_heldout: int, seed: int) -> tuple[list[dict], list[dict]]:
-    """(train, heldout): disjoint entity pools; held-out also uses wordings the training set never sees."""
+def make_task(n_train: int, n_heldout: int, seed: int, n_test: int = 0) -> tuple[list[dict], ...]:
+    """(train, heldout[, test]): disjoint entity pools between training and the held-out sets; held-out and test
+    also use wordings the training set never sees. No prompt appears twice across the three."""
     rng = random.Random(seed)
     train_pools, heldout_pools = {}, {}
     for key, pool, fraction in (
@@ -121,16 +129,23 @@ def make_task(n_train: int, n_heldout: int, seed: int) -> tuple[list[dict], list
     ):
         train_pools[key], heldout_pools[key] = _split(pool, rng, fraction)
     train = [make_example(rng, train_pools, TEMPLATES) for _ in range(n_train)]
-    heldout = []
     seen_prompts = {ex["messages"][0]["content"] for ex in train}
-    while len(heldout) < n_heldout:
-        # One in four held-out sentences uses a wording reserved for the held-out set.
-        templates = HELDOUT_TEMPLATES if len(heldout) % 4 == 3 else TEMPLATES
-        example = make_example(rng, heldout_pools, templates)
-        if example["messages"][0]["content"] not in seen_prompts:
-            seen_prompts.add(example["messages"][0]["content"])
-            heldout.append(example)
-    return train, heldout
+
+    def draw(n: int) -> list[dict]:
+        out: list[dict] = []
+        while len(out) < n:
+            # One in four held-out sentences uses a wording reserved for the held-out sets.
+            templates = HELDOUT_TEMPLATES if len(out) % 4 == 3 else TEMPLATES
+            example = make_example(rng, heldout_pools, templates)
+            if example["messages"][0]["content"] not in seen_prompts:
+                seen_prompts.add(example["messages"][0]["content"])
+                out.append(example)
+        return out
+
+    heldout = draw(n_heldout)
+    if not n_test:
+        return train, heldout
+    return train, heldout, draw(n_test)
 
 
 def write_jsonl(path: Path, examples: list[dict]) -> None:
@@ -140,23 +155,32 @@ def write_jsonl(path: Path, examples: list[dict]) -> None:
             f.write(json.dumps(example, ensure_ascii=False) + "\n")
 
 
-def task_data_main(make, description: str, out: Path, seed: int, argv: list[str] | None = None) -> None:
-    """The command line of both task generators: `make(n_train, n_heldout, seed)` -> OUT/train.jsonl and
-    OUT/heldout.jsonl."""
+def task_data_main(
+    make, description: str, out: Path, seed: int, argv: list[str] | None = None, test: int | None = None
+) -> None:
+    """The command line of both task generators: `make(n_train, n_heldout, seed[, n_test])` -> OUT/train.jsonl,
+    OUT/heldout.jsonl and, where `test` (the default size of the test split) is given, OUT/test.jsonl."""
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--out", type=Path, default=out, help="folder for train.jsonl and heldout.jsonl")
+    parser.add_argument("--out", type=Path, default=out, help="folder for the .jsonl files")
     parser.add_argument("--train", type=int, default=1200, help="number of training examples")
-    parser.add_argument("--heldout", type=int, default=64, help="number of held-out examples")
+    parser.add_argument("--heldout", type=int, default=64, help="number of held-out (validation) examples")
+    if test is not None:
+        parser.add_argument("--test", type=int, default=test, help="number of test examples")
     parser.add_argument("--seed", type=int, default=seed)
     args = parser.parse_args(argv)
-    train, heldout = make(args.train, args.heldout, args.seed)
-    write_jsonl(args.out / "train.jsonl", train)
-    write_jsonl(args.out / "heldout.jsonl", heldout)
-    print(f"wrote {len(train)} training and {len(heldout)} held-out examples to {args.out}")
+    if test is None:
+        splits = dict(zip(("train", "heldout"), make(args.train, args.heldout, args.seed), strict=True))
+    else:
+        splits = dict(
+            zip(("train", "heldout", "test"), make(args.train, args.heldout, args.seed, args.test), strict=True)
+        )
+    for name, examples in splits.items():
+        write_jsonl(args.out / f"{name}.jsonl", examples)
+    print(f"wrote {', '.join(f'{len(v)} {k}' for k, v in splits.items())} examples to {args.out}")
 
 
 def main(argv: list[str] | None = None) -> None:
-    task_data_main(make_task, __doc__.splitlines()[0], Path("data/task"), 1234, argv)
+    task_data_main(make_task, __doc__.splitlines()[0], Path("data/task"), 1234, argv, test=64)
 
 
 if __name__ == "__main__":

@@ -122,11 +122,13 @@ def run_one(name: str, config: dict, work: Path, threads: int | None = None) -> 
 
 
 def read_run(run_dir: Path) -> dict[str, Any]:
-    before = json.loads((run_dir / "eval_before.json").read_text())["heldout"]
-    after = json.loads((run_dir / "eval_after.json").read_text())["heldout"]
+    # the run's one exact-match evaluator ("heldout" on the comparison task, "test" on the main job's splits)
+    ((name, after),) = json.loads((run_dir / "eval_after.json").read_text()).items()
+    before = json.loads((run_dir / "eval_before.json").read_text())[name]
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if "loss" in r]
-    evals = [r for r in rows if "eval/heldout/loss" in r]
+    eval_key = next((k for r in rows for k in r if k.startswith("eval/") and k.endswith("/loss")), "eval/heldout/loss")
+    evals = [r for r in rows if eval_key in r]
     wrong = [p for p in after["predictions"] if not p["correct"]]
     return {
         "accuracy_before": before["accuracy"],
@@ -135,7 +137,7 @@ def read_run(run_dir: Path) -> dict[str, Any]:
         "n": after["n"],
         "heldout_loss_before": before["loss"],
         "heldout_loss_after": after["loss"],
-        "packed_eval_loss": {r["step"]: r["eval/heldout/loss"] for r in evals},
+        "packed_eval_loss": {r["step"]: r[eval_key] for r in evals},
         "train_loss_first": train[0]["loss"],
         "train_loss_last5": sum(r["loss"] for r in train[-5:]) / len(train[-5:]),
         "train_loss_curve": {r["step"]: round(r["loss"], 4) for r in train},

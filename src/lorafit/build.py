@@ -35,6 +35,7 @@ from lorafit.lora import count_parameters, describe_lora, has_lora, reset_lora_p
 from lorafit.models.deferred import deferred_init
 from lorafit.models.shard_loading import is_meta, load_shards, weight_file
 from lorafit.models.weights import reinit_nonpersistent_buffers
+from lorafit.training.memory import describe as describe_resources
 from lorafit.training.trackers import LoggersConfig, missing_packages
 
 
@@ -324,9 +325,11 @@ def build_run_entities(config_path: Path, names: list[str]) -> dict[str, Any]:
         return {name: graph.build(name) for name in names if name in config}
 
 
-def validate_config(config_path: Path, overrides: tuple[str, ...] = (), *, verbose: bool = False) -> str:
+def validate_config(
+    config_path: Path, overrides: tuple[str, ...] = (), *, verbose: bool = False, processes: int = 1
+) -> str:
     """Check everything, build the model on the meta device, and say what a run would do (`verbose`: every
-    adapted module, not only where each target landed)."""
+    adapted module, not only where each target landed; `processes`: the run's process count, for its memory)."""
     _config, graph = load_run_config(config_path, overrides=overrides)
     with build_context(meta_device=True, load_weights=False, announce=False):
         run = build_run(graph)
@@ -337,6 +340,7 @@ def validate_config(config_path: Path, overrides: tuple[str, ...] = (), *, verbo
     lines.append(describe_steps(run.settings, _samples_if_tokenized(run.train_dataset) if epochs else None))
     if run.step_plan:  # the layout plans steps and batches its own way
         lines[-1:] = run.step_plan
+    lines += describe_resources(run, _config, processes)  # precision, compile and predicted peak memory
     return "\n".join(lines)
 
 

@@ -27,6 +27,7 @@ from lorafit.lora.provenance import annotate_adapter, prompt_format_of, record_m
 from lorafit.report import render_report
 from lorafit.training.job import TrainJob
 from lorafit.training.loop import train as train_loop
+from lorafit.training.memory import refuse_if_too_big
 from lorafit.training.metrics import append_metrics
 from lorafit.training.trackers import open_trackers, scalars
 
@@ -95,6 +96,7 @@ def _run(request: RunRequest, dist_env) -> Path:
                 f"parallelism: 'none' with {dist_env.world_size} processes would train {dist_env.world_size} "
                 "unsynchronised copies; use variant_key fsdp2 or ddp (or leave parallelism out: fsdp2 under torchrun)",
             )
+        refuse_if_too_big(built, config, dist_env)  # predicted peak memory vs the machine's (training/memory.py)
         dist_env.on_main(lambda: trackers.extend(open_trackers(built.settings.loggers, run_dir, experiment_id,
                                                                run_config=config)))  # fmt: skip
     except UserError:

@@ -14,6 +14,10 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--config_file_path", "--config", type=Path, required=True, metavar="PATH")
     parser.add_argument("--verbose", "-v", action="store_true", help="list every adapted module")
     parser.add_argument(
+        "--nproc_per_node", "--nproc-per-node", type=int, default=1, metavar="N",
+        help="processes the run will have on this machine (torchrun's --nproc_per_node): predicts each one's memory",
+    )  # fmt: skip
+    parser.add_argument(
         "overrides",
         nargs="*",
         metavar="KEY=VALUE",
@@ -25,5 +29,9 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from lorafit.build import validate_config
 
-    print(validate_config(args.config_file_path, tuple(args.overrides), verbose=args.verbose))
+    print(
+        validate_config(
+            args.config_file_path, tuple(args.overrides), verbose=args.verbose, processes=args.nproc_per_node
+        )
+    )
     return 0

@@ -4,10 +4,12 @@
       component_key: parallelism
       variant_key: fsdp2              # or ddp, none
       config:
-        mixed_precision: bf16         # fp32 (default) | bf16: GPU bf16 params + fp32 reduce, CPU bf16 autocast
-                                      # | auto: the fastest here (bf16 on GPUs and AMX CPUs), said in the log
+        mixed_precision: auto         # auto (default): the fastest here (bf16 on bf16 GPUs and AMX CPUs, else
+                                      # fp32), said in the log | fp32 | bf16: GPU bf16 params + fp32 reduce,
+                                      # CPU bf16 autocast
         activation_checkpointing: true
-        compile: false                # torch.compile each decoder block
+        compile: auto                 # torch.compile each decoder block; auto (default): where the run is long
+                                      # enough to pay for compiling (distributed/speed.py) | true | false
         load_after_sharding: true     # fsdp2 only: meta-device build, each rank reads only its shards (default)
 
 The builder returns a strategy; the training loop calls `strategy.wrap(model, env)` once. The setup order is
@@ -36,7 +38,7 @@ from torch import nn
 from lorafit.config.registry import ComponentConfig, register_component
 from lorafit.console import info, warn
 from lorafit.distributed.env import DistEnv
-from lorafit.distributed.precision import resolve_precision
+from lorafit.distributed.speed import SpeedPlan, plan_speed
 from lorafit.errors import UserError
 from lorafit.frozen.linear import has_low_precision_frozen
 from lorafit.lora import adapter_state_dict
@@ -47,10 +49,14 @@ class ParallelismConfig(ComponentConfig):
     """How the model is replicated or sharded over the processes of the run."""
 
     mixed_precision: Literal["fp32", "bf16", "auto"] = Field(
-        "fp32", description="auto: bf16 where it is faster (bf16 GPUs, AMX CPUs), else fp32; said in the log"
+        "auto", description="auto: bf16 where it is faster (bf16 GPUs, AMX CPUs), else fp32; said in the log"
     )
     activation_checkpointing: bool = False
-    compile: bool = Field(False, description="torch.compile each decoder block")
+    compile: bool | Literal["auto"] = Field(
+        "auto",
+        description="torch.compile each decoder block; auto: where the run is long enough for the measured "
+        "compile time to pay back (distributed/speed.py), said in the log",
+    )
 
 
 class FSDP2Config(ParallelismConfig):
@@ -70,22 +76,27 @@ class Strategy:
 
     def __init__(self, config: ParallelismConfig | None = None):
         self.config = config or ParallelismConfig()
-        self._precision: str | None = None  # `mixed_precision` resolved for the device (auto -> fp32 | bf16)
+        self._plan: SpeedPlan | None = None  # precision and compile resolved for the device and the run's length
+
+    def plan(self, env: DistEnv, tokens_per_process: int | None) -> SpeedPlan:
+        """Resolve `mixed_precision` and `compile` (auto: said in the log) for a run of `tokens_per_process`
+        training tokens on each process; once, before `wrap`."""
+        if self._plan is None:
+            self._plan = plan_speed(self.config.mixed_precision, self.config.compile, env.device, tokens_per_process)
+        return self._plan
 
     def precision(self, env: DistEnv) -> str:
-        if self._precision is None:
-            self._precision = resolve_precision(self.config.mixed_precision, env.device)
-        return self._precision
+        return self.plan(env, None).precision
 
     def wrap(
         self, model: nn.Module, env: DistEnv, fill_weights: Callable[[nn.Module], None] | None = None
     ) -> nn.Module:
         """Prepare `model` for training on `env` (checkpointing, compile, device, sharding); returns what to call."""
-        self.precision(env)  # resolved (and said) once, before anything runs
+        plan = self.plan(env, None)  # resolved (and said) once, before anything runs; the loop plans first
         blocks = decoder_blocks(model)
         if self.config.activation_checkpointing:
             apply_activation_checkpointing(blocks)
-        if self.config.compile:
+        if plan.compile:
             for block in blocks:
                 block.compile()  # in place: parameter names do not change (no `_orig_mod.`)
         model = self._distribute(model, env, blocks)
@@ -108,10 +119,11 @@ class Strategy:
         yield
 
     def describe(self) -> str:
-        c = self.config
-        precision = self._precision if c.mixed_precision == "auto" and self._precision else c.mixed_precision
+        c, plan = self.config, self._plan
+        precision = plan.precision if plan else c.mixed_precision
+        compile_ = plan.compile if plan else c.compile
         return f"{self.name} (precision {precision}, activation checkpointing {c.activation_checkpointing}, " \
-               f"compile {c.compile})"  # fmt: skip
+               f"compile {compile_})"  # fmt: skip
 
 
 class DDPStrategy(Strategy):

@@ -1,4 +1,5 @@
-"""Which compute precision trains fastest on this machine, for `parallelism.config.mixed_precision`.
+"""Which compute precision trains fastest on this machine, for `parallelism.config.mixed_precision` (default
+`auto`: this choice, said in the log and by `lorafit validate`).
 
 `bf16` autocast only pays where the hardware multiplies bf16 natively at a higher rate than fp32: CUDA GPUs
 with bf16 support, and CPUs with AMX (Intel Sapphire Rapids and later: the `amx_bf16` flag). On other CPUs,
@@ -29,12 +30,16 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
-def fastest_precision(device: torch.device, flags: frozenset[str] | None = None) -> tuple[str, str]:
-    """(`fp32` or `bf16`, why) for training on `device`; `flags`: the CPU's flags (default: this machine's)."""
+def fastest_precision(
+    device: torch.device, flags: frozenset[str] | None = None, cuda_bf16: tuple[str, bool] | None = None
+) -> tuple[str, str]:
+    """(`fp32` or `bf16`, why) for training on `device`; `flags`: the CPU's flags (default: this machine's);
+    `cuda_bf16`: (GPU name, has bf16) (default: asked of torch)."""
     if device.type == "cuda":
-        if torch.cuda.is_bf16_supported():
-            return "bf16", f"{torch.cuda.get_device_name(device)} computes in bf16 natively"
-        return "fp32", f"{torch.cuda.get_device_name(device)} has no bf16 support"
+        name, bf16 = cuda_bf16 or (torch.cuda.get_device_name(device), torch.cuda.is_bf16_supported())
+        if bf16:
+            return "bf16", f"{name} computes in bf16 natively"
+        return "fp32", f"{name} has no bf16 support"
     if device.type == "cpu":
         if "amx_bf16" in (cpu_flags() if flags is None else flags):
             return "bf16", "the CPU has AMX-BF16 matrix units"
@@ -42,14 +47,22 @@ def fastest_precision(device: torch.device, flags: frozenset[str] | None = None)
     return "fp32", f"no measurement for {device.type}"
 
 
-def resolve_precision(asked: str, device: torch.device, flags: frozenset[str] | None = None) -> str:
-    """The precision to train in: `auto` becomes the fastest here (said in the log); a setting that is slower
-    than the default (fp32) on this hardware is kept, with a warning."""
-    best, why = fastest_precision(device, flags)
+def resolve_precision(
+    asked: str,
+    device: torch.device,
+    flags: frozenset[str] | None = None,
+    *,
+    say: bool = True,
+    cuda_bf16: tuple[str, bool] | None = None,
+) -> tuple[str, str]:
+    """(the precision to train in, why): `auto` becomes the fastest here (said in the log unless `say` is
+    false); a setting slower than fp32 on this hardware is kept, with a warning."""
+    best, why = fastest_precision(device, flags, cuda_bf16)
     if asked == "auto":
-        info(f"mixed_precision auto: {best} ({why})")
-        return best
+        if say:
+            info(f"mixed_precision auto: {best} ({why})")
+        return best, f"auto: {why}"
     if asked == "bf16" and best == "fp32" and device.type == "cpu":
         warn(f"mixed_precision: bf16 trains slower than fp32 here ({why}; measured 0.62x the tokens/s on an "
              "AVX512-BF16 Xeon): set mixed_precision: fp32, or auto to pick the fastest")  # fmt: skip
-    return asked
+    return asked, "as set"

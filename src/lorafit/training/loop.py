@@ -44,6 +44,7 @@ def train(job: TrainJob) -> TrainResult:
 
     # --- set-up: wrap (checkpointing -> compile -> shard -> weights), then the optimizer over what was wrapped
     strategy = job.parallelism or default_strategy(env)
+    strategy.plan(env, total_steps * micro_batch * accum * profile.sequence_length)  # auto precision, compile
     info(f"parallelism: {strategy.describe()} on {world} process(es), device {env.device}")
     # the step calls the loss module (decoder -> head -> cross-entropy), so it is what parallelism wraps
     loss_fn = strategy.wrap(CausalLMLoss(job.model, job.loss_chunk_tokens), env, job.fill_weights_after_sharding)
