@@ -152,13 +152,16 @@ def test_preview_of_a_config_dataset(tmp_path, tiny_model_dir, capsys):
                              for i in range(3)))  # fmt: skip
     config["tokenizer"]["config"]["chat_template"] = "plain"
     config["eval_datasets"] = {"chats": {"component_key": "dataset", "variant_key": "jsonl_instruction", "config": {
-        "path": str(chats), "sequence_length": 64,
+        "path": str(chats),
         "tokenizer": {"instance_key": "tokenizer", "pass_type": "BY_REFERENCE"}}}}  # fmt: skip
     path.write_text(yaml.safe_dump(config))
-    assert main(["data", "preview", "--config", str(path), "--dataset", "eval_datasets.chats", "-n", "5"]) == 0
+    # the run's one sequence length (a dataset's own may not differ from it): 64 here
+    assert main(["data", "preview", "--config", str(path), "--dataset", "eval_datasets.chats", "-n", "5",
+                 "settings.step_profile.sequence_length=64"]) == 0  # fmt: skip
     out = capsys.readouterr().out
     assert "InstructionDataset" in out and "1 samples of up to 64 tokens; 3 documents" in out
     assert "not packed (packing: false): 2 conversations cut to sequence_length + 1 = 65 tokens, 2 left out" in out
     assert out.count("--- sample") == 1 and "### User:\nq0" in out and "[[a0<|im_end|>]]" in out
-    assert main(["data", "preview", "--config", str(path), "--dataset", "eval_datasets.other"]) == 2
+    assert main(["data", "preview", "--config", str(path), "--dataset", "eval_datasets.other",
+                 "settings.step_profile.sequence_length=64"]) == 2  # fmt: skip
     assert "eval_datasets has chats" in capsys.readouterr().err

@@ -203,6 +203,8 @@ def test_shipped_pbin_is_what_pack_encoded_data_makes(tmp_path, smollm2_dir):
                 f"settings.index_path={src.with_suffix('.idx')}",
                 f"settings.dst_path={dst}",
                 f"tokenizer.config.pretrained_model_name_or_path={smollm2_dir}",
+                "--modalities_release",  # the shipped data is packed for the lora branch's configs
+                "lora_branch",
             ]
         )
         == 0
