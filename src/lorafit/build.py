@@ -7,6 +7,7 @@ Nothing is built from a config that has a known problem.
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from lorafit.config.loader import ConfigEnv, load_config
 from lorafit.config.registry import REGISTRY
 from lorafit.config.run_spec import DEFAULT_COMPONENTS, RUN_ENTITIES, RunSettings, RunSpec, describe_steps, settings_of
 from lorafit.console import info
+from lorafit.data.pack import is_pack_index
 from lorafit.distributed.parallel import FSDP2Config
 from lorafit.errors import ConfigError, Problem, UserError, did_you_mean
 from lorafit.lora import count_parameters, describe_lora, has_lora, reset_lora_parameters
@@ -302,12 +304,27 @@ def _check_vocabulary(run: BuiltRun) -> None:
                           f"rows (config.json vocab_size): ids from {rows:,} on have no embedding; use the model's "
                           "own tokenizer", field="tokenizer")  # fmt: skip
     for name, dataset in [("train_dataset", run.train_dataset), *run.eval_datasets.items()]:
-        packed = getattr(dataset, "_data", None)  # opened only when a run loads the data
-        vocab = (getattr(packed, "meta", None) or {}).get("tokenizer", {}).get("vocab_size")
+        vocab = (_pack_meta(dataset) or {}).get("tokenizer", {}).get("vocab_size")
         if isinstance(vocab, int) and vocab > rows:
             raise ConfigError(f"{dataset.prefix}.json was packed with a tokenizer of {vocab:,} tokens, more than "
                               f"the model's {rows:,} embedding rows; pack it with the model's tokenizer",
                               field=name)  # fmt: skip
+
+
+def _pack_meta(dataset: Any) -> dict[str, Any] | None:
+    """The pack index of a dataset over a packed token file: from the opened data, else its `.json` as it is on
+    disk (validate opens no data; a cache not yet tokenized has none)."""
+    packed = getattr(dataset, "_data", None)
+    if packed is not None:
+        return getattr(packed, "meta", None)
+    prefix = getattr(dataset, "prefix", None)
+    index = Path(f"{prefix}.json") if prefix is not None else None
+    if index is None or not index.is_file() or not is_pack_index(index):
+        return None
+    try:
+        return json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # the run opens it and says what is wrong
 
 
 def load_run_config(

@@ -538,3 +538,36 @@ def test_export_gguf_under_a_file_size_limit_is_one_error_and_leaves_nothing(tmp
     _, err = process.communicate(timeout=180)
     assert_one_error(process.returncode, err, "--output", str(out), "cannot write")
     assert list((tmp_path / "out").iterdir()) == []
+
+
+# ------------------------------------------------------------------- 11. refused by validate, not only by run
+def test_packed_data_with_ids_beyond_the_models_vocabulary_is_refused_by_validate(tmp_path, tiny_model_dir, capsys):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.add_tokens([f"<extra_{i}>" for i in range(100)])
+    tokenizer.save_pretrained(tmp_path / "big_tokenizer")
+    pack = ["data", "pack", "--input", str(LOREM), "--tokenizer", str(tmp_path / "big_tokenizer"), "--output",
+            str(tmp_path / "packed"), "--no_progress"]  # fmt: skip
+    assert cli(pack, capsys)[0] == 0
+    config = smallest_run_config(tiny_model_dir, LOREM, tmp_path / "cache" / "c")
+    config["train_dataset"] = {"component_key": "dataset", "variant_key": "packed",
+                               "config": {"path": str(tmp_path / "packed")}}  # fmt: skip
+    path = write_yaml(tmp_path / "config.yaml", config)
+    code, err = cli(["validate", "--config_file_path", str(path)], capsys)
+    assert_one_error(code, err, "train_dataset", "packed with a tokenizer of 484 tokens", "384 embedding rows")
+
+
+def test_a_modalities_checkpointing_path_that_is_a_file_is_refused_by_validate(tmp_path, smollm2_dir, capsys,
+                                                                                 monkeypatch):  # fmt: skip
+    repo = Path(__file__).resolve().parents[2]
+    monkeypatch.chdir(repo)
+    (tmp_path / "not_a_folder").write_text("mine")
+    argv = ["validate", "--config_file_path", "configs/modalities/config_lorem_ipsum_lora.yaml",
+            "settings.training.sequence_length=128", "evaluation_subscriber.config.mode=OFFLINE",
+            f"settings.paths.checkpointing_path={tmp_path / 'not_a_folder'}"]  # fmt: skip
+    code, err = cli(argv, capsys)
+    message = assert_one_error(code, err, "checkpoint_saving.config.checkpoint_saving_execution.config.checkpoint_path",
+                               "is a file, not a folder")  # fmt: skip
+    assert "--experiments_root_path" not in message
+    assert (tmp_path / "not_a_folder").read_text() == "mine"

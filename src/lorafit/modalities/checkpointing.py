@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from lorafit.config.registry import Component, ComponentConfig, register_component
 from lorafit.errors import UserError
@@ -48,6 +48,15 @@ class FSDPExecutionConfig(ComponentConfig):
     global_rank: int = Field(ge=0)
     experiment_id: str
     get_num_tokens_from_num_steps_callable: Any = None
+
+    @field_validator("checkpoint_path")
+    @classmethod
+    def _a_folder(cls, path: Path) -> Path:
+        """The run folders go under it: a file there (or above it) is refused when the config is checked."""
+        blocking = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+        if blocking is not None:
+            raise ValueError(f"{blocking} is a file, not a folder; the run folders go under checkpoint_path")
+        return path
 
 
 @dataclass

@@ -279,8 +279,14 @@ def describe(run, config: dict, world_size: int = 1) -> list[str]:
     import torch
 
     sp = run.settings.step_profile
-    tokens = num_steps(run.settings, world_size) * sp.local_train_micro_batch_size * sp.gradient_accumulation_steps
-    tokens *= sp.sequence_length
+    try:  # an epoch target counts samples: known only once the data is tokenized (validate tokenizes nothing)
+        epochs = run.settings.training_target.num_target_epochs is not None
+        steps = num_steps(run.settings, world_size, len(run.train_dataset) if epochs else None)
+    except (ValueError, TypeError, OSError, RuntimeError, UserError):
+        steps = None
+    tokens = None
+    if steps is not None:
+        tokens = steps * sp.local_train_micro_batch_size * sp.gradient_accumulation_steps * sp.sequence_length
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     env = DistEnv(rank=0, local_rank=0, world_size=world_size, device=device, backend=None)
     strategy = run.parallelism or default_strategy(env)
