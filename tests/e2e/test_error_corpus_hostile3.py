@@ -321,14 +321,21 @@ def _wait_for_steps(metrics: Path, process: subprocess.Popen, steps: int, timeou
     raise AssertionError(f"no {steps} steps in {timeout} s")
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_an_interrupted_run_with_default_settings_saves_a_checkpoint_and_resumes(sig, tmp_path, tiny_model_dir):
-    """No checkpoint interval (the default: only after the last step): Ctrl-C or SIGTERM still loses nothing."""
-    config = smallest_run_config(tiny_model_dir, LOREM, tmp_path / "cache" / "c", steps=20_000)
+def _long_run(tmp_path: Path, model_dir: Path) -> tuple[dict, Path, list[str]]:
+    """(config, its file, the `run` argv) of a run far longer than any test waits, with lorafit's default
+    checkpointing (after the last step only): what an interrupt must not lose."""
+    config = smallest_run_config(model_dir, LOREM, tmp_path / "cache" / "c", steps=20_000)
     del config["settings"]["intervals"]["checkpointing_interval_in_steps"]
     path = write_yaml(tmp_path / "config.yaml", config)
     argv = ["run", "--config_file_path", str(path), "--experiments_root_path", str(tmp_path / "exp"),
             "--experiment_id", "x"]  # fmt: skip
+    return config, path, argv
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupted_run_with_default_settings_saves_a_checkpoint_and_resumes(sig, tmp_path, tiny_model_dir):
+    """No checkpoint interval (the default: only after the last step): Ctrl-C or SIGTERM still loses nothing."""
+    config, path, argv = _long_run(tmp_path, tiny_model_dir)
     process = _start_run(argv)
     _wait_for_steps(tmp_path / "exp" / "x" / "metrics.jsonl", process, 3)
     process.send_signal(sig)
@@ -347,11 +354,7 @@ def test_an_interrupted_run_with_default_settings_saves_a_checkpoint_and_resumes
 
 
 def test_a_run_killed_before_its_first_checkpoint_names_the_way_out(tmp_path, tiny_model_dir, capsys):
-    config = smallest_run_config(tiny_model_dir, LOREM, tmp_path / "cache" / "c", steps=20_000)
-    del config["settings"]["intervals"]["checkpointing_interval_in_steps"]
-    path = write_yaml(tmp_path / "config.yaml", config)
-    argv = ["run", "--config_file_path", str(path), "--experiments_root_path", str(tmp_path / "exp"),
-            "--experiment_id", "x"]  # fmt: skip
+    *_, argv = _long_run(tmp_path, tiny_model_dir)
     process = _start_run(argv)
     _wait_for_steps(tmp_path / "exp" / "x" / "metrics.jsonl", process, 2)
     process.kill()

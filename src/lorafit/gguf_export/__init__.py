@@ -14,6 +14,7 @@ import torch
 from lorafit.atomic import atomic_file
 from lorafit.errors import UserError, writing
 from lorafit.gguf_export.llama import ARCH, check_supported, gguf_tensors, to_numpy, write_hparams
+from lorafit.gguf_export.output import check_output
 from lorafit.gguf_export.vocab import bpe_vocab, write_vocab
 from lorafit.lora import has_lora
 
@@ -58,12 +59,7 @@ def export_gguf(model, tokenizer, output: str | os.PathLike, *, dtype: str = "f1
     import gguf
 
     output = Path(output)
-    if dtype not in DTYPES:
-        raise UserError(f"--dtype: {dtype!r} is not a GGUF type lorafit writes (valid: {', '.join(DTYPES)})")
-    if output.is_dir():
-        raise UserError(f"--output: {output} is a folder; give a file name such as {output / 'model.gguf'}")
-    if output.exists() and not overwrite:
-        raise UserError(f"--output: {output} exists; choose a new file or pass --overwrite to replace it")
+    check_output(output, overwrite=overwrite, dtype=dtype, valid=DTYPES, example="model.gguf")
     if has_lora(model):
         raise UserError("GGUF export needs a plain model: merge the adapter first (lorafit.merge_and_unload)")
     if tokenizer is None:

@@ -21,6 +21,7 @@ import torch
 from lorafit.atomic import atomic_file
 from lorafit.errors import UserError, writing
 from lorafit.gguf_export.llama import ARCH, LAYER_TENSORS, TOP_TENSORS, check_supported, permute_rows
+from lorafit.gguf_export.output import check_output
 from lorafit.lora import get_settings
 from lorafit.lora.layers import LoraLinear
 from lorafit.lora.model import lora_layers
@@ -86,12 +87,7 @@ def export_gguf_adapter(model, output: str | os.PathLike, *, dtype: str = "f32",
     import gguf
 
     output = Path(output)
-    if dtype not in DTYPES:
-        raise UserError(f"--dtype: {dtype!r} is not a type lorafit writes adapters in (valid: {', '.join(DTYPES)})")
-    if output.is_dir():
-        raise UserError(f"--output: {output} is a folder; give a file name such as {output / 'adapter.gguf'}")
-    if output.exists() and not overwrite:
-        raise UserError(f"--output: {output} exists; choose a new file or pass --overwrite to replace it")
+    check_output(output, overwrite=overwrite, dtype=dtype, valid=DTYPES, example="adapter.gguf")
     shape = check_supported(model)
     alpha, tensors = adapter_tensors(model, shape)
     numpy_type = {"f32": "float32", "f16": "float16"}[dtype]
