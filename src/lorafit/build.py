@@ -6,6 +6,7 @@ Nothing is built from a config that has a known problem.
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 from collections.abc import Iterator
@@ -16,7 +17,7 @@ from pydantic import ValidationError
 
 from lorafit.components import load_builtin_components
 from lorafit.config.context import build_context, current_context
-from lorafit.config.graph import ConfigGraph, is_component, is_reference, pydantic_problems
+from lorafit.config.graph import ConfigGraph, component_blocks, is_component, is_reference, pydantic_problems
 from lorafit.config.layouts import (
     BuiltRun,
     RunOutline,
@@ -81,16 +82,9 @@ def _check_native(config: dict[str, Any]) -> tuple[ConfigGraph, list[Problem]]:
     return graph, problems
 
 
-def _datasets(value: Any, path: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
+def _datasets(config: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
     """(YAML path, block) of every dataset component where it is written (references not followed)."""
-    if isinstance(value, dict):
-        if is_component(value) and value.get("component_key") == "dataset":
-            yield path, value
-        for key, item in value.items():
-            yield from _datasets(item, f"{path}.{key}" if path else str(key))
-    elif isinstance(value, list):
-        for i, item in enumerate(value):
-            yield from _datasets(item, f"{path}[{i}]")
+    return ((path, block) for path, block in component_blocks(config) if block.get("component_key") == "dataset")
 
 
 def _sequence_length_problems(config: dict[str, Any]) -> list[Problem]:
@@ -108,21 +102,13 @@ def _sequence_length_problems(config: dict[str, Any]) -> list[Problem]:
 
 def with_sequence_length(config: dict[str, Any], seq: int) -> dict[str, Any]:
     """`config` with `seq` written into every dataset block that takes a sequence_length and leaves it null."""
-
-    def fill(value: Any) -> Any:
-        if isinstance(value, list):
-            return [fill(v) for v in value]
-        if not isinstance(value, dict):
-            return value
-        value = {k: fill(v) for k, v in value.items()}
-        if is_component(value) and value.get("component_key") == "dataset":
-            vk = value.get("variant_key")
-            fields = REGISTRY.get("dataset", vk).config_model.model_fields if REGISTRY.has("dataset", vk) else {}
-            if "sequence_length" in fields and (value.get("config") or {}).get("sequence_length") is None:
-                value["config"] = {**(value.get("config") or {}), "sequence_length": seq}
-        return value
-
-    return fill(config)
+    config = copy.deepcopy(config)
+    for _, block in _datasets(config):
+        vk = block.get("variant_key")
+        fields = REGISTRY.get("dataset", vk).config_model.model_fields if REGISTRY.has("dataset", vk) else {}
+        if "sequence_length" in fields and (block.get("config") or {}).get("sequence_length") is None:
+            block["config"] = {**(block.get("config") or {}), "sequence_length": seq}
+    return config
 
 
 def _missing_tracker_packages(config: dict[str, Any]) -> list[Problem]:

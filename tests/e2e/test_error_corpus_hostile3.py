@@ -259,6 +259,15 @@ def test_an_index_that_skips_faulty_lines_still_packs(tmp_path, tiny_model_dir, 
 
 
 # ------------------------------------------------------------------ 3. files of a run folder that are links
+def _one_more_step(config: Path, root: Path, tmp_path: Path) -> list[str]:
+    """The `run` argv that resumes run `a` under `root` for a third step (its config with the target raised)."""
+    resolved = yaml.safe_load(config.read_text())
+    resolved["settings"]["training_target"]["num_target_steps"] = 3
+    longer = write_yaml(tmp_path / "longer.yaml", resolved)
+    return ["run", "--config_file_path", str(longer), "--experiments_root_path", str(root), "--experiment_id", "a",
+            "--resume_from", "latest", "--allow_config_change"]  # fmt: skip
+
+
 def test_resume_replaces_links_in_the_run_folder_and_never_writes_through_them(finished_run, tmp_path, capsys):
     import shutil
 
@@ -274,11 +283,7 @@ def test_resume_replaces_links_in_the_run_folder_and_never_writes_through_them(f
         (root / "a" / name).symlink_to(elsewhere / name)
     before = snapshot(elsewhere)
     # one more step, resumed from the last checkpoint
-    resolved = yaml.safe_load(config.read_text())
-    resolved["settings"]["training_target"]["num_target_steps"] = 3
-    longer = write_yaml(tmp_path / "longer.yaml", resolved)
-    argv = ["run", "--config_file_path", str(longer), "--experiments_root_path", str(root), "--experiment_id", "a",
-            "--resume_from", "latest", "--allow_config_change"]  # fmt: skip
+    argv = _one_more_step(config, root, tmp_path)
     code, err = cli(argv, capsys)
     assert code == 0, err
     assert_unchanged(before, snapshot(elsewhere))
@@ -294,11 +299,7 @@ def test_resume_with_tensorboard_folder_replaced_by_a_file_is_one_error(finished
     shutil.copytree(shared / "a", root / "a")
     shutil.rmtree(root / "a" / "tensorboard")
     (root / "a" / "tensorboard").write_text("not a folder")
-    resolved = yaml.safe_load(config.read_text())
-    resolved["settings"]["training_target"]["num_target_steps"] = 3
-    longer = write_yaml(tmp_path / "longer.yaml", resolved)
-    argv = ["run", "--config_file_path", str(longer), "--experiments_root_path", str(root), "--experiment_id", "a",
-            "--resume_from", "latest", "--allow_config_change"]  # fmt: skip
+    argv = _one_more_step(config, root, tmp_path)
     code, err = cli(argv, capsys)
     assert_one_error(code, err, "settings.loggers.tensorboard", "is a file")
     assert (root / "a" / "tensorboard").read_text() == "not a folder"

@@ -12,6 +12,7 @@ collects every problem; `build(name)` builds an entity and what it needs, each s
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 from pydantic import ValidationError
@@ -26,6 +27,18 @@ PASS_TYPES = ("BY_REFERENCE", "BY_VALUE")
 
 def is_component(value: Any) -> bool:
     return isinstance(value, dict) and "component_key" in value
+
+
+def component_blocks(value: Any, path: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
+    """(YAML path, block) of every component block in a config value, however deep (references not followed)."""
+    if isinstance(value, dict):
+        if is_component(value):
+            yield path, value
+        for key, item in value.items():
+            yield from component_blocks(item, f"{path}.{key}" if path else str(key))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from component_blocks(item, f"{path}[{i}]")
 
 
 def is_reference(value: Any) -> bool:

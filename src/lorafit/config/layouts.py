@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from lorafit.config.graph import ConfigGraph, is_component, is_reference
+from lorafit.config.graph import ConfigGraph, component_blocks, is_reference
 from lorafit.config.registry import REGISTRY
 from lorafit.config.run_spec import RunSettings
 
@@ -128,14 +128,7 @@ WEIGHT_FILE_MODELS = ("huggingface_pretrained_model", "checkpointed")
 
 def components_of(value: Any) -> Iterator[dict[str, Any]]:
     """Every component block in a config value, however deep (references not followed)."""
-    if isinstance(value, dict):
-        if is_component(value):
-            yield value
-        for item in value.values():
-            yield from components_of(item)
-    elif isinstance(value, list):
-        for item in value:
-            yield from components_of(item)
+    return (block for _, block in component_blocks(value))
 
 
 _components = components_of

@@ -6,9 +6,9 @@ component (component_key, variant_key); a key is said when the config gives it, 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
+from lorafit.config.graph import component_blocks
 from lorafit.console import info
 
 IN_PROCESS = "lorafit reads the memory-mapped samples in the training process: no loader workers, nothing pinned"
@@ -42,21 +42,12 @@ NO_EFFECT: dict[tuple[str, str], dict[str, str]] = {
 }
 
 
-def _components(node: Any, path: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
-    if isinstance(node, dict):
-        if "component_key" in node and isinstance(node.get("config"), dict):
-            yield path, node
-        for key, value in node.items():
-            yield from _components(value, f"{path}.{key}" if path else str(key))
-    elif isinstance(node, list):
-        for i, value in enumerate(node):
-            yield from _components(value, f"{path}[{i}]")
-
-
 def keys_without_effect(config: dict[str, Any]) -> list[str]:
     """`path=value: why` for every key of `config` that lorafit accepts from Modalities and does not act on."""
     found = []
-    for path, node in _components(config):
+    for path, node in component_blocks(config):
+        if not isinstance(node.get("config"), dict):
+            continue
         reasons = NO_EFFECT.get((node["component_key"], node.get("variant_key")), {})
         for key, reason in reasons.items():
             if key in node["config"]:

@@ -17,13 +17,14 @@ Global batch = local_train_micro_batch_size x gradient_acc_steps x world size sa
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
-from lorafit.config.graph import ConfigGraph, is_component, is_reference, pydantic_problems
+from lorafit.config.graph import ConfigGraph, component_blocks, is_component, is_reference, pydantic_problems
 from lorafit.config.layouts import BuiltRun
 from lorafit.config.run_spec import Checkpointing, Intervals, RunSettings, StepProfile, TrainingTarget
 from lorafit.console import info
@@ -175,18 +176,11 @@ def release_of(settings: ModalitiesSettings) -> str:
 
 def with_release(config: dict[str, Any], release: str) -> dict[str, Any]:
     """The config with every continuous packed dataset that does not name its `release` given this one."""
-
-    def walk(node: Any) -> Any:
-        if isinstance(node, list):
-            return [walk(item) for item in node]
-        if not isinstance(node, dict):
-            return node
-        node = {key: walk(value) for key, value in node.items()}
-        if node.get("variant_key") == "packed_mem_map_dataset_continuous" and isinstance(node.get("config"), dict):
-            node["config"] = {"release": release, **node["config"]}
-        return node
-
-    return walk(config)
+    config = copy.deepcopy(config)
+    for _, block in component_blocks(config):
+        if block.get("variant_key") == "packed_mem_map_dataset_continuous" and isinstance(block.get("config"), dict):
+            block["config"] = {"release": release, **block["config"]}
+    return config
 
 
 # ------------------------------------------------------------------------------------------------ building
