@@ -11,10 +11,9 @@ from pathlib import Path
 
 import torch
 
-from lorafit.atomic import atomic_file
-from lorafit.errors import UserError, writing
+from lorafit.errors import UserError
 from lorafit.gguf_export.llama import ARCH, check_supported, gguf_tensors, to_numpy, write_hparams
-from lorafit.gguf_export.output import check_output
+from lorafit.gguf_export.output import check_output, gguf_file
 from lorafit.gguf_export.vocab import bpe_vocab, write_vocab
 from lorafit.lora import has_lora
 
@@ -68,23 +67,15 @@ def export_gguf(model, tokenizer, output: str | os.PathLike, *, dtype: str = "f1
     vocab = bpe_vocab(tokenizer, shape.vocab_size, pre_tokenizer)
     qtype, file_type = _types(dtype)
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    with writing(output, "--output"), atomic_file(output) as tmp:
-        writer = gguf.GGUFWriter(tmp, ARCH)
-        try:
-            writer.add_name(name or output.stem)
-            write_hparams(writer, shape)
-            writer.add_file_type(file_type)
-            writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-            write_vocab(writer, vocab)
-            for tensor_name, tensor in gguf_tensors(model, shape):
-                data, data_type = _encode(to_numpy(tensor), qtype)
-                writer.add_tensor(tensor_name, data, raw_dtype=data_type)
-            writer.write_header_to_file()
-            writer.write_kv_data_to_file()
-            writer.write_tensors_to_file()
-        finally:
-            writer.close()
+    with gguf_file(output, ARCH) as writer:
+        writer.add_name(name or output.stem)
+        write_hparams(writer, shape)
+        writer.add_file_type(file_type)
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        write_vocab(writer, vocab)
+        for tensor_name, tensor in gguf_tensors(model, shape):
+            data, data_type = _encode(to_numpy(tensor), qtype)
+            writer.add_tensor(tensor_name, data, raw_dtype=data_type)
     return output
 
 

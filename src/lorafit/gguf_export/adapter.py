@@ -18,10 +18,9 @@ from pathlib import Path
 
 import torch
 
-from lorafit.atomic import atomic_file
-from lorafit.errors import UserError, writing
+from lorafit.errors import UserError
 from lorafit.gguf_export.llama import ARCH, LAYER_TENSORS, TOP_TENSORS, check_supported, permute_rows
-from lorafit.gguf_export.output import check_output
+from lorafit.gguf_export.output import check_output, gguf_file
 from lorafit.lora import get_settings
 from lorafit.lora.layers import LoraLinear
 from lorafit.lora.model import lora_layers
@@ -92,21 +91,13 @@ def export_gguf_adapter(model, output: str | os.PathLike, *, dtype: str = "f32",
     alpha, tensors = adapter_tensors(model, shape)
     numpy_type = {"f32": "float32", "f16": "float16"}[dtype]
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    with writing(output, "--output"), atomic_file(output) as tmp:
-        writer = gguf.GGUFWriter(tmp, ARCH)
-        try:
-            writer.add_type(gguf.GGUFType.ADAPTER)
-            writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
-            writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
-            writer.add_name(name or output.stem)
-            for tensor_name, tensor in tensors:
-                writer.add_tensor(tensor_name, tensor.numpy().astype(numpy_type))
-            writer.write_header_to_file()
-            writer.write_kv_data_to_file()
-            writer.write_tensors_to_file()
-        finally:
-            writer.close()
+    with gguf_file(output, ARCH) as writer:
+        writer.add_type(gguf.GGUFType.ADAPTER)
+        writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+        writer.add_name(name or output.stem)
+        for tensor_name, tensor in tensors:
+            writer.add_tensor(tensor_name, tensor.numpy().astype(numpy_type))
     return output
 
 
