@@ -2,7 +2,8 @@
 
     python benchmarks/main_job_splits.py validate [--lrs 0.001 0.002 0.003 0.005] [--seeds 1 2 3]
                                                   [--steps 40] [--sequence-length 300] [--out benchmarks/results]
-    python benchmarks/main_job_splits.py test [--seeds 1 2 3] [--parallel 1] [--out benchmarks/results]
+    python benchmarks/main_job_splits.py test [--seeds 1 2 3] [--parallel 1] [--precision auto|fp32|bf16]
+                                              [--out benchmarks/results]
 
 Both run configs/smollm2_135m_lora.yaml (the quickstart's job) through `lorafit run`, each run its own process.
 
@@ -18,6 +19,8 @@ Writes <out>/main_job_validation.json.
 
 `test` runs the shipped config unchanged but for the seed (the quickstart's run; its evaluator reads the test
 split) and reports the test exact match as the mean and range over the seeds: <out>/main_job_test.json.
+`--precision fp32|bf16` pins `parallelism.config.mixed_precision` (the shipped config leaves it `auto`) and writes
+<out>/main_job_test_<precision>.json: the quality check of a precision that `auto` picks on other machines.
 Needs `lorafit models prepare smollm2-135m` first; wrap in `flock /tmp/lorafit-heavy.lock` on a shared machine.
 """
 
@@ -42,10 +45,13 @@ VALIDATION = "data/task/heldout.jsonl"
 
 
 def derive(seed: int, lr: float | None = None, steps: int | None = None, sequence_length: int | None = None,
-           validation: bool = True) -> dict:  # fmt: skip
-    """The shipped config at `seed` (and `lr`, `steps`, `sequence_length`); with `validation`, its evaluator
-    reads the validation split instead of the test split."""
+           validation: bool = True, precision: str = "auto") -> dict:  # fmt: skip
+    """The shipped config at `seed` (and `lr`, `steps`, `sequence_length`, `precision`); with `validation`, its
+    evaluator reads the validation split instead of the test split."""
     config = yaml.safe_load(CONFIG.read_text())
+    if precision != "auto":
+        config["parallelism"] = {"component_key": "parallelism", "variant_key": "none",
+                                 "config": {"mixed_precision": precision}}  # fmt: skip
     settings = config["settings"]
     settings["seed"] = seed
     if steps is not None:
@@ -144,6 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reuse", type=Path, default=None, help="an interrupted invocation's work folder")
     parser.add_argument("--earlier", type=Path, default=None, help="validate: runs recorded before, a JSON list")
     parser.add_argument("--parallel", type=int, default=1, help="test: runs at once (say so when quoting times)")
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help="test: mixed_precision")
     args = parser.parse_args(argv)
     shipped = yaml.safe_load(CONFIG.read_text())
     with tempfile.TemporaryDirectory(prefix="main_job_") as tmp:
@@ -152,15 +159,21 @@ def main(argv: list[str] | None = None) -> None:
         runs: dict[str, dict] = {}
         if args.mode == "test":
             with concurrent.futures.ThreadPoolExecutor(args.parallel) as pool:  # each run is its own process
-                done = pool.map(lambda seed: run(f"seed{seed}", derive(seed, validation=False), work, args.reuse),
-                                args.seeds)  # fmt: skip
+
+                def one(seed: int) -> dict[str, Any]:
+                    config = derive(seed, validation=False, precision=args.precision)
+                    return run(f"seed{seed}", config, work, args.reuse)
+
+                done = pool.map(one, args.seeds)
                 for seed, result in zip(args.seeds, done, strict=True):
                     runs[f"seed{seed}"] = {"seed": seed, **result}
             correct = [r["correct"] for r in runs.values()]
             n = runs[f"seed{args.seeds[0]}"]["n"]
             summary = {"split": "test", "mean_correct": round(sum(correct) / len(correct), 2), "min": min(correct),
-                       "max": max(correct), "n": n, "lr": shipped["optimizer"]["config"]["lr"]}  # fmt: skip
-            out = args.out / "main_job_test.json"
+                       "max": max(correct), "n": n, "lr": shipped["optimizer"]["config"]["lr"],
+                       "precision": args.precision}  # fmt: skip
+            name = "main_job_test.json" if args.precision == "auto" else f"main_job_test_{args.precision}.json"
+            out = args.out / name
         else:
             settings: dict[str, dict] = {}
             for lr in args.lrs:
