@@ -140,3 +140,16 @@ def test_the_branch_model_loads_the_lora_form_export(branch):
     assert torch.equal(theirs.huggingface_model(x).logits, expected)
     theirs.eval()  # merged by the branch itself
     torch.testing.assert_close(theirs.huggingface_model(x).logits, expected, rtol=0, atol=1e-5)
+
+
+def test_the_lora_branch_converting_a_lora_model_again_draws_fresh_adapters():
+    """What docs/modalities.md says of the `lora` branch's seed config: its torch loading converts the model to LoRA
+    before loading, and its `lora_model` converts the loaded LoRA layers again (each is a leaf named like its
+    target), with fresh A and B = 0: the loaded adapters are gone."""
+    utils = load_lora_branch("lora").utils
+    model = utils.convert_to_lora(make_llama(seed=1), r=2, alpha=1, target_layers=["q_proj"])
+    loaded = model.model.layers[0].self_attn.q_proj
+    _random_(loaded.lora_B, seed=4)
+    utils.convert_to_lora(model, r=2, alpha=1, target_layers=["q_proj"])
+    again = model.model.layers[0].self_attn.q_proj
+    assert again is not loaded and not again.lora_B.any() and torch.equal(again.weight, loaded.weight)

@@ -117,7 +117,13 @@ def run_modalities(args: argparse.Namespace) -> int:
     from lorafit.checkpoint.trained_run import find_trained_run, load_trained_model
     from lorafit.console import info
     from lorafit.errors import UserError
-    from lorafit.modalities.export import checkpoint_name, lora_state_dict, merged_state_dict, write_checkpoint
+    from lorafit.modalities.export import (
+        RUN_MODEL_ENTITIES,
+        checkpoint_name,
+        lora_state_dict,
+        merged_state_dict,
+        write_checkpoint,
+    )
 
     own_folder(args.output, "--output", create=False)  # a file or a link there: said before minutes of loading
     run = find_trained_run(args.run)
@@ -125,7 +131,7 @@ def run_modalities(args: argparse.Namespace) -> int:
     if (args.output / name).exists():
         raise UserError(f"--output: {args.output / name} exists; lorafit never replaces a checkpoint: choose "
                         "another folder")  # fmt: skip
-    model = load_trained_model(run, args.model)
+    model = load_trained_model(run, args.model, RUN_MODEL_ENTITIES)
     if args.form == "lora":
         state, spec = lora_state_dict(model)
     else:

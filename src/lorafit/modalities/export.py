@@ -35,6 +35,8 @@ from lorafit.modalities.checkpoint_keys import modalities_model_names
 from lorafit.models.wrappers import canonical_name, unwrap
 
 FORMS = ("lora", "merged")
+# the entity a run's config trains: lorafit's `model`, a Modalities config's `wrapped_model`
+RUN_MODEL_ENTITIES = ("model", "wrapped_model")
 FILE_NAME = "eid_{experiment_id}-model-num_steps_{steps}-num_tokens_{tokens}.bin"
 # the branches' LoRA layer for each lorafit base kind (utils.convert_layer); their Conv LoRA keeps other shapes
 BRANCH_LAYERS = {"Linear": "LoRALinear", "Embedding": "LoRAEmbedding"}
@@ -138,5 +140,5 @@ def write_checkpoint(state: dict[str, torch.Tensor], output_dir: Path, name: str
     return target
 
 
-__all__ = ["FORMS", "BranchLora", "branch_lora", "checkpoint_name", "lora_state_dict", "merged_state_dict",
-           "write_checkpoint"]  # fmt: skip
+__all__ = ["FORMS", "RUN_MODEL_ENTITIES", "BranchLora", "branch_lora", "checkpoint_name", "lora_state_dict",
+           "merged_state_dict", "write_checkpoint"]  # fmt: skip

@@ -44,6 +44,9 @@ FORMAT = 1  # bump when what is written changes: older folders are then reported
 # model.bin's folder: 1 wrote lorafit's names, 2 Modalities' (`huggingface_model.` + the model's names); a folder of
 # format 1 is rewritten by the next `prepare` (it is lorafit's own: its marker says so), and still loads meanwhile
 SAVED_FORMAT = 2
+# the seed config's checkpointed_model loads model.bin into Modalities' huggingface_pretrained_model, which holds
+# the Hugging Face model as `huggingface_model` (lorafit's loader takes the prefix off: modalities/checkpoint_keys.py)
+MODEL_BIN_PREFIX = "huggingface_model."
 
 
 def find_gguf() -> Path:
@@ -192,10 +195,8 @@ def _load_hf_folder(folder: Path):
 def _write_model_bin(model, folder: Path, gguf: Path) -> None:
     import torch
 
-    from lorafit.modalities.checkpoint_keys import modalities_model_names
-
     # the state dict as Modalities' wrapper names it: tied lm_head and embed_tokens both present, stored once
-    torch.save(modalities_model_names(model.state_dict()), folder / "model.bin")
+    torch.save({MODEL_BIN_PREFIX + k: v for k, v in model.state_dict().items()}, folder / "model.bin")
     _mark(folder, gguf, SAVED_FORMAT)
 
 
