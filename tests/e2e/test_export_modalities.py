@@ -30,15 +30,18 @@ def export(run: Path, output: Path, *extra: str) -> int:
     return main(["export", "modalities", "--run", str(run), "--output", str(output), *extra])
 
 
-def test_the_adapter_the_latest_checkpoint_and_a_named_checkpoint_give_the_same_file(run_dir, tmp_path, capsys):
+def test_the_adapter_the_latest_checkpoint_and_a_named_checkpoint_give_the_same_file(run_dir, tmp_path, capsys,
+                                                                                     tiny_model_dir):  # fmt: skip
     assert export(run_dir, tmp_path / "adapter", "--form", "lora") == 0
     out = capsys.readouterr().out
     assert "variant_key: lora" in out and "    r: 4\n" in out and "    alpha: 8\n" in out
+    # the base named with --model instead of rebuilt from the run's config
+    assert export(run_dir / "adapter", tmp_path / "base", "--form", "lora", "--model", str(tiny_model_dir)) == 0
     stopped = tmp_path / "runs" / "tiny"  # the same run as if it had stopped before writing adapter/
     shutil.copytree(run_dir, stopped, ignore=shutil.ignore_patterns("adapter"))
     assert export(stopped, tmp_path / "latest", "--form", "lora") == 0
     assert export(run_dir / "checkpoints" / "step_000004", tmp_path / "named", "--form", "lora") == 0
-    files = [tmp_path / folder / NAME for folder in ("adapter", "latest", "named")]
+    files = [tmp_path / folder / NAME for folder in ("adapter", "base", "latest", "named")]
     states = [torch.load(f, weights_only=True) for f in files]
     assert "huggingface_model.model.layers.1.self_attn.v_proj.lora_B" in states[0]
     for state in states[1:]:
