@@ -84,3 +84,9 @@ BUILTIN_TRANSLATOR_MODULES = ("lorafit.modalities.layout", "lorafit.modalities.c
 def load_builtin_components() -> None:
     for module in (*BUILTIN_COMPONENT_MODULES, *BUILTIN_TRANSLATOR_MODULES):
         importlib.import_module(module)
+
+
+def load_builtin_translators() -> None:
+    """Only the translators (e.g. for a checkpoint loaded outside a config: the key mappings must be there)."""
+    for module in BUILTIN_TRANSLATOR_MODULES:
+        importlib.import_module(module)

@@ -13,6 +13,13 @@ its data tools. Requests:
   {"op": "index", "src": PATH, "index": PATH}          Modalities' `data create_raw_index`
   {"op": "load_checkpoint", "config": PATH, "model": KEY}
       -> {"keys": [...], "sha256": {key: digest}}   a checkpointed model built by Modalities from the config
+  {"op": "logits", "config": PATH, "model": KEY, "input_ids": [[...]], "lora": null or
+   {"branch": "lora" | "lora_2", "r": R, "alpha": A, "target_layers": [...], "checkpoint": PATH}}
+      -> {"sha256": {key: digest}, "logits": [...], "merged_logits": [...] (with lora)}
+      the model KEY built by Modalities from the config (e.g. a checkpointed model: its strict torch loading), run
+      through its own forward on the batch; with "lora", KEY is the Hugging Face model, converted by the branch's
+      LoRA code (vendored: tests/modalities_ref/lora_branch/) and then given the checkpoint by Modalities' torch
+      checkpoint loading (strict); "merged_logits" after the branch's eval(), which merges B A into the weights
 """
 
 from __future__ import annotations
@@ -94,9 +101,52 @@ def load_checkpoint(request: dict) -> dict:
     return {"keys": sorted(state), "sha256": digest}
 
 
+def _digests(model) -> dict:
+    return {k: hashlib.sha256(v.detach().float().contiguous().numpy().tobytes()).hexdigest()
+            for k, v in model.state_dict().items()}  # fmt: skip
+
+
+def _lora_branch(branch: str):
+    """The vendored branch code, loaded by the tests' own loader (by path: this venv has no lorafit tests)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "support" / "lora_branch.py"
+    spec = importlib.util.spec_from_file_location("lora_branch", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.load_lora_branch(branch)
+
+
+def logits(request: dict) -> dict:
+    import torch
+    from modalities.checkpointing.torch.torch_checkpoint_loading import TorchCheckpointLoading
+    from modalities.config.config import PrecisionEnum
+    from modalities.config.pydantic_if_types import PydanticPytorchModuleType
+
+    built = _build(request["config"], {request["model"]: PydanticPytorchModuleType},
+                   {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"})  # fmt: skip
+    model = getattr(built, request["model"])
+    lora = request.get("lora")
+    if lora:
+        utils = _lora_branch(lora["branch"]).utils
+        model.huggingface_model = utils.convert_to_lora(model.huggingface_model, r=lora["r"], alpha=lora["alpha"],
+                                                        target_layers=lora["target_layers"])  # fmt: skip
+        loading = TorchCheckpointLoading(device=torch.device("cpu"), precision=PrecisionEnum.FP32)
+        model = loading.load_model_checkpoint(model, Path(lora["checkpoint"]))
+    ids = torch.tensor(request["input_ids"])
+    answer = {"sha256": _digests(model)}
+    with torch.no_grad():
+        model.train(bool(lora))  # the branch's LoRA layers merge on eval(): first apart, then merged
+        answer["logits"] = model({model.sample_key: ids})[model.prediction_key].tolist()
+        if lora:
+            model.eval()
+            answer["merged_logits"] = model({model.sample_key: ids})[model.prediction_key].tolist()
+    return answer
+
+
 if __name__ == "__main__":
     request = json.load(sys.stdin)
-    answer = {"batches": batches, "numbers": numbers, "pack": pack, "index": index, "load_checkpoint": load_checkpoint}[
-        request["op"]
-    ](request)
+    ops = {"batches": batches, "numbers": numbers, "pack": pack, "index": index, "load_checkpoint": load_checkpoint,
+           "logits": logits}  # fmt: skip
+    answer = ops[request["op"]](request)
     json.dump(answer, sys.stdout)

@@ -81,7 +81,8 @@ def _imports(path: Path) -> list[tuple[str, int, bool]]:
 
 
 # ------------------------------------------------------------------------------------------------ Modalities
-MODALITIES_ENTRY_POINTS = {"lorafit.components", "lorafit.commands.data"}  # the component table, `lorafit data`
+# the component table, `lorafit data` (Modalities' data tools), `lorafit export` (`export modalities`)
+MODALITIES_ENTRY_POINTS = {"lorafit.components", "lorafit.commands.data", "lorafit.commands.export"}
 
 
 def test_only_the_component_table_and_lorafit_data_import_modalities():

@@ -83,11 +83,41 @@ def test_prepare_writes_a_loadable_folder_and_model_bin(tmp_path, fake_gguf):
 
     model_bin = out / "SmolLM2-135M_saved" / "model.bin"
     state = torch.load(model_bin, weights_only=True)
-    assert {"lm_head.weight", "model.embed_tokens.weight"} <= set(state)  # the names the model has, tied pair too
+    # Modalities' wrapper names (its strict loading wants them): every name prefixed, the tied pair too
+    assert {"huggingface_model.lm_head.weight", "huggingface_model.model.embed_tokens.weight"} <= set(state)
+    assert all(key.startswith("huggingface_model.") for key in state)
+    assert (
+        state["huggingface_model.lm_head.weight"].data_ptr()
+        == state["huggingface_model.model.embed_tokens.weight"].data_ptr()
+    )  # stored once
     with deferred_init():
         model = TorchCheckpointLoader(device="cpu").load(model_from_config(load_hf_config(folder)), model_bin)
     assert torch.equal(logits(model), expected)
     assert leftovers(out) == []
+
+
+def test_an_older_model_bin_still_loads_and_prepare_rewrites_it_with_modalities_names(tmp_path, fake_gguf, capsys):
+    from lorafit.models.checkpointed import TorchCheckpointLoader
+    from lorafit.models.deferred import deferred_init
+    from lorafit.models.huggingface import load_hf_config, model_from_config
+
+    out = tmp_path / "models"
+    folder = smollm2.prepare_smollm2(out, progress=False)
+    saved = out / "SmolLM2-135M_saved"
+    # what lorafit wrote before (format 1): the model's own names
+    torch.save(make_llama(seed=3).state_dict(), saved / "model.bin")
+    marker = json.loads((saved / smollm2.MARKER).read_text())
+    (saved / smollm2.MARKER).write_text(json.dumps({**marker, "format": 1}))
+    assert not smollm2.is_prepared(saved)
+    with deferred_init():
+        model = TorchCheckpointLoader(device="cpu").load(model_from_config(load_hf_config(folder)), saved / "model.bin")
+    assert torch.equal(logits(model), logits(make_llama(seed=3)))
+
+    smollm2.prepare_smollm2(out, progress=True)
+    assert "rewriting" in capsys.readouterr().out and len(fake_gguf) == 1  # from the folder, not the GGUF
+    assert smollm2.is_prepared(saved) and leftovers(out) == []
+    state = torch.load(saved / "model.bin", weights_only=True)
+    assert all(key.startswith("huggingface_model.") for key in state)
 
 
 def test_a_second_call_returns_at_once_and_rewrites_nothing(tmp_path, fake_gguf):
@@ -118,7 +148,7 @@ def test_an_interrupted_call_leaves_nothing_half_written(tmp_path, fake_gguf, mo
     smollm2.prepare_smollm2(out, progress=False)
     assert len(fake_gguf) == 1
     state = torch.load(out / "SmolLM2-135M_saved" / "model.bin", weights_only=True)
-    assert torch.equal(state["model.norm.weight"], make_llama(seed=3).model.norm.weight)
+    assert torch.equal(state["huggingface_model.model.norm.weight"], make_llama(seed=3).model.norm.weight)
 
 
 def test_an_interrupted_folder_write_leaves_nothing(tmp_path, fake_gguf, monkeypatch):

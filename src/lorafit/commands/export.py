@@ -1,6 +1,7 @@
 """`lorafit export gguf --model DIR_or_config [--adapter DIR] --output X.gguf [--dtype ...]`: one GGUF file for
 llama.cpp / Ollama, the adapter (if any) merged first. `lorafit export gguf-adapter --model BASE --adapter DIR
---output X.gguf`: the adapter alone as a llama.cpp LoRA adapter, to apply over the base's GGUF."""
+--output X.gguf`: the adapter alone as a llama.cpp LoRA adapter, to apply over the base's GGUF. `lorafit export
+modalities --run RUN --output DIR [--form lora|merged]`: what a run trained as a checkpoint Modalities loads."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from pathlib import Path
 
 
 def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser("export", help="write a model in another format (GGUF for llama.cpp / Ollama)")
+    parser = subparsers.add_parser("export", help="write a model in another format (GGUF for llama.cpp / Ollama, "
+                                   "Modalities checkpoints)")  # fmt: skip
     formats = parser.add_subparsers(dest="format", metavar="FORMAT", required=True)
     gguf = formats.add_parser("gguf", help="a Llama-family model (+ adapter, merged) as one GGUF file")
     gguf.add_argument(
@@ -34,6 +36,30 @@ def add_parser(subparsers) -> None:
     adapter.add_argument("--dtype", default="f32", choices=["f32", "f16"], help="type of A and B; default f32")
     adapter.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     adapter.set_defaults(func=run_gguf_adapter)
+
+    modalities = formats.add_parser(
+        "modalities",
+        help="what a run trained as a Modalities checkpoint (the lora branch's LoRA model, or merged)",
+        description="Writes OUTPUT/eid_<experiment_id>-model-num_steps_<S>-num_tokens_<T>.bin, a torch state dict "
+        "in Modalities' names (huggingface_model.<name>) that model/checkpointed with checkpoint_loading/torch "
+        "loads strictly. --form lora: the lora / lora_2 branches' LoRA model (base weights + <module>.lora_A / "
+        ".lora_B; load it with the model/lora block printed); --form merged: the plain model, W + (alpha / r) B A.",
+    )
+    modalities.add_argument("--run", type=Path, required=True,
+                            help="a lorafit run folder (its final adapter/, else its latest checkpoint), its "
+                                 "adapter/, or one of its checkpoints/step_N/")  # fmt: skip
+    modalities.add_argument(
+        "--model", type=Path, help="the base model folder or config (default: the run's config.resolved.yaml)"
+    )
+    modalities.add_argument(
+        "--output",
+        type=Path,
+        required=True,
+        help="the folder to write the checkpoint into (an existing file is never replaced)",
+    )
+    modalities.add_argument("--form", default="merged", choices=["merged", "lora"],
+                            help="merged (default): a plain model; lora: the lora branch's LoRA model")  # fmt: skip
+    modalities.set_defaults(func=run_modalities)
 
 
 def _check_output(args: argparse.Namespace) -> None:
@@ -83,4 +109,39 @@ def run_gguf_adapter(args: argparse.Namespace) -> int:
                                name=Path(args.adapter).name)  # fmt: skip
     info(f"GGUF adapter written to {path} ({path.stat().st_size / 1e6:.2f} MB, {args.dtype}); apply it over the "
          f"base's GGUF: llama-cli -m BASE.gguf --lora {path}")  # fmt: skip
+    return 0
+
+
+def run_modalities(args: argparse.Namespace) -> int:
+    from lorafit.atomic import own_folder
+    from lorafit.checkpoint.trained_run import find_trained_run, load_trained_model
+    from lorafit.console import info
+    from lorafit.errors import UserError
+    from lorafit.modalities.export import (
+        RUN_MODEL_ENTITIES,
+        checkpoint_name,
+        lora_state_dict,
+        merged_state_dict,
+        write_checkpoint,
+    )
+
+    own_folder(args.output, "--output", create=False)  # a file or a link there: said before minutes of loading
+    run = find_trained_run(args.run)
+    name = checkpoint_name(run.experiment_id, run.steps, run.tokens)
+    if (args.output / name).exists():
+        raise UserError(f"--output: {args.output / name} exists; lorafit never replaces a checkpoint: choose "
+                        "another folder")  # fmt: skip
+    model = load_trained_model(run, args.model, RUN_MODEL_ENTITIES)
+    if args.form == "lora":
+        state, spec = lora_state_dict(model)
+    else:
+        state, spec = merged_state_dict(model), None
+    path = write_checkpoint(state, args.output, name)
+    info(f"Modalities checkpoint ({args.form}, from {run.source}) written to {path} ({path.stat().st_size / 1e6:.1f} "
+         "MB): model/checkpointed + checkpoint_loading/torch loads it (checkpoint_path: this file)")  # fmt: skip
+    if spec is not None:
+        info(
+            "with this model/lora as the checkpointed model's `model` (around the Hugging Face model), so that the "
+            "LoRA layers exist when the file loads:\n" + spec.yaml()
+        )
     return 0

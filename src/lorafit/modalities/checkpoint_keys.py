@@ -21,12 +21,20 @@ import torch
 
 from lorafit.models.checkpointed import register_key_mapping
 
-WRAPPER_PREFIXES = ("huggingface_model.", "module.", "_orig_mod.")
+# Modalities' HuggingFacePretrainedModel keeps the Hugging Face model as `self.huggingface_model`
+HF_WRAPPER_PREFIX = "huggingface_model."
+WRAPPER_PREFIXES = (HF_WRAPPER_PREFIX, "module.", "_orig_mod.")
 WRAPPER_INFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
 LORA_SUFFIXES = {
     ".lora_A": (".lora_A.weight", ".lora_embedding_A"),
     ".lora_B": (".lora_B.weight", ".lora_embedding_B"),
 }
+
+
+def modalities_model_names(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A Hugging Face model's state dict named as Modalities' `model/huggingface_pretrained_model` names it (what its
+    strict torch checkpoint loading wants); `map_modalities_keys` takes the prefix off again."""
+    return {HF_WRAPPER_PREFIX + key: value for key, value in state_dict.items()}
 
 
 def map_modalities_keys(

@@ -26,6 +26,7 @@ import torch
 from pydantic import field_validator
 from torch import nn
 
+from lorafit.components import load_builtin_translators
 from lorafit.config.context import current_context
 from lorafit.config.registry import Component, ComponentConfig, register_component
 from lorafit.console import info, warn
@@ -131,6 +132,7 @@ def register_key_mapping(mapping: KeyMapping) -> KeyMapping:
 def _with_model_names(model: nn.Module, state_dict: dict[str, Any], path) -> dict[str, Any]:
     """Other programs' names mapped to the model's (`KEY_MAPPINGS`), said in the log; when keys still do not fit,
     the error says which mapping is missing."""
+    load_builtin_translators()  # a loader used outside a config (the Python API, a test) maps names all the same
     expected = model.state_dict().keys()
     for mapping in KEY_MAPPINGS:
         state_dict, notes = mapping.map(state_dict, expected)

