@@ -103,6 +103,14 @@ def test_subclass_of_linear_is_refused_with_its_type():
     with pytest.raises(UserError, match=r"proj \(QuantLinear\), which LoRA cannot wrap; supported: nn.Linear"):
         apply_lora(model, r=2, alpha=2, target_layers=["all-linear"])
     assert type(model.proj) is QuantLinear  # nothing changed
+    # convolutions are wrapped (tests/unit/test_lora_conv.py); a transposed one is another type, refused as such
+    model.add_module("up", nn.ConvTranspose2d(4, 4, 3))
+    with pytest.raises(UserError) as info:
+        apply_lora(model, r=2, alpha=2, target_layers=["up"])
+    assert info.value.problems[0].message == (
+        "'up' matched up (ConvTranspose2d), which LoRA cannot wrap; supported: nn.Linear, nn.Embedding, transformers "
+        "Conv1D (GPT-2), nn.Conv1d/Conv2d/Conv3d (groups=1, dilation=1, padding_mode='zeros')"
+    )
 
 
 def test_hyper_parameter_errors_are_collected():

@@ -2,6 +2,7 @@
 
 from lorafit.lora import component  # noqa: F401  (registers model/lora)
 from lorafit.lora.adapter import adapter_config, adapter_state_dict, load_adapter, read_adapter_config, save_adapter
+from lorafit.lora.conv import LoraConv1d, LoraConv2d, LoraConv3d
 from lorafit.lora.describe import LoraRow, describe_lora, lora_rows
 from lorafit.lora.embedding import LoraEmbedding
 from lorafit.lora.layers import LoraConv1D, LoraLayer, LoraLinear
@@ -24,6 +25,9 @@ from lorafit.lora.saving import save_pretrained
 
 __all__ = [
     "LoraConv1D",
+    "LoraConv1d",
+    "LoraConv2d",
+    "LoraConv3d",
     "LoraEmbedding",
     "LoraLayer",
     "LoraLinear",

@@ -222,8 +222,10 @@ def check_weights_header(weights: Path, r: int) -> None:
         if not dtypes[key].startswith(("F", "BF")):
             problems.append(f"{key} is {dtypes[key]}, not a floating-point tensor")
         dim = next((d for suffix, d in rank_dim.items() if key.endswith(suffix)), None)
-        if dim is not None and len(shape) != 2:
-            problems.append(f"{key} has shape {shape}, not a matrix")
+        # a conv adapter's A and B are convolution weights: (r, in, *kernel) and (out, r, 1, ...), 1 to 3 kernel dims
+        conv = key.endswith(".weight") and 3 <= len(shape) <= 5
+        if dim is not None and len(shape) != 2 and not conv:
+            problems.append(f"{key} has shape {shape}, not a matrix (or a 1d/2d/3d convolution weight)")
         elif dim is not None:
             ranks.add(shape[dim])
     if ranks and r not in ranks:  # single mis-shaped tensors are named later, key by key

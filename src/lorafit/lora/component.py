@@ -12,6 +12,8 @@
         init: kaiming                     # optional: kaiming (PEFT's default), gaussian, pissa or olora
         use_rslora: false                 # optional: scaling alpha/sqrt(r) instead of alpha/r
         use_dora: false                   # optional: DoRA, weight-decomposed LoRA (nn.Linear targets)
+        embedding_init: peft              # optional: embedding adapters start A = 0, B ~ N(0, 1) (peft) or
+                                          #   A ~ N(0, 1), B = 0 (modalities: what a Modalities config gets)
         frozen_dtype: bfloat16            # optional: store the frozen linear weights in bf16 (or nf4), compute in fp32
         # nf4_skip_layers: [down_proj]    # optional, with frozen_dtype: nf4 only: these layers stay bf16, not 4-bit
 
@@ -30,7 +32,8 @@ the residual in the base; the saved adapter is converted to apply to the origina
 `use_dora: true` adds DoRA's trained magnitude vector per output feature (docs/lora.md).
 
 Embeddings: name the nn.Embedding in `target_layers` (e.g. `[all-linear, embed_tokens]`, GPT-2: `wte`);
-`all-linear` alone never includes embeddings nor the output head.
+`all-linear` alone never includes embeddings nor the output head. Convolutions (nn.Conv1d/2d/3d) are named the
+same way and take PEFT's conv adapter (lora/conv.py).
 """
 
 from __future__ import annotations
@@ -64,6 +67,7 @@ class LoraModelConfig(ComponentConfig):
     init: Literal["kaiming", "gaussian", "pissa", "olora"] = "kaiming"
     use_rslora: bool = False
     use_dora: bool = False
+    embedding_init: Literal["peft", "modalities"] = "peft"  # how an embedding adapter's A and B are drawn
     frozen_dtype: Literal["bfloat16", "nf4"] | None = None  # None: the frozen weights keep the base model's dtype
     nf4_skip_layers: list[str] = Field(default_factory=list)  # with nf4: these layers are stored in bf16 instead
 
@@ -79,7 +83,8 @@ def build_lora_model(config: LoraModelConfig) -> nn.Module:
         raise UserError(f"init {config.init} cannot be combined with frozen_dtype nf4: {reason}", field="init")
     in_bf16 = _nf4_skipped(model, config)
     apply_lora(model, config.r, config.alpha, config.target_layers, dropout=config.dropout, init=config.init,
-               use_rslora=config.use_rslora, use_dora=config.use_dora, warn_save_pretrained=False)  # fmt: skip
+               use_rslora=config.use_rslora, use_dora=config.use_dora, embedding_init=config.embedding_init,
+               warn_save_pretrained=False)  # fmt: skip
     if config.frozen_dtype:
         info(store_frozen_base(model, config.frozen_dtype, in_bf16))
     if current_context().announce:

@@ -15,7 +15,7 @@ from lorafit.models.wrappers import canonical_name
 @dataclass(frozen=True)
 class LoraRow:
     name: str  # qualified module name
-    layer: str  # base type: Linear, Embedding, Conv1D
+    layer: str  # base type: Linear, Embedding, Conv1D, Conv1d/2d/3d
     in_features: int
     out_features: int
     rank: int
@@ -43,9 +43,11 @@ def describe_lora(model: nn.Module, *, verbose: bool = True) -> str:
     settings = get_settings(model)
     rows = lora_rows(model)
     rule = "alpha/sqrt(r)" if settings.use_rslora else "alpha/r"
+    # which factor of an embedding adapter is drawn, where there is one (a Modalities config draws A, PEFT B)
+    embedding = f" embedding_init={settings.embedding_init}" if settings.embedding_targets else ""
     lines = [
         f"LoRA r={settings.r} alpha={settings.alpha:g} scaling={settings.scaling:g} ({rule}) "
-        f"dropout={settings.dropout:g} init={settings.init}: {len(rows)} module{'s' * (len(rows) != 1)}"
+        f"dropout={settings.dropout:g} init={settings.init}{embedding}: {len(rows)} module{'s' * (len(rows) != 1)}"
     ]
     for entry in dict.fromkeys(settings.target_layers):
         places = Counter(_place(row.name) for row in rows if row.target == entry)

@@ -1,4 +1,5 @@
-"""LoRA on nn.Embedding, PEFT's layout and initialisation (A zero, B normal; no dropout)."""
+"""LoRA on nn.Embedding, PEFT's layout (no dropout), with PEFT's initialisation (A zero, B normal) or Modalities'
+(A normal, B zero): `embedding_init`. Either starts the adapter at zero; they differ in which factor learns first."""
 
 from __future__ import annotations
 
@@ -8,16 +9,24 @@ from torch import nn
 
 from lorafit.lora.layers import LoraLayer, _new_param
 
+# "peft": A = 0, B ~ N(0, 1) (PEFT's reset_lora_parameters); "modalities": A ~ N(0, 1), B = 0 (the Modalities lora
+# branches' LoRAEmbedding.reset_parameters)
+EMBEDDING_INITS = ("peft", "modalities")
+
 
 class LoraEmbedding(LoraLayer, nn.Embedding):
     """nn.Embedding + LoRA, PEFT's layout: A (r, num_embeddings), B (embedding_dim, r), no dropout.
 
-    Initialised as PEFT does: A zero and B normal, so the adapter starts at zero like the others.
+    Initialised as PEFT does (`embedding_init` "peft": A zero, B ~ N(0, 1)) or as Modalities' LoRAEmbedding does
+    ("modalities": A ~ N(0, 1), B zero); the adapter starts at zero either way.
     """
 
     def __init__(self, base: nn.Embedding, r: int, alpha: float, *, dropout: float = 0.0, use_rslora: bool = False,
-                 init: str = "kaiming"):  # fmt: skip
+                 init: str = "kaiming", embedding_init: str = "peft"):  # fmt: skip
         nn.Module.__init__(self)
+        if embedding_init not in EMBEDDING_INITS:
+            raise ValueError(f"embedding_init must be one of {', '.join(EMBEDDING_INITS)}, got {embedding_init!r}")
+        self.embedding_init = embedding_init
         for attr in ("num_embeddings", "embedding_dim", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq",
                      "sparse"):  # fmt: skip
             setattr(self, attr, getattr(base, attr))
@@ -41,13 +50,18 @@ class LoraEmbedding(LoraLayer, nn.Embedding):
     def lora_param_suffixes(self) -> tuple[str, str]:
         return ("lora_embedding_A", "lora_embedding_B")
 
+    @property
+    def zero_factor_suffix(self) -> str:
+        return "lora_embedding_B" if self.embedding_init == "modalities" else "lora_embedding_A"
+
     def _delta_to_weight_layout(self, delta: torch.Tensor) -> torch.Tensor:
         return delta.T  # (num_embeddings, dim) like the embedding table
 
     def _initial_factors(self, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
-        b = torch.empty(self.embedding_dim, self.r)
-        nn.init.normal_(b, generator=generator)
-        return torch.zeros(self.r, self.num_embeddings), b
+        a, b = torch.zeros(self.r, self.num_embeddings), torch.zeros(self.embedding_dim, self.r)
+        # the factor that is drawn (N(0, 1)) is the one the other's first gradient flows through
+        nn.init.normal_(a if self.embedding_init == "modalities" else b, generator=generator)
+        return a, b
 
     def _embed(self, x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         return F.embedding(x, table, self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq,
@@ -68,4 +82,5 @@ class LoraEmbedding(LoraLayer, nn.Embedding):
         return plain.train(self.training)
 
     def extra_repr(self) -> str:
-        return f"{nn.Embedding.extra_repr(self)}, {self.lora_extra_repr()}"
+        init = ", embedding_init=modalities" if self.embedding_init == "modalities" else ""
+        return f"{nn.Embedding.extra_repr(self)}, {self.lora_extra_repr()}{init}"

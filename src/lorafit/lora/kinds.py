@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from lorafit.lora.conv import LoraConv1d, LoraConv2d, LoraConv3d
 from lorafit.lora.embedding import LoraEmbedding
 from lorafit.lora.layers import LoraConv1D, LoraLayer, LoraLinear
 
@@ -13,13 +14,20 @@ LORA_CLASSES: dict[type[nn.Module], type[LoraLayer]] = {
     nn.Linear: LoraLinear,
     nn.Embedding: LoraEmbedding,
     Conv1D: LoraConv1D,
+    nn.Conv1d: LoraConv1d,
+    nn.Conv2d: LoraConv2d,
+    nn.Conv3d: LoraConv3d,
 }
-SUPPORTED_TYPES = "nn.Linear, nn.Embedding, transformers Conv1D (GPT-2)"
+SUPPORTED_TYPES = ("nn.Linear, nn.Embedding, transformers Conv1D (GPT-2), nn.Conv1d/Conv2d/Conv3d (groups=1, "
+                   "dilation=1, padding_mode='zeros')")  # fmt: skip
 
 
 def wrap(base: nn.Module, r: int, alpha: float, *, dropout: float, use_rslora: bool, init: str,
-         use_dora: bool = False) -> LoraLayer:  # fmt: skip
+         use_dora: bool = False, embedding_init: str = "peft") -> LoraLayer:  # fmt: skip
+    """`base` as its LoRA layer; `use_dora` goes to nn.Linear only and `embedding_init` to embeddings only (the
+    targets were checked for both before)."""
     cls = LORA_CLASSES[type(base)]
-    if use_dora:
-        return cls(base, r, alpha, dropout=dropout, use_rslora=use_rslora, init=init, use_dora=True)
-    return cls(base, r, alpha, dropout=dropout, use_rslora=use_rslora, init=init)
+    extra: dict = {"use_dora": True} if use_dora else {}
+    if cls is LoraEmbedding:
+        extra["embedding_init"] = embedding_init
+    return cls(base, r, alpha, dropout=dropout, use_rslora=use_rslora, init=init, **extra)

@@ -135,6 +135,12 @@ class LoraLayer:
         """State-dict suffixes of A and B under this module, as PEFT names them."""
         return ("lora_A.weight", "lora_B.weight")
 
+    @property
+    def zero_factor_suffix(self) -> str:
+        """The suffix of the factor that starts at zero (B; an embedding's A under PEFT's init): the only one whose
+        first gradient is non-zero, since the other's gradient goes through it."""
+        return self.lora_param_suffixes()[1]
+
     def lora_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """(suffix, parameter) of everything the adapter trains: A, B and DoRA's magnitude."""
         named = list(zip(self.lora_param_suffixes(), self.lora_factors(), strict=True))
@@ -146,14 +152,20 @@ class LoraLayer:
         return delta  # nn.Linear stores (out, in), the layout of B @ A
 
     def _initial_factors(self, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Fresh A and B as full fp32 CPU tensors: A kaiming-uniform (a=sqrt 5) or N(0, 1/r), B zero (PEFT's)."""
-        n_in, n_out = self.feature_dims
-        a = torch.empty(self.r, n_in)
+        """Fresh A and B as full fp32 CPU tensors: A kaiming-uniform (a=sqrt 5) or N(0, 1/r), B zero (PEFT's).
+        Shapes are the parameters' (global ones under FSDP2): a conv's A has its fan-in over the kernel too."""
+        shape_a, shape_b = (tuple(p.shape) for p in self.lora_factors())
+        a = torch.empty(shape_a)
         if self.init == "kaiming":
             nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
         else:
             nn.init.normal_(a, std=1 / self.r, generator=generator)
-        return a, torch.zeros(n_out, self.r)
+        return a, torch.zeros(shape_b)
+
+    @staticmethod
+    def refusal(base: nn.Module) -> str | None:
+        """Why a module of a wrappable type takes no adapter after all (convolutions: lora/conv.py), or None."""
+        return None
 
     # --- shared behaviour ------------------------------------------------------------------------
     def reset_lora_parameters(self, generator: torch.Generator | None = None) -> None:
@@ -214,9 +226,10 @@ class LoraLayer:
         return getattr(self, "lora_init_A", None) is not None
 
     def delta_weight(self) -> torch.Tensor:
-        """scaling * B @ A in fp32, in the base weight's layout (so it adds straight onto `weight`)."""
+        """scaling * B @ A in fp32, in the base weight's layout (so it adds straight onto `weight`). A conv's factors
+        are flattened to (r, in * kernel) and (out, r) first; a matrix's stay as they are."""
         a, b = self.lora_factors()
-        return self._delta_to_weight_layout((b.float() @ a.float()) * self.scaling)
+        return self._delta_to_weight_layout((b.float().flatten(1) @ a.float().flatten(1)) * self.scaling)
 
     def merged_weight(self) -> torch.Tensor:
         """The weight this layer computes with, in fp32 and the base weight's layout: W + scaling B A, or for DoRA

@@ -54,8 +54,9 @@ def parse_target(text: str) -> Target:
 class Candidate:
     name: str
     module: nn.Module
-    kind: str | None  # "Linear", "Embedding", "Conv1D" for what LoRA can wrap; None otherwise
+    kind: str | None  # "Linear", "Embedding", "Conv1D", "Conv2d"... for what LoRA can wrap; None otherwise
     linear_like: bool  # counts for all-linear
+    refusal: str | None = None  # a wrappable type that this module's settings rule out (a grouped conv): why
 
 
 def candidates(model: nn.Module) -> list[Candidate]:
@@ -67,11 +68,12 @@ def candidates(model: nn.Module) -> list[Candidate]:
             continue
         if isinstance(module, LoraLayer):
             lora_prefixes.append(name + ".")
-            found.append(Candidate(name, module, module.base_kind, module.base_kind != "Embedding"))
+            found.append(Candidate(name, module, module.base_kind, module.base_kind in ("Linear", "Conv1D")))
             continue
         cls = LORA_CLASSES.get(type(module))
-        kind = cls.base_kind if cls is not None else None
-        found.append(Candidate(name, module, kind, isinstance(module, (nn.Linear, Conv1D))))
+        refusal = cls.refusal(module) if cls is not None else None
+        kind = cls.base_kind if cls is not None and refusal is None else None
+        found.append(Candidate(name, module, kind, isinstance(module, (nn.Linear, Conv1D)), refusal))
     return found
 
 
@@ -149,7 +151,11 @@ def resolve_targets(
         if not hits:
             unmatched.append((i, target))
             continue
-        bad = [c for c in hits if c.kind is None]
+        refused = [c for c in hits if c.refusal is not None]
+        for c in refused:
+            problems.append(Problem(where, f"'{target.text}' matched {c.name} ({type(c.module).__name__}), which "
+                                           f"LoRA cannot wrap with {c.refusal}"))  # fmt: skip
+        bad = [c for c in hits if c.kind is None and c.refusal is None]
         if bad:
             problems.append(Problem(where, f"'{target.text}' matched {_by_type(bad)}, which LoRA cannot wrap; "
                                            f"supported: {SUPPORTED_TYPES}"))  # fmt: skip

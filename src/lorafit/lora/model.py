@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from lorafit.errors import Problem, UserError
+from lorafit.lora.embedding import EMBEDDING_INITS
 from lorafit.lora.kinds import wrap
 from lorafit.lora.layers import LoraLayer, hyper_problems, lora_scaling
 from lorafit.lora.matching import Target, resolve_targets
@@ -32,11 +33,14 @@ class LoraSettings:
     alpha: float
     target_layers: list[str]  # as given (ours: `q_proj`, `mlp.down_proj`, `re:...`, `all-linear`)
     modules: dict[str, str]  # qualified module name -> the target entry that matched it
-    kinds: dict[str, str] = field(default_factory=dict)  # qualified module name -> Linear / Embedding / Conv1D
+    kinds: dict[str, str] = field(
+        default_factory=dict
+    )  # qualified module name -> Linear / Embedding / Conv1D / Conv2d ...
     dropout: float = 0.0
     use_rslora: bool = False
     init: str = "kaiming"
     use_dora: bool = False
+    embedding_init: str = "peft"  # embeddings' A/B draw: PEFT's or Modalities' (lora/embedding.py)
 
     @property
     def scaling(self) -> float:
@@ -116,7 +120,8 @@ def inject(model: nn.Module, settings: LoraSettings, targets: list[Target] | lis
     for name, entry in matched.items():
         base = model.get_submodule(name)
         layer = wrap(base, settings.r, settings.alpha, dropout=settings.dropout, use_rslora=settings.use_rslora,
-                     init=settings.init, use_dora=settings.use_dora)  # fmt: skip
+                     init=settings.init, use_dora=settings.use_dora,
+                     embedding_init=settings.embedding_init)  # fmt: skip
         _replace(model, name, layer)
         settings.modules[canonical_name(name)] = entry
         settings.kinds[canonical_name(name)] = layer.base_kind
@@ -173,6 +178,7 @@ def apply_lora(
     init: str = "kaiming",
     use_rslora: bool = False,
     use_dora: bool = False,
+    embedding_init: str = "peft",
     seed: int | None = None,
     warn_save_pretrained: bool = True,
 ) -> nn.Module:
@@ -187,6 +193,9 @@ def apply_lora(
     qualified name, or `all-linear` (every Linear/Conv1D except the output head). Naming an nn.Embedding
     (`embed_tokens`) puts LoRA on the embedding. On a meta-device model A/B are created on meta; initialise
     them with `reset_lora_parameters` once real memory exists. `seed` makes the initialisation reproducible.
+    `embedding_init`: an embedding adapter starts as PEFT's (`peft`: A = 0, B ~ N(0, 1)) or as Modalities' LoRA
+    (`modalities`: A ~ N(0, 1), B = 0); the adapter file is PEFT's either way. nn.Conv1d/2d/3d take PEFT's conv
+    adapter (lora/conv.py).
     """
     if isinstance(target_layers, str):
         target_layers = [target_layers]
@@ -195,6 +204,10 @@ def apply_lora(
         # PEFT's conversion to an adapter on the original base (subtract_mutated_init) has no term for m
         reason = "its saved adapter is converted to apply to the original base, which DoRA's magnitude does not allow"
         problems.append(Problem("init", f"{init} cannot be combined with use_dora: {reason}"))
+    if embedding_init not in EMBEDDING_INITS:
+        problems.append(
+            Problem("embedding_init", f"must be one of {', '.join(EMBEDDING_INITS)}, got {embedding_init!r}")
+        )
     if not isinstance(target_layers, list | tuple) or not target_layers:
         problems.append(Problem("target_layers", "must be a non-empty list, e.g. [q_proj, v_proj] or [all-linear]"))
     elif any(not isinstance(t, str) or not t.strip() for t in target_layers):
@@ -204,7 +217,7 @@ def apply_lora(
         raise UserError("", problems=problems)
     settings = LoraSettings(r=r, alpha=float(alpha), target_layers=list(target_layers), modules={},
                             dropout=float(dropout), use_rslora=use_rslora, init=init,
-                            use_dora=bool(use_dora))  # fmt: skip
+                            use_dora=bool(use_dora), embedding_init=embedding_init)  # fmt: skip
     model = inject(model, settings, list(target_layers), field_name="target_layers", each_must_match=True, seed=seed)
     if warn_save_pretrained and hasattr(model, "save_pretrained"):
         warnings.warn(
@@ -218,7 +231,7 @@ def apply_lora(
 
 
 def reset_lora_parameters(model: nn.Module, seed: int | None = None, *, keep_decomposed: bool = False) -> None:
-    """(Re)initialise every adapter: A kaiming-uniform or gaussian, B zero (embeddings: A zero, B normal).
+    """(Re)initialise every adapter: A kaiming-uniform or gaussian, B zero (embeddings: `embedding_init`).
 
     With a seed the values are drawn from one generator in model order, so they do not depend on the device,
     dtype or sharding: the same seed gives the same adapter on 1 process or under FSDP2. Meta tensors are

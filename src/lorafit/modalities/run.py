@@ -175,11 +175,14 @@ def release_of(settings: ModalitiesSettings) -> str:
 
 
 def with_release(config: dict[str, Any], release: str) -> dict[str, Any]:
-    """The config with every continuous packed dataset that does not name its `release` given this one."""
+    """The config with every continuous packed dataset that does not name its `release` given this one, and every
+    LoRA model Modalities' embedding adapter draw (A ~ N(0, 1), B = 0: both lora branches) unless it names one."""
     config = copy.deepcopy(config)
     for _, block in component_blocks(config):
         if block.get("variant_key") == "packed_mem_map_dataset_continuous" and isinstance(block.get("config"), dict):
             block["config"] = {"release": release, **block["config"]}
+        if block.get("variant_key") == "lora" and isinstance(block.get("config"), dict):  # model/lora
+            block["config"] = {"embedding_init": "modalities", **block["config"]}
     return config
 
 

@@ -1,9 +1,10 @@
 """Checks that stop a run which would otherwise train nothing, or train garbage, silently.
 
-Gradient flow: LoRA's B starts at zero, so in step 1 only B can receive a gradient (A's gradient is B^T (...) = 0);
-from step 2 on both must. A matrix with no gradient, a zero one, or a non-finite one means the adapter is cut
-from the graph (a custom forward that bypasses it, reentrant activation checkpointing over frozen inputs,
-a detach) and the run would end with an unchanged adapter. It is checked once, before the optimizer steps.
+Gradient flow: LoRA's B starts at zero (an embedding's A under PEFT's init), so in step 1 only that factor can
+receive a gradient (the other's gradient goes through it: B^T (...) = 0); from step 2 on both must. A matrix with no
+gradient, a zero one, or a non-finite one means the adapter is cut from the graph (a custom forward that bypasses
+it, reentrant activation checkpointing over frozen inputs, a detach) and the run would end with an unchanged
+adapter. It is checked once, before the optimizer steps.
 A model without LoRA (full fine-tuning) is checked more loosely in step 1: some trainable parameter must get a
 finite, non-zero gradient (a model may hold parameters the loss never uses, so not every one has to).
 """
@@ -15,8 +16,8 @@ from torch import nn
 
 from lorafit.distributed.env import DistEnv
 from lorafit.errors import UserError
-from lorafit.lora.model import has_lora, named_lora_parameters
-from lorafit.models.wrappers import local_tensor
+from lorafit.lora.model import has_lora, lora_layers, named_lora_parameters
+from lorafit.models.wrappers import canonical_name, local_tensor
 
 
 class GradientFlowError(UserError):
@@ -39,10 +40,11 @@ def check_gradient_flow(model: nn.Module, step: int, env: DistEnv) -> None:
             _check_some_gradient(model, env)
         return
     # the factor initialised to zero is the one whose first gradient is non-zero: B of a linear layer (A is
-    # random), A of an embedding (PEFT starts embeddings with A = 0 and B random, so B's first gradient is 0)
-    wanted = ("lora_B", "lora_embedding_A") if step == 1 else ("lora_A", "lora_B", "lora_embedding_A",
-                                                               "lora_embedding_B")  # fmt: skip
-    params = [(n, p) for n, p in named_lora_parameters(model) if any(f".{w}" in n for w in wanted)]
+    # random), A of an embedding under PEFT's init (A = 0, B random), B under Modalities' (embedding_init)
+    first = _zero_started(model)
+    wanted = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
+    params = [(n, p) for n, p in named_lora_parameters(model)
+              if (n in first if step == 1 else any(f".{w}" in n for w in wanted))]  # fmt: skip
     if not params:
         return
     stats = torch.zeros(len(params), 3, dtype=torch.float64, device=env.device)
@@ -59,7 +61,7 @@ def check_gradient_flow(model: nn.Module, step: int, env: DistEnv) -> None:
     zero = [n for (n, _), s in zip(params, stats.tolist(), strict=True) if s[2] > 0 and s[1] == 0 and s[0] == 0]
     if not (missing or bad or zero):
         return
-    _report_divergence(params, missing + zero + bad, step, env)
+    _report_divergence(params, first, missing + zero + bad, step, env)
     lines = []
     for label, names in (("no gradient", missing), ("a zero gradient", zero), ("a non-finite gradient", bad)):
         if names:
@@ -72,11 +74,16 @@ def check_gradient_flow(model: nn.Module, step: int, env: DistEnv) -> None:
     )
 
 
-def _report_divergence(params: list, failed: list[str], step: int, env: DistEnv) -> None:
-    """Numbers first, wiring second: when the matrices that step 1 showed connected (B; A of embeddings) get
+def _zero_started(model: nn.Module) -> set[str]:
+    """The names of the factors that start at zero, which step 1 checks (`LoraLayer.zero_factor_suffix`)."""
+    return {f"{canonical_name(name)}.{layer.zero_factor_suffix}" for name, layer in lora_layers(model)}
+
+
+def _report_divergence(params: list, zero_started: set[str], failed: list[str], step: int, env: DistEnv) -> None:
+    """Numbers first, wiring second: when the matrices that step 1 showed connected (those started at zero) get
     nothing usable in step 2, the wiring cannot have changed in between, the update did (e.g. lr 1e30: weights
     of 1e29 saturate every softmax and the gradients vanish). Raise NonFiniteLossError saying so."""
-    first = [n for n, _ in params if any(f".{w}" in n for w in ("lora_B", "lora_embedding_A"))]
+    first = [n for n, _ in params if n in zero_started]
     if step < 2 or not first or not set(first) <= set(failed):
         return
     stats = torch.zeros(2, dtype=torch.float64, device=env.device)  # squared weight norm, non-finite weights
