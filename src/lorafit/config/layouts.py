@@ -3,11 +3,11 @@
 `lorafit run` and `lorafit validate` read a config as: load the YAML and resolve `${...}` (config/loader.py) ->
 `layout_of(config)` (here) -> its `check` (the whole graph and its settings, every problem at once) -> its
 `outline` (the run-level decisions taken before building: parallelism, where the run folder goes, whether the
-model is built on the meta device) -> its `build` -> `BuiltRun` (lorafit/build.py): one typed `RunSettings` plus
+model is built on the meta device) -> its `build` -> `BuiltRun` (lorafit/run/build.py): one typed `RunSettings` plus
 the built entities -> `TrainJob(settings=...)` -> the loop.
 
 lorafit's own layout (the `settings` block of `config/run_spec.py` and the run entities `model`, `train_dataset`,
-...) is the default (lorafit/build.py). Another layout (Modalities', lorafit/modalities/run.py) is translated at this
+...) is the default (run/build.py). Another layout (Modalities', lorafit/modalities/run.py) is translated at this
 border into the same run description: what it means differently arrives as typed settings of the core (the loss
 normalisation, the run folder root, the step plan it prints), never as a question the core asks about the config.
 The component table (lorafit/components.py) imports the modules that register layouts.

@@ -30,7 +30,7 @@ class ComponentConfig(StrictValues):
 
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True, protected_namespaces=())
     # set by a model component that converts or re-draws the weights it is given: why it needs them whole before
-    # sharding (so an fsdp2 run loads them before sharding instead of building on the meta device; build.py)
+    # sharding (so an fsdp2 run loads them before sharding instead of building on the meta device; run/build.py)
     needs_whole_weights: ClassVar[str | None] = None
 
 

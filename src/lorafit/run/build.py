@@ -31,7 +31,7 @@ from lorafit.config.loader import ConfigEnv, load_config
 from lorafit.config.registry import REGISTRY
 from lorafit.config.run_spec import DEFAULT_COMPONENTS, RUN_ENTITIES, RunSettings, RunSpec, describe_steps, settings_of
 from lorafit.console import info
-from lorafit.data.pack import is_pack_index
+from lorafit.data.token_files import is_pack_index
 from lorafit.distributed.parallel import FSDP2Config
 from lorafit.errors import ConfigError, Problem, UserError, did_you_mean
 from lorafit.lora import count_parameters, describe_lora, has_lora, reset_lora_parameters

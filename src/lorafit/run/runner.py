@@ -12,19 +12,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lorafit import allocator, resume
+from lorafit import allocator
 from lorafit.atomic import write_atomic
-from lorafit.build import BuiltRun, build_run, load_run_config, run_outline
 from lorafit.config.loader import ConfigEnv
 from lorafit.console import info, warn
 from lorafit.distributed.env import init_distributed
 from lorafit.distributed.parallel import DDPStrategy, FSDP2Strategy, Strategy
 from lorafit.errors import UserError
-from lorafit.experiment import CONFIG_COPY, RESOLVED_CONFIG, create_run_dir, default_experiment_id, read_resolved
-from lorafit.export import export_merged
 from lorafit.lora import has_lora
 from lorafit.lora.provenance import annotate_adapter, prompt_format_of, record_merge
-from lorafit.report import render_report
+from lorafit.outputs.merged import export_merged
+from lorafit.run import resume
+from lorafit.run.build import BuiltRun, build_run, load_run_config, run_outline
+from lorafit.run.experiment import CONFIG_COPY, RESOLVED_CONFIG, create_run_dir, default_experiment_id, read_resolved
+from lorafit.run.report import render_report
 from lorafit.training.job import TrainJob
 from lorafit.training.loop import train as train_loop
 from lorafit.training.memory import refuse_if_too_big
