@@ -1,4 +1,4 @@
-"""Training data transforms: read records (`records`, `sources`), their formats (`formats`, `chat`,
+"""Training data transforms: read records (`records`), their formats (`formats`, `chat`,
 `chat_templates`), tokenize + pack into a packed token file and read it back (`token_files`: `pack_file`,
 `PackedTokens`), documents into blocks without cross-contamination (`blocks`), Modalities' token files (`pbin`)
 and the resumable distributed sampler (`sampler`).
