@@ -14,6 +14,7 @@ from typing import Any
 
 from lorafit import allocator
 from lorafit.atomic import write_atomic
+from lorafit.checkpoint import resume
 from lorafit.config.loader import ConfigEnv
 from lorafit.console import info, warn
 from lorafit.distributed.env import init_distributed
@@ -22,7 +23,6 @@ from lorafit.errors import UserError
 from lorafit.lora import has_lora
 from lorafit.lora.provenance import annotate_adapter, prompt_format_of, record_merge
 from lorafit.outputs.merged import export_merged
-from lorafit.run import resume
 from lorafit.run.build import BuiltRun, build_run, load_run_config, run_outline
 from lorafit.run.experiment import CONFIG_COPY, RESOLVED_CONFIG, create_run_dir, default_experiment_id, read_resolved
 from lorafit.run.report import render_report
