@@ -21,10 +21,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from lorafit.config.loggers import LoggersConfig
 from lorafit.config.registry import Component
 from lorafit.config.strict_values import StrictValues
 from lorafit.errors import UserError
-from lorafit.training.trackers import LoggersConfig
 
 RUN_ENTITIES = (
     "model",
@@ -105,7 +105,7 @@ class RunSettings(BaseModel):
     # the allocator `lorafit run` ran under (lorafit/allocator.py). Read from the YAML by the `lorafit` program
     # before it starts (after --allocator and LORAFIT_MALLOC); written into config.resolved.yaml by every run
     allocator: Literal["tbbmalloc", "system", "jemalloc", "tcmalloc"] | None = None
-    loggers: LoggersConfig = LoggersConfig()  # trackers beside metrics.jsonl (lorafit/training/trackers.py)
+    loggers: LoggersConfig = LoggersConfig()  # trackers beside metrics.jsonl (config/loggers.py)
 
 
 class RunSpec(BaseModel):
