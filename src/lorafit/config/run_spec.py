@@ -102,8 +102,8 @@ class RunSettings(BaseModel):
     gradient_clipping: float | None = Field(1.0, gt=0)
     eval_max_batches: int | None = Field(None, ge=1)
     export: Export = Export()
-    # the allocator `lorafit run` ran under (lorafit/allocator.py). Read from the YAML by the `lorafit` program
-    # before it starts (after --allocator and LORAFIT_MALLOC); written into config.resolved.yaml by every run
+    # the allocator the run ran under, written into config.resolved.yaml by every run: a record that chooses nothing
+    # (--allocator or LORAFIT_MALLOC choose; a value naming another allocator is said in the log; lorafit/allocator.py)
     allocator: Literal["tbbmalloc", "system", "jemalloc", "tcmalloc"] | None = None
     loggers: LoggersConfig = LoggersConfig()  # trackers beside metrics.jsonl (config/loggers.py)
 

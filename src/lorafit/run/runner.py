@@ -142,16 +142,17 @@ def is_single_process_strategy(strategy) -> bool:
 
 
 def _record_allocator(config: dict[str, Any]) -> None:
-    """settings.allocator in config.resolved.yaml: the allocator this process runs under. The `lorafit` program
-    chose it at start (lorafit/allocator.py); the Python API never changes its process's allocator."""
+    """settings.allocator in config.resolved.yaml: the allocator this process runs under, a record. The `lorafit`
+    program chose it at start from --allocator or LORAFIT_MALLOC (lorafit/allocator.py); the Python API never
+    changes its process's allocator. A config's own value chooses nothing: said when it names another."""
     used = allocator.active()
     settings = config.setdefault("settings", {})
     if not isinstance(settings, dict):  # reported by the config check; nothing to record into
         return
     asked = settings.get("allocator")
     if asked and asked != used:
-        warn(f"settings.allocator: {asked} takes effect only when the `lorafit` program starts (and --allocator or "
-             f"LORAFIT_MALLOC come first); this process runs under {used}")  # fmt: skip
+        warn(f"settings.allocator: {asked} records the allocator a run ran under and chooses none; this process runs "
+             f"under {used} (choose with `lorafit run --allocator {asked}` or LORAFIT_MALLOC={asked})")  # fmt: skip
     settings["allocator"] = used
 
 
