@@ -3,8 +3,8 @@
 Why tbbmalloc by default: a training step allocates activations in forward and frees them in reverse order in
 backward, between temporaries of every size. glibc's heap fragments under that pattern. In SmolLM2-135M LoRA
 (2 x 256 tokens) it reached 2.06 GiB of peak RSS where 1.56 GiB was live. With tbbmalloc the peak was 1.51 GiB
-at the same step time (docs/benchmarks.md, benchmarks/results). glibc's alternative, a fixed mmap threshold, cost
-30% speed.
+at the same step time (docs/benchmarks.md, benchmarks/results); on the shipped main job, 1654 MiB vs 2304 MiB
+(0.72x, benchmarks/allocator.py, 2026-12-07). glibc's alternative, a fixed mmap threshold, cost 30% speed.
 
 The choice is a visible setting of the `lorafit` program, not of a config: `--allocator tbbmalloc|system` of
 `lorafit run|merge|generate` (in `--help`), else the `LORAFIT_MALLOC` environment variable, else tbbmalloc. A run
