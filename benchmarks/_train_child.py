@@ -49,7 +49,7 @@ def run_lorafit(spec: TrainSpec, run_dir: Path) -> dict:
     from transformers import AutoModelForCausalLM
 
     from lorafit.config.run_spec import RunSettings
-    from lorafit.data.datasets import PackedDataset
+    from lorafit.datasets.packed import PackedDataset
     from lorafit.distributed.env import DistEnv
     from lorafit.distributed.parallel import ParallelismConfig, Strategy
     from lorafit.lora import apply_lora, load_adapter
@@ -114,7 +114,7 @@ def run_hf(spec: TrainSpec, run_dir: Path) -> dict:
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
-    from lorafit.data.datasets import PackedDataset
+    from lorafit.datasets.packed import PackedDataset
 
     class Blocks(torch.utils.data.Dataset):
         """The same packed blocks; labels are already shifted, so they go in as `shift_labels` (no second shift).

@@ -75,7 +75,7 @@ def prepare_job(model: Path, work: Path, spec_values: dict[str, Any], data: str 
     """Pack the data for all steps (see DATA_CHOICES) and write the initial adapter."""
     from transformers import AutoTokenizer
 
-    from lorafit.data.pack import pack_file
+    from lorafit.data.token_files import pack_file
 
     work.mkdir(parents=True, exist_ok=True)
     spec = TrainSpec(model=str(model), data_prefix=str(work / "packed"), **spec_values)

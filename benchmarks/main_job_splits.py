@@ -70,7 +70,7 @@ def derive(seed: int, lr: float | None = None, steps: int | None = None, sequenc
 def score_validation(run_dir: Path) -> dict[str, Any]:
     """The shipped exact-match evaluator's numbers for the run's adapter on the validation split."""
     from lorafit.evaluation.exact_match import ExactMatchEvaluator, ExactMatchEvaluatorConfig, load_examples
-    from lorafit.inference import load_with_adapter
+    from lorafit.outputs.inference import load_with_adapter
 
     shipped = yaml.safe_load(CONFIG.read_text())
     (evaluator,) = shipped["evaluators"]

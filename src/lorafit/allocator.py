@@ -3,18 +3,20 @@
 Why tbbmalloc by default: a training step allocates activations in forward and frees them in reverse order in
 backward, between temporaries of every size. glibc's heap fragments under that pattern. In SmolLM2-135M LoRA
 (2 x 256 tokens) it reached 2.06 GiB of peak RSS where 1.56 GiB was live. With tbbmalloc the peak was 1.51 GiB
-at the same step time (docs/benchmarks.md, benchmarks/results). glibc's alternative, a fixed mmap threshold, cost
-30% speed.
+at the same step time (docs/benchmarks.md, benchmarks/results); on the shipped main job, 1654 MiB vs 2304 MiB
+(0.72x, benchmarks/allocator.py, 2026-12-07). glibc's alternative, a fixed mmap threshold, cost 30% speed.
 
-The choice is a visible setting: `--allocator tbbmalloc|system` of `lorafit run|merge|generate` (in `--help`),
-else the `LORAFIT_MALLOC` environment variable, else `settings.allocator` of a run's YAML, else tbbmalloc. The
-run writes the allocator it ran under into `config.resolved.yaml` (`settings.allocator`).
+The choice is a visible setting of the `lorafit` program, not of a config: `--allocator tbbmalloc|system` of
+`lorafit run|merge|generate` (in `--help`), else the `LORAFIT_MALLOC` environment variable, else tbbmalloc. A run
+records the allocator it ran under in a comment on top of `config.resolved.yaml`; a config's `settings.allocator`
+(earlier versions recorded it there) chooses nothing (one that names another allocator is said in the log).
 
-An allocator has to be in place before the process allocates anything, so the `lorafit` program (and only it:
-the Python API never changes its process's allocator) re-executes itself once, with tbbmalloc in LD_PRELOAD,
-before importing torch; torch.backends.xeon.run_cpu does the same for jemalloc and tcmalloc. The process id stays
-the same, so torchrun's supervision is not affected. Right after, the re-executed process puts LD_PRELOAD back
-as the user had it, so processes it starts (a user's tokenizer script, a compiler) do not inherit tbbmalloc.
+An allocator has to be in place before the process allocates much, so the `lorafit` program (and only it: the
+Python API never changes its process's allocator) takes one launcher step right after parsing its arguments
+(`launch`, called from cli.main): it re-executes itself once, with tbbmalloc in LD_PRELOAD, before importing torch,
+as torch.backends.xeon.run_cpu launches a script under jemalloc or tcmalloc. The process id stays the same, so
+torchrun's supervision is not affected. Right after, the re-executed process puts LD_PRELOAD back as the user had
+it, so processes it starts (a user's tokenizer script, a compiler) do not inherit tbbmalloc.
 An allocator the user already preloads (jemalloc, tcmalloc, tbbmalloc) is left alone. Where the `tbb` wheel is
 not installed (it exists for Linux x86-64), nothing changes.
 """
@@ -25,7 +27,6 @@ import importlib.metadata
 import os
 import sys
 from collections.abc import Mapping
-from pathlib import Path
 
 ENV = "LORAFIT_MALLOC"  # tbbmalloc (default) | system
 CHOICES = ("tbbmalloc", "system")
@@ -34,7 +35,7 @@ LIBRARIES = ("libtbbmalloc.so.2", "libtbbmalloc_proxy.so.2")  # the proxy needs 
 COMMANDS = ("run", "merge", "generate")  # the commands that load a model
 _USER_PRELOAD = "LORAFIT_USER_LD_PRELOAD"  # the user's LD_PRELOAD across the re-exec (unset: there was none)
 HELP = ("memory allocator: tbbmalloc (default; 0.7x glibc's peak RSS at the same speed in training, "
-        "docs/benchmarks.md) or system (glibc's malloc). Also LORAFIT_MALLOC; a run's settings.allocator")  # fmt: skip
+        "docs/benchmarks.md) or system (glibc's malloc). Also LORAFIT_MALLOC")  # fmt: skip
 
 
 def add_argument(parser) -> None:
@@ -53,39 +54,16 @@ def tbbmalloc_libraries() -> list[str] | None:
     return paths if all(p and os.path.isfile(p) for p in paths) else None
 
 
-def requested(argv: list[str], environ: Mapping[str, str]) -> str:
-    """The allocator asked for: --allocator, else LORAFIT_MALLOC, else the config's settings.allocator, else
-    tbbmalloc."""
-    for i, arg in enumerate(argv):
-        if arg == "--allocator" and i + 1 < len(argv):
-            return argv[i + 1]
-        if arg.startswith("--allocator="):
-            return arg.split("=", 1)[1]
+def requested(flag: str | None, environ: Mapping[str, str]) -> str:
+    """The allocator asked for: the command's --allocator, else LORAFIT_MALLOC, else tbbmalloc. Never the config:
+    a config's `settings.allocator` chooses nothing (config.resolved.yaml records the allocator in a comment)."""
+    if flag is not None:
+        return flag
     choice = environ.get(ENV)
-    if choice is not None:
-        if choice not in CHOICES:
-            print(f"lorafit: {ENV}={choice!r} is not valid (tbbmalloc or system); using tbbmalloc", file=sys.stderr)
-            return "tbbmalloc"
-        return choice
-    return _from_config(argv) or "tbbmalloc"
-
-
-def _from_config(argv: list[str]) -> str | None:
-    """`settings.allocator` of the run's config file when it is written out literally (no `${...}`)."""
-    spellings = ("--config_file_path", "--config-file-path", "--config")
-    path = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a in spellings), None)
-    if path is None:
-        path = next((a.split("=", 1)[1] for a in argv if a.split("=", 1)[0] in spellings and "=" in a), None)
-    if path is None:
-        return None
-    try:
-        import yaml
-
-        settings = (yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}).get("settings") or {}
-    except Exception:  # an unreadable config is reported by the command itself, with its path
-        return None
-    value = settings.get("allocator") if isinstance(settings, dict) else None
-    return value if value in CHOICES else None
+    if choice is not None and choice not in CHOICES:
+        print(f"lorafit: {ENV}={choice!r} is not valid (tbbmalloc or system); using tbbmalloc", file=sys.stderr)
+        return "tbbmalloc"
+    return choice or "tbbmalloc"
 
 
 def preload_environment(environ: Mapping[str, str], choice: str = "tbbmalloc") -> dict[str, str] | None:
@@ -112,12 +90,12 @@ def active() -> str:
     return next((name for name in SCALABLE if name in text), "system")
 
 
-def prepare_process(argv: list[str]) -> None:
-    """For the `lorafit` program: re-execute under tbbmalloc when `argv` is a model-loading command that wants it
-    (does not return then); in the re-executed process, give LD_PRELOAD back its value from before."""
-    command = next((a for a in argv if not a.startswith("-")), None)
+def launch(command: str | None, flag: str | None) -> None:
+    """The launcher step of the `lorafit` program, after its arguments are parsed: a model-loading `command` that
+    wants tbbmalloc (`flag`: its --allocator; else LORAFIT_MALLOC) re-executes once under it (does not return
+    then); in the re-executed process, LD_PRELOAD gets back its value from before."""
     if command in COMMANDS:
-        environ = preload_environment(os.environ, requested(argv, os.environ))
+        environ = preload_environment(os.environ, requested(flag, os.environ))
         if environ is not None:
             os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], environ)
     if _is_ours(os.environ):

@@ -40,7 +40,7 @@ def train(
     `resume_from`: "latest", a run folder or a checkpoint folder, as `--resume_from`.
     """
     from lorafit.console import hide_library_progress_bars
-    from lorafit.runner import RunRequest, run
+    from lorafit.run.runner import RunRequest, run
 
     hide_library_progress_bars()
     items = _override_items(overrides)

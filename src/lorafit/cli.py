@@ -14,6 +14,7 @@ import sys
 import threading
 from collections.abc import Iterator
 
+from lorafit import allocator
 from lorafit.errors import UserError
 from lorafit.third_party_noise import silence_torchao_import_noise
 
@@ -59,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, launcher: bool = False) -> int:
     # the program's own process: transformers imports torchao whenever it is installed (the nf4 extra), and its
     # CUDA-library warnings are harmless here. Importing lorafit as a library leaves other loggers alone.
     silence_torchao_import_noise()
@@ -69,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = [a for a in argv if a != "--debug"]
     args = build_parser().parse_args(argv)
     args.debug = debug
+    if launcher:  # the `lorafit` program's one launcher step: --allocator / LORAFIT_MALLOC (may re-execute once)
+        allocator.launch(args.command, getattr(args, "allocator", None))
     from lorafit.console import hide_library_progress_bars
 
     hide_library_progress_bars()
@@ -130,8 +133,6 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 
 
 def entry() -> int:
-    """The `lorafit` program (console script, `python -m lorafit`, torchrun's script): `main` under tbbmalloc."""
-    from lorafit.allocator import prepare_process
-
-    prepare_process(sys.argv[1:])  # --allocator (lorafit/allocator.py): returns only when there is nothing to change
-    return main()
+    """The `lorafit` program (console script, `python -m lorafit`, torchrun's script): `main` with its launcher
+    step (lorafit/allocator.py)."""
+    return main(launcher=True)

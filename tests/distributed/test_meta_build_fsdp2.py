@@ -3,7 +3,7 @@ rank reads only its shards of the weights file; the result is what one process b
 
 One spawn, on the tiny Llama (tied embeddings), three configs:
 - `hf`: model/huggingface_pretrained_model (safetensors without lm_head) + LoRA with DoRA; also trained for 2
-  steps by `lorafit.runner.run`, whose losses must equal a one-process `lorafit run` on the same global batch;
+  steps by `lorafit.run.runner.run`, whose losses must equal a one-process `lorafit run` on the same global batch;
 - `checkpointed`: model/huggingface_from_config + model/checkpointed from a torch `.bin` saved with Modalities'
   wrapper prefix (`huggingface_model.`) and both tied names, + LoRA with init pissa (decomposes the loaded base);
 - `bf16`: frozen_dtype bfloat16 needs the weights before sharding: the whole-model build, said in the log.
@@ -61,11 +61,11 @@ def _worker(rank: int, world: int, port: int, configs: dict[str, str], out: str)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))  # fmt: skip
     torch.set_num_threads(1)
-    from lorafit.build import build_run, load_run_config
     from lorafit.distributed.env import init_distributed
     from lorafit.distributed.parallel import FSDP2Strategy
     from lorafit.models.shard_loading import _local_part, is_meta
-    from lorafit.runner import RunRequest, run
+    from lorafit.run.build import build_run, load_run_config
+    from lorafit.run.runner import RunRequest, run
     from lorafit.training.loss import CausalLMLoss
 
     log = os.open(f"{out}/stdout_{rank}.txt", os.O_WRONLY | os.O_CREAT)
@@ -136,7 +136,7 @@ def test_the_log_says_which_build_ran(meta_runs, spawned):
 
 
 def test_frozen_dtype_builds_the_whole_model_before_sharding(meta_runs, spawned):
-    from lorafit.build import meta_build_blocker
+    from lorafit.run.build import meta_build_blocker
 
     assert not spawned[0]["bf16"]["meta"] and not spawned[1]["bf16"]["meta"]
     config = yaml.safe_load(Path(meta_runs[1]["bf16"]).read_text())
@@ -147,7 +147,7 @@ def test_frozen_dtype_builds_the_whole_model_before_sharding(meta_runs, spawned)
 
 
 def test_lorafit_run_trains_like_one_process(meta_runs, spawned, tmp_path):
-    from lorafit.runner import RunRequest, run
+    from lorafit.run.runner import RunRequest, run
 
     _folder, configs = meta_runs
     overrides = ("settings.step_profile.local_train_micro_batch_size=2",)  # the same global batch on one process

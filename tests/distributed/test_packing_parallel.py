@@ -23,7 +23,7 @@ def _worker(rank: int, world: int, port: int, folder: str, prefixes: dict[str, s
                       LOCAL_RANK=str(rank))  # fmt: skip
     torch.set_num_threads(1)
     from engine_cases import lora_model
-    from lorafit.data.datasets import Collator
+    from lorafit.datasets.packed import Collator
     from lorafit.distributed.env import init_distributed
     from lorafit.distributed.parallel import FSDP2Strategy
     from lorafit.training.loss import CausalLMLoss

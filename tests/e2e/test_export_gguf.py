@@ -177,7 +177,7 @@ def _with_pre_tokenizer(tokenizer, kind: str):
 
     from tokenizers import Regex, pre_tokenizers
 
-    from lorafit.gguf_export.vocab import LLAMA3_SPLIT
+    from lorafit.outputs.gguf.vocab import LLAMA3_SPLIT
 
     tokenizer = copy.deepcopy(tokenizer)
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=kind != "llama3")
@@ -195,7 +195,7 @@ def test_a_tokenizer_new_to_llama_cpp_is_refused_with_the_name_that_fits(tiny_to
     """llama.cpp's converter names the pre-tokenizer only for tokenizers whose check hash it knows; for another one
     the refusal says which llama.cpp pre-tokenizer splits as its tokenizer.json does, and the option that writes it."""
     from lorafit.errors import UserError
-    from lorafit.gguf_export.vocab import bpe_vocab
+    from lorafit.outputs.gguf.vocab import bpe_vocab
 
     tokenizer = _with_pre_tokenizer(tiny_tokenizer, kind) if kind else tiny_tokenizer
     with pytest.raises(UserError, match="llama.cpp does not know this tokenizer") as refused:
@@ -208,8 +208,8 @@ def test_the_pre_tokenizer_is_found_by_llama_cpps_check_hash(tiny_tokenizer, mon
     """The name comes from the table llama.cpp's converter uses, keyed by sha256(str(ids of its check text))."""
     import hashlib
 
-    from lorafit.gguf_export import vocab
-    from lorafit.gguf_export.pre_tokenizers import CHECK_TEXT, HASHES
+    from lorafit.outputs.gguf import vocab
+    from lorafit.outputs.gguf.pre_tokenizers import CHECK_TEXT, HASHES
 
     ids = tiny_tokenizer.encode(CHECK_TEXT)
     digest = hashlib.sha256(str(ids).encode()).hexdigest()
@@ -275,7 +275,7 @@ def test_gguf_adapter_holds_what_llama_cpps_adapter_loader_reads(tiny_model_dir,
     import gguf
     from safetensors.torch import load_file
 
-    from lorafit.gguf_export.llama import permute_rows
+    from lorafit.outputs.gguf.llama import permute_rows
 
     out = tmp_path / "adapter.gguf"
     argv = ["export", "gguf-adapter", "--model", str(tiny_model_dir), "--adapter", str(adapter_dir)]

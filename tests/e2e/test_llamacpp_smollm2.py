@@ -72,7 +72,7 @@ def merged_dir(smollm2_dir, adapter, tmp_path_factory):
 @pytest.fixture(scope="module")
 def expected(smollm2_dir, merged_dir, tokenizer):
     """Greedy tokens of the merged model (and of the base), as `lorafit generate --chat` computes them."""
-    from lorafit.inference import load_with_adapter
+    from lorafit.outputs.inference import load_with_adapter
 
     def answers(folder):
         model, _ = load_with_adapter(folder, None, "fp32", flag="--model")

@@ -124,7 +124,7 @@ def test_interactive_chat_on_piped_stdin_keeps_the_conversation(tiny_model_dir, 
     import subprocess
     import sys
 
-    from lorafit.inference import Sampling, generate_batch, load_with_adapter
+    from lorafit.outputs.inference import Sampling, generate_batch, load_with_adapter
 
     args = ["--model", str(tiny_model_dir), "--adapter", str(adapter_dir), "--max_new_tokens", "5"]
     ran = subprocess.run([sys.executable, "-m", "lorafit", "generate", *args, "--interactive"], text=True,

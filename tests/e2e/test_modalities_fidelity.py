@@ -173,9 +173,9 @@ def test_every_rank_trains_the_samples_modalities_draws(modalities_python, seque
 def test_a_modalities_run_samples_the_whole_dataset_with_the_loaders_epoch(tmp_path, monkeypatch):
     """The wiring of `lorafit run`: the Modalities layout hands the run the whole dataset and the loader's epoch
     (the shipped lora-branch config, built on the meta device)."""
-    from lorafit.build import build_run, load_run_config
     from lorafit.config.context import build_context
     from lorafit.data.pbin import read_pbin
+    from lorafit.run.build import build_run, load_run_config
 
     for name, value in (("WORLD_SIZE", 3), ("RANK", 0), ("LOCAL_RANK", 0)):
         monkeypatch.setenv(name, str(value))

@@ -100,7 +100,7 @@ def test_modalities_loads_the_prepared_base_model_bin(modalities_python, tmp_pat
 
 
 def test_modalities_loads_the_merged_export(modalities_python, trained_run, tiny_model_dir, tmp_path):
-    from lorafit.checkpoint.trained_run import find_trained_run, load_trained_model
+    from lorafit.outputs.trained_run import find_trained_run, load_trained_model
     from lorafit.lora import merge_and_unload
 
     path = export(trained_run, tmp_path / "out", "merged")
@@ -115,7 +115,7 @@ def test_modalities_loads_the_merged_export(modalities_python, trained_run, tiny
 
 @pytest.mark.parametrize("branch", ["lora", "lora_2"])
 def test_the_lora_branches_load_the_lora_export(modalities_python, trained_run, tiny_model_dir, tmp_path, branch):
-    from lorafit.checkpoint.trained_run import find_trained_run, load_trained_model
+    from lorafit.outputs.trained_run import find_trained_run, load_trained_model
 
     path = export(trained_run, tmp_path / "out", "lora")
     expected = our_logits(load_trained_model(find_trained_run(trained_run)))

@@ -64,7 +64,7 @@ def test_multi_process_starting_config_under_torchrun(tiny_model_dir, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("config", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_shipped_config_validates(config, smollm2_dir, monkeypatch):
-    from lorafit.build import validate_config
+    from lorafit.run.build import validate_config
 
     monkeypatch.chdir(REPO)  # configs use paths relative to the repository root
     report = validate_config(config.relative_to(REPO))

@@ -34,7 +34,7 @@ CHATS = [
 
 
 def pack_cases(folder: Path, tokenizer) -> dict[str, Path]:
-    from lorafit.data.pack import pack_file
+    from lorafit.data.token_files import pack_file
 
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "text.txt").write_text("\n\n".join(TEXTS * 3) + "\n", encoding="utf-8")
@@ -44,7 +44,7 @@ def pack_cases(folder: Path, tokenizer) -> dict[str, Path]:
 
 
 def packed_dataset(kind: str, prefix: Path):
-    from lorafit.data.datasets import PackedDataset, PackedInstructionDataset
+    from lorafit.datasets.packed import PackedDataset, PackedInstructionDataset
 
     return (PackedDataset if kind == "text" else PackedInstructionDataset)(prefix, SEQ)
 

@@ -68,7 +68,7 @@ def test_a_template_file_and_bad_names(tmp_path):
 
 
 def test_config_errors_name_the_yaml_key(tmp_path, tiny_model_dir):
-    from lorafit.build import load_run_config
+    from lorafit.run.build import load_run_config
     from tiny_runs import tiny_run_config
 
     config = tiny_run_config(tiny_model_dir, cache_path=tmp_path / "c")

@@ -78,9 +78,9 @@ def test_keeps_the_newest_k(tmp_path):
 
 
 def test_damaged_or_incomplete_latest_falls_back_to_previous(tmp_path, capsys):
+    from lorafit.checkpoint.resume import resolve_checkpoint
     from lorafit.checkpoint.state import find_latest, verify_checkpoint
     from lorafit.errors import UserError
-    from lorafit.resume import resolve_checkpoint
 
     model, optimizer = _trained()
     good, damaged, cut = (_save(tmp_path, s, model, optimizer) for s in (2, 4, 6))
@@ -172,8 +172,8 @@ def test_sigkill_while_writing_leaves_previous_checkpoints_intact(tmp_path):
 
 
 def test_resuming_from_an_earlier_checkpoint_sets_later_ones_aside(tmp_path):
+    from lorafit.checkpoint.resume import supersede_after
     from lorafit.checkpoint.state import find_latest, list_checkpoints
-    from lorafit.resume import supersede_after
 
     model, optimizer = _trained()
     for step in (2, 4, 6):

@@ -19,11 +19,11 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lorafit.build import check_run_config
 from lorafit.config.graph import ConfigGraph
 from lorafit.config.loader import read_yaml, resolve
 from lorafit.config.registry import Component, ComponentConfig, Registry
 from lorafit.errors import ConfigError, UserError
+from lorafit.run.build import check_run_config
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -11,8 +11,8 @@ import torch
 
 from lorafit.config.context import build_context
 from lorafit.config.registry import REGISTRY
-from lorafit.data.datasets import IGNORE_INDEX, Collator, InstructionDataset, PackedDataset, collate
-from lorafit.data.pack import PackedTokens, pack_file
+from lorafit.data.token_files import PackedTokens, pack_file
+from lorafit.datasets.packed import IGNORE_INDEX, Collator, InstructionDataset, PackedDataset, collate
 from lorafit.errors import UserError
 
 
@@ -128,7 +128,7 @@ def test_dataloader_workers_reopen_the_memmap(packed_text):
 
 def test_a_null_sequence_length_is_the_runs_and_is_checked(packed_text):
     """One source of truth: a dataset without its own length is given settings.step_profile.sequence_length in
-    its config when the run is built (lorafit/build.py; tests/unit/test_run_sequence_length.py), and checked."""
+    its config when the run is built (lorafit/run/build.py; tests/unit/test_run_sequence_length.py), and checked."""
     with pytest.raises(RuntimeError, match="sequence_length is not set"):
         len(PackedDataset(packed_text))
     ds = _build("packed", path=str(packed_text), sequence_length=4)

@@ -10,7 +10,7 @@ import os
 import pytest
 
 from lorafit.data.formats import FormatReader
-from lorafit.data.pack import PackedTokens, pack_file
+from lorafit.data.token_files import PackedTokens, pack_file
 from lorafit.errors import UserError
 
 SHAREGPT = {"conversations": [{"from": "system", "value": "Be brief."},
@@ -129,7 +129,7 @@ def test_a_hub_id_is_refused_without_network(tmp_path, tiny_tokenizer):
 # --- the cache: keyed by content, tokenizer and chat template -------------------------------------------------------
 def _build(path, tokenizer, cache):
     from lorafit.config.context import build_context
-    from lorafit.data.hf_files import HFDatasetsConfig, build_hf_datasets_dataset
+    from lorafit.datasets.hf_datasets import HFDatasetsConfig, build_hf_datasets_dataset
 
     with build_context(load_weights=True):
         config = HFDatasetsConfig.model_construct(path=str(path), tokenizer=tokenizer, cache_path=str(cache),

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lorafit.data.pack import PackedTokens, pack_file
+from lorafit.data.token_files import PackedTokens, pack_file
 from lorafit.errors import UserError
 from lorafit.models.tokenizer import load_tokenizer
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lorafit.data.datasets import Collator
+from lorafit.datasets.packed import Collator
 from packing_cases import SEQ, count_targets, loss_and_grads, pack_cases, packed_dataset, separate_documents
 
 

@@ -13,9 +13,9 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lorafit.data.datasets import PackedInstructionDataset
-from lorafit.data.pack import PackedTokens, pack_file
-from lorafit.data.packing import best_fit_decreasing
+from lorafit.data.blocks import best_fit_decreasing
+from lorafit.data.token_files import PackedTokens, pack_file
+from lorafit.datasets.packed import PackedInstructionDataset
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 words = st.lists(st.sampled_from(["Paris", "capital", "two", "four", "sky", "blue", "Lorem", "ipsum", "?"]),

@@ -9,7 +9,7 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lorafit.data.pack import PackedTokens, pack_file
+from lorafit.data.token_files import PackedTokens, pack_file
 from lorafit.errors import UserError
 
 SETTINGS = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

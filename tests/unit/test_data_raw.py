@@ -10,12 +10,12 @@ import pytest
 
 from lorafit.config.context import build_context
 from lorafit.config.registry import REGISTRY
-from lorafit.data.datasets import IGNORE_INDEX, InstructionDataset, PackedDataset
+from lorafit.datasets.packed import IGNORE_INDEX, InstructionDataset, PackedDataset
 from lorafit.errors import UserError
 
 
 def build(variant: str, **config):
-    import lorafit.data.raw  # noqa: F401 - registers the variants
+    import lorafit.datasets.text_files  # noqa: F401 - registers the variants
 
     spec = REGISTRY.get("dataset", variant)
     return spec.builder(spec.config_model.model_validate(config))

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lorafit.data.datasets import IGNORE_INDEX, InstructionDataset, PackedDataset
-from lorafit.data.pack import PackedTokens, pack_file
+from lorafit.data.token_files import PackedTokens, pack_file
+from lorafit.datasets.packed import IGNORE_INDEX, InstructionDataset, PackedDataset
 from lorafit.models.tokenizer import load_tokenizer
 
 pytestmark = pytest.mark.slow

@@ -223,7 +223,7 @@ def test_adapter_config_example_has_exactly_the_keys_written():
 
 
 def test_every_may_change_path_is_documented():
-    from lorafit.resume import MAY_CHANGE
+    from lorafit.checkpoint.resume import MAY_CHANGE
 
     text = (DOCS / "checkpoints.md").read_text(encoding="utf-8")
     assert [p for p in MAY_CHANGE if f"`{p}`" not in text] == []

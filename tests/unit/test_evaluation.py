@@ -185,7 +185,7 @@ def test_render_before_after_shows_the_same_three_prompts():
 
 def test_component_builds_and_runs(tmp_path, tiny, monkeypatch):
     from lorafit.config.registry import REGISTRY
-    from lorafit.report import render_report
+    from lorafit.run.report import render_report
 
     model, tokenizer = tiny
     write_jsonl(tmp_path / "held.jsonl", [chat(q, "blue") for q in QUESTIONS])

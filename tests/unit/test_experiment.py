@@ -1,6 +1,6 @@
 """The run folder's id: the default one never collides with an existing run folder."""
 
-from lorafit.experiment import default_experiment_id
+from lorafit.run.experiment import default_experiment_id
 
 
 def test_default_id_of_a_second_run_in_the_same_second_is_a_new_folder(tmp_path):

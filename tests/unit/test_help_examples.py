@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lorafit.build import load_run_config
 from lorafit.cli import build_parser
+from lorafit.run.build import load_run_config
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))

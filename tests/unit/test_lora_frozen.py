@@ -71,10 +71,10 @@ def test_bf16_storage_computes_the_rounded_base_in_fp32_and_saves_only_bf16_weig
 def test_merged_export_of_a_bf16_stored_base_is_fp32_and_matches(tmp_path, tiny_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lorafit.export import export_merged
     from lorafit.frozen.linear import has_low_precision_frozen, store_frozen_linears
     from lorafit.lora import apply_lora
     from lorafit.models.file_pages import _file_mapped_ranges
+    from lorafit.outputs.merged import export_merged
 
     model = apply_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir), r=4, alpha=8, target_layers=TARGETS)
     with torch.no_grad():

@@ -73,8 +73,8 @@ def test_a_run_starts_from_the_adapters_its_checkpointed_lora_model_loads(tmp_pa
     import yaml
     from transformers import AutoModelForCausalLM
 
-    from lorafit.build import build_run, load_run_config
     from lorafit.lora import lora_layers
+    from lorafit.run.build import build_run, load_run_config
     from tiny_runs import tiny_run_config
 
     config = tiny_run_config(tiny_model_dir, cache_path=tmp_path / "cache", shared_base=False)

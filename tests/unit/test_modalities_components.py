@@ -90,7 +90,7 @@ def test_masked_token_count_of_the_shipped_data_matches_the_answers():
 
 
 def _validate(monkeypatch, config: Path, *overrides: str, world: int = 1) -> str:
-    from lorafit.build import validate_config
+    from lorafit.run.build import validate_config
 
     for name, value in (("WORLD_SIZE", world), ("RANK", 0), ("LOCAL_RANK", 0)):
         monkeypatch.setenv(name, str(value))
@@ -139,8 +139,8 @@ def test_modalities_config_errors_name_the_yaml_key(tmp_path, monkeypatch):
                        r"blocks \(LlamaDecoderLayer\); \['LlamaMLP'\]"):  # fmt: skip
         _validate(monkeypatch, SHARED, "settings.training.sequence_length=128",
                   "settings.training.activation_checkpointing_modules=[LlamaMLP]")  # fmt: skip
-    from lorafit.build import build_run, load_run_config
     from lorafit.config.context import build_context
+    from lorafit.run.build import build_run, load_run_config
 
     _config, graph = load_run_config(SHARED, overrides=("settings.training.sequence_length=128",
                                      "settings.training.activation_checkpointing_modules=[LlamaDecoderLayer]",

@@ -19,7 +19,7 @@ LORA2 = REPO / "tests" / "fixtures" / "modalities" / "config_lorem_ipsum_lora_tr
 
 
 def _validate(monkeypatch, config: Path, *overrides: str, world: int = 1) -> str:
-    from lorafit.build import validate_config
+    from lorafit.run.build import validate_config
 
     for name, value in (("WORLD_SIZE", world), ("RANK", 0), ("LOCAL_RANK", 0)):
         monkeypatch.setenv(name, str(value))
@@ -126,8 +126,8 @@ def _fsdp2_config(
 
 
 def _built(monkeypatch, config: Path, *overrides: str):
-    from lorafit.build import build_run, load_run_config
     from lorafit.config.context import build_context
+    from lorafit.run.build import build_run, load_run_config
 
     for name, value in (("WORLD_SIZE", 2), ("RANK", 0), ("LOCAL_RANK", 0)):
         monkeypatch.setenv(name, str(value))
@@ -210,8 +210,8 @@ def test_fsdp2_clippers_and_keys(tmp_path, monkeypatch, caplog):
 def test_precision_is_read_through_model_initialized():
     """Modalities 0.5.0 initialises after sharding (model_initialized {model: fsdp2_wrapped}): the run's precision and
     sharding come from the fsdp block however deep it sits, not from the outermost model (it was fp32 silently)."""
-    from lorafit.build import run_outline
     from lorafit.modalities.sharding import translate, wrapped_model_block
+    from lorafit.run.build import run_outline
 
     ref = {"pass_type": "BY_REFERENCE"}
     fsdp2 = {"component_key": "model", "variant_key": "fsdp2_wrapped",
@@ -239,7 +239,7 @@ def test_precision_is_read_through_model_initialized():
 def test_the_fsdp_block_is_translated_and_its_block_names_still_checked(monkeypatch):
     """fsdp_wrapped is not built and taken apart: the checked config holds the model it wrapped and lorafit's
     parallelism entity; its block_names are checked against the built model, by their YAML path."""
-    from lorafit.build import load_run_config
+    from lorafit.run.build import load_run_config
 
     sizes = ("settings.training.sequence_length=128", "evaluation_subscriber.config.mode=OFFLINE")
     monkeypatch.chdir(REPO)
@@ -253,7 +253,7 @@ def test_the_fsdp_block_is_translated_and_its_block_names_still_checked(monkeypa
 
 def test_an_fsdp_block_outside_a_modalities_config_is_refused(tmp_path, tiny_model_dir):
     """In a lorafit config the sharding is the parallelism entity: fsdp_wrapped there would shard nothing."""
-    from lorafit.build import build_run, load_run_config
+    from lorafit.run.build import build_run, load_run_config
     from tiny_runs import tiny_run_config
 
     config = tiny_run_config(tiny_model_dir, cache_path=tmp_path / "cache")

@@ -30,9 +30,9 @@ def test_the_check_sees_a_patched_forward():
 
 @pytest.mark.parametrize("variant", ["lora", "lora_bf16_base"])
 def test_a_built_and_wrapped_run_has_only_its_classes_forwards(tmp_path, tiny_model_dir, variant):
-    from lorafit.build import build_run, load_run_config
     from lorafit.distributed.env import DistEnv
     from lorafit.distributed.parallel import ParallelismConfig, Strategy
+    from lorafit.run.build import build_run, load_run_config
     from lorafit.training.loss import CausalLMLoss
     from lorafit.training.swiglu import lean_mlps
 
@@ -52,8 +52,8 @@ def test_a_built_and_wrapped_run_has_only_its_classes_forwards(tmp_path, tiny_mo
 
 
 def test_a_built_modalities_run_has_only_its_classes_forwards(monkeypatch):
-    from lorafit.build import build_run, load_run_config
     from lorafit.config.context import build_context
+    from lorafit.run.build import build_run, load_run_config
 
     monkeypatch.chdir(REPO)
     config = REPO / "configs" / "modalities" / "config_lorem_ipsum_lora.yaml"

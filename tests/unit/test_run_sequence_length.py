@@ -9,8 +9,8 @@ from tiny_runs import tiny_run_config
 
 
 def test_a_dataset_sequence_length_that_differs_from_the_settings_is_refused(tmp_path, tiny_model_dir):
-    from lorafit.build import check_run_config
     from lorafit.errors import ConfigError
+    from lorafit.run.build import check_run_config
 
     config = tiny_run_config(tiny_model_dir, cache_path=tmp_path / "cache", sequence_length=32)
     config["train_dataset"]["config"]["sequence_length"] = 32  # the same number: fine
@@ -25,7 +25,7 @@ def test_a_dataset_sequence_length_that_differs_from_the_settings_is_refused(tmp
 def test_a_dataset_that_leaves_it_null_gets_the_settings_length(tmp_path, tiny_model_dir):
     import yaml
 
-    from lorafit.build import build_run, load_run_config
+    from lorafit.run.build import build_run, load_run_config
 
     config = tiny_run_config(tiny_model_dir, cache_path=tmp_path / "cache", sequence_length=24)
     assert config["train_dataset"]["config"].get("sequence_length") is None

@@ -222,7 +222,7 @@ def _prune(run_dir: Path, keep_last: int, keep: Path) -> None:
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, env: DistEnv) -> dict[str, Any]:
     """Load the trainable parameters + optimizer into the (wrapped) model; returns the trainer state with this
-    rank's RNG states under "rng" (None when the checkpoint has none for this rank). `lorafit.resume.restore`
+    rank's RNG states under "rng" (None when the checkpoint has none for this rank). `lorafit.checkpoint.resume.restore`
     decides what to do with them."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException

@@ -79,7 +79,7 @@ def _columns(text: str) -> dict[str, str]:
 def run_pack(args: argparse.Namespace) -> int:
     from lorafit.console import info
     from lorafit.data.chat_templates import use_template
-    from lorafit.data.pack import pack_file
+    from lorafit.data.token_files import pack_file
     from lorafit.models.tokenizer import load_tokenizer
 
     tokenizer = use_template(load_tokenizer(args.tokenizer), args.chat_template)

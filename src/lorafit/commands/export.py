@@ -74,9 +74,9 @@ def _check_output(args: argparse.Namespace) -> None:
 
 def run_gguf(args: argparse.Namespace) -> int:
     from lorafit.console import info
-    from lorafit.gguf_export import export_gguf
-    from lorafit.inference import load_with_adapter
     from lorafit.lora import has_lora, merge_and_unload
+    from lorafit.outputs.gguf import export_gguf
+    from lorafit.outputs.inference import load_with_adapter
 
     _check_output(args)
     if args.model.suffix in (".yaml", ".yml") and args.adapter is None:
@@ -86,7 +86,7 @@ def run_gguf(args: argparse.Namespace) -> int:
                         "this would export the untrained base. Give the run's adapter too (--adapter "
                         "experiments/<id>/adapter), or a merged folder as --model")  # fmt: skip
     if args.pre_tokenizer is not None:
-        from lorafit.gguf_export.vocab import pre_tokenizer_name
+        from lorafit.outputs.gguf.vocab import pre_tokenizer_name
 
         pre_tokenizer_name(None, args.pre_tokenizer)  # a misspelt name is refused before the model loads
     model, tokenizer = load_with_adapter(args.model, args.adapter, "fp32", flag="--model")
@@ -100,8 +100,8 @@ def run_gguf(args: argparse.Namespace) -> int:
 
 def run_gguf_adapter(args: argparse.Namespace) -> int:
     from lorafit.console import info
-    from lorafit.gguf_export.adapter import export_gguf_adapter
-    from lorafit.inference import load_with_adapter
+    from lorafit.outputs.gguf.adapter import export_gguf_adapter
+    from lorafit.outputs.inference import load_with_adapter
 
     _check_output(args)
     model, _ = load_with_adapter(args.model, args.adapter, "fp32", flag="--model")
@@ -114,7 +114,7 @@ def run_gguf_adapter(args: argparse.Namespace) -> int:
 
 def run_modalities(args: argparse.Namespace) -> int:
     from lorafit.atomic import own_folder
-    from lorafit.checkpoint.trained_run import find_trained_run, load_trained_model
+    from lorafit.outputs.trained_run import find_trained_run, load_trained_model
     from lorafit.console import info
     from lorafit.errors import UserError
     from lorafit.modalities.export import (

@@ -45,7 +45,7 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from lorafit.data.chat_templates import use_template
-    from lorafit.inference import generate_batch, load_with_adapter
+    from lorafit.outputs.inference import generate_batch, load_with_adapter
 
     sampling = _sampling(args)
     chat = True if args.interactive else chat_default(args.adapter) if args.chat is None else args.chat
@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _sampling(args: argparse.Namespace):
-    from lorafit.inference import Sampling
+    from lorafit.outputs.inference import Sampling
 
     checks = [(args.max_new_tokens >= 1, f"--max_new_tokens must be >= 1, got {args.max_new_tokens}"),
               (args.temperature >= 0, f"--temperature must be >= 0, got {args.temperature}"),
@@ -126,7 +126,7 @@ def _read_prompts(path: Path) -> list:
 
 def _interactive(model, tokenizer, sampling) -> int:
     """A chat on stdin/stdout: the whole conversation so far is the prompt of each answer."""
-    from lorafit.inference import generate_batch
+    from lorafit.outputs.inference import generate_batch
 
     tty = sys.stdin.isatty()
     if tty:

@@ -20,9 +20,9 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from lorafit.errors import UserError
-    from lorafit.export import export_merged
-    from lorafit.inference import load_with_adapter
     from lorafit.lora.provenance import record_merge
+    from lorafit.outputs.inference import load_with_adapter
+    from lorafit.outputs.merged import export_merged
 
     if args.output_dir.exists() and not args.output_dir.is_dir():
         raise UserError(f"--output_dir: {args.output_dir} is a file, not a folder; choose a new folder")

@@ -35,8 +35,8 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lorafit.experiment import check_experiment_id
-    from lorafit.runner import RunRequest, run
+    from lorafit.run.experiment import check_experiment_id
+    from lorafit.run.runner import RunRequest, run
 
     check_experiment_id(args.experiment_id)
 

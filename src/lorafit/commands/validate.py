@@ -27,7 +27,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lorafit.build import validate_config
+    from lorafit.run.build import validate_config
 
     print(
         validate_config(

@@ -3,7 +3,7 @@
 `lorafit validate` builds models on the meta device and loads no weights (meta_device, not load_weights).
 `lorafit run` under fsdp2 on several processes builds them on the meta device too, with load_weights: a
 model builder then records its weights file instead of reading it (lorafit/models/shard_loading.py), and each
-rank reads only its shards after sharding (lorafit/build.py). Builders read the current context instead of
+rank reads only its shards after sharding (lorafit/run/build.py). Builders read the current context instead of
 taking these as config keys, so the same YAML serves all three.
 """
 

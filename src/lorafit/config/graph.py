@@ -51,15 +51,27 @@ class ConfigGraph:
         self.registry = registry
         self._built: dict[str, Any] = {}
         self._building: list[str] = []
+        # after check(): each top-level entity as checked (components as `Pending`, with their typed config), and
+        # every component block that validated, by YAML path: what run-level decisions are taken from
+        self.checked: dict[str, Any] = {}
+        self.components: dict[str, Pending] = {}
 
     # ---------------------------------------------------------------- checking
     def check(self, names: list[str] | None = None) -> list[Problem]:
         """Every problem in the entities `names` (default: all), without building anything."""
         problems: list[Problem] = []
         for name in names if names is not None else list(self.config):
-            self.placeholder(self.config[name], name, problems)
+            self.checked[name] = self.placeholder(self.config[name], name, problems)
         problems += self._cycles()
         return _unique(problems)
+
+    def entity(self, value: Any) -> Any:
+        """A checked value with a reference's stand-in replaced by the entity it names (as checked)."""
+        seen = set()
+        while isinstance(value, Pending) and value.refers_to is not None and value.refers_to not in seen:
+            seen.add(value.refers_to)
+            value = self.checked.get(value.refers_to)
+        return value
 
     def placeholder(self, value: Any, path: str, problems: list[Problem]) -> Any:
         """`value` with components replaced by `Pending` stand-ins; problems found on the way are appended."""
@@ -108,15 +120,17 @@ class ConfigGraph:
             )
             return Pending("?", "?", path, known=False)
         seen = {path}
+        final = name
         while is_reference(target):  # an alias of an alias: follow to the component
             nxt = target.get("instance_key")
             if nxt in seen or not (is_component(self.config.get(nxt)) or is_reference(self.config.get(nxt))):
                 return Pending("?", "?", path, known=False)  # reported where that alias is defined, or as a cycle
             seen.add(nxt)
-            target = self.config[nxt]
+            final, target = nxt, self.config[nxt]
         ck = str(target.get("component_key"))
         # an unknown component_key is reported where that component is defined
-        return Pending(ck, str(target.get("variant_key")), str(name), known=ck in self.registry.component_keys())
+        return Pending(ck, str(target.get("variant_key")), str(name), known=ck in self.registry.component_keys(),
+                       refers_to=str(final))  # fmt: skip
 
     def _check_component(self, comp: dict, path: str, problems: list[Problem]) -> Pending:
         ck, vk = comp.get("component_key"), comp.get("variant_key")
@@ -157,9 +171,11 @@ class ConfigGraph:
         cfg_path = join_path(path, "config")
         values = {k: self.placeholder(v, join_path(cfg_path, str(k)), problems) for k, v in raw.items()}
         try:
-            spec.config_model.model_validate(values)
+            pending.config = spec.config_model.model_validate(values)
         except ValidationError as e:
             problems += pydantic_problems(e, cfg_path, spec.config_model)
+        else:
+            self.components[path] = pending
         return pending
 
     def _cycles(self) -> list[Problem]:

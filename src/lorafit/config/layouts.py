@@ -3,11 +3,11 @@
 `lorafit run` and `lorafit validate` read a config as: load the YAML and resolve `${...}` (config/loader.py) ->
 `layout_of(config)` (here) -> its `check` (the whole graph and its settings, every problem at once) -> its
 `outline` (the run-level decisions taken before building: parallelism, where the run folder goes, whether the
-model is built on the meta device) -> its `build` -> `BuiltRun` (lorafit/build.py): one typed `RunSettings` plus
+model is built on the meta device) -> its `build` -> `BuiltRun` (lorafit/run/build.py): one typed `RunSettings` plus
 the built entities -> `TrainJob(settings=...)` -> the loop.
 
 lorafit's own layout (the `settings` block of `config/run_spec.py` and the run entities `model`, `train_dataset`,
-...) is the default (lorafit/build.py). Another layout (Modalities', lorafit/modalities/run.py) is translated at this
+...) is the default (run/build.py). Another layout (Modalities', lorafit/modalities/run.py) is translated at this
 border into the same run description: what it means differently arrives as typed settings of the core (the loss
 normalisation, the run folder root, the step plan it prints), never as a question the core asks about the config.
 The component table (lorafit/components.py) imports the modules that register layouts.
@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from lorafit.config.graph import ConfigGraph, component_blocks, is_reference
-from lorafit.config.registry import REGISTRY
+from lorafit.config.graph import ConfigGraph, component_blocks
+from lorafit.config.registry import Pending
 from lorafit.config.run_spec import RunSettings
 
 if TYPE_CHECKING:  # annotations only: torch and transformers cost seconds to import
@@ -121,8 +121,8 @@ def layout_of(config: dict[str, Any], default: Layout) -> Layout:
 
 
 # ------------------------------------------------------------------------------------------------ for outlines
-# What every layout's outline asks of a checked config's component blocks (the blocks are the checked ones: their
-# keys and variants are known to be valid here).
+# What every layout's outline asks of a checked config: its components as validated (`ConfigGraph.check` keeps each
+# block's typed config, references resolved to the entity they name), never the YAML dict read again.
 WEIGHT_FILE_MODELS = ("huggingface_pretrained_model", "checkpointed")
 
 
@@ -131,46 +131,44 @@ def components_of(value: Any) -> Iterator[dict[str, Any]]:
     return (block for _, block in component_blocks(value))
 
 
-_components = components_of
+def checked_graph(config: dict[str, Any] | ConfigGraph) -> ConfigGraph:
+    """The graph of `config` with its components' typed configs: as given when already checked, else checked now
+    (a component that does not validate has no typed config and decides nothing)."""
+    if isinstance(config, ConfigGraph) and config.checked:
+        return config
+    graph = ConfigGraph(config.config if isinstance(config, ConfigGraph) else config)
+    graph.check()
+    return graph
 
 
-def has_weights_file(components: list[dict[str, Any]]) -> bool:
+def has_weights_file(graph: ConfigGraph) -> bool:
     """Whether a model component reads its weights from a file (which the meta build can read after sharding)."""
-    return any(c.get("component_key") == "model" and c.get("variant_key") in WEIGHT_FILE_MODELS for c in components)
+    return any(p.component_key == "model" and p.variant_key in WEIGHT_FILE_MODELS for p in graph.components.values())
 
 
-def needs_whole_weights(components: list[dict[str, Any]]) -> str | None:
+def needs_whole_weights(graph: ConfigGraph) -> str | None:
     """Why some component needs the loaded weights whole before sharding (it converts or re-draws them), or None:
     a LoRA `frozen_dtype`, or a component whose config says so (`ComponentConfig.needs_whole_weights`)."""
-    for c in components:
-        frozen = (c.get("config") or {}).get("frozen_dtype") if c.get("variant_key") == "lora" else None
+    for p in graph.components.values():
+        lora = (p.component_key, p.variant_key) == ("model", "lora")
+        frozen = getattr(p.config, "frozen_dtype", None) if lora else None
         if frozen:
             return f"model/lora frozen_dtype {frozen} converts the loaded weights, which needs them before sharding"
-        if REGISTRY.has(c.get("component_key"), c.get("variant_key")):
-            reason = REGISTRY.get(c["component_key"], c["variant_key"]).config_model.needs_whole_weights
-            if reason:
-                return f"{c['component_key']}/{c['variant_key']} {reason}"
+        reason = getattr(type(p.config), "needs_whole_weights", None)
+        if reason:
+            return f"{p.component_key}/{p.variant_key} {reason}"
     return None
 
 
-def adapters_from_checkpoint(config: dict[str, Any]) -> bool:
+def adapters_from_checkpoint(graph: ConfigGraph) -> bool:
     """Whether a `model/checkpointed` wraps the `model/lora`: its file then holds every A and B (loading is strict),
     and the run starts from them (Modalities' way to continue from a LoRA checkpoint) instead of drawing new ones."""
 
-    def resolve(node: Any) -> Any:
-        while is_reference(node):
-            node = config.get(node["instance_key"])
-        return node
-
     def has_lora(node: Any) -> bool:
-        node = resolve(node)
-        if not isinstance(node, dict):
+        node = graph.entity(node)
+        if not isinstance(node, Pending) or node.component_key != "model":
             return False
-        if node.get("component_key") == "model" and node.get("variant_key") == "lora":
-            return True
-        return has_lora((node.get("config") or {}).get("model")) if node.get("component_key") == "model" else False
+        return node.variant_key == "lora" or has_lora(getattr(node.config, "model", None))
 
-    return any(
-        c.get("variant_key") == "checkpointed" and has_lora((c.get("config") or {}).get("model"))
-        for c in _components(config)
-    )
+    return any(p.variant_key == "checkpointed" and has_lora(getattr(p.config, "model", None))
+               for p in graph.components.values())  # fmt: skip

@@ -30,7 +30,7 @@ class ComponentConfig(StrictValues):
 
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True, protected_namespaces=())
     # set by a model component that converts or re-draws the weights it is given: why it needs them whole before
-    # sharding (so an fsdp2 run loads them before sharding instead of building on the meta device; build.py)
+    # sharding (so an fsdp2 run loads them before sharding instead of building on the meta device; run/build.py)
     needs_whole_weights: ClassVar[str | None] = None
 
 
@@ -41,11 +41,14 @@ class Pending:
     problem is reported where it is, so a field expecting some kind of component does not report it again.
     """
 
-    def __init__(self, component_key: str, variant_key: str, path: str, *, known: bool = True):
+    def __init__(self, component_key: str, variant_key: str, path: str, *, known: bool = True,
+                 refers_to: str | None = None):  # fmt: skip
         self.component_key = component_key
         self.variant_key = variant_key
         self.path = path
         self.known = known
+        self.config: Any = None  # the checked config model (its component fields Pending too), when it validated
+        self.refers_to = refers_to  # a reference's stand-in: the top-level entity it names (aliases followed)
 
     def __repr__(self) -> str:
         return f"<{self.component_key}/{self.variant_key} at {self.path}>"

@@ -21,10 +21,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from lorafit.config.loggers import LoggersConfig
 from lorafit.config.registry import Component
 from lorafit.config.strict_values import StrictValues
 from lorafit.errors import UserError
-from lorafit.training.trackers import LoggersConfig
 
 RUN_ENTITIES = (
     "model",
@@ -102,10 +102,11 @@ class RunSettings(BaseModel):
     gradient_clipping: float | None = Field(1.0, gt=0)
     eval_max_batches: int | None = Field(None, ge=1)
     export: Export = Export()
-    # the allocator `lorafit run` ran under (lorafit/allocator.py). Read from the YAML by the `lorafit` program
-    # before it starts (after --allocator and LORAFIT_MALLOC); written into config.resolved.yaml by every run
+    # accepted because run folders of earlier versions recorded the allocator here; it chooses nothing (--allocator
+    # or LORAFIT_MALLOC choose; a value naming another is said in the log; the record is now a comment on top of
+    # config.resolved.yaml)
     allocator: Literal["tbbmalloc", "system", "jemalloc", "tcmalloc"] | None = None
-    loggers: LoggersConfig = LoggersConfig()  # trackers beside metrics.jsonl (lorafit/training/trackers.py)
+    loggers: LoggersConfig = LoggersConfig()  # trackers beside metrics.jsonl (config/loggers.py)
 
 
 class RunSpec(BaseModel):

@@ -1,12 +1,11 @@
-"""Training data: tokenize + pack (`pack_file`), read packed files (`PackedTokens`), datasets over them, the
-collator (padding only: labels are shifted in the datasets) and the resumable distributed sampler.
+"""Training data transforms: read records (`records`), their formats (`formats`, `chat`,
+`chat_templates`), tokenize + pack into a packed token file and read it back (`token_files`: `pack_file`,
+`PackedTokens`), documents into blocks without cross-contamination (`blocks`), Modalities' token files (`pbin`)
+and the resumable distributed sampler (`sampler`).
 
-Importing `lorafit.data.datasets` registers the `dataset/packed` and `dataset/instruction` components
-(packed files); importing `lorafit.data.raw` registers `dataset/text` and `dataset/jsonl_instruction`
-(a raw file + a tokenizer component, packed into a cache on first use), and `lorafit.data.hf_files`
-`dataset/hf_datasets` (a local file or folder read with Hugging Face `datasets`). Record formats live in
-`formats`, record sources in `records`, packing without cross-contamination in `packing`.
-Names are imported lazily so that `lorafit data pack` does not pay for torch.
+The `dataset/*` components built from them live in `lorafit.datasets`; their classes and the collator are offered
+here too (`PackedDataset`, `collate`, ...). Names are imported lazily so that `lorafit data pack` does not pay for
+torch.
 """
 
 from __future__ import annotations
@@ -14,17 +13,17 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "PackedInfo": "data.pack",
-    "PackedTokens": "data.pack",
+    "PackedInfo": "data.token_files",
+    "PackedTokens": "data.token_files",
     "load_tokenizer": "models.tokenizer",  # the one tokenizer loader, offered here beside pack_file
-    "pack_file": "data.pack",
+    "pack_file": "data.token_files",
     "ResumableSampler": "data.sampler",
-    "Collator": "data.datasets",
-    "InstructionDataset": "data.datasets",
-    "PackedDataset": "data.datasets",
-    "PackedInstructionDataset": "data.datasets",
-    "collate": "data.datasets",
-    "IGNORE_INDEX": "data.datasets",
+    "Collator": "datasets.packed",
+    "InstructionDataset": "datasets.packed",
+    "PackedDataset": "datasets.packed",
+    "PackedInstructionDataset": "datasets.packed",
+    "collate": "datasets.packed",
+    "IGNORE_INDEX": "datasets.packed",
 }
 __all__ = sorted(_EXPORTS)
 

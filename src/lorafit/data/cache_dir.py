@@ -3,7 +3,7 @@
 `$LORAFIT_CACHE_DIR`, else `$XDG_CACHE_HOME/lorafit`, else `~/.cache/lorafit`; a dataset's cache is
 `<that>/datasets/<file stem>-<12 hex digits of the sha256 of its absolute path>.<kind>` (+ .bin, .json, ...).
 One prefix per source file, so two `train.jsonl` in different folders never share one; whether the cache is up
-to date is decided by content (the stamp of lorafit.data.raw), as with an explicit `cache_path`. The user's
+to date is decided by content (the stamp of lorafit.datasets.text_files), as with an explicit `cache_path`. The user's
 data folder is never written to.
 """
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 from bisect import bisect_left
 from typing import Any
 
-from lorafit.data.sources import check_string, json_type_name
+from lorafit.data.records import check_string, json_type_name
 from lorafit.errors import UserError
 
 INSTRUCTION_KEYS = ("messages", "prompt")

@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 from lorafit.data.chat import conversation
-from lorafit.data.sources import check_string, json_type_name
+from lorafit.data.records import check_string, json_type_name
 from lorafit.errors import UserError
 
 RecordFormat = Literal["auto", "text", "instruction", "messages", "prompt_response", "sharegpt", "alpaca"]

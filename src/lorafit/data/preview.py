@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from lorafit.data.chat_templates import use_template
-from lorafit.data.datasets import IGNORE_INDEX, InstructionDataset, PackedDataset, PackedInstructionDataset
-from lorafit.data.pack import pack_file
+from lorafit.data.token_files import pack_file
+from lorafit.datasets.packed import IGNORE_INDEX, InstructionDataset, PackedDataset, PackedInstructionDataset
 from lorafit.errors import UserError
 from lorafit.models.tokenizer import load_tokenizer
 
@@ -22,9 +22,9 @@ TRAINED_OPEN, TRAINED_CLOSE, NEW_DOCUMENT = "[[", "]]", " | "
 
 def build_dataset(config_path: Path, name: str, overrides: tuple[str, ...]) -> tuple[Any, Any, int]:
     """(the dataset `name` of the run config, the run's tokenizer or None, the run's sequence length)."""
-    from lorafit.build import load_run_config, with_sequence_length  # deferred: data/ sits below the run build
     from lorafit.config.graph import ConfigGraph  # deferred: as above
     from lorafit.config.run_spec import RunSettings, settings_of  # deferred: as above
+    from lorafit.run.build import load_run_config, with_sequence_length  # deferred: data/ sits below the run build
 
     config, _ = load_run_config(config_path, overrides=overrides)
     key, _, member = name.partition(".")

@@ -1,14 +1,17 @@
-"""Where records come from: a `.txt` file's paragraphs, JSON Lines read line by line (errors name the line), or
-a local file or folder read with Hugging Face `datasets` (JSON arrays, CSV, Parquet, Arrow, `save_to_disk`
-folders; errors name the row). Nothing is downloaded: a name that is not a local path is refused.
+"""Where records come from, with errors that name the file and line (or row): a `.txt` file's paragraphs (documents
+separated by blank lines), JSON Lines (one object per line, blank lines skipped), or a local file or folder read
+with Hugging Face `datasets` (JSON arrays, CSV, Parquet, Arrow, `save_to_disk` folders). Nothing is downloaded: a
+name that is not a local path is refused.
 
-Every source yields `(where, record, done)`: `where` names the file and line or row for errors, `done` moves the
-progress bar (bytes for files read here, rows for `datasets`), out of `total`.
+The file readers yield `(line_number, item, bytes_read)`; every `RecordSource` yields `(where, record, done)`:
+`where` names the file and line or row for errors, `done` moves the progress bar (bytes for files read here, rows
+for `datasets`), out of `total`.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,8 +19,82 @@ from pathlib import Path
 from typing import Any
 
 from lorafit.data.cache_dir import cache_root
-from lorafit.data.sources import is_jsonl, iter_jsonl_records, iter_text_documents
 from lorafit.errors import UserError
+
+JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+_JSON_TYPE_NAMES = {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "boolean"}
+
+
+def is_jsonl(path: Path) -> bool:
+    return path.suffix.lower() in JSONL_SUFFIXES
+
+
+def json_type_name(value: Any) -> str:
+    return "null" if value is None else _JSON_TYPE_NAMES.get(type(value), type(value).__name__)
+
+
+def iter_lines(path: Path) -> Iterator[tuple[int, str, int]]:
+    """(1-based line number, decoded line, bytes read so far); a line that is not UTF-8 is a UserError."""
+    done = 0
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            done += len(raw)
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(
+                    f"{path}:{number}: not valid UTF-8 (byte {e.start + 1} of the line is {raw[e.start]:#04x}); "
+                    "save the file as UTF-8"
+                ) from None
+            if number == 1 and text.startswith("\ufeff"):
+                text = text[1:]  # a byte-order mark is not content
+            yield number, text, done
+
+
+def iter_text_documents(path: Path) -> Iterator[tuple[int, str, int]]:
+    """Documents of a plain text file: runs of non-blank lines, separated by blank lines."""
+    lines: list[str] = []
+    first = 0
+    done = 0
+    for number, text, done in iter_lines(path):
+        if text.strip():
+            if not lines:
+                first = number
+            lines.append(text.rstrip("\r\n"))
+        elif lines:
+            yield first, "\n".join(lines), done
+            lines = []
+    if lines:
+        yield first, "\n".join(lines), done
+
+
+def iter_jsonl_records(path: Path) -> Iterator[tuple[int, dict[str, Any], int]]:
+    """JSON objects, one per non-blank line."""
+    for number, text, done in iter_lines(path):
+        if not text.strip():
+            continue
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as e:
+            reason = e.msg.removesuffix(" at")  # "Invalid control character at": the column follows
+            raise UserError(f"{path}:{number}: not valid JSON ({reason} at column {e.colno})") from None
+        except RecursionError:
+            raise UserError(f"{path}:{number}: JSON nested too deeply") from None
+        if not isinstance(record, dict):
+            raise UserError(f"{path}:{number}: expected a JSON object per line, got {json_type_name(record)}")
+        yield number, record, done
+
+
+def check_string(value: Any, where: str, what: str) -> str:
+    """`value` as a string that can be encoded (JSON allows lone surrogate escapes; tokenizers do not)."""
+    if not isinstance(value, str):
+        raise UserError(f"{where}: {what} must be a string, got {json_type_name(value)}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UserError(f"{where}: {what} contains an unpaired surrogate escape (\\ud800-\\udfff)") from None
+    return value
+
 
 DATASETS_SUFFIXES = {".csv": "csv", ".tsv": "csv", ".parquet": "parquet", ".arrow": "arrow", ".json": "json",
                      ".jsonl": "json", ".ndjson": "json"}  # fmt: skip

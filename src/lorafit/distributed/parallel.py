@@ -19,7 +19,7 @@ fixed and the same for every strategy (torchtune / torchtitan's order):
     -> compile -> shard -> load weights (each rank its shards) -> init adapters (the run's seed)
 
 Under ddp, none, or fsdp2 on one process the model arrives with its weights and adapters. Under fsdp2 on several
-processes `lorafit run` builds it on the meta device (lorafit/build.py) and `fill_weights` loads each rank's
+processes `lorafit run` builds it on the meta device (lorafit/run/build.py) and `fill_weights` loads each rank's
 shards of the base and initialises the adapters after sharding, so no rank holds the whole model. Decoder
 blocks are the classes named by the model's `_no_split_modules` (Hugging Face's list of modules that must not
 be split across devices).

@@ -27,8 +27,8 @@ import torch
 from pydantic import Field
 
 from lorafit.config.registry import Component, ComponentConfig, register_component
-from lorafit.data.datasets import IGNORE_INDEX
 from lorafit.data.pbin import read_pbin
+from lorafit.datasets.packed import IGNORE_INDEX
 from lorafit.errors import UserError
 
 # ------------------------------------------------------------------------------------------------ dataset

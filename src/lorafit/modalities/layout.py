@@ -9,9 +9,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from lorafit.build import lorafit_outline
 from lorafit.config.layouts import RunOutline, register_layout
 from lorafit.modalities import run
+from lorafit.run.build import lorafit_outline
 
 
 def outline(config: dict[str, Any]) -> RunOutline:

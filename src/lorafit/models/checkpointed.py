@@ -174,7 +174,7 @@ def build_checkpointed_model(config: CheckpointedModelConfig) -> nn.Module:
     except UserError as e:
         raise e.prefixed("checkpoint_loading.config") from None
     try:
-        if is_meta(model):  # fsdp2 under torchrun (lorafit/build.py): each rank reads its shards after sharding
+        if is_meta(model):  # fsdp2 under torchrun (lorafit/run/build.py): each rank reads its shards after sharding
             return loader.defer(model, config.checkpoint_path)
         return loader.load(model, config.checkpoint_path)
     except UserError as e:

@@ -4,7 +4,7 @@ Every rank reads from the weights file only the part of each tensor that its sha
 holds the whole model (the memory per rank scales with 1 / world size; benchmarks/fsdp2_meta_memory.py):
 
     build on meta (model builders call `defer_weights` instead of loading) -> inject LoRA -> shard
-    -> `to_empty` -> `load_shards` (here) -> rotary tables -> seeded adapters (lorafit/build.py)
+    -> `to_empty` -> `load_shards` (here) -> rotary tables -> seeded adapters (lorafit/run/build.py)
 
 Safetensors are read with `safe_open(...).get_slice` (only the slice's bytes), torch files (`.bin` / `.pt` in
 torch.save's zip format) through a memory map that is dropped after each tensor, so the pages a rank touched do

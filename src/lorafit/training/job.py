@@ -6,17 +6,22 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from lorafit.checkpoint.trained_weights import is_sharded, unsharded_copy
-from lorafit.config.layouts import LossNormalization
+from lorafit.config.layouts import EvalLoss, LossNormalization
 from lorafit.config.run_spec import RunSettings
 from lorafit.distributed.env import DistEnv
-from lorafit.distributed.parallel import gather_full_state_dict
+from lorafit.distributed.parallel import Strategy, gather_full_state_dict
 from lorafit.models.wrappers import unwrap
+from lorafit.training.trackers import Tracker
+
+if TYPE_CHECKING:  # annotations only
+    from torch.utils.data import Dataset
+    from transformers import PreTrainedTokenizerBase
 
 
 @dataclass
@@ -26,7 +31,7 @@ class TrainJob:
     wraps it with `parallelism` (None: fsdp2 under torchrun, else none)."""
 
     model: nn.Module
-    train_dataset: Any  # map-style: items {"input_ids", "labels"} (labels already shifted; -100 = ignored)
+    train_dataset: Dataset  # map-style: items {"input_ids", "labels"} (labels already shifted; -100 = ignored)
     optimizer_factory: Callable[[nn.Module], torch.optim.Optimizer]
     scheduler_factory: Callable[[torch.optim.Optimizer, int], torch.optim.lr_scheduler.LRScheduler]
     env: DistEnv
@@ -35,12 +40,12 @@ class TrainJob:
     # gradient clipping. The loop reads it directly; nothing is copied out of it under other names.
     settings: RunSettings
     collate_fn: Callable[[list[dict[str, torch.Tensor]]], dict[str, torch.Tensor]] | None = None
-    eval_datasets: Mapping[str, Any] = field(default_factory=dict)
-    parallelism: Any = None  # a strategy from lorafit.distributed.parallel
+    eval_datasets: Mapping[str, Dataset] = field(default_factory=dict)
+    parallelism: Strategy | None = None  # None: fsdp2 under torchrun, else none
     shuffle: bool = True
     samples_per_epoch: int | None = None  # the sampler's epoch length when the config layout fixes it (BuiltRun)
     eval_batch_sizes: Mapping[str, int] = field(default_factory=dict)  # as BuiltRun's: the held-out evaluation
-    eval_loss: str = "token_mean"
+    eval_loss: EvalLoss = "token_mean"
     eval_at_start: bool = False
     resume_from: str | os.PathLike | None = None  # None, "latest" or a checkpoint folder
     stop_at_step: int | None = None  # pause there (checkpoint written) although the run targets num_steps
@@ -53,9 +58,11 @@ class TrainJob:
     source_fingerprints: dict[str, str] | None = None  # {yaml path: sha256} of the training files (resume checks)
     progress: bool | None = None  # rich progress bar; None: when stdout is a terminal
     write_adapter: bool = True  # write the trained weights: adapter/ (LoRA) or model/ (full); False: neither
-    tokenizer: Any = None  # saved into model/ after full fine-tuning, so the folder loads and generates alone
+    # saved into model/ after full fine-tuning, so the folder loads and generates alone
+    tokenizer: PreTrainedTokenizerBase | None = None
     loss_normalization: LossNormalization = "global_tokens"  # what a step's loss is the mean of (config/layouts.py)
-    trackers: list[Any] | None = None  # rank 0's open trackers (training/trackers.py); None: TensorBoard, if installed
+    # rank 0's open trackers (training/trackers.py); None: TensorBoard, if installed
+    trackers: list[Tracker] | None = None
 
 
 @dataclass

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lorafit import resume
+from lorafit.checkpoint import resume
 from lorafit.checkpoint.state import checkpoint_dir, find_latest, save_checkpoint
 from lorafit.checkpoint.trained_weights import write_trained_weights
 from lorafit.config.run_spec import num_steps
@@ -55,7 +55,7 @@ def train(job: TrainJob) -> TrainResult:
     sampler = train_sampler(len(job.train_dataset), settings, env.rank, world, job.shuffle, job.samples_per_epoch)
     _seed_everything(settings.seed + env.rank)  # differs per rank: dropout masks of different samples differ
 
-    # --- resume (lorafit.resume): the trainable parameters + optimizer moments, data position, counters, random
+    # --- resume (checkpoint/resume.py): the trainable parameters + optimizer moments, data position, counters, random
     #     states from the checkpoint; the optimizer and schedule hyper-parameters from this job
     step, tokens, elapsed = 0, 0, 0.0
     resumed = env.on_main(resume.resolve_checkpoint, run_dir, job.resume_from)  # checksums read once, by rank 0

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from lorafit.data.datasets import IGNORE_INDEX  # the label the datasets give positions without a loss
+from lorafit.datasets.packed import IGNORE_INDEX  # the label the datasets give positions without a loss
 from lorafit.models.wrappers import HoldsModel
 
 
@@ -145,7 +145,7 @@ class CausalLMLoss(HoldsModel):
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, **model_inputs) -> torch.Tensor:  # fmt: skip
         if position_ids is not None:
-            # packed documents (lorafit.data.packing): transformers builds the block-diagonal causal mask from the
+            # packed documents (lorafit.data.blocks): transformers builds the block-diagonal causal mask from the
             # position restarts only when no 2D mask is given; padding restarts at 0 too, so it is a document of its own
             attention_mask = None
         inputs = {"attention_mask": attention_mask, "position_ids": position_ids, "use_cache": False, **model_inputs}

@@ -46,7 +46,7 @@ from lorafit.frozen.linear import output_head
 from lorafit.models.wrappers import unwrap
 
 MIB = 2**20
-RUNTIME_MIB = 316.0  # RSS after `import torch, transformers, lorafit.runner`, tbbmalloc
+RUNTIME_MIB = 316.0  # RSS after `import torch, transformers, lorafit.run.runner`, tbbmalloc
 ALLOCATOR_MIB = 170.0  # RSS after loading SmolLM2-135M + tokenizer + one forward, minus runtime and the weights
 ACT_HIDDEN = 8.0  # saved floats per token and layer, in units of hidden_size (fitted; besides 2 x intermediate)
 CKPT_HIDDEN = 2.0  # with activation checkpointing: floats per token and layer kept, in units of hidden_size

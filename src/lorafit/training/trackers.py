@@ -1,6 +1,6 @@
 """Where a run's numbers go besides `metrics.jsonl`: TensorBoard, Weights & Biases, MLflow.
 
-Chosen in the config's `settings.loggers` block (checked by `LoggersConfig`):
+Chosen in the config's `settings.loggers` block (checked by `LoggersConfig`, lorafit/config/loggers.py):
 
     settings:
       loggers:
@@ -40,12 +40,10 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Any, Literal, Protocol
-
-from pydantic import ConfigDict, field_validator
+from typing import Any, Protocol
 
 from lorafit.atomic import own_folder
-from lorafit.config.strict_values import StrictValues
+from lorafit.config.loggers import LoggersConfig, MlflowConfig, WandbConfig
 from lorafit.console import info
 from lorafit.errors import ConfigError, Problem
 
@@ -56,41 +54,6 @@ class Tracker(Protocol):
     def log(self, values: dict[str, float], step: int) -> None: ...
 
     def close(self) -> None: ...
-
-
-class _Strict(StrictValues):
-    model_config = ConfigDict(extra="forbid")
-
-
-class WandbConfig(_Strict):
-    """Weights & Biases; `directory` defaults to the run folder, `name` to the experiment id."""
-
-    mode: Literal["offline", "online", "disabled"] = "offline"
-    project: str = "lorafit"
-    directory: Path | None = None  # None: the run folder
-    name: str | None = None  # None: the experiment id
-    entity: str | None = None
-
-    @field_validator("mode", mode="before")
-    @classmethod
-    def _lower(cls, value: Any) -> Any:
-        return value.lower() if isinstance(value, str) else value  # Modalities writes OFFLINE / ONLINE / DISABLED
-
-
-class MlflowConfig(_Strict):
-    """MLflow; `tracking_uri` defaults to an SQLite store, <run folder>/mlflow.db, `run_name` to the experiment id."""
-
-    tracking_uri: str | None = None  # None: sqlite:///<run folder>/mlflow.db
-    experiment_name: str = "lorafit"
-    run_name: str | None = None  # None: the experiment id
-
-
-class LoggersConfig(_Strict):
-    """Trackers beside metrics.jsonl (always written). tensorboard: null means on, said in the log if not installed."""
-
-    tensorboard: bool | None = None  # None: on when the package is there (it is a dependency), else said so
-    wandb: WandbConfig | None = None
-    mlflow: MlflowConfig | None = None
 
 
 def _missing(key: str, package: str, extra: str) -> ConfigError:

@@ -26,8 +26,8 @@ from pydantic import Field
 from lorafit.config.context import current_context
 from lorafit.config.registry import ComponentConfig, register_component
 from lorafit.console import info, warn
-from lorafit.data.pack import PackedTokens, resolve_prefix
-from lorafit.data.packing import TooLong, plan_conversations, positions_and_boundaries
+from lorafit.data.blocks import TooLong, plan_conversations, positions_and_boundaries
+from lorafit.data.token_files import PackedTokens, resolve_prefix
 from lorafit.errors import UserError
 
 IGNORE_INDEX = -100
@@ -91,7 +91,7 @@ class PackedDataset(_PackedBase):
     """Non-overlapping blocks of sequence_length + 1 tokens (stride sequence_length) over all documents.
 
     A document may continue into the next block (text); inside a block each document piece has its own
-    positions from 0 and attends only to itself (`position_ids`; see `lorafit.data.packing`).
+    positions from 0 and attends only to itself (`position_ids`; see `lorafit.data.blocks`).
     """
 
     def _prepare(self) -> None:
@@ -108,7 +108,7 @@ class PackedDataset(_PackedBase):
         start = self._index(i) * seq
         inputs = torch.from_numpy(self.data.tokens[start : start + seq].astype(np.int64))
         labels = self._labels(start + 1, start + seq + 1)
-        # documents in the block do not see each other: positions restart at each document (see packing.py),
+        # documents in the block do not see each other: positions restart at each document (see lorafit.data.blocks),
         # and a document's last token is not trained to predict the next document's first
         positions, boundaries = positions_and_boundaries(self.data.offsets, start, seq)
         labels[torch.from_numpy(boundaries)] = IGNORE_INDEX
@@ -266,7 +266,7 @@ def _build(cls: type[_PackedBase], config: PackedFileConfig) -> _PackedBase:
     for suffix in (".json", ".bin"):
         if not prefix.with_name(prefix.name + suffix).is_file():
             raise UserError(f"{prefix}{suffix} not found (pack the data with `lorafit data pack`)", field="path")
-    dataset = cls(prefix, config.sequence_length)  # null in a run's config: the settings' (lorafit/build.py)
+    dataset = cls(prefix, config.sequence_length)  # null in a run's config: the settings' (lorafit/run/build.py)
     if current_context().load_weights:  # `lorafit validate` only checks that the files are there
         dataset.data  # noqa: B018 - opens, checks sizes, and with a sequence length, indexes
     return dataset

@@ -19,13 +19,13 @@ from pathlib import Path
 import torch
 
 from lorafit.errors import UserError
-from lorafit.gguf_export.llama import ARCH, LAYER_TENSORS, TOP_TENSORS, check_supported, permute_rows
-from lorafit.gguf_export.output import check_output, gguf_file
 from lorafit.lora import get_settings
 from lorafit.lora.layers import LoraLinear
 from lorafit.lora.model import lora_layers
 from lorafit.lora.variants import DECOMPOSING_INITS
 from lorafit.models.wrappers import canonical_name, full_tensor
+from lorafit.outputs.gguf.llama import ARCH, LAYER_TENSORS, TOP_TENSORS, check_supported, permute_rows
+from lorafit.outputs.gguf.output import check_output, gguf_file
 
 DTYPES = ("f32", "f16")
 

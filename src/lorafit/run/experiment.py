@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from lorafit import allocator
 from lorafit.atomic import write_atomic
 from lorafit.errors import UserError, describe_storage_error, storage_error
 
@@ -97,10 +98,13 @@ def create_run_dir(
 
 
 def write_resolved(run_dir: Path, resolved: dict[str, Any], overrides: tuple[str, ...] = ()) -> None:
-    """The resolved config; command-line overrides are applied in it and listed in a comment on top."""
+    """The resolved config; command-line overrides are applied in it and listed in a comment on top, with the
+    memory allocator the run ran under (a record in a comment: a key would be one more setting for the config's
+    own program, e.g. Modalities, to refuse)."""
     text = yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True)
-    if overrides:
-        text = "".join(f"# command-line override: {item}\n" for item in overrides) + text
+    header = [f"# command-line override: {item}\n" for item in overrides]
+    header.append(f"# memory allocator: {allocator.active()} (chosen by --allocator or LORAFIT_MALLOC)\n")
+    text = "".join(header) + text
     write_atomic(run_dir / RESOLVED_CONFIG, text)
 
 

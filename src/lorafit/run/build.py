@@ -22,17 +22,16 @@ from lorafit.config.layouts import (
     BuiltRun,
     RunOutline,
     adapters_from_checkpoint,
-    components_of,
+    checked_graph,
     has_weights_file,
     layout_of,
     needs_whole_weights,
 )
 from lorafit.config.loader import ConfigEnv, load_config
-from lorafit.config.registry import REGISTRY
+from lorafit.config.registry import REGISTRY, Pending
 from lorafit.config.run_spec import DEFAULT_COMPONENTS, RUN_ENTITIES, RunSettings, RunSpec, describe_steps, settings_of
 from lorafit.console import info
-from lorafit.data.pack import is_pack_index
-from lorafit.distributed.parallel import FSDP2Config
+from lorafit.data.token_files import is_pack_index
 from lorafit.errors import ConfigError, Problem, UserError, did_you_mean
 from lorafit.lora import count_parameters, describe_lora, has_lora, reset_lora_parameters
 from lorafit.models.deferred import deferred_init
@@ -186,18 +185,20 @@ def _build_native(graph: ConfigGraph) -> BuiltRun:
     return run
 
 
-def lorafit_outline(config: dict[str, Any]) -> RunOutline:
-    """The decisions of a lorafit config, from its checked components (the `parallelism/fsdp2` block typed)."""
-
-    spec = _parallelism_spec(config)
-    components = list(components_of(config))
+def lorafit_outline(config: dict[str, Any] | ConfigGraph) -> RunOutline:
+    """The decisions of a lorafit config, from its checked components' typed configs (config/layouts.py)."""
+    graph = checked_graph(config)
+    parallelism = graph.entity(graph.checked.get("parallelism"))
+    if not isinstance(parallelism, Pending):
+        parallelism = None
     return RunOutline(
-        parallelism=spec.get("variant_key", "fsdp2") if spec is not None else None,
-        load_after_sharding=FSDP2Config.model_validate((spec or {}).get("config") or {}).load_after_sharding,
-        weights_file=has_weights_file(components),
-        needs_whole_weights=needs_whole_weights(components),
-        adapters_from_checkpoint=adapters_from_checkpoint(config),
-        has_evaluators=bool(config.get("evaluators")),
+        parallelism=parallelism.variant_key if parallelism is not None else None,
+        # fsdp2's (the default under torchrun); the other strategies have no such setting
+        load_after_sharding=getattr(parallelism.config if parallelism else None, "load_after_sharding", True),
+        weights_file=has_weights_file(graph),
+        needs_whole_weights=needs_whole_weights(graph),
+        adapters_from_checkpoint=adapters_from_checkpoint(graph),
+        has_evaluators=bool(graph.checked.get("evaluators")),
     )
 
 
@@ -232,13 +233,6 @@ def _meta_build_blocker(outline: RunOutline, world_size: int) -> str | None:
     if outline.has_evaluators:
         return "the evaluators run on rank 0's whole model before training"
     return None
-
-
-def _parallelism_spec(config: dict[str, Any]) -> dict[str, Any] | None:
-    spec = config.get("parallelism")
-    if is_reference(spec):
-        spec = config.get(spec["instance_key"])
-    return spec if isinstance(spec, dict) else None
 
 
 def _after_meta_build(run: BuiltRun, *, seed_adapters: bool = True) -> BuiltRun:

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import torch
 
-from lorafit.build import build_run_entities
 from lorafit.errors import UserError
 from lorafit.lora import load_adapter
 from lorafit.lora.provenance import check_not_merged_already
 from lorafit.models.huggingface import load_pretrained_model
 from lorafit.models.tokenizer import load_tokenizer
+from lorafit.run.build import build_run_entities
 
 
 def load_base(base: Path, dtype: str = "fp32", flag: str = "--base"):

@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass, field
 
 from lorafit.errors import UserError
-from lorafit.gguf_export.pre_tokenizers import CHECK_TEXT, HASHES, NAMES
+from lorafit.outputs.gguf.pre_tokenizers import CHECK_TEXT, HASHES, NAMES
 
 # llama.cpp's token types (gguf.TokenType)
 NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5

@@ -12,19 +12,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lorafit import allocator, resume
+from lorafit import allocator
 from lorafit.atomic import write_atomic
-from lorafit.build import BuiltRun, build_run, load_run_config, run_outline
+from lorafit.checkpoint import resume
 from lorafit.config.loader import ConfigEnv
 from lorafit.console import info, warn
 from lorafit.distributed.env import init_distributed
 from lorafit.distributed.parallel import DDPStrategy, FSDP2Strategy, Strategy
 from lorafit.errors import UserError
-from lorafit.experiment import CONFIG_COPY, RESOLVED_CONFIG, create_run_dir, default_experiment_id, read_resolved
-from lorafit.export import export_merged
 from lorafit.lora import has_lora
 from lorafit.lora.provenance import annotate_adapter, prompt_format_of, record_merge
-from lorafit.report import render_report
+from lorafit.outputs.merged import export_merged
+from lorafit.run.build import BuiltRun, build_run, load_run_config, run_outline
+from lorafit.run.experiment import CONFIG_COPY, RESOLVED_CONFIG, create_run_dir, default_experiment_id, read_resolved
+from lorafit.run.report import render_report
 from lorafit.training.job import TrainJob
 from lorafit.training.loop import train as train_loop
 from lorafit.training.memory import refuse_if_too_big
@@ -73,7 +74,7 @@ def _run(request: RunRequest, dist_env) -> Path:
     config, graph = load_run_config(config_path, env, request.overrides)
     root = _run_root(config, root, request)
     sources = dist_env.on_main(resume.source_fingerprints, config)
-    _record_allocator(config)
+    _check_allocator(config)
 
     if plan is not None:
         plan = dist_env.on_main(_check_and_place, plan, config, dist_env.world_size, sources, request, root)
@@ -140,18 +141,18 @@ def is_single_process_strategy(strategy) -> bool:
     return isinstance(strategy, Strategy) and not isinstance(strategy, (DDPStrategy, FSDP2Strategy))
 
 
-def _record_allocator(config: dict[str, Any]) -> None:
-    """settings.allocator in config.resolved.yaml: the allocator this process runs under. The `lorafit` program
-    chose it at start (lorafit/allocator.py); the Python API never changes its process's allocator."""
+def _check_allocator(config: dict[str, Any]) -> None:
+    """The allocator is chosen by the `lorafit` program at start from --allocator or LORAFIT_MALLOC
+    (lorafit/allocator.py); the Python API never changes its process's allocator. A config's `settings.allocator`
+    (run folders of earlier lorafit versions recorded it there) chooses nothing: said when it names another. The
+    record of what ran is a comment on top of config.resolved.yaml (run/experiment.write_resolved), not a key: a
+    key would make a Modalities config's resolved copy one that Modalities refuses."""
+    settings = config.get("settings")
+    asked = settings.get("allocator") if isinstance(settings, dict) else None
     used = allocator.active()
-    settings = config.setdefault("settings", {})
-    if not isinstance(settings, dict):  # reported by the config check; nothing to record into
-        return
-    asked = settings.get("allocator")
     if asked and asked != used:
-        warn(f"settings.allocator: {asked} takes effect only when the `lorafit` program starts (and --allocator or "
-             f"LORAFIT_MALLOC come first); this process runs under {used}")  # fmt: skip
-    settings["allocator"] = used
+        warn(f"settings.allocator: {asked} records the allocator a run ran under and chooses none; this process runs "
+             f"under {used} (choose with `lorafit run --allocator {asked}` or LORAFIT_MALLOC={asked})")  # fmt: skip
 
 
 def _check_and_place(plan, config, world_size: int, sources: dict[str, str], request: RunRequest, root: Path):

@@ -21,12 +21,12 @@ import torch
 import yaml
 from torch import nn
 
-from lorafit.build import build_run_entities
+from lorafit.run.build import build_run_entities
 from lorafit.checkpoint.state import CHECKPOINTS, find_latest, read_trainer_state, verify_checkpoint
 from lorafit.checkpoint.trained_weights import ADAPTER_DIR, MODEL_DIR
 from lorafit.errors import UserError
-from lorafit.experiment import RESOLVED_CONFIG
-from lorafit.inference import load_base, load_with_adapter
+from lorafit.run.experiment import RESOLVED_CONFIG
+from lorafit.outputs.inference import load_base, load_with_adapter
 from lorafit.lora import load_adapter
 from lorafit.models.wrappers import canonical_name, unwrap
 
@@ -71,9 +71,9 @@ def _base_model(config_or_folder: Path, entities: tuple[str, ...]) -> nn.Module:
 
 @contextlib.contextmanager
 def _without_run_records(config: Path) -> Iterator[Path]:
-    """`config`, or a temporary copy without what the runner records into a run's config.resolved.yaml for the
-    program (`settings.allocator`, lorafit/allocator.py): another layout's settings block (Modalities') has no
-    such key and refuses it."""
+    """`config`, or a temporary copy without what lorafit before 0.1 recorded into a run's config.resolved.yaml
+    for the program (`settings.allocator`; now a comment, lorafit/allocator.py): another layout's settings block
+    (Modalities') has no such key and refuses it."""
     resolved = yaml.safe_load(config.read_text(encoding="utf-8"))
     settings = resolved.get("settings") if isinstance(resolved, dict) else None
     if not isinstance(settings, dict) or "allocator" not in settings:

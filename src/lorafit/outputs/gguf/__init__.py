@@ -12,10 +12,10 @@ from pathlib import Path
 import torch
 
 from lorafit.errors import UserError
-from lorafit.gguf_export.llama import ARCH, check_supported, gguf_tensors, to_numpy, write_hparams
-from lorafit.gguf_export.output import check_output, gguf_file
-from lorafit.gguf_export.vocab import bpe_vocab, write_vocab
 from lorafit.lora import has_lora
+from lorafit.outputs.gguf.llama import ARCH, check_supported, gguf_tensors, to_numpy, write_hparams
+from lorafit.outputs.gguf.output import check_output, gguf_file
+from lorafit.outputs.gguf.vocab import bpe_vocab, write_vocab
 
 DTYPES = ("f32", "f16", "bf16", "q8_0")
 

@@ -1,5 +1,5 @@
 """`dataset/hf_datasets`: a LOCAL file or folder read with Hugging Face `datasets`, in any record format,
-tokenized into a cache on first use (the cache of lorafit.data.raw: keyed by content, tokenizer and template).
+tokenized into a cache on first use (datasets/text_files.py's cache: keyed by content, tokenizer and template).
 
     train_dataset:
       component_key: dataset
@@ -24,9 +24,9 @@ from typing import Any, Literal
 from pydantic import Field
 
 from lorafit.config.registry import Component, ComponentConfig, register_component
-from lorafit.data.datasets import InstructionDataset, PackedDataset, PackedInstructionDataset
-from lorafit.data.raw import build_cached, cache_prefix
 from lorafit.data.records import check_local
+from lorafit.datasets.packed import InstructionDataset, PackedDataset, PackedInstructionDataset
+from lorafit.datasets.text_files import build_cached, cache_prefix
 
 
 class HFDatasetsConfig(ComponentConfig):

@@ -35,9 +35,9 @@ from lorafit.config.context import current_context
 from lorafit.config.registry import Component, ComponentConfig, register_component
 from lorafit.console import info, is_main_rank
 from lorafit.data.cache_dir import default_dataset_prefix
-from lorafit.data.datasets import InstructionDataset, PackedDataset, PackedInstructionDataset
-from lorafit.data.pack import PackedTokens, pack_file, resolve_prefix
 from lorafit.data.records import RecordSource, check_local
+from lorafit.data.token_files import PackedTokens, pack_file, resolve_prefix
+from lorafit.datasets.packed import InstructionDataset, PackedDataset, PackedInstructionDataset
 from lorafit.distributed.env import current_env
 from lorafit.errors import UserError, describe_storage_error, storage_error
 
@@ -56,7 +56,7 @@ class RawInstructionConfig(ComponentConfig):
     """A .jsonl file of conversations rendered with `tokenizer`'s chat template into `cache_path` on first use.
 
     `packing: true` bin-packs whole conversations into blocks of up to sequence_length tokens (several per
-    sample, each attending only to itself, never one split over two blocks; lorafit.data.packing); false gives
+    sample, each attending only to itself, never one split over two blocks; lorafit.data.blocks); false gives
     one padded sample each. `too_long` (packing only): a conversation longer than a block is dropped (default:
     a cut answer would train the model to stop mid-answer, or never to stop) or truncated; both are reported.
     """
