@@ -239,18 +239,33 @@ def test_save_pretrained_writes_what_loads_back(tiny_model_dir, tmp_path):
 
 
 def test_transformers_own_peft_integration_loads_the_run_adapter(runs, tiny_model_dir, tmp_path, monkeypatch):
-    """`AutoModelForCausalLM.from_pretrained(adapter_dir)` goes through transformers' PEFT integration, which checks
-    the installed peft against its minimum in set_adapter / active_adapters / add_adapter (transformers 5.24 asks
-    for peft >= 0.22, which the package index does not have): the test extra pins a pair that passes the check."""
+    """transformers loads the run's adapter with the installed transformers and peft, both ways: from_pretrained of
+    the adapter folder, and `model.load_adapter` (same logits as lorafit's, exactly). Its adapter helpers
+    (set_adapter, active_adapters, add_adapter) check peft against transformers' minimum: transformers 5.24 and 5.25
+    ask for peft >= 0.22, which the package index does not have (newest 0.21.2); with such a pair they refuse, as
+    docs/merging_and_serving.md says, and this test checks that they do (the test extra pins transformers < 5.24)."""
+    from importlib.metadata import version
+
+    from packaging.version import Version
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM
+    from transformers.integrations.peft import MIN_PEFT_VERSION
 
     monkeypatch.chdir(tmp_path)
-    loaded = AutoModelForCausalLM.from_pretrained(runs["default"] / "adapter").eval()
-    ours = lorafit.load_adapter(AutoModelForCausalLM.from_pretrained(tiny_model_dir), runs["default"] / "adapter")
+    adapter = runs["default"] / "adapter"
+    loaded = AutoModelForCausalLM.from_pretrained(adapter).eval()
+    by_method = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    by_method.load_adapter(str(adapter))
+    ours = lorafit.load_adapter(AutoModelForCausalLM.from_pretrained(tiny_model_dir), adapter).eval()
     ids = torch.tensor([[1, 20, 40, 60, 80, 2]])
     with torch.no_grad():
-        assert (loaded(ids).logits - ours.eval()(ids).logits).abs().max().item() == 0.0
+        expected = ours(ids).logits
+        assert (loaded(ids).logits - expected).abs().max().item() == 0.0
+        assert (by_method.eval()(ids).logits - expected).abs().max().item() == 0.0
+    if Version(version("peft")) < Version(MIN_PEFT_VERSION):  # e.g. transformers 5.25 with peft 0.21.2
+        with pytest.raises(ValueError, match=f"PEFT you are using is not compatible.*>= {MIN_PEFT_VERSION}"):
+            loaded.set_adapter("default")
+        return
     loaded.set_adapter("default")  # these check peft's version
     assert loaded.active_adapters() == ["default"]
     loaded.add_adapter(LoraConfig(r=2, target_modules=["k_proj"]), adapter_name="second")
