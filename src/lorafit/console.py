@@ -90,9 +90,16 @@ def hide_library_progress_bars() -> None:
     lorafit says what it loads in its own lines. HF_HUB_DISABLE_PROGRESS_BARS=0 keeps them."""
     if os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS", "").lower() in ("0", "false", "no"):
         return
-    from transformers.utils import logging
+    if "transformers" in sys.modules:
+        from transformers.utils import logging
 
-    logging.disable_progress_bar()
+        logging.disable_progress_bar()
+        return
+    # transformers takes its switch from huggingface_hub's when it is imported (transformers/utils/logging.py), so a
+    # command that never needs transformers (`configs list`, a config error) does not pay ~0.5 s CPU importing it
+    from huggingface_hub.utils import disable_progress_bars
+
+    disable_progress_bars()
 
 
 def note(message: str) -> None:

@@ -23,7 +23,7 @@ CHATS = [
 ]  # fmt: skip
 
 
-def run_config(model: str, data: Path, root: Path, seed: int, **export) -> dict:
+def run_config(model: str, data: Path, root: Path, seed: int, chat_template: str | None = None, **export) -> dict:
     tokenizer_ref = {"instance_key": "tokenizer", "pass_type": "BY_REFERENCE"}
     return {
         "settings": {
@@ -32,7 +32,11 @@ def run_config(model: str, data: Path, root: Path, seed: int, **export) -> dict:
             "training_target": {"num_target_steps": 2},
             "export": export,
         },
-        "tokenizer": {"component_key": "tokenizer", "variant_key": "huggingface", "config": {"path": model}},
+        "tokenizer": {
+            "component_key": "tokenizer",
+            "variant_key": "huggingface",
+            "config": {"path": model, "chat_template": chat_template},
+        },
         "base_model": {
             "component_key": "model",
             "variant_key": "huggingface_pretrained_model",
@@ -59,8 +63,9 @@ def run_config(model: str, data: Path, root: Path, seed: int, **export) -> dict:
 
 @pytest.fixture(scope="module")
 def runs(tiny_model_dir, tmp_path_factory):
-    """Two `lorafit run`s on chat data, started from the base folder's parent with a RELATIVE model path (as the
-    shipped configs do): the default, and one with settings.export.base_model_name_or_path."""
+    """Three `lorafit run`s on chat data, started from the base folder's parent with a RELATIVE model path (as the
+    shipped configs do): the default, one with settings.export.base_model_name_or_path, one with the chatml template
+    instead of the tokenizer's own."""
     root = tmp_path_factory.mktemp("provenance")
     data = root / "chat.jsonl"
     data.write_text("".join(json.dumps(c) + "\n" for c in CHATS))
@@ -68,9 +73,11 @@ def runs(tiny_model_dir, tmp_path_factory):
     os.chdir(tiny_model_dir.parent)
     try:
         dirs = {}
-        for seed, name, export in [(3, "default", {}), (4, "named", {"base_model_name_or_path": "org/tiny-llama"})]:
+        named = {"base_model_name_or_path": "org/tiny-llama"}
+        for seed, name, template, export in [(3, "default", None, {}), (5, "chatml", "chatml", {}),
+                                             (4, "named", None, named)]:  # fmt: skip
             config = root / f"{name}.yaml"
-            config.write_text(yaml.safe_dump(run_config(tiny_model_dir.name, data, root, seed, **export)))
+            config.write_text(yaml.safe_dump(run_config(tiny_model_dir.name, data, root, seed, template, **export)))
             argv = ["run", "--config_file_path", str(config), "--experiments_root_path", str(root / "runs")]
             assert main([*argv, "--experiment_id", name]) == 0
             dirs[name] = root / "runs" / name
@@ -112,6 +119,58 @@ def test_generate_uses_the_chat_template_for_a_chat_trained_adapter(runs, tiny_m
     assert main([*argv, "--no-chat"]) == 0
     raw = capsys.readouterr()
     assert "chat-formatted" not in raw.err
+
+
+def test_the_adapter_carries_its_chat_template_into_generate_and_merge(runs, tiny_model_dir, tmp_path, capsys,
+                                                                       monkeypatch):  # fmt: skip
+    """The run saves its tokenizer in adapter/ (chat_template.jinja: the template it trained with, here chatml, not
+    the base's own); generate and merge with that adapter render chats with it, and PEFT still loads the folder."""
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    from lorafit.data.chat_templates import CHATML
+    from lorafit.outputs.inference import load_with_adapter
+
+    base_template = (tiny_model_dir / "chat_template.jinja").read_text()
+    assert base_template != CHATML
+    adapter = runs["chatml"] / "adapter"
+    assert (adapter / "chat_template.jinja").read_text() == CHATML
+    assert (runs["default"] / "adapter" / "chat_template.jinja").read_text() == base_template
+    assert load_with_adapter(tiny_model_dir, adapter)[1].chat_template == CHATML
+    assert load_with_adapter(tiny_model_dir, runs["default"] / "adapter")[1].chat_template == base_template
+    assert load_with_adapter(tiny_model_dir, None)[1].chat_template == base_template
+
+    import lorafit.outputs.inference
+
+    rendered_with = []  # the template each generate call renders its prompt with
+    real = lorafit.outputs.inference.generate_batch
+
+    def spy(model, tokenizer, prompts, **kwargs):
+        rendered_with.append(tokenizer.chat_template)
+        return real(model, tokenizer, prompts, **kwargs)
+
+    monkeypatch.setattr(lorafit.outputs.inference, "generate_batch", spy)
+    argv = ["generate", "--model", str(tiny_model_dir), "--adapter", str(adapter), "--prompt", "Record: Ada, 36."]
+    argv += ["--max_new_tokens", "2"]
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert f"chat template: {adapter / 'chat_template.jinja'}, the one the adapter was trained with" in (
+        capsys.readouterr().err
+    )
+    own = tiny_model_dir / "chat_template.jinja"
+    assert main([*argv, "--chat_template", str(own)]) == 0  # an explicit template still wins
+    assert "the one the adapter was trained with" not in capsys.readouterr().err
+    assert rendered_with == [CHATML, base_template]
+
+    merged = tmp_path / "merged"
+    assert main(["merge", "--base", str(tiny_model_dir), "--adapter", str(adapter), "--output_dir", str(merged)]) == 0
+    assert (merged / "chat_template.jinja").read_text() == CHATML
+
+    peft_model = AutoPeftModelForCausalLM.from_pretrained(adapter).eval()  # the tokenizer files are no obstacle
+    ours = lorafit.load_adapter(AutoModelForCausalLM.from_pretrained(tiny_model_dir), adapter).eval()
+    ids = torch.tensor([[1, 20, 40, 60, 80, 2]])
+    with torch.no_grad():
+        assert (peft_model(ids).logits - ours(ids).logits).abs().max().item() == 0.0
 
 
 def test_an_empty_answer_is_explained(tiny_model_dir, tmp_path, capsys):
@@ -180,18 +239,33 @@ def test_save_pretrained_writes_what_loads_back(tiny_model_dir, tmp_path):
 
 
 def test_transformers_own_peft_integration_loads_the_run_adapter(runs, tiny_model_dir, tmp_path, monkeypatch):
-    """`AutoModelForCausalLM.from_pretrained(adapter_dir)` goes through transformers' PEFT integration, which checks
-    the installed peft against its minimum in set_adapter / active_adapters / add_adapter (transformers 5.24 asks
-    for peft >= 0.22, which the package index does not have): the test extra pins a pair that passes the check."""
+    """transformers loads the run's adapter with the installed transformers and peft, both ways: from_pretrained of
+    the adapter folder, and `model.load_adapter` (same logits as lorafit's, exactly). Its adapter helpers
+    (set_adapter, active_adapters, add_adapter) check peft against transformers' minimum: transformers 5.24 and 5.25
+    ask for peft >= 0.22, which the package index does not have (newest 0.21.2); with such a pair they refuse, as
+    docs/merging_and_serving.md says, and this test checks that they do (the test extra pins transformers < 5.24)."""
+    from importlib.metadata import version
+
+    from packaging.version import Version
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM
+    from transformers.integrations.peft import MIN_PEFT_VERSION
 
     monkeypatch.chdir(tmp_path)
-    loaded = AutoModelForCausalLM.from_pretrained(runs["default"] / "adapter").eval()
-    ours = lorafit.load_adapter(AutoModelForCausalLM.from_pretrained(tiny_model_dir), runs["default"] / "adapter")
+    adapter = runs["default"] / "adapter"
+    loaded = AutoModelForCausalLM.from_pretrained(adapter).eval()
+    by_method = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    by_method.load_adapter(str(adapter))
+    ours = lorafit.load_adapter(AutoModelForCausalLM.from_pretrained(tiny_model_dir), adapter).eval()
     ids = torch.tensor([[1, 20, 40, 60, 80, 2]])
     with torch.no_grad():
-        assert (loaded(ids).logits - ours.eval()(ids).logits).abs().max().item() == 0.0
+        expected = ours(ids).logits
+        assert (loaded(ids).logits - expected).abs().max().item() == 0.0
+        assert (by_method.eval()(ids).logits - expected).abs().max().item() == 0.0
+    if Version(version("peft")) < Version(MIN_PEFT_VERSION):  # e.g. transformers 5.25 with peft 0.21.2
+        with pytest.raises(ValueError, match=f"PEFT you are using is not compatible.*>= {MIN_PEFT_VERSION}"):
+            loaded.set_adapter("default")
+        return
     loaded.set_adapter("default")  # these check peft's version
     assert loaded.active_adapters() == ["default"]
     loaded.add_adapter(LoraConfig(r=2, target_modules=["k_proj"]), adapter_name="second")

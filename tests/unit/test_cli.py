@@ -61,6 +61,17 @@ def test_help_names_every_spelling_once(capsys):
     assert "--config_file_path, --config, --config-file-path PATH" in out
 
 
+def test_a_command_without_models_imports_neither_torch_nor_transformers_and_bars_stay_off():
+    """`lorafit configs list` starts in a fraction of a second (issue 26 item 5): the progress bars are switched
+    off through huggingface_hub, and transformers, imported later in the same process, keeps them off."""
+    code = ("import sys; from lorafit.cli import main; assert main(['configs', 'list']) == 0; "
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules)); "
+            "from transformers.utils import logging; print(logging.is_progress_bar_enabled())")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-2:] == ["[]", "False"]
+
+
 @pytest.mark.parametrize("terminal", [True, False])
 def test_library_bars_only_at_a_terminal(terminal, monkeypatch):
     from transformers.utils import logging

@@ -42,7 +42,9 @@ def write_trained_weights(model: nn.Module, env: DistEnv, run_dir: Path, *, writ
     """Write `run_dir/adapter/` (a LoRA model) or `run_dir/model/` (any other) on rank 0; collective.
 
     `keep_full`: also return the gathered full state dict of a sharded model (for `TrainResult.model_for_eval`).
-    `write=False` writes nothing (benchmarks). `tokenizer` is saved beside a full model so the folder is complete.
+    `write=False` writes nothing (benchmarks). `tokenizer` is saved beside a full model so the folder is complete,
+    and into the adapter folder, so the adapter carries the chat template it was trained with (as transformers'
+    Trainer saves its tokenizer with an adapter; PEFT and transformers read only the adapter's own two files).
     """
 
     run_dir = Path(run_dir)
@@ -54,7 +56,7 @@ def write_trained_weights(model: nn.Module, env: DistEnv, run_dir: Path, *, writ
     if write and lora:
         adapter = gather_adapter_state_dict(model, env)
         if env.is_main:
-            out.adapter_dir = _save_adapter(model, adapter, run_dir / ADAPTER_DIR)
+            out.adapter_dir = _save_adapter(model, adapter, run_dir / ADAPTER_DIR, tokenizer)
     elif write and env.is_main:
         plain = unsharded_copy(model, out.full_state_dict) if sharded else _unwrap(model)
         out.model_dir = save_hf_folder(plain, run_dir / MODEL_DIR, tokenizer)
@@ -68,10 +70,10 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return unwrap(model)
 
 
-def _save_adapter(model: nn.Module, adapter: dict[str, torch.Tensor], path: Path) -> Path:
+def _save_adapter(model: nn.Module, adapter: dict[str, torch.Tensor], path: Path, tokenizer: Any = None) -> Path:
     # save_adapter takes module names and adds PEFT's prefix itself
     by_module = {k.removeprefix(PREFIX): v for k, v in adapter.items()}
-    save_adapter(_unwrap(model), path, state_dict=by_module, overwrite=True)
+    save_adapter(_unwrap(model), path, state_dict=by_module, overwrite=True, tokenizer=tokenizer)
     return path
 
 

@@ -1,6 +1,7 @@
 """`lorafit configs list` / `lorafit configs cp NAME DEST`: the shipped configs, copied out to start from (as
-torchtune's `tune cp` does). They live in the checkout's configs/ folder, each tested by
-tests/e2e/test_shipped_configs.py."""
+torchtune's `tune cp` does). They are the repository's configs/*.yaml, each tested by
+tests/e2e/test_shipped_configs.py; a wheel carries them as lorafit/configs/ (setup.py), a checkout (pip install -e)
+reads them where they are."""
 
 from __future__ import annotations
 
@@ -22,11 +23,13 @@ def add_parser(subparsers) -> None:
 def configs_folder() -> Path:
     from lorafit.errors import UserError
 
-    folder = Path(__file__).resolve().parents[3] / "configs"  # src/lorafit/commands -> the checkout's root
-    if not folder.is_dir():
-        raise UserError(f"no configs folder at {folder}: the shipped configs come with a checkout of the lorafit "
-                        "repository (pip install -e .)")  # fmt: skip
-    return folder
+    package = Path(__file__).resolve().parents[1] / "configs"  # lorafit/configs: an installed wheel
+    checkout = Path(__file__).resolve().parents[3] / "configs"  # src/lorafit/commands -> the checkout's root
+    for folder in (package, checkout):
+        if folder.is_dir():
+            return folder
+    raise UserError(f"the shipped configs are missing: neither {package} (a pip install) nor {checkout} (a checkout) "
+                    "is a folder; reinstall lorafit")  # fmt: skip
 
 
 def shipped() -> dict[str, Path]:

@@ -30,8 +30,8 @@ def add_parser(subparsers) -> None:
         help="wrap the prompt in the tokenizer's chat template (default: how the adapter was trained, else off)",
     )
     parser.add_argument("--chat_template", default=None, metavar="NAME|FILE",
-                        help="chatml, llama3, plain or a Jinja file instead of the tokenizer's own (use the one the "
-                        "adapter was trained with)")  # fmt: skip
+                        help="chatml, llama3, plain or a Jinja file instead of the one the adapter was trained with "
+                        "(saved with it as chat_template.jinja) or the tokenizer's own")  # fmt: skip
     parser.add_argument("--max_new_tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     parser.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling: keep the smallest set of tokens "
@@ -44,7 +44,6 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lorafit.data.chat_templates import use_template
     from lorafit.outputs.inference import generate_batch, load_with_adapter
 
     sampling = _sampling(args)
@@ -55,9 +54,7 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"--prompts_file {args.prompts_file} holds 'messages' conversations, which only a chat "
                             "template turns into text: drop --no-chat")  # fmt: skip
         chat = True  # a conversation is a chat prompt, whatever the adapter was trained on
-    model, tokenizer = load_with_adapter(args.model, args.adapter, flag="--model")
-    if tokenizer is not None:
-        use_template(tokenizer, args.chat_template, field="--chat_template")
+    model, tokenizer = load_with_adapter(args.model, args.adapter, flag="--model", chat_template=args.chat_template)
     if args.seed is not None:
         import torch
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from lorafit.console import note
+from lorafit.data.chat_templates import use_template
 from lorafit.errors import UserError
 from lorafit.lora import load_adapter
 from lorafit.lora.provenance import check_not_merged_already
@@ -31,7 +34,10 @@ def load_base(base: Path, dtype: str = "fp32", flag: str = "--base"):
     return model, tokenizer
 
 
-def load_with_adapter(base: Path, adapter: Path | None, dtype: str = "fp32", flag: str = "--base"):
+def load_with_adapter(base: Path, adapter: Path | None, dtype: str = "fp32", flag: str = "--base", *,
+                      chat_template: str | None = None):  # fmt: skip
+    """(model with the adapter, tokenizer). The tokenizer renders chats with `chat_template` (--chat_template:
+    a name or a Jinja file) when given, else with the template saved with the adapter, else with its own."""
     model, tokenizer = load_base(base, dtype, flag)
     if adapter is not None:
         if not (Path(adapter) / "adapter_config.json").is_file():
@@ -41,7 +47,36 @@ def load_with_adapter(base: Path, adapter: Path | None, dtype: str = "fp32", fla
         load_adapter(model, Path(adapter))
     if tokenizer is None and adapter is not None and (Path(adapter) / "tokenizer_config.json").is_file():
         tokenizer = load_tokenizer(Path(adapter))
+    if tokenizer is not None and chat_template is not None:
+        use_template(tokenizer, chat_template, field="--chat_template")
+    elif tokenizer is not None and adapter is not None:
+        use_adapter_chat_template(tokenizer, Path(adapter))
     return model.eval(), tokenizer
+
+
+def adapter_chat_template(adapter: Path) -> tuple[str, Path] | None:
+    """The chat template saved with an adapter (lorafit and transformers write `chat_template.jinja`; older
+    tokenizers keep it in `tokenizer_config.json`), and the file it is in; None when it has none."""
+    jinja = adapter / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8"), jinja
+    config = adapter / "tokenizer_config.json"
+    try:
+        template = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, AttributeError) as error:
+        raise UserError(f"--adapter: {config} is not a readable JSON object ({error})") from None
+    return (template, config) if isinstance(template, str) else None
+
+
+def use_adapter_chat_template(tokenizer, adapter: Path) -> None:
+    """Render chats as the adapter was trained on them: its saved template replaces the base model's."""
+    found = adapter_chat_template(adapter)
+    if found is None or found[0] == getattr(tokenizer, "chat_template", None):
+        return
+    tokenizer.chat_template, source = found
+    note(f"chat template: {source}, the one the adapter was trained with (not the model's own)")
 
 
 @dataclass(frozen=True)
