@@ -100,8 +100,8 @@ def test_modalities_loads_the_prepared_base_model_bin(modalities_python, tmp_pat
 
 
 def test_modalities_loads_the_merged_export(modalities_python, trained_run, tiny_model_dir, tmp_path):
-    from lorafit.outputs.trained_run import find_trained_run, load_trained_model
     from lorafit.lora import merge_and_unload
+    from lorafit.outputs.trained_run import find_trained_run, load_trained_model
 
     path = export(trained_run, tmp_path / "out", "merged")
     model = load_trained_model(find_trained_run(trained_run))

@@ -92,8 +92,8 @@ def test_a_modalities_config_gets_the_modalities_init_and_a_lorafit_config_keeps
     """The shared Modalities config (its model folder: the prepared SmolLM2-135M, built on meta) and a lorafit one."""
     import yaml
 
-    from lorafit.run.build import build_run, load_run_config
     from lorafit.config.context import build_context
+    from lorafit.run.build import build_run, load_run_config
     from tiny_runs import tiny_run_config
 
     for name, value in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)):

@@ -114,7 +114,6 @@ def run_gguf_adapter(args: argparse.Namespace) -> int:
 
 def run_modalities(args: argparse.Namespace) -> int:
     from lorafit.atomic import own_folder
-    from lorafit.outputs.trained_run import find_trained_run, load_trained_model
     from lorafit.console import info
     from lorafit.errors import UserError
     from lorafit.modalities.export import (
@@ -124,6 +123,7 @@ def run_modalities(args: argparse.Namespace) -> int:
         merged_state_dict,
         write_checkpoint,
     )
+    from lorafit.outputs.trained_run import find_trained_run, load_trained_model
 
     own_folder(args.output, "--output", create=False)  # a file or a link there: said before minutes of loading
     run = find_trained_run(args.run)

@@ -21,14 +21,14 @@ import torch
 import yaml
 from torch import nn
 
-from lorafit.run.build import build_run_entities
 from lorafit.checkpoint.state import CHECKPOINTS, find_latest, read_trainer_state, verify_checkpoint
 from lorafit.checkpoint.trained_weights import ADAPTER_DIR, MODEL_DIR
 from lorafit.errors import UserError
-from lorafit.run.experiment import RESOLVED_CONFIG
-from lorafit.outputs.inference import load_base, load_with_adapter
 from lorafit.lora import load_adapter
 from lorafit.models.wrappers import canonical_name, unwrap
+from lorafit.outputs.inference import load_base, load_with_adapter
+from lorafit.run.build import build_run_entities
+from lorafit.run.experiment import RESOLVED_CONFIG
 
 MODEL_ENTITIES = ("model",)  # the entity a lorafit config trains
 
