@@ -12,8 +12,8 @@ VENV="${LORAFIT_VENV:-.venv}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 "$VENV/bin/ruff" check src tests benchmarks scripts
 # Everything, every group (CI). The groups by cost, to run one at a time (markers in pyproject.toml):
-#   fast unit:    pytest tests -m "not (integration or distributed or slow)"
-#   integration:  pytest tests -m integration   (tests/e2e: whole runs, subprocesses, benchmark children)
+#   fast unit:    pytest tests -m "not (integration or distributed or slow)"   (no training, no lorafit process, no SmolLM2)
+#   integration:  pytest tests -m integration   (tests/e2e + marked unit tests: training, subprocesses, benchmarks)
 #   distributed:  pytest tests -m distributed   (2 processes with gloo)
 #   slow:         pytest tests -m slow          (the real SmolLM2 model)
 #   modalities:   pytest tests -m modalities    (lorafit against the real modalities 0.5.0 in its own venv)

@@ -12,15 +12,12 @@ from the shards) must equal the reference in every tensor.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
-from cli_run import free_port
-from engine_cases import one_thread  # noqa: F401 - autouse fixture
+from cli_run import spawn_ranks
 
 HERE = Path(__file__).resolve().parent
 TESTS = HERE.parent
@@ -28,10 +25,7 @@ STEPS = 4
 PROBE = torch.arange(3, 19).reshape(2, 8)
 
 
-def _worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))  # fmt: skip
-    torch.set_num_threads(1)  # two processes on a shared 2-core machine
+def _worker(rank: int, world: int, out: str) -> None:
     from engine_cases import make_job
     from lorafit.distributed.env import init_distributed
     from lorafit.distributed.parallel import DDPStrategy, FSDP2Strategy, ParallelismConfig
@@ -84,7 +78,7 @@ def runs(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("engine")
     reference = train(make_job(out / "single", init_distributed(), micro=2, accum=2, steps=STEPS))
-    mp.spawn(_worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
+    spawn_ranks(_worker, str(out))
     return out, reference, torch.load(out / "results.pt", weights_only=False)
 
 

@@ -6,8 +6,6 @@ import importlib.util
 import json
 from pathlib import Path
 
-from engine_cases import one_thread  # noqa: F401 - autouse fixture
-
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_fsdp2_smollm_1p7b.py"
 
 

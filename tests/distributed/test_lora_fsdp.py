@@ -7,19 +7,16 @@ sharded forward agree with the unsharded model.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
-import torch.multiprocessing as mp
 
-from cli_run import free_port
+from cli_run import spawn_ranks
 
 TESTS = str(Path(__file__).resolve().parents[1])
 
 
-def _worker(rank: int, world: int, port: int, folder: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+def _worker(rank: int, world: int, folder: str) -> None:
     import torch.distributed as dist
     from safetensors.torch import load_file
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -98,5 +95,5 @@ def _worker(rank: int, world: int, port: int, folder: str) -> None:
 
 
 def test_lora_under_fsdp2_two_processes(tmp_path):
-    mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    spawn_ranks(_worker, str(tmp_path))
     assert (tmp_path / "resaved" / "adapter_config.json").exists()

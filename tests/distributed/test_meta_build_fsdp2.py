@@ -19,11 +19,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import yaml
 
-from cli_run import free_port, metrics
-from engine_cases import one_thread  # noqa: F401 - autouse fixture
+from cli_run import metrics, spawn_ranks
 from tiny_runs import checkpointed_model, tiny_run_config
 
 STEPS = 2
@@ -57,10 +55,7 @@ def _modalities_checkpoint(model_dir: Path, path: Path) -> None:
     torch.save({f"huggingface_model.{k}": v for k, v in model.state_dict().items()}, path)
 
 
-def _worker(rank: int, world: int, port: int, configs: dict[str, str], out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))  # fmt: skip
-    torch.set_num_threads(1)
+def _worker(rank: int, world: int, configs: dict[str, str], out: str) -> None:
     from lorafit.distributed.env import init_distributed
     from lorafit.distributed.parallel import FSDP2Strategy
     from lorafit.models.shard_loading import _local_part, is_meta
@@ -115,7 +110,7 @@ def meta_runs(tmp_path_factory, tiny_model_dir):
 @pytest.fixture(scope="module")
 def spawned(meta_runs):
     folder, configs = meta_runs
-    mp.spawn(_worker, args=(2, free_port(), configs, str(folder)), nprocs=2, join=True)
+    spawn_ranks(_worker, configs, str(folder))
     return [torch.load(folder / f"results_{rank}.pt", weights_only=False) for rank in (0, 1)]
 
 

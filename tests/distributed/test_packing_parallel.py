@@ -3,25 +3,19 @@ run one by one in a single process (loss and gathered LoRA gradients, fp32, 1e-5
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
-from cli_run import free_port
-from engine_cases import one_thread  # noqa: F401 - autouse fixture
+from cli_run import spawn_ranks
 
 HERE = Path(__file__).resolve().parent
 TESTS = HERE.parent
 KINDS = ("text", "chat")
 
 
-def _worker(rank: int, world: int, port: int, folder: str, prefixes: dict[str, str]) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))  # fmt: skip
-    torch.set_num_threads(1)
+def _worker(rank: int, world: int, folder: str, prefixes: dict[str, str]) -> None:
     from engine_cases import lora_model
     from lorafit.datasets.packed import Collator
     from lorafit.distributed.env import init_distributed
@@ -56,7 +50,7 @@ def sharded(tmp_path_factory, tiny_tokenizer):
 
     folder = tmp_path_factory.mktemp("packing_fsdp2")
     prefixes = {kind: str(prefix) for kind, prefix in pack_cases(folder, tiny_tokenizer).items()}
-    mp.spawn(_worker, args=(2, free_port(), str(folder), prefixes), nprocs=2, join=True)
+    spawn_ranks(_worker, str(folder), prefixes)
     return prefixes, torch.load(folder / "results.pt", weights_only=False)
 
 

@@ -7,15 +7,12 @@ adapter (rank 2r) is written from the gathered A, B and the replicated A0, B0.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
-from cli_run import free_port
-from engine_cases import one_thread  # noqa: F401 - autouse fixture
+from cli_run import spawn_ranks
 
 HERE = Path(__file__).resolve().parent
 TESTS = HERE.parent
@@ -31,10 +28,7 @@ def _model(variant: str):
     return apply_lora(make_llama(), r=4, alpha=8, target_layers=TARGETS, seed=3, **VARIANTS[variant])
 
 
-def _worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))  # fmt: skip
-    torch.set_num_threads(1)
+def _worker(rank: int, world: int, out: str) -> None:
     from engine_cases import make_job
     from lorafit.distributed.env import init_distributed
     from lorafit.distributed.parallel import FSDP2Strategy
@@ -63,7 +57,7 @@ def runs(tmp_path_factory):
     env = init_distributed()
     reference = {v: train(make_job(out / f"single_{v}", env, micro=2, accum=2, steps=STEPS, model=_model(v))).losses
                  for v in VARIANTS}  # fmt: skip
-    mp.spawn(_worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
+    spawn_ranks(_worker, str(out))
     return out, reference, torch.load(out / "results.pt", weights_only=False)
 
 

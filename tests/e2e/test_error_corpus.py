@@ -34,6 +34,7 @@ from typing import Any
 import pytest
 import yaml
 
+from cli_run import lorafit
 from lorafit.cli import main
 from tiny_runs import adapter_tensors, checkpointed_model, losses, tiny_config
 
@@ -685,9 +686,7 @@ def test_bad_input_gives_one_clear_error_and_touches_nothing(case: Case, ctx: Ct
 
 
 def lorafit_cli(argv: list[str]) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "-m", "lorafit", *argv], capture_output=True, text=True, env=env,
-                          timeout=300)  # fmt: skip
+    return lorafit(*argv, timeout=300)
 
 
 @pytest.mark.parametrize("case_id", ["yaml_syntax", "r_zero", "checkpoint_pickle_runs_code", "data_jsonl_not_utf8"])
@@ -748,7 +747,8 @@ CHILD = textwrap.dedent(
             return real_prune(run_dir, keep_last, keep)
         state._prune = prune
 
-    from lorafit.cli import main
+    from cli_run import lorafit
+from lorafit.cli import main
     sys.exit(main(sys.argv[3:]))
     """
 )

@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 import tiny_runs
+from cli_run import lorafit
 from lorafit.cli import main
 from tiny_runs import LOREM
 
@@ -56,9 +57,7 @@ def cli(argv: list[str], capsys) -> tuple[int, str]:
 
 def lorafit_process(argv: list[str], *, timeout: float = 120, env: dict | None = None, cwd: Path | None = None):
     """`python -m lorafit ARGV` in a subprocess (a hang fails the test through the timeout)."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "lorafit", *argv], capture_output=True, text=True, env=full_env,
-                          timeout=timeout, cwd=cwd)  # fmt: skip
+    return lorafit(*argv, timeout=timeout, env=env, cwd=cwd)
 
 
 def assert_one_error(code: int, err: str, *fragments: str, exit_code: int = 2) -> str:

@@ -12,7 +12,6 @@ import os
 import pickle
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from test_error_corpus_hostile import (
     write_yaml,
 )
 
+from cli_run import lorafit_command
 from lorafit.checkpoint.state import COMPLETE, file_sha256
 from tiny_runs import LOREM
 
@@ -308,8 +308,8 @@ def test_resume_with_tensorboard_folder_replaced_by_a_file_is_one_error(finished
 # ----------------------------------------------------------- 5, 6 and 7. interrupted, killed, a full first save
 def _start_run(argv: list[str], **kwargs) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "lorafit", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env, **kwargs)  # fmt: skip
+    return subprocess.Popen(lorafit_command(*argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            **kwargs)  # fmt: skip
 
 
 def _wait_for_steps(metrics: Path, process: subprocess.Popen, steps: int, timeout: float = 120) -> None:

@@ -160,10 +160,10 @@ def test_gguf_export_never_overwrites_unasked(tiny_model_dir, tmp_path, capsys):
 
 
 def test_gguf_export_refuses_other_architectures_clearly(tmp_path, tiny_tokenizer, capsys):
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from tiny import make_gpt2
 
     folder = tmp_path / "gpt2"
-    GPT2LMHeadModel(GPT2Config(vocab_size=384, n_positions=32, n_embd=32, n_layer=1, n_head=4)).save_pretrained(folder)
+    make_gpt2(vocab_size=384, n_layer=1).save_pretrained(folder)
     tiny_tokenizer.save_pretrained(folder)
     out = tmp_path / "gpt2.gguf"
     assert main(["export", "gguf", "--model", str(folder), "--output", str(out)]) == 2

@@ -9,13 +9,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from cli_run import free_port
+from cli_run import lorafit_command
 from lorafit.data.pbin import read_pbin
 
 REPO = Path(__file__).resolve().parents[2]
@@ -90,11 +89,7 @@ def _run(name: str, world: int, tmp: Path) -> tuple[Path, dict, str]:
     config, _ = _config(name, tmp)
     overrides, expect = (_lora2_branch if name == "lora_2" else _lora_branch)(tmp, world)
     args = ["run", "--config_file_path", str(config), "--experiment_id", f"{name}{world}", *overrides]
-    if world == 1:
-        command = [sys.executable, "-m", "lorafit", *args]
-    else:  # the seed's torchrun command
-        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(world),
-                   f"--rdzv-endpoint=localhost:{free_port()}", "src/lorafit/__main__.py", *args]  # fmt: skip
+    command = lorafit_command(*args, processes=world)  # more than one: the seed's torchrun command
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "WANDB_SILENT": "true"}
     proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cli_run import lorafit
 from lorafit.cli import main
 from tiny_runs import adapter_tensors, losses, tiny_config
 
@@ -157,9 +158,7 @@ def test_validate_reports_every_problem_at_once_without_traceback(tmp_path, tiny
     config["train_dataset"]["config"]["tokenizer"]["instance_key"] = "tokeniser"
     config["settings"]["step_profile"]["sequence_length"] = "long"
     path = write(tmp_path / "broken.yaml", config)
-    proc = subprocess.run(
-        [sys.executable, "-m", "lorafit", "validate", "--config_file_path", str(path)], capture_output=True, text=True
-    )
+    proc = lorafit("validate", "--config_file_path", str(path))
     assert proc.returncode == 2, proc.stderr
     err = proc.stderr
     assert "Traceback" not in err
@@ -175,9 +174,7 @@ def test_validate_reports_every_problem_at_once_without_traceback(tmp_path, tiny
 
 
 def test_validate_prints_matched_modules_on_meta(tmp_path, cfg):
-    proc = subprocess.run(
-        [sys.executable, "-m", "lorafit", "validate", "--config_file_path", str(cfg())], capture_output=True, text=True
-    )
+    proc = lorafit("validate", "--config_file_path", str(cfg()))
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert "config OK" in out and "q_proj" in out and "v_proj" in out and "trainable params:" in out

@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from cli_run import free_port
+from cli_run import lorafit_command
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
@@ -49,11 +48,10 @@ def test_starting_config_validates_and_trains_on_the_tiny_model(name, tiny_model
 
 
 def test_multi_process_starting_config_under_torchrun(tiny_model_dir, tmp_path):
-    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-               f"--rdzv-endpoint=127.0.0.1:{free_port()}", "src/lorafit/__main__.py", "run",
-               "--config", "configs/multi_process.yaml", "--experiments_root_path", str(tmp_path),
-               "--experiment_id", "mp", *_on_tiny(tiny_model_dir, "settings.training_target={num_target_steps: 2}",
-                                                 "parallelism.config.mixed_precision=fp32")]  # fmt: skip
+    steps = "settings.training_target={num_target_steps: 2}"
+    overrides = _on_tiny(tiny_model_dir, steps, "parallelism.config.mixed_precision=fp32")
+    root = ["--experiments_root_path", str(tmp_path), "--experiment_id", "mp"]
+    command = lorafit_command("run", "--config", "configs/multi_process.yaml", *root, *overrides, processes=2)
     proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900,
                           env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -73,10 +71,8 @@ def test_shipped_config_validates(config, smollm2_dir, monkeypatch):
 
 @pytest.mark.slow
 def test_lorem_ipsum_config_under_torchrun_two_processes(smollm2_dir, tmp_path):
-    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-               f"--rdzv-endpoint=127.0.0.1:{free_port()}", "src/lorafit/__main__.py", "run",
-               "--config_file_path", "configs/config_lorem_ipsum_lora.yaml",
-               "--experiments_root_path", str(tmp_path), "--experiment_id", "lorem2"]  # fmt: skip
+    root = ["--experiments_root_path", str(tmp_path), "--experiment_id", "lorem2"]
+    command = lorafit_command("run", "--config_file_path", "configs/config_lorem_ipsum_lora.yaml", *root, processes=2)
     proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900,
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

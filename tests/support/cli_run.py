@@ -1,4 +1,5 @@
-"""Running `lorafit` as a user does (a subprocess, or torchrun): shared by the CLI tests."""
+"""Starting processes in the tests, in one place: `lorafit` as a user runs it (a subprocess, or torchrun), and a
+test's own function in 2 ranks of a gloo process group (`spawn_ranks`). Both take their port from `free_port`."""
 
 from __future__ import annotations
 
@@ -18,17 +19,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def lorafit(*args: str, processes: int = 1) -> subprocess.CompletedProcess:
-    """`lorafit ARGS` as a user types it: one process, or torchrun with `processes`."""
+def dead_pid() -> int:
+    """The id of a process that has ended (a child that printed it and exited): what a killed writer leaves in the
+    names of its temporaries. A Python start-up, ~20 ms: cheap enough for the fast tests."""
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                           check=True)  # fmt: skip
+    return int(child.stdout)
+
+
+def lorafit_command(*args: str, processes: int = 1) -> list[str]:
+    """The command line of `lorafit ARGS`: one process, or torchrun with `processes` on a free port."""
     if processes == 1:
-        launcher = [sys.executable, "-m", "lorafit"]
-    else:
-        rendezvous = f"--rdzv-endpoint=127.0.0.1:{free_port()}"
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node",
-                    str(processes), rendezvous, str(REPO / "src/lorafit/__main__.py")]  # fmt: skip
-    command = [*launcher, *args]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+        return [sys.executable, "-m", "lorafit", *args]
+    rendezvous = f"--rdzv-endpoint=127.0.0.1:{free_port()}"
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(processes),
+                rendezvous, str(REPO / "src/lorafit/__main__.py")]  # fmt: skip
+    return [*launcher, *args]
+
+
+def lorafit(
+    *args: str, processes: int = 1, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess:
+    """`lorafit ARGS` as a user types it (see `lorafit_command`), from `cwd`, with `env` added to the environment.
+    One thread per process unless `env` says otherwise: several processes share the build machine's 2 cores."""
+    environ = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    command = lorafit_command(*args, processes=processes)
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=environ, cwd=cwd)
 
 
 def metrics(run_dir: Path) -> dict[int, dict]:
@@ -40,3 +56,22 @@ def lorafit_run(config_path: Path, root: Path, *extra: str, processes: int = 1) 
     """`lorafit run --config_file_path ... --experiments_root_path ... EXTRA`."""
     args = ["run", "--config_file_path", str(config_path), "--experiments_root_path", str(root), *extra]
     return lorafit(*args, processes=processes)
+
+
+def spawn_ranks(worker, *args, world: int = 2) -> None:
+    """`worker(rank, world, *args)` in `world` fresh processes (torch.multiprocessing.spawn), each with the
+    environment torchrun gives (MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE, LOCAL_RANK) and one thread; the
+    worker opens the process group itself. Returns when all ranks finished; a rank's exception fails the test.
+    `worker` must be a module-level function (the new processes import it by name)."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_rank, args=(world, free_port(), worker, args), nprocs=world, join=True)
+
+
+def _rank(rank: int, world: int, port: int, worker, args: tuple) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))  # fmt: skip
+    import torch
+
+    torch.set_num_threads(1)  # two processes on a shared 2-core machine
+    worker(rank, world, *args)

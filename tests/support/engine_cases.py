@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 import torch
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -70,13 +69,3 @@ def make_job(run_dir: Path, env, *, parallelism=None, micro: int, accum: int, st
     values.update(overrides)
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     return TrainJob(**values)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread is 4-5x faster than two that wait for each
-    other (and leaves the other core to the rest of the suite). Restored after the module."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

@@ -1,6 +1,8 @@
-"""Tiny, offline stand-ins for real models: a BPE tokenizer trained in milliseconds and a 2-layer Llama.
+"""Tiny, offline stand-ins for real models: a BPE tokenizer trained in milliseconds, a 2-layer Llama and a 2-layer
+GPT-2. Every test builds its small models here (bigger shapes through the overrides).
 
-They have the real classes (PreTrainedTokenizerFast, LlamaForCausalLM) and the real file formats, only small.
+They have the real classes (PreTrainedTokenizerFast, LlamaForCausalLM, GPT2LMHeadModel) and the real file formats,
+only small.
 """
 
 from __future__ import annotations
@@ -42,25 +44,27 @@ def make_tokenizer(vocab_size: int = 384):
     return fast
 
 
+# The tiny Llama's config values, as a YAML author would write them (rope_theta: the legacy name, still read).
+LLAMA = dict(
+    vocab_size=384,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    tie_word_embeddings=True,
+    rope_theta=10000.0,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+
+
 def llama_config(vocab_size: int = 384, **overrides):
     from transformers import LlamaConfig
 
-    values = dict(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-        rope_theta=10000.0,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-    values.update(overrides)
-    return LlamaConfig(**values)
+    return LlamaConfig(**{**LLAMA, "vocab_size": vocab_size, **overrides})
 
 
 def make_llama(seed: int = 0, **overrides):
@@ -70,6 +74,17 @@ def make_llama(seed: int = 0, **overrides):
     torch.manual_seed(seed)
     model = LlamaForCausalLM(llama_config(**overrides))
     return model.eval()
+
+
+def make_gpt2(seed: int = 0, **overrides):
+    """A 2-layer GPT-2 (Conv1D layers, fan_in_fan_out), without dropout: gradients are compared in train mode."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    values = dict(vocab_size=128, n_positions=32, n_embd=32, n_layer=2, n_head=4)
+    values.update(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(**{**values, **overrides})).eval()
 
 
 def save_tiny_model_dir(path: Path, seed: int = 0, **overrides) -> Path:

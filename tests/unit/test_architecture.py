@@ -7,6 +7,8 @@ import fnmatch
 import re
 from pathlib import Path
 
+import pytest
+
 SRC = Path(__file__).resolve().parents[2] / "src" / "lorafit"
 DOC = Path(__file__).resolve().parents[2] / "docs" / "architecture.md"
 
@@ -178,6 +180,7 @@ def test_function_local_imports_of_lorafit_modules_say_why():
     assert not found, found
 
 
+@pytest.mark.integration  # a fresh Python process
 def test_lorafit_help_imports_no_torch():
     """The program's entry point stays light: argument parsing and --help never import torch or transformers."""
     import subprocess

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from cli_run import dead_pid
 from lorafit.atomic import atomic_file, atomic_folder, publish_folder, staging_path, write_atomic
 
 
@@ -69,12 +68,12 @@ def test_a_failed_rename_puts_the_old_folder_back(tmp_path):
 
 
 def test_temporaries_of_dead_processes_are_removed_those_of_live_ones_kept(tmp_path):
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = dead_pid()
     host = socket.gethostname()
     target = tmp_path / "out.json"
-    abandoned = tmp_path / f".out.json.tmp-{host}-{int(dead.stdout)}-abc123"
+    abandoned = tmp_path / f".out.json.tmp-{host}-{dead}-abc123"
     live = tmp_path / f".out.json.tmp-{host}-{os.getpid()}-def456"
-    other_host = tmp_path / f".out.json.tmp-elsewhere-{int(dead.stdout)}-0a1b2c"
+    other_host = tmp_path / f".out.json.tmp-elsewhere-{dead}-0a1b2c"
     for path in (abandoned, live, other_host):
         path.write_text("x")
     write_atomic(target, "new")
@@ -85,10 +84,10 @@ def test_temporaries_of_dead_processes_are_removed_those_of_live_ones_kept(tmp_p
 def test_a_folder_set_aside_by_a_killed_writer_comes_back(tmp_path):
     """Killed between publish_folder's two renames, a writer leaves the previous folder under `.NAME.old-...` and
     no target: the next write to the target puts it back first (and only then replaces it, if it succeeds)."""
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = dead_pid()
     host = socket.gethostname()
     target = tmp_path / "adapter"
-    aside = tmp_path / f".adapter.old-{host}-{int(dead.stdout)}-abc123"
+    aside = tmp_path / f".adapter.old-{host}-{dead}-abc123"
     aside.mkdir()
     (aside / "weights").write_text("the user's")
     with pytest.raises(RuntimeError), atomic_folder(target):

@@ -12,8 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine_cases import one_thread  # noqa: F401 - autouse fixture
-
 REPO = Path(__file__).resolve().parents[2]
 
 

@@ -27,6 +27,7 @@ def test_version_is_the_installed_distributions(capsys):
     assert capsys.readouterr().out.strip() == f"lorafit {importlib.metadata.version('lorafit')}"
 
 
+@pytest.mark.integration  # a fresh Python process
 def test_version_through_the_installed_program():
     out = subprocess.run([sys.executable, "-m", "lorafit", "--version"], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == f"lorafit {importlib.metadata.version('lorafit')}"

@@ -37,6 +37,7 @@ def test_unknown_key_and_malformed_override_are_errors_listed_together():
         apply_overrides(BASE, ["dataset.confg.keys[0]=z"])
 
 
+@pytest.mark.integration  # a whole `lorafit run`
 def test_run_records_overrides_in_resolved_config(tmp_path, tiny_model_dir):
     from lorafit.cli import main
     from tiny_runs import tiny_config

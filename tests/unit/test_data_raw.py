@@ -61,15 +61,12 @@ def test_validate_packs_nothing_and_ranks_do_not_race(tmp_path, tiny_tokenizer, 
     assert caught.value.problems[0].path == "path"
 
 
-def _rank_builds(rank: int, port: int, src: str, out: str) -> None:
-    import os
-
+def _rank_builds(rank: int, world: int, src: str, out: str) -> None:
     import torch.distributed as dist
 
     from tiny import make_tokenizer
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         dataset = build("text", path=src, tokenizer=make_tokenizer(), sequence_length=4)
         Path(out, f"rank{rank}.txt").write_text(" ".join(str(int(t)) for t in dataset[0]["input_ids"]))
@@ -85,14 +82,12 @@ def _rank_builds(rank: int, port: int, src: str, out: str) -> None:
 @pytest.mark.distributed
 def test_under_torchrun_rank0_packs_and_other_ranks_read(tmp_path):
     """Two gloo ranks build the same cached dataset: one writer, both see the same tokens."""
-    import torch.multiprocessing as mp
-
-    from cli_run import free_port
+    from cli_run import spawn_ranks
 
     src = tmp_path / "corpus.txt"
     src.write_text("The capital of France is Paris. " * 20, encoding="utf-8")
     (tmp_path / "mine.bin").write_bytes(b"the user's")
-    mp.spawn(_rank_builds, args=(free_port(), str(src), str(tmp_path)), nprocs=2, join=True)
+    spawn_ranks(_rank_builds, str(src), str(tmp_path))
     assert (tmp_path / "error0.txt").read_text() == (tmp_path / "error1.txt").read_text() == "cache_path"
     assert (tmp_path / "mine.bin").read_bytes() == b"the user's"
     assert (tmp_path / "rank0.txt").read_text() == (tmp_path / "rank1.txt").read_text() != ""

@@ -49,6 +49,7 @@ def test_describe_steps_with_and_without_the_data():
     assert "8 processes: 3 steps per epoch, 9 in all" in text
 
 
+@pytest.mark.integration  # a whole `lorafit run`
 def test_validate_and_run_with_an_epoch_target(tmp_path, tiny_model_dir, capsys):
     from lorafit.cli import main
     from tiny_runs import tiny_run_config

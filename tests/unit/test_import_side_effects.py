@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 SNAPSHOT = """
 import json, logging, os, pkgutil, importlib, warnings
 import torch, transformers, datasets, safetensors, pydantic, omegaconf, rich  # what lorafit itself imports
@@ -33,6 +35,7 @@ print(json.dumps(changed))
 """
 
 
+@pytest.mark.integration  # a fresh Python process importing every module
 def test_importing_every_lorafit_module_changes_no_environment_logger_or_warning_filter():
     proc = subprocess.run([sys.executable, "-c", SNAPSHOT], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -40,6 +43,7 @@ def test_importing_every_lorafit_module_changes_no_environment_logger_or_warning
     assert changed == {"env": [], "loggers": [], "warnings": []}, changed
 
 
+@pytest.mark.integration  # a fresh Python process
 def test_lorafit_quiets_torchao_only_for_its_own_import():
     """torchao's CUDA-library warnings are filtered while frozen/nf4.py imports it, and the filter is gone after."""
     code = (

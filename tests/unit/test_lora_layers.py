@@ -27,7 +27,7 @@ from lorafit.lora import (
     trainable_summary,
     unmerge_lora,
 )
-from tiny import llama_config, make_llama
+from tiny import llama_config, make_gpt2, make_llama
 
 ALL_LLAMA = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -42,14 +42,6 @@ def randomise_adapters(model, seed=1, std=0.2):
     with torch.no_grad():
         for p in lora_parameters(model):
             p.copy_(torch.randn(p.shape, generator=g) * std)
-
-
-def make_gpt2(seed=0):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=128, n_positions=32, n_embd=32, n_layer=2, n_head=4)
-    return GPT2LMHeadModel(config).eval()
 
 
 def test_fresh_adapter_computes_exactly_the_base_model():

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from engine_cases import TARGETS, TokenDataset, make_job, one_thread  # noqa: F401 - autouse fixture
+from engine_cases import TARGETS, TokenDataset, make_job
 from lorafit.errors import UserError
 from lorafit.frozen.linear import has_low_precision_frozen
 from lorafit.frozen.nf4 import dequantize_nf4_linears, has_nf4, is_nf4, store_nf4_linears
@@ -73,6 +73,7 @@ def test_trains_merges_and_saves_a_plain_peft_adapter(tmp_path, use_dora):
     torch.testing.assert_close(merged(X).logits, trained, rtol=0, atol=1e-5)
 
 
+@pytest.mark.integration  # two runs of the training loop
 def test_resumes_exactly(tmp_path):
     from lorafit.distributed.env import init_distributed
     from lorafit.training.loop import train

@@ -23,7 +23,7 @@ from lorafit.lora import (
     save_adapter,
 )
 from lorafit.lora.adapter import peft_target_modules
-from tiny import make_llama
+from tiny import make_gpt2, make_llama
 
 LLAMA_TARGETS = ["q_proj", "v_proj", "o_proj", "down_proj"]
 
@@ -44,16 +44,6 @@ def randomise_adapters(model, seed=1, std=0.2):
     with torch.no_grad():
         for p in lora_parameters(model):
             p.copy_(torch.randn(p.shape, generator=g) * std)
-
-
-def make_gpt2():
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    # no dropout anywhere: gradients are compared in train mode
-    config = GPT2Config(vocab_size=128, n_positions=32, n_embd=32, n_layer=2, n_head=4, resid_pdrop=0.0,
-                        embd_pdrop=0.0, attn_pdrop=0.0)  # fmt: skip
-    return GPT2LMHeadModel(config).eval()
 
 
 def peft_param_name(our_name: str) -> str:

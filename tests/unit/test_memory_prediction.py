@@ -100,6 +100,7 @@ def test_validate_prints_the_choices_and_the_prediction(tiny_model_dir, tmp_path
     assert "memory available here: " in out
 
 
+@pytest.mark.integration  # a whole `lorafit run`
 def test_run_refuses_early_when_the_machine_is_too_small(tiny_model_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("lorafit.training.memory.available_mib", lambda: 1.0)
     monkeypatch.setattr("lorafit.training.memory._current_rss_mib", lambda: 0.0)

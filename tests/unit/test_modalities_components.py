@@ -71,11 +71,11 @@ def test_continuous_dataset_blocks_as_modalities(tmp_path):
             assert ours[i]["input_ids"].tolist() == theirs[i]["input_ids"].tolist()
 
 
-def test_masked_token_count_of_the_shipped_data_matches_the_answers():
+def test_masked_token_count_of_the_shipped_data_matches_the_answers(smollm2_dir):
     """Every shipped document is one block of 129 tokens; the trained targets are exactly the answer tokens."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(REPO / "data/models/SmolLM2-135M")
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
     ds = PackedContinuousDataset(REPO / "data/modalities/chat_val.pbin", 128, "input_ids", False)
     batch = GPT2Collator("input_ids", "target_ids")([ds[i] for i in range(len(ds))])
     trained = int((mask_targets(batch["labels"], B, E) != -100).sum())
@@ -99,6 +99,7 @@ def _validate(monkeypatch, config: Path, *overrides: str, world: int = 1) -> str
     return validate_config(config, (*overrides, "evaluation_subscriber.config.mode=OFFLINE"))
 
 
+@pytest.mark.usefixtures("smollm2_dir")  # the config reads the real SmolLM2 folder: `slow` (tests/conftest.py)
 def test_validate_prints_modalities_steps_and_global_batch(monkeypatch):
     """Modalities (lora branch) trains one pass: per rank floor(N / W) samples (DistributedSampler, drop_last),
     floor(that / micro) micro-batches, one step per gradient_acc_steps of them."""
@@ -118,6 +119,7 @@ def test_validate_prints_modalities_steps_and_global_batch(monkeypatch):
                 f"{config['checkpointing_interval_in_steps']} steps") in text  # fmt: skip
 
 
+@pytest.mark.usefixtures("smollm2_dir")  # the config reads the real SmolLM2 folder: `slow` (tests/conftest.py)
 def test_modalities_config_errors_name_the_yaml_key(tmp_path, monkeypatch):
     config = yaml.safe_load(SHARED.read_text())
     config["collate_fn"]["config"]["loss_ignore_index"] = -1
@@ -188,6 +190,7 @@ def test_every_component_and_key_of_the_shared_config_has_a_line_in_docs(name):
     assert not missing, missing
 
 
+@pytest.mark.usefixtures("smollm2_dir")  # the config reads the real SmolLM2 folder: `slow` (tests/conftest.py)
 def test_newer_settings_layout_steps_and_consistency(tmp_path, monkeypatch):
     """modalities 0.5.0's settings: steps = training_target.num_target_steps; its consistency checks apply."""
     config = yaml.safe_load(SHARED.read_text())

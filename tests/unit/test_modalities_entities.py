@@ -32,6 +32,7 @@ def _run_lines(validated: str) -> list[str]:
     return [line for line in validated.splitlines()[1:] if not line.startswith("memory available here")]
 
 
+@pytest.mark.usefixtures("smollm2_dir")  # the config reads the real SmolLM2 folder: `slow` (tests/conftest.py)
 def test_lora2_steps_from_number_conversions_as_modalities(tmp_path, monkeypatch, caplog):
     text = LORA2.read_text()
     for old, new in (("/raid/s3/opengptx/maxr/ogptx/modalities/data/fineweb/fineweb_edu_data/"
@@ -83,6 +84,7 @@ def _app_state_config(tmp_path: Path, **mesh) -> Path:
     return path
 
 
+@pytest.mark.usefixtures("smollm2_dir")  # the config reads the real SmolLM2 folder: `slow` (tests/conftest.py)
 def test_app_state_and_device_mesh_entities(tmp_path, monkeypatch):
     sizes = ("settings.training.sequence_length=128", "evaluation_subscriber.config.mode=OFFLINE")
     plain = _validate(monkeypatch, SHIPPED, *sizes, world=2)
@@ -137,6 +139,7 @@ def _built(monkeypatch, config: Path, *overrides: str):
         return build_run(graph)
 
 
+@pytest.mark.usefixtures("smollm2_dir")  # the config reads the real SmolLM2 folder: `slow` (tests/conftest.py)
 @pytest.mark.parametrize(("fsdp1", "fsdp2"), [("FP_32", "FP_32"), ("BF_16", "BF_16")])
 def test_fsdp2_wrapped_and_clipper_resolve_as_fsdp_wrapped(tmp_path, monkeypatch, fsdp1, fsdp2):
     from lorafit.distributed.parallel import FSDP2Strategy
@@ -178,6 +181,7 @@ def test_fsdp2_keys_are_modalities_050s():
         assert set(ours.model_fields) == set(theirs.model_fields) | {"wrapped_model"}
 
 
+@pytest.mark.usefixtures("smollm2_dir")  # the config reads the real SmolLM2 folder: `slow` (tests/conftest.py)
 def test_fsdp2_clippers_and_keys(tmp_path, monkeypatch, caplog):
     sizes = ("settings.training.sequence_length=128", "evaluation_subscriber.config.mode=OFFLINE")
     path = _fsdp2_config(tmp_path, "FP_32")
@@ -236,6 +240,7 @@ def test_precision_is_read_through_model_initialized():
     assert wrapped_model_block({"model_raw": raw, "wrapped_model": raw, "train_dataloader": {}}) is raw
 
 
+@pytest.mark.usefixtures("smollm2_dir")  # the config reads the real SmolLM2 folder: `slow` (tests/conftest.py)
 def test_the_fsdp_block_is_translated_and_its_block_names_still_checked(monkeypatch):
     """fsdp_wrapped is not built and taken apart: the checked config holds the model it wrapped and lorafit's
     parallelism entity; its block_names are checked against the built model, by their YAML path."""

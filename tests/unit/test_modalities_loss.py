@@ -1,9 +1,12 @@
 """The loss of a Modalities config is Modalities': each micro-batch's token mean, averaged over the micro-batches of
 a step (CLMCrossEntropyLoss with reduction='mean', loss / gradient_acc_steps), computed here independently."""
 
+import pytest
 import torch
 
 from engine_cases import TokenDataset, make_job
+
+pytestmark = pytest.mark.integration  # two one-step runs of the training loop
 
 
 def test_micro_batch_mean_is_modalities_loss(tmp_path):

@@ -7,14 +7,13 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 import lorafit.models.smollm2 as smollm2
+from cli_run import dead_pid
 from lorafit.errors import UserError
 from tiny import make_llama, make_tokenizer
 
@@ -177,9 +176,9 @@ def test_another_process_finishing_first_is_not_an_error(tmp_path, fake_gguf, mo
 
 
 def test_abandoned_staging_of_dead_processes_is_removed(tmp_path, fake_gguf):
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = dead_pid()
     host = socket.gethostname()
-    abandoned = tmp_path / f".SmolLM2-135M.tmp-{host}-{int(dead.stdout)}-abc123"
+    abandoned = tmp_path / f".SmolLM2-135M.tmp-{host}-{dead}-abc123"
     running = tmp_path / f".SmolLM2-135M_saved.tmp-{host}-{os.getpid()}-def456"
     for folder in (abandoned, running):
         folder.mkdir()

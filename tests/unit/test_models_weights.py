@@ -18,24 +18,10 @@ from lorafit.models.checkpointed import TorchCheckpointLoader
 from lorafit.models.deferred import deferred_init, is_pending
 from lorafit.models.huggingface import load_hf_config, model_from_config
 from lorafit.models.weights import load_into, load_state_dict_file
-from tiny import make_llama
+from tiny import LLAMA, make_llama
 from tiny_runs import checkpointed_model
 
-# tests/tiny.py's llama_config, written out as a YAML author would (rope_theta: the legacy name still works)
-TINY_LLAMA = dict(
-    vocab_size=384,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=256,
-    tie_word_embeddings=True,
-    rope_theta=10000.0,
-    bos_token_id=1,
-    eos_token_id=2,
-    pad_token_id=0,
-)
+TINY_LLAMA = dict(LLAMA)  # tests/support/tiny.py's Llama, written out as a YAML author would
 IDS = torch.tensor([[5, 17, 42, 99, 7, 250, 3, 64]])
 
 

@@ -51,6 +51,7 @@ def test_a_built_and_wrapped_run_has_only_its_classes_forwards(tmp_path, tiny_mo
         assert patched_forwards(wrapped) == []
 
 
+@pytest.mark.usefixtures("smollm2_dir")  # the config reads the real SmolLM2 folder: `slow` (tests/conftest.py)
 def test_a_built_modalities_run_has_only_its_classes_forwards(monkeypatch):
     from lorafit.config.context import build_context
     from lorafit.run.build import build_run, load_run_config

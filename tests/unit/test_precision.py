@@ -45,6 +45,7 @@ def test_auto_says_what_it_picked(capsys, flags, expected):
     assert f"mixed_precision auto: {expected} (" in capsys.readouterr().out
 
 
+@pytest.mark.integration  # a whole `lorafit run`
 def test_auto_through_lorafit_run_on_this_machine(tiny_model_dir, tmp_path, capsys):
     config = evaluated_run_config(tiny_model_dir, tmp_path, steps=2)
     del config["evaluators"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine_cases import one_thread  # noqa: F401 - autouse fixture
+pytestmark = pytest.mark.integration  # each test runs the training loop until it stops
 
 
 def _job(tmp_path, **overrides):

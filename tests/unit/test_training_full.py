@@ -10,16 +10,13 @@ referring straight to the base model writes `model/`, not `adapter/`; the gradie
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import yaml
 
-from cli_run import free_port
-from engine_cases import one_thread  # noqa: F401 - autouse fixture
+from cli_run import spawn_ranks
 
 TESTS = Path(__file__).resolve().parents[1]
 
@@ -79,6 +76,7 @@ def runs(tmp_path_factory):
     return out, straight, first, second
 
 
+@pytest.mark.integration  # the `runs` fixture: three runs of the training loop
 def test_full_fine_tuning_trains_every_parameter_and_keeps_the_head_tied(runs):
     from tiny import make_llama
 
@@ -96,6 +94,7 @@ def test_full_fine_tuning_trains_every_parameter_and_keeps_the_head_tied(runs):
     assert (straight.model_dir / "tokenizer.json").is_file()  # the folder is complete: it generates on its own
 
 
+@pytest.mark.integration  # the `runs` fixture
 def test_checkpoint_holds_every_trainable_parameter_once_and_the_optimizer(runs):
     from torch.distributed.checkpoint import FileSystemReader
 
@@ -109,6 +108,7 @@ def test_checkpoint_holds_every_trainable_parameter_once_and_the_optimizer(runs)
         assert f"optim.state.{name}.exp_avg" in keys and f"optim.state.{name}.exp_avg_sq" in keys
 
 
+@pytest.mark.integration  # the `runs` fixture
 def test_resume_is_bitwise_exact(runs):
     out, straight, first, second = runs
     assert [s for s, _ in second.losses] == list(range(STEPS // 2 + 1, STEPS + 1))
@@ -118,6 +118,7 @@ def test_resume_is_bitwise_exact(runs):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.integration  # the `runs` fixture
 def test_model_folder_loads_with_transformers_and_gives_the_trained_logits(runs):
     from transformers import AutoModelForCausalLM
 
@@ -135,10 +136,7 @@ def test_model_folder_loads_with_transformers_and_gives_the_trained_logits(runs)
 # --- two processes, FSDP2 -------------------------------------------------------------------------------------
 
 
-def _worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))  # fmt: skip
-    torch.set_num_threads(1)
+def _worker(rank: int, world: int, out: str) -> None:
     from lorafit.distributed.env import init_distributed
     from lorafit.distributed.parallel import DDPStrategy, FSDP2Strategy
     from lorafit.training.loop import train
@@ -166,7 +164,7 @@ def two_processes(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("full2")
     reference = train(full_job(out / "single", init_distributed(), micro=2, accum=2, steps=4))
-    mp.spawn(_worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
+    spawn_ranks(_worker, str(out))
     return out, reference, torch.load(out / "results.pt", weights_only=False)
 
 
@@ -187,6 +185,7 @@ def test_two_processes_equal_one_process(two_processes, name):
 
 
 # --- through `lorafit run` -------------------------------------------------------------------------------------
+@pytest.mark.integration  # a whole `lorafit run`
 def test_lorafit_run_with_a_plain_model_fine_tunes_it_fully(tmp_path, tiny_model_dir):
     from transformers import AutoModelForCausalLM
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine_cases import one_thread  # noqa: F401 - autouse fixture
-
 
 @pytest.fixture(scope="module")
 def setup():

@@ -8,8 +8,6 @@ import math
 import pytest
 import torch
 
-from engine_cases import one_thread  # noqa: F401 - autouse fixture
-
 
 def _build(component_key: str, variant_key: str, config: dict):
     import lorafit.training.optim  # noqa: F401 - registers the components

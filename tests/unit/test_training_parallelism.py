@@ -5,8 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine_cases import one_thread  # noqa: F401 - autouse fixture
-
 
 def test_single_process_env_needs_no_process_group(monkeypatch):
     import torch.distributed as dist

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine_cases import one_thread  # noqa: F401 - autouse fixture
+pytestmark = pytest.mark.integration  # each test reads the `runs` fixture: three runs of the training loop
 
 STEPS = 4
 
