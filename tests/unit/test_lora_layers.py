@@ -64,6 +64,40 @@ def test_fresh_adapter_computes_exactly_the_base_model():
     assert emb.lora_embedding_B.abs().sum() > 0 and emb.lora_embedding_A.abs().sum() == 0
 
 
+def test_numbers_are_checked_at_each_public_edge_once():
+    """A layer made directly checks its numbers (the classes are public: a clear error, not ZeroDivisionError);
+    apply_lora checks once for all layers and builds them with `from_checked`; the typed model/lora config checks
+    the same rules with pydantic, before anything is built."""
+    from lorafit.config.graph import ConfigGraph
+    from lorafit.lora.kinds import wrap
+
+    for cls, base in [(LoraLinear, nn.Linear(4, 4)), (LoraEmbedding, nn.Embedding(5, 4)), (LoraConv1D, None)]:
+        if base is None:
+            from transformers.pytorch_utils import Conv1D
+
+            base = Conv1D(4, 4)
+        with pytest.raises(UserError, match=r"r: must be an integer >= 1, got 0"):
+            cls(base, r=0, alpha=8)
+    with pytest.raises(UserError, match=r"alpha: must be a finite number"):
+        LoraLinear(nn.Linear(4, 4), r=2, alpha=float("inf"))
+    calls = []
+    original = LoraLinear.__init__
+    LoraLinear.__init__ = lambda self, *a, **k: calls.append(a) or original(self, *a, **k)
+    try:
+        apply_lora(make_llama(), r=2, alpha=4, target_layers=["q_proj", "v_proj"], warn_save_pretrained=False)
+        assert isinstance(wrap(nn.Linear(4, 4), 2, 4.0, dropout=0.0, use_rslora=False, init="kaiming"), LoraLinear)
+    finally:
+        LoraLinear.__init__ = original
+    assert calls == []  # injection does not run the constructor's check per layer
+    base = {"component_key": "model", "variant_key": "huggingface_config_model", "config": {"model_type": "llama"}}
+    numbers = {"r": 0, "alpha": 8, "target_layers": ["q_proj", " "], "init": "pissa", "use_dora": True}
+    lora = {"component_key": "model", "variant_key": "lora", "config": {"model": base, **numbers}}
+    messages = [f"{p.path}: {p.message}" for p in ConfigGraph({"model": lora}).check()]
+    assert any(m.startswith("model.config.r:") for m in messages), messages
+    assert any("model.config.target_layers" in m and "non-empty" in m for m in messages), messages
+    assert any("model.config.use_dora" in m and "cannot be combined with use_dora" in m for m in messages), messages
+
+
 def test_layer_shapes_scaling_and_forward_formula():
     base = nn.Linear(16, 24)
     ref = copy.deepcopy(base)

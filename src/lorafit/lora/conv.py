@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812 - the universal spelling
 from torch import nn
 
-from lorafit.lora.layers import LoraLayer, LoraWeight, _new_param
+from lorafit.lora.layers import LoraLayer, LoraWeight, _new_param, check_hyper
 
 VALID = "groups=1, dilation=1 and padding_mode='zeros'"
 
@@ -32,6 +32,11 @@ class _ConvLora(LoraLayer):
 
     def __init__(self, base: nn.Module, r: int, alpha: float, *, dropout: float = 0.0, use_rslora: bool = False,
                  init: str = "kaiming"):  # fmt: skip
+        check_hyper(r, alpha, dropout, init)
+        self._build(base, r, alpha, dropout=dropout, use_rslora=use_rslora, init=init)
+
+    def _build(self, base: nn.Module, r: int, alpha: float, *, dropout: float = 0.0, use_rslora: bool = False,
+               init: str = "kaiming") -> None:  # fmt: skip
         nn.Module.__init__(self)  # not the conv's __init__: it would allocate a second weight
         for attr in self._conv_attrs:
             setattr(self, attr, getattr(base, attr))

@@ -30,4 +30,5 @@ def wrap(base: nn.Module, r: int, alpha: float, *, dropout: float, use_rslora: b
     extra: dict = {"use_dora": True} if use_dora else {}
     if cls is LoraEmbedding:
         extra["embedding_init"] = embedding_init
-    return cls(base, r, alpha, dropout=dropout, use_rslora=use_rslora, init=init, **extra)
+    # the numbers were checked once for all layers (apply_lora, or the typed model/lora config)
+    return cls.from_checked(base, r, alpha, dropout=dropout, use_rslora=use_rslora, init=init, **extra)

@@ -90,6 +90,14 @@ def hyper_problems(r, alpha, dropout, init: str | None = None, *, alpha_key: str
     return problems
 
 
+def check_hyper(r, alpha, dropout, init: str | None = None) -> None:
+    """Raise one UserError naming every bad number: the check of the public edges (apply_lora, a layer's
+    constructor). The typed model/lora config checks the same rules with pydantic."""
+    problems = hyper_problems(r, alpha, dropout, init)
+    if problems:
+        raise UserError("", problems=problems)
+
+
 class LoraLayer:
     """Behaviour shared by the LoRA layers (a mixin placed before the base class)."""
 
@@ -103,10 +111,16 @@ class LoraLayer:
     use_dora: bool = False
     lora_magnitude_vector: nn.Parameter | None  # DoRA's m, PEFT's name (out,); None without DoRA
 
+    @classmethod
+    def from_checked(cls, base: nn.Module, r: int, alpha: float, **options) -> LoraLayer:
+        """The layer for numbers checked already, once for every layer (`apply_lora`, the typed model/lora config):
+        what injection builds. The constructor is the check for a layer made directly (these classes are public)."""
+        layer = cls.__new__(cls)
+        layer._build(base, r, alpha, **options)
+        return layer
+
     def _setup_lora(self, r: int, alpha: float, dropout: float, use_rslora: bool, init: str) -> None:
-        problems = hyper_problems(r, alpha, dropout, init)
-        if problems:
-            raise UserError("", problems=problems)
+        assert r >= 1 and alpha > 0, "LoRA numbers are checked at the API edge (check_hyper)"  # internal invariant
         self.r = int(r)
         self.alpha = float(alpha)
         self.use_rslora = bool(use_rslora)
@@ -304,6 +318,11 @@ class LoraLinear(_MatrixLora, FrozenWeightLayer, nn.Linear):
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, *, dropout: float = 0.0, use_rslora: bool = False,
                  init: str = "kaiming", use_dora: bool = False):  # fmt: skip
+        check_hyper(r, alpha, dropout, init)
+        self._build(base, r, alpha, dropout=dropout, use_rslora=use_rslora, init=init, use_dora=use_dora)
+
+    def _build(self, base: nn.Linear, r: int, alpha: float, *, dropout: float = 0.0, use_rslora: bool = False,
+               init: str = "kaiming", use_dora: bool = False) -> None:  # fmt: skip
         nn.Module.__init__(self)  # not nn.Linear.__init__: it would allocate a second weight
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = base.weight
@@ -358,6 +377,11 @@ class LoraConv1D(_MatrixLora, Conv1D):
 
     def __init__(self, base: Conv1D, r: int, alpha: float, *, dropout: float = 0.0, use_rslora: bool = False,
                  init: str = "kaiming"):  # fmt: skip
+        check_hyper(r, alpha, dropout, init)
+        self._build(base, r, alpha, dropout=dropout, use_rslora=use_rslora, init=init)
+
+    def _build(self, base: Conv1D, r: int, alpha: float, *, dropout: float = 0.0, use_rslora: bool = False,
+               init: str = "kaiming") -> None:  # fmt: skip
         nn.Module.__init__(self)
         self.nf, self.nx = base.nf, base.nx
         self.weight = base.weight

@@ -201,9 +201,7 @@ def apply_lora(
         target_layers = [target_layers]
     problems = hyper_problems(r, alpha, dropout, init)
     if use_dora and init in DECOMPOSING_INITS:
-        # PEFT's conversion to an adapter on the original base (subtract_mutated_init) has no term for m
-        reason = "its saved adapter is converted to apply to the original base, which DoRA's magnitude does not allow"
-        problems.append(Problem("init", f"{init} cannot be combined with use_dora: {reason}"))
+        problems.append(Problem("init", dora_init_conflict(init)))
     if embedding_init not in EMBEDDING_INITS:
         problems.append(
             Problem("embedding_init", f"must be one of {', '.join(EMBEDDING_INITS)}, got {embedding_init!r}")
@@ -228,6 +226,12 @@ def apply_lora(
             stacklevel=2,
         )
     return model
+
+
+def dora_init_conflict(init: str) -> str:
+    # PEFT's conversion to an adapter on the original base (subtract_mutated_init) has no term for m
+    reason = "its saved adapter is converted to apply to the original base, which DoRA's magnitude does not allow"
+    return f"{init} cannot be combined with use_dora: {reason}"
 
 
 def reset_lora_parameters(model: nn.Module, seed: int | None = None, *, keep_decomposed: bool = False) -> None:
