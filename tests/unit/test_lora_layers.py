@@ -301,3 +301,18 @@ def test_gpt2_conv1d_fan_in_fan_out():
     plain = merge_and_unload(model)
     assert type(plain.transformer.h[1].mlp.c_proj) is Conv1D
     torch.testing.assert_close(plain(x).logits, out, rtol=0, atol=1e-5)
+
+
+def test_a_seeded_adapter_is_drawn_once_when_created():
+    """apply_lora(seed) draws A and B once, as the layers are made, from one generator in model order: the global
+    RNG is untouched and a re-draw from the same seed (what a meta build does after sharding) gives the same."""
+    from lorafit.lora import named_lora_parameters
+
+    model = make_llama()
+    before = torch.random.get_rng_state()
+    apply_lora(model, r=4, alpha=8, target_layers=["q_proj", "embed_tokens"], seed=5, warn_save_pretrained=False)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    drawn = {name: p.detach().clone() for name, p in named_lora_parameters(model)}
+    assert any(t.abs().sum() > 0 for t in drawn.values())
+    reset_lora_parameters(model, seed=5)
+    assert all(torch.equal(drawn[name], p) for name, p in named_lora_parameters(model))

@@ -100,7 +100,9 @@ def build_lora_model(config: LoraModelConfig) -> nn.Module:
     settings = LoraSettings(r=config.r, alpha=config.alpha, target_layers=list(config.target_layers), modules={},
                             dropout=config.dropout, use_rslora=config.use_rslora, init=config.init,
                             use_dora=config.use_dora, embedding_init=config.embedding_init)  # fmt: skip
-    inject(model, settings, list(config.target_layers), field_name="target_layers", each_must_match=True, seed=None)
+    # A and B drawn once, here, from the run's seed (run/build.py puts it into the build context)
+    inject(model, settings, list(config.target_layers), field_name="target_layers", each_must_match=True,
+           seed=current_context().adapter_seed)  # fmt: skip
     if config.frozen_dtype:
         info(store_frozen_base(model, config.frozen_dtype, in_bf16))
     if current_context().announce:
