@@ -56,6 +56,40 @@ def test_fresh_adapter_computes_exactly_the_base_model():
     assert emb.lora_embedding_B.abs().sum() > 0 and emb.lora_embedding_A.abs().sum() == 0
 
 
+def test_numbers_are_checked_at_each_public_edge_once():
+    """A layer made directly checks its numbers (the classes are public: a clear error, not ZeroDivisionError);
+    apply_lora checks once for all layers and builds them with `from_checked`; the typed model/lora config checks
+    the same rules with pydantic, before anything is built."""
+    from lorafit.config.graph import ConfigGraph
+    from lorafit.lora.kinds import wrap
+
+    for cls, base in [(LoraLinear, nn.Linear(4, 4)), (LoraEmbedding, nn.Embedding(5, 4)), (LoraConv1D, None)]:
+        if base is None:
+            from transformers.pytorch_utils import Conv1D
+
+            base = Conv1D(4, 4)
+        with pytest.raises(UserError, match=r"r: must be an integer >= 1, got 0"):
+            cls(base, r=0, alpha=8)
+    with pytest.raises(UserError, match=r"alpha: must be a finite number"):
+        LoraLinear(nn.Linear(4, 4), r=2, alpha=float("inf"))
+    calls = []
+    original = LoraLinear.__init__
+    LoraLinear.__init__ = lambda self, *a, **k: calls.append(a) or original(self, *a, **k)
+    try:
+        apply_lora(make_llama(), r=2, alpha=4, target_layers=["q_proj", "v_proj"], warn_save_pretrained=False)
+        assert isinstance(wrap(nn.Linear(4, 4), 2, 4.0, dropout=0.0, use_rslora=False, init="kaiming"), LoraLinear)
+    finally:
+        LoraLinear.__init__ = original
+    assert calls == []  # injection does not run the constructor's check per layer
+    base = {"component_key": "model", "variant_key": "huggingface_config_model", "config": {"model_type": "llama"}}
+    numbers = {"r": 0, "alpha": 8, "target_layers": ["q_proj", " "], "init": "pissa", "use_dora": True}
+    lora = {"component_key": "model", "variant_key": "lora", "config": {"model": base, **numbers}}
+    messages = [f"{p.path}: {p.message}" for p in ConfigGraph({"model": lora}).check()]
+    assert any(m.startswith("model.config.r:") for m in messages), messages
+    assert any("model.config.target_layers" in m and "non-empty" in m for m in messages), messages
+    assert any("model.config.use_dora" in m and "cannot be combined with use_dora" in m for m in messages), messages
+
+
 def test_layer_shapes_scaling_and_forward_formula():
     base = nn.Linear(16, 24)
     ref = copy.deepcopy(base)
@@ -259,3 +293,18 @@ def test_gpt2_conv1d_fan_in_fan_out():
     plain = merge_and_unload(model)
     assert type(plain.transformer.h[1].mlp.c_proj) is Conv1D
     torch.testing.assert_close(plain(x).logits, out, rtol=0, atol=1e-5)
+
+
+def test_a_seeded_adapter_is_drawn_once_when_created():
+    """apply_lora(seed) draws A and B once, as the layers are made, from one generator in model order: the global
+    RNG is untouched and a re-draw from the same seed (what a meta build does after sharding) gives the same."""
+    from lorafit.lora import named_lora_parameters
+
+    model = make_llama()
+    before = torch.random.get_rng_state()
+    apply_lora(model, r=4, alpha=8, target_layers=["q_proj", "embed_tokens"], seed=5, warn_save_pretrained=False)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    drawn = {name: p.detach().clone() for name, p in named_lora_parameters(model)}
+    assert any(t.abs().sum() > 0 for t in drawn.values())
+    reset_lora_parameters(model, seed=5)
+    assert all(torch.equal(drawn[name], p) for name, p in named_lora_parameters(model))

@@ -213,31 +213,49 @@ def test_fsdp2_clippers_and_keys(tmp_path, monkeypatch, caplog):
 
 def test_precision_is_read_through_model_initialized():
     """Modalities 0.5.0 initialises after sharding (model_initialized {model: fsdp2_wrapped}): the run's precision and
-    sharding come from the fsdp block however deep it sits, not from the outermost model (it was fp32 silently)."""
+    sharding come from the fsdp block however deep it sits, not from the outermost model (it was fp32 silently).
+    Decided from the checked graph's typed configs, not from the YAML dict."""
+    from lorafit.components import load_builtin_components
+    from lorafit.config.layouts import checked_graph
     from lorafit.modalities.sharding import translate, wrapped_model_block
     from lorafit.run.build import run_outline
 
+    load_builtin_components()  # the checked graph knows Modalities' components
+
     ref = {"pass_type": "BY_REFERENCE"}
+    mesh = {"component_key": "device_mesh", "variant_key": "default",
+            "config": {"data_parallel_shard_degree": -1, "world_size": 1}}  # fmt: skip
     fsdp2 = {"component_key": "model", "variant_key": "fsdp2_wrapped",
-             "config": {"model": {**ref, "instance_key": "model_raw"},
+             "config": {"model": {**ref, "instance_key": "model_raw"}, "block_names": ["LlamaDecoderLayer"],
+                        "device_mesh": {**ref, "instance_key": "mesh"},
                         "mixed_precision_settings": {"param_dtype": "BF_16", "reduce_dtype": "BF_16"}}}  # fmt: skip
+    init = {"component_key": "model_initialization", "variant_key": "composed",
+            "config": {"model_type": "gpt2", "weight_init_type": "plain", "mean": 0.0, "std": 0.02}}  # fmt: skip
     initialized = {"component_key": "model", "variant_key": "model_initialized",
-                   "config": {"model": {**ref, "instance_key": "sharded"}}}  # fmt: skip
+                   "config": {"model": {**ref, "instance_key": "sharded"}, "model_initializer": init}}  # fmt: skip
     raw = {"component_key": "model", "variant_key": "huggingface_pretrained_model", "config": {}}
-    config = {"model_raw": raw, "sharded": fsdp2, "wrapped_model": initialized, "train_dataloader": {}}
-    assert wrapped_model_block(config) is fsdp2
+    config = {"mesh": mesh, "model_raw": raw, "sharded": fsdp2, "wrapped_model": initialized, "train_dataloader": {}}
+
+    def block(config):
+        found = wrapped_model_block(checked_graph(config))
+        return found.path if found is not None else None
+
+    assert block(config) == "sharded"
     translated, block_names = translate(config)
-    assert translated["parallelism"]["config"]["mixed_precision"] == "bf16" and block_names == ("sharded", [])
+    assert translated["parallelism"]["config"]["mixed_precision"] == "bf16"
+    assert block_names == ("sharded", ["LlamaDecoderLayer"])
     assert translated["sharded"] == {**ref, "instance_key": "model_raw"}  # the block: the model it wraps
     app = {"component_key": "app_state", "variant_key": "raw",
            "config": {"model": {**ref, "instance_key": "wrapped_model"}}}  # fmt: skip
-    assert wrapped_model_block({**config, "app_state": app}) is fsdp2
-    ddp = {**fsdp2, "variant_key": "fsdp_wrapped", "config": {**fsdp2["config"], "sharding_strategy": "NO_SHARD"}}
+    assert block({**config, "app_state": app}) == "sharded"
+    fsdp1 = {"model": {**ref, "instance_key": "model_raw"}, "sync_module_states": True, "block_names": [],
+             "mixed_precision_settings": "BF_16", "sharding_strategy": "NO_SHARD"}  # fmt: skip
+    ddp = {"component_key": "model", "variant_key": "fsdp_wrapped", "config": fsdp1}
     assert translate({**config, "sharded": ddp})[0]["parallelism"]["variant_key"] == "ddp"
     assert run_outline({**config, "app_state": app}).parallelism == "fsdp2"
     assert run_outline({**config, "sharded": ddp}).parallelism == "ddp"
     # no fsdp block at all: the outermost model, as before
-    assert wrapped_model_block({"model_raw": raw, "wrapped_model": raw, "train_dataloader": {}}) is raw
+    assert block({"model_raw": raw, "wrapped_model": raw, "train_dataloader": {}}) == "wrapped_model"
 
 
 @pytest.mark.usefixtures("smollm2_dir")  # the config reads the real SmolLM2 folder: `slow` (tests/conftest.py)

@@ -139,8 +139,8 @@ def _add_preview(commands) -> None:
 
 
 def run_preview(args: argparse.Namespace) -> int:
-    from lorafit.data.preview import build_dataset, preview, preview_file
     from lorafit.errors import UserError
+    from lorafit.run.preview import build_dataset, preview, preview_file
 
     if (args.config_file_path is None) == (args.input is None):
         raise UserError("give either --config (a run config) or --input with --tokenizer (a data file)")

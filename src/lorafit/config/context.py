@@ -20,6 +20,8 @@ class BuildContext:
     meta_device: bool = False  # build models without weights (validate, or before sharding)
     load_weights: bool = True  # with meta_device: True records the weights file (read after sharding), False none
     announce: bool = True  # builders say what they built (validate prints its own account, once, in order)
+    # the run's seed, which LoRA adapters are drawn from when created (None: the global RNG); the run build sets it
+    adapter_seed: int | None = None
 
 
 _CURRENT: ContextVar[BuildContext] = ContextVar("lorafit_build_context", default=BuildContext())  # noqa: B039 - frozen

@@ -52,6 +52,7 @@ class RunOutline:
     needs_whole_weights: str | None = None
     adapters_from_checkpoint: bool = False  # the weights file holds the adapters too: none are drawn
     has_evaluators: bool = False
+    seed: int | None = None  # what the adapters are drawn from when created (the run's seed; None: the global RNG)
     run_root: Path | None = None  # run folders go under it unless --experiments_root_path names another root
 
 

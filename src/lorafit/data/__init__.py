@@ -23,7 +23,7 @@ _EXPORTS = {
     "PackedDataset": "datasets.packed",
     "PackedInstructionDataset": "datasets.packed",
     "collate": "datasets.packed",
-    "IGNORE_INDEX": "datasets.packed",
+    "IGNORE_INDEX": "data.blocks",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -23,6 +23,9 @@ import numpy as np
 
 TooLong = Literal["drop", "truncate"]
 
+# the label of a position without a loss (prompt, padding, a block's last token): cross_entropy's default ignore_index
+IGNORE_INDEX = -100
+
 
 def best_fit_decreasing(lengths: np.ndarray, capacity: int) -> list[list[int]]:
     """Bins (lists of item indices) whose lengths sum to at most `capacity`; every item <= capacity.

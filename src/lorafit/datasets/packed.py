@@ -26,11 +26,9 @@ from pydantic import Field
 from lorafit.config.context import current_context
 from lorafit.config.registry import ComponentConfig, register_component
 from lorafit.console import info, warn
-from lorafit.data.blocks import TooLong, plan_conversations, positions_and_boundaries
+from lorafit.data.blocks import IGNORE_INDEX, TooLong, plan_conversations, positions_and_boundaries
 from lorafit.data.token_files import PackedTokens, resolve_prefix
 from lorafit.errors import UserError
-
-IGNORE_INDEX = -100
 
 
 class _PackedBase(torch.utils.data.Dataset):

@@ -25,7 +25,8 @@ from torch import nn
 
 from lorafit.atomic import atomic_folder
 from lorafit.errors import Problem, UserError
-from lorafit.lora.layers import copy_full_tensor, hyper_problems
+from lorafit.lora.hyper import hyper_problems
+from lorafit.lora.layers import copy_full_tensor
 from lorafit.lora.matching import ALL_LINEAR, Target, candidates, resolve_targets
 from lorafit.lora.model import (
     LoraSettings,

@@ -41,7 +41,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator
 from torch import nn
 
 from lorafit.config.context import current_context
@@ -51,7 +51,7 @@ from lorafit.errors import UserError
 from lorafit.frozen.linear import store_frozen_linears
 from lorafit.frozen.nf4 import store_nf4_linears
 from lorafit.lora.matching import nf4_skip_names
-from lorafit.lora.model import apply_lora, trainable_summary
+from lorafit.lora.model import LoraSettings, dora_init_conflict, inject, trainable_summary
 from lorafit.lora.variants import DECOMPOSING_INITS
 from lorafit.models.file_pages import release_file_mapping
 
@@ -71,6 +71,20 @@ class LoraModelConfig(ComponentConfig):
     frozen_dtype: Literal["bfloat16", "nf4"] | None = None  # None: the frozen weights keep the base model's dtype
     nf4_skip_layers: list[str] = Field(default_factory=list)  # with nf4: these layers are stored in bf16 instead
 
+    @field_validator("target_layers")
+    @classmethod
+    def _named(cls, targets: list[str]) -> list[str]:
+        if any(not t.strip() for t in targets):
+            raise ValueError("every entry must be a non-empty string, e.g. [q_proj, v_proj] or [all-linear]")
+        return targets
+
+    @field_validator("use_dora")
+    @classmethod
+    def _dora_with_init(cls, use_dora: bool, info: ValidationInfo) -> bool:
+        if use_dora and info.data.get("init") in DECOMPOSING_INITS:
+            raise ValueError(dora_init_conflict(info.data["init"]))
+        return use_dora
+
 
 @register_component("model", "lora", LoraModelConfig)
 def build_lora_model(config: LoraModelConfig) -> nn.Module:
@@ -82,9 +96,13 @@ def build_lora_model(config: LoraModelConfig) -> nn.Module:
         reason = "the residual base would have to be re-quantised after the decomposition; use kaiming or gaussian"
         raise UserError(f"init {config.init} cannot be combined with frozen_dtype nf4: {reason}", field="init")
     in_bf16 = _nf4_skipped(model, config)
-    apply_lora(model, config.r, config.alpha, config.target_layers, dropout=config.dropout, init=config.init,
-               use_rslora=config.use_rslora, use_dora=config.use_dora, embedding_init=config.embedding_init,
-               warn_save_pretrained=False)  # fmt: skip
+    # the numbers were checked once, by this typed config: inject (not apply_lora, the Python API's check)
+    settings = LoraSettings(r=config.r, alpha=config.alpha, target_layers=list(config.target_layers), modules={},
+                            dropout=config.dropout, use_rslora=config.use_rslora, init=config.init,
+                            use_dora=config.use_dora, embedding_init=config.embedding_init)  # fmt: skip
+    # A and B drawn once, here, from the run's seed (run/build.py puts it into the build context)
+    inject(model, settings, list(config.target_layers), field_name="target_layers", each_must_match=True,
+           seed=current_context().adapter_seed)  # fmt: skip
     if config.frozen_dtype:
         info(store_frozen_base(model, config.frozen_dtype, in_bf16))
     if current_context().announce:

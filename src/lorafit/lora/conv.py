@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812 - the universal spelling
 from torch import nn
 
+from lorafit.lora.hyper import check_hyper
 from lorafit.lora.layers import LoraLayer, LoraWeight, _new_param
 
 VALID = "groups=1, dilation=1 and padding_mode='zeros'"
@@ -32,6 +33,11 @@ class _ConvLora(LoraLayer):
 
     def __init__(self, base: nn.Module, r: int, alpha: float, *, dropout: float = 0.0, use_rslora: bool = False,
                  init: str = "kaiming"):  # fmt: skip
+        check_hyper(r, alpha, dropout, init)
+        self._build(base, r, alpha, dropout=dropout, use_rslora=use_rslora, init=init)
+
+    def _build(self, base: nn.Module, r: int, alpha: float, *, dropout: float = 0.0, use_rslora: bool = False,
+               init: str = "kaiming", generator: torch.Generator | None = None) -> None:  # fmt: skip
         nn.Module.__init__(self)  # not the conv's __init__: it would allocate a second weight
         for attr in self._conv_attrs:
             setattr(self, attr, getattr(base, attr))
@@ -41,7 +47,7 @@ class _ConvLora(LoraLayer):
         ones = (1,) * len(self.kernel_size)
         self.lora_A = LoraWeight(_new_param((self.r, self.in_channels, *self.kernel_size), base.weight))
         self.lora_B = LoraWeight(_new_param((self.out_channels, self.r, *ones), base.weight))
-        self._first_init()
+        self._first_init(generator)
         self.train(base.training)
 
     @staticmethod

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812 - the universal spelling
 from torch import nn
 
+from lorafit.lora.hyper import check_hyper
 from lorafit.lora.layers import LoraLayer, _new_param
 
 # "peft": A = 0, B ~ N(0, 1) (PEFT's reset_lora_parameters); "modalities": A ~ N(0, 1), B = 0 (the Modalities lora
@@ -23,9 +24,15 @@ class LoraEmbedding(LoraLayer, nn.Embedding):
 
     def __init__(self, base: nn.Embedding, r: int, alpha: float, *, dropout: float = 0.0, use_rslora: bool = False,
                  init: str = "kaiming", embedding_init: str = "peft"):  # fmt: skip
-        nn.Module.__init__(self)
+        check_hyper(r, alpha, dropout, init)
         if embedding_init not in EMBEDDING_INITS:
             raise ValueError(f"embedding_init must be one of {', '.join(EMBEDDING_INITS)}, got {embedding_init!r}")
+        self._build(base, r, alpha, dropout=dropout, use_rslora=use_rslora, init=init, embedding_init=embedding_init)
+
+    def _build(self, base: nn.Embedding, r: int, alpha: float, *, dropout: float = 0.0, use_rslora: bool = False,
+               init: str = "kaiming", embedding_init: str = "peft",
+               generator: torch.Generator | None = None) -> None:  # fmt: skip
+        nn.Module.__init__(self)
         self.embedding_init = embedding_init
         for attr in ("num_embeddings", "embedding_dim", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq",
                      "sparse"):  # fmt: skip
@@ -35,7 +42,7 @@ class LoraEmbedding(LoraLayer, nn.Embedding):
         self._setup_lora(r, alpha, 0.0, use_rslora, init)
         self.lora_embedding_A = _new_param((self.r, self.num_embeddings), base.weight)
         self.lora_embedding_B = _new_param((self.embedding_dim, self.r), base.weight)
-        self._first_init()
+        self._first_init(generator)
         self.train(base.training)
 
     base_kind = "Embedding"

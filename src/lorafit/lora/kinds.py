@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -23,11 +24,14 @@ SUPPORTED_TYPES = ("nn.Linear, nn.Embedding, transformers Conv1D (GPT-2), nn.Con
 
 
 def wrap(base: nn.Module, r: int, alpha: float, *, dropout: float, use_rslora: bool, init: str,
-         use_dora: bool = False, embedding_init: str = "peft") -> LoraLayer:  # fmt: skip
+         use_dora: bool = False, embedding_init: str = "peft",
+         generator: torch.Generator | None = None) -> LoraLayer:  # fmt: skip
     """`base` as its LoRA layer; `use_dora` goes to nn.Linear only and `embedding_init` to embeddings only (the
-    targets were checked for both before)."""
+    targets were checked for both before). A and B are drawn once, here, from `generator` (None: the global RNG)."""
     cls = LORA_CLASSES[type(base)]
     extra: dict = {"use_dora": True} if use_dora else {}
     if cls is LoraEmbedding:
         extra["embedding_init"] = embedding_init
-    return cls(base, r, alpha, dropout=dropout, use_rslora=use_rslora, init=init, **extra)
+    # the numbers were checked once for all layers (apply_lora, or the typed model/lora config)
+    return cls.from_checked(base, r, alpha, dropout=dropout, use_rslora=use_rslora, init=init, generator=generator,
+                            **extra)  # fmt: skip

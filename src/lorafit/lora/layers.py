@@ -12,20 +12,16 @@ the unmerged path.
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import torch
 import torch.nn.functional as F  # noqa: N812 - the universal spelling
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from lorafit.errors import Problem, UserError
 from lorafit.frozen.linear import FrozenWeightLayer, frozen_linear, plain_linear
+from lorafit.lora.hyper import check_hyper, lora_scaling
 from lorafit.lora.variants import DECOMPOSING_INITS, dora_merged_weight, dora_weight_norm, initial_factors
 from lorafit.models.wrappers import full_tensor, is_dtensor
-
-Init = Literal["kaiming", "gaussian", "pissa", "olora"]
-INITS: tuple[str, ...] = ("kaiming", "gaussian", *DECOMPOSING_INITS)
 
 
 class LoraWeight(nn.Module):
@@ -64,32 +60,6 @@ def copy_full_tensor(param: torch.Tensor, full: torch.Tensor) -> None:
             param.copy_(full)
 
 
-def lora_scaling(alpha: float, r: int, use_rslora: bool) -> float:
-    """What B A is multiplied by: alpha / r, or with rsLoRA alpha / sqrt(r), which keeps the update's scale
-    independent of r (Kalajdzievski 2023). PEFT's definition; the one place it is computed."""
-    return alpha / (math.sqrt(r) if use_rslora else r)
-
-
-def hyper_problems(r, alpha, dropout, init: str | None = None, *, alpha_key: str = "alpha",
-                   dropout_key: str = "dropout") -> list[Problem]:  # fmt: skip
-    """The problems of LoRA's numbers, wherever they come from: `apply_lora`'s arguments, a layer's, or an
-    adapter_config.json (which names them `lora_alpha` / `lora_dropout` and has no `init`)."""
-    problems = []
-    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-        problems.append(Problem("r", f"must be an integer >= 1, got {r!r}"))
-    if isinstance(alpha, bool) or not isinstance(alpha, int | float):
-        problems.append(Problem(alpha_key, f"must be a number > 0, got {alpha!r}"))
-    elif not math.isfinite(alpha):
-        problems.append(Problem(alpha_key, f"must be a finite number, got {alpha!r}"))
-    elif alpha <= 0:
-        problems.append(Problem(alpha_key, f"must be a number > 0, got {alpha!r}"))
-    if isinstance(dropout, bool) or not isinstance(dropout, int | float) or not 0 <= dropout < 1:
-        problems.append(Problem(dropout_key, f"must be a number in [0, 1), got {dropout!r}"))
-    if init is not None and init not in INITS:
-        problems.append(Problem("init", f"must be one of {', '.join(INITS)}, got {init!r}"))
-    return problems
-
-
 class LoraLayer:
     """Behaviour shared by the LoRA layers (a mixin placed before the base class)."""
 
@@ -103,10 +73,16 @@ class LoraLayer:
     use_dora: bool = False
     lora_magnitude_vector: nn.Parameter | None  # DoRA's m, PEFT's name (out,); None without DoRA
 
+    @classmethod
+    def from_checked(cls, base: nn.Module, r: int, alpha: float, **options) -> LoraLayer:
+        """The layer for numbers checked already, once for every layer (`apply_lora`, the typed model/lora config):
+        what injection builds. The constructor is the check for a layer made directly (these classes are public)."""
+        layer = cls.__new__(cls)
+        layer._build(base, r, alpha, **options)  # options: the constructor's, and `generator` for the first draw
+        return layer
+
     def _setup_lora(self, r: int, alpha: float, dropout: float, use_rslora: bool, init: str) -> None:
-        problems = hyper_problems(r, alpha, dropout, init)
-        if problems:
-            raise UserError("", problems=problems)
+        assert r >= 1 and alpha > 0, "LoRA numbers are checked at the API edge (check_hyper)"  # internal invariant
         self.r = int(r)
         self.alpha = float(alpha)
         self.use_rslora = bool(use_rslora)
@@ -173,7 +149,8 @@ class LoraLayer:
 
         kaiming/gaussian: B (or A) is zero. pissa/olora: the top of W moves into A and B, the base weight keeps the
         residual (a second reset restores W first, so it decomposes the original weight again). DoRA: m = ||W||_c.
-        Layers initialise themselves when created (from the global RNG); call this again after a meta build.
+        Layers draw theirs once when created (from the generator given, else the global RNG); a meta build draws
+        here after sharding.
         """
         if self.weight.device.type == "meta":
             return
@@ -189,17 +166,33 @@ class LoraLayer:
             copy_full_tensor(self.lora_magnitude_vector, dora_weight_norm(weight, self.scaling * (b @ a)))
         self.merged = False
 
-    def _first_init(self) -> None:
-        """At creation. pissa/olora start as a zero adapter and decompose in `reset_lora_parameters` (inject or the
-        run's seeded reset), once the weights are known to be real: a deferred or meta build holds garbage here."""
+    def _first_init(self, generator: torch.Generator | None) -> None:
+        """At creation, the one draw of A and B: from `generator` (the run's seed, one generator over the layers in
+        model order), else the global RNG; nothing on meta (drawn after sharding). pissa/olora start as a zero
+        adapter and decompose in `init_from_base` once the weights are known to be real (a deferred or meta build
+        holds garbage here)."""
         if self.init not in DECOMPOSING_INITS:
-            self.reset_lora_parameters()
+            self.reset_lora_parameters(generator)
             return
         for param in self.lora_factors():
             copy_full_tensor(param, torch.zeros(param.shape))
         if self.lora_magnitude_vector is not None and self.weight.device.type != "meta":
             weight = self._base_weight_layout(self.weight.detach().to(torch.float32))
             copy_full_tensor(self.lora_magnitude_vector, dora_weight_norm(weight, torch.zeros_like(weight)))
+
+    def init_from_base(self) -> None:
+        """What the initial adapter takes from the base weight, once it holds its final values (loaded, stored
+        bf16/NF4): pissa/olora decompose it (if not done), DoRA's m = ||W + scaling B A||_c. Draws nothing."""
+        if self.weight.device.type == "meta":
+            return
+        if self.init in DECOMPOSING_INITS:
+            if not self.decomposed:
+                self.reset_lora_parameters()
+            return
+        if self.lora_magnitude_vector is not None:
+            a, b = (full_tensor(p).detach().to(torch.float32).cpu() for p in self.lora_factors())
+            weight = self._base_weight_layout(full_tensor(self.weight).to(torch.float32))
+            copy_full_tensor(self.lora_magnitude_vector, dora_weight_norm(weight, self.scaling * (b @ a)))
 
     def _base_weight_layout(self, weight: torch.Tensor) -> torch.Tensor:
         """The base weight as (out, in), the layout of B @ A (the inverse of `_delta_to_weight_layout`)."""
@@ -304,6 +297,12 @@ class LoraLinear(_MatrixLora, FrozenWeightLayer, nn.Linear):
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, *, dropout: float = 0.0, use_rslora: bool = False,
                  init: str = "kaiming", use_dora: bool = False):  # fmt: skip
+        check_hyper(r, alpha, dropout, init)
+        self._build(base, r, alpha, dropout=dropout, use_rslora=use_rslora, init=init, use_dora=use_dora)
+
+    def _build(self, base: nn.Linear, r: int, alpha: float, *, dropout: float = 0.0, use_rslora: bool = False,
+               init: str = "kaiming", use_dora: bool = False,
+               generator: torch.Generator | None = None) -> None:  # fmt: skip
         nn.Module.__init__(self)  # not nn.Linear.__init__: it would allocate a second weight
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = base.weight
@@ -312,7 +311,7 @@ class LoraLinear(_MatrixLora, FrozenWeightLayer, nn.Linear):
         self._add_factors(self.in_features, self.out_features, base.weight)
         self.use_dora = bool(use_dora)
         self.lora_magnitude_vector = _new_param((self.out_features,), base.weight) if use_dora else None
-        self._first_init()
+        self._first_init(generator)
         self.train(base.training)
 
     base_kind = "Linear"
@@ -358,13 +357,18 @@ class LoraConv1D(_MatrixLora, Conv1D):
 
     def __init__(self, base: Conv1D, r: int, alpha: float, *, dropout: float = 0.0, use_rslora: bool = False,
                  init: str = "kaiming"):  # fmt: skip
+        check_hyper(r, alpha, dropout, init)
+        self._build(base, r, alpha, dropout=dropout, use_rslora=use_rslora, init=init)
+
+    def _build(self, base: Conv1D, r: int, alpha: float, *, dropout: float = 0.0, use_rslora: bool = False,
+               init: str = "kaiming", generator: torch.Generator | None = None) -> None:  # fmt: skip
         nn.Module.__init__(self)
         self.nf, self.nx = base.nf, base.nx
         self.weight = base.weight
         self.register_parameter("bias", base.bias)
         self._setup_lora(r, alpha, dropout, use_rslora, init)
         self._add_factors(self.nx, self.nf, base.weight)
-        self._first_init()
+        self._first_init(generator)
         self.train(base.training)
 
     base_kind = "Conv1D"

@@ -17,8 +17,9 @@ from torch import nn
 
 from lorafit.errors import Problem, UserError
 from lorafit.lora.embedding import EMBEDDING_INITS
+from lorafit.lora.hyper import hyper_problems, lora_scaling
 from lorafit.lora.kinds import wrap
-from lorafit.lora.layers import LoraLayer, hyper_problems, lora_scaling
+from lorafit.lora.layers import LoraLayer
 from lorafit.lora.matching import Target, resolve_targets
 from lorafit.lora.variants import DECOMPOSING_INITS
 from lorafit.models.deferred import is_pending
@@ -117,22 +118,29 @@ def inject(model: nn.Module, settings: LoraSettings, targets: list[Target] | lis
     matched = resolve_targets(model, targets, field=field_name, each_must_match=each_must_match)
     _check_variant_targets(model, settings, matched)
     _check_tied_head(model, matched, field_name)
+    # one draw: every layer's A and B from one generator in model order (what reset_lora_parameters(seed) draws)
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
     for name, entry in matched.items():
         base = model.get_submodule(name)
         layer = wrap(base, settings.r, settings.alpha, dropout=settings.dropout, use_rslora=settings.use_rslora,
-                     init=settings.init, use_dora=settings.use_dora,
-                     embedding_init=settings.embedding_init)  # fmt: skip
+                     init=settings.init, use_dora=settings.use_dora, embedding_init=settings.embedding_init,
+                     generator=generator)  # fmt: skip
         _replace(model, name, layer)
         settings.modules[canonical_name(name)] = entry
         settings.kinds[canonical_name(name)] = layer.base_kind
     model.lora_config = settings
     mark_only_lora_trainable(model)
-    if seed is not None:  # the layers initialised themselves from the global RNG already
-        reset_lora_parameters(model, seed=seed)
-    elif settings.init in DECOMPOSING_INITS and not is_pending(model):
-        # pissa/olora need the real weights; a deferred build decomposes in the run's seeded reset instead
-        reset_lora_parameters(model)
+    if settings.init in DECOMPOSING_INITS and not is_pending(model):
+        # pissa/olora need the real weights; a deferred build decomposes once they are loaded (init_from_base)
+        init_from_base(model)
     return model
+
+
+def init_from_base(model: nn.Module) -> None:
+    """What every adapter takes from its base weight once that holds its final values (loaded; stored in bf16 or
+    NF4): pissa/olora decompose it (once), DoRA measures m. Draws nothing: A and B were drawn when created."""
+    for _, layer in lora_layers(model):
+        layer.init_from_base()
 
 
 def _check_tied_head(model: nn.Module, matched: dict[str, str], field_name: str) -> None:
@@ -201,9 +209,7 @@ def apply_lora(
         target_layers = [target_layers]
     problems = hyper_problems(r, alpha, dropout, init)
     if use_dora and init in DECOMPOSING_INITS:
-        # PEFT's conversion to an adapter on the original base (subtract_mutated_init) has no term for m
-        reason = "its saved adapter is converted to apply to the original base, which DoRA's magnitude does not allow"
-        problems.append(Problem("init", f"{init} cannot be combined with use_dora: {reason}"))
+        problems.append(Problem("init", dora_init_conflict(init)))
     if embedding_init not in EMBEDDING_INITS:
         problems.append(
             Problem("embedding_init", f"must be one of {', '.join(EMBEDDING_INITS)}, got {embedding_init!r}")
@@ -228,6 +234,12 @@ def apply_lora(
             stacklevel=2,
         )
     return model
+
+
+def dora_init_conflict(init: str) -> str:
+    # PEFT's conversion to an adapter on the original base (subtract_mutated_init) has no term for m
+    reason = "its saved adapter is converted to apply to the original base, which DoRA's magnitude does not allow"
+    return f"{init} cannot be combined with use_dora: {reason}"
 
 
 def reset_lora_parameters(model: nn.Module, seed: int | None = None, *, keep_decomposed: bool = False) -> None:

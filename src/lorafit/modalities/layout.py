@@ -9,7 +9,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from lorafit.config.layouts import RunOutline, register_layout
+from lorafit.config.graph import ConfigGraph
+from lorafit.config.layouts import RunOutline, checked_graph, register_layout
 from lorafit.modalities import run
 from lorafit.run.build import lorafit_outline
 
@@ -18,7 +19,16 @@ def outline(config: dict[str, Any]) -> RunOutline:
     """lorafit's decisions on the translated config (its sharding, now a `parallelism` entity), and the run folder
     under checkpoint_path, where Modalities keeps the experiment."""
     translated, _ = run.translate(config)
-    return dataclasses.replace(lorafit_outline(translated), run_root=run.checkpoint_root(config))
+    graph = checked_graph(translated)
+    return dataclasses.replace(lorafit_outline(graph), run_root=run.checkpoint_root(config), seed=_sampler_seed(graph))
+
+
+def _sampler_seed(graph: ConfigGraph) -> int | None:
+    """The train data loader's sampler seed, from the checked typed configs: the run's seed (modalities/run.py)."""
+    node = graph.entity(graph.checked.get("train_dataloader"))
+    for field in ("batch_sampler", "sampler"):
+        node = graph.entity(getattr(getattr(node, "config", None), field, None))
+    return getattr(getattr(node, "config", None), "seed", None)
 
 
 class ModalitiesLayout:

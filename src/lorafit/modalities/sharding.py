@@ -10,28 +10,29 @@ from __future__ import annotations
 
 from typing import Any
 
-from lorafit.config.graph import ConfigGraph, is_reference
+from lorafit.config.graph import ConfigGraph
+from lorafit.config.layouts import checked_graph
+from lorafit.config.registry import Pending
 from lorafit.modalities.training import FSDP_VARIANTS, parallelism_block
 
 
-def wrapped_model_block(config: dict[str, Any]) -> dict[str, Any]:
-    """The config block of the run's wrapped model (`wrapped_model`, or app_state's `model`), references followed."""
-
-    def follow(node: Any) -> Any:
-        while is_reference(node):
-            node = config[node["instance_key"]]
-        return node
-
-    top = follow(follow(config["app_state"])["config"]["model"] if "app_state" in config else config["wrapped_model"])
-    # Modalities 0.5.0 initialises after sharding: model_initialized {model: fsdp2_wrapped {...}}. The precision and
-    # sharding live in the fsdp block, however deep, so look through model wrappers down to it.
+def wrapped_model_block(graph: ConfigGraph) -> Pending | None:
+    """The checked component (its typed config) of the run's wrapped model (`wrapped_model`, or app_state's
+    `model`), references followed. Modalities 0.5.0 initialises after sharding (model_initialized {model:
+    fsdp2_wrapped {...}}): the precision and sharding live in the fsdp block, however deep, so look through model
+    wrappers down to it; without one, the outermost model."""
+    app = graph.entity(graph.checked.get("app_state"))
+    app_model = getattr(app.config, "model", None) if isinstance(app, Pending) else None
+    top = graph.entity(app_model if app_model is not None else graph.checked.get("wrapped_model"))
+    if not isinstance(top, Pending):
+        return None
     node = top
-    while isinstance(node, dict) and node.get("variant_key") not in FSDP_VARIANTS:
-        inner = (node.get("config") or {}).get("model") if node.get("component_key") == "model" else None
-        if inner is None:
+    while node.variant_key not in FSDP_VARIANTS:
+        inner = getattr(node.config, "model", None) if node.component_key == "model" else None
+        node = graph.entity(inner)
+        if not isinstance(node, Pending):
             return top
-        node = follow(inner)
-    return node if isinstance(node, dict) else top
+    return node
 
 
 class ModalitiesGraph(ConfigGraph):
@@ -44,21 +45,22 @@ class ModalitiesGraph(ConfigGraph):
 
 
 def translate(
-    config: dict[str, Any], *, activation_checkpointing: bool = False
+    config: dict[str, Any], graph: ConfigGraph | None = None, *, activation_checkpointing: bool = False
 ) -> tuple[dict[str, Any], tuple[str, list[str]] | None]:
     """The config with Modalities' sharding translated into lorafit's: the wrapped model's fsdp_wrapped /
-    fsdp2_wrapped block (however deep, `wrapped_model_block`) replaced by the model it wraps, and a top-level
-    `parallelism` entity for what it asked (`parallelism_block`); with the block's (path, block_names). A config
-    that has its `parallelism` already is returned as it is."""
+    fsdp2_wrapped block (however deep, `wrapped_model_block`, decided from `graph`'s typed configs: the checked
+    graph of `config`, checked now when not given) replaced by the model it wraps, and a top-level `parallelism`
+    entity for what it asked (`parallelism_block`); with the block's (path, block_names). A config that has its
+    `parallelism` already is returned as it is."""
     if "parallelism" in config:
         return config, None
-    block = wrapped_model_block(config)
+    block = wrapped_model_block(graph if graph is not None else checked_graph(config))
     parallelism = parallelism_block(block, activation_checkpointing=activation_checkpointing)
-    if block.get("variant_key") not in FSDP_VARIANTS:
+    if block is None or block.variant_key not in FSDP_VARIANTS:
         return {**config, "parallelism": parallelism}, None
-    path = next(p for p, node in _nodes(config) if node is block)
-    names = list((block.get("config") or {}).get("block_names") or [])
-    return {**_replaced(config, block, block["config"]["model"]), "parallelism": parallelism}, (path, names)
+    raw = next(node for path, node in _nodes(config) if path == block.path)  # the block's YAML, rewritten
+    names = list(getattr(block.config, "block_names", None) or [])
+    return {**_replaced(config, raw, raw["config"]["model"]), "parallelism": parallelism}, (block.path, names)
 
 
 def _nodes(value: Any, path: str = "") -> Any:

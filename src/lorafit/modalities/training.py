@@ -21,7 +21,7 @@ import torch
 from pydantic import Field, create_model, field_validator, model_validator
 from torch import nn
 
-from lorafit.config.registry import Component, ComponentConfig, register_component
+from lorafit.config.registry import Component, ComponentConfig, Pending, register_component
 from lorafit.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -103,17 +103,16 @@ def build_fsdp2_wrapped(config: FSDP2WrappedConfig) -> nn.Module:
     raise UserError(_TRANSLATED.format(variant="model/fsdp2_wrapped"))
 
 
-def say_not_honoured(wrapped: dict[str, Any]) -> None:
+def say_not_honoured(wrapped: Pending | None) -> None:
     """Log the fsdp2_wrapped settings lorafit does not follow (memory, communication or the bf16 rounding of the
-    reduction: said, not an error)."""
-    if wrapped.get("variant_key") != "fsdp2_wrapped":
+    reduction: said, not an error). `wrapped`: the checked block (modalities/sharding.py wrapped_model_block)."""
+    cfg = wrapped.config if wrapped is not None and wrapped.variant_key == "fsdp2_wrapped" else None
+    if not isinstance(cfg, FSDP2WrappedConfig):
         return
-    cfg = wrapped.get("config") or {}
-    precision = cfg.get("mixed_precision_settings") or {}
     for key, value, default in (
-        ("mixed_precision_settings.reduce_dtype", precision.get("reduce_dtype", "FP_32"), "FP_32"),
-        ("reshard_after_forward", cfg.get("reshard_after_forward", True), True),
-        ("layers_per_fsdp_unit", cfg.get("layers_per_fsdp_unit", 1), 1),
+        ("mixed_precision_settings.reduce_dtype", cfg.mixed_precision_settings.reduce_dtype, "FP_32"),
+        ("reshard_after_forward", cfg.reshard_after_forward, True),
+        ("layers_per_fsdp_unit", cfg.layers_per_fsdp_unit, 1),
     ):
         if value != default:
             log.info("model/fsdp2_wrapped %s %s: not honoured; lorafit reduces gradients in fp32, reshards every "
@@ -132,17 +131,16 @@ def check_block_names(model: nn.Module, block_names: list[str], field: str) -> N
         )
 
 
-def parallelism_block(wrapped: dict[str, Any], *, activation_checkpointing: bool = False) -> dict[str, Any]:
-    """lorafit's `parallelism` component for a checked `fsdp_wrapped` / `fsdp2_wrapped` config block (any other
-    block: fsdp2 in fp32, Modalities' sharding of an unwrapped model); activation checkpointing of every decoder
-    block. fsdp2_wrapped's parameter dtype is the precision; gradients are reduced in fp32 regardless."""
-    cfg = (wrapped.get("config") or {}) if wrapped.get("variant_key") in FSDP_VARIANTS else {}
-    settings = cfg.get("mixed_precision_settings", "FP_32")
-    if isinstance(settings, dict):
-        settings = settings.get("param_dtype", "FP_32")
+def parallelism_block(wrapped: Pending | None, *, activation_checkpointing: bool = False) -> dict[str, Any]:
+    """lorafit's `parallelism` component for a checked `fsdp_wrapped` / `fsdp2_wrapped` component (its typed
+    config; any other: fsdp2 in fp32, Modalities' sharding of an unwrapped model); activation checkpointing of every
+    decoder block. fsdp2_wrapped's parameter dtype is the precision; gradients are reduced in fp32 regardless."""
+    cfg = wrapped.config if wrapped is not None and wrapped.variant_key in FSDP_VARIANTS else None
+    settings = getattr(cfg, "mixed_precision_settings", "FP_32")
+    settings = getattr(settings, "param_dtype", settings)  # fsdp2_wrapped: FSDP2PrecisionConfig
     return {
         "component_key": "parallelism",
-        "variant_key": "ddp" if cfg.get("sharding_strategy") == "NO_SHARD" else "fsdp2",
+        "variant_key": "ddp" if getattr(cfg, "sharding_strategy", None) == "NO_SHARD" else "fsdp2",
         "config": {
             "mixed_precision": "bf16" if str(settings).startswith("BF_16") else "fp32",
             "activation_checkpointing": activation_checkpointing,

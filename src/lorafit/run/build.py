@@ -7,6 +7,7 @@ Nothing is built from a config that has a known problem.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import json
 from collections.abc import Iterator
@@ -34,6 +35,7 @@ from lorafit.console import info
 from lorafit.data.token_files import is_pack_index
 from lorafit.errors import ConfigError, Problem, UserError, did_you_mean
 from lorafit.lora import count_parameters, describe_lora, has_lora, reset_lora_parameters
+from lorafit.lora.model import init_from_base
 from lorafit.models.deferred import deferred_init
 from lorafit.models.shard_loading import is_meta, load_shards, weight_file
 from lorafit.models.weights import reinit_nonpersistent_buffers
@@ -123,17 +125,18 @@ def build_run(graph: ConfigGraph, *, world_size: int = 1) -> BuiltRun:
     is built on the meta device and gets its weights after sharding (`meta_build_blocker` says when it cannot)."""
     layout, outline = layout_of(graph.config, NATIVE), run_outline(graph.config)
     blocker = _meta_build_blocker(outline, world_size) if current_context().load_weights else "validate"
+    # adapters are drawn once, when model/lora creates them, from the run's seed (a meta build: after sharding)
     if blocker is None:
-        with build_context(meta_device=True):
+        with build_context(meta_device=True, adapter_seed=outline.seed):
             run = layout.build(graph)
         _check_sequence_length(run)
-        return _after_meta_build(run, seed_adapters=not outline.adapters_from_checkpoint)
+        return _after_meta_build(run, outline)
     if world_size > 1 and blocker != "not fsdp2":
         info(f"parallelism fsdp2: every rank builds the whole model and loads its weights before sharding: {blocker}")
-    run = layout.build(graph)
+    with build_context(adapter_seed=outline.seed):
+        run = layout.build(graph)
     _check_sequence_length(run)
-    if not outline.adapters_from_checkpoint:
-        _seed_adapters(run)
+    _adapters_from_base(run, outline)
     return run
 
 
@@ -155,7 +158,8 @@ class _LorafitLayout:
         return _check_native(config)
 
     def outline(self, config: dict[str, Any]) -> RunOutline:
-        return lorafit_outline(config)
+        seed = RunSettings.model_validate(settings_of(config)).seed
+        return dataclasses.replace(lorafit_outline(config), seed=seed)
 
     def build(self, graph: ConfigGraph) -> BuiltRun:
         return _build_native(graph)
@@ -202,13 +206,16 @@ def lorafit_outline(config: dict[str, Any] | ConfigGraph) -> RunOutline:
     )
 
 
-def _seed_adapters(run: BuiltRun) -> None:
-    """Adapters drawn from settings.seed, not from whatever state the global RNG had while building:
-    the same config gives the same initial adapter in any process, on 1 rank or N. (pissa/olora layers that
-    decomposed their loaded base when injected keep it: one decomposition, as after a meta build.)"""
-
-    if has_lora(run.model):
-        reset_lora_parameters(run.model, seed=run.settings.seed, keep_decomposed=True)
+def _adapters_from_base(run: BuiltRun, outline: RunOutline) -> None:
+    """The adapters were drawn when created, from the outline's seed (the run's: the same initial adapter in any
+    process, on 1 rank or N); what they take from the base is set now that the base holds its final values (a
+    checkpoint loaded after the injection, frozen weights stored in bf16): pissa/olora decompose it (once), DoRA
+    measures m. Nothing is drawn. Not when the weights file held the adapters too."""
+    if outline.adapters_from_checkpoint or not has_lora(run.model):
+        return
+    if outline.seed != run.settings.seed:  # the layout's outline and its build must agree on the one seed
+        raise RuntimeError(f"the adapters were drawn from seed {outline.seed}, the run's is {run.settings.seed}")
+    init_from_base(run.model)
 
 
 # ------------------------------------------------------------------------------- fsdp2: meta build, load after
@@ -235,10 +242,9 @@ def _meta_build_blocker(outline: RunOutline, world_size: int) -> str | None:
     return None
 
 
-def _after_meta_build(run: BuiltRun, *, seed_adapters: bool = True) -> BuiltRun:
+def _after_meta_build(run: BuiltRun, outline: RunOutline) -> BuiltRun:
     if not is_meta(run.model):  # a builder loaded the model itself (and said why)
-        if seed_adapters:
-            _seed_adapters(run)
+        _adapters_from_base(run, outline)
         return run
     recorded = weight_file(run.model)
     if recorded is None:  # a meta model no file fills: what builds it is not a weights-file model
@@ -248,7 +254,7 @@ def _after_meta_build(run: BuiltRun, *, seed_adapters: bool = True) -> BuiltRun:
                         "model/huggingface_pretrained_model", field="model")  # fmt: skip
     info(f"parallelism fsdp2: the model is built on the meta device; after sharding, each rank reads only its "
          f"shards of {recorded.source}")  # fmt: skip
-    seed = run.settings.seed if seed_adapters else None
+    seed = None if outline.adapters_from_checkpoint else run.settings.seed
     run.fill_weights_after_sharding = functools.partial(fill_weights_after_sharding, seed=seed)
     return run
 

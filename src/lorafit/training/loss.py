@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from lorafit.datasets.packed import IGNORE_INDEX  # the label the datasets give positions without a loss
+from lorafit.data.blocks import IGNORE_INDEX  # the label the datasets give positions without a loss
 from lorafit.models.wrappers import HoldsModel
 
 

@@ -11,21 +11,21 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from lorafit.config.graph import ConfigGraph
+from lorafit.config.run_spec import RunSettings, settings_of
+from lorafit.data.blocks import IGNORE_INDEX
 from lorafit.data.chat_templates import use_template
 from lorafit.data.token_files import pack_file
-from lorafit.datasets.packed import IGNORE_INDEX, InstructionDataset, PackedDataset, PackedInstructionDataset
+from lorafit.datasets.packed import InstructionDataset, PackedDataset, PackedInstructionDataset
 from lorafit.errors import UserError
 from lorafit.models.tokenizer import load_tokenizer
+from lorafit.run.build import load_run_config, with_sequence_length
 
 TRAINED_OPEN, TRAINED_CLOSE, NEW_DOCUMENT = "[[", "]]", " | "
 
 
 def build_dataset(config_path: Path, name: str, overrides: tuple[str, ...]) -> tuple[Any, Any, int]:
     """(the dataset `name` of the run config, the run's tokenizer or None, the run's sequence length)."""
-    from lorafit.config.graph import ConfigGraph  # deferred: as above
-    from lorafit.config.run_spec import RunSettings, settings_of  # deferred: as above
-    from lorafit.run.build import load_run_config, with_sequence_length  # deferred: data/ sits below the run build
-
     config, _ = load_run_config(config_path, overrides=overrides)
     key, _, member = name.partition(".")
     if key not in ("train_dataset", "eval_datasets") or (key == "eval_datasets") != bool(member):
