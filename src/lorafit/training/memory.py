@@ -11,8 +11,12 @@ The prediction is the larger of two phases, each a sum of parts (MiB):
   (library code, kernel caches, the allocator's own pools; measured: 170 MiB).
 - frozen weights: every frozen parameter at its storage size (fp32 4 bytes, bf16 2, NF4 ~4.13 bits for the
   linear layers it quantises). A 4-bit base also loads torchao (measured: 86 MiB). Under FSDP2 on N processes:
-  1/N of them, plus the gathered root (embeddings, final norm: kept whole from forward to backward) and two
-  gathered decoder blocks (the one running, the next).
+  1/N of them, plus the gathered root (embeddings, final norm) whole beside its shard (FSDP2 keeps the shard and
+  allocates the unsharded parameter; the root stays unsharded from forward to backward), plus two gathered decoder
+  blocks (the one running, the next prefetched), each twice: the all-gather's flat output buffer and the
+  parameters copied out of it (the freed buffer stays in the allocator's cache). Measured with
+  fully_shard on 2 gloo ranks under tbbmalloc, a SmolLM2-sized root and block (2026-12-07, Intel Xeon
+  avx512_bf16): unshard of the root +108 MiB (its whole size), of a block +27 MiB (twice its 13.5 MiB).
 - adapters and optimizer: each trainable parameter's value, gradient, AdamW's two moments and the temporary of its
   update (sqrt of the second moment, one parameter at a time, but kept in the allocator's cache): 20 bytes (1/N
   of it under FSDP2). The temporary's 4 bytes are what full fine-tuning's measured peak asked for beyond 16.
@@ -116,8 +120,8 @@ def predict(job: MemoryJob) -> MemoryPrediction:
     f32 = 4
     n = job.world_size if job.sharded else 1
     weights = job.frozen_bytes / n
-    if job.sharded and n > 1:
-        weights += job.root_bytes * (1 - 1 / n) + 2 * job.block_bytes * (1 - 1 / n)
+    if job.sharded and n > 1:  # the gathered root beside its shard; two gathered blocks, buffer + copy each
+        weights += job.root_bytes + 2 * 2 * job.block_bytes
     state = OPTIMIZER_BYTES * job.trainable / n
     tokens = job.micro_batch * job.sequence_length
     per_layer = ACT_HIDDEN * job.hidden + 2 * job.intermediate + (job.intermediate if job.keeps_down_input else 0)
