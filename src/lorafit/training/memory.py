@@ -25,14 +25,16 @@ The prediction is the larger of two phases, each a sum of parts (MiB):
   down projection's input must be kept (an adapter on it, or full fine-tuning). With activation checkpointing:
   CKPT_HIDDEN x hidden per token and layer, plus one layer's activations being recomputed.
 - head chunk: the fused head + cross-entropy's logits for up to 256 positions at a time (vocabulary floats each).
-- generation: an evaluator's KV cache at batch x (prompt + new tokens), and its prefill's intermediates.
+- generation: an evaluator's KV cache at batch x (prompt + new tokens), and its prefill's intermediates, times
+  GENERATION_FACTOR (the cache's growth by concatenation; measured, see the constant).
 
-ACT_HIDDEN and CKPT_HIDDEN, the two measured constants and the generation factor were fitted on one machine (AMD
-EPYC, 2 cores, torch 2.13 CPU, tbbmalloc) from SmolLM2-135M runs at three batch shapes with and without
-checkpointing; docs/benchmarks.md ("Peak memory: predicted vs measured") compares the prediction with measured
-peaks of other configs. bf16 autocast on CPU keeps a bf16 copy of each frozen weight it casts: counted, but not
-measured on a machine where bf16 is the default (AMX). On a GPU the same parts predict the device memory without
-the runtime and allocator parts: not measured.
+ACT_HIDDEN and CKPT_HIDDEN and the two measured constants were fitted on one machine (AMD EPYC, 2 cores, torch 2.13
+CPU, tbbmalloc) from SmolLM2-135M runs at three batch shapes with and without checkpointing; the generation factor
+and the FSDP2 terms were measured part by part on an Intel Xeon (avx512_bf16, no AMX); docs/benchmarks.md
+("Peak memory predicted before the run") compares the prediction with measured peaks of the shipped configs.
+bf16 autocast on CPU keeps a bf16 copy of each frozen weight it casts: counted, but not measured on a machine
+where bf16 is the default (AMX). On a GPU the same parts predict the device memory without the runtime and
+allocator parts: not measured.
 """
 
 from __future__ import annotations
@@ -54,7 +56,12 @@ RUNTIME_MIB = 316.0  # RSS after `import torch, transformers, lorafit.run.runner
 ALLOCATOR_MIB = 170.0  # RSS after loading SmolLM2-135M + tokenizer + one forward, minus runtime and the weights
 ACT_HIDDEN = 8.0  # saved floats per token and layer, in units of hidden_size (fitted; besides 2 x intermediate)
 CKPT_HIDDEN = 2.0  # with activation checkpointing: floats per token and layer kept, in units of hidden_size
-GENERATION_FACTOR = 1.12  # measured generation peak / (KV cache + prefill intermediates)
+# measured generation peak / (KV cache + prefill intermediates), over a process that had already run a forward (as
+# after training): SmolLM2-135M fp32, tbbmalloc, 64 prompts x 65 tokens + 24 new, +454 MiB for 360 MiB of cache and
+# prefill (2026-12-07, Intel Xeon avx512_bf16). The excess is the cache growing by concatenation: each step
+# allocates every layer's K and V one token longer while the old copy lives, and the allocator keeps the freed ones.
+# (1.12 before: measured from a freshly loaded model, where part of the increment is the allocator part's.)
+GENERATION_FACTOR = 1.26
 OPTIMIZER_BYTES = 20  # per trainable parameter: value, gradient, two AdamW moments, the update's temporary
 HEAD_CHUNK = 256  # positions per fused head + cross-entropy chunk (TrainJob.loss_chunk_tokens)
 TORCHAO_MIB = 86.0  # RSS that importing torchao's NF4 adds (frozen_dtype: nf4)
