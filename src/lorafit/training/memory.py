@@ -15,7 +15,7 @@ The prediction is the larger of two phases, each a sum of parts (MiB):
   allocates the unsharded parameter; the root stays unsharded from forward to backward), plus two gathered decoder
   blocks (the one running, the next prefetched), each twice: the all-gather's flat output buffer and the
   parameters copied out of it (the freed buffer stays in the allocator's cache). Measured with
-  fully_shard on 2 gloo ranks under tbbmalloc, a SmolLM2-sized root and block (2026-12-07, Intel Xeon
+  fully_shard on 2 gloo ranks under tbbmalloc, a SmolLM2-sized root and block (2026-12-07, AMD EPYC
   avx512_bf16): unshard of the root +108 MiB (its whole size), of a block +27 MiB (twice its 13.5 MiB).
 - adapters and optimizer: each trainable parameter's value, gradient, AdamW's two moments and the temporary of its
   update (sqrt of the second moment, one parameter at a time, but kept in the allocator's cache): 20 bytes (1/N
@@ -30,7 +30,7 @@ The prediction is the larger of two phases, each a sum of parts (MiB):
 
 ACT_HIDDEN and CKPT_HIDDEN and the two measured constants were fitted on one machine (AMD EPYC, 2 cores, torch 2.13
 CPU, tbbmalloc) from SmolLM2-135M runs at three batch shapes with and without checkpointing; the generation factor
-and the FSDP2 terms were measured part by part on an Intel Xeon (avx512_bf16, no AMX); docs/benchmarks.md
+and the FSDP2 terms were measured part by part on the same CPU (2026-12-07); docs/benchmarks.md
 ("Peak memory predicted before the run") compares the prediction with measured peaks of the shipped configs.
 bf16 autocast on CPU keeps a bf16 copy of each frozen weight it casts: counted, but not measured on a machine
 where bf16 is the default (AMX). On a GPU the same parts predict the device memory without the runtime and
@@ -58,7 +58,7 @@ ACT_HIDDEN = 8.0  # saved floats per token and layer, in units of hidden_size (f
 CKPT_HIDDEN = 2.0  # with activation checkpointing: floats per token and layer kept, in units of hidden_size
 # measured generation peak / (KV cache + prefill intermediates), over a process that had already run a forward (as
 # after training): SmolLM2-135M fp32, tbbmalloc, 64 prompts x 65 tokens + 24 new, +454 MiB for 360 MiB of cache and
-# prefill (2026-12-07, Intel Xeon avx512_bf16). The excess is the cache growing by concatenation: each step
+# prefill (2026-12-07, AMD EPYC avx512_bf16). The excess is the cache growing by concatenation: each step
 # allocates every layer's K and V one token longer while the old copy lives, and the allocator keeps the freed ones.
 # (1.12 before: measured from a freshly loaded model, where part of the increment is the allocator part's.)
 GENERATION_FACTOR = 1.26
