@@ -7,8 +7,10 @@
 allocator `lorafit run` uses.) `generation`: SmolLM2-135M (fp32, `lorafit models prepare smollm2-135m`) after one
 forward (as after training), then greedy generation of 64 prompts x 65 tokens, 1 and 24 new tokens, peak RSS over
 the warmed process (VmHWM reset through /proc/self/clear_refs) against the KV cache + prefill intermediates that
-memory.py counts. `fsdp2`: a SmolLM2-sized root (embedding 49152 x 576) and 30 blocks under fully_shard on 2 gloo
-ranks, RSS after unsharding the root and one block. Prints one dict per process.
+memory.py counts (with the linears stored as NF4 first, `lorafit.frozen.nf4.store_nf4_linears`, after
+`requires_grad_(False)`: +473 MiB instead of +452, 2026-12-07). `fsdp2`: a SmolLM2-sized root (embedding
+49152 x 576) and 30 blocks under fully_shard on 2 gloo ranks, RSS after unsharding the root and one block.
+Prints one dict per process.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ def generation() -> dict[str, float]:
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32).eval()
     for p in model.parameters():
-        p.data = p.data.clone()  # out of the file mapping, as a run holds them
+        if type(p.data) is torch.Tensor:  # not a subclass (NF4): it keeps its data in inner tensors
+            p.data = p.data.clone()  # out of the file mapping, as a run holds them
     with torch.no_grad():
         model(torch.randint(0, 49152, (2, 128)))
     gc.collect()
