@@ -1,6 +1,6 @@
 """`lorafit validate`'s predicted peak memory against the measured peak RSS of the whole `lorafit run` process.
 
-    python benchmarks/memory_prediction.py [--cases main full hard hard_qlora lorem modalities fsdp2]
+    python benchmarks/memory_prediction.py [--cases main full hard hard_qlora lorem text modalities fsdp2]
                                            [--out benchmarks/results]
 
 Each case is a shipped config (some shortened on the command line: fewer steps, one checkpoint; evaluators kept,
@@ -35,6 +35,12 @@ CASES: dict[str, tuple[str, list[str], int]] = {  # name -> (config, overrides, 
     "hard": ("configs/smollm2_135m_hard_lora.yaml", ["settings.training_target.num_target_steps=10", *SHORT], 1),
     "hard_qlora": ("configs/smollm2_135m_hard_qlora.yaml", ["settings.training_target.num_target_steps=10", *SHORT], 1),
     "lorem": ("configs/config_lorem_ipsum_lora.yaml", [], 1),
+    # the issue's text job: LoRA r=8 on q,k,v,o, 2 x 256 tokens, every token a target (plain text)
+    "text": (
+        "configs/config_lorem_ipsum_lora.yaml",
+        ["lora_model.config.r=8", "settings.step_profile.sequence_length=256", *SHORT],
+        1,
+    ),
     "modalities": (
         "configs/modalities/config_lorem_ipsum_lora.yaml",
         ["evaluation_subscriber.config.mode=DISABLED"],

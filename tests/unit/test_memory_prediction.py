@@ -52,6 +52,9 @@ def test_low_precision_base_and_sharding_shrink_the_weights():
     assert predict(replace(MAIN_JOB, nf4=True)).parts["torchao"] == 86.0  # the 4-bit base's library
     sharded = predict(replace(MAIN_JOB, world_size=2, sharded=True)).parts
     assert base / 2 < sharded["weights"] < base  # half, plus the gathered root and two blocks
+    # the root gathered whole beside its shard; two blocks, each as the all-gather buffer and the copied parameters
+    gathered = MAIN_JOB.root_bytes + 4 * MAIN_JOB.block_bytes
+    assert sharded["weights"] == pytest.approx((MAIN_JOB.frozen_bytes / 2 + gathered) / MIB)
     assert sharded["adapters+optimizer"] == pytest.approx(predict(MAIN_JOB).parts["adapters+optimizer"] / 2)
     replicated = predict(replace(MAIN_JOB, world_size=2, sharded=False)).parts  # ddp: every process holds it all
     assert replicated["weights"] == pytest.approx(base)

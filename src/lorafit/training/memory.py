@@ -11,8 +11,12 @@ The prediction is the larger of two phases, each a sum of parts (MiB):
   (library code, kernel caches, the allocator's own pools; measured: 170 MiB).
 - frozen weights: every frozen parameter at its storage size (fp32 4 bytes, bf16 2, NF4 ~4.13 bits for the
   linear layers it quantises). A 4-bit base also loads torchao (measured: 86 MiB). Under FSDP2 on N processes:
-  1/N of them, plus the gathered root (embeddings, final norm: kept whole from forward to backward) and two
-  gathered decoder blocks (the one running, the next).
+  1/N of them, plus the gathered root (embeddings, final norm) whole beside its shard (FSDP2 keeps the shard and
+  allocates the unsharded parameter; the root stays unsharded from forward to backward), plus two gathered decoder
+  blocks (the one running, the next prefetched), each twice: the all-gather's flat output buffer and the
+  parameters copied out of it (the freed buffer stays in the allocator's cache). Measured with
+  fully_shard on 2 gloo ranks under tbbmalloc, a SmolLM2-sized root and block (2026-12-07, AMD EPYC
+  avx512_bf16): unshard of the root +108 MiB (its whole size), of a block +27 MiB (twice its 13.5 MiB).
 - adapters and optimizer: each trainable parameter's value, gradient, AdamW's two moments and the temporary of its
   update (sqrt of the second moment, one parameter at a time, but kept in the allocator's cache): 20 bytes (1/N
   of it under FSDP2). The temporary's 4 bytes are what full fine-tuning's measured peak asked for beyond 16.
@@ -21,14 +25,16 @@ The prediction is the larger of two phases, each a sum of parts (MiB):
   down projection's input must be kept (an adapter on it, or full fine-tuning). With activation checkpointing:
   CKPT_HIDDEN x hidden per token and layer, plus one layer's activations being recomputed.
 - head chunk: the fused head + cross-entropy's logits for up to 256 positions at a time (vocabulary floats each).
-- generation: an evaluator's KV cache at batch x (prompt + new tokens), and its prefill's intermediates.
+- generation: an evaluator's KV cache at batch x (prompt + new tokens), and its prefill's intermediates, times
+  GENERATION_FACTOR (the cache's growth by concatenation; measured, see the constant).
 
-ACT_HIDDEN and CKPT_HIDDEN, the two measured constants and the generation factor were fitted on one machine (AMD
-EPYC, 2 cores, torch 2.13 CPU, tbbmalloc) from SmolLM2-135M runs at three batch shapes with and without
-checkpointing; docs/benchmarks.md ("Peak memory: predicted vs measured") compares the prediction with measured
-peaks of other configs. bf16 autocast on CPU keeps a bf16 copy of each frozen weight it casts: counted, but not
-measured on a machine where bf16 is the default (AMX). On a GPU the same parts predict the device memory without
-the runtime and allocator parts: not measured.
+ACT_HIDDEN and CKPT_HIDDEN and the two measured constants were fitted on one machine (AMD EPYC, 2 cores, torch 2.13
+CPU, tbbmalloc) from SmolLM2-135M runs at three batch shapes with and without checkpointing; the generation factor
+and the FSDP2 terms were measured part by part on the same CPU (2026-12-07); docs/benchmarks.md
+("Peak memory predicted before the run") compares the prediction with measured peaks of the shipped configs.
+bf16 autocast on CPU keeps a bf16 copy of each frozen weight it casts: counted, but not measured on a machine
+where bf16 is the default (AMX). On a GPU the same parts predict the device memory without the runtime and
+allocator parts: not measured.
 """
 
 from __future__ import annotations
@@ -50,7 +56,12 @@ RUNTIME_MIB = 316.0  # RSS after `import torch, transformers, lorafit.run.runner
 ALLOCATOR_MIB = 170.0  # RSS after loading SmolLM2-135M + tokenizer + one forward, minus runtime and the weights
 ACT_HIDDEN = 8.0  # saved floats per token and layer, in units of hidden_size (fitted; besides 2 x intermediate)
 CKPT_HIDDEN = 2.0  # with activation checkpointing: floats per token and layer kept, in units of hidden_size
-GENERATION_FACTOR = 1.12  # measured generation peak / (KV cache + prefill intermediates)
+# measured generation peak / (KV cache + prefill intermediates), over a process that had already run a forward (as
+# after training): SmolLM2-135M fp32, tbbmalloc, 64 prompts x 65 tokens + 24 new, +454 MiB for 360 MiB of cache and
+# prefill (2026-12-07, AMD EPYC avx512_bf16). The excess is the cache growing by concatenation: each step
+# allocates every layer's K and V one token longer while the old copy lives, and the allocator keeps the freed ones.
+# (1.12 before: measured from a freshly loaded model, where part of the increment is the allocator part's.)
+GENERATION_FACTOR = 1.26
 OPTIMIZER_BYTES = 20  # per trainable parameter: value, gradient, two AdamW moments, the update's temporary
 HEAD_CHUNK = 256  # positions per fused head + cross-entropy chunk (TrainJob.loss_chunk_tokens)
 TORCHAO_MIB = 86.0  # RSS that importing torchao's NF4 adds (frozen_dtype: nf4)
@@ -116,8 +127,8 @@ def predict(job: MemoryJob) -> MemoryPrediction:
     f32 = 4
     n = job.world_size if job.sharded else 1
     weights = job.frozen_bytes / n
-    if job.sharded and n > 1:
-        weights += job.root_bytes * (1 - 1 / n) + 2 * job.block_bytes * (1 - 1 / n)
+    if job.sharded and n > 1:  # the gathered root beside its shard; two gathered blocks, buffer + copy each
+        weights += job.root_bytes + 2 * 2 * job.block_bytes
     state = OPTIMIZER_BYTES * job.trainable / n
     tokens = job.micro_batch * job.sequence_length
     per_layer = ACT_HIDDEN * job.hidden + 2 * job.intermediate + (job.intermediate if job.keeps_down_input else 0)
