@@ -747,8 +747,7 @@ CHILD = textwrap.dedent(
             return real_prune(run_dir, keep_last, keep)
         state._prune = prune
 
-    from cli_run import lorafit
-from lorafit.cli import main
+    from lorafit.cli import main
     sys.exit(main(sys.argv[3:]))
     """
 )

@@ -215,8 +215,13 @@ def build_cached(source: Path, tokenizer: Any, prefix: Path, spec: dict[str, Any
     cache path is checked and nothing is tokenized."""
     if not current_context().load_weights:
         check_cache_owner(source, prefix)
-        index = _read_json(_file(prefix, ".json"))  # what an earlier run packed there, if anything (validate's counts)
-        return make(prefix, index.get("kind") if isinstance(index, dict) else None)
+        # what an earlier run packed there, if it is still this source with this tokenizer (validate's counts); a
+        # stale cache (another tokenizer, changed data) is re-tokenized by `run`, so nothing is read from it here
+        fresh = _is_fresh(source, tokenizer, prefix, spec)
+        index = _read_json(_file(prefix, ".json")) if fresh else None
+        dataset = make(prefix, index.get("kind") if isinstance(index, dict) else None)
+        dataset.cache_is_stale = not fresh
+        return dataset
     prefix = ensure_packed(source, tokenizer, prefix, spec)
     dataset = make(prefix, PackedTokens(prefix).kind)
     dataset.data  # noqa: B018 - opens and checks now rather than in the training loop

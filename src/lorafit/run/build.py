@@ -303,6 +303,8 @@ def _pack_meta(dataset: Any) -> dict[str, Any] | None:
     packed = getattr(dataset, "_data", None)
     if packed is not None:
         return getattr(packed, "meta", None)
+    if getattr(dataset, "cache_is_stale", False):  # lorafit's own cache, tokenized again by `run` (text_files)
+        return None
     prefix = getattr(dataset, "prefix", None)
     index = Path(f"{prefix}.json") if prefix is not None else None
     if index is None or not index.is_file() or not is_pack_index(index):
