@@ -162,8 +162,10 @@ def new_figure(ncols: int = 1, width: float = 6.0, height: float = 4.0):
 def bar_with_range(ax, labels: Sequence[str], summaries: Sequence[dict[str, Any]], ylabel: str, title: str) -> None:
     """Bars at the medians with min-max whiskers."""
     med = [s["median"] for s in summaries]
-    err = [[m - s["min"] for m, s in zip(med, summaries, strict=True)],
-           [s["max"] - m for m, s in zip(med, summaries, strict=True)]]  # fmt: skip
+    err = [
+        [m - s["min"] for m, s in zip(med, summaries, strict=True)],
+        [s["max"] - m for m, s in zip(med, summaries, strict=True)],
+    ]
     ax.bar(range(len(labels)), med, yerr=err, capsize=4, color="#4c72b0")
     ax.set_xticks(range(len(labels)), labels, rotation=15, ha="right")
     ax.set_ylabel(ylabel)
@@ -188,8 +190,9 @@ def run_child(argv: list[str], result_file: Path, log_file: Path, env: dict[str,
     result_file.unlink(missing_ok=True)
     start = time.perf_counter()
     with open(log_file, "w") as log:
-        proc = subprocess.Popen([sys.executable, *argv], stdout=log, stderr=subprocess.STDOUT,
-                                env={**os.environ, **(env or {})}, cwd=REPO)  # fmt: skip
+        proc = subprocess.Popen(
+            [sys.executable, *argv], stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, cwd=REPO
+        )
         _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - start

@@ -70,9 +70,11 @@ def run_lorafit(spec: TrainSpec, run_dir: Path) -> dict:
             from lorafit.lora.component import store_frozen_base
 
             store_frozen_base(model, spec.frozen_dtype, nf4_skipped)
-    strategy = Strategy(ParallelismConfig(mixed_precision=spec.precision,
-                                          activation_checkpointing=spec.activation_checkpointing,
-                                          compile=spec.compile))  # fmt: skip
+    strategy = Strategy(
+        ParallelismConfig(
+            mixed_precision=spec.precision, activation_checkpointing=spec.activation_checkpointing, compile=spec.compile
+        )
+    )
     job = TrainJob(
         model=model,
         train_dataset=PackedDataset(spec.data_prefix, spec.sequence_length),
@@ -104,9 +106,14 @@ def run_lorafit(spec: TrainSpec, run_dir: Path) -> dict:
     train_s = time.perf_counter() - t
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]
-    return {"losses": [loss for _, loss in result.losses], "step_end_s": [r["elapsed_s"] for r in steps],
-            "train_peak_rss_mb": steps[-1]["peak_rss_mb"], "setup_s": setup_s, "setup_peak_rss_mb": setup_rss_mb,
-            "train_s": train_s}  # fmt: skip
+    return {
+        "losses": [loss for _, loss in result.losses],
+        "step_end_s": [r["elapsed_s"] for r in steps],
+        "train_peak_rss_mb": steps[-1]["peak_rss_mb"],
+        "setup_s": setup_s,
+        "setup_peak_rss_mb": setup_rss_mb,
+        "train_s": train_s,
+    }
 
 
 def run_hf(spec: TrainSpec, run_dir: Path) -> dict:
@@ -130,8 +137,12 @@ def run_hf(spec: TrainSpec, run_dir: Path) -> dict:
 
         def __getitem__(self, i):
             item = self.packed[i]
-            return {"input_ids": item["input_ids"], "labels": item["labels"], "shift_labels": item["labels"],
-                    "position_ids": item["position_ids"]}  # fmt: skip
+            return {
+                "input_ids": item["input_ids"],
+                "labels": item["labels"],
+                "shift_labels": item["labels"],
+                "position_ids": item["position_ids"],
+            }
 
     class Clock(TrainerCallback):
         def __init__(self):
@@ -155,8 +166,9 @@ def run_hf(spec: TrainSpec, run_dir: Path) -> dict:
     if spec.init_adapter:
         model = PeftModel.from_pretrained(model, spec.init_adapter, is_trainable=True)
     else:
-        config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, target_modules=spec.targets, lora_dropout=0.0,
-                            task_type="CAUSAL_LM")  # fmt: skip
+        config = LoraConfig(
+            r=spec.r, lora_alpha=spec.alpha, target_modules=spec.targets, lora_dropout=0.0, task_type="CAUSAL_LM"
+        )
         model = get_peft_model(model, config)
     args = TrainingArguments(
         output_dir=str(run_dir),
@@ -184,16 +196,26 @@ def run_hf(spec: TrainSpec, run_dir: Path) -> dict:
         seed=spec.seed,
     )
     clock = Clock()
-    trainer = Trainer(model=model, args=args, train_dataset=Blocks(PackedDataset(spec.data_prefix,
-                      spec.sequence_length)), callbacks=[clock])  # fmt: skip
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=Blocks(PackedDataset(spec.data_prefix, spec.sequence_length)),
+        callbacks=[clock],
+    )
     setup_s, setup_rss_mb = time.perf_counter() - PROCESS_START, peak_rss_mb()
     t = time.perf_counter()
     trainer.train()
     train_s = time.perf_counter() - t
     losses = [clock.losses[s] for s in sorted(clock.losses)]
-    return {"losses": losses, "step_end_s": clock.step_end, "train_peak_rss_mb": clock.peak_rss_mb,
-            "setup_s": setup_s, "setup_peak_rss_mb": setup_rss_mb, "train_s": train_s,
-            "optimizer": str(args.optim)}  # fmt: skip
+    return {
+        "losses": losses,
+        "step_end_s": clock.step_end,
+        "train_peak_rss_mb": clock.peak_rss_mb,
+        "setup_s": setup_s,
+        "setup_peak_rss_mb": setup_rss_mb,
+        "train_s": train_s,
+        "optimizer": str(args.optim),
+    }
 
 
 def main() -> None:
@@ -212,8 +234,10 @@ def main() -> None:
 
     result["allocator"] = active()
     if len(result["losses"]) != spec.steps or len(result["step_end_s"]) != spec.steps:
-        raise SystemExit(f"{contender}: {len(result['losses'])} losses / {len(result['step_end_s'])} step times "
-                         f"for {spec.steps} steps")  # fmt: skip
+        raise SystemExit(
+            f"{contender}: {len(result['losses'])} losses / {len(result['step_end_s'])} step times "
+            f"for {spec.steps} steps"
+        )
     result_path.write_text(json.dumps(result))
 
 

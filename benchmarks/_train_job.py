@@ -148,11 +148,17 @@ def run_contenders(spec: TrainSpec, contenders: dict[str, tuple[str, dict]], rep
         contender_spec = TrainSpec(**{**spec.__dict__, **overrides})
         path = contender_spec.save(work / f"spec-{name}.json")
         env = allocator_env(tool, contender_spec)
-        result = run_child([str(BENCH_DIR / "_train_child.py"), tool, str(path), str(work / "result.json")],
-                           work / "result.json", work / f"log-{name}-{rep}.txt", env=env)  # fmt: skip
+        result = run_child(
+            [str(BENCH_DIR / "_train_child.py"), tool, str(path), str(work / "result.json")],
+            work / "result.json",
+            work / f"log-{name}-{rep}.txt",
+            env=env,
+        )
         result["tokens_per_s"] = steady_tokens_per_s(result, spec.tokens_per_step)
         runs[name].append(result)
-        print(f"  rep {rep + 1}/{reps} {name}: {fmt(result['tokens_per_s'])} tokens/s, "
-              f"peak RSS {result['peak_rss_bytes'] / 2**20:.0f} MiB, final loss {result['losses'][-1]:.4f}",
-              flush=True)  # fmt: skip
+        print(
+            f"  rep {rep + 1}/{reps} {name}: {fmt(result['tokens_per_s'])} tokens/s, "
+            f"peak RSS {result['peak_rss_bytes'] / 2**20:.0f} MiB, final loss {result['losses'][-1]:.4f}",
+            flush=True,
+        )
     return runs

@@ -38,11 +38,25 @@ ALLOCATORS = ("tbbmalloc", "system")
 
 def one_run(allocator: str, steps: int, model: Path, root: Path, name: str) -> dict[str, float]:
     lorafit = Path(sys.executable).with_name("lorafit")
-    argv = ["/usr/bin/time", "-f", "maxrss_kib=%M wall_s=%e", str(lorafit), "run", "--config_file_path",
-            str(CONFIG), "--experiments_root_path", str(root), "--experiment_id", name, "--allocator", allocator,
-            f"settings.training_target.num_target_steps={steps}", f"settings.paths.model_folder={model}",
-            f"settings.intervals.checkpointing_interval_in_steps={steps}",
-            f"settings.intervals.evaluation_interval_in_steps={steps}"]  # fmt: skip
+    argv = [
+        "/usr/bin/time",
+        "-f",
+        "maxrss_kib=%M wall_s=%e",
+        str(lorafit),
+        "run",
+        "--config_file_path",
+        str(CONFIG),
+        "--experiments_root_path",
+        str(root),
+        "--experiment_id",
+        name,
+        "--allocator",
+        allocator,
+        f"settings.training_target.num_target_steps={steps}",
+        f"settings.paths.model_folder={model}",
+        f"settings.intervals.checkpointing_interval_in_steps={steps}",
+        f"settings.intervals.evaluation_interval_in_steps={steps}",
+    ]
     done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"{name} failed ({done.returncode}):\n{done.stderr[-3000:]}")

@@ -64,8 +64,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="lorafit-ckpt-") as tmp:
         for rep in range(args.reps):
             for dtype, (adapter_model, full_model) in models.items():
-                jobs = [("adapter", lambda d, m=adapter_model: save_adapter(m, d)),
-                        ("full", lambda d, m=full_model: m.save_pretrained(d))]  # fmt: skip
+                jobs = [
+                    ("adapter", lambda d, m=adapter_model: save_adapter(m, d)),
+                    ("full", lambda d, m=full_model: m.save_pretrained(d)),
+                ]
                 for kind, save in jobs if rep % 2 == 0 else jobs[::-1]:
                     target = Path(tmp) / f"{kind}-{dtype}-{rep}"
                     t = time.perf_counter()
@@ -83,14 +85,22 @@ def main() -> None:
         a, f = total_bytes(adapter_dtype, "adapter"), total_bytes(full_dtype, "full")
         key = f"adapter_{adapter_dtype}_over_full_{full_dtype}"
         ratios[key] = a / f
-        rows.append([f"{adapter_dtype} adapter vs {full_dtype} full", f"{fmt(a / 1e6)} MB", f"{fmt(f / 1e6)} MB",
-                     f"{100 * a / f:.2f} %",
-                     fmt_summary(summary(save_s[f"adapter {adapter_dtype}"]), unit=" s"),
-                     fmt_summary(summary(save_s[f"full {full_dtype}"]), unit=" s")])  # fmt: skip
+        rows.append(
+            [
+                f"{adapter_dtype} adapter vs {full_dtype} full",
+                f"{fmt(a / 1e6)} MB",
+                f"{fmt(f / 1e6)} MB",
+                f"{100 * a / f:.2f} %",
+                fmt_summary(summary(save_s[f"adapter {adapter_dtype}"]), unit=" s"),
+                fmt_summary(summary(save_s[f"full {full_dtype}"]), unit=" s"),
+            ]
+        )
     table = markdown_table(["comparison", "adapter", "full model", "adapter / full", "adapter save", "full save"], rows)
     print(table)
-    print(f"LoRA r={args.r} on {','.join(LORA_TARGETS)}: {trainable:,} adapter parameters of {total:,} "
-          f"({fmt(100 * trainable / total)} %)")  # fmt: skip
+    print(
+        f"LoRA r={args.r} on {','.join(LORA_TARGETS)}: {trainable:,} adapter parameters of {total:,} "
+        f"({fmt(100 * trainable / total)} %)"
+    )
 
     result = {
         "hardware": hardware(),

@@ -61,9 +61,11 @@ def main() -> None:
     parser.add_argument("--sequence-length", type=int, default=256)
     parser.add_argument("--micro-batch-size", type=int, default=2)
     parser.add_argument("--chunk-tokens", type=int, default=256, help="loss_chunk_tokens of the `chunked` variant")
-    parser.add_argument("--variants", default="default,one-chunk,checkpointing",
-                        help=f"comma-separated, from {', '.join(VARIANTS)}, or combined with + "
-                        "(default always runs)")  # fmt: skip
+    parser.add_argument(
+        "--variants",
+        default="default,one-chunk,checkpointing",
+        help=f"comma-separated, from {', '.join(VARIANTS)}, or combined with + (default always runs)",
+    )
     args = parser.parse_args()
     path = model_dir(args.model)
     names = ["default", *(v.strip() for v in args.variants.split(",") if v.strip() and v.strip() != "default")]
@@ -92,21 +94,46 @@ def main() -> None:
         ratios[n] = {
             "tokens_per_s": ratio_summary(per_run(n, "tokens_per_s"), per_run("default", "tokens_per_s")),
             "train_peak_rss": ratio_summary(per_run(n, "train_peak_rss_mb"), per_run("default", "train_peak_rss_mb")),
-            "loss_max_rel_diff": max(max_rel_diff(a["losses"], b["losses"])
-                                     for a, b in zip(runs[n], runs["default"], strict=True)),
-        }  # fmt: skip
-        rows.append([n, fmt_summary(summary(per_run(n, "tokens_per_s"))), fmt_summary(ratios[n]["tokens_per_s"]) + "x",
-                     fmt_summary(summary(per_run(n, "train_peak_rss_mb")), digits=4),
-                     fmt_summary(ratios[n]["train_peak_rss"]) + "x", f"{100 * ratios[n]['loss_max_rel_diff']:.3g} %",
-                     fmt_summary(summary(per_run(n, "setup_s")), unit=" s")])  # fmt: skip
-    table = markdown_table(["variant", "tokens/s", "vs default", "peak RSS by the last step (MiB)", "vs default",
-                            "max loss difference vs default", "set-up before training"], rows)  # fmt: skip
+            "loss_max_rel_diff": max(
+                max_rel_diff(a["losses"], b["losses"]) for a, b in zip(runs[n], runs["default"], strict=True)
+            ),
+        }
+        rows.append(
+            [
+                n,
+                fmt_summary(summary(per_run(n, "tokens_per_s"))),
+                fmt_summary(ratios[n]["tokens_per_s"]) + "x",
+                fmt_summary(summary(per_run(n, "train_peak_rss_mb")), digits=4),
+                fmt_summary(ratios[n]["train_peak_rss"]) + "x",
+                f"{100 * ratios[n]['loss_max_rel_diff']:.3g} %",
+                fmt_summary(summary(per_run(n, "setup_s")), unit=" s"),
+            ]
+        )
+    table = markdown_table(
+        [
+            "variant",
+            "tokens/s",
+            "vs default",
+            "peak RSS by the last step (MiB)",
+            "vs default",
+            "max loss difference vs default",
+            "set-up before training",
+        ],
+        rows,
+    )
     print(table)
     print(f"(medians over {args.reps} repetitions, min-max in brackets)")
     spec_out = {k: v for k, v in spec.__dict__.items() if k not in ("data_prefix", "init_adapter")}
-    result = {"hardware": hardware(), "model": str(path), "job": spec_out | {"tokens_per_step": spec.tokens_per_step},
-              "reps": args.reps, "variants": {n: variants[n] for n in names}, "ratios": ratios, "runs": runs,
-              "table": table}  # fmt: skip
+    result = {
+        "hardware": hardware(),
+        "model": str(path),
+        "job": spec_out | {"tokens_per_step": spec.tokens_per_step},
+        "reps": args.reps,
+        "variants": {n: variants[n] for n in names},
+        "ratios": ratios,
+        "runs": runs,
+        "table": table,
+    }
     fig, axes = new_figure(3, width=4.5)
     bar_with_range(axes[0], names, [ratios[n]["tokens_per_s"] for n in names], "tokens/s vs default", "speed")
     bar_with_range(axes[1], names, [ratios[n]["train_peak_rss"] for n in names], "peak RSS vs default", "memory")

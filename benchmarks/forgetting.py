@@ -68,9 +68,15 @@ def main() -> None:
     for run in args.runs:
         losses[run.name] = heldout_loss(load_run(run, args.model_folder), tokenizer, own)
         print(f"{run.name}: {losses[run.name]:.4f}", flush=True)
-    record = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "probe": args.probe.name,
-              "n": len(own), "max_new_tokens": args.max_new_tokens, "base_answers": answers[:3],
-              "runs": {run.name: str(run) for run in args.runs}, "loss_on_base_answers": losses}  # fmt: skip
+    record = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "probe": args.probe.name,
+        "n": len(own),
+        "max_new_tokens": args.max_new_tokens,
+        "base_answers": answers[:3],
+        "runs": {run.name: str(run) for run in args.runs},
+        "loss_on_base_answers": losses,
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "forgetting.json").write_text(json.dumps(record, indent=1) + "\n")
 

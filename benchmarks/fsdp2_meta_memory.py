@@ -48,8 +48,12 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--shape", choices=sorted(SHAPES), default="smollm-1.7b")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--sequence-length", type=int, default=32)
-    parser.add_argument("--workdir", type=Path, default=Path("/tmp/lorafit_fsdp2_meta"),
-                        help="where the random model, the data cache and the runs go (deleted at the end)")  # fmt: skip
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path("/tmp/lorafit_fsdp2_meta"),
+        help="where the random model, the data cache and the runs go (deleted at the end)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep --workdir")
     return parser.parse_args(argv)
 
@@ -61,8 +65,16 @@ def write_model(folder: Path, shape: dict) -> int:
     from safetensors.torch import save_file
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=49152, max_position_embeddings=2048, rope_theta=10000.0, rms_norm_eps=1e-5,
-                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, **shape)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=49152,
+        max_position_embeddings=2048,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        **shape,
+    )
     with torch.device("meta"):
         shapes = {k: tuple(v.shape) for k, v in LlamaForCausalLM(config).state_dict().items() if k != "lm_head.weight"}
     folder.mkdir(parents=True, exist_ok=True)
@@ -142,12 +154,30 @@ def run_contender(name: str, config: Path, workdir: Path, threads: int | None) -
     with socket.socket() as s:  # a free port for torchrun's rendezvous
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-               f"--rdzv-endpoint=127.0.0.1:{port}", str(common.BENCH_DIR / "_rank_peak_rss.py"), "run",
-               "--config_file_path", str(config), "--experiments_root_path", str(workdir / "runs"),
-               "--experiment_id", name]  # fmt: skip
-    env = {**os.environ, "LORAFIT_PEAK_RSS_DIR": str(peaks), "OMP_NUM_THREADS": str(threads or 1),
-           "PYTHONPATH": str(common.BENCH_DIR)}  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "1",
+        "--nproc_per_node",
+        "2",
+        f"--rdzv-endpoint=127.0.0.1:{port}",
+        str(common.BENCH_DIR / "_rank_peak_rss.py"),
+        "run",
+        "--config_file_path",
+        str(config),
+        "--experiments_root_path",
+        str(workdir / "runs"),
+        "--experiment_id",
+        name,
+    ]
+    env = {
+        **os.environ,
+        "LORAFIT_PEAK_RSS_DIR": str(peaks),
+        "OMP_NUM_THREADS": str(threads or 1),
+        "PYTHONPATH": str(common.BENCH_DIR),
+    }
     started = time.perf_counter()
     log = workdir / f"{name}.log"
     with open(log, "w") as out:
@@ -170,12 +200,17 @@ def run_contender(name: str, config: Path, workdir: Path, threads: int | None) -
 def _check_free_memory(fp32_bytes: int) -> None:
     """`whole` holds about 1.3 fp32 copies per rank at its peak: refuse to start (rather than have the kernel
     kill something) when the machine has not that much left for the 2 ranks."""
-    available = next(int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines()
-                     if line.startswith("MemAvailable:"))  # fmt: skip
+    available = next(
+        int(line.split()[1]) * 1024
+        for line in Path("/proc/meminfo").read_text().splitlines()
+        if line.startswith("MemAvailable:")
+    )
     if available < 2.6 * fp32_bytes:
         needed = 2.6 * fp32_bytes / 1024**3
-        raise SystemExit(f"{available / 1024**3:.1f} GiB available, the whole-model path needs about {needed:.1f} "
-                         "GiB for 2 ranks: free memory or use --shape tiny")  # fmt: skip
+        raise SystemExit(
+            f"{available / 1024**3:.1f} GiB available, the whole-model path needs about {needed:.1f} "
+            "GiB for 2 ranks: free memory or use --shape tiny"
+        )
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -201,10 +236,18 @@ def main(argv: list[str] | None = None) -> dict:
     gib = 1024**3
     whole, meta = results["whole"], results["meta"]
     ratios = [m / w for m, w in zip(meta["peak_rss_bytes_per_rank"], whole["peak_rss_bytes_per_rank"], strict=True)]
-    rows = [[name, *(f"{b / gib:.2f}" for b in r["peak_rss_bytes_per_rank"]), f"{r['wall_s']:.0f}",
-             ", ".join(f"{x:.4f}" for x in r["losses"])] for name, r in results.items()]  # fmt: skip
-    table = common.markdown_table(["path", "rank 0 peak RSS (GiB)", "rank 1 peak RSS (GiB)", "wall (s)", "losses"],
-                                  rows)  # fmt: skip
+    rows = [
+        [
+            name,
+            *(f"{b / gib:.2f}" for b in r["peak_rss_bytes_per_rank"]),
+            f"{r['wall_s']:.0f}",
+            ", ".join(f"{x:.4f}" for x in r["losses"]),
+        ]
+        for name, r in results.items()
+    ]
+    table = common.markdown_table(
+        ["path", "rank 0 peak RSS (GiB)", "rank 1 peak RSS (GiB)", "wall (s)", "losses"], rows
+    )
     result = {
         "shape": args.shape,
         "model_parameters": n_params,

@@ -46,8 +46,15 @@ SMOLLM_1P7B = dict(
     tie_word_embeddings=True,
     rms_norm_eps=1e-5,
 )
-TINY = dict(SMOLLM_1P7B, vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=4)  # fmt: skip
+TINY = dict(
+    SMOLLM_1P7B,
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -59,8 +66,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sequence_length", type=int, default=2048)
     p.add_argument("--r", type=int, default=16)
     p.add_argument("--alpha", type=float, default=32)
-    p.add_argument("--targets", nargs="+", default=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                                     "down_proj"])  # fmt: skip
+    p.add_argument(
+        "--targets", nargs="+", default=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
     p.add_argument("--activation_checkpointing", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile each decoder block")
     p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
@@ -139,9 +147,11 @@ def main(argv: list[str] | None = None) -> dict:
     apply_lora(model, args.r, args.alpha, args.targets)
     n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
-    strategy = FSDP2Strategy(ParallelismConfig(mixed_precision=args.precision,
-                                               activation_checkpointing=args.activation_checkpointing,
-                                               compile=args.compile))  # fmt: skip
+    strategy = FSDP2Strategy(
+        ParallelismConfig(
+            mixed_precision=args.precision, activation_checkpointing=args.activation_checkpointing, compile=args.compile
+        )
+    )
     global_batch = args.micro_batch_size * args.gradient_accumulation_steps * env.world_size
     run_dir = Path(tempfile.mkdtemp(prefix="lorafit_bench_")) if env.is_main else None
     run_dir = Path(env.broadcast_object(str(run_dir) if run_dir else None))

@@ -139,12 +139,27 @@ def main() -> None:
         s = {c: summary([v * 1000 for v in data[c]]) for c in CONTENDERS}
         ratios = result["ratios"]
         low = result["ratios_of_minima"]
-        rows.append([label, *(fmt_summary(s[c]) for c in CONTENDERS),
-                     fmt_summary(ratios[f"{key}_merged_over_base"]),
-                     fmt_summary(ratios[f"{key}_unmerged_over_base"]),
-                     f"{fmt(low[f'{key}_merged_over_base'])} / {fmt(low[f'{key}_unmerged_over_base'])}"])  # fmt: skip
-    table = markdown_table(["workload", "base", "merged", "unmerged adapter", "merged / base", "unmerged / base",
-                            "fastest runs: merged / base, unmerged / base"], rows)  # fmt: skip
+        rows.append(
+            [
+                label,
+                *(fmt_summary(s[c]) for c in CONTENDERS),
+                fmt_summary(ratios[f"{key}_merged_over_base"]),
+                fmt_summary(ratios[f"{key}_unmerged_over_base"]),
+                f"{fmt(low[f'{key}_merged_over_base'])} / {fmt(low[f'{key}_unmerged_over_base'])}",
+            ]
+        )
+    table = markdown_table(
+        [
+            "workload",
+            "base",
+            "merged",
+            "unmerged adapter",
+            "merged / base",
+            "unmerged / base",
+            "fastest runs: merged / base, unmerged / base",
+        ],
+        rows,
+    )
     result["table"] = table
     print(table)
     print(f"max |logits(unmerged) - logits(merged)| = {merge_diff:.2e}  (reps={args.reps}, medians, min-max)")

@@ -51,12 +51,22 @@ def main() -> None:
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     args = parser.parse_args()
     path = model_dir(args.model)
-    contenders = {"lora": ("lorafit", {"mode": "lora", "precision": args.precision}),
-                  "full": ("lorafit", {"mode": "full", "precision": args.precision, "init_adapter": None})}  # fmt: skip
+    contenders = {
+        "lora": ("lorafit", {"mode": "lora", "precision": args.precision}),
+        "full": ("lorafit", {"mode": "full", "precision": args.precision, "init_adapter": None}),
+    }
     with tempfile.TemporaryDirectory(prefix="lorafit-lora-vs-full-") as tmp:
-        spec = prepare_job(path, Path(tmp), dict(steps=args.steps, sequence_length=args.sequence_length,
-                                                 micro_batch_size=args.micro_batch_size, lr=args.lr,
-                                                 threads=args.threads))  # fmt: skip
+        spec = prepare_job(
+            path,
+            Path(tmp),
+            dict(
+                steps=args.steps,
+                sequence_length=args.sequence_length,
+                micro_batch_size=args.micro_batch_size,
+                lr=args.lr,
+                threads=args.threads,
+            ),
+        )
         print(f"job: {spec.steps} steps x {spec.tokens_per_step} tokens, {args.precision}; contenders: lora, full")
         runs = run_contenders(spec, contenders, args.reps, Path(tmp))
     for results in runs.values():
@@ -71,26 +81,53 @@ def main() -> None:
         "peak_rss": ratio_summary(per_run("lora", "peak_rss_bytes"), per_run("full", "peak_rss_bytes")),
         "train_peak_rss": ratio_summary(per_run("lora", "train_peak_rss_mb"), per_run("full", "train_peak_rss_mb")),
     }
-    rows = [[name, fmt_summary(summary(per_run(name, "step_s")), unit=" s"),
-             fmt_summary(summary([b / 2**20 for b in per_run(name, "peak_rss_bytes")]), digits=4),
-             fmt_summary(summary(per_run(name, "train_peak_rss_mb")), digits=4),
-             f"{runs[name][0]['losses'][0]:.4f} -> {runs[name][0]['losses'][-1]:.4f}"]
-            for name in contenders]  # fmt: skip
-    rows.append(["LoRA / full", fmt_summary(ratios["step_time"]) + "x", fmt_summary(ratios["peak_rss"]) + "x",
-                 fmt_summary(ratios["train_peak_rss"]) + "x", ""])  # fmt: skip
+    rows = [
+        [
+            name,
+            fmt_summary(summary(per_run(name, "step_s")), unit=" s"),
+            fmt_summary(summary([b / 2**20 for b in per_run(name, "peak_rss_bytes")]), digits=4),
+            fmt_summary(summary(per_run(name, "train_peak_rss_mb")), digits=4),
+            f"{runs[name][0]['losses'][0]:.4f} -> {runs[name][0]['losses'][-1]:.4f}",
+        ]
+        for name in contenders
+    ]
+    rows.append(
+        [
+            "LoRA / full",
+            fmt_summary(ratios["step_time"]) + "x",
+            fmt_summary(ratios["peak_rss"]) + "x",
+            fmt_summary(ratios["train_peak_rss"]) + "x",
+            "",
+        ]
+    )
     table = markdown_table(["", "step time", "peak RSS (MiB)", "peak RSS during training (MiB)", "loss"], rows)
     print(table)
-    print(f"(medians over {args.reps} repetitions, min-max in brackets; floor of the step-time ratio ~0.67; "
-          f"measured {fmt(ratios['step_time']['median'])})")  # fmt: skip
+    print(
+        f"(medians over {args.reps} repetitions, min-max in brackets; floor of the step-time ratio ~0.67; "
+        f"measured {fmt(ratios['step_time']['median'])})"
+    )
     spec_out = {k: v for k, v in spec.__dict__.items() if k not in ("data_prefix", "init_adapter")}
-    result = {"hardware": hardware(), "model": str(path), "job": spec_out | {"tokens_per_step": spec.tokens_per_step},
-              "reps": args.reps, "ratios": ratios, "runs": runs, "table": table}  # fmt: skip
+    result = {
+        "hardware": hardware(),
+        "model": str(path),
+        "job": spec_out | {"tokens_per_step": spec.tokens_per_step},
+        "reps": args.reps,
+        "ratios": ratios,
+        "runs": runs,
+        "table": table,
+    }
     fig, axes = new_figure(3, width=4.0)
     bar_with_range(axes[0], list(contenders), [summary(per_run(n, "step_s")) for n in contenders], "s", "step time")
-    bar_with_range(axes[1], list(contenders), [summary([b / 2**20 for b in per_run(n, "peak_rss_bytes")])
-                                               for n in contenders], "MiB", "peak RSS")  # fmt: skip
-    bar_with_range(axes[2], ["step time", "peak RSS"], [ratios["step_time"], ratios["peak_rss"]],
-                   "LoRA / full", "ratios")  # fmt: skip
+    bar_with_range(
+        axes[1],
+        list(contenders),
+        [summary([b / 2**20 for b in per_run(n, "peak_rss_bytes")]) for n in contenders],
+        "MiB",
+        "peak RSS",
+    )
+    bar_with_range(
+        axes[2], ["step time", "peak RSS"], [ratios["step_time"], ratios["peak_rss"]], "LoRA / full", "ratios"
+    )
     axes[2].axhline(0.67, color="grey", ls="--", lw=1, label="step-time floor ~0.67")
     axes[2].axhline(0.70, color="red", lw=1, label="target 0.70")
     axes[2].legend(fontsize=8)

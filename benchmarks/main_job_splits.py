@@ -44,14 +44,23 @@ CONFIG = REPO / "configs" / "smollm2_135m_lora.yaml"
 VALIDATION = "data/task/heldout.jsonl"
 
 
-def derive(seed: int, lr: float | None = None, steps: int | None = None, sequence_length: int | None = None,
-           validation: bool = True, precision: str = "auto") -> dict:  # fmt: skip
+def derive(
+    seed: int,
+    lr: float | None = None,
+    steps: int | None = None,
+    sequence_length: int | None = None,
+    validation: bool = True,
+    precision: str = "auto",
+) -> dict:
     """The shipped config at `seed` (and `lr`, `steps`, `sequence_length`, `precision`); with `validation`, its
     evaluator reads the validation split instead of the test split."""
     config = yaml.safe_load(CONFIG.read_text())
     if precision != "auto":
-        config["parallelism"] = {"component_key": "parallelism", "variant_key": "none",
-                                 "config": {"mixed_precision": precision}}  # fmt: skip
+        config["parallelism"] = {
+            "component_key": "parallelism",
+            "variant_key": "none",
+            "config": {"mixed_precision": precision},
+        }
     settings = config["settings"]
     settings["seed"] = seed
     if steps is not None:
@@ -87,13 +96,28 @@ def run(name: str, config: dict, work: Path, reuse: Path | None = None) -> dict[
         return read(name, reuse / "runs" / name, {"wall_s": None, "peak_rss_mib": None})
     path = work / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
-    command = [sys.executable, "-m", "lorafit", "run", "--config_file_path", str(path),
-               "--experiments_root_path", str(work / "runs"), "--experiment_id", name]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "lorafit",
+        "run",
+        "--config_file_path",
+        str(path),
+        "--experiments_root_path",
+        str(work / "runs"),
+        "--experiment_id",
+        name,
+    ]
     log = work / f"{name}.log"
     start = time.perf_counter()
     with log.open("w") as out:
-        child = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
-                                 env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})  # fmt: skip
+        child = subprocess.Popen(
+            command,
+            cwd=REPO,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
+        )
         _, status, usage = os.wait4(child.pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"[{name}] lorafit run failed:\n" + log.read_text()[-3000:])
@@ -108,10 +132,16 @@ def read(name: str, run_dir: Path, process: dict[str, Any]) -> dict[str, Any]:
         evaluator, after = "validation", score_validation(run_dir)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if "loss" in r]
-    result = {"evaluator": evaluator, "correct": after["correct"], "n": after["n"], "loss": round(after["loss"], 5),
-              "wrong": [p["prediction"] for p in after["predictions"] if not p["correct"]],
-              "train_loss_curve": {r["step"]: round(r["loss"], 4) for r in train},
-              "train_s": round(train[-1]["elapsed_s"], 1), **process}  # fmt: skip
+    result = {
+        "evaluator": evaluator,
+        "correct": after["correct"],
+        "n": after["n"],
+        "loss": round(after["loss"], 5),
+        "wrong": [p["prediction"] for p in after["predictions"] if not p["correct"]],
+        "train_loss_curve": {r["step"]: round(r["loss"], 4) for r in train},
+        "train_s": round(train[-1]["elapsed_s"], 1),
+        **process,
+    }
     print(f"[{name}] {evaluator} {result['correct']}/{result['n']} loss {result['loss']:.4f}", flush=True)
     return result
 
@@ -133,8 +163,14 @@ def choose(runs: dict[str, dict], settings: dict[str, dict], shipped: str | None
 
 
 def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), "?")  # fmt: skip
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        "?",
+    )
     flags = sorted({"amx_bf16", "avx512_bf16"} & set(Path("/proc/cpuinfo").read_text().split()))
     return f"{cpu}, {os.cpu_count()} cores, flags {flags or 'none of amx_bf16/avx512_bf16'}"
 
@@ -169,9 +205,15 @@ def main(argv: list[str] | None = None) -> None:
                     runs[f"seed{seed}"] = {"seed": seed, **result}
             correct = [r["correct"] for r in runs.values()]
             n = runs[f"seed{args.seeds[0]}"]["n"]
-            summary = {"split": "test", "mean_correct": round(sum(correct) / len(correct), 2), "min": min(correct),
-                       "max": max(correct), "n": n, "lr": shipped["optimizer"]["config"]["lr"],
-                       "precision": args.precision}  # fmt: skip
+            summary = {
+                "split": "test",
+                "mean_correct": round(sum(correct) / len(correct), 2),
+                "min": min(correct),
+                "max": max(correct),
+                "n": n,
+                "lr": shipped["optimizer"]["config"]["lr"],
+                "precision": args.precision,
+            }
             name = "main_job_test.json" if args.precision == "auto" else f"main_job_test_{args.precision}.json"
             out = args.out / name
         else:
@@ -195,13 +237,25 @@ def main(argv: list[str] | None = None) -> None:
             per = {}
             for setting in settings:
                 mine = [r for r in runs.values() if r["setting"] == setting]
-                per[setting] = {"correct": [r["correct"] for r in mine],
-                                "mean_loss": round(sum(r["loss"] for r in mine) / len(mine), 5)}  # fmt: skip
-            summary = {"split": "validation", "rule": choose.__doc__, "chosen": best, "chosen_setting": settings[best],
-                       "per_setting": per}  # fmt: skip
+                per[setting] = {
+                    "correct": [r["correct"] for r in mine],
+                    "mean_loss": round(sum(r["loss"] for r in mine) / len(mine), 5),
+                }
+            summary = {
+                "split": "validation",
+                "rule": choose.__doc__,
+                "chosen": best,
+                "chosen_setting": settings[best],
+                "per_setting": per,
+            }
             out = args.out / "main_job_validation.json"
-    report = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "command": " ".join(sys.argv),
-              "summary": summary, "runs": runs}  # fmt: skip
+    report = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": machine(),
+        "command": " ".join(sys.argv),
+        "summary": summary,
+        "runs": runs,
+    }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")
     print(json.dumps(summary, indent=1))

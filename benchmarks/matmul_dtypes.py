@@ -36,8 +36,13 @@ from _common import (
 
 NAME = "matmul_dtypes"
 # (in, out) of SmolLM2-135M's linear layers: q/o, k/v, gate/up, down, and the output head
-SHAPES = {"q_proj": (576, 576), "k_proj": (576, 192), "gate_proj": (576, 1536), "down_proj": (1536, 576),
-          "lm_head": (576, 49152)}  # fmt: skip
+SHAPES = {
+    "q_proj": (576, 576),
+    "k_proj": (576, 192),
+    "gate_proj": (576, 1536),
+    "down_proj": (1536, 576),
+    "lm_head": (576, 49152),
+}
 
 
 def kernels(x: torch.Tensor, w: torch.Tensor) -> dict[str, Callable[[], torch.Tensor]]:
@@ -48,8 +53,9 @@ def kernels(x: torch.Tensor, w: torch.Tensor) -> dict[str, Callable[[], torch.Te
     linear.weight.data = w
     with warnings.catch_warnings():  # its deprecation warning: the reason it is measured, not used
         warnings.simplefilter("ignore")
-        quantized = torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(linear), {torch.nn.Linear},
-                                                           dtype=torch.qint8)  # fmt: skip
+        quantized = torch.ao.quantization.quantize_dynamic(
+            torch.nn.Sequential(linear), {torch.nn.Linear}, dtype=torch.qint8
+        )
     return {
         "fp32": lambda: torch.nn.functional.linear(x, w),
         "bf16": lambda: torch.nn.functional.linear(xb, wb),
@@ -86,9 +92,15 @@ def main() -> None:
     names = list(next(iter(gflops.values())))
     # the step's mix: every shape weighted by its FLOPs (one layer: q,o at 576x576, k,v at 576x192, ...)
     weights = {"q_proj": 2, "k_proj": 2, "gate_proj": 2, "down_proj": 1, "lm_head": 1 / 30}
-    step = {n: [sum(weights[s] * 2 * args.tokens * SHAPES[s][0] * SHAPES[s][1] for s in SHAPES)
-                / sum(weights[s] * 2 * args.tokens * SHAPES[s][0] * SHAPES[s][1] / (gflops[s][n][i] * 1e9)
-                      for s in SHAPES) / 1e9 for i in range(args.reps)] for n in names}  # fmt: skip
+    step = {
+        n: [
+            sum(weights[s] * 2 * args.tokens * SHAPES[s][0] * SHAPES[s][1] for s in SHAPES)
+            / sum(weights[s] * 2 * args.tokens * SHAPES[s][0] * SHAPES[s][1] / (gflops[s][n][i] * 1e9) for s in SHAPES)
+            / 1e9
+            for i in range(args.reps)
+        ]
+        for n in names
+    }
     ratios = {n: ratio_summary(step[n], step["fp32"]) for n in names}
     rows = [[s, *(fmt(statistics.median(gflops[s][n])) for n in names)] for s in SHAPES]
     rows.append(["step mix", *(fmt(statistics.median(step[n])) for n in names)])
@@ -96,8 +108,16 @@ def main() -> None:
     table = markdown_table(["GFLOP/s (median)", *names], rows)
     print(table)
     print(f"({args.tokens} tokens, medians over {args.reps} repetitions, min-max in brackets)")
-    result = {"hardware": hardware(), "tokens": args.tokens, "reps": args.reps, "shapes": SHAPES,
-              "gflops": gflops, "step_mix_gflops": step, "ratios_vs_fp32": ratios, "table": table}  # fmt: skip
+    result = {
+        "hardware": hardware(),
+        "tokens": args.tokens,
+        "reps": args.reps,
+        "shapes": SHAPES,
+        "gflops": gflops,
+        "step_mix_gflops": step,
+        "ratios_vs_fp32": ratios,
+        "table": table,
+    }
     fig, axes = new_figure(1, width=6.0)
     bar_with_range(axes[0], names, [summary(step[n]) for n in names], "GFLOP/s", "matmul throughput, step mix")
     save_figure(fig, args.out, NAME)

@@ -48,8 +48,14 @@ def generation() -> dict[str, float]:
         Path("/proc/self/clear_refs").write_text("5")
         start = status("VmRSS")
         with torch.no_grad():
-            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
-                           min_new_tokens=new, do_sample=False, pad_token_id=0)  # fmt: skip
+            model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=new,
+                min_new_tokens=new,
+                do_sample=False,
+                pad_token_id=0,
+            )
         out[f"peak over warmed, {new} new"] = status("VmHWM") - out["warmed"]
         out[f"kept after, {new} new"] = status("VmRSS") - start
     out["kv cache (24 new)"] = 64 * (65 + 24) * 30 * 2 * 192 * 4 / 2**20

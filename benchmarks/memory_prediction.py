@@ -75,8 +75,18 @@ def measure(name: str, work: Path) -> dict:
     run = ["run", "--config", config, "--experiments_root_path", str(work), "--experiment_id", name, *overrides]
     if processes > 1:
         rendezvous = f"--rdzv-endpoint=127.0.0.1:{free_port()}"
-        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node",
-                   str(processes), rendezvous, "src/lorafit/__main__.py", *run]  # fmt: skip
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes",
+            "1",
+            "--nproc_per_node",
+            str(processes),
+            rendezvous,
+            "src/lorafit/__main__.py",
+            *run,
+        ]
     else:
         command = [sys.executable, "-m", "lorafit", *run]
     start = time.perf_counter()
@@ -89,9 +99,16 @@ def measure(name: str, work: Path) -> dict:
         return {"config": config, "overrides": overrides, "processes": processes, "failed": error}
     predicted = float(match.group(1).replace(",", ""))
     measured = usage.ru_maxrss / 1024
-    result = {"config": config, "overrides": overrides, "processes": processes, "predicted_mib": predicted,
-              "parts": match.group(2), "measured_peak_rss_mib": round(measured),
-              "error": round(predicted / measured - 1, 4), "wall_s": round(time.perf_counter() - start)}  # fmt: skip
+    result = {
+        "config": config,
+        "overrides": overrides,
+        "processes": processes,
+        "predicted_mib": predicted,
+        "parts": match.group(2),
+        "measured_peak_rss_mib": round(measured),
+        "error": round(predicted / measured - 1, 4),
+        "wall_s": round(time.perf_counter() - start),
+    }
     print(f"[{name}] predicted {predicted:,.0f} MiB, measured {measured:,.0f} MiB ({result['error']:+.1%})", flush=True)
     return result
 
@@ -101,8 +118,11 @@ def main(argv: list[str] | None = None) -> None:
     # main: the quickstart's run as shipped (40 steps); benchmarks/main_job_splits.py test measures it three times
     parser.add_argument("--cases", nargs="+", choices=list(CASES), default=[c for c in CASES if c != "main"])
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
-    parser.add_argument("--repredict", action="store_true",
-                        help="keep <out>/memory_prediction.json's measurements, recompute the predictions")  # fmt: skip
+    parser.add_argument(
+        "--repredict",
+        action="store_true",
+        help="keep <out>/memory_prediction.json's measurements, recompute the predictions",
+    )
     args = parser.parse_args(argv)
     if args.repredict:
         results = json.loads((args.out / "memory_prediction.json").read_text())["results"]
@@ -115,8 +135,14 @@ def main(argv: list[str] | None = None) -> None:
     else:
         with tempfile.TemporaryDirectory(prefix="memory_prediction_") as tmp:
             results = {name: measure(name, Path(tmp)) for name in args.cases}
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), "?")  # fmt: skip
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        "?",
+    )
     report = {"date": time.strftime("%Y-%m-%d"), "machine": f"{cpu}, {os.cpu_count()} cores", "results": results}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "memory_prediction.json").write_text(json.dumps(report, indent=1) + "\n")
@@ -126,8 +152,10 @@ def main(argv: list[str] | None = None) -> None:
         if "failed" in r:
             print(f"| {name} | `{r['config']}` {' '.join(r['overrides'])} | {r['processes']} | failed: {r['failed']} |")
             continue
-        print(f"| {name} | `{r['config']}` {' '.join(r['overrides'])} | {r['processes']} | {r['predicted_mib']:,.0f} | "
-              f"{r['measured_peak_rss_mib']:,} | {r['error']:+.1%} |")  # fmt: skip
+        print(
+            f"| {name} | `{r['config']}` {' '.join(r['overrides'])} | {r['processes']} | {r['predicted_mib']:,.0f} | "
+            f"{r['measured_peak_rss_mib']:,} | {r['error']:+.1%} |"
+        )
 
 
 if __name__ == "__main__":

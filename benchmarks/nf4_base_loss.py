@@ -70,8 +70,13 @@ def main() -> None:
         results[name] = loss
         print(f"{name:45s} held-out answer loss {loss:.4f}  ({time.perf_counter() - start:.0f} s)", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    record = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "model": args.model_folder.name,
-              "heldout": args.heldout.name, "n": len(examples), "heldout_answer_loss": results}  # fmt: skip
+    record = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "model": args.model_folder.name,
+        "heldout": args.heldout.name,
+        "n": len(examples),
+        "heldout_answer_loss": results,
+    }
     (args.out / "nf4_base_loss.json").write_text(json.dumps(record, indent=1) + "\n")
 
 

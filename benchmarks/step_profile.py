@@ -104,8 +104,10 @@ def profile_ops(model, ids, labels, optimizer, top: int) -> tuple[list[list[str]
     for e in events:
         cat = next((c for c, keys in CATEGORIES.items() if any(k in e.key.lower() for k in keys)), None)
         shares[cat or "other (norms, rotary, elementwise, copies)"] += e.self_cpu_time_total / total
-    rows = [[e.key, f"{e.self_cpu_time_total / 1000:.1f}", f"{100 * e.self_cpu_time_total / total:.1f} %", str(e.count)]
-            for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:top]]  # fmt: skip
+    rows = [
+        [e.key, f"{e.self_cpu_time_total / 1000:.1f}", f"{100 * e.self_cpu_time_total / total:.1f} %", str(e.count)]
+        for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:top]
+    ]
     return rows, shares
 
 
@@ -145,15 +147,18 @@ def main() -> None:
     for p in PHASES:
         phase_rows.append([p, *(fmt_summary(summary([t[p] for t in times[n]]), unit=" s") for n in names)])
     phase_rows.append(["whole step", *(fmt_summary(summary(step_s(n)), unit=" s") for n in names)])
-    phase_rows.append(["step / baseline", *(fmt_summary(ratio_summary(step_s(n), step_s("baseline"))) + "x"
-                                           for n in names)])  # fmt: skip
+    phase_rows.append(
+        ["step / baseline", *(fmt_summary(ratio_summary(step_s(n), step_s("baseline"))) + "x" for n in names)]
+    )
     phase_table = markdown_table(["phase", *names], phase_rows)
     base_model, _, _, base_opt = variants["baseline"]
     op_rows, shares = profile_ops(base_model, ids, labels, base_opt, args.top)
-    op_table = markdown_table(["operator (baseline, forward + backward + AdamW)", "self CPU ms", "share", "calls"],
-                              op_rows)  # fmt: skip
-    share_table = markdown_table(["category", "share of self CPU time"],
-                                 [[c, f"{100 * s:.1f} %"] for c, s in shares.items()])  # fmt: skip
+    op_table = markdown_table(
+        ["operator (baseline, forward + backward + AdamW)", "self CPU ms", "share", "calls"], op_rows
+    )
+    share_table = markdown_table(
+        ["category", "share of self CPU time"], [[c, f"{100 * s:.1f} %"] for c, s in shares.items()]
+    )
     med = {p: statistics.median(t[p] for t in times["baseline"]) for p in PHASES}
     total = sum(med.values())
     print(phase_table, op_table, share_table, sep="\n\n")
@@ -161,21 +166,29 @@ def main() -> None:
     result = {
         "hardware": hardware(),
         "model": str(path),
-        "settings": {"micro_batch_size": args.micro_batch_size, "sequence_length": args.sequence_length,
-                     "chunk_tokens": args.chunk_tokens, "reps": args.reps, "lora": "r=8 q,k,v,o"},
+        "settings": {
+            "micro_batch_size": args.micro_batch_size,
+            "sequence_length": args.sequence_length,
+            "chunk_tokens": args.chunk_tokens,
+            "reps": args.reps,
+            "lora": "r=8 q,k,v,o",
+        },
         "phases_s": {n: {p: summary([t[p] for t in times[n]]) for p in PHASES} for n in names},
         "step_s": {n: summary(step_s(n)) for n in names},
         "step_ratio_vs_baseline": {n: ratio_summary(step_s(n), step_s("baseline")) for n in names},
         # every variant trained its own copy on the same batches from the same adapter: same losses expected
-        "loss_max_rel_diff_vs_baseline": {n: max(abs(a["loss"] - b["loss"]) / abs(b["loss"])
-                                                 for a, b in zip(times[n], times["baseline"], strict=True))
-                                          for n in names},
+        "loss_max_rel_diff_vs_baseline": {
+            n: max(
+                abs(a["loss"] - b["loss"]) / abs(b["loss"]) for a, b in zip(times[n], times["baseline"], strict=True)
+            )
+            for n in names
+        },
         "baseline_phase_share": {p: med[p] / total for p in PHASES},
         "operator_share": shares,
         "table": phase_table,
         "operator_table": op_table,
         "category_table": share_table,
-    }  # fmt: skip
+    }
     fig, axes = new_figure(1, width=7.0)
     bottom = [0.0] * len(names)
     for p in PHASES:

@@ -83,8 +83,9 @@ def derive(variant: str, seed: int, steps: int, model_folder: str | None) -> dic
     settings = config["settings"]
     settings["seed"] = seed
     settings["training_target"]["num_target_steps"] = steps
-    settings["intervals"].update(evaluation_interval_in_steps=steps, checkpointing_interval_in_steps=steps,
-                                 training_log_interval_in_steps=1)  # fmt: skip
+    settings["intervals"].update(
+        evaluation_interval_in_steps=steps, checkpointing_interval_in_steps=steps, training_log_interval_in_steps=1
+    )
     if model_folder:
         settings["paths"]["model_folder"] = model_folder
     VARIANTS[variant](config)
@@ -96,8 +97,18 @@ def run_one(name: str, config: dict, work: Path, threads: int) -> dict[str, Any]
         dataset["config"]["cache_path"] = str(work / "packed" / f"{name}_{key}")  # runs in parallel never share one
     config_path = work / f"{name}.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-    command = [sys.executable, "-m", "lorafit", "run", "--config_file_path", str(config_path),
-               "--experiments_root_path", str(work / "runs"), "--experiment_id", name]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "lorafit",
+        "run",
+        "--config_file_path",
+        str(config_path),
+        "--experiments_root_path",
+        str(work / "runs"),
+        "--experiment_id",
+        name,
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads)}
     log_path = work / f"{name}.log"
     load_before = os.getloadavg()[0]
@@ -111,14 +122,21 @@ def run_one(name: str, config: dict, work: Path, threads: int) -> dict[str, Any]
     result = read_run(run_dir)
     saved = run_dir / "adapter" / "adapter_model.safetensors"
     saved = saved if saved.exists() else run_dir / "model" / "model.safetensors"
-    result.update(wall_s=round(time.perf_counter() - start, 1), peak_rss_mb=round(usage.ru_maxrss / 1024),
-                  load_avg_1min=[round(load_before, 2), round(os.getloadavg()[0], 2)],
-                  step_s=round(result["train_s"] / result["steps"], 2), saved_mb=round(saved.stat().st_size / 1e6, 2),
-                  trainable_params=_trainable(log_path.read_text()))  # fmt: skip
+    result.update(
+        wall_s=round(time.perf_counter() - start, 1),
+        peak_rss_mb=round(usage.ru_maxrss / 1024),
+        load_avg_1min=[round(load_before, 2), round(os.getloadavg()[0], 2)],
+        step_s=round(result["train_s"] / result["steps"], 2),
+        saved_mb=round(saved.stat().st_size / 1e6, 2),
+        trainable_params=_trainable(log_path.read_text()),
+    )
     for key in ("samples_after", "wrong_after"):
         result.pop(key, None)
-    print(f"[{name}] {json.dumps({k: result[k] for k in ('accuracy_after', 'heldout_loss_after', 'step_s')})} "
-          f"peak {result['peak_rss_mb']} MB, {result['wall_s']:.0f} s", flush=True)  # fmt: skip
+    print(
+        f"[{name}] {json.dumps({k: result[k] for k in ('accuracy_after', 'heldout_loss_after', 'step_s')})} "
+        f"peak {result['peak_rss_mb']} MB, {result['wall_s']:.0f} s",
+        flush=True,
+    )
     return result
 
 
@@ -148,8 +166,10 @@ def _against_lora(mine: dict[int, dict], lora: dict[int, dict]) -> str:
 
 
 def table(runs: dict[str, dict], variants: list[str]) -> str:
-    header = ("| variant | seeds | held-out exact match | vs lora, same seeds: answers, per seed | answer loss "
-              "| step time | peak RSS | saved file | trainable params |")  # fmt: skip
+    header = (
+        "| variant | seeds | held-out exact match | vs lora, same seeds: answers, per seed | answer loss "
+        "| step time | peak RSS | saved file | trainable params |"
+    )
     lines = [header, "|---" * 9 + "|"]
     lora = _by_seed(runs, "lora")
     for variant in variants:
@@ -166,8 +186,10 @@ def table(runs: dict[str, dict], variants: list[str]) -> str:
         params = "every parameter" if variant.startswith("full") else params  # a full run prints no adapter summary
         peak = max(r["peak_rss_mb"] for r in rows)
         step = steps[len(steps) // 2]
-        lines.append(f"| {variant} | {len(rows)} | {mean_acc:.1%} ({accs}) | {paired} | {losses} | {step:.2f} s "
-                     f"| {peak:,} MB | {rows[0]['saved_mb']:g} MB | {params} |")  # fmt: skip
+        lines.append(
+            f"| {variant} | {len(rows)} | {mean_acc:.1%} ({accs}) | {paired} | {losses} | {step:.2f} s "
+            f"| {peak:,} MB | {rows[0]['saved_mb']:g} MB | {params} |"
+        )
     return "\n".join(lines)
 
 
@@ -214,13 +236,23 @@ def main(argv: list[str] | None = None) -> None:
         futures = {pool.submit(run_one, name, config, work, args.threads): name for name, config in jobs.items()}
         for future in concurrent.futures.as_completed(futures):
             runs[futures[future]] = future.result()
-            part = {"date": started, "command": command, "load_avg_start": load_start,
-                    "load_avg_end": os.getloadavg(), "parallel": args.parallel, "threads": args.threads,
-                    "runs": [name for name in jobs if name in runs]}  # fmt: skip
-            report = {**{k: v for k, v in part.items() if k != "runs"}, "hardware": hardware(),
-                      "complete": len(runs) == len(jobs) + len(done_before), "parts": [*parts, part],
-                      "runs": {name: runs[name] for name in [*done_before, *jobs] if name in runs},
-                      "table": table(runs, list(VARIANTS))}  # fmt: skip
+            part = {
+                "date": started,
+                "command": command,
+                "load_avg_start": load_start,
+                "load_avg_end": os.getloadavg(),
+                "parallel": args.parallel,
+                "threads": args.threads,
+                "runs": [name for name in jobs if name in runs],
+            }
+            report = {
+                **{k: v for k, v in part.items() if k != "runs"},
+                "hardware": hardware(),
+                "complete": len(runs) == len(jobs) + len(done_before),
+                "parts": [*parts, part],
+                "runs": {name: runs[name] for name in [*done_before, *jobs] if name in runs},
+                "table": table(runs, list(VARIANTS)),
+            }
             # written after every run: a run cut short by a time limit still leaves what it measured
             (args.out / "variants.json").write_text(json.dumps(report, indent=1) + "\n")
     print(report["table"])

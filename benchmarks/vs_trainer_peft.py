@@ -49,17 +49,24 @@ def parse_variant(text: str) -> tuple[str, tuple[str, dict]]:
     """'lorafit:fp32+compile' -> ('lorafit:fp32+compile', ('lorafit', {'precision': 'fp32', 'compile': True}))."""
     tool, _, settings = text.strip().partition(":")
     precision, *flags = (settings or "fp32").split("+")
-    known = {"compile": ("compile", True), "checkpointing": ("activation_checkpointing", True),
-             "tbbmalloc": ("allocator", "tbbmalloc"), "glibc": ("allocator", "system"),
-             "bf16base": ("frozen_dtype", "bfloat16"), "nf4base": ("frozen_dtype", "nf4"),
-             "attnbf16": ("nf4_skip_targets", True)}  # fmt: skip
+    known = {
+        "compile": ("compile", True),
+        "checkpointing": ("activation_checkpointing", True),
+        "tbbmalloc": ("allocator", "tbbmalloc"),
+        "glibc": ("allocator", "system"),
+        "bf16base": ("frozen_dtype", "bfloat16"),
+        "nf4base": ("frozen_dtype", "nf4"),
+        "attnbf16": ("nf4_skip_targets", True),
+    }
     lorafit_only = {"bf16base", "nf4base", "attnbf16"}
     bad_flag = any(f not in known for f in flags) or (tool != "lorafit" and lorafit_only & set(flags))
     bad_flag = bad_flag or ("attnbf16" in flags and "nf4base" not in flags)
     if tool not in TOOLS or precision not in ("fp32", "bf16") or bad_flag:
-        raise SystemExit(f"bad variant {text!r}: TOOL:PRECISION[+compile][+checkpointing][+tbbmalloc|+glibc]"
-                         "[+bf16base|+nf4base[+attnbf16] (lorafit only)], "
-                         f"TOOL in {list(TOOLS)}, PRECISION fp32 or bf16")  # fmt: skip
+        raise SystemExit(
+            f"bad variant {text!r}: TOOL:PRECISION[+compile][+checkpointing][+tbbmalloc|+glibc]"
+            "[+bf16base|+nf4base[+attnbf16] (lorafit only)], "
+            f"TOOL in {list(TOOLS)}, PRECISION fp32 or bf16"
+        )
     return f"{tool}:{settings or 'fp32'}", (tool, {"precision": precision, **dict(known[f] for f in flags)})
 
 
@@ -70,10 +77,18 @@ def main() -> None:
     parser.add_argument("--micro-batch-size", type=int, default=2)
     parser.add_argument("--accumulation", type=int, default=1)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--targets", nargs="+", default=list(LORA_TARGETS),
-                        help="LoRA target layers of both contenders (default: q,k,v,o); e.g. all-linear")  # fmt: skip
-    parser.add_argument("--data", choices=list(DATA_CHOICES), default="text",
-                        help="; ".join(f"{k}: {v}" for k, v in DATA_CHOICES.items()).replace("%", "%%"))  # fmt: skip
+    parser.add_argument(
+        "--targets",
+        nargs="+",
+        default=list(LORA_TARGETS),
+        help="LoRA target layers of both contenders (default: q,k,v,o); e.g. all-linear",
+    )
+    parser.add_argument(
+        "--data",
+        choices=list(DATA_CHOICES),
+        default="text",
+        help="; ".join(f"{k}: {v}" for k, v in DATA_CHOICES.items()).replace("%", "%%"),
+    )
     parser.add_argument(
         "--variants",
         default="lorafit:fp32,hf:fp32",
@@ -95,22 +110,42 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="lorafit-vs-hf-") as tmp:
         work = Path(tmp)
-        spec = prepare_job(path, work, dict(steps=args.steps, sequence_length=args.sequence_length,
-                                            micro_batch_size=args.micro_batch_size,
-                                            gradient_accumulation_steps=args.accumulation, lr=args.lr,
-                                            threads=args.threads, targets=args.targets), data=args.data)  # fmt: skip
+        spec = prepare_job(
+            path,
+            work,
+            dict(
+                steps=args.steps,
+                sequence_length=args.sequence_length,
+                micro_batch_size=args.micro_batch_size,
+                gradient_accumulation_steps=args.accumulation,
+                lr=args.lr,
+                threads=args.threads,
+                targets=args.targets,
+            ),
+            data=args.data,
+        )
         print(f"job: {spec.steps} steps x {spec.tokens_per_step} tokens; contenders: {', '.join(contenders)}")
         runs = run_contenders(spec, contenders, args.reps, work)
 
     def per_run(name: str, key: str) -> list[float]:
         return [r[key] for r in runs[name]]
 
-    best = {tool: max((n for n in contenders if contenders[n][0] == tool),
-                      key=lambda n: summary(per_run(n, "tokens_per_s"))["median"]) for tool in TOOLS}  # fmt: skip
+    best = {
+        tool: max(
+            (n for n in contenders if contenders[n][0] == tool),
+            key=lambda n: summary(per_run(n, "tokens_per_s"))["median"],
+        )
+        for tool in TOOLS
+    }
     comparisons = {p: (f"lorafit:{p}", f"hf:{p}") for p in precisions}
     comparisons["best"] = (best["lorafit"], best["hf"])
-    leanest = {tool: min((n for n in contenders if contenders[n][0] == tool),
-                         key=lambda n: summary(per_run(n, "peak_rss_bytes"))["median"]) for tool in TOOLS}  # fmt: skip
+    leanest = {
+        tool: min(
+            (n for n in contenders if contenders[n][0] == tool),
+            key=lambda n: summary(per_run(n, "peak_rss_bytes"))["median"],
+        )
+        for tool in TOOLS
+    }
     if leanest != best:
         comparisons["leanest"] = (leanest["lorafit"], leanest["hf"])
     ratios, rows = {}, []
@@ -118,22 +153,35 @@ def main() -> None:
         speed = ratio_summary(per_run(ours, "tokens_per_s"), per_run(theirs, "tokens_per_s"))
         rss = ratio_summary(per_run(ours, "peak_rss_bytes"), per_run(theirs, "peak_rss_bytes"))
         loss = max(max_rel_diff(a["losses"], b["losses"]) for a, b in zip(runs[ours], runs[theirs], strict=True))
-        ratios[label] = {"lorafit": ours, "hf": theirs, "tokens_per_s": speed, "peak_rss": rss,
-                         "loss_max_rel_diff": loss}  # fmt: skip
+        ratios[label] = {
+            "lorafit": ours,
+            "hf": theirs,
+            "tokens_per_s": speed,
+            "peak_rss": rss,
+            "loss_max_rel_diff": loss,
+        }
         title = {"best": f"fastest ({ours} vs {theirs})", "leanest": f"leanest ({ours} vs {theirs})"}.get(
             label, f"both {label}"
         )
         rows.append([title, fmt_summary(speed) + "x", fmt_summary(rss) + "x", f"{100 * loss:.3g} %"])
-    table = markdown_table(["comparison", "tokens/s lorafit / Trainer", "peak RSS lorafit / Trainer",
-                            "max loss difference"], rows)  # fmt: skip
-    detail_rows = [[name, fmt_summary(summary(per_run(name, "tokens_per_s"))),
-                    fmt_summary(summary([b / 2**20 for b in per_run(name, "peak_rss_bytes")]), digits=4),
-                    fmt_summary(summary(per_run(name, "train_peak_rss_mb")), digits=4),
-                    fmt_summary(summary(per_run(name, "process_wall_s"))),
-                    f"{runs[name][0]['losses'][0]:.4f} -> {runs[name][0]['losses'][-1]:.4f}"]
-                   for name in contenders]  # fmt: skip
-    detail = markdown_table(["contender", "tokens/s", "peak RSS (MiB)", "peak RSS by the last step (MiB)",
-                             "process wall (s)", "loss"], detail_rows)  # fmt: skip
+    table = markdown_table(
+        ["comparison", "tokens/s lorafit / Trainer", "peak RSS lorafit / Trainer", "max loss difference"], rows
+    )
+    detail_rows = [
+        [
+            name,
+            fmt_summary(summary(per_run(name, "tokens_per_s"))),
+            fmt_summary(summary([b / 2**20 for b in per_run(name, "peak_rss_bytes")]), digits=4),
+            fmt_summary(summary(per_run(name, "train_peak_rss_mb")), digits=4),
+            fmt_summary(summary(per_run(name, "process_wall_s"))),
+            f"{runs[name][0]['losses'][0]:.4f} -> {runs[name][0]['losses'][-1]:.4f}",
+        ]
+        for name in contenders
+    ]
+    detail = markdown_table(
+        ["contender", "tokens/s", "peak RSS (MiB)", "peak RSS by the last step (MiB)", "process wall (s)", "loss"],
+        detail_rows,
+    )
     self_check = {}
     for name in runs:  # each setting against the fp32 run of the same tool: do the speed-ups keep the loss?
         reference = f"{contenders[name][0]}:fp32"
@@ -145,16 +193,30 @@ def main() -> None:
     print(f"(medians over {args.reps} repetitions, min-max in brackets)")
 
     spec_out = {k: v for k, v in spec.__dict__.items() if k not in ("data_prefix", "init_adapter")}
-    result = {"hardware": hardware(), "model": str(path), "data": args.data,
-              "job": spec_out | {"tokens_per_step": spec.tokens_per_step},
-              "reps": args.reps, "best": best, "leanest": leanest, "ratios": ratios,
-              "loss_max_rel_diff_vs_fp32": self_check, "runs": runs, "table": table,
-              "detail_table": detail}  # fmt: skip
+    result = {
+        "hardware": hardware(),
+        "model": str(path),
+        "data": args.data,
+        "job": spec_out | {"tokens_per_step": spec.tokens_per_step},
+        "reps": args.reps,
+        "best": best,
+        "leanest": leanest,
+        "ratios": ratios,
+        "loss_max_rel_diff_vs_fp32": self_check,
+        "runs": runs,
+        "table": table,
+        "detail_table": detail,
+    }
     fig, axes = new_figure(3, width=5.0)
     names = list(contenders)
     bar_with_range(axes[0], names, [summary(per_run(n, "tokens_per_s")) for n in names], "tokens/s", "throughput")
-    bar_with_range(axes[1], names, [summary([b / 2**20 for b in per_run(n, "peak_rss_bytes")]) for n in names],
-                   "MiB", "peak RSS (whole process)")  # fmt: skip
+    bar_with_range(
+        axes[1],
+        names,
+        [summary([b / 2**20 for b in per_run(n, "peak_rss_bytes")]) for n in names],
+        "MiB",
+        "peak RSS (whole process)",
+    )
     for name in names:
         losses = runs[name][0]["losses"]
         axes[2].plot(range(1, len(losses) + 1), losses, marker=".", label=name)

@@ -27,8 +27,20 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_task_data import CITIES, FIRST_NAMES, LAST_NAMES, task_data_main
 
-MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
-          "November", "December"]  # fmt: skip
+MONTHS = [
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+]
 DAYS_IN_MONTH = [31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31]  # no 29 February: no leap-year question
 TITLES = ["", "", "", "Dr. ", "Mr. ", "Ms. ", "Prof. "]
 INSTRUCTIONS = ["Normalise:", "Normalise this record:", "Make a register line:", "Register entry for:"]

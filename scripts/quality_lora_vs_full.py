@@ -89,8 +89,18 @@ def run_one(name: str, config: dict, work: Path, threads: int | None = None) -> 
     config_path = work / f"{name}.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     run_dir = work / "runs" / name
-    command = [sys.executable, "-m", "lorafit", "run", "--config_file_path", str(config_path),
-               "--experiments_root_path", str(work / "runs"), "--experiment_id", name]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "lorafit",
+        "run",
+        "--config_file_path",
+        str(config_path),
+        "--experiments_root_path",
+        str(work / "runs"),
+        "--experiment_id",
+        name,
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)  # torch's intra-op threads in the child
@@ -106,10 +116,15 @@ def run_one(name: str, config: dict, work: Path, threads: int | None = None) -> 
     if child.returncode != 0:
         raise SystemExit(f"[{name}] lorafit run failed ({child.returncode}):\n" + log_path.read_text()[-4000:])
     result = read_run(run_dir)
-    result.update(wall_s=round(wall, 1), peak_rss_mb=round(usage.ru_maxrss / 1024), cpu_s=round(usage.ru_utime
-                  + usage.ru_stime, 1), load_avg_1min=[round(load_before[0], 2), round(os.getloadavg()[0], 2)],
-                  trainable_params=trainable_params(config_path), learning_rate=config["optimizer"]["config"]["lr"],
-                  model=describe_model(config))  # fmt: skip
+    result.update(
+        wall_s=round(wall, 1),
+        peak_rss_mb=round(usage.ru_maxrss / 1024),
+        cpu_s=round(usage.ru_utime + usage.ru_stime, 1),
+        load_avg_1min=[round(load_before[0], 2), round(os.getloadavg()[0], 2)],
+        trainable_params=trainable_params(config_path),
+        learning_rate=config["optimizer"]["config"]["lr"],
+        model=describe_model(config),
+    )
     keep = RESULTS / "quality_lora_vs_full" / name
     shutil.rmtree(keep, ignore_errors=True)
     keep.mkdir(parents=True)
@@ -170,11 +185,23 @@ def describe_model(config: dict) -> str:
 def hardware() -> dict[str, Any]:
     import torch
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())  # fmt: skip
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version(), "os": platform.platform(),
-            "gpu": torch.cuda.is_available()}  # fmt: skip
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "os": platform.platform(),
+        "gpu": torch.cuda.is_available(),
+    }
 
 
 # --- the report ---------------------------------------------------------------------------------------------------
@@ -209,8 +236,10 @@ def results_markdown(report: dict[str, Any]) -> str:
     lines += ["", "Every wrong held-out answer after training (up to 5 per run):", ""]
     for name, r in runs.items():
         for p in r["wrong_after"]:
-            lines.append(f"- {name}: `{json.dumps(p['prediction'], ensure_ascii=False)}`, expected "
-                         f"`{json.dumps(p['reference'], ensure_ascii=False)}`")  # fmt: skip
+            lines.append(
+                f"- {name}: `{json.dumps(p['prediction'], ensure_ascii=False)}`, expected "
+                f"`{json.dumps(p['reference'], ensure_ascii=False)}`"
+            )
         if not r["wrong_after"]:
             lines.append(f"- {name}: none")
     lines.append("")
@@ -233,9 +262,13 @@ def main() -> None:
     parser.add_argument("--full-lr", type=float, nargs="+", default=None, help="default: the full config's lr")
     parser.add_argument("--work-dir", type=Path, default=None, help="run folders (default: a temporary folder)")
     parser.add_argument("--keep-runs", action="store_true", help="keep the run folders (checkpoints: ~1.6 GB each)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads per run (OMP_NUM_THREADS); 1 is much faster on a machine shared with "
-                        "other jobs, where 2 threads spin waiting for each other")  # fmt: skip
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads per run (OMP_NUM_THREADS); 1 is much faster on a machine shared with "
+        "other jobs, where 2 threads spin waiting for each other",
+    )
     parser.add_argument("--only", nargs="+", default=None, help="run only these names (others are kept from the JSON)")
     parser.add_argument("--render-only", action="store_true", help="rewrite docs/quality.md from the JSON; no run")
     args = parser.parse_args()
@@ -260,8 +293,12 @@ def main() -> None:
     finally:
         if not args.keep_runs and args.work_dir is None:
             shutil.rmtree(work, ignore_errors=True)
-    report = {"date": time.strftime("%Y-%m-%d"), "command": command.strip(), "runs": runs,
-              "hardware": {**hardware(), "torch_threads": args.threads or hardware()["torch_threads"]}}  # fmt: skip
+    report = {
+        "date": time.strftime("%Y-%m-%d"),
+        "command": command.strip(),
+        "runs": runs,
+        "hardware": {**hardware(), "torch_threads": args.threads or hardware()["torch_threads"]},
+    }
     RESULTS.mkdir(parents=True, exist_ok=True)
     out_json.write_text(json.dumps(report, indent=1) + "\n")
     write_doc(report)

@@ -34,8 +34,10 @@ SCALABLE = ("tbbmalloc", "jemalloc", "tcmalloc")
 LIBRARIES = ("libtbbmalloc.so.2", "libtbbmalloc_proxy.so.2")  # the proxy needs the allocator first
 COMMANDS = ("run", "merge", "generate")  # the commands that load a model
 _USER_PRELOAD = "LORAFIT_USER_LD_PRELOAD"  # the user's LD_PRELOAD across the re-exec (unset: there was none)
-HELP = ("memory allocator: tbbmalloc (default; 0.7x glibc's peak RSS at the same speed in training, "
-        "docs/benchmarks.md) or system (glibc's malloc). Also LORAFIT_MALLOC")  # fmt: skip
+HELP = (
+    "memory allocator: tbbmalloc (default; 0.7x glibc's peak RSS at the same speed in training, "
+    "docs/benchmarks.md) or system (glibc's malloc). Also LORAFIT_MALLOC"
+)
 
 
 def add_argument(parser) -> None:

@@ -48,10 +48,12 @@ def train(
         with tempfile.TemporaryDirectory(prefix="lorafit-config-") as tmp:
             path = Path(tmp) / "config.yaml"
             path.write_text(yaml.safe_dump(_plain(config, "config"), sort_keys=False), encoding="utf-8")
-            return run(RunRequest(path, Path(experiments_root_path), experiment_id, resume_from,
-                                  allow_config_change, items))  # fmt: skip
-    return run(RunRequest(Path(config), Path(experiments_root_path), experiment_id, resume_from,
-                          allow_config_change, items))  # fmt: skip
+            return run(
+                RunRequest(path, Path(experiments_root_path), experiment_id, resume_from, allow_config_change, items)
+            )
+    return run(
+        RunRequest(Path(config), Path(experiments_root_path), experiment_id, resume_from, allow_config_change, items)
+    )
 
 
 def _override_items(overrides: Sequence[str] | Mapping[str, Any]) -> tuple[str, ...]:
@@ -86,5 +88,7 @@ def _plain(value: Any, where: str) -> Any:
     tolist = getattr(value, "tolist", None)  # numpy scalars and arrays (and torch tensors) without importing them
     if callable(tolist) and type(value).__module__.split(".")[0] in ("numpy", "torch"):
         return _plain(tolist(), where)
-    raise UserError(f"{where}: a {type(value).__name__} is not a config value; give numbers, strings, booleans, "
-                    "paths, lists or dicts")  # fmt: skip
+    raise UserError(
+        f"{where}: a {type(value).__name__} is not a config value; give numbers, strings, booleans, "
+        "paths, lists or dicts"
+    )

@@ -137,11 +137,14 @@ def own_folder(target: str | os.PathLike, what: str, *, create: bool = True) -> 
     is refused (writing through a link would put lorafit's files, or replace files, somewhere else)."""
     target = Path(target)
     if target.is_symlink():
-        raise UserError(f"{what}: {target} is a link to {os.readlink(target)}; lorafit writes only into a folder "
-                        "of its own there: remove the link")  # fmt: skip
+        raise UserError(
+            f"{what}: {target} is a link to {os.readlink(target)}; lorafit writes only into a folder "
+            "of its own there: remove the link"
+        )
     if target.exists() and not target.is_dir():
-        raise UserError(f"{what}: {target} is a file, not a folder; lorafit writes its own folder there: "
-                        "move the file away")  # fmt: skip
+        raise UserError(
+            f"{what}: {target} is a file, not a folder; lorafit writes its own folder there: move the file away"
+        )
     if create:
         target.mkdir(parents=True, exist_ok=True)
     return target
@@ -164,5 +167,13 @@ def _alive(pid: int) -> bool:
     return True
 
 
-__all__ = ["atomic_file", "atomic_folder", "open_append", "own_folder", "publish_folder", "remove_abandoned",
-           "staging_path", "write_atomic"]  # fmt: skip
+__all__ = [
+    "atomic_file",
+    "atomic_folder",
+    "open_append",
+    "own_folder",
+    "publish_folder",
+    "remove_abandoned",
+    "staging_path",
+    "write_atomic",
+]

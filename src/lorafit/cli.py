@@ -104,8 +104,11 @@ def main(argv: list[str] | None = None, *, launcher: bool = False) -> int:
         from lorafit.console import print_error
 
         doing = "saving a checkpoint" if type(error).__name__ == "CheckpointException" else ""
-        hint = ("; complete checkpoints already written are kept: make room, then continue with --resume_from latest"
-                if args.command == "run" else "")  # fmt: skip
+        hint = (
+            "; complete checkpoints already written are kept: make room, then continue with --resume_from latest"
+            if args.command == "run"
+            else ""
+        )
         print_error(describe_storage_error(cause, doing) + hint)
         return 2
     return int(result or 0)

@@ -64,8 +64,10 @@ def _print(console: Console, name: str, text: str, **kwargs) -> None:
         getattr(sys, name).flush()
     except BrokenPipeError:
         detach_closed_stream(name)
-        note = (f"note: {name} was closed (the program reading it exited); lorafit carries on without printing "
-                "there (a run goes on writing metrics.jsonl, checkpoints and report.md in its run folder)")  # fmt: skip
+        note = (
+            f"note: {name} was closed (the program reading it exited); lorafit carries on without printing "
+            "there (a run goes on writing metrics.jsonl, checkpoints and report.md in its run folder)"
+        )
         other = "stderr" if name == "stdout" else "stdout"
         _print(_stderr if other == "stderr" else _stdout, other, note, markup=False, emoji=False)
 

@@ -112,8 +112,10 @@ def describe_storage_error(error: OSError, doing: str = "", path: str | os.PathL
     """One line: what could not be written (the error's file, else `path`), and why, in words."""
     where = f" {error.filename or path}" if error.filename or path else " a file"
     what = f"{doing}: " if doing else ""
-    return (f"{what}cannot write{where}: {os.strerror(error.errno)} ({_STORAGE_ERRNOS[error.errno]}, "
-            f"{errno.errorcode.get(error.errno, error.errno)})")  # fmt: skip
+    return (
+        f"{what}cannot write{where}: {os.strerror(error.errno)} ({_STORAGE_ERRNOS[error.errno]}, "
+        f"{errno.errorcode.get(error.errno, error.errno)})"
+    )
 
 
 @contextlib.contextmanager
@@ -126,6 +128,7 @@ def writing(path: str | os.PathLike, flag: str) -> Iterator[None]:
         if error.errno in _STORAGE_ERRNOS:
             raise UserError(f"{flag}: {describe_storage_error(error, path=path)}") from None
         if error.errno is None:
-            raise UserError(f"{flag}: cannot write {path}: {error} (the disk is full or a file-size limit was "
-                            "reached)") from None  # fmt: skip
+            raise UserError(
+                f"{flag}: cannot write {path}: {error} (the disk is full or a file-size limit was reached)"
+            ) from None
         raise

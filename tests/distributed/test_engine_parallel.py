@@ -36,16 +36,35 @@ def _worker(rank: int, world: int, out: str) -> None:
     results = {}
     try:
         fsdp2 = FSDP2Strategy(ParallelismConfig(activation_checkpointing=True))
-        run = train(make_job(f"{out}/fsdp2", env, parallelism=fsdp2, micro=1, accum=2, steps=STEPS,
-                             checkpointing_interval_in_steps=2, gather_full_model=True))  # fmt: skip
+        run = train(
+            make_job(
+                f"{out}/fsdp2",
+                env,
+                parallelism=fsdp2,
+                micro=1,
+                accum=2,
+                steps=STEPS,
+                checkpointing_interval_in_steps=2,
+                gather_full_model=True,
+            )
+        )
         results["fsdp2"] = (run.losses, run.eval_losses)
         if rank == 0:  # an unsharded copy with the trained adapter, for rank-0 evaluators and merged export
             with torch.no_grad():
                 results["fsdp2_eval_logits"] = run.model_for_eval()(PROBE).logits
         run = train(make_job(f"{out}/ddp", env, parallelism=DDPStrategy(), micro=2, accum=1, steps=STEPS))
         results["ddp"] = (run.losses, run.eval_losses)
-        run = train(make_job(f"{out}/fsdp2_resumed", env, parallelism=FSDP2Strategy(), micro=1, accum=2, steps=STEPS,
-                             resume_from=f"{out}/fsdp2/checkpoints/step_000002"))  # fmt: skip
+        run = train(
+            make_job(
+                f"{out}/fsdp2_resumed",
+                env,
+                parallelism=FSDP2Strategy(),
+                micro=1,
+                accum=2,
+                steps=STEPS,
+                resume_from=f"{out}/fsdp2/checkpoints/step_000002",
+            )
+        )
         results["fsdp2_resumed"] = (run.losses, run.eval_losses)
         # frozen weights stored in bf16 (model/lora frozen_dtype): DDP trains them, FSDP2 refuses them up front
         from engine_cases import lora_model
@@ -55,12 +74,24 @@ def _worker(rank: int, world: int, out: str) -> None:
         bf16_base = [lora_model(), lora_model()]
         for model in bf16_base:
             store_frozen_linears(model, torch.bfloat16)
-        run = train(make_job(f"{out}/ddp_bf16", env, parallelism=DDPStrategy(), micro=2, accum=1, steps=STEPS,
-                             model=bf16_base[0]))  # fmt: skip
+        run = train(
+            make_job(
+                f"{out}/ddp_bf16", env, parallelism=DDPStrategy(), micro=2, accum=1, steps=STEPS, model=bf16_base[0]
+            )
+        )
         results["ddp_bf16"] = (run.losses, run.eval_losses)
         try:
-            train(make_job(f"{out}/fsdp2_bf16", env, parallelism=FSDP2Strategy(), micro=1, accum=2, steps=STEPS,
-                           model=bf16_base[1]))  # fmt: skip
+            train(
+                make_job(
+                    f"{out}/fsdp2_bf16",
+                    env,
+                    parallelism=FSDP2Strategy(),
+                    micro=1,
+                    accum=2,
+                    steps=STEPS,
+                    model=bf16_base[1],
+                )
+            )
             results["fsdp2_bf16_refusal"] = ""
         except UserError as error:
             results["fsdp2_bf16_refusal"] = str(error)

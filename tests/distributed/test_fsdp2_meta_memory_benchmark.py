@@ -12,9 +12,22 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_fsdp2_meta_memory_benchmark_tiny(smollm2_dir, tmp_path):
-    command = [sys.executable, str(REPO / "benchmarks" / "fsdp2_meta_memory.py"), "--shape", "tiny", "--model",
-               str(smollm2_dir), "--threads", "1", "--steps", "2", "--out", str(tmp_path / "out"),
-               "--workdir", str(tmp_path / "work")]  # fmt: skip
+    command = [
+        sys.executable,
+        str(REPO / "benchmarks" / "fsdp2_meta_memory.py"),
+        "--shape",
+        "tiny",
+        "--model",
+        str(smollm2_dir),
+        "--threads",
+        "1",
+        "--steps",
+        "2",
+        "--out",
+        str(tmp_path / "out"),
+        "--workdir",
+        str(tmp_path / "work"),
+    ]
     proc = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((tmp_path / "out" / "fsdp2_meta_memory.json").read_text())

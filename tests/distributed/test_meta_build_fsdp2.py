@@ -28,14 +28,23 @@ STEPS = 2
 
 
 def _configs(model_dir: Path, folder: Path) -> dict[str, Path]:
-    base = tiny_run_config(model_dir, cache_path=folder / "cache" / "lorem", micro=1, accum=2, steps=STEPS,
-                           targets=("q_proj", "v_proj", "down_proj"))  # fmt: skip
+    base = tiny_run_config(
+        model_dir,
+        cache_path=folder / "cache" / "lorem",
+        micro=1,
+        accum=2,
+        steps=STEPS,
+        targets=("q_proj", "v_proj", "down_proj"),
+    )
     base["settings"]["intervals"]["checkpointing_interval_in_steps"] = STEPS
     hf = copy.deepcopy(base)
     hf["model"]["config"]["use_dora"] = True
     checkpointed = copy.deepcopy(base)
-    checkpointed["architecture"] = {"component_key": "model", "variant_key": "huggingface_from_config",
-                                    "config": {"config_path": str(model_dir)}}  # fmt: skip
+    checkpointed["architecture"] = {
+        "component_key": "model",
+        "variant_key": "huggingface_from_config",
+        "config": {"config_path": str(model_dir)},
+    }
     checkpointed["base_model"] = checkpointed_model("architecture", folder / "modalities_model.bin", device=0)
     checkpointed["model"]["config"]["init"] = "pissa"
     bf16 = copy.deepcopy(base)
@@ -126,8 +135,10 @@ def test_each_rank_reads_its_shards_equal_to_one_process(spawned, name):
 def test_the_log_says_which_build_ran(meta_runs, spawned):
     said = (meta_runs[0] / "stdout_0.txt").read_text()
     assert "the model is built on the meta device; after sharding, each rank reads only its shards of" in said
-    assert "every rank builds the whole model and loads its weights before sharding: model/lora frozen_dtype " \
-           "bfloat16" in said  # fmt: skip
+    assert (
+        "every rank builds the whole model and loads its weights before sharding: model/lora frozen_dtype "
+        "bfloat16" in said
+    )
 
 
 def test_frozen_dtype_builds_the_whole_model_before_sharding(meta_runs, spawned):

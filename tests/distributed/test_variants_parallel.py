@@ -38,8 +38,17 @@ def _worker(rank: int, world: int, out: str) -> None:
     results = {}
     try:
         for variant in VARIANTS:
-            run = train(make_job(f"{out}/fsdp2_{variant}", env, parallelism=FSDP2Strategy(), micro=1, accum=2,
-                                 steps=STEPS, model=_model(variant)))  # fmt: skip
+            run = train(
+                make_job(
+                    f"{out}/fsdp2_{variant}",
+                    env,
+                    parallelism=FSDP2Strategy(),
+                    micro=1,
+                    accum=2,
+                    steps=STEPS,
+                    model=_model(variant),
+                )
+            )
             results[variant] = run.losses
         if rank == 0:
             torch.save(results, f"{out}/results.pt")
@@ -55,8 +64,10 @@ def runs(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("variants")
     env = init_distributed()
-    reference = {v: train(make_job(out / f"single_{v}", env, micro=2, accum=2, steps=STEPS, model=_model(v))).losses
-                 for v in VARIANTS}  # fmt: skip
+    reference = {
+        v: train(make_job(out / f"single_{v}", env, micro=2, accum=2, steps=STEPS, model=_model(v))).losses
+        for v in VARIANTS
+    }
     spawn_ranks(_worker, str(out))
     return out, reference, torch.load(out / "results.pt", weights_only=False)
 

@@ -17,10 +17,14 @@ import lorafit
 from lorafit.cli import main
 
 CHATS = [
-    {"messages": [{"role": "user", "content": f"Record: {name}, {age}."},
-                  {"role": "assistant", "content": f"name: {name}; age: {age}"}]}
+    {
+        "messages": [
+            {"role": "user", "content": f"Record: {name}, {age}."},
+            {"role": "assistant", "content": f"name: {name}; age: {age}"},
+        ]
+    }
     for name, age in [("Ada", 36), ("Alan", 41), ("Grace", 85), ("Linus", 28), ("Marie", 66), ("Emmy", 53)] * 4
-]  # fmt: skip
+]
 
 
 def run_config(model: str, data: Path, root: Path, seed: int, chat_template: str | None = None, **export) -> dict:
@@ -74,8 +78,11 @@ def runs(tiny_model_dir, tmp_path_factory):
     try:
         dirs = {}
         named = {"base_model_name_or_path": "org/tiny-llama"}
-        for seed, name, template, export in [(3, "default", None, {}), (5, "chatml", "chatml", {}),
-                                             (4, "named", None, named)]:  # fmt: skip
+        for seed, name, template, export in [
+            (3, "default", None, {}),
+            (5, "chatml", "chatml", {}),
+            (4, "named", None, named),
+        ]:
             config = root / f"{name}.yaml"
             config.write_text(yaml.safe_dump(run_config(tiny_model_dir.name, data, root, seed, template, **export)))
             argv = ["run", "--config_file_path", str(config), "--experiments_root_path", str(root / "runs")]
@@ -121,8 +128,9 @@ def test_generate_uses_the_chat_template_for_a_chat_trained_adapter(runs, tiny_m
     assert "chat-formatted" not in raw.err
 
 
-def test_the_adapter_carries_its_chat_template_into_generate_and_merge(runs, tiny_model_dir, tmp_path, capsys,
-                                                                       monkeypatch):  # fmt: skip
+def test_the_adapter_carries_its_chat_template_into_generate_and_merge(
+    runs, tiny_model_dir, tmp_path, capsys, monkeypatch
+):
     """The run saves its tokenizer in adapter/ (chat_template.jinja: the template it trained with, here chatml, not
     the base's own); generate and merge with that adapter render chats with it, and PEFT still loads the folder."""
     from peft import AutoPeftModelForCausalLM
@@ -203,8 +211,10 @@ def test_an_adapter_is_never_applied_to_a_folder_it_was_merged_into(runs, tiny_m
     assert "already merged into" in capsys.readouterr().err and not out.exists()
     # another adapter on the merged model is a legitimate stack
     other = runs["named"] / "adapter"
-    assert main(["generate", "--model", str(merged), "--adapter", str(other), "--prompt", "hi",
-                 "--max_new_tokens", "2"]) == 0  # fmt: skip
+    assert (
+        main(["generate", "--model", str(merged), "--adapter", str(other), "--prompt", "hi", "--max_new_tokens", "2"])
+        == 0
+    )
 
 
 def test_save_pretrained_writes_what_loads_back(tiny_model_dir, tmp_path):
@@ -231,8 +241,10 @@ def test_save_pretrained_writes_what_loads_back(tiny_model_dir, tmp_path):
     assert torch.equal(reloaded, base) and not torch.allclose(reloaded, expected)
 
     lorafit.save_pretrained(model, tmp_path / "adapter")
-    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == ["adapter_config.json",
-                                                                       "adapter_model.safetensors"]  # fmt: skip
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
     peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "adapter")
     with torch.no_grad():
         torch.testing.assert_close(peft_model.eval()(ids).logits, expected, atol=1e-6, rtol=1e-6)

@@ -37,15 +37,23 @@ def test_train_from_a_file_with_overrides_as_list_or_dict(config, tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(config))
     # experiment ids given: the default one (time to the second + config file hash) repeats within a second
-    one = lorafit.train(path, {"settings.training_target.num_target_steps": 1, "model.config.r": 2},
-                        experiments_root_path=tmp_path / "exp", experiment_id="one")  # fmt: skip
+    one = lorafit.train(
+        path,
+        {"settings.training_target.num_target_steps": 1, "model.config.r": 2},
+        experiments_root_path=tmp_path / "exp",
+        experiment_id="one",
+    )
     assert _train_steps(one) == [1]
     assert json.loads((one / "adapter" / "adapter_config.json").read_text())["r"] == 2
     assert (one / "config.yaml").read_bytes() == path.read_bytes()  # the user's file, overrides recorded beside it
     resolved = yaml.safe_load((one / "config.resolved.yaml").read_text())
     assert resolved["settings"]["training_target"]["num_target_steps"] == 1
-    three = lorafit.train(str(path), ["settings.training_target.num_target_steps=3"],
-                          experiments_root_path=tmp_path / "exp", experiment_id="three")  # fmt: skip
+    three = lorafit.train(
+        str(path),
+        ["settings.training_target.num_target_steps=3"],
+        experiments_root_path=tmp_path / "exp",
+        experiment_id="three",
+    )
     assert _train_steps(three) == [1, 2, 3]
 
 

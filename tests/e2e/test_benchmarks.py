@@ -14,8 +14,19 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def run_benchmark(script: str, model: Path, out: Path, *extra: str) -> dict:
-    cmd = [sys.executable, str(REPO / "benchmarks" / script), "--model", str(model), "--reps", "1",
-           "--threads", "1", "--out", str(out), *extra]  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(REPO / "benchmarks" / script),
+        "--model",
+        str(model),
+        "--reps",
+        "1",
+        "--threads",
+        "1",
+        "--out",
+        str(out),
+        *extra,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     name = Path(script).stem
@@ -74,8 +85,19 @@ def test_vs_trainer_peft_benchmark(tiny_model_dir, tmp_path):
 def test_vs_trainer_peft_on_instruction_data_with_swapped_allocators(tiny_model_dir, tmp_path):
     # 256-token blocks hold 2-3 conversations each (32-token ones hold pieces of one), so the documents of a block
     # must be kept apart in both contenders (position ids restarting per document)
-    result = run_benchmark("vs_trainer_peft.py", tiny_model_dir, tmp_path, "--steps", "3", "--sequence-length", "256",
-                           "--data", "instruction", "--variants", "lorafit:fp32+glibc,hf:fp32+tbbmalloc")  # fmt: skip
+    result = run_benchmark(
+        "vs_trainer_peft.py",
+        tiny_model_dir,
+        tmp_path,
+        "--steps",
+        "3",
+        "--sequence-length",
+        "256",
+        "--data",
+        "instruction",
+        "--variants",
+        "lorafit:fp32+glibc,hf:fp32+tbbmalloc",
+    )
     ours, theirs = result["runs"]["lorafit:fp32+glibc"][0], result["runs"]["hf:fp32+tbbmalloc"][0]
     assert (ours["allocator"], theirs["allocator"]) == ("system", "tbbmalloc")
     # prompts masked: the Trainer's loss over all logits and lorafit's over target rows only agree. Tight: the
@@ -97,8 +119,9 @@ def test_lora_vs_full_benchmark(tiny_model_dir, tmp_path):
 
 def test_engine_settings_benchmark(tiny_model_dir, tmp_path):
     # chunks of 32 target positions: the 2 x 32-position micro-batch takes 2 chunks (the chunked path really runs)
-    result = run_benchmark("engine_settings.py", tiny_model_dir, tmp_path, *TRAIN_ARGS, "--variants", "chunked",
-                           "--chunk-tokens", "32")  # fmt: skip
+    result = run_benchmark(
+        "engine_settings.py", tiny_model_dir, tmp_path, *TRAIN_ARGS, "--variants", "chunked", "--chunk-tokens", "32"
+    )
     assert result["variants"]["chunked"] == {"loss_chunk_tokens": 32}
     # chunking the output head + cross-entropy changes how the loss is computed, not its value
     assert result["ratios"]["chunked"]["loss_max_rel_diff"] < 1e-5
@@ -106,8 +129,9 @@ def test_engine_settings_benchmark(tiny_model_dir, tmp_path):
 
 
 def test_step_profile_benchmark(tiny_model_dir, tmp_path):
-    result = run_benchmark("step_profile.py", tiny_model_dir, tmp_path, "--sequence-length", "32",
-                           "--chunk-tokens", "32")  # fmt: skip
+    result = run_benchmark(
+        "step_profile.py", tiny_model_dir, tmp_path, "--sequence-length", "32", "--chunk-tokens", "32"
+    )
     assert set(result["step_s"]) == {"baseline", "eager-attn", "chunked-ce", "bf16"}
     phases = result["phases_s"]["baseline"]
     assert sum(p["median"] for p in phases.values()) > 0
@@ -131,10 +155,23 @@ def test_variants_benchmark_runs_real_lorafit_runs(tiny_model_dir, tmp_path):
     """PiSSA and the 4-bit base (its adapted layers in bf16) through `lorafit run` (the tiny model stands in for
     SmolLM2): a table row each, a PiSSA adapter converted to rank 2r, and none of torchao's CUDA-library noise in
     the user's log."""
-    cmd = [sys.executable, str(REPO / "benchmarks" / "variants.py"), "--variants", "pissa", "nf4_attn_bf16",
-           "--steps", "2",
-           "--parallel", "2", "--model-folder", str(tiny_model_dir), "--work-dir", str(tmp_path / "work"),
-           "--out", str(tmp_path)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(REPO / "benchmarks" / "variants.py"),
+        "--variants",
+        "pissa",
+        "nf4_attn_bf16",
+        "--steps",
+        "2",
+        "--parallel",
+        "2",
+        "--model-folder",
+        str(tiny_model_dir),
+        "--work-dir",
+        str(tmp_path / "work"),
+        "--out",
+        str(tmp_path),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((tmp_path / "variants.json").read_text())
@@ -150,8 +187,16 @@ def test_variants_benchmark_runs_real_lorafit_runs(tiny_model_dir, tmp_path):
     # forgetting.py on these run folders: the PiSSA adapter (converted to the original base) is judged on the base;
     # the 4-bit run is refused (its adapter belongs to another base)
     runs = tmp_path / "work" / "runs"
-    forgetting = [sys.executable, str(REPO / "benchmarks" / "forgetting.py"), "--model-folder", str(tiny_model_dir),
-                  "--max-new-tokens", "8", "--out", str(tmp_path)]  # fmt: skip
+    forgetting = [
+        sys.executable,
+        str(REPO / "benchmarks" / "forgetting.py"),
+        "--model-folder",
+        str(tiny_model_dir),
+        "--max-new-tokens",
+        "8",
+        "--out",
+        str(tmp_path),
+    ]
     proc = subprocess.run([*forgetting, str(runs / "pissa_s1")], capture_output=True, text=True, cwd=REPO, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     losses = json.loads((tmp_path / "forgetting.json").read_text())["loss_on_base_answers"]

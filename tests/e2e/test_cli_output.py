@@ -27,8 +27,10 @@ def config_path(tiny_model_dir, tmp_path_factory):
 
 
 def test_run_lines_carry_step_total_and_eta_and_no_loading_bar(config_path, tmp_path, capfd):
-    assert main(["run", "--config", str(config_path), "--experiments-root-path", str(tmp_path), "--experiment-id",
-                 "r"]) == 0  # fmt: skip
+    assert (
+        main(["run", "--config", str(config_path), "--experiments-root-path", str(tmp_path), "--experiment-id", "r"])
+        == 0
+    )
     out, err = capfd.readouterr()
     assert "Loading weights" not in out + err and "it/s]" not in out + err
     lines = [line for line in out.splitlines() if line.startswith("step ")]
@@ -39,12 +41,26 @@ def test_run_lines_carry_step_total_and_eta_and_no_loading_bar(config_path, tmp_
 
 
 def test_merge_prints_its_own_lines_and_no_bar_outside_a_terminal(config_path, tmp_path, tiny_model_dir, capfd):
-    assert main(["run", "--config", str(config_path), "--experiments-root-path", str(tmp_path), "--experiment-id",
-                 "m"]) == 0  # fmt: skip
+    assert (
+        main(["run", "--config", str(config_path), "--experiments-root-path", str(tmp_path), "--experiment-id", "m"])
+        == 0
+    )
     capfd.readouterr()
     adapter = tmp_path / "m" / "adapter"
-    assert main(["merge", "--base", str(tiny_model_dir), "--adapter", str(adapter), "--output-dir",
-                 str(tmp_path / "merged")]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "merge",
+                "--base",
+                str(tiny_model_dir),
+                "--adapter",
+                str(adapter),
+                "--output-dir",
+                str(tmp_path / "merged"),
+            ]
+        )
+        == 0
+    )
     out, err = capfd.readouterr()
     assert "Loading weights" not in out + err and "Writing model shards" not in out + err and "it/s]" not in err
     assert out.count("writing the merged model to") == 1 and out.count("merged model written to") == 1

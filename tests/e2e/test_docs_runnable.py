@@ -77,7 +77,14 @@ def test_runnable_block_runs(where, overrides, block, smollm2_dir, tmp_path):
             (tmp_path / "data" / entry.name).symlink_to(entry)
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     script = with_overrides(block, overrides)
-    done = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", script], cwd=tmp_path, env=env, text=True,
-                          capture_output=True, stdin=subprocess.DEVNULL, timeout=1200)  # fmt: skip
+    done = subprocess.run(
+        ["bash", "-e", "-o", "pipefail", "-c", script],
+        cwd=tmp_path,
+        env=env,
+        text=True,
+        capture_output=True,
+        stdin=subprocess.DEVNULL,
+        timeout=1200,
+    )
     output = f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     assert done.returncode == 0, f"{where}: exit {done.returncode}\n{script}\n{output}"

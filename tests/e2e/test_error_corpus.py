@@ -62,8 +62,16 @@ class Ctx:
         return path
 
     def run_args(self, config_path: Path, *extra: str) -> list[str]:
-        return ["run", "--config_file_path", str(config_path), "--experiments_root_path", str(self.tmp / "exp"),
-                "--experiment_id", "run", *extra]  # fmt: skip
+        return [
+            "run",
+            "--config_file_path",
+            str(config_path),
+            "--experiments_root_path",
+            str(self.tmp / "exp"),
+            "--experiment_id",
+            "run",
+            *extra,
+        ]
 
     @property
     def baseline(self) -> Baseline:
@@ -163,8 +171,11 @@ def validate_bytes(content: bytes) -> Callable[[Ctx], list[str]]:
 def checkpointed(ctx: Ctx, checkpoint_path: Path) -> dict:
     """The tiny run config with its base model built from config.json and its weights from `checkpoint_path`."""
     config = ctx.config()
-    config["architecture"] = {"component_key": "model", "variant_key": "huggingface_from_config",
-                              "config": {"config_path": str(ctx.model_dir)}}  # fmt: skip
+    config["architecture"] = {
+        "component_key": "model",
+        "variant_key": "huggingface_from_config",
+        "config": {"config_path": str(ctx.model_dir)},
+    }
     config["base_model"] = checkpointed_model("architecture", checkpoint_path)
     return config
 
@@ -180,8 +191,9 @@ def run_with_checkpoint(make_file: Callable[[Ctx, Path], None], name: str = "mod
     return setup
 
 
-def validate_with_checkpoint(make_file: Callable[[Ctx, Path], None] | None, name: str = "model.bin",
-                             *mutations: Callable[[dict], None]):  # fmt: skip
+def validate_with_checkpoint(
+    make_file: Callable[[Ctx, Path], None] | None, name: str = "model.bin", *mutations: Callable[[dict], None]
+):
     """`lorafit validate` of the checkpointed config (under validate the file must exist; nothing is read)."""
 
     def setup(ctx: Ctx) -> list[str]:
@@ -204,8 +216,18 @@ def data_pack(input_name: str, content: bytes | None, tokenizer: str = "{model}"
         if content is not None:
             source.write_bytes(content)
         tok = tokenizer.replace("{model}", str(ctx.model_dir)).replace("{tmp}", str(ctx.tmp))
-        return ["data", "pack", "--input", str(source), "--tokenizer", tok, "--output", str(ctx.tmp / "packed"),
-                "--no_progress", *extra]  # fmt: skip
+        return [
+            "data",
+            "pack",
+            "--input",
+            str(source),
+            "--tokenizer",
+            tok,
+            "--output",
+            str(ctx.tmp / "packed"),
+            "--no_progress",
+            *extra,
+        ]
 
     return setup
 
@@ -303,8 +325,17 @@ def generate_with_adapter(mutate_adapter: Callable[[Path], None]):
         adapter = ctx.tmp / "adapter"
         shutil.copytree(ctx.baseline.run_dir / "adapter", adapter)
         mutate_adapter(adapter)
-        return ["generate", "--model", str(ctx.model_dir), "--adapter", str(adapter), "--prompt", "hi",
-                "--max_new_tokens", "2"]  # fmt: skip
+        return [
+            "generate",
+            "--model",
+            str(ctx.model_dir),
+            "--adapter",
+            str(adapter),
+            "--prompt",
+            "hi",
+            "--max_new_tokens",
+            "2",
+        ]
 
     return setup
 
@@ -320,8 +351,12 @@ def wrong_shape_adapter(adapter: Path) -> None:
 
 
 # --- runs for the cases ---
-def resume(mutate_run: Callable[[Path], None] = lambda run_dir: None, *mutations: Callable[[dict], None],
-           resume_from: str = "latest", extra: tuple[str, ...] = ()):  # fmt: skip
+def resume(
+    mutate_run: Callable[[Path], None] = lambda run_dir: None,
+    *mutations: Callable[[dict], None],
+    resume_from: str = "latest",
+    extra: tuple[str, ...] = (),
+):
     """`lorafit run --resume_from ...` of a copy of the finished baseline run, with the config changed."""
 
     def setup(ctx: Ctx) -> list[str]:
@@ -341,8 +376,16 @@ def resume_fresh(resume_from: str, *extra: str):
 
     def setup(ctx: Ctx) -> list[str]:
         config_path = ctx.write_config(ctx.config())
-        return ["run", "--config_file_path", str(config_path), "--experiments_root_path", str(ctx.tmp / "exp"),
-                "--resume_from", resume_from, *extra]  # fmt: skip
+        return [
+            "run",
+            "--config_file_path",
+            str(config_path),
+            "--experiments_root_path",
+            str(ctx.tmp / "exp"),
+            "--resume_from",
+            resume_from,
+            *extra,
+        ]
 
     return setup
 
@@ -400,6 +443,7 @@ PYTHON_TAG = """\
 
 # ---------------------------------------------------------------------------------------------------- the corpus
 # fmt: off
+# one case to a few lines (name, mutation, expected message): the corpus reads as a table; unfolded it would not
 CASES = [
     # --- the config file itself
     Case("yaml_syntax", validate_text("settings: {seed: 1\nmodel: x\n"),
@@ -661,8 +705,15 @@ def baseline(tmp_path_factory, tiny_model_dir) -> Baseline:
     config = tiny_config(tiny_model_dir, root, steps=4, checkpoint_every=1)
     config_path = root / "config.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-    args = ["run", "--config_file_path", str(config_path), "--experiments_root_path", str(root / "exp"),
-            "--experiment_id", "straight"]  # fmt: skip
+    args = [
+        "run",
+        "--config_file_path",
+        str(config_path),
+        "--experiments_root_path",
+        str(root / "exp"),
+        "--experiment_id",
+        "straight",
+    ]
     assert main(args) == 0
     run_dir = root / "exp" / "straight"
     assert sorted(losses(run_dir)) == [1, 2, 3, 4]
@@ -756,8 +807,13 @@ CHILD = textwrap.dedent(
 def kill_run(point: str, step: int, argv: list[str], checkpoints: Path) -> str:
     """Start `lorafit run` (argv), SIGKILL it at `point` of writing checkpoint `step`; returns its output."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    child = subprocess.Popen([sys.executable, "-c", CHILD, point, str(step), *argv], stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True, env=env)  # fmt: skip
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, point, str(step), *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
     output: list[str] = []
     try:
         if point == "tmp_folder_appears":  # no stall: kill as soon as the folder is seen, wherever the write is
@@ -788,8 +844,15 @@ def test_killed_at_several_points_of_writing_checkpoints_then_resumed_equals_uni
     from lorafit.checkpoint.state import find_latest
 
     root = tmp_path / "exp"
-    argv = ["run", "--config_file_path", str(baseline.config_path), "--experiments_root_path", str(root),
-            "--experiment_id", "killed"]  # fmt: skip
+    argv = [
+        "run",
+        "--config_file_path",
+        str(baseline.config_path),
+        "--experiments_root_path",
+        str(root),
+        "--experiment_id",
+        "killed",
+    ]
     resume_argv = [*argv, "--resume_from", "latest"]
     checkpoints = root / "killed" / "checkpoints"
 
@@ -838,8 +901,19 @@ def test_damaged_latest_checkpoint_is_skipped_with_a_warning_and_kept(baseline, 
     damaged = (run_dir / "checkpoints" / "step_000004" / "__0_0.distcp").read_bytes()
 
     capsys.readouterr()
-    code = main(["run", "--config_file_path", str(baseline.config_path), "--experiments_root_path", str(root),
-                 "--experiment_id", "straight", "--resume_from", "latest"])  # fmt: skip
+    code = main(
+        [
+            "run",
+            "--config_file_path",
+            str(baseline.config_path),
+            "--experiments_root_path",
+            str(root),
+            "--experiment_id",
+            "straight",
+            "--resume_from",
+            "latest",
+        ]
+    )
     out, err = capsys.readouterr()
     assert code == 0, err
     assert "warning: skipping checkpoint" in err
@@ -867,10 +941,26 @@ def _is_true(node: ast.AST | None) -> bool:
 
 
 FORBIDDEN_CALLS = {
-    "pickle.load", "pickle.loads", "pickle.Unpickler", "marshal.loads", "marshal.load", "dill.load", "dill.loads",
-    "cloudpickle.load", "cloudpickle.loads", "yaml.load", "yaml.unsafe_load", "yaml.full_load", "yaml.load_all",
-    "yaml.unsafe_load_all", "eval", "exec", "__import__", "shelve.open", "jsonpickle.decode",
-}  # fmt: skip
+    "pickle.load",
+    "pickle.loads",
+    "pickle.Unpickler",
+    "marshal.loads",
+    "marshal.load",
+    "dill.load",
+    "dill.loads",
+    "cloudpickle.load",
+    "cloudpickle.loads",
+    "yaml.load",
+    "yaml.unsafe_load",
+    "yaml.full_load",
+    "yaml.load_all",
+    "yaml.unsafe_load_all",
+    "eval",
+    "exec",
+    "__import__",
+    "shelve.open",
+    "jsonpickle.decode",
+}
 
 
 def test_no_source_file_loads_data_in_a_way_that_can_run_code():
@@ -920,8 +1010,12 @@ def test_the_config_loader_is_safe_yaml():
 
     assert "load_yaml_text(" in (SRC / "config" / "loader.py").read_text()
     assert issubclass(_StrictLoader, yaml.SafeLoader)
-    for tag in ("!!python/object/apply:os.system ['true']", "!!python/name:os.system", "!!python/module:os",
-                "!!python/object/new:subprocess.Popen [['true']]"):  # fmt: skip
+    for tag in (
+        "!!python/object/apply:os.system ['true']",
+        "!!python/name:os.system",
+        "!!python/module:os",
+        "!!python/object/new:subprocess.Popen [['true']]",
+    ):
         path = Path(os.environ.get("TMPDIR", "/tmp")) / f"lorafit_tag_{os.getpid()}.yaml"
         try:
             path.write_text(f"model: {tag}\n")

@@ -28,11 +28,27 @@ from tiny_runs import LOREM
 # ------------------------------------------------------------------------------------------------ helpers
 def smallest_run_config(model_dir: Path, train_path: Path, cache_path: Path, *, steps: int = 1) -> dict:
     """The smallest complete run: LoRA on the tiny Llama, one step, the raw text file cached at `cache_path`."""
-    every = {"training_log_interval_in_steps": 1, "checkpointing_interval_in_steps": steps,
-             "evaluation_interval_in_steps": steps}  # fmt: skip
-    return tiny_runs.tiny_run_config(model_dir, data=train_path, cache_path=cache_path, seed=1, micro=1, accum=1,
-                                     sequence_length=16, steps=steps, intervals=every, r=2, alpha=4,
-                                     targets=("q_proj",), lr=1e-3, scheduler="constant")  # fmt: skip
+    every = {
+        "training_log_interval_in_steps": 1,
+        "checkpointing_interval_in_steps": steps,
+        "evaluation_interval_in_steps": steps,
+    }
+    return tiny_runs.tiny_run_config(
+        model_dir,
+        data=train_path,
+        cache_path=cache_path,
+        seed=1,
+        micro=1,
+        accum=1,
+        sequence_length=16,
+        steps=steps,
+        intervals=every,
+        r=2,
+        alpha=4,
+        targets=("q_proj",),
+        lr=1e-3,
+        scheduler="constant",
+    )
 
 
 def write_yaml(path: Path, config: dict) -> Path:
@@ -94,21 +110,43 @@ def test_cache_path_onto_the_users_own_files_is_refused(command, tmp_path, tiny_
     if command == "run":
         argv += ["--experiments_root_path", str(tmp_path / "exp"), "--experiment_id", "x"]
     code, err = cli(argv, capsys)
-    assert_one_error(code, err, "train_dataset.config.cache_path:", "corpus.bin, corpus.json",
-                     "lorafit did not write them", "choose another cache_path")  # fmt: skip
+    assert_one_error(
+        code,
+        err,
+        "train_dataset.config.cache_path:",
+        "corpus.bin, corpus.json",
+        "lorafit did not write them",
+        "choose another cache_path",
+    )
     assert_unchanged(before, snapshot(tmp_path), may_add=("exp",))
 
 
 def test_cache_path_onto_another_files_pack_output_is_refused(tmp_path, tiny_model_dir, capsys):
     other = tmp_path / "other.txt"
     other.write_text("Another document.\n\nAnd a second one, a little longer than the first.\n")
-    pack = ["data", "pack", "--input", str(other), "--tokenizer", str(tiny_model_dir), "--output",
-            str(tmp_path / "packed"), "--no_progress"]  # fmt: skip
+    pack = [
+        "data",
+        "pack",
+        "--input",
+        str(other),
+        "--tokenizer",
+        str(tiny_model_dir),
+        "--output",
+        str(tmp_path / "packed"),
+        "--no_progress",
+    ]
     assert cli(pack, capsys)[0] == 0
     config = write_yaml(tmp_path / "config.yaml", smallest_run_config(tiny_model_dir, LOREM, tmp_path / "packed"))
     before = snapshot(tmp_path)
-    run = ["run", "--config_file_path", str(config), "--experiments_root_path", str(tmp_path / "exp"),
-           "--experiment_id", "x"]  # fmt: skip
+    run = [
+        "run",
+        "--config_file_path",
+        str(config),
+        "--experiments_root_path",
+        str(tmp_path / "exp"),
+        "--experiment_id",
+        "x",
+    ]
     code, err = cli(run, capsys)
     assert_one_error(code, err, "train_dataset.config.cache_path:", "a `lorafit data pack` output of", "other.txt")
     assert_unchanged(before, snapshot(tmp_path), may_add=("exp",))
@@ -142,15 +180,36 @@ def test_data_pack_never_replaces_what_is_not_a_pack_output(tmp_path, tiny_model
     pack = ["data", "pack", "--input", str(source), "--tokenizer", str(tiny_model_dir), "--no_progress", "--output"]
     before = snapshot(tmp_path)
     code, err = cli([*pack, str(tmp_path / "corpus"), "--overwrite"], capsys)
-    assert_one_error(code, err, "--output", "corpus.bin, ", "corpus.json exist and are not an earlier "
-                     "`lorafit data pack` output", "choose another --output")  # fmt: skip
+    assert_one_error(
+        code,
+        err,
+        "--output",
+        "corpus.bin, ",
+        "corpus.json exist and are not an earlier `lorafit data pack` output",
+        "choose another --output",
+    )
     assert_unchanged(before, snapshot(tmp_path))
 
     # onto another pack's output: refused without --overwrite, replaced with it
     other = tmp_path / "other.txt"
     other.write_text("Something else entirely.\n")
-    assert cli(["data", "pack", "--input", str(other), "--tokenizer", str(tiny_model_dir), "--no_progress",
-                "--output", str(tmp_path / "packed")], capsys)[0] == 0  # fmt: skip
+    assert (
+        cli(
+            [
+                "data",
+                "pack",
+                "--input",
+                str(other),
+                "--tokenizer",
+                str(tiny_model_dir),
+                "--no_progress",
+                "--output",
+                str(tmp_path / "packed"),
+            ],
+            capsys,
+        )[0]
+        == 0
+    )
     before = snapshot(tmp_path)
     code, err = cli([*pack, str(tmp_path / "packed")], capsys)
     assert_one_error(code, err, "packed.bin already exists; pass --overwrite")
@@ -208,8 +267,17 @@ def test_untrusted_adapter_config_is_checked_before_anything_is_allocated(
     adapter = _edited_adapter(tmp_path, tiny_adapter, **changes)
     before = snapshot(tmp_path)
     peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    argv = ["generate", "--model", str(tiny_model_dir), "--adapter", str(adapter), "--prompt", "hi",
-            "--max_new_tokens", "1"]  # fmt: skip
+    argv = [
+        "generate",
+        "--model",
+        str(tiny_model_dir),
+        "--adapter",
+        str(adapter),
+        "--prompt",
+        "hi",
+        "--max_new_tokens",
+        "1",
+    ]
     code, err = cli(argv, capsys)
     assert_one_error(code, err, *fragments)
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before < 200_000  # KiB: nothing huge
@@ -231,8 +299,9 @@ def test_alias_bomb_is_refused_at_once_even_under_an_unknown_key(tmp_path, tiny_
     started = time.monotonic()
     result = lorafit_process(["validate", "--config_file_path", str(config)], timeout=60)
     assert time.monotonic() - started < 30
-    assert_one_error(result.returncode, result.stderr, "config.yaml: line", "expands to more than 100,000 values",
-                     "through aliases")  # fmt: skip
+    assert_one_error(
+        result.returncode, result.stderr, "config.yaml: line", "expands to more than 100,000 values", "through aliases"
+    )
     assert_unchanged(before, snapshot(tmp_path))
 
 
@@ -276,8 +345,16 @@ def test_duplicate_key_names_both_lines(tmp_path, tiny_model_dir, capsys):
 
 # ------------------------------------------------------------------------------------ 11. the file system says no
 def run_argv(config: Path, root: Path, experiment_id: str = "x", *extra: str) -> list[str]:
-    return ["run", "--config_file_path", str(config), "--experiments_root_path", str(root), "--experiment_id",
-            experiment_id, *extra]  # fmt: skip
+    return [
+        "run",
+        "--config_file_path",
+        str(config),
+        "--experiments_root_path",
+        str(root),
+        "--experiment_id",
+        experiment_id,
+        *extra,
+    ]
 
 
 def read_only_mount(folder: Path, argv: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
@@ -295,8 +372,14 @@ def test_read_only_experiments_root_is_one_error_and_leaves_no_run_folder(tmp_pa
     (tmp_path / "exp").mkdir()
     before = snapshot(tmp_path)
     result = read_only_mount(tmp_path / "exp", run_argv(config, tmp_path / "exp"))
-    assert_one_error(result.returncode, result.stderr, "--experiments_root_path", "cannot create the run folder",
-                     "Read-only file system", "EROFS")  # fmt: skip
+    assert_one_error(
+        result.returncode,
+        result.stderr,
+        "--experiments_root_path",
+        "cannot create the run folder",
+        "Read-only file system",
+        "EROFS",
+    )
     assert_unchanged(before, snapshot(tmp_path))
 
 
@@ -305,8 +388,12 @@ def test_read_only_dataset_cache_is_one_error_naming_cache_path_and_leaves_no_ru
     config = write_yaml(tmp_path / "config.yaml", smallest_run_config(tiny_model_dir, LOREM, tmp_path / "cache" / "c"))
     before = snapshot(tmp_path)
     result = read_only_mount(tmp_path / "cache", run_argv(config, tmp_path / "exp"))
-    assert_one_error(result.returncode, result.stderr, "train_dataset.config.cache_path: cannot write the dataset "
-                     "cache", "Read-only file system")  # fmt: skip
+    assert_one_error(
+        result.returncode,
+        result.stderr,
+        "train_dataset.config.cache_path: cannot write the dataset cache",
+        "Read-only file system",
+    )
     assert not (tmp_path / "exp" / "x").exists()  # removed again: the same --experiment_id works once fixed
     assert_unchanged(before, snapshot(tmp_path), may_add=("exp",))
 
@@ -330,10 +417,23 @@ def test_disk_full_while_writing_a_checkpoint_keeps_the_previous_one_and_resume_
 
     argv = run_argv(config(3), root, "r", "--resume_from", "latest", "--allow_config_change")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    result = subprocess.run([sys.executable, "-m", "lorafit", *argv], capture_output=True, text=True, env=env,
-                            timeout=120, preexec_fn=limit_file_size)  # fmt: skip
-    assert_one_error(result.returncode, result.stderr, "saving a checkpoint: cannot write", "File too large",
-                     "EFBIG", "step_000002, is kept", "--resume_from latest")  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "lorafit", *argv],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        preexec_fn=limit_file_size,
+    )
+    assert_one_error(
+        result.returncode,
+        result.stderr,
+        "saving a checkpoint: cannot write",
+        "File too large",
+        "EFBIG",
+        "step_000002, is kept",
+        "--resume_from latest",
+    )
     assert snapshot(root / "r" / "checkpoints" / "step_000002") == kept
     assert not (root / "r" / "checkpoints" / "step_000003").exists()
 
@@ -373,8 +473,18 @@ def test_experiment_id_is_one_folder_name(experiment_id, fragments, tmp_path, ti
 def test_merge_output_dir_that_is_a_file(tmp_path, tiny_model_dir, tiny_adapter, capsys):
     (tmp_path / "merged").write_bytes(b"my file")
     before = snapshot(tmp_path)
-    code, err = cli(["merge", "--base", str(tiny_model_dir), "--adapter", str(tiny_adapter), "--output_dir",
-                     str(tmp_path / "merged")], capsys)  # fmt: skip
+    code, err = cli(
+        [
+            "merge",
+            "--base",
+            str(tiny_model_dir),
+            "--adapter",
+            str(tiny_adapter),
+            "--output_dir",
+            str(tmp_path / "merged"),
+        ],
+        capsys,
+    )
     assert_one_error(code, err, "--output_dir", "merged is a file, not a folder")
     assert_unchanged(before, snapshot(tmp_path))
 
@@ -394,8 +504,9 @@ def test_generate_names_model_for_a_bad_model(tmp_path, capsys):
 # -------------------------------------------------------------------------------------------- 13. a closed stdout
 def test_run_piped_into_head_trains_to_the_end(tmp_path, tiny_model_dir):
     """`lorafit run ... | head -2`: the reader exits after two lines; the run still trains and writes its folder."""
-    config = write_yaml(tmp_path / "config.yaml",
-                        smallest_run_config(tiny_model_dir, LOREM, tmp_path / "cache" / "c", steps=2))  # fmt: skip
+    config = write_yaml(
+        tmp_path / "config.yaml", smallest_run_config(tiny_model_dir, LOREM, tmp_path / "cache" / "c", steps=2)
+    )
     argv = " ".join(run_argv(config, tmp_path / "exp"))
     command = f'"{sys.executable}" -m lorafit {argv} 2>"{tmp_path}/stderr.txt" | head -2; exit "${{PIPESTATUS[0]}}"'
     result = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=120)
@@ -405,8 +516,11 @@ def test_run_piped_into_head_trains_to_the_end(tmp_path, tiny_model_dir):
     assert "Traceback" not in stderr
     assert "note: stdout was closed" in stderr
     run_dir = tmp_path / "exp" / "x"
-    assert [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-            if "loss" in json.loads(line)] == [1, 2]  # fmt: skip
+    assert [
+        json.loads(line)["step"]
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+        if "loss" in json.loads(line)
+    ] == [1, 2]
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file() and (run_dir / "report.md").is_file()
 
 
@@ -428,8 +542,11 @@ def test_tokenizer_larger_than_the_models_vocabulary_is_caught_at_validate(tmp_p
 
 def test_a_diverging_learning_rate_is_reported_as_such_not_as_wiring(tmp_path, tiny_model_dir, capsys):
     config = smallest_run_config(tiny_model_dir, LOREM, tmp_path / "cache" / "c", steps=3)
-    config["settings"]["step_profile"] = {"local_train_micro_batch_size": 2, "gradient_accumulation_steps": 2,
-                                          "sequence_length": 32}  # fmt: skip
+    config["settings"]["step_profile"] = {
+        "local_train_micro_batch_size": 2,
+        "gradient_accumulation_steps": 2,
+        "sequence_length": 32,
+    }
     config["settings"]["intervals"]["checkpointing_interval_in_steps"] = 1
     config["model"]["config"].update(r=4, alpha=8, target_layers=["q_proj", "v_proj"])
     config["optimizer"]["config"]["lr"] = 1e30
@@ -448,14 +565,29 @@ def test_stale_distributed_environment_says_what_it_waits_for_and_times_out(tmp_
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     config = write_yaml(tmp_path / "config.yaml", smallest_run_config(tiny_model_dir, LOREM, tmp_path / "cache" / "c"))
-    env = {"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-           "LORAFIT_RENDEZVOUS_TIMEOUT": "2"}  # fmt: skip
+    env = {
+        "WORLD_SIZE": "2",
+        "RANK": "0",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "LORAFIT_RENDEZVOUS_TIMEOUT": "2",
+    }
     clean = {k: v for k, v in os.environ.items() if not k.startswith("TORCHELASTIC")}
-    result = subprocess.run([sys.executable, "-m", "lorafit", *run_argv(config, tmp_path / "exp")],
-                            capture_output=True, text=True, env={**clean, **env}, timeout=120)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "lorafit", *run_argv(config, tmp_path / "exp")],
+        capture_output=True,
+        text=True,
+        env={**clean, **env},
+        timeout=120,
+    )
     assert "waiting up to 2 s for the other 1 process(es) to join this process" in result.stdout
-    assert_one_error(result.returncode, result.stderr, f"MASTER_PORT={port} are set, but the other processes did not "
-                     "join within 2 s", "torchrun", "unset WORLD_SIZE, RANK, MASTER_ADDR and MASTER_PORT")  # fmt: skip
+    assert_one_error(
+        result.returncode,
+        result.stderr,
+        f"MASTER_PORT={port} are set, but the other processes did not join within 2 s",
+        "torchrun",
+        "unset WORLD_SIZE, RANK, MASTER_ADDR and MASTER_PORT",
+    )
     assert not (tmp_path / "exp").exists()
 
 
@@ -464,8 +596,13 @@ def test_a_listing_into_a_closed_pipe_ends_quietly():
     read_end, write_end = os.pipe()
     os.close(read_end)
     try:
-        result = subprocess.run([sys.executable, "-m", "lorafit", "components"], stdout=write_end,
-                                stderr=subprocess.PIPE, text=True, timeout=120)  # fmt: skip
+        result = subprocess.run(
+            [sys.executable, "-m", "lorafit", "components"],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+        )
     finally:
         os.close(write_end)
     assert result.returncode == 0, result.stderr

@@ -86,11 +86,23 @@ def test_a_checkpoint_whose_metadata_would_run_code_is_refused(how, finished_run
     for checkpoint in (root / "a" / "checkpoints").iterdir():
         _poison(checkpoint, marker)
     before = snapshot(root / "a")
-    resume_from = {"checkpoint": str(root / "a" / "checkpoints" / "step_000002"), "run_folder": str(root / "a"),
-                   "latest": "latest"}[how]  # fmt: skip
+    resume_from = {
+        "checkpoint": str(root / "a" / "checkpoints" / "step_000002"),
+        "run_folder": str(root / "a"),
+        "latest": "latest",
+    }[how]
     experiment = "a" if how == "latest" else "b"
-    argv = ["run", "--config_file_path", str(config), "--experiments_root_path", str(root),
-            "--experiment_id", experiment, "--resume_from", resume_from]  # fmt: skip
+    argv = [
+        "run",
+        "--config_file_path",
+        str(config),
+        "--experiments_root_path",
+        str(root),
+        "--experiment_id",
+        experiment,
+        "--resume_from",
+        resume_from,
+    ]
     code, err = cli(argv, capsys)
     message = assert_one_error(code, err, ".metadata")
     assert not marker.exists(), "the pickled payload ran"
@@ -137,8 +149,17 @@ def test_a_checkpoint_value_that_would_run_code_is_refused(finished_run, tmp_pat
     marker = tmp_path / "payload-ran"
     checkpoint = root / "a" / "checkpoints" / "step_000002"
     data_file = _poison_a_value(checkpoint, marker)
-    argv = ["run", "--config_file_path", str(config), "--experiments_root_path", str(root), "--experiment_id", "b",
-            "--resume_from", str(checkpoint)]  # fmt: skip
+    argv = [
+        "run",
+        "--config_file_path",
+        str(config),
+        "--experiments_root_path",
+        str(root),
+        "--experiment_id",
+        "b",
+        "--resume_from",
+        str(checkpoint),
+    ]
     code, err = cli(argv, capsys)
     message = assert_one_error(code, err, data_file, "never loaded")
     assert not marker.exists(), "the pickled payload ran"
@@ -160,8 +181,12 @@ def test_the_safe_planner_refuses_what_slips_past_the_check(finished_run, tmp_pa
     _poison_a_value(checkpoint, marker)
     state = {"optim": {"param_groups": [{"lr": 0.0}]}}
     with pytest.raises(BaseException, match="not a plain value"):
-        torch.distributed.checkpoint.load(state, storage_reader=SafeFileSystemReader(checkpoint),
-                                          planner=SafeLoadPlanner(allow_partial_load=True), no_dist=True)  # fmt: skip
+        torch.distributed.checkpoint.load(
+            state,
+            storage_reader=SafeFileSystemReader(checkpoint),
+            planner=SafeLoadPlanner(allow_partial_load=True),
+            no_dist=True,
+        )
     assert not marker.exists()
 
 
@@ -264,8 +289,18 @@ def _one_more_step(config: Path, root: Path, tmp_path: Path) -> list[str]:
     resolved = yaml.safe_load(config.read_text())
     resolved["settings"]["training_target"]["num_target_steps"] = 3
     longer = write_yaml(tmp_path / "longer.yaml", resolved)
-    return ["run", "--config_file_path", str(longer), "--experiments_root_path", str(root), "--experiment_id", "a",
-            "--resume_from", "latest", "--allow_config_change"]  # fmt: skip
+    return [
+        "run",
+        "--config_file_path",
+        str(longer),
+        "--experiments_root_path",
+        str(root),
+        "--experiment_id",
+        "a",
+        "--resume_from",
+        "latest",
+        "--allow_config_change",
+    ]
 
 
 def test_resume_replaces_links_in_the_run_folder_and_never_writes_through_them(finished_run, tmp_path, capsys):
@@ -308,8 +343,9 @@ def test_resume_with_tensorboard_folder_replaced_by_a_file_is_one_error(finished
 # ----------------------------------------------------------- 5, 6 and 7. interrupted, killed, a full first save
 def _start_run(argv: list[str], **kwargs) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen(lorafit_command(*argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            **kwargs)  # fmt: skip
+    return subprocess.Popen(
+        lorafit_command(*argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, **kwargs
+    )
 
 
 def _wait_for_steps(metrics: Path, process: subprocess.Popen, steps: int, timeout: float = 120) -> None:
@@ -328,8 +364,15 @@ def _long_run(tmp_path: Path, model_dir: Path) -> tuple[dict, Path, list[str]]:
     config = smallest_run_config(model_dir, LOREM, tmp_path / "cache" / "c", steps=20_000)
     del config["settings"]["intervals"]["checkpointing_interval_in_steps"]
     path = write_yaml(tmp_path / "config.yaml", config)
-    argv = ["run", "--config_file_path", str(path), "--experiments_root_path", str(tmp_path / "exp"),
-            "--experiment_id", "x"]  # fmt: skip
+    argv = [
+        "run",
+        "--config_file_path",
+        str(path),
+        "--experiments_root_path",
+        str(tmp_path / "exp"),
+        "--experiment_id",
+        "x",
+    ]
     return config, path, argv
 
 
@@ -341,8 +384,14 @@ def test_an_interrupted_run_with_default_settings_saves_a_checkpoint_and_resumes
     _wait_for_steps(tmp_path / "exp" / "x" / "metrics.jsonl", process, 3)
     process.send_signal(sig)
     _, err = process.communicate(timeout=120)
-    message = assert_one_error(process.returncode, err, "interrupted after step", "--resume_from latest",
-                               "--experiment_id x", exit_code=128 + sig)  # fmt: skip
+    message = assert_one_error(
+        process.returncode,
+        err,
+        "interrupted after step",
+        "--resume_from latest",
+        "--experiment_id x",
+        exit_code=128 + sig,
+    )
     step = int(message.split("interrupted after step ")[1].split()[0])
     assert 3 <= step < 20_000
     assert (tmp_path / "exp" / "x" / "checkpoints" / f"step_{step:06d}" / "COMPLETE").is_file()
@@ -363,8 +412,14 @@ def test_a_run_killed_before_its_first_checkpoint_names_the_way_out(tmp_path, ti
     code, err = cli(argv, capsys)  # the same command again
     assert_one_error(code, err, "run folder already exists", "no checkpoint to continue from", "delete")
     code, err = cli([*argv, "--resume_from", "latest"], capsys)
-    assert_one_error(code, err, "no complete checkpoint", "stopped before its first checkpoint",
-                     "another --experiment_id", f"delete {tmp_path / 'exp' / 'x'}")  # fmt: skip
+    assert_one_error(
+        code,
+        err,
+        "no complete checkpoint",
+        "stopped before its first checkpoint",
+        "another --experiment_id",
+        f"delete {tmp_path / 'exp' / 'x'}",
+    )
 
 
 def test_a_full_disk_at_the_first_checkpoint_says_nothing_can_be_resumed(tmp_path, tiny_model_dir):
@@ -375,13 +430,25 @@ def test_a_full_disk_at_the_first_checkpoint_says_nothing_can_be_resumed(tmp_pat
     def limit_file_size() -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (30_000, 30_000))
 
-    argv = ["run", "--config_file_path", str(config), "--experiments_root_path", str(tmp_path / "exp"),
-            "--experiment_id", "x"]  # fmt: skip
+    argv = [
+        "run",
+        "--config_file_path",
+        str(config),
+        "--experiments_root_path",
+        str(tmp_path / "exp"),
+        "--experiment_id",
+        "x",
+    ]
     process = _start_run(argv, preexec_fn=limit_file_size)
     _, err = process.communicate(timeout=120)
-    message = assert_one_error(process.returncode, err, "saving a checkpoint: cannot write",
-                               str(tmp_path / "exp" / "x" / "checkpoints" / "step_000001"), "EFBIG",
-                               "nothing to resume")  # fmt: skip
+    message = assert_one_error(
+        process.returncode,
+        err,
+        "saving a checkpoint: cannot write",
+        str(tmp_path / "exp" / "x" / "checkpoints" / "step_000001"),
+        "EFBIG",
+        "nothing to resume",
+    )
     assert "is kept" not in message and "complete checkpoints already written" not in message
 
 
@@ -409,8 +476,12 @@ def test_train_api_takes_paths_and_numpy_values(tmp_path, tiny_model_dir):
     config = smallest_run_config(tiny_model_dir, LOREM, tmp_path / "cache" / "c")
     config["tokenizer"]["config"]["path"] = Path(config["tokenizer"]["config"]["path"])  # a Path in the dict
     config["optimizer"]["config"]["weight_decay"] = np.float32(0.0)  # numpy values in the dict too
-    run_dir = lorafit.train(config, {"settings.seed": np.int64(3), "optimizer.config.lr": np.float64(0.002)},
-                            experiments_root_path=tmp_path / "exp", experiment_id="np")  # fmt: skip
+    run_dir = lorafit.train(
+        config,
+        {"settings.seed": np.int64(3), "optimizer.config.lr": np.float64(0.002)},
+        experiments_root_path=tmp_path / "exp",
+        experiment_id="np",
+    )
     resolved = yaml.safe_load((run_dir / "config.resolved.yaml").read_text())
     assert resolved["settings"]["seed"] == 3
     with pytest.raises(lorafit.errors.UserError, match=r"overrides\['settings.seed'\]: a object is not"):
@@ -424,8 +495,17 @@ def test_a_damaged_save_to_disk_folder_is_one_error(tmp_path, tiny_model_dir, ca
     datasets.Dataset.from_dict({"text": ["one document", "another one"]}).save_to_disk(str(folder))
     (folder / "state.json").write_text('{"_data_files": 3}')
     before = snapshot(tmp_path)
-    pack = ["data", "pack", "--input", str(folder), "--tokenizer", str(tiny_model_dir), "--output",
-            str(tmp_path / "out"), "--no_progress"]  # fmt: skip
+    pack = [
+        "data",
+        "pack",
+        "--input",
+        str(folder),
+        "--tokenizer",
+        str(tiny_model_dir),
+        "--output",
+        str(tmp_path / "out"),
+        "--no_progress",
+    ]
     code, err = cli(pack, capsys)
     assert_one_error(code, err, str(folder), "cannot read it with `datasets`")
     assert_unchanged(before, snapshot(tmp_path))
@@ -436,8 +516,18 @@ def test_wandb_directory_that_is_a_file_is_one_error_and_leaves_no_run_folder(tm
     config = smallest_run_config(tiny_model_dir, LOREM, tmp_path / "cache" / "c")
     config["settings"]["loggers"] = {"wandb": {"mode": "offline", "directory": str(tmp_path / "wandb_here")}}
     path = write_yaml(tmp_path / "c.yaml", config)
-    code, err = cli(["run", "--config_file_path", str(path), "--experiments_root_path", str(tmp_path / "exp"),
-                     "--experiment_id", "w"], capsys)  # fmt: skip
+    code, err = cli(
+        [
+            "run",
+            "--config_file_path",
+            str(path),
+            "--experiments_root_path",
+            str(tmp_path / "exp"),
+            "--experiment_id",
+            "w",
+        ],
+        capsys,
+    )
     assert_one_error(code, err, "settings.loggers.wandb.directory", "is a file")
     assert not (tmp_path / "exp" / "w").exists()
     assert (tmp_path / "wandb_here").read_text() == "a file"
@@ -454,8 +544,20 @@ def test_data_pack_under_a_size_limit_leaves_no_temporary_files(tmp_path, tiny_m
         resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
 
     (tmp_path / "out").mkdir()
-    process = _start_run(["data", "pack", "--input", str(source), "--tokenizer", str(tiny_model_dir), "--output",
-                          str(tmp_path / "out" / "p"), "--no_progress"], preexec_fn=limit_file_size)  # fmt: skip
+    process = _start_run(
+        [
+            "data",
+            "pack",
+            "--input",
+            str(source),
+            "--tokenizer",
+            str(tiny_model_dir),
+            "--output",
+            str(tmp_path / "out" / "p"),
+            "--no_progress",
+        ],
+        preexec_fn=limit_file_size,
+    )
     _, err = process.communicate(timeout=120)
     assert_one_error(process.returncode, err, "EFBIG")
     assert list((tmp_path / "out").iterdir()) == []
@@ -465,8 +567,19 @@ def test_sigterm_cleans_up_as_ctrl_c_does(tmp_path, tiny_model_dir):
     source = tmp_path / "big.txt"
     source.write_text("\n\n".join(f"document {i} " + "words and more words " * 40 for i in range(40_000)))
     (tmp_path / "out").mkdir()
-    process = _start_run(["data", "pack", "--input", str(source), "--tokenizer", str(tiny_model_dir), "--output",
-                          str(tmp_path / "out" / "p"), "--no_progress"])  # fmt: skip
+    process = _start_run(
+        [
+            "data",
+            "pack",
+            "--input",
+            str(source),
+            "--tokenizer",
+            str(tiny_model_dir),
+            "--output",
+            str(tmp_path / "out" / "p"),
+            "--no_progress",
+        ]
+    )
     deadline = time.monotonic() + 120
     while not list((tmp_path / "out").iterdir()):  # the temporaries exist: packing has started
         assert process.poll() is None and time.monotonic() < deadline, process.communicate()
@@ -491,8 +604,17 @@ def test_experiment_ids_that_are_not_visible_folder_names_are_refused(experiment
     import lorafit
 
     config = write_yaml(tmp_path / "c.yaml", smallest_run_config(tiny_model_dir, LOREM, tmp_path / "cache" / "c"))
-    code, err = cli(["run", "--config_file_path", str(config), "--experiments_root_path", str(tmp_path / "exp"),
-                     f"--experiment_id={experiment_id}"], capsys)  # fmt: skip
+    code, err = cli(
+        [
+            "run",
+            "--config_file_path",
+            str(config),
+            "--experiments_root_path",
+            str(tmp_path / "exp"),
+            f"--experiment_id={experiment_id}",
+        ],
+        capsys,
+    )
     assert_one_error(code, err, "--experiment_id", "visible folder name")
     with pytest.raises(lorafit.errors.UserError, match="visible folder name"):
         lorafit.train(config, experiments_root_path=tmp_path / "exp", experiment_id=experiment_id)
@@ -511,8 +633,18 @@ def test_a_broken_link_as_the_run_folder_says_so(tmp_path, tiny_model_dir, capsy
     config = write_yaml(tmp_path / "c.yaml", smallest_run_config(tiny_model_dir, LOREM, tmp_path / "cache" / "c"))
     (tmp_path / "exp").mkdir()
     (tmp_path / "exp" / "x").symlink_to(tmp_path / "gone")
-    code, err = cli(["run", "--config_file_path", str(config), "--experiments_root_path", str(tmp_path / "exp"),
-                     "--experiment_id", "x"], capsys)  # fmt: skip
+    code, err = cli(
+        [
+            "run",
+            "--config_file_path",
+            str(config),
+            "--experiments_root_path",
+            str(tmp_path / "exp"),
+            "--experiment_id",
+            "x",
+        ],
+        capsys,
+    )
     assert_one_error(code, err, "broken link to", str(tmp_path / "gone"))
     assert not (tmp_path / "gone").exists()
 
@@ -537,8 +669,21 @@ def test_export_gguf_under_a_file_size_limit_is_one_error_and_leaves_nothing(tmp
 
     (tmp_path / "out").mkdir()
     out = tmp_path / "out" / "model.gguf"
-    process = _start_run(["export", "gguf", "--model", str(tiny_model_dir), "--output", str(out), "--dtype", "f32",
-                          "--pre-tokenizer", "gpt-2"], preexec_fn=limit_file_size)  # fmt: skip
+    process = _start_run(
+        [
+            "export",
+            "gguf",
+            "--model",
+            str(tiny_model_dir),
+            "--output",
+            str(out),
+            "--dtype",
+            "f32",
+            "--pre-tokenizer",
+            "gpt-2",
+        ],
+        preexec_fn=limit_file_size,
+    )
     _, err = process.communicate(timeout=180)
     assert_one_error(process.returncode, err, "--output", str(out), "cannot write")
     assert list((tmp_path / "out").iterdir()) == []
@@ -551,27 +696,49 @@ def test_packed_data_with_ids_beyond_the_models_vocabulary_is_refused_by_validat
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     tokenizer.add_tokens([f"<extra_{i}>" for i in range(100)])
     tokenizer.save_pretrained(tmp_path / "big_tokenizer")
-    pack = ["data", "pack", "--input", str(LOREM), "--tokenizer", str(tmp_path / "big_tokenizer"), "--output",
-            str(tmp_path / "packed"), "--no_progress"]  # fmt: skip
+    pack = [
+        "data",
+        "pack",
+        "--input",
+        str(LOREM),
+        "--tokenizer",
+        str(tmp_path / "big_tokenizer"),
+        "--output",
+        str(tmp_path / "packed"),
+        "--no_progress",
+    ]
     assert cli(pack, capsys)[0] == 0
     config = smallest_run_config(tiny_model_dir, LOREM, tmp_path / "cache" / "c")
-    config["train_dataset"] = {"component_key": "dataset", "variant_key": "packed",
-                               "config": {"path": str(tmp_path / "packed")}}  # fmt: skip
+    config["train_dataset"] = {
+        "component_key": "dataset",
+        "variant_key": "packed",
+        "config": {"path": str(tmp_path / "packed")},
+    }
     path = write_yaml(tmp_path / "config.yaml", config)
     code, err = cli(["validate", "--config_file_path", str(path)], capsys)
     assert_one_error(code, err, "train_dataset", "packed with a tokenizer of 484 tokens", "384 embedding rows")
 
 
-def test_a_modalities_checkpointing_path_that_is_a_file_is_refused_by_validate(tmp_path, smollm2_dir, capsys,
-                                                                                 monkeypatch):  # fmt: skip
+def test_a_modalities_checkpointing_path_that_is_a_file_is_refused_by_validate(
+    tmp_path, smollm2_dir, capsys, monkeypatch
+):
     repo = Path(__file__).resolve().parents[2]
     monkeypatch.chdir(repo)
     (tmp_path / "not_a_folder").write_text("mine")
-    argv = ["validate", "--config_file_path", "configs/modalities/config_lorem_ipsum_lora.yaml",
-            "settings.training.sequence_length=128", "evaluation_subscriber.config.mode=OFFLINE",
-            f"settings.paths.checkpointing_path={tmp_path / 'not_a_folder'}"]  # fmt: skip
+    argv = [
+        "validate",
+        "--config_file_path",
+        "configs/modalities/config_lorem_ipsum_lora.yaml",
+        "settings.training.sequence_length=128",
+        "evaluation_subscriber.config.mode=OFFLINE",
+        f"settings.paths.checkpointing_path={tmp_path / 'not_a_folder'}",
+    ]
     code, err = cli(argv, capsys)
-    message = assert_one_error(code, err, "checkpoint_saving.config.checkpoint_saving_execution.config.checkpoint_path",
-                               "is a file, not a folder")  # fmt: skip
+    message = assert_one_error(
+        code,
+        err,
+        "checkpoint_saving.config.checkpoint_saving_execution.config.checkpoint_path",
+        "is a file, not a folder",
+    )
     assert "--experiments_root_path" not in message
     assert (tmp_path / "not_a_folder").read_text() == "mine"

@@ -102,8 +102,10 @@ def test_q_and_k_rows_are_in_llama_cpps_interleaved_rope_order(tiny_model_dir, t
     tensors = {t.name: torch.from_numpy(t.data.copy()) for t in gguf.GGUFReader(out).tensors}
     config = model.config
     head_dim = config.hidden_size // config.num_attention_heads
-    for name, hf, heads in [("attn_q", "q_proj", config.num_attention_heads),
-                            ("attn_k", "k_proj", config.num_key_value_heads)]:  # fmt: skip
+    for name, hf, heads in [
+        ("attn_q", "q_proj", config.num_attention_heads),
+        ("attn_k", "k_proj", config.num_key_value_heads),
+    ]:
         w = getattr(model.model.layers[1].self_attn, hf).weight.detach()
         g = tensors[f"blk.1.{name}.weight"]
         for h in range(heads):
@@ -141,8 +143,24 @@ def test_gguf_from_a_run_config(tiny_model_dir, adapter_dir, merged_logits, tmp_
         f"  config: {{model_name_or_path: {tiny_model_dir}}}\n"
     )
     out = tmp_path / "from-config.gguf"
-    assert main(["export", "gguf", "--model", str(config), "--adapter", str(adapter_dir), "--output", str(out),
-                 "--dtype", "f32", *GPT2]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "export",
+                "gguf",
+                "--model",
+                str(config),
+                "--adapter",
+                str(adapter_dir),
+                "--output",
+                str(out),
+                "--dtype",
+                "f32",
+                *GPT2,
+            ]
+        )
+        == 0
+    )
     ids, expected, _, _ = merged_logits
     with torch.no_grad():
         assert (read_back(out)(ids).logits - expected).abs().max().item() == 0.0

@@ -35,8 +35,9 @@ def test_smollm2_gguf_matches_llama_cpps_file_and_reads_back(smollm2_dir, tmp_pa
             if "lora_B" in name:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
     lorafit.save_adapter(model, tmp_path / "adapter")
-    ids = tokenizer("Record for this sentence: Our new carpenter is Fatima Torres, 70, from Ljubljana.",
-                    return_tensors="pt")["input_ids"]  # fmt: skip
+    ids = tokenizer(
+        "Record for this sentence: Our new carpenter is Fatima Torres, 70, from Ljubljana.", return_tensors="pt"
+    )["input_ids"]
     with torch.no_grad():
         expected = lorafit.merge_and_unload(model)(ids).logits
     del model

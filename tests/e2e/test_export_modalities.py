@@ -30,8 +30,9 @@ def export(run: Path, output: Path, *extra: str) -> int:
     return main(["export", "modalities", "--run", str(run), "--output", str(output), *extra])
 
 
-def test_the_adapter_the_latest_checkpoint_and_a_named_checkpoint_give_the_same_file(run_dir, tmp_path, capsys,
-                                                                                     tiny_model_dir):  # fmt: skip
+def test_the_adapter_the_latest_checkpoint_and_a_named_checkpoint_give_the_same_file(
+    run_dir, tmp_path, capsys, tiny_model_dir
+):
     assert export(run_dir, tmp_path / "adapter", "--form", "lora") == 0
     out = capsys.readouterr().out
     assert "variant_key: lora" in out and "    r: 4\n" in out and "    alpha: 8\n" in out

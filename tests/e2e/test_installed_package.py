@@ -31,12 +31,20 @@ def installed(tmp_path_factory) -> tuple[Path, Path]:
     shutil.copytree(REPO / "src", source / "src", ignore=ignore)
     shutil.copytree(REPO / "configs", source / "configs", ignore=ignore)
     pip = [sys.executable, "-m", "pip"]
-    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(work / "dist"), str(source)],
-                   check=True, capture_output=True, timeout=600)  # fmt: skip
+    subprocess.run(
+        [*pip, "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(work / "dist"), str(source)],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
     (wheel,) = (work / "dist").glob("lorafit-*.whl")
     site = work / "site"
-    subprocess.run([*pip, "install", "--no-deps", "-q", "--target", str(site), str(wheel)], check=True,
-                   capture_output=True, timeout=600)  # fmt: skip
+    subprocess.run(
+        [*pip, "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
     return wheel, site
 
 
@@ -55,8 +63,9 @@ def test_the_wheel_carries_every_shipped_config(installed):
 
 def test_configs_list_and_cp_work_from_the_installed_package(installed, tmp_path):
     _wheel, site = installed
-    where = _run_installed(site, tmp_path, "-c", "import lorafit.commands.configs as c; print(c.__file__); "
-                           "print(c.configs_folder())")  # fmt: skip
+    where = _run_installed(
+        site, tmp_path, "-c", "import lorafit.commands.configs as c; print(c.__file__); print(c.configs_folder())"
+    )
     assert where.returncode == 0, where.stderr
     module_file, folder = where.stdout.split()
     assert Path(module_file).is_relative_to(site) and Path(folder) == site / "lorafit" / "configs"

@@ -35,8 +35,9 @@ def _adapter(base_dir, path, **lora):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(base_dir)
-    lorafit.apply_lora(model, r=4, alpha=8, target_layers=["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"],
-                       seed=5, **lora)  # fmt: skip
+    lorafit.apply_lora(
+        model, r=4, alpha=8, target_layers=["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"], seed=5, **lora
+    )
     generator = torch.Generator().manual_seed(5)
     with torch.no_grad():
         for name, param in model.named_parameters():

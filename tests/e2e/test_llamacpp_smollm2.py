@@ -80,8 +80,13 @@ def expected(smollm2_dir, merged_dir, tokenizer):
         for prompt in PROMPTS:
             ids = torch.tensor([_prompt_ids(tokenizer, prompt)])
             with torch.no_grad():
-                new = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                     max_new_tokens=MAX_NEW_TOKENS, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+                new = model.generate(
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    do_sample=False,
+                    max_new_tokens=MAX_NEW_TOKENS,
+                    pad_token_id=tokenizer.pad_token_id,
+                )
             new = new[0, ids.shape[1] :].tolist()
             out.append(new[: new.index(tokenizer.eos_token_id) + 1] if tokenizer.eos_token_id in new else new)
         return out
@@ -116,8 +121,9 @@ def test_smollm2_f32_in_llama_cpp_gives_lorafit_generates_tokens(merged_f32, mer
     assert pre == "smollm"  # what llama.cpp's own converter writes for this tokenizer
     with load(merged_f32, n_ctx=256) as llm:  # llama.cpp's tokenizer splits the templated prompts as HF's does
         for prompt in PROMPTS:
-            text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                                 tokenize=False)  # fmt: skip
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+            )
             assert tokenize(llm, text) == _prompt_ids(tokenizer, prompt), prompt
     got = _greedy_all(merged_f32, tokenizer)
     assert got == expected
@@ -160,24 +166,44 @@ def test_smollm2_q8_0_loads_and_decodes_in_llama_cpp(smollm2_dir, adapter, token
     _export(tmp_path, [*argv, "--dtype", "q8_0"])
     prompts = json.dumps([_prompt_ids(tokenizer, p) for p in PROMPTS])
     support = str(Path(__file__).resolve().parents[1] / "support")
-    child = subprocess.run([sys.executable, "-c", Q8_0_CHILD, str(out), prompts, support, str(tokenizer.eos_token_id)],
-                           capture_output=True, text=True, timeout=600)  # fmt: skip
+    child = subprocess.run(
+        [sys.executable, "-c", Q8_0_CHILD, str(out), prompts, support, str(tokenizer.eos_token_id)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert child.stdout.startswith("loaded"), f"llama.cpp could not load the q8_0 file: {child.stderr[-2000:]}"
     if child.returncode < 0 and _has_amx():  # killed by a signal: the crash FACTS.md records, llama.cpp's own
-        pytest.xfail(f"llama.cpp's q8_0 decode crashed (signal {-child.returncode}) on this AMX CPU (FACTS.md: "
-                     "also for the file llama.cpp's own converter writes); the file loaded")  # fmt: skip
+        pytest.xfail(
+            f"llama.cpp's q8_0 decode crashed (signal {-child.returncode}) on this AMX CPU (FACTS.md: "
+            "also for the file llama.cpp's own converter writes); the file loaded"
+        )
     assert child.returncode == 0, f"llama.cpp's q8_0 decode failed (rc {child.returncode}): {child.stderr[-2000:]}"
     got = json.loads(child.stdout.strip().splitlines()[-1])
     # 8-bit weights: the answers may part from the f32 ones after a while, but they start the same
     assert all(g[:4] == e[:4] for g, e in zip(got, expected, strict=True)), (got, expected)
 
 
-def test_base_gguf_plus_gguf_adapter_gives_the_merged_models_tokens(smollm2_dir, adapter, tokenizer, expected,
-                                                                    tmp_path):  # fmt: skip
+def test_base_gguf_plus_gguf_adapter_gives_the_merged_models_tokens(
+    smollm2_dir, adapter, tokenizer, expected, tmp_path
+):
     # the commands docs/merging_and_serving.md shows: the base alone, then the adapter alone
-    base = _export(tmp_path, ["export", "gguf", "--model", str(smollm2_dir), "--output", str(tmp_path / "base.gguf"),
-                              "--dtype", "f32"])  # fmt: skip
-    lora = _export(tmp_path, ["export", "gguf-adapter", "--model", str(smollm2_dir), "--adapter", str(adapter),
-                              "--output", str(tmp_path / "task-adapter.gguf")])  # fmt: skip
+    base = _export(
+        tmp_path,
+        ["export", "gguf", "--model", str(smollm2_dir), "--output", str(tmp_path / "base.gguf"), "--dtype", "f32"],
+    )
+    lora = _export(
+        tmp_path,
+        [
+            "export",
+            "gguf-adapter",
+            "--model",
+            str(smollm2_dir),
+            "--adapter",
+            str(adapter),
+            "--output",
+            str(tmp_path / "task-adapter.gguf"),
+        ],
+    )
     assert lora.stat().st_size < 10e6  # q, k, v, o at r = 8 over 30 layers: ~5 MB in f32, the base 538 MB
     assert _greedy_all(base, tokenizer, lora=lora) == expected

@@ -68,8 +68,9 @@ def test_merge_never_overwrites(tiny_model_dir, adapter_dir, tmp_path, capsys):
 
 
 def test_merge_rejects_a_folder_without_adapter_config(tiny_model_dir, tmp_path, capsys):
-    code = main(["merge", "--base", str(tiny_model_dir), "--adapter", str(tmp_path), "--output_dir",
-                 str(tmp_path / "o")])  # fmt: skip
+    code = main(
+        ["merge", "--base", str(tiny_model_dir), "--adapter", str(tmp_path), "--output_dir", str(tmp_path / "o")]
+    )
     assert code == 2 and "adapter_config.json" in capsys.readouterr().err
 
 
@@ -103,8 +104,12 @@ def test_prompts_file_answers_in_batches_as_one_by_one(tiny_model_dir, adapter_d
     rows = [json.loads(line) for line in _generate(capsys, *model, "--prompts_file", str(prompts)).splitlines()]
     assert [r["prompt"] for r in rows] == PROMPTS and [r["output"] for r in rows] == singles
     chats = tmp_path / "prompts.jsonl"
-    chats.write_text(json.dumps({"prompt": PROMPTS[0]}) + "\n" + json.dumps({"messages": [{"role": "user",
-                     "content": PROMPTS[1]}]}) + "\n")  # fmt: skip
+    chats.write_text(
+        json.dumps({"prompt": PROMPTS[0]})
+        + "\n"
+        + json.dumps({"messages": [{"role": "user", "content": PROMPTS[1]}]})
+        + "\n"
+    )
     rows = _generate(capsys, *model, "--chat", "--prompts_file", str(chats), "--batch_size", "1").splitlines()
     assert len(rows) == 2 and json.loads(rows[1])["prompt"] == [{"role": "user", "content": PROMPTS[1]}]
 
@@ -113,8 +118,10 @@ def test_top_k_1_sampling_is_greedy_and_a_seed_repeats(tiny_model_dir, adapter_d
     model = ["--model", str(tiny_model_dir), "--adapter", str(adapter_dir), "--prompt", PROMPTS[0]]
     greedy = _generate(capsys, *model, "--max_new_tokens", "8")
     assert _generate(capsys, *model, "--max_new_tokens", "8", "--temperature", "1.5", "--top_k", "1") == greedy
-    sampled = [_generate(capsys, *model, "--max_new_tokens", "8", "--temperature", "1.5", "--top_p", "0.95",
-                         "--seed", "5") for _ in range(2)]  # fmt: skip
+    sampled = [
+        _generate(capsys, *model, "--max_new_tokens", "8", "--temperature", "1.5", "--top_p", "0.95", "--seed", "5")
+        for _ in range(2)
+    ]
     assert sampled[0] == sampled[1]
     assert main(["generate", *model, "--top_p", "0", "--top_k", "-2"]) == 2
     assert "--top_p must be in (0, 1], got 0.0; --top_k must be >= 0, got -2" in capsys.readouterr().err
@@ -127,9 +134,13 @@ def test_interactive_chat_on_piped_stdin_keeps_the_conversation(tiny_model_dir, 
     from lorafit.outputs.inference import Sampling, generate_batch, load_with_adapter
 
     args = ["--model", str(tiny_model_dir), "--adapter", str(adapter_dir), "--max_new_tokens", "5"]
-    ran = subprocess.run([sys.executable, "-m", "lorafit", "generate", *args, "--interactive"], text=True,
-                         input="Hi\nThe capital of France is\n/reset\nThe capital of France is\n", capture_output=True,
-                         timeout=300)  # fmt: skip
+    ran = subprocess.run(
+        [sys.executable, "-m", "lorafit", "generate", *args, "--interactive"],
+        text=True,
+        input="Hi\nThe capital of France is\n/reset\nThe capital of France is\n",
+        capture_output=True,
+        timeout=300,
+    )
     assert ran.returncode == 0, ran.stderr
     answers = [line.removeprefix("assistant> ") for line in ran.stdout.splitlines()]
     assert len(answers) == 3 and "(conversation cleared)" in ran.stderr
@@ -139,8 +150,9 @@ def test_interactive_chat_on_piped_stdin_keeps_the_conversation(tiny_model_dir, 
     second = [*first, {"role": "assistant", "content": answers[0]}, {"role": "user", "content": PROMPTS[0]}]
     fresh = [{"role": "user", "content": PROMPTS[0]}]
     # the second answer saw the first exchange; after /reset the same message is answered afresh
-    expected = [generate_batch(model, tokenizer, [c], chat=True, sampling=sampling)[0].strip()
-                for c in (first, second, fresh)]  # fmt: skip
+    expected = [
+        generate_batch(model, tokenizer, [c], chat=True, sampling=sampling)[0].strip() for c in (first, second, fresh)
+    ]
     assert answers == expected and expected[1] != expected[2] and all(expected)
 
 
@@ -150,7 +162,21 @@ def test_the_chat_wrapping_note_is_a_note(tiny_model_dir, adapter_dir, tmp_path,
     chat_adapter = tmp_path / "chat_adapter"
     shutil.copytree(adapter_dir, chat_adapter)
     (chat_adapter / "lorafit_training.json").write_text(json.dumps({"format": 1, "prompt_format": "chat"}))
-    assert main(["generate", "--model", str(tiny_model_dir), "--adapter", str(chat_adapter), "--prompt", "Hi",
-                 "--max_new_tokens", "2"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(tiny_model_dir),
+                "--adapter",
+                str(chat_adapter),
+                "--prompt",
+                "Hi",
+                "--max_new_tokens",
+                "2",
+            ]
+        )
+        == 0
+    )
     err = capsys.readouterr().err
     assert "note:" in err and "trained on chat-formatted data" in err and "warning" not in err

@@ -24,29 +24,40 @@ SEQ = 128  # the mask collator needs both markers in every micro-batch (Modaliti
 
 # Paths a user changes (the authors' cluster -> the shipped data and the embedded SmolLM2)
 LORA_PATHS = [
-    ("/raid/s3/opengptx/alignment_data/data/honey/data/en/ultrachat_200k_fastchat_39721ee/"
-     "ultrachat_200k_fastchat_converted_", "data/modalities/chat_"),
+    (
+        "/raid/s3/opengptx/alignment_data/data/honey/data/en/ultrachat_200k_fastchat_39721ee/"
+        "ultrachat_200k_fastchat_converted_",
+        "data/modalities/chat_",
+    ),
     (".39721ee.pbin", ".pbin"),
     ("HuggingFaceTB/SmolLM-1.7B", "data/models/SmolLM2-135M"),
     ("/raid/s3/opengptx/alexj/llm_gym/models/SmolLM-1.7B_saved/model.bin", "data/models/SmolLM2-135M_saved/model.bin"),
-]  # fmt: skip
+]
 LORA2_PATHS = [
-    ("/raid/s3/opengptx/maxr/ogptx/modalities/data/fineweb/fineweb_edu_data/fineweb-edu-CC-MAIN_test.pbin",
-     "data/modalities/chat_train.pbin"),
+    (
+        "/raid/s3/opengptx/maxr/ogptx/modalities/data/fineweb/fineweb_edu_data/fineweb-edu-CC-MAIN_test.pbin",
+        "data/modalities/chat_train.pbin",
+    ),
     ("openGPT-X/Teuken-7B-sigma-instruct-commercial-v0.6", "data/models/SmolLM2-135M"),
-]  # fmt: skip
+]
 
 
 def _lora_branch(tmp: Path, world: int) -> tuple[list[str], dict]:
     """settings.training: micro 1 x accumulation 2, 4 micro-batches per rank -> 2 steps; checkpoint every step,
     keep the most recent (k=1); one eval batch per loader."""
-    overrides = [f"settings.training.sequence_length={SEQ}", "settings.training.local_train_micro_batch_size=1",
-                 "settings.training.gradient_acc_steps=2", "train_dataloader.config.fixed_num_batches=4",
-                 "val_dataloader.config.fixed_num_batches=1", "test_dataloader.config.fixed_num_batches=1",
-                 "settings.training.checkpointing_interval_in_steps=1",
-                 "checkpoint_saving.config.checkpoint_saving_strategy.config.k=1",
-                 f"settings.paths.checkpointing_path={tmp / 'ckpt'}", "evaluation_subscriber.config.mode=OFFLINE",
-                 f"evaluation_subscriber.config.directory={tmp / 'wandb'}"]  # fmt: skip
+    overrides = [
+        f"settings.training.sequence_length={SEQ}",
+        "settings.training.local_train_micro_batch_size=1",
+        "settings.training.gradient_acc_steps=2",
+        "train_dataloader.config.fixed_num_batches=4",
+        "val_dataloader.config.fixed_num_batches=1",
+        "test_dataloader.config.fixed_num_batches=1",
+        "settings.training.checkpointing_interval_in_steps=1",
+        "checkpoint_saving.config.checkpoint_saving_strategy.config.k=1",
+        f"settings.paths.checkpointing_path={tmp / 'ckpt'}",
+        "evaluation_subscriber.config.mode=OFFLINE",
+        f"evaluation_subscriber.config.directory={tmp / 'wandb'}",
+    ]
     # Modalities' lora branch: one pass; per rank floor(N / W) samples, floor(/ micro) batches (capped), // acc
     n = len(read_pbin(REPO / "data/modalities/chat_train.pbin").tokens) // (SEQ + 1)  # reuse_last_target: false
     steps = min(n // world // 1, 4) // 2
@@ -58,14 +69,18 @@ def _lora2_branch(tmp: Path, world: int) -> tuple[list[str], dict]:
     x accumulation 1 per rank (tokens consistent, as Modalities enforces); checkpoint every step, keep all (k=-1).
     Its model is Teuken (Modalities' GPT-2 layer names q_attn...): with SmolLM2 the targets get Llama's names."""
     tokens = 2 * 1 * SEQ * 1 * world
-    overrides = [f"settings.step_profile.sequence_length={SEQ}", "settings.training_target.num_target_steps=2",
-                 f"settings.training_target.num_target_tokens={tokens}",
-                 "settings.intervals.checkpointing_interval_in_steps=1",
-                 "settings.intervals.evaluation_interval_in_steps=2",
-                 "val_dataloader.config.fixed_num_batches=1", "test_dataloader.config.fixed_num_batches=1",
-                 "lora_model.config.target_layers=[q_proj,k_proj,v_proj,o_proj]",
-                 f"settings.paths.checkpoint_saving_path={tmp / 'ckpt'}",
-                 f"evaluation_subscriber.config.directory={tmp / 'wandb'}"]  # fmt: skip
+    overrides = [
+        f"settings.step_profile.sequence_length={SEQ}",
+        "settings.training_target.num_target_steps=2",
+        f"settings.training_target.num_target_tokens={tokens}",
+        "settings.intervals.checkpointing_interval_in_steps=1",
+        "settings.intervals.evaluation_interval_in_steps=2",
+        "val_dataloader.config.fixed_num_batches=1",
+        "test_dataloader.config.fixed_num_batches=1",
+        "lora_model.config.target_layers=[q_proj,k_proj,v_proj,o_proj]",
+        f"settings.paths.checkpoint_saving_path={tmp / 'ckpt'}",
+        f"evaluation_subscriber.config.directory={tmp / 'wandb'}",
+    ]
     return overrides, {"steps": 2, "global_batch": 1 * 1 * world, "kept": [1, 2], "log_every": 1}
 
 

@@ -31,8 +31,9 @@ pytestmark = pytest.mark.modalities
 @pytest.fixture(scope="session")
 def modalities_python() -> str:
     """The python of Modalities' own venv (made once, kept outside the repository). Under CI it must be there."""
-    done = subprocess.run(["bash", str(REPO / "scripts" / "install_modalities_env.sh")], capture_output=True,
-                          text=True, timeout=1800)  # fmt: skip
+    done = subprocess.run(
+        ["bash", str(REPO / "scripts" / "install_modalities_env.sh")], capture_output=True, text=True, timeout=1800
+    )
     if done.returncode != 0:
         message = f"modalities 0.5.0's venv could not be made:\n{done.stderr[-3000:]}"
         if os.environ.get("CI"):
@@ -43,8 +44,9 @@ def modalities_python() -> str:
 
 def reference(python: str, request: dict) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": ""}
-    done = subprocess.run([python, str(REFERENCE)], input=json.dumps(request), capture_output=True, text=True,
-                          timeout=900, env=env)  # fmt: skip
+    done = subprocess.run(
+        [python, str(REFERENCE)], input=json.dumps(request), capture_output=True, text=True, timeout=900, env=env
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -135,9 +137,14 @@ def lorafit_batches(config: dict, world: int, num_batches: int, monkeypatch, tmp
         loader = ConfigGraph(resolved).build("train_dataloader")
         data = loader.view(world, whole=True)
         n = len(data)
-        settings = RunSettings(seed=loader.seed, step_profile=StepProfile(
-            local_train_micro_batch_size=loader.micro_batch_size, gradient_accumulation_steps=1,
-            sequence_length=config["settings"]["step_profile"]["sequence_length"]))  # fmt: skip
+        settings = RunSettings(
+            seed=loader.seed,
+            step_profile=StepProfile(
+                local_train_micro_batch_size=loader.micro_batch_size,
+                gradient_accumulation_steps=1,
+                sequence_length=config["settings"]["step_profile"]["sequence_length"],
+            ),
+        )
         sampler = train_sampler(n, settings, rank, world, loader.shuffle, loader.epoch_samples(world))
         stream = sampler.forever()
         batches = [[next(stream) for _ in range(loader.micro_batch_size)] for _ in range(num_batches)]
@@ -149,8 +156,9 @@ def lorafit_batches(config: dict, world: int, num_batches: int, monkeypatch, tmp
 
 @pytest.mark.parametrize("sequence_length", [116, 128], ids=["N_multiple_of_every_batch", "N_not_a_multiple"])
 @pytest.mark.parametrize("world", [1, 2, 3])
-def test_every_rank_trains_the_samples_modalities_draws(modalities_python, sequence_length, world, tmp_path,
-                                                         monkeypatch):  # fmt: skip
+def test_every_rank_trains_the_samples_modalities_draws(
+    modalities_python, sequence_length, world, tmp_path, monkeypatch
+):
     config = loader_config(sequence_length)
     (tmp_path / "modalities.yaml").write_text(yaml.safe_dump(config))
     expected = reference(
@@ -180,8 +188,11 @@ def test_a_modalities_run_samples_the_whole_dataset_with_the_loaders_epoch(tmp_p
     for name, value in (("WORLD_SIZE", 3), ("RANK", 0), ("LOCAL_RANK", 0)):
         monkeypatch.setenv(name, str(value))
     monkeypatch.chdir(REPO)
-    overrides = ("settings.training.sequence_length=128", "settings.training.local_train_micro_batch_size=2",
-                 "evaluation_subscriber.config.mode=OFFLINE")  # fmt: skip
+    overrides = (
+        "settings.training.sequence_length=128",
+        "settings.training.local_train_micro_batch_size=2",
+        "evaluation_subscriber.config.mode=OFFLINE",
+    )
     _, graph = load_run_config(REPO / "configs" / "modalities" / "config_lorem_ipsum_lora.yaml", overrides=overrides)
     with build_context(meta_device=True, load_weights=False, announce=False):
         built = build_run(graph, world_size=3)
@@ -198,8 +209,9 @@ def _prep(tmp: Path, tool: str, padded: bool) -> Path:
     config = yaml.safe_load((REPO / "configs" / "modalities" / "packed_dataset_config_lora_smol.yaml").read_text())
     src = folder / "chat_val.jsonl"
     src.write_bytes((REPO / "data" / "modalities" / "chat_val.jsonl").read_bytes())
-    config["settings"].update(src_path=str(src), index_path=str(folder / "chat_val.idx"),
-                              dst_path=str(folder / "chat_val.pbin"), num_cpus=1)  # fmt: skip
+    config["settings"].update(
+        src_path=str(src), index_path=str(folder / "chat_val.idx"), dst_path=str(folder / "chat_val.pbin"), num_cpus=1
+    )
     config["tokenizer"]["config"]["pretrained_model_name_or_path"] = str(REPO / "data" / "models" / "SmolLM2-135M")
     if not padded:
         config["tokenizer"]["config"].update(padding=False, truncation=False)
@@ -215,8 +227,10 @@ def test_index_and_pbin_bytes_equal_modalities(modalities_python, smollm2_dir, p
     from lorafit.cli import main
 
     theirs, ours = _prep(tmp_path, "modalities", padded), _prep(tmp_path, "lorafit", padded)
-    reference(modalities_python, {"op": "index", "src": str(theirs.parent / "chat_val.jsonl"),
-                                  "index": str(theirs.parent / "chat_val.idx")})  # fmt: skip
+    reference(
+        modalities_python,
+        {"op": "index", "src": str(theirs.parent / "chat_val.jsonl"), "index": str(theirs.parent / "chat_val.idx")},
+    )
     reference(modalities_python, {"op": "pack", "config": str(theirs)})
     assert main(["data", "create_raw_index", str(ours.parent / "chat_val.jsonl")]) == 0
     assert main(["data", "pack_encoded_data", str(ours)]) == 0
@@ -230,17 +244,37 @@ def test_index_and_pbin_bytes_equal_modalities(modalities_python, smollm2_dir, p
 
 
 NUMBERS = {  # modalities 0.5.0's number conversions, each in its own spelling (num_ranks or dp_degree)
-    "a": ("local_num_batches_from_num_samples", {"num_ranks": 3, "global_num_samples": 1001,
-                                                 "local_micro_batch_size": 2}),
-    "b": ("local_num_batches_from_num_tokens", {"num_ranks": 3, "global_num_tokens": 90001, "sequence_length": 128,
-                                                "local_micro_batch_size": 2}),
+    "a": (
+        "local_num_batches_from_num_samples",
+        {"num_ranks": 3, "global_num_samples": 1001, "local_micro_batch_size": 2},
+    ),
+    "b": (
+        "local_num_batches_from_num_tokens",
+        {"num_ranks": 3, "global_num_tokens": 90001, "sequence_length": 128, "local_micro_batch_size": 2},
+    ),
     # (num_steps_from_num_samples cannot be built in 0.5.0: its config wants num_ranks, its function dp_degree)
-    "d": ("num_steps_from_num_tokens", {"dp_degree": 3, "local_micro_batch_size": 2, "global_num_tokens": 90001,
-                                        "sequence_length": 128, "gradient_accumulation_steps": 4}),
-    "e": ("num_tokens_from_num_steps", {"num_steps": 17, "dp_degree": 3, "local_micro_batch_size": 2,
-                                        "sequence_length": 128, "gradient_accumulation_steps": 4}),
+    "d": (
+        "num_steps_from_num_tokens",
+        {
+            "dp_degree": 3,
+            "local_micro_batch_size": 2,
+            "global_num_tokens": 90001,
+            "sequence_length": 128,
+            "gradient_accumulation_steps": 4,
+        },
+    ),
+    "e": (
+        "num_tokens_from_num_steps",
+        {
+            "num_steps": 17,
+            "dp_degree": 3,
+            "local_micro_batch_size": 2,
+            "sequence_length": 128,
+            "gradient_accumulation_steps": 4,
+        },
+    ),
     "f": ("num_samples_from_num_tokens", {"num_tokens": 90001, "sequence_length": 128}),
-}  # fmt: skip
+}
 
 
 def test_number_conversions_equal_modalities(modalities_python, tmp_path):
@@ -248,11 +282,14 @@ def test_number_conversions_equal_modalities(modalities_python, tmp_path):
     from lorafit.components import load_builtin_components
     from lorafit.config.graph import ConfigGraph
 
-    config = {key: {"component_key": "number_conversion", "variant_key": variant, "config": values}
-              for key, (variant, values) in NUMBERS.items()}  # fmt: skip
+    config = {
+        key: {"component_key": "number_conversion", "variant_key": variant, "config": values}
+        for key, (variant, values) in NUMBERS.items()
+    }
     (tmp_path / "numbers.yaml").write_text(yaml.safe_dump(config))
-    expected = reference(modalities_python, {"op": "numbers", "config": str(tmp_path / "numbers.yaml"),
-                                             "keys": list(NUMBERS)})  # fmt: skip
+    expected = reference(
+        modalities_python, {"op": "numbers", "config": str(tmp_path / "numbers.yaml"), "keys": list(NUMBERS)}
+    )
     load_builtin_components()
     graph = ConfigGraph(config)
     assert {key: graph.build(key) for key in NUMBERS} == expected

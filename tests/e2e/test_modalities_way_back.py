@@ -92,8 +92,9 @@ def test_modalities_loads_the_prepared_base_model_bin(modalities_python, tmp_pat
     folder = smollm2.prepare_smollm2(tmp_path / "models", progress=False)
     config = seed_config(tmp_path, folder, tmp_path / "models" / smollm2.SAVED_DIR / "model.bin")
 
-    theirs = reference(modalities_python, {"op": "logits", "config": str(config), "model": "checkpointed_model",
-                                           "input_ids": IDS})  # fmt: skip
+    theirs = reference(
+        modalities_python, {"op": "logits", "config": str(config), "model": "checkpointed_model", "input_ids": IDS}
+    )
     model = make_llama(seed=3)
     assert theirs["sha256"] == digests({"huggingface_model." + k: v for k, v in model.state_dict().items()})
     torch.testing.assert_close(torch.tensor(theirs["logits"]), our_logits(model), rtol=0, atol=1e-5)
@@ -107,8 +108,15 @@ def test_modalities_loads_the_merged_export(modalities_python, trained_run, tiny
     model = load_trained_model(find_trained_run(trained_run))
     expected = our_logits(model)
     merged = merge_and_unload(model)
-    theirs = reference(modalities_python, {"op": "logits", "config": str(seed_config(tmp_path, tiny_model_dir, path)),
-                                           "model": "checkpointed_model", "input_ids": IDS})  # fmt: skip
+    theirs = reference(
+        modalities_python,
+        {
+            "op": "logits",
+            "config": str(seed_config(tmp_path, tiny_model_dir, path)),
+            "model": "checkpointed_model",
+            "input_ids": IDS,
+        },
+    )
     assert theirs["sha256"] == digests({"huggingface_model." + k: v for k, v in merged.state_dict().items()})
     torch.testing.assert_close(torch.tensor(theirs["logits"]), expected, rtol=0, atol=1e-5)
 
@@ -121,8 +129,10 @@ def test_the_lora_branches_load_the_lora_export(modalities_python, trained_run, 
     expected = our_logits(load_trained_model(find_trained_run(trained_run)))
     lora = {"branch": branch, "r": R, "alpha": ALPHA, "target_layers": list(TARGETS), "checkpoint": str(path)}
     config = seed_config(tmp_path, tiny_model_dir, None)
-    theirs = reference(modalities_python, {"op": "logits", "config": str(config), "model": "huggingface_smol_llm_model",
-                                           "input_ids": IDS, "lora": lora})  # fmt: skip
+    theirs = reference(
+        modalities_python,
+        {"op": "logits", "config": str(config), "model": "huggingface_smol_llm_model", "input_ids": IDS, "lora": lora},
+    )
     assert theirs["sha256"] == digests(torch.load(path, weights_only=True))  # every tensor of the file, as it is
     torch.testing.assert_close(torch.tensor(theirs["logits"]), expected, rtol=0, atol=1e-5)
     torch.testing.assert_close(torch.tensor(theirs["merged_logits"]), expected, rtol=0, atol=1e-5)

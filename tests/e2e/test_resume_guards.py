@@ -79,8 +79,9 @@ def test_allowed_lr_change_is_applied_and_a_refused_one_names_it(source):
     assert not (source["root"] / "lr_refused").exists()
 
     before = tree_digest(source["run"])
-    proc = lorafit_run(changed, source["root"], "--experiment_id", "lr10", "--resume_from", step2,
-                       "--allow_config_change")  # fmt: skip
+    proc = lorafit_run(
+        changed, source["root"], "--experiment_id", "lr10", "--resume_from", step2, "--allow_config_change"
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "optimizer.config.lr: 0.003 -> 0.03" in proc.stdout
     assert tree_digest(source["run"]) == before
@@ -95,8 +96,9 @@ def test_allowed_lr_change_is_applied_and_a_refused_one_names_it(source):
 def test_changed_global_batch_is_refused_and_a_kept_one_resumes_the_data_order(source):
     step2 = str(source["run"] / "checkpoints" / "step_000002")
     # 2 processes x micro 2 x accumulation 2 = 8 samples per step, the checkpoint's run had 4
-    refused = lorafit_run(source["write"]("base"), source["root"], "--experiment_id", "two_procs", "--resume_from",
-                          step2, processes=2)  # fmt: skip
+    refused = lorafit_run(
+        source["write"]("base"), source["root"], "--experiment_id", "two_procs", "--resume_from", step2, processes=2
+    )
     # torchrun exits 1 when a worker fails; the workers themselves exited with lorafit's user-error code 2
     assert refused.returncode == 1 and "exitcode  : 2" in refused.stderr, refused.stdout[-3000:] + refused.stderr
     err = refused.stderr
@@ -105,8 +107,15 @@ def test_changed_global_batch_is_refused_and_a_kept_one_resumes_the_data_order(s
     assert 'File "' + str(REPO / "src") not in err and not (source["root"] / "two_procs").exists()  # no lorafit frame
 
     # accumulation halved: the same 4 samples per step, so the same samples in the same steps
-    kept = lorafit_run(source["write"]("accum1", accum=1), source["root"], "--experiment_id", "two_kept",
-                       "--resume_from", step2, processes=2)  # fmt: skip
+    kept = lorafit_run(
+        source["write"]("accum1", accum=1),
+        source["root"],
+        "--experiment_id",
+        "two_kept",
+        "--resume_from",
+        step2,
+        processes=2,
+    )
     assert kept.returncode == 0, kept.stdout[-3000:] + kept.stderr[-3000:]
     original, resumed = metrics(source["run"]), metrics(source["root"] / "two_kept")
     assert sorted(resumed) == [3, 4]

@@ -99,8 +99,10 @@ def test_killed_run_resumes_exactly(tmp_path, cfg):
 
     def past_step_3() -> bool:  # any complete checkpoint from step 3 on: the run keeps only the last 2 of them,
         # and tiny steps are fast enough on a quiet machine that step_000003 alone can come and go between polls
-        return any(p.name.removeprefix("step_").isdigit() and int(p.name.removeprefix("step_")) >= 3
-                   for p in checkpoints.glob("step_*"))  # fmt: skip
+        return any(
+            p.name.removeprefix("step_").isdigit() and int(p.name.removeprefix("step_")) >= 3
+            for p in checkpoints.glob("step_*")
+        )
 
     deadline = time.time() + 300
     while not past_step_3() and proc.poll() is None and time.time() < deadline:

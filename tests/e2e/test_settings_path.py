@@ -19,8 +19,11 @@ def test_validate_summary_equals_what_the_loop_does(tmp_path, tiny_model_dir):
 
     checked = lorafit("validate", "--config_file_path", str(path))
     assert checked.returncode == 0, checked.stdout[-3000:] + checked.stderr[-3000:]
-    summary = re.search(r"steps: (\d+) \(one process\); tokens per step per process: (\d+) = micro batch (\d+) x "
-                        r"accumulation (\d+) x sequence (\d+)", checked.stdout)  # fmt: skip
+    summary = re.search(
+        r"steps: (\d+) \(one process\); tokens per step per process: (\d+) = micro batch (\d+) x "
+        r"accumulation (\d+) x sequence (\d+)",
+        checked.stdout,
+    )
     assert summary, checked.stdout
     steps, tokens, micro, accum, sequence = map(int, summary.groups())
     assert (steps, micro, accum, sequence) == (3, 3, 2, 24) and tokens == 3 * 2 * 24

@@ -52,8 +52,14 @@ def test_multi_process_starting_config_under_torchrun(tiny_model_dir, tmp_path):
     overrides = _on_tiny(tiny_model_dir, steps, "parallelism.config.mixed_precision=fp32")
     root = ["--experiments_root_path", str(tmp_path), "--experiment_id", "mp"]
     command = lorafit_command("run", "--config", "configs/multi_process.yaml", *root, *overrides, processes=2)
-    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})  # fmt: skip
+    proc = subprocess.run(
+        command,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "fsdp2" in proc.stdout and "on 2 process(es)" in proc.stdout
     assert (tmp_path / "mp" / "adapter" / "adapter_model.safetensors").is_file()
@@ -73,8 +79,9 @@ def test_shipped_config_validates(config, smollm2_dir, monkeypatch):
 def test_lorem_ipsum_config_under_torchrun_two_processes(smollm2_dir, tmp_path):
     root = ["--experiments_root_path", str(tmp_path), "--experiment_id", "lorem2"]
     command = lorafit_command("run", "--config_file_path", "configs/config_lorem_ipsum_lora.yaml", *root, processes=2)
-    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
+    proc = subprocess.run(
+        command, cwd=REPO, capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run_dir = tmp_path / "lorem2"
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -53,8 +53,9 @@ def batches(request: dict) -> dict:
     ranks, dataset_len, first = [], None, None
     for rank in range(world):
         env = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world)}
-        loader = getattr(_build(request["config"], {request["loader"]: PydanticLLMDataLoaderIFType}, env),
-                         request["loader"])  # fmt: skip
+        loader = getattr(
+            _build(request["config"], {request["loader"]: PydanticLLMDataLoaderIFType}, env), request["loader"]
+        )
         dataset_len = len(loader.dataset)
         picked = []
         for i, indices in enumerate(loader.batch_sampler):
@@ -69,8 +70,9 @@ def batches(request: dict) -> dict:
 
 
 def numbers(request: dict) -> dict:
-    built = _build(request["config"], dict.fromkeys(request["keys"], int), {"RANK": "0", "LOCAL_RANK": "0",
-                                                                         "WORLD_SIZE": "1"})  # fmt: skip
+    built = _build(
+        request["config"], dict.fromkeys(request["keys"], int), {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}
+    )
     return {key: getattr(built, key) for key in request["keys"]}
 
 
@@ -92,8 +94,11 @@ def index(request: dict) -> dict:
 def load_checkpoint(request: dict) -> dict:
     from modalities.config.pydantic_if_types import PydanticPytorchModuleType
 
-    built = _build(request["config"], {request["model"]: PydanticPytorchModuleType},
-                   {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"})  # fmt: skip
+    built = _build(
+        request["config"],
+        {request["model"]: PydanticPytorchModuleType},
+        {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"},
+    )
     state = getattr(built, request["model"]).state_dict()
     digest = {
         k: hashlib.sha256(v.detach().float().contiguous().numpy().tobytes()).hexdigest() for k, v in state.items()
@@ -102,8 +107,10 @@ def load_checkpoint(request: dict) -> dict:
 
 
 def _digests(model) -> dict:
-    return {k: hashlib.sha256(v.detach().float().contiguous().numpy().tobytes()).hexdigest()
-            for k, v in model.state_dict().items()}  # fmt: skip
+    return {
+        k: hashlib.sha256(v.detach().float().contiguous().numpy().tobytes()).hexdigest()
+        for k, v in model.state_dict().items()
+    }
 
 
 def _lora_branch(branch: str):
@@ -123,14 +130,18 @@ def logits(request: dict) -> dict:
     from modalities.config.config import PrecisionEnum
     from modalities.config.pydantic_if_types import PydanticPytorchModuleType
 
-    built = _build(request["config"], {request["model"]: PydanticPytorchModuleType},
-                   {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"})  # fmt: skip
+    built = _build(
+        request["config"],
+        {request["model"]: PydanticPytorchModuleType},
+        {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"},
+    )
     model = getattr(built, request["model"])
     lora = request.get("lora")
     if lora:
         utils = _lora_branch(lora["branch"]).utils
-        model.huggingface_model = utils.convert_to_lora(model.huggingface_model, r=lora["r"], alpha=lora["alpha"],
-                                                        target_layers=lora["target_layers"])  # fmt: skip
+        model.huggingface_model = utils.convert_to_lora(
+            model.huggingface_model, r=lora["r"], alpha=lora["alpha"], target_layers=lora["target_layers"]
+        )
         loading = TorchCheckpointLoading(device=torch.device("cpu"), precision=PrecisionEnum.FP32)
         model = loading.load_model_checkpoint(model, Path(lora["checkpoint"]))
     ids = torch.tensor(request["input_ids"])
@@ -146,7 +157,13 @@ def logits(request: dict) -> dict:
 
 if __name__ == "__main__":
     request = json.load(sys.stdin)
-    ops = {"batches": batches, "numbers": numbers, "pack": pack, "index": index, "load_checkpoint": load_checkpoint,
-           "logits": logits}  # fmt: skip
+    ops = {
+        "batches": batches,
+        "numbers": numbers,
+        "pack": pack,
+        "index": index,
+        "load_checkpoint": load_checkpoint,
+        "logits": logits,
+    }
     answer = ops[request["op"]](request)
     json.dump(answer, sys.stdout)

@@ -22,8 +22,9 @@ def free_port() -> int:
 def dead_pid() -> int:
     """The id of a process that has ended (a child that printed it and exited): what a killed writer leaves in the
     names of its temporaries. A Python start-up, ~20 ms: cheap enough for the fast tests."""
-    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
-                           check=True)  # fmt: skip
+    child = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+    )
     return int(child.stdout)
 
 
@@ -32,8 +33,17 @@ def lorafit_command(*args: str, processes: int = 1) -> list[str]:
     if processes == 1:
         return [sys.executable, "-m", "lorafit", *args]
     rendezvous = f"--rdzv-endpoint=127.0.0.1:{free_port()}"
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(processes),
-                rendezvous, str(REPO / "src/lorafit/__main__.py")]  # fmt: skip
+    launcher = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "1",
+        "--nproc_per_node",
+        str(processes),
+        rendezvous,
+        str(REPO / "src/lorafit/__main__.py"),
+    ]
     return [*launcher, *args]
 
 
@@ -69,8 +79,9 @@ def spawn_ranks(worker, *args, world: int = 2) -> None:
 
 
 def _rank(rank: int, world: int, port: int, worker, args: tuple) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))  # fmt: skip
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+    )
     import torch
 
     torch.set_num_threads(1)  # two processes on a shared 2-core machine

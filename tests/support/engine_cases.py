@@ -47,12 +47,14 @@ def make_job(run_dir: Path, env, *, parallelism=None, micro: int, accum: int, st
         "seed": overrides.pop("seed", 5),
         "step_profile": {"local_train_micro_batch_size": micro, "gradient_accumulation_steps": accum},
         "training_target": {"num_target_steps": steps},
-        "intervals": {"evaluation_interval_in_steps": overrides.pop("evaluation_interval_in_steps", 2),
-                      "checkpointing_interval_in_steps": overrides.pop("checkpointing_interval_in_steps", None)},
+        "intervals": {
+            "evaluation_interval_in_steps": overrides.pop("evaluation_interval_in_steps", 2),
+            "checkpointing_interval_in_steps": overrides.pop("checkpointing_interval_in_steps", None),
+        },
         "checkpointing": {"keep_last": overrides.pop("keep_last", 2)},
         "gradient_clipping": overrides.pop("gradient_clipping", 1.0),
         "eval_max_batches": overrides.pop("eval_max_batches", None),
-    }  # fmt: skip
+    }
     values = dict(
         model=lora_model(overrides.pop("dropout", 0.0)),
         train_dataset=TokenDataset(),

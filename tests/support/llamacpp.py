@@ -34,8 +34,9 @@ def load(path, *, lora=None, n_ctx: int = 256, f32_cache: bool = False):
     kwargs = {"lora_path": str(lora)} if lora is not None else {}
     if f32_cache:
         kwargs |= {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32}
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=2, logits_all=True, seed=0, verbose=False,
-                          **kwargs)  # fmt: skip
+    llm = llama_cpp.Llama(
+        model_path=str(path), n_ctx=n_ctx, n_threads=2, logits_all=True, seed=0, verbose=False, **kwargs
+    )
     try:
         yield llm
     finally:

@@ -16,8 +16,9 @@ REFERENCE = REPO / "tests" / "modalities_ref" / "reference.py"
 
 def modalities_venv_python() -> str:
     """The python of Modalities' own venv; made when missing. Under CI it must be there (a failure, not a skip)."""
-    done = subprocess.run(["bash", str(REPO / "scripts" / "install_modalities_env.sh")], capture_output=True,
-                          text=True, timeout=1800)  # fmt: skip
+    done = subprocess.run(
+        ["bash", str(REPO / "scripts" / "install_modalities_env.sh")], capture_output=True, text=True, timeout=1800
+    )
     if done.returncode != 0:
         message = f"modalities 0.5.0's venv could not be made:\n{done.stderr[-3000:]}"
         if os.environ.get("CI"):
@@ -29,7 +30,8 @@ def modalities_venv_python() -> str:
 def reference(python: str, request: dict) -> dict:
     """The answer of Modalities' own code to `request` (the ops: tests/modalities_ref/reference.py)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": ""}
-    done = subprocess.run([python, str(REFERENCE)], input=json.dumps(request), capture_output=True, text=True,
-                          timeout=900, env=env)  # fmt: skip
+    done = subprocess.run(
+        [python, str(REFERENCE)], input=json.dumps(request), capture_output=True, text=True, timeout=900, env=env
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads(done.stdout.strip().splitlines()[-1])

@@ -25,12 +25,18 @@ TEXTS = [
 CHATS = [
     {"messages": [{"role": "user", "content": "What is two plus two?"}, {"role": "assistant", "content": "four"}]},
     {"prompt": "Capital of France?", "response": "Paris", "system": "Answer briefly."},
-    {"messages": [{"role": "user", "content": "Sky colour?"}, {"role": "assistant", "content": "blue"},
-                  {"role": "user", "content": "And Italy's capital?"}, {"role": "assistant", "content": "Rome"}]},
+    {
+        "messages": [
+            {"role": "user", "content": "Sky colour?"},
+            {"role": "assistant", "content": "blue"},
+            {"role": "user", "content": "And Italy's capital?"},
+            {"role": "assistant", "content": "Rome"},
+        ]
+    },
     {"prompt": "Say abc", "response": "abc"},
     {"prompt": "Capital of Spain?", "response": "Madrid, the capital of Spain."},
     {"prompt": "Lorem?", "response": "ipsum dolor sit amet"},
-]  # fmt: skip
+]
 
 
 def pack_cases(folder: Path, tokenizer) -> dict[str, Path]:
@@ -39,8 +45,10 @@ def pack_cases(folder: Path, tokenizer) -> dict[str, Path]:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "text.txt").write_text("\n\n".join(TEXTS * 3) + "\n", encoding="utf-8")
     (folder / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in CHATS * 3), encoding="utf-8")
-    return {kind: pack_file(folder / name, tokenizer, folder / kind, progress=False).prefix
-            for kind, name in (("text", "text.txt"), ("chat", "chat.jsonl"))}  # fmt: skip
+    return {
+        kind: pack_file(folder / name, tokenizer, folder / kind, progress=False).prefix
+        for kind, name in (("text", "text.txt"), ("chat", "chat.jsonl"))
+    }
 
 
 def packed_dataset(kind: str, prefix: Path):
@@ -52,8 +60,9 @@ def packed_dataset(kind: str, prefix: Path):
 def _piece(data, start: int, end: int, doc_end: int) -> dict[str, torch.Tensor]:
     """Inputs tokens[start:end] of one document run alone; targets: the next token inside the document."""
     tokens, mask = data.tokens, data.mask
-    labels = [int(tokens[j + 1]) if j + 1 < doc_end and (mask is None or mask[j + 1]) else -100
-              for j in range(start, end)]  # fmt: skip
+    labels = [
+        int(tokens[j + 1]) if j + 1 < doc_end and (mask is None or mask[j + 1]) else -100 for j in range(start, end)
+    ]
     return {"input_ids": torch.tensor(tokens[start:end].astype("int64"))[None], "labels": torch.tensor(labels)[None]}
 
 

@@ -89,10 +89,21 @@ def tiny_run_config(
 
 def tiny_config(model_dir: Path, cache: Path, *, steps: int = 6, r: int = 4, checkpoint_every: int = 2) -> dict:
     """The in-process run tests' run: evaluated on its own training data every 3 steps, the last 2 checkpoints kept."""
-    intervals = {"training_log_interval_in_steps": 1, "checkpointing_interval_in_steps": checkpoint_every,
-                 "evaluation_interval_in_steps": 3}  # fmt: skip
-    return tiny_run_config(model_dir, cache_path=cache / "lorem", steps=steps, r=r, intervals=intervals,
-                           eval_on_train=True, checkpointing={"keep_last": 2}, eval_max_batches=4)  # fmt: skip
+    intervals = {
+        "training_log_interval_in_steps": 1,
+        "checkpointing_interval_in_steps": checkpoint_every,
+        "evaluation_interval_in_steps": 3,
+    }
+    return tiny_run_config(
+        model_dir,
+        cache_path=cache / "lorem",
+        steps=steps,
+        r=r,
+        intervals=intervals,
+        eval_on_train=True,
+        checkpointing={"keep_last": 2},
+        eval_max_batches=4,
+    )
 
 
 def evaluated_run_config(model_dir: Path, tmp: Path, loggers: dict | None = None, steps: int = 4) -> dict:
@@ -106,12 +117,27 @@ def evaluated_run_config(model_dir: Path, tmp: Path, loggers: dict | None = None
             for q, a in examples
         )
     )
-    evaluator = {"component_key": "evaluator", "variant_key": "exact_match",
-                 "config": {"path": str(heldout), "max_new_tokens": 4, "name": "qa"}}  # fmt: skip
+    evaluator = {
+        "component_key": "evaluator",
+        "variant_key": "exact_match",
+        "config": {"path": str(heldout), "max_new_tokens": 4, "name": "qa"},
+    }
     intervals = {"training_log_interval_in_steps": 3, "evaluation_interval_in_steps": 2}
-    return tiny_run_config(model_dir, cache_path=tmp / "lorem", seed=3, accum=None, steps=steps, intervals=intervals,
-                           shared_base=False, eval_on_train=True, evaluators=[evaluator], lr=None, scheduler=None,
-                           eval_max_batches=2, loggers=loggers or {})  # fmt: skip
+    return tiny_run_config(
+        model_dir,
+        cache_path=tmp / "lorem",
+        seed=3,
+        accum=None,
+        steps=steps,
+        intervals=intervals,
+        shared_base=False,
+        eval_on_train=True,
+        evaluators=[evaluator],
+        lr=None,
+        scheduler=None,
+        eval_max_batches=2,
+        loggers=loggers or {},
+    )
 
 
 def losses(run_dir: Path) -> dict[int, float]:
@@ -128,8 +154,17 @@ def adapter_tensors(run_dir: Path):
 def checkpointed_model(model_key: str, checkpoint_path, *, device: int | str = "cpu", precision: str = "FP_32") -> dict:
     """The seed's shape: `model/checkpointed` loading `checkpoint_path` into the model entity `model_key`, with
     `checkpoint_loading: torch {device, precision}`."""
-    loading = {"component_key": "checkpoint_loading", "variant_key": "torch",
-               "config": {"device": device, "precision": precision}}  # fmt: skip
-    return {"component_key": "model", "variant_key": "checkpointed",
-            "config": {"checkpoint_loading": loading, "model": {"instance_key": model_key, "pass_type": "BY_REFERENCE"},
-                       "checkpoint_path": str(checkpoint_path)}}  # fmt: skip
+    loading = {
+        "component_key": "checkpoint_loading",
+        "variant_key": "torch",
+        "config": {"device": device, "precision": precision},
+    }
+    return {
+        "component_key": "model",
+        "variant_key": "checkpointed",
+        "config": {
+            "checkpoint_loading": loading,
+            "model": {"instance_key": model_key, "pass_type": "BY_REFERENCE"},
+            "checkpoint_path": str(checkpoint_path),
+        },
+    }

@@ -76,8 +76,11 @@ def mlflow_metrics(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
 
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_ALLOW_FILE_STORE"}
     uri = f"sqlite:///{Path(run_dir).resolve() / 'mlflow.db'}"
-    child = subprocess.run([sys.executable, "-c", MLFLOW_READER, uri], env=env, capture_output=True, text=True,
-                           timeout=300, check=False)  # fmt: skip
+    child = subprocess.run(
+        [sys.executable, "-c", MLFLOW_READER, uri], env=env, capture_output=True, text=True, timeout=300, check=False
+    )
     assert child.returncode == 0, child.stderr[-3000:]
-    return {key: [(int(step), float(value)) for step, value in rows]
-            for key, rows in json.loads(child.stdout.strip().splitlines()[-1]).items()}  # fmt: skip
+    return {
+        key: [(int(step), float(value)) for step, value in rows]
+        for key, rows in json.loads(child.stdout.strip().splitlines()[-1]).items()
+    }

@@ -26,9 +26,14 @@ print(child.stdout.strip(), flush=True)
 
 def probe(command: str, flag: str | None = None, **env: str) -> list[str]:
     environ = {k: v for k, v in os.environ.items() if k not in (ENV, "LD_PRELOAD")} | env
-    proc = subprocess.run([sys.executable, "-c", PROBE.format(command=command, flag=flag)], env=environ,
-                          capture_output=True,
-                          text=True, timeout=120, check=True)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", PROBE.format(command=command, flag=flag)],
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
     return proc.stdout.split()
 
 

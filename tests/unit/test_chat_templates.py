@@ -32,13 +32,20 @@ def _trained(tokenizer, ids, mask) -> str:
 @pytest.mark.parametrize(
     ("name", "text", "trained"),
     [
-        ("chatml", "<|im_start|>user\nhi there<|im_end|>\n<|im_start|>assistant\nhello you<|im_end|>\n",
-         "hello you<|im_end|>"),
+        (
+            "chatml",
+            "<|im_start|>user\nhi there<|im_end|>\n<|im_start|>assistant\nhello you<|im_end|>\n",
+            "hello you<|im_end|>",
+        ),
         ("plain", "### User:\nhi there\n\n### Assistant:\nhello you<|im_end|>\n\n", "hello you<|im_end|>"),
-        ("llama3", "<|im_start|><|start_header_id|>user<|end_header_id|>\n\nhi there<|eot_id|><|start_header_id|>"
-         "assistant<|end_header_id|>\n\nhello you<|eot_id|>", "hello you<|eot_id|>"),
+        (
+            "llama3",
+            "<|im_start|><|start_header_id|>user<|end_header_id|>\n\nhi there<|eot_id|><|start_header_id|>"
+            "assistant<|end_header_id|>\n\nhello you<|eot_id|>",
+            "hello you<|eot_id|>",
+        ),
     ],
-)  # fmt: skip
+)
 def test_builtin_templates_render_and_mask_the_answer(name, text, trained, capsys):
     tokenizer = use_template(_tokenizer(None), name)
     ids, mask = render_with_mask(tokenizer, CHAT, "x")
@@ -51,13 +58,18 @@ def test_a_template_file_and_bad_names(tmp_path):
     from lorafit.data.chat_templates import check_template_name
 
     good = tmp_path / "mine.jinja"
-    good.write_text("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{{ eos_token }}\n{% endfor %}"
-                    "{% if add_generation_prompt %}assistant: {% endif %}")  # fmt: skip
+    good.write_text(
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{{ eos_token }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}"
+    )
     tokenizer = use_template(_tokenizer(None), str(good))
     ids, mask = render_with_mask(tokenizer, CHAT, "x")
     assert _trained(tokenizer, ids, mask) == "hello you<|im_end|>"
-    with pytest.raises(ValueError, match=r"unknown chat template 'chatm' \(did you mean 'chatml'\?\); valid: "
-                       "tokenizer, chatml, llama3, plain, or the path of a Jinja template file"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"unknown chat template 'chatm' \(did you mean 'chatml'\?\); valid: "
+        "tokenizer, chatml, llama3, plain, or the path of a Jinja template file",
+    ):
         check_template_name("chatm")
     with pytest.raises(ValueError, match="no such file: templates/none.jinja"):
         check_template_name("templates/none.jinja")
@@ -77,14 +89,18 @@ def test_config_errors_name_the_yaml_key(tmp_path, tiny_model_dir):
     path.write_text(yaml.safe_dump(config))
     with pytest.raises(UserError) as error:
         load_run_config(path)
-    assert error.value.render().startswith("tokenizer.config.chat_template: unknown chat template 'llama-3' (did you "
-                                           "mean 'llama3'?); valid: tokenizer, chatml, llama3, plain")  # fmt: skip
+    assert error.value.render().startswith(
+        "tokenizer.config.chat_template: unknown chat template 'llama-3' (did you "
+        "mean 'llama3'?); valid: tokenizer, chatml, llama3, plain"
+    )
 
 
 def test_default_system_prompt_is_found_and_reported(tmp_path, tiny_model_dir, capsys):
-    injecting = ("{% if messages[0]['role'] != 'system' %}<|im_start|>system\nBe nice.<|im_end|>\n{% endif %}"
-                 "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")  # fmt: skip
+    injecting = (
+        "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nBe nice.<|im_end|>\n{% endif %}"
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
     assert default_system_prompt(_tokenizer(injecting)) == "Be nice."
     assert default_system_prompt(_tokenizer()) is None  # the tiny template adds none
     data = tmp_path / "chats.jsonl"
@@ -148,20 +164,51 @@ def test_preview_of_a_config_dataset(tmp_path, tiny_model_dir, capsys):
     assert "has no top-level 'eval_datasets'" in capsys.readouterr().err
     # an eval dataset of conversations, one per sample (packing: false), with a named template
     chats = tmp_path / "chats.jsonl"
-    chats.write_text("".join(json.dumps({"prompt": f"q{i} " * (3 + 40 * i), "response": f"a{i}"}) + "\n"
-                             for i in range(3)))  # fmt: skip
+    chats.write_text(
+        "".join(json.dumps({"prompt": f"q{i} " * (3 + 40 * i), "response": f"a{i}"}) + "\n" for i in range(3))
+    )
     config["tokenizer"]["config"]["chat_template"] = "plain"
-    config["eval_datasets"] = {"chats": {"component_key": "dataset", "variant_key": "jsonl_instruction", "config": {
-        "path": str(chats),
-        "tokenizer": {"instance_key": "tokenizer", "pass_type": "BY_REFERENCE"}}}}  # fmt: skip
+    config["eval_datasets"] = {
+        "chats": {
+            "component_key": "dataset",
+            "variant_key": "jsonl_instruction",
+            "config": {"path": str(chats), "tokenizer": {"instance_key": "tokenizer", "pass_type": "BY_REFERENCE"}},
+        }
+    }
     path.write_text(yaml.safe_dump(config))
     # the run's one sequence length (a dataset's own may not differ from it): 64 here
-    assert main(["data", "preview", "--config", str(path), "--dataset", "eval_datasets.chats", "-n", "5",
-                 "settings.step_profile.sequence_length=64"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "data",
+                "preview",
+                "--config",
+                str(path),
+                "--dataset",
+                "eval_datasets.chats",
+                "-n",
+                "5",
+                "settings.step_profile.sequence_length=64",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "InstructionDataset" in out and "1 samples of up to 64 tokens; 3 documents" in out
     assert "not packed (packing: false): 2 conversations cut to sequence_length + 1 = 65 tokens, 2 left out" in out
     assert out.count("--- sample") == 1 and "### User:\nq0" in out and "[[a0<|im_end|>]]" in out
-    assert main(["data", "preview", "--config", str(path), "--dataset", "eval_datasets.other",
-                 "settings.step_profile.sequence_length=64"]) == 2  # fmt: skip
+    assert (
+        main(
+            [
+                "data",
+                "preview",
+                "--config",
+                str(path),
+                "--dataset",
+                "eval_datasets.other",
+                "settings.step_profile.sequence_length=64",
+            ]
+        )
+        == 2
+    )
     assert "eval_datasets has chats" in capsys.readouterr().err

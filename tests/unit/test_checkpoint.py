@@ -27,8 +27,13 @@ def _trained(hidden: int = 32):
     from lorafit.training.optim import AdamWConfig, OptimizerFactory
     from tiny import make_llama
 
-    model = apply_lora(make_llama(hidden_size=hidden, intermediate_size=2 * hidden), r=4, alpha=8,
-                       target_layers=["q_proj", "v_proj"], seed=0)  # fmt: skip
+    model = apply_lora(
+        make_llama(hidden_size=hidden, intermediate_size=2 * hidden),
+        r=4,
+        alpha=8,
+        target_layers=["q_proj", "v_proj"],
+        seed=0,
+    )
     optimizer = OptimizerFactory(AdamWConfig(lr=1e-2))(model)
     model(torch.randint(0, 384, (2, 8))).logits.square().mean().backward()
     optimizer.step()

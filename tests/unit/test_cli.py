@@ -46,12 +46,33 @@ def test_every_snake_case_option_has_a_kebab_case_spelling_with_the_same_meaning
 
 def test_kebab_and_snake_spellings_parse_alike():
     parser = build_parser()
-    snake = parser.parse_args(["run", "--config_file_path", "c.yaml", "--experiment_id", "x", "--resume_from",
-                               "latest", "--allow_config_change"])  # fmt: skip
-    kebab = parser.parse_args(["run", "--config-file-path", "c.yaml", "--experiment-id", "x", "--resume-from",
-                               "latest", "--allow-config-change"])  # fmt: skip
-    short = parser.parse_args(["run", "--config", "c.yaml", "--experiment-id", "x", "--resume-from", "latest",
-                               "--allow-config-change"])  # fmt: skip
+    snake = parser.parse_args(
+        [
+            "run",
+            "--config_file_path",
+            "c.yaml",
+            "--experiment_id",
+            "x",
+            "--resume_from",
+            "latest",
+            "--allow_config_change",
+        ]
+    )
+    kebab = parser.parse_args(
+        [
+            "run",
+            "--config-file-path",
+            "c.yaml",
+            "--experiment-id",
+            "x",
+            "--resume-from",
+            "latest",
+            "--allow-config-change",
+        ]
+    )
+    short = parser.parse_args(
+        ["run", "--config", "c.yaml", "--experiment-id", "x", "--resume-from", "latest", "--allow-config-change"]
+    )
     assert vars(snake) == vars(kebab) == vars(short)
 
 
@@ -65,9 +86,11 @@ def test_help_names_every_spelling_once(capsys):
 def test_a_command_without_models_imports_neither_torch_nor_transformers_and_bars_stay_off():
     """`lorafit configs list` starts in a fraction of a second (issue 26 item 5): the progress bars are switched
     off through huggingface_hub, and transformers, imported later in the same process, keeps them off."""
-    code = ("import sys; from lorafit.cli import main; assert main(['configs', 'list']) == 0; "
-            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules)); "
-            "from transformers.utils import logging; print(logging.is_progress_bar_enabled())")  # fmt: skip
+    code = (
+        "import sys; from lorafit.cli import main; assert main(['configs', 'list']) == 0; "
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules)); "
+        "from transformers.utils import logging; print(logging.is_progress_bar_enabled())"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[-2:] == ["[]", "False"]

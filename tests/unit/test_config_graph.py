@@ -253,6 +253,9 @@ def test_the_component_table_lists_exactly_what_lorafit_registers():
     from lorafit.config.registry import REGISTRY
 
     load_builtin_components()
-    registered = {(s.component_key, s.variant_key): s.builder.__module__ for s in REGISTRY.specs()
-                  if s.builder.__module__.startswith("lorafit.")}  # fmt: skip
+    registered = {
+        (s.component_key, s.variant_key): s.builder.__module__
+        for s in REGISTRY.specs()
+        if s.builder.__module__.startswith("lorafit.")
+    }
     assert registered == BUILTIN_COMPONENTS

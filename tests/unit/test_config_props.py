@@ -28,17 +28,73 @@ from lorafit.run.build import check_run_config
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 NAMES = ["model", "train_dataset", "tokenizer", "optimizer", "scheduler", "settings", "base", "lora", "data", "x"]
-COMPONENT_KEYS = ["model", "dataset", "tokenizer", "optimizer", "scheduler", "parallelism", "evaluator",
-                  "checkpoint_loading", "os.system", "builtins.eval", ""]  # fmt: skip
-VARIANT_KEYS = ["lora", "huggingface_pretrained_model", "text", "packed", "huggingface", "adamw", "cosine",
-                "constant", "none", "torch", "checkpointed", "subprocess.Popen", "?"]  # fmt: skip
-FIELDS = ["r", "alpha", "target_layers", "model", "path", "tokenizer", "lr", "warmup_steps", "device",
-          "precision", "step_profile", "sequence_length", "num_target_steps", "training_target", "seed", "_target_",
-          "config"]  # fmt: skip
-INTERPOLATIONS = ["${settings.seed}", "${x}", "${model.config.r}", "${cuda_env:RANK}", "${cuda_env:NOPE}",
-                  "${lorafit_env:experiment_id}", "${lorafit_env:nope}", "${modalities_env:config_file_path}",
-                  "${unknown_resolver:1}", "${", "${}", "${..up}", "${oc.decode:'[1, 2'}", "a ${x} b", "$${x}",
-                  "${oc.select:nope, 3}", "${settings}", "${x.y.z}"]  # fmt: skip
+COMPONENT_KEYS = [
+    "model",
+    "dataset",
+    "tokenizer",
+    "optimizer",
+    "scheduler",
+    "parallelism",
+    "evaluator",
+    "checkpoint_loading",
+    "os.system",
+    "builtins.eval",
+    "",
+]
+VARIANT_KEYS = [
+    "lora",
+    "huggingface_pretrained_model",
+    "text",
+    "packed",
+    "huggingface",
+    "adamw",
+    "cosine",
+    "constant",
+    "none",
+    "torch",
+    "checkpointed",
+    "subprocess.Popen",
+    "?",
+]
+FIELDS = [
+    "r",
+    "alpha",
+    "target_layers",
+    "model",
+    "path",
+    "tokenizer",
+    "lr",
+    "warmup_steps",
+    "device",
+    "precision",
+    "step_profile",
+    "sequence_length",
+    "num_target_steps",
+    "training_target",
+    "seed",
+    "_target_",
+    "config",
+]
+INTERPOLATIONS = [
+    "${settings.seed}",
+    "${x}",
+    "${model.config.r}",
+    "${cuda_env:RANK}",
+    "${cuda_env:NOPE}",
+    "${lorafit_env:experiment_id}",
+    "${lorafit_env:nope}",
+    "${modalities_env:config_file_path}",
+    "${unknown_resolver:1}",
+    "${",
+    "${}",
+    "${..up}",
+    "${oc.decode:'[1, 2'}",
+    "a ${x} b",
+    "$${x}",
+    "${oc.select:nope, 3}",
+    "${settings}",
+    "${x.y.z}",
+]
 
 scalars = st.one_of(
     st.none(),
@@ -101,10 +157,40 @@ def scratch() -> Path:
         yield Path(folder) / "config.yaml"
 
 
-YAML_PIECES = ["model:", "  component_key: model", "  variant_key: lora", "  config: {r: 0}", "- a", "{", "}",
-               "[", "&a x", "*a", "*missing", "!!python/object/apply:os.system ['true']", "!!binary aGk=",
-               "2024-01-01", "? complex key", ": v", "\t", "'", '"', "${x}", "%YAML 1.2", "---", "...", "<<: *a",
-               "!!set {a, b}", "!!omap [a: 1]", "~", ".nan", "0x1F", "1e400", "\ufeff", "\x00"]  # fmt: skip
+YAML_PIECES = [
+    "model:",
+    "  component_key: model",
+    "  variant_key: lora",
+    "  config: {r: 0}",
+    "- a",
+    "{",
+    "}",
+    "[",
+    "&a x",
+    "*a",
+    "*missing",
+    "!!python/object/apply:os.system ['true']",
+    "!!binary aGk=",
+    "2024-01-01",
+    "? complex key",
+    ": v",
+    "\t",
+    "'",
+    '"',
+    "${x}",
+    "%YAML 1.2",
+    "---",
+    "...",
+    "<<: *a",
+    "!!set {a, b}",
+    "!!omap [a: 1]",
+    "~",
+    ".nan",
+    "0x1F",
+    "1e400",
+    "\ufeff",
+    "\x00",
+]
 
 
 @SETTINGS
@@ -186,12 +272,23 @@ graph_refs = st.fixed_dictionaries(
 
 def _graph_component(children):
     return st.one_of(
-        st.fixed_dictionaries({"component_key": st.just("leaf"), "variant_key": st.sampled_from(["plain", "boom"]),
-                               "config": st.fixed_dictionaries({}, optional={"x": st.integers(-2, 2)})}),
-        st.fixed_dictionaries({"component_key": st.just("box"), "variant_key": st.just("plain"),
-                               "config": st.fixed_dictionaries({}, optional={"inner": children,
-                                                               "items": st.lists(children, max_size=2)})}),
-    )  # fmt: skip
+        st.fixed_dictionaries(
+            {
+                "component_key": st.just("leaf"),
+                "variant_key": st.sampled_from(["plain", "boom"]),
+                "config": st.fixed_dictionaries({}, optional={"x": st.integers(-2, 2)}),
+            }
+        ),
+        st.fixed_dictionaries(
+            {
+                "component_key": st.just("box"),
+                "variant_key": st.just("plain"),
+                "config": st.fixed_dictionaries(
+                    {}, optional={"inner": children, "items": st.lists(children, max_size=2)}
+                ),
+            }
+        ),
+    )
 
 
 graph_values = st.recursive(st.one_of(graph_refs, _graph_component(graph_refs)), _graph_component, max_leaves=6)
@@ -251,8 +348,9 @@ def test_a_config_cannot_make_lorafit_import_a_module():
     """Component keys, variant keys and field values that are module paths stay strings: nothing is imported."""
     import sys
 
-    modules = [m for m in ("antigravity", "this", "turtle", "http.server", "smtplib", "webbrowser")
-               if m not in sys.modules]  # fmt: skip
+    modules = [
+        m for m in ("antigravity", "this", "turtle", "http.server", "smtplib", "webbrowser") if m not in sys.modules
+    ]
     assert modules
     config = {
         name.replace(".", "_"): {"component_key": name, "variant_key": name, "config": {"_target_": name}}

@@ -72,8 +72,10 @@ def test_packed_blocks_of_instruction_data_mask_prompts(packed_chat):
     covered = data.mask[1 : 1 + len(labels)].copy()
     covered[data.offsets[1:-1] - 1] = 0  # a conversation's first token is no target of the one before
     assert torch.equal(labels == IGNORE_INDEX, torch.from_numpy(covered == 0))
-    assert torch.equal(labels[labels != IGNORE_INDEX], torch.from_numpy(data.tokens[1 : 1 + len(labels)][covered == 1]
-                                                                       .astype(np.int64)))  # fmt: skip
+    assert torch.equal(
+        labels[labels != IGNORE_INDEX],
+        torch.from_numpy(data.tokens[1 : 1 + len(labels)][covered == 1].astype(np.int64)),
+    )
 
 
 def test_instruction_samples_truncate_and_leave_out_prompt_only(packed_chat, tiny_tokenizer, capsys):

@@ -13,11 +13,19 @@ from lorafit.data.formats import FormatReader
 from lorafit.data.token_files import PackedTokens, pack_file
 from lorafit.errors import UserError
 
-SHAREGPT = {"conversations": [{"from": "system", "value": "Be brief."},
-                              {"from": "human", "value": "Capital of France?"}, {"from": "gpt", "value": "Paris"},
-                              {"from": "human", "value": "Italy?"}, {"from": "gpt", "value": "Rome"}]}  # fmt: skip
-ALPACA = [{"instruction": "Add the numbers.", "input": "2 and 2", "output": "4"},
-          {"instruction": "Name the sky's colour.", "input": "", "output": "blue"}]  # fmt: skip
+SHAREGPT = {
+    "conversations": [
+        {"from": "system", "value": "Be brief."},
+        {"from": "human", "value": "Capital of France?"},
+        {"from": "gpt", "value": "Paris"},
+        {"from": "human", "value": "Italy?"},
+        {"from": "gpt", "value": "Rome"},
+    ]
+}
+ALPACA = [
+    {"instruction": "Add the numbers.", "input": "2 and 2", "output": "4"},
+    {"instruction": "Name the sky's colour.", "input": "", "output": "blue"},
+]
 
 
 def write_jsonl(path, records):
@@ -37,8 +45,12 @@ def answers(prefix, tokenizer) -> list[str]:
 def test_sharegpt_roles_map_to_chat_roles():
     messages = FormatReader().messages(SHAREGPT, "f.jsonl:1")
     assert [(m["role"], m["content"]) for m in messages] == [
-        ("system", "Be brief."), ("user", "Capital of France?"), ("assistant", "Paris"), ("user", "Italy?"),
-        ("assistant", "Rome")]  # fmt: skip
+        ("system", "Be brief."),
+        ("user", "Capital of France?"),
+        ("assistant", "Paris"),
+        ("user", "Italy?"),
+        ("assistant", "Rome"),
+    ]
 
 
 def test_alpaca_input_follows_the_instruction_after_a_blank_line():
@@ -54,13 +66,17 @@ def test_alpaca_input_follows_the_instruction_after_a_blank_line():
     [
         ([SHAREGPT], "sharegpt", ["Paris<|im_end|>Rome<|im_end|>"]),
         (ALPACA, "alpaca", ["4<|im_end|>", "blue<|im_end|>"]),
-        ([{"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]}], "messages",
-         ["4<|im_end|>"]),
+        (
+            [{"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]}],
+            "messages",
+            ["4<|im_end|>"],
+        ),
         ([{"prompt": "2+2?", "response": "4"}], "prompt_response", ["4<|im_end|>"]),
     ],
-)  # fmt: skip
-def test_each_format_is_detected_said_and_trains_on_the_answers(tmp_path, tiny_tokenizer, capsys, records, fmt,
-                                                                 expected):  # fmt: skip
+)
+def test_each_format_is_detected_said_and_trains_on_the_answers(
+    tmp_path, tiny_tokenizer, capsys, records, fmt, expected
+):
     src = write_jsonl(tmp_path / "d.jsonl", records)
     info = pack_file(src, tiny_tokenizer, tmp_path / "d", progress=False)
     assert info.kind == "instruction" and info.format == fmt
@@ -81,16 +97,24 @@ def test_columns_map_other_field_names(tmp_path, tiny_tokenizer, capsys):
 @pytest.mark.parametrize(
     ("records", "fmt", "columns", "message"),
     [
-        ([ALPACA[0], {"instruction": "x"}], "auto", None,
-         r"bad.jsonl:2: not a alpaca record .*no 'output' \(the record's fields: 'instruction'\)"),
-        ([SHAREGPT, {"conversations": [{"from": "robot", "value": "x"}]}], "auto", None,
-         r"bad.jsonl:2: conversations\[0\].from is 'robot'; valid: human, user, gpt"),
+        (
+            [ALPACA[0], {"instruction": "x"}],
+            "auto",
+            None,
+            r"bad.jsonl:2: not a alpaca record .*no 'output' \(the record's fields: 'instruction'\)",
+        ),
+        (
+            [SHAREGPT, {"conversations": [{"from": "robot", "value": "x"}]}],
+            "auto",
+            None,
+            r"bad.jsonl:2: conversations\[0\].from is 'robot'; valid: human, user, gpt",
+        ),
         ([{"conversations": [{"from": "human"}]}], "sharegpt", None, r"bad.jsonl:1: conversations\[0\] has no 'value'"),
         ([{"conversations": "hi"}], "auto", None, r"bad.jsonl:1: 'conversations' must be a non-empty array"),
         ([{"prompt": "a", "response": "b"}], "alpaca", None, r"bad.jsonl:1: not a alpaca record: no 'instruction'"),
         ([{"q": "a"}], "auto", {"prompt": "question"}, r"bad.jsonl:1: no field 'question' \(named in columns"),
     ],
-)  # fmt: skip
+)
 def test_malformed_records_name_the_file_and_line(tmp_path, tiny_tokenizer, records, fmt, columns, message):
     src = write_jsonl(tmp_path / "bad.jsonl", records)
     with pytest.raises(UserError, match=message):
@@ -132,9 +156,18 @@ def _build(path, tokenizer, cache):
     from lorafit.datasets.hf_datasets import HFDatasetsConfig, build_hf_datasets_dataset
 
     with build_context(load_weights=True):
-        config = HFDatasetsConfig.model_construct(path=str(path), tokenizer=tokenizer, cache_path=str(cache),
-                                                  sequence_length=64, format="auto", columns=None, text_field="text",
-                                                  split=None, packing=True, too_long="drop")  # fmt: skip
+        config = HFDatasetsConfig.model_construct(
+            path=str(path),
+            tokenizer=tokenizer,
+            cache_path=str(cache),
+            sequence_length=64,
+            format="auto",
+            columns=None,
+            text_field="text",
+            split=None,
+            packing=True,
+            too_long="drop",
+        )
         return build_hf_datasets_dataset(config)
 
 

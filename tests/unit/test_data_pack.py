@@ -83,11 +83,14 @@ def test_large_vocabulary_uses_uint32(tmp_path):
 
 # --- instruction data -----------------------------------------------------------------------------------------------
 def test_instruction_mask_covers_exactly_the_answers(tmp_path, tiny_tokenizer):
-    src = write_jsonl(tmp_path / "chat.jsonl", [
-        {"messages": CHAT},
-        {"system": "Be kind.", "prompt": "two plus two?", "response": "four"},
-        {"prompt": "sky?", "response": "blue"},
-    ])  # fmt: skip
+    src = write_jsonl(
+        tmp_path / "chat.jsonl",
+        [
+            {"messages": CHAT},
+            {"system": "Be kind.", "prompt": "two plus two?", "response": "four"},
+            {"prompt": "sky?", "response": "blue"},
+        ],
+    )
     info = pack_file(src, tiny_tokenizer, tmp_path / "chat", progress=False)
     data = PackedTokens(tmp_path / "chat")
     assert info.kind == "instruction" and data.mask is not None and info.num_documents == 3
@@ -97,8 +100,13 @@ def test_instruction_mask_covers_exactly_the_answers(tmp_path, tiny_tokenizer):
     # the tokens are exactly what the chat template gives, system message included
     ids, _ = data.document(1)
     expected = tiny_tokenizer.apply_chat_template(
-        [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "two plus two?"},
-         {"role": "assistant", "content": "four"}], tokenize=True)["input_ids"]  # fmt: skip
+        [
+            {"role": "system", "content": "Be kind."},
+            {"role": "user", "content": "two plus two?"},
+            {"role": "assistant", "content": "four"},
+        ],
+        tokenize=True,
+    )["input_ids"]
     assert ids.tolist() == list(expected)
     assert info.num_trained_tokens == int(data.mask.sum())
     assert (tmp_path / "chat.mask.bin").stat().st_size == info.num_tokens

@@ -18,8 +18,9 @@ from lorafit.data.token_files import PackedTokens, pack_file
 from lorafit.datasets.packed import PackedInstructionDataset
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-words = st.lists(st.sampled_from(["Paris", "capital", "two", "four", "sky", "blue", "Lorem", "ipsum", "?"]),
-                 max_size=12).map(" ".join)  # fmt: skip
+words = st.lists(
+    st.sampled_from(["Paris", "capital", "two", "four", "sky", "blue", "Lorem", "ipsum", "?"]), max_size=12
+).map(" ".join)
 conversations = st.lists(
     st.tuples(words, words, st.booleans()).map(
         lambda t: {"prompt": t[0], "response": t[1], **({"system": "Be brief."} if t[2] else {})}

@@ -43,8 +43,13 @@ def test_text_file_is_packed_once_and_again_when_it_changes(tmp_path, tiny_token
 def test_jsonl_instruction_with_cache_path(tmp_path, tiny_tokenizer):
     src = tmp_path / "chat.jsonl"
     src.write_text(json.dumps({"prompt": "two plus two?", "response": "four"}) + "\n", encoding="utf-8")
-    ds = build("jsonl_instruction", path=str(src), tokenizer=tiny_tokenizer, cache_path=str(tmp_path / "c" / "chat"),
-               sequence_length=64)  # fmt: skip
+    ds = build(
+        "jsonl_instruction",
+        path=str(src),
+        tokenizer=tiny_tokenizer,
+        cache_path=str(tmp_path / "c" / "chat"),
+        sequence_length=64,
+    )
     assert isinstance(ds, InstructionDataset) and (tmp_path / "c" / "chat.mask.bin").is_file()
     labels = ds[0]["labels"]
     assert tiny_tokenizer.decode(labels[labels != IGNORE_INDEX].tolist()) == "four<|im_end|>"

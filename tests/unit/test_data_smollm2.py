@@ -76,8 +76,9 @@ def test_text_packing_round_trips_lorem_ipsum(tmp_path, smollm2_tokenizer):
     assert len(ds) == (info.num_tokens - 1) // 128
     item = ds[2]
     crossing = item["labels"] == IGNORE_INDEX  # only where the target would be the next paragraph's first token
-    assert crossing.any() and torch.equal(item["input_ids"][:-1][crossing[:-1]], torch.full_like(
-        item["input_ids"][:-1][crossing[:-1]], tok.eos_token_id))  # fmt: skip
+    assert crossing.any() and torch.equal(
+        item["input_ids"][:-1][crossing[:-1]], torch.full_like(item["input_ids"][:-1][crossing[:-1]], tok.eos_token_id)
+    )
     assert torch.equal(item["labels"][:-1][~crossing[:-1]], item["input_ids"][1:][~crossing[:-1]])
 
 

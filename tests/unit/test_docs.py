@@ -79,8 +79,10 @@ def check_command(parser: argparse.ArgumentParser, line: str) -> list[str]:
     nested = subcommands(current)
     if nested:
         if len(words) < 2 or words[1] not in nested:
-            return [f"`lorafit {line}`: '{' '.join(words[1:2])}' is not a `lorafit {words[0]}` subcommand "
-                    f"(valid: {', '.join(nested)})"]  # fmt: skip
+            return [
+                f"`lorafit {line}`: '{' '.join(words[1:2])}' is not a `lorafit {words[0]}` subcommand "
+                f"(valid: {', '.join(nested)})"
+            ]
         path.append(words[1])
         current = nested[words[1]]
     options = set(current._option_string_actions)
@@ -214,8 +216,9 @@ def test_adapter_config_example_has_exactly_the_keys_written():
 
     text = (DOCS / "lora.md").read_text(encoding="utf-8")
     example = next(json.loads(body) for lang, body in fenced_blocks(text) if lang == "json" and "peft_type" in body)
-    written = adapter_config(apply_lora(make_llama(), r=2, alpha=1, target_layers=["q_proj", "k_proj", "v_proj",
-                                                                                    "o_proj"]))  # fmt: skip
+    written = adapter_config(
+        apply_lora(make_llama(), r=2, alpha=1, target_layers=["q_proj", "k_proj", "v_proj", "o_proj"])
+    )
     assert list(example) == list(written)
     assert {k: v for k, v in example.items() if k != "base_model_name_or_path"} == {
         k: v for k, v in written.items() if k != "base_model_name_or_path"

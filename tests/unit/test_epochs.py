@@ -14,10 +14,12 @@ from lorafit.errors import UserError
 
 
 def _settings(epochs: float, micro: int = 2, accum: int = 2) -> RunSettings:
-    return RunSettings.model_validate({
-        "step_profile": {"local_train_micro_batch_size": micro, "gradient_accumulation_steps": accum},
-        "training_target": {"num_target_epochs": epochs},
-    })  # fmt: skip
+    return RunSettings.model_validate(
+        {
+            "step_profile": {"local_train_micro_batch_size": micro, "gradient_accumulation_steps": accum},
+            "training_target": {"num_target_epochs": epochs},
+        }
+    )
 
 
 def test_steps_of_an_epoch_target():
@@ -28,8 +30,9 @@ def test_steps_of_an_epoch_target():
     assert num_steps(_settings(0.5), 1, 101) == 12
     assert num_steps(_settings(2.3, micro=1, accum=1), 1, 10) == 23  # not 22 (2.3 x 10 in floats)
     assert num_steps(_settings(0.01), 1, 101) == 1  # at least one step
-    with pytest.raises(UserError, match="num_target_epochs: the training data has 3 samples, fewer than one global "
-                       "batch of 4"):  # fmt: skip
+    with pytest.raises(
+        UserError, match="num_target_epochs: the training data has 3 samples, fewer than one global batch of 4"
+    ):
         num_steps(_settings(1), 1, 3)
 
 
@@ -54,8 +57,14 @@ def test_validate_and_run_with_an_epoch_target(tmp_path, tiny_model_dir, capsys)
     from lorafit.cli import main
     from tiny_runs import tiny_run_config
 
-    config = tiny_run_config(tiny_model_dir, cache_path=tmp_path / "cache" / "lorem", micro=2, accum=1,
-                             sequence_length=64, intervals={"training_log_interval_in_steps": 1})  # fmt: skip
+    config = tiny_run_config(
+        tiny_model_dir,
+        cache_path=tmp_path / "cache" / "lorem",
+        micro=2,
+        accum=1,
+        sequence_length=64,
+        intervals={"training_log_interval_in_steps": 1},
+    )
     config["settings"]["training_target"] = {"num_target_epochs": 1}
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -65,8 +74,10 @@ def test_validate_and_run_with_an_epoch_target(tmp_path, tiny_model_dir, capsys)
     samples = int(capsys.readouterr().out.split("samples of up to")[0].rsplit(" ", 2)[-2].replace(",", ""))
     assert main(["validate", "--config", str(path)]) == 0
     assert f"steps: {samples // 2} (one process)" in capsys.readouterr().out
-    assert main(["run", "--config", str(path), "--experiments_root_path", str(tmp_path / "exp"),
-                 "--experiment_id", "e"]) == 0  # fmt: skip
+    assert (
+        main(["run", "--config", str(path), "--experiments_root_path", str(tmp_path / "exp"), "--experiment_id", "e"])
+        == 0
+    )
     rows = [json.loads(line) for line in (tmp_path / "exp" / "e" / "metrics.jsonl").read_text().splitlines()]
     assert max(r["step"] for r in rows if "loss" in r) == samples // 2
 
@@ -79,8 +90,11 @@ def test_validate_counts_an_hf_datasets_text_cache_as_text_blocks(tmp_path, tiny
     data = tmp_path / "notes.jsonl"
     data.write_text("".join(json.dumps({"text": f"note {i}: " + "lorem ipsum " * 30}) + "\n" for i in range(20)))
     config = tiny_run_config(tiny_model_dir, cache_path=tmp_path / "unused", micro=1, accum=1, sequence_length=32)
-    config["train_dataset"] = {"component_key": "dataset", "variant_key": "hf_datasets", "config": {
-        "path": str(data), "tokenizer": {"instance_key": "tokenizer", "pass_type": "BY_REFERENCE"}}}  # fmt: skip
+    config["train_dataset"] = {
+        "component_key": "dataset",
+        "variant_key": "hf_datasets",
+        "config": {"path": str(data), "tokenizer": {"instance_key": "tokenizer", "pass_type": "BY_REFERENCE"}},
+    }
     config["settings"]["training_target"] = {"num_target_epochs": 2}
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(config))

@@ -11,8 +11,10 @@ import pytest
 from conftest import REPO_ROOT
 from lorafit.evaluation import load_examples
 
-ANSWER = re.compile(r"^name: (?P<name>[A-Z][a-z]+ [A-Z][a-z]+); age: (?P<age>\d\d); city: (?P<city>[A-Za-z ]+); "
-                    r"job: (?P<job>[a-z ]+)$")  # fmt: skip
+ANSWER = re.compile(
+    r"^name: (?P<name>[A-Z][a-z]+ [A-Z][a-z]+); age: (?P<age>\d\d); city: (?P<city>[A-Za-z ]+); "
+    r"job: (?P<job>[a-z ]+)$"
+)
 
 
 @pytest.fixture(scope="module")
@@ -90,8 +92,10 @@ def test_the_main_job_scores_the_test_split_and_chooses_on_the_validation_split(
 
 
 # --- the comparison task (data/task_hard, scripts/make_hard_task_data.py) -----------------------------------------
-HARD_ANSWER = re.compile(r"^(?P<last>[A-Z][a-z]+), (?P<first>[A-Z][a-z]+) \| (?P<year>\d{4})-(?P<month>\d\d)-"
-                         r"(?P<day>\d\d) \| (?P<city>[A-Za-z ]+)$")  # fmt: skip
+HARD_ANSWER = re.compile(
+    r"^(?P<last>[A-Z][a-z]+), (?P<first>[A-Z][a-z]+) \| (?P<year>\d{4})-(?P<month>\d\d)-"
+    r"(?P<day>\d\d) \| (?P<city>[A-Za-z ]+)$"
+)
 
 
 def test_hard_task_files_are_what_its_script_writes_and_held_out_is_unseen(tmp_path):
@@ -105,8 +109,10 @@ def test_hard_task_files_are_what_its_script_writes_and_held_out_is_unseen(tmp_p
     train = load_examples(REPO_ROOT / "data" / "task_hard" / "train.jsonl")
     held = load_examples(REPO_ROOT / "data" / "task_hard" / "heldout.jsonl")
     assert len(train) == 1200 and len(held) == 64
-    parsed = {split: [HARD_ANSWER.match(e.reference).groupdict() for e in examples]
-              for split, examples in (("train", train), ("held", held))}  # fmt: skip
+    parsed = {
+        split: [HARD_ANSWER.match(e.reference).groupdict() for e in examples]
+        for split, examples in (("train", train), ("held", held))
+    }
     for key in ("last", "first", "year", "city"):
         assert not {f[key] for f in parsed["held"]} & {f[key] for f in parsed["train"]}, key
     for example, f in zip(held, parsed["held"], strict=True):

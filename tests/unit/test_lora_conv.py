@@ -164,8 +164,9 @@ def test_initialisation_draws_what_peft_draws(peft, init):
     nothing."""
     case = "conv2d-rect-stride"
     ours = apply_lora(make(case), r=4, alpha=6, target_layers=["stem"], init=init)
-    config = peft.LoraConfig(r=4, lora_alpha=6, target_modules=["stem"],
-                             init_lora_weights=True if init == "kaiming" else "gaussian")  # fmt: skip
+    config = peft.LoraConfig(
+        r=4, lora_alpha=6, target_modules=["stem"], init_lora_weights=True if init == "kaiming" else "gaussian"
+    )
     theirs = peft.get_peft_model(make(case), config)
     torch.manual_seed(11)
     ours.stem.reset_lora_parameters()

@@ -50,10 +50,19 @@ def test_first_gradient_reaches_the_zero_factor_and_the_flow_check_knows_which()
 
     env = init_distributed()
     x = torch.randint(0, 384, (2, 12), generator=torch.Generator().manual_seed(0))
-    for init, zero, random in [("peft", "lora_embedding_A", "lora_embedding_B"),
-                               ("modalities", "lora_embedding_B", "lora_embedding_A")]:  # fmt: skip
-        model = apply_lora(make_llama(), r=4, alpha=8, target_layers=["q_proj", "embed_tokens"], embedding_init=init,
-                           seed=1, warn_save_pretrained=False)  # fmt: skip
+    for init, zero, random in [
+        ("peft", "lora_embedding_A", "lora_embedding_B"),
+        ("modalities", "lora_embedding_B", "lora_embedding_A"),
+    ]:
+        model = apply_lora(
+            make_llama(),
+            r=4,
+            alpha=8,
+            target_layers=["q_proj", "embed_tokens"],
+            embedding_init=init,
+            seed=1,
+            warn_save_pretrained=False,
+        )
         model(x, labels=x).loss.backward()
         layer = model.model.embed_tokens
         assert getattr(layer, zero).grad.abs().sum() > 0
@@ -67,8 +76,14 @@ def test_a_modalities_initialised_adapter_is_a_peft_adapter(tmp_path):
 
     import peft
 
-    ours = apply_lora(make_llama(), r=4, alpha=8, target_layers=["q_proj", "embed_tokens"],
-                      embedding_init="modalities", warn_save_pretrained=False)  # fmt: skip
+    ours = apply_lora(
+        make_llama(),
+        r=4,
+        alpha=8,
+        target_layers=["q_proj", "embed_tokens"],
+        embedding_init="modalities",
+        warn_save_pretrained=False,
+    )
     with torch.no_grad():
         ours.model.embed_tokens.lora_embedding_B.normal_(std=0.2)  # trained: B no longer zero
     save_adapter(ours, tmp_path / "a")
@@ -99,8 +114,11 @@ def test_a_modalities_config_gets_the_modalities_init_and_a_lorafit_config_keeps
     for name, value in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)):
         monkeypatch.setenv(name, str(value))
     monkeypatch.chdir(REPO)
-    overrides = ("settings.training.sequence_length=128", "lora_model.config.target_layers=[q_proj,embed_tokens]",
-                 "evaluation_subscriber.config.mode=OFFLINE")  # fmt: skip
+    overrides = (
+        "settings.training.sequence_length=128",
+        "lora_model.config.target_layers=[q_proj,embed_tokens]",
+        "evaluation_subscriber.config.mode=OFFLINE",
+    )
     for extra, expected in [((), "modalities"), (("lora_model.config.embedding_init=peft",), "peft")]:
         _config, graph = load_run_config(SHARED, overrides=(*overrides, *extra))
         with build_context(meta_device=True, load_weights=False):

@@ -53,8 +53,11 @@ def test_bf16_storage_computes_the_rounded_base_in_fp32_and_saves_only_bf16_weig
         return loss, torch.autograd.grad(loss, lora_parameters(m)), saved
 
     def frozen_weight_bytes(m, saved):
-        ptrs = {x.weight.untyped_storage().data_ptr() for x in m.modules()
-                if isinstance(x, torch.nn.Linear) and x is not m.lm_head}  # fmt: skip
+        ptrs = {
+            x.weight.untyped_storage().data_ptr()
+            for x in m.modules()
+            if isinstance(x, torch.nn.Linear) and x is not m.lm_head
+        }
         return sum(n for ptr, n in saved.items() if ptr in ptrs)
 
     got, got_grads, saved = run(model)

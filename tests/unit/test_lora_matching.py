@@ -27,10 +27,12 @@ def adapted(model) -> list[str]:
         ([r"re:model\.layers\.0\.self_attn\.[qv]_proj"], [f"model.layers.0.self_attn.{p}_proj" for p in "qv"]),
         (["embed_tokens"], ["model.embed_tokens"]),
         # a duplicate entry and an overlapping one select each module once, in model order
-        (["v_proj", "q_proj", "self_attn.q_proj"],
-         [f"model.layers.{i}.self_attn.{x}_proj" for i in "01" for x in "qv"]),
+        (
+            ["v_proj", "q_proj", "self_attn.q_proj"],
+            [f"model.layers.{i}.self_attn.{x}_proj" for i in "01" for x in "qv"],
+        ),
     ],
-)  # fmt: skip
+)
 def test_matching_rules(targets, expected):
     model = apply_lora(make_llama(), r=2, alpha=2, target_layers=targets)
     assert adapted(model) == expected

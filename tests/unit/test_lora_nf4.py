@@ -80,11 +80,30 @@ def test_resumes_exactly(tmp_path):
 
     env = init_distributed()
     held_out = {"held_out": TokenDataset(n=3, seed=1)}
-    straight = train(make_job(tmp_path / "a", env, micro=2, accum=1, steps=4, model=nf4_lora(),
-                              checkpointing_interval_in_steps=2, eval_datasets=held_out))  # fmt: skip
-    resumed = train(make_job(tmp_path / "b", env, micro=2, accum=1, steps=4, model=nf4_lora(),
-                             resume_from=tmp_path / "a" / "checkpoints" / "step_000002",
-                             eval_datasets=held_out))  # fmt: skip
+    straight = train(
+        make_job(
+            tmp_path / "a",
+            env,
+            micro=2,
+            accum=1,
+            steps=4,
+            model=nf4_lora(),
+            checkpointing_interval_in_steps=2,
+            eval_datasets=held_out,
+        )
+    )
+    resumed = train(
+        make_job(
+            tmp_path / "b",
+            env,
+            micro=2,
+            accum=1,
+            steps=4,
+            model=nf4_lora(),
+            resume_from=tmp_path / "a" / "checkpoints" / "step_000002",
+            eval_datasets=held_out,
+        )
+    )
     assert [s for s, _ in resumed.losses] == [3, 4]
     assert [v for _, v in resumed.losses] == pytest.approx([v for _, v in straight.losses[2:]], abs=1e-6, rel=0)
     checkpoint = tmp_path / "a" / "checkpoints" / "step_000002"
@@ -141,8 +160,11 @@ def test_nf4_skip_layers_is_checked():
     assert "selects no layer that frozen_dtype nf4 stores in 4-bit" in message and "not a valid regular" in message
 
 
-@pytest.mark.parametrize("frozen", [{"frozen_dtype": "nf4", "nf4_skip_layers": ["q_proj"]},
-                                    {"frozen_dtype": "bfloat16"}], ids=["nf4 + bf16", "bf16"])  # fmt: skip
+@pytest.mark.parametrize(
+    "frozen",
+    [{"frozen_dtype": "nf4", "nf4_skip_layers": ["q_proj"]}, {"frozen_dtype": "bfloat16"}],
+    ids=["nf4 + bf16", "bf16"],
+)
 def test_merge_and_unload_of_a_low_precision_base_is_one_fp32_model(frozen):
     from lorafit.lora.component import build_lora_model
 

@@ -119,8 +119,12 @@ def test_our_adapter_loads_in_peft(peft, tmp_path, make, targets, vocab):
 
 def test_peft_adapter_loads_in_lorafit(peft, tmp_path):
     torch.manual_seed(3)
-    config = peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "gate_proj", "embed_tokens"],
-                             init_lora_weights="gaussian")  # fmt: skip
+    config = peft.LoraConfig(
+        r=8,
+        lora_alpha=16,
+        target_modules=["q_proj", "k_proj", "gate_proj", "embed_tokens"],
+        init_lora_weights="gaussian",
+    )
     theirs = peft.get_peft_model(make_llama(), config)
     with torch.no_grad():
         for name, param in theirs.named_parameters():
@@ -179,8 +183,9 @@ def test_target_modules_written_so_peft_selects_exactly_ours():
     apply_lora(model, r=2, alpha=2, target_layers=[r"re:model\.layers\.0\.self_attn\.q_proj"])
     assert peft_target_modules(model, list(get_settings(model).modules)) == ["0.self_attn.q_proj"]
     # where no suffix separates them, a full-match regex (PEFT's string form)
-    outer = nn.ModuleDict({"a": nn.ModuleDict({"b": nn.Linear(2, 2)}), "x": nn.ModuleDict({"a": nn.ModuleDict(
-        {"b": nn.Linear(2, 2)})})})  # fmt: skip
+    outer = nn.ModuleDict(
+        {"a": nn.ModuleDict({"b": nn.Linear(2, 2)}), "x": nn.ModuleDict({"a": nn.ModuleDict({"b": nn.Linear(2, 2)})})}
+    )
     written = peft_target_modules(outer, ["a.b"])
     assert isinstance(written, str)
     assert [n for n, _ in outer.named_modules() if re.fullmatch(written, n)] == ["a.b"]

@@ -77,8 +77,9 @@ def test_dora_same_logits_and_gradients_as_peft(peft, tmp_path, dropout):
 
 
 def test_peft_dora_adapter_loads_and_merges_exactly(peft, tmp_path):
-    theirs = peft.get_peft_model(make_llama(), peft.LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS,
-                                                               use_dora=True, use_rslora=True))  # fmt: skip
+    theirs = peft.get_peft_model(
+        make_llama(), peft.LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, use_dora=True, use_rslora=True)
+    )
     perturb_trainables(theirs, seed=2)
     theirs.save_pretrained(tmp_path / "peft")
     ours = load_adapter(make_llama(), tmp_path / "peft")
@@ -105,8 +106,10 @@ def test_peft_dora_adapter_loads_and_merges_exactly(peft, tmp_path):
 def test_decomposing_init_matches_peft_and_its_adapter_applies_to_the_original_base(peft, tmp_path, init, rslora):
     original = make_llama()
     ours = apply_lora(make_llama(), r=4, alpha=8, target_layers=TARGETS, init=init, use_rslora=rslora)
-    theirs = peft.get_peft_model(make_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS,
-                                                               init_lora_weights=init, use_rslora=rslora))  # fmt: skip
+    theirs = peft.get_peft_model(
+        make_llama(),
+        peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=init, use_rslora=rslora),
+    )
     # PEFT's initial factors and residual base, and the model still computes the original function
     theirs_params = dict(theirs.named_parameters())
     for name, param in ours.named_parameters():
@@ -150,8 +153,9 @@ def test_variant_errors_name_the_cause(peft, tmp_path):
     with pytest.raises(UserError, match="cannot be combined with use_dora"):
         apply_lora(make_llama(), r=4, alpha=8, target_layers=["q_proj"], init="olora", use_dora=True)
     # PEFT saves a PiSSA adapter unconverted unless asked: it only fits the residual base, so it is refused
-    unconverted = peft.get_peft_model(make_llama(), peft.LoraConfig(r=4, target_modules=["q_proj"],
-                                                                    init_lora_weights="pissa"))  # fmt: skip
+    unconverted = peft.get_peft_model(
+        make_llama(), peft.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights="pissa")
+    )
     unconverted.save_pretrained(tmp_path / "unconverted")
     with pytest.raises(UserError, match="init_lora_weights.*path_initial_model_for_weight_conversion"):
         load_adapter(make_llama(), tmp_path / "unconverted")

@@ -14,9 +14,20 @@ from lorafit.training.memory import MIB, MemoryJob, check_fits, predict
 from tiny_runs import evaluated_run_config
 
 # SmolLM2-135M's shape, LoRA r=16 on q,k,v,o: the main job (configs/smollm2_135m_lora.yaml)
-MAIN_JOB = MemoryJob(frozen_bytes=134_514_816 * 4, trainable=1_843_200, root_bytes=28_311_552 * 4 + 576 * 4,
-                     block_bytes=3_540_096 * 4, layers=30, hidden=576, intermediate=1536, vocab=49152, kv_width=192,
-                     micro_batch=2, sequence_length=300, evaluations=((64, 63, 32),))  # fmt: skip
+MAIN_JOB = MemoryJob(
+    frozen_bytes=134_514_816 * 4,
+    trainable=1_843_200,
+    root_bytes=28_311_552 * 4 + 576 * 4,
+    block_bytes=3_540_096 * 4,
+    layers=30,
+    hidden=576,
+    intermediate=1536,
+    vocab=49152,
+    kv_width=192,
+    micro_batch=2,
+    sequence_length=300,
+    evaluations=((64, 63, 32),),
+)
 
 
 def test_parts_are_what_the_job_holds():

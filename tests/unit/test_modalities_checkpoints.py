@@ -88,9 +88,11 @@ def test_a_run_starts_from_the_adapters_its_checkpointed_lora_model_loads(tmp_pa
                 p.normal_()
     torch.save(_modalities_names(source.state_dict()), tmp_path / "lora.bin")
     loading = {"component_key": "checkpoint_loading", "variant_key": "torch", "config": {"device": "cpu"}}
-    config["model"] = {"component_key": "model", "variant_key": "checkpointed",
-                       "config": {"checkpoint_loading": loading, "checkpoint_path": str(tmp_path / "lora.bin"),
-                                  "model": lora}}  # fmt: skip
+    config["model"] = {
+        "component_key": "model",
+        "variant_key": "checkpointed",
+        "config": {"checkpoint_loading": loading, "checkpoint_path": str(tmp_path / "lora.bin"), "model": lora},
+    }
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
     _config, graph = load_run_config(tmp_path / "run.yaml")
     model = build_run(graph).model

@@ -106,17 +106,24 @@ def test_validate_prints_modalities_steps_and_global_batch(monkeypatch):
     n = len(read_pbin(REPO / "data/modalities/chat_train.pbin").tokens) // 129  # reuse_last_target: false
     config = yaml.safe_load(SHARED.read_text())["settings"]["training"]
     micro, acc = 1, 4
-    overrides = ["settings.training.sequence_length=128", f"settings.training.local_train_micro_batch_size={micro}",
-                 f"settings.training.gradient_acc_steps={acc}"]  # fmt: skip
+    overrides = [
+        "settings.training.sequence_length=128",
+        f"settings.training.local_train_micro_batch_size={micro}",
+        f"settings.training.gradient_acc_steps={acc}",
+    ]
     for world in (1, 2):
         steps = (n // world // micro) // acc
         text = _validate(monkeypatch, SHARED, *overrides, world=world)
-        assert (f"Modalities config: {steps} steps on {world} process(es); global batch {micro * acc * world} "
-                f"samples = micro batch {micro} x gradient accumulation {acc} x world size {world}, "
-                f"{micro * acc * world * 128:,} tokens per step") in text  # fmt: skip
-        assert (f"log every {config['training_log_interval_in_steps']}, evaluate every "
-                f"{config['evaluation_interval_in_steps']}, checkpoint every "
-                f"{config['checkpointing_interval_in_steps']} steps") in text  # fmt: skip
+        assert (
+            f"Modalities config: {steps} steps on {world} process(es); global batch {micro * acc * world} "
+            f"samples = micro batch {micro} x gradient accumulation {acc} x world size {world}, "
+            f"{micro * acc * world * 128:,} tokens per step"
+        ) in text
+        assert (
+            f"log every {config['training_log_interval_in_steps']}, evaluate every "
+            f"{config['evaluation_interval_in_steps']}, checkpoint every "
+            f"{config['checkpointing_interval_in_steps']} steps"
+        ) in text
 
 
 @pytest.mark.usefixtures("smollm2_dir")  # the config reads the real SmolLM2 folder: `slow` (tests/conftest.py)
@@ -137,21 +144,36 @@ def test_modalities_config_errors_name_the_yaml_key(tmp_path, monkeypatch):
     path.write_text(yaml.safe_dump(config))
     with pytest.raises(UserError, match=r"scheduler.config.total_steps: 3 steps, but the run takes 200"):
         _validate(monkeypatch, path, "settings.training.sequence_length=128", "settings.training.gradient_acc_steps=1")
-    with pytest.raises(UserError, match=r"activation_checkpointing_modules: lorafit checkpoints the model's decoder "
-                       r"blocks \(LlamaDecoderLayer\); \['LlamaMLP'\]"):  # fmt: skip
-        _validate(monkeypatch, SHARED, "settings.training.sequence_length=128",
-                  "settings.training.activation_checkpointing_modules=[LlamaMLP]")  # fmt: skip
+    with pytest.raises(
+        UserError,
+        match=r"activation_checkpointing_modules: lorafit checkpoints the model's decoder "
+        r"blocks \(LlamaDecoderLayer\); \['LlamaMLP'\]",
+    ):
+        _validate(
+            monkeypatch,
+            SHARED,
+            "settings.training.sequence_length=128",
+            "settings.training.activation_checkpointing_modules=[LlamaMLP]",
+        )
     from lorafit.config.context import build_context
     from lorafit.run.build import build_run, load_run_config
 
-    _config, graph = load_run_config(SHARED, overrides=("settings.training.sequence_length=128",
-                                     "settings.training.activation_checkpointing_modules=[LlamaDecoderLayer]",
-                                     "evaluation_subscriber.config.mode=OFFLINE"))  # fmt: skip
+    _config, graph = load_run_config(
+        SHARED,
+        overrides=(
+            "settings.training.sequence_length=128",
+            "settings.training.activation_checkpointing_modules=[LlamaDecoderLayer]",
+            "evaluation_subscriber.config.mode=OFFLINE",
+        ),
+    )
     with build_context(meta_device=True, load_weights=False):
         assert build_run(graph).parallelism.config.activation_checkpointing
     monkeypatch.setitem(sys.modules, "wandb", None)  # as if the optional package were not installed
-    with pytest.raises(UserError, match=r"evaluation_subscriber.config.mode: results_subscriber/wandb needs the "
-                       r"'wandb' package.*pip install 'lorafit\[wandb\]', or use variant_key: dummy"):  # fmt: skip
+    with pytest.raises(
+        UserError,
+        match=r"evaluation_subscriber.config.mode: results_subscriber/wandb needs the "
+        r"'wandb' package.*pip install 'lorafit\[wandb\]', or use variant_key: dummy",
+    ):
         _validate(monkeypatch, SHARED, "settings.training.sequence_length=128")
 
 
@@ -195,17 +217,29 @@ def test_newer_settings_layout_steps_and_consistency(tmp_path, monkeypatch):
     """modalities 0.5.0's settings: steps = training_target.num_target_steps; its consistency checks apply."""
     config = yaml.safe_load(SHARED.read_text())
     del config["settings"]["training"]
-    config["settings"]["step_profile"] = {"gradient_accumulation_steps": 2, "local_train_micro_batch_size": 2,
-                                          "sequence_length": 128}  # fmt: skip
-    config["settings"]["intervals"] = {"training_log_interval_in_steps": 2, "checkpointing_interval_in_steps": 6,
-                                       "evaluation_interval_in_steps": 6}  # fmt: skip
+    config["settings"]["step_profile"] = {
+        "gradient_accumulation_steps": 2,
+        "local_train_micro_batch_size": 2,
+        "sequence_length": 128,
+    }
+    config["settings"]["intervals"] = {
+        "training_log_interval_in_steps": 2,
+        "checkpointing_interval_in_steps": 6,
+        "evaluation_interval_in_steps": 6,
+    }
     config["settings"]["training_target"] = {"num_target_steps": 12, "num_target_tokens": 12 * 2 * 2 * 128}
-    config["settings"]["training_progress"] = {"global_num_seen_tokens": 0, "num_seen_steps": 0,
-                                               "num_seen_samples": 0, "last_step": -1}  # fmt: skip
+    config["settings"]["training_progress"] = {
+        "global_num_seen_tokens": 0,
+        "num_seen_steps": 0,
+        "num_seen_samples": 0,
+        "last_step": -1,
+    }
     text = yaml.safe_dump(config)
-    for old, new in (("settings.training.gradient_acc_steps", "settings.step_profile.gradient_accumulation_steps"),
-                     ("settings.training.global_num_seen_tokens", "settings.training_progress.global_num_seen_tokens"),
-                     ("settings.training.", "settings.step_profile.")):  # fmt: skip
+    for old, new in (
+        ("settings.training.gradient_acc_steps", "settings.step_profile.gradient_accumulation_steps"),
+        ("settings.training.global_num_seen_tokens", "settings.training_progress.global_num_seen_tokens"),
+        ("settings.training.", "settings.step_profile."),
+    ):
         text = text.replace(old, new)
     path = tmp_path / "new.yaml"
     path.write_text(text)

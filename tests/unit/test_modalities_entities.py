@@ -35,9 +35,13 @@ def _run_lines(validated: str) -> list[str]:
 @pytest.mark.usefixtures("smollm2_dir")  # the config reads the real SmolLM2 folder: `slow` (tests/conftest.py)
 def test_lora2_steps_from_number_conversions_as_modalities(tmp_path, monkeypatch, caplog):
     text = LORA2.read_text()
-    for old, new in (("/raid/s3/opengptx/maxr/ogptx/modalities/data/fineweb/fineweb_edu_data/"
-                      "fineweb-edu-CC-MAIN_test.pbin", "data/modalities/chat_train.pbin"),
-                     ("openGPT-X/Teuken-7B-sigma-instruct-commercial-v0.6", "data/models/SmolLM2-135M")):  # fmt: skip
+    for old, new in (
+        (
+            "/raid/s3/opengptx/maxr/ogptx/modalities/data/fineweb/fineweb_edu_data/fineweb-edu-CC-MAIN_test.pbin",
+            "data/modalities/chat_train.pbin",
+        ),
+        ("openGPT-X/Teuken-7B-sigma-instruct-commercial-v0.6", "data/models/SmolLM2-135M"),
+    ):
         text = text.replace(old, new)
     path = tmp_path / "lora2.yaml"
     path.write_text(text)
@@ -48,9 +52,14 @@ def test_lora2_steps_from_number_conversions_as_modalities(tmp_path, monkeypatch
         steps = samples // world // 1 // acc
         tokens = steps * world * 1 * seq * acc
         assert tokens // seq // world // 1 // acc == steps
-        out = _validate(monkeypatch, path, f"settings.step_profile.sequence_length={seq}",
-                        f"settings.step_profile.gradient_accumulation_steps={acc}",
-                        "lora_model.config.target_layers=[q_proj,k_proj,v_proj,o_proj]", world=world)  # fmt: skip
+        out = _validate(
+            monkeypatch,
+            path,
+            f"settings.step_profile.sequence_length={seq}",
+            f"settings.step_profile.gradient_accumulation_steps={acc}",
+            "lora_model.config.target_layers=[q_proj,k_proj,v_proj,o_proj]",
+            world=world,
+        )
         assert f"Modalities config: {steps} steps on {world} process(es); global batch {acc * world} samples" in out
     # its enforce_last_step_* flags are false: Modalities warns, so does lorafit
     assert "settings.intervals.checkpointing_interval_in_steps: the last step will not be checkpointed" in caplog.text
@@ -72,13 +81,26 @@ def _app_state_config(tmp_path: Path, **mesh) -> Path:
     """The shipped config with modalities 0.5.0's app_state/raw and device_mesh/default entities."""
     config = yaml.safe_load(SHIPPED.read_text())
     ref = {"pass_type": "BY_REFERENCE"}
-    config["model_state"] = {"component_key": "app_state", "variant_key": "raw", "config": {
-        "model": {"instance_key": "wrapped_model", **ref}, "optimizer": {"instance_key": "optimizer", **ref},
-        "lr_scheduler": {"instance_key": "scheduler", **ref}}}  # fmt: skip
+    config["model_state"] = {
+        "component_key": "app_state",
+        "variant_key": "raw",
+        "config": {
+            "model": {"instance_key": "wrapped_model", **ref},
+            "optimizer": {"instance_key": "optimizer", **ref},
+            "lr_scheduler": {"instance_key": "scheduler", **ref},
+        },
+    }
     config["app_state"] = {"instance_key": "model_state", **ref}
-    config["device_mesh"] = {"component_key": "device_mesh", "variant_key": "default", "config": {
-        "device_type": "cuda", "data_parallel_shard_degree": -1, "world_size": "${settings.cuda_env.world_size}",
-        **mesh}}  # fmt: skip
+    config["device_mesh"] = {
+        "component_key": "device_mesh",
+        "variant_key": "default",
+        "config": {
+            "device_type": "cuda",
+            "data_parallel_shard_degree": -1,
+            "world_size": "${settings.cuda_env.world_size}",
+            **mesh,
+        },
+    }
     path = tmp_path / "app_state.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -112,14 +134,18 @@ def _fsdp2_config(
     wrapped = config["wrapped_model"]
     mesh = {"instance_key": "device_mesh", "pass_type": "BY_REFERENCE"}
     wrapped["variant_key"] = "fsdp2_wrapped"
-    wrapped["config"] = {"model": wrapped["config"]["model"], "block_names": wrapped["config"]["block_names"],
-                         "mixed_precision_settings": {"param_dtype": precision, "reduce_dtype": precision},
-                         "reshard_after_forward": True, "device_mesh": mesh, **extra}  # fmt: skip
+    wrapped["config"] = {
+        "model": wrapped["config"]["model"],
+        "block_names": wrapped["config"]["block_names"],
+        "mixed_precision_settings": {"param_dtype": precision, "reduce_dtype": precision},
+        "reshard_after_forward": True,
+        "device_mesh": mesh,
+        **extra,
+    }
     clipper = config["gradient_clipper"]
     clipper["variant_key"] = clipper_variant
     model = clipper["config"]["wrapped_model"]
-    clipper["config"] = {"norm_type": "P2_NORM", "device_mesh": mesh,
-                         **{key: model for key in model_key.split(",")}}  # fmt: skip
+    clipper["config"] = {"norm_type": "P2_NORM", "device_mesh": mesh, **{key: model for key in model_key.split(",")}}
     if clipper_variant == "fsdp2":
         clipper["config"]["max_norm"] = 0.5
     path = tmp_path / "fsdp2.yaml"
@@ -145,8 +171,13 @@ def test_fsdp2_wrapped_and_clipper_resolve_as_fsdp_wrapped(tmp_path, monkeypatch
     from lorafit.distributed.parallel import FSDP2Strategy
 
     sizes = ("settings.training.sequence_length=128", "evaluation_subscriber.config.mode=OFFLINE")
-    old = _built(monkeypatch, SHIPPED, *sizes, f"wrapped_model.config.mixed_precision_settings={fsdp1}",
-                 "gradient_clipper.config.max_norm=0.5")  # fmt: skip
+    old = _built(
+        monkeypatch,
+        SHIPPED,
+        *sizes,
+        f"wrapped_model.config.mixed_precision_settings={fsdp1}",
+        "gradient_clipper.config.max_norm=0.5",
+    )
     new = _built(monkeypatch, _fsdp2_config(tmp_path, fsdp2), *sizes)
     assert type(new.parallelism) is type(old.parallelism) is FSDP2Strategy
     assert new.parallelism.config == old.parallelism.config
@@ -176,8 +207,10 @@ def test_fsdp2_keys_are_modalities_050s():
     dtypes = typing.get_args(training.FSDP2PrecisionConfig.model_fields["reduce_dtype"].annotation)
     assert set(dtypes) == {d.name for d in PyTorchDtypes}
     # model_parts, and wrapped_model: its deprecated alias in Modalities
-    for ours, theirs in ((training.FSDP2ClipperConfig, clippers.FSDP2GradientClipperConfig),
-                         (training.FSDP2LoggingOnlyConfig, clippers.FSDP2DummyGradientClipperConfig)):  # fmt: skip
+    for ours, theirs in (
+        (training.FSDP2ClipperConfig, clippers.FSDP2GradientClipperConfig),
+        (training.FSDP2LoggingOnlyConfig, clippers.FSDP2DummyGradientClipperConfig),
+    ):
         assert set(ours.model_fields) == set(theirs.model_fields) | {"wrapped_model"}
 
 
@@ -223,16 +256,31 @@ def test_precision_is_read_through_model_initialized():
     load_builtin_components()  # the checked graph knows Modalities' components
 
     ref = {"pass_type": "BY_REFERENCE"}
-    mesh = {"component_key": "device_mesh", "variant_key": "default",
-            "config": {"data_parallel_shard_degree": -1, "world_size": 1}}  # fmt: skip
-    fsdp2 = {"component_key": "model", "variant_key": "fsdp2_wrapped",
-             "config": {"model": {**ref, "instance_key": "model_raw"}, "block_names": ["LlamaDecoderLayer"],
-                        "device_mesh": {**ref, "instance_key": "mesh"},
-                        "mixed_precision_settings": {"param_dtype": "BF_16", "reduce_dtype": "BF_16"}}}  # fmt: skip
-    init = {"component_key": "model_initialization", "variant_key": "composed",
-            "config": {"model_type": "gpt2", "weight_init_type": "plain", "mean": 0.0, "std": 0.02}}  # fmt: skip
-    initialized = {"component_key": "model", "variant_key": "model_initialized",
-                   "config": {"model": {**ref, "instance_key": "sharded"}, "model_initializer": init}}  # fmt: skip
+    mesh = {
+        "component_key": "device_mesh",
+        "variant_key": "default",
+        "config": {"data_parallel_shard_degree": -1, "world_size": 1},
+    }
+    fsdp2 = {
+        "component_key": "model",
+        "variant_key": "fsdp2_wrapped",
+        "config": {
+            "model": {**ref, "instance_key": "model_raw"},
+            "block_names": ["LlamaDecoderLayer"],
+            "device_mesh": {**ref, "instance_key": "mesh"},
+            "mixed_precision_settings": {"param_dtype": "BF_16", "reduce_dtype": "BF_16"},
+        },
+    }
+    init = {
+        "component_key": "model_initialization",
+        "variant_key": "composed",
+        "config": {"model_type": "gpt2", "weight_init_type": "plain", "mean": 0.0, "std": 0.02},
+    }
+    initialized = {
+        "component_key": "model",
+        "variant_key": "model_initialized",
+        "config": {"model": {**ref, "instance_key": "sharded"}, "model_initializer": init},
+    }
     raw = {"component_key": "model", "variant_key": "huggingface_pretrained_model", "config": {}}
     config = {"mesh": mesh, "model_raw": raw, "sharded": fsdp2, "wrapped_model": initialized, "train_dataloader": {}}
 
@@ -245,11 +293,19 @@ def test_precision_is_read_through_model_initialized():
     assert translated["parallelism"]["config"]["mixed_precision"] == "bf16"
     assert block_names == ("sharded", ["LlamaDecoderLayer"])
     assert translated["sharded"] == {**ref, "instance_key": "model_raw"}  # the block: the model it wraps
-    app = {"component_key": "app_state", "variant_key": "raw",
-           "config": {"model": {**ref, "instance_key": "wrapped_model"}}}  # fmt: skip
+    app = {
+        "component_key": "app_state",
+        "variant_key": "raw",
+        "config": {"model": {**ref, "instance_key": "wrapped_model"}},
+    }
     assert block({**config, "app_state": app}) == "sharded"
-    fsdp1 = {"model": {**ref, "instance_key": "model_raw"}, "sync_module_states": True, "block_names": [],
-             "mixed_precision_settings": "BF_16", "sharding_strategy": "NO_SHARD"}  # fmt: skip
+    fsdp1 = {
+        "model": {**ref, "instance_key": "model_raw"},
+        "sync_module_states": True,
+        "block_names": [],
+        "mixed_precision_settings": "BF_16",
+        "sharding_strategy": "NO_SHARD",
+    }
     ddp = {"component_key": "model", "variant_key": "fsdp_wrapped", "config": fsdp1}
     assert translate({**config, "sharded": ddp})[0]["parallelism"]["variant_key"] == "ddp"
     assert run_outline({**config, "app_state": app}).parallelism == "fsdp2"
@@ -280,9 +336,17 @@ def test_an_fsdp_block_outside_a_modalities_config_is_refused(tmp_path, tiny_mod
     from tiny_runs import tiny_run_config
 
     config = tiny_run_config(tiny_model_dir, cache_path=tmp_path / "cache")
-    config["model"] = {"component_key": "model", "variant_key": "fsdp_wrapped",
-                       "config": {"model": config["model"], "sync_module_states": True, "block_names": [],
-                                  "mixed_precision_settings": "FP_32", "sharding_strategy": "FULL_SHARD"}}  # fmt: skip
+    config["model"] = {
+        "component_key": "model",
+        "variant_key": "fsdp_wrapped",
+        "config": {
+            "model": config["model"],
+            "sync_module_states": True,
+            "block_names": [],
+            "mixed_precision_settings": "FP_32",
+            "sharding_strategy": "FULL_SHARD",
+        },
+    }
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(config))
     with pytest.raises(UserError, match=r"model/fsdp_wrapped is Modalities' sharding .* set parallelism"):

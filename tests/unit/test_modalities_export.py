@@ -16,8 +16,9 @@ from tiny import make_llama
 
 def _trained(**options):
     model = make_llama(seed=1)
-    apply_lora(model, warn_save_pretrained=False, **{"r": 4, "alpha": 8, "target_layers": ["q_proj", "v_proj"],
-                                                     **options})  # fmt: skip
+    apply_lora(
+        model, warn_save_pretrained=False, **{"r": 4, "alpha": 8, "target_layers": ["q_proj", "v_proj"], **options}
+    )
     with torch.no_grad():
         for _, layer in lora_layers(model):
             for factor in layer.lora_factors():

@@ -21,13 +21,23 @@ MODEL = {"component_key": "model", "variant_key": "huggingface_pretrained_model"
 
 def _graph(model_dir, **init) -> ConfigGraph:
     load_builtin_components()
-    return ConfigGraph({
-        "hf": {**MODEL, "config": {"model_name": str(model_dir)}},
-        "model": {"component_key": "model", "variant_key": "model_initialized", "config": {
-            "model": {"instance_key": "hf", "pass_type": "BY_REFERENCE"},
-            "model_initializer": {"component_key": "model_initialization", "variant_key": "composed", "config": init},
-        }},
-    })  # fmt: skip
+    return ConfigGraph(
+        {
+            "hf": {**MODEL, "config": {"model_name": str(model_dir)}},
+            "model": {
+                "component_key": "model",
+                "variant_key": "model_initialized",
+                "config": {
+                    "model": {"instance_key": "hf", "pass_type": "BY_REFERENCE"},
+                    "model_initializer": {
+                        "component_key": "model_initialization",
+                        "variant_key": "composed",
+                        "config": init,
+                    },
+                },
+            },
+        }
+    )
 
 
 class _ModalitiesWrapper(nn.Module):  # parameter names as modalities' HuggingFacePretrainedModel has them

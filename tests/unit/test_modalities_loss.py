@@ -19,8 +19,19 @@ def test_micro_batch_mean_is_modalities_loss(tmp_path):
     assert data.masked[0] != data.masked[1]  # the two micro-batches hold different numbers of targets
     result = {}
     for mode in ("micro_batch_mean", "global_tokens"):
-        job = make_job(tmp_path / mode, env, micro=1, accum=2, steps=1, shuffle=False, eval_datasets={},
-                       train_dataset=data, loss_normalization=mode, progress=False, write_adapter=False)  # fmt: skip
+        job = make_job(
+            tmp_path / mode,
+            env,
+            micro=1,
+            accum=2,
+            steps=1,
+            shuffle=False,
+            eval_datasets={},
+            train_dataset=data,
+            loss_normalization=mode,
+            progress=False,
+            write_adapter=False,
+        )
         result[mode] = train(job).losses[0][1]
     base = make_llama()  # LoRA's B starts at zero: the first step's loss is the base model's
     with torch.no_grad():

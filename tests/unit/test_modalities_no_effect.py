@@ -20,7 +20,7 @@ def test_the_shipped_config_keys_without_effect_are_named_by_path():
         "wrapped_model.config.sync_module_states",
         "batch_progress_subscriber.config.gradient_acc_steps",
     ):
-        assert path in said, (path, sorted(said))  # fmt: skip
+        assert path in said, (path, sorted(said))
 
 
 def test_every_listed_key_is_one_lorafit_accepts():

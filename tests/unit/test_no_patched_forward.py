@@ -17,8 +17,11 @@ REPO = Path(__file__).resolve().parents[2]
 
 def patched_forwards(root: nn.Module) -> list[str]:
     """Modules whose `forward` is not their class's: set on the instance, or bound to another function."""
-    return [f"{name or '<root>'} ({type(m).__name__})" for name, m in root.named_modules()
-            if "forward" in vars(m) or getattr(m.forward, "__func__", None) is not type(m).forward]  # fmt: skip
+    return [
+        f"{name or '<root>'} ({type(m).__name__})"
+        for name, m in root.named_modules()
+        if "forward" in vars(m) or getattr(m.forward, "__func__", None) is not type(m).forward
+    ]
 
 
 def test_the_check_sees_a_patched_forward():
@@ -58,8 +61,9 @@ def test_a_built_modalities_run_has_only_its_classes_forwards(monkeypatch):
 
     monkeypatch.chdir(REPO)
     config = REPO / "configs" / "modalities" / "config_lorem_ipsum_lora.yaml"
-    graph = load_run_config(config, overrides=("settings.training.sequence_length=128",
-                                               "evaluation_subscriber.config.mode=OFFLINE"))[1]  # fmt: skip
+    graph = load_run_config(
+        config, overrides=("settings.training.sequence_length=128", "evaluation_subscriber.config.mode=OFFLINE")
+    )[1]
     with build_context(meta_device=True, load_weights=False, announce=False):
         run = build_run(graph)
     assert patched_forwards(run.model) == []

@@ -77,7 +77,9 @@ def test_compile_pays_only_past_the_measured_break_even_length(device, precision
 
 def test_compile_auto_is_off_where_nothing_was_measured_or_the_length_is_unknown():
     assert compile_pays("cuda", "bf16", 10**12) == (
-        False, "no measurement of torch.compile on cuda in bf16 (set compile: true to compile)")  # fmt: skip
+        False,
+        "no measurement of torch.compile on cuda in bf16 (set compile: true to compile)",
+    )
     assert compile_pays("cpu", "fp32", None) == (False, "the run's length is not known")
 
 
@@ -87,9 +89,13 @@ def test_bf16_pays_more_for_compiling_than_fp32_on_the_measured_cpu():
 
 @pytest.mark.parametrize(
     ("flags", "tokens", "expected"),
-    [(NO_AMX, 24_000, ("fp32", False)), (AMX, 24_000, ("bf16", False)),
-     (NO_AMX, 10**7, ("fp32", True)), (AMX, 10**7, ("bf16", True))],
-)  # fmt: skip
+    [
+        (NO_AMX, 24_000, ("fp32", False)),
+        (AMX, 24_000, ("bf16", False)),
+        (NO_AMX, 10**7, ("fp32", True)),
+        (AMX, 10**7, ("bf16", True)),
+    ],
+)
 def test_plan_speed_defaults_per_machine_and_run_length(flags, tokens, expected, capsys):
     plan = plan_speed("auto", "auto", CPU, tokens, flags=flags)
     assert (plan.precision, plan.compile) == expected

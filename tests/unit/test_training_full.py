@@ -47,9 +47,15 @@ def full_job(run_dir, env, *, attention_dropout: float = 0.0, **overrides):
     from lorafit.training.optim import AdamWConfig, OptimizerFactory
     from tiny import make_llama
 
-    values = dict(model=make_llama(attention_dropout=attention_dropout).train(), train_dataset=CountingDataset(),
-                  eval_datasets={"held_out": CountingDataset(n=8, seed=1)}, micro=2, accum=2, steps=STEPS,
-                  optimizer_factory=OptimizerFactory(AdamWConfig(lr=1e-2, weight_decay=0.01)))  # fmt: skip
+    values = dict(
+        model=make_llama(attention_dropout=attention_dropout).train(),
+        train_dataset=CountingDataset(),
+        eval_datasets={"held_out": CountingDataset(n=8, seed=1)},
+        micro=2,
+        accum=2,
+        steps=STEPS,
+        optimizer_factory=OptimizerFactory(AdamWConfig(lr=1e-2, weight_decay=0.01)),
+    )
     values.update(overrides)
     return make_job(run_dir, env, **values)
 
@@ -145,8 +151,17 @@ def _worker(rank: int, world: int, out: str) -> None:
     try:
         results = {}
         for name, strategy, micro, accum in (("fsdp2", FSDP2Strategy(), 1, 2), ("ddp", DDPStrategy(), 2, 1)):
-            run = train(full_job(f"{out}/{name}", env, parallelism=strategy, micro=micro, accum=accum, steps=4,
-                                 gather_full_model=True))  # fmt: skip
+            run = train(
+                full_job(
+                    f"{out}/{name}",
+                    env,
+                    parallelism=strategy,
+                    micro=micro,
+                    accum=accum,
+                    steps=4,
+                    gather_full_model=True,
+                )
+            )
             if rank == 0:
                 with torch.no_grad():
                     logits = run.model_for_eval()(PROBE).logits
@@ -193,20 +208,39 @@ def test_lorafit_run_with_a_plain_model_fine_tunes_it_fully(tmp_path, tiny_model
 
     lorem = TESTS.parent / "data" / "lorem_ipsum" / "lorem_ipsum.txt"
     config = {
-        "settings": {"seed": 3, "training_target": {"num_target_steps": 4}, "eval_max_batches": 2,
-                     "step_profile": {"local_train_micro_batch_size": 2, "gradient_accumulation_steps": 1,
-                                      "sequence_length": 32},
-                     "intervals": {"training_log_interval_in_steps": 1, "checkpointing_interval_in_steps": 2}},
-        "tokenizer": {"component_key": "tokenizer", "variant_key": "huggingface",
-                      "config": {"path": str(tiny_model_dir)}},
-        "base_model": {"component_key": "model", "variant_key": "huggingface_pretrained_model",
-                       "config": {"model_name_or_path": str(tiny_model_dir)}},
+        "settings": {
+            "seed": 3,
+            "training_target": {"num_target_steps": 4},
+            "eval_max_batches": 2,
+            "step_profile": {
+                "local_train_micro_batch_size": 2,
+                "gradient_accumulation_steps": 1,
+                "sequence_length": 32,
+            },
+            "intervals": {"training_log_interval_in_steps": 1, "checkpointing_interval_in_steps": 2},
+        },
+        "tokenizer": {
+            "component_key": "tokenizer",
+            "variant_key": "huggingface",
+            "config": {"path": str(tiny_model_dir)},
+        },
+        "base_model": {
+            "component_key": "model",
+            "variant_key": "huggingface_pretrained_model",
+            "config": {"model_name_or_path": str(tiny_model_dir)},
+        },
         "model": {"instance_key": "base_model", "pass_type": "BY_REFERENCE"},
-        "train_dataset": {"component_key": "dataset", "variant_key": "text",
-                          "config": {"path": str(lorem), "cache_path": str(tmp_path / "lorem"),
-                                     "tokenizer": {"instance_key": "tokenizer", "pass_type": "BY_REFERENCE"}}},
+        "train_dataset": {
+            "component_key": "dataset",
+            "variant_key": "text",
+            "config": {
+                "path": str(lorem),
+                "cache_path": str(tmp_path / "lorem"),
+                "tokenizer": {"instance_key": "tokenizer", "pass_type": "BY_REFERENCE"},
+            },
+        },
         "optimizer": {"component_key": "optimizer", "variant_key": "adamw", "config": {"lr": 1e-3}},
-    }  # fmt: skip
+    }
     path = tmp_path / "full.yaml"
     path.write_text(yaml.safe_dump(config))
     args = ["run", "--config_file_path", str(path), "--experiments_root_path", str(tmp_path / "exp")]

@@ -26,8 +26,7 @@ def setup():
 
 def _reference(model, input_ids, labels):
     logits = model(input_ids=input_ids).logits.float()
-    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100,
-                                             reduction="sum")  # fmt: skip
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
 
 
 @pytest.mark.parametrize("chunk_tokens", [None, 4, 7, 4096])
@@ -142,8 +141,9 @@ def test_held_out_loss_is_the_token_mean_or_modalities_mean_of_batch_means(setup
         return {k: torch.stack([item[k] for item in items]) for k in items[0]}
 
     env = DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), backend=None)
-    got = held_out_losses(CausalLMLoss(model), {"val": dataset}, env, 3, None, contextlib.nullcontext, collate,
-                          {"val": 2}, mean)["val"]  # fmt: skip
+    got = held_out_losses(
+        CausalLMLoss(model), {"val": dataset}, env, 3, None, contextlib.nullcontext, collate, {"val": 2}, mean
+    )["val"]
     with torch.no_grad():
         sums = [_reference(model, input_ids[s], labels[s]) for s in (slice(0, 2), slice(2, 3))]
     counts = [(labels[s] != -100).sum() for s in (slice(0, 2), slice(2, 3))]

@@ -102,8 +102,10 @@ def test_loraplus_groups_and_one_step_honours_the_ratio():
                 param.normal_(std=0.1, generator=torch.Generator().manual_seed(0))
     optimizer = _build("optimizer", "adamw", {"lr": 1e-3, "weight_decay": 0.01, "loraplus_lr_ratio": 16})(model)
     names = {id(p): n for n, p in model.named_parameters()}
-    groups = [(g["lr"], g["weight_decay"], sorted(names[id(p)].rsplit(".", 2)[-2] for p in g["params"]))
-              for g in optimizer.param_groups]  # fmt: skip
+    groups = [
+        (g["lr"], g["weight_decay"], sorted(names[id(p)].rsplit(".", 2)[-2] for p in g["params"]))
+        for g in optimizer.param_groups
+    ]
     assert groups == [
         (1e-3, 0.01, ["lora_A"] * 4),
         (16e-3, 0.01, ["lora_B"] * 4),
@@ -115,8 +117,10 @@ def test_loraplus_groups_and_one_step_honours_the_ratio():
     model.train()
     model(x, labels=x).loss.backward()
     optimizer.step()
-    moved = {kind: max((p.detach() - before[n]).abs().max().item() for n, p in named_lora_parameters(model)
-                       if kind in n) for kind in ("lora_A", "lora_B")}  # fmt: skip
+    moved = {
+        kind: max((p.detach() - before[n]).abs().max().item() for n, p in named_lora_parameters(model) if kind in n)
+        for kind in ("lora_A", "lora_B")
+    }
     assert moved["lora_A"] == pytest.approx(1e-3, rel=0.05)
     assert moved["lora_B"] == pytest.approx(16e-3, rel=0.05)
     with pytest.raises(UserError, match=r"optimizer.config.loraplus_lr_ratio: .*full fine-tuning"):

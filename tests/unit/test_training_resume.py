@@ -76,8 +76,18 @@ def test_resuming_a_finished_run_trains_nothing(runs):
     from lorafit.training.loop import train
 
     out, _straight, _first, _second = runs
-    again = train(make_job(out / "straight", init_distributed(), steps=STEPS, micro=2, accum=2, dropout=0.2,
-                           checkpointing_interval_in_steps=STEPS // 2, resume_from="latest"))  # fmt: skip
+    again = train(
+        make_job(
+            out / "straight",
+            init_distributed(),
+            steps=STEPS,
+            micro=2,
+            accum=2,
+            dropout=0.2,
+            checkpointing_interval_in_steps=STEPS // 2,
+            resume_from="latest",
+        )
+    )
     assert again.losses == [] and again.steps == STEPS
     a = _adapter(out / "straight")
     assert all(torch.equal(a[k], v) for k, v in _adapter(out / "split").items())

@@ -113,9 +113,12 @@ def _latest(run_dir: Path) -> Path:
     if path is None:
         folder = Path(run_dir) / "checkpoints"
         found = [f"{p.name}: {verify_checkpoint(p)}" for _, p in list_checkpoints(run_dir)]
-        why = ("; ".join(found) if found else
-               "the run stopped before its first checkpoint, so there is nothing to continue: start it again with "
-               f"another --experiment_id, or delete {run_dir} and reuse its id")  # fmt: skip
+        why = (
+            "; ".join(found)
+            if found
+            else "the run stopped before its first checkpoint, so there is nothing to continue: start it again with "
+            f"another --experiment_id, or delete {run_dir} and reuse its id"
+        )
         raise UserError(f"--resume_from latest: no complete checkpoint under {folder} ({why})")
     return path
 
@@ -204,11 +207,15 @@ def _global_batch_difference(
         return []
     way_out = ""
     if old_global % (micro * world_size) == 0:
-        way_out = (f"; settings.step_profile.gradient_accumulation_steps: {old_global // (micro * world_size)} keeps "
-                   f"it on {world_size} process(es)")  # fmt: skip
+        way_out = (
+            f"; settings.step_profile.gradient_accumulation_steps: {old_global // (micro * world_size)} keeps "
+            f"it on {world_size} process(es)"
+        )
     elif old_global % world_size == 0:
-        way_out = (f"; settings.step_profile.local_train_micro_batch_size: {old_global // world_size} with "
-                   f"gradient_accumulation_steps: 1 keeps it on {world_size} process(es)")  # fmt: skip
+        way_out = (
+            f"; settings.step_profile.local_train_micro_batch_size: {old_global // world_size} with "
+            f"gradient_accumulation_steps: 1 keeps it on {world_size} process(es)"
+        )
     return [
         f"global batch (samples per step): {old_global} -> {new_global} (the checkpoint: micro batch {old_micro} x "
         f"accumulation {old_accum} x {old_world} process(es); this run: {micro} x {accum} x {world_size}){way_out}"
@@ -287,14 +294,21 @@ def restore(
     for group, fresh in zip(optimizer.param_groups, fresh_groups, strict=True):
         group.update(fresh)
     # this run's schedule at the checkpoint's position: one step() from the step before sets every group's lr
-    scheduler.load_state_dict({**fresh_schedule, "last_epoch": saved_schedule["last_epoch"] - 1,
-                               "_step_count": max(2, saved_schedule.get("_step_count", 2))})  # fmt: skip
+    scheduler.load_state_dict(
+        {
+            **fresh_schedule,
+            "last_epoch": saved_schedule["last_epoch"] - 1,
+            "_step_count": max(2, saved_schedule.get("_step_count", 2)),
+        }
+    )
     scheduler.step()
 
     same_world = trainer.get("world_size") == env.world_size
     if not same_world:
-        warn(f"{checkpoint} was written by {trainer.get('world_size')} processes, this run has {env.world_size}: "
-             "random states (e.g. dropout) start fresh; weights, optimizer and data order resume")  # fmt: skip
+        warn(
+            f"{checkpoint} was written by {trainer.get('world_size')} processes, this run has {env.world_size}: "
+            "random states (e.g. dropout) start fresh; weights, optimizer and data order resume"
+        )
     sampler.load_state_dict(trainer["sampler"])
     if same_world:
         rng = trainer.get("rng")

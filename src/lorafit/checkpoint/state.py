@@ -248,14 +248,23 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
         # CheckpointException (a BaseException) carries each rank's traceback as text: its last line is the cause
         text = str(error).strip().splitlines()
         if any("not a plain value" in line or "UnpicklingError" in line for line in text):  # the planner refused
-            raise UserError(f"cannot resume from {path}: refused to load a value of its data files "
-                            f"({text[-1]}); a pickle that would run code is never loaded") from None  # fmt: skip
-        raise UserError(f"cannot resume from {path}: it does not fit this run's trainable parameters "
-                        f"({text[-1] if text else type(error).__name__}); was it written with another LoRA r or "
-                        "target_layers? Resume with the config it was written with") from None  # fmt: skip
+            raise UserError(
+                f"cannot resume from {path}: refused to load a value of its data files "
+                f"({text[-1]}); a pickle that would run code is never loaded"
+            ) from None
+        raise UserError(
+            f"cannot resume from {path}: it does not fit this run's trainable parameters "
+            f"({text[-1] if text else type(error).__name__}); was it written with another LoRA r or "
+            "target_layers? Resume with the config it was written with"
+        ) from None
     # strict=False because the frozen base is (by design) not in the checkpoint; trainable keys are checked here
-    loaded = set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
-                            options=replace(_options(), strict=False))  # fmt: skip
+    loaded = set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=state["model"],
+        optim_state_dict=state["optim"],
+        options=replace(_options(), strict=False),
+    )
     trainable = set(state["model"])
     missing = sorted(k for k in loaded.missing_keys if k in trainable)
     if missing or loaded.unexpected_keys:
@@ -278,8 +287,9 @@ def _load_plain(file: Path) -> Any:
         return torch.load(file, weights_only=True)
     except Exception as error:  # UnpicklingError for a crafted file; EOFError / RuntimeError for a damaged one
         reason = "it would run pickled code" if isinstance(error, pickle.UnpicklingError) else "it is damaged"
-        raise UserError(f"cannot resume from {file.parent}: refused to load {file.name} ({reason}); "
-                        "resume from another checkpoint") from None  # fmt: skip
+        raise UserError(
+            f"cannot resume from {file.parent}: refused to load {file.name} ({reason}); resume from another checkpoint"
+        ) from None
 
 
 def checkpoint_bytes(path: Path) -> int:

@@ -37,8 +37,9 @@ def is_sharded(model: nn.Module) -> bool:
     return any(is_dtensor(p) for p in model.parameters())
 
 
-def write_trained_weights(model: nn.Module, env: DistEnv, run_dir: Path, *, write: bool = True,
-                          keep_full: bool = False, tokenizer: Any = None) -> TrainedWeights:  # fmt: skip
+def write_trained_weights(
+    model: nn.Module, env: DistEnv, run_dir: Path, *, write: bool = True, keep_full: bool = False, tokenizer: Any = None
+) -> TrainedWeights:
     """Write `run_dir/adapter/` (a LoRA model) or `run_dir/model/` (any other) on rank 0; collective.
 
     `keep_full`: also return the gathered full state dict of a sharded model (for `TrainResult.model_for_eval`).
@@ -101,8 +102,17 @@ def unsharded_copy(sharded: nn.Module, full_state_dict: dict[str, torch.Tensor] 
         s = get_settings(sharded)
         # the copy is loaded with the trained (residual) base below: a pissa/olora decomposition here would be lost
         init = s.init if s.init in ("kaiming", "gaussian") else "kaiming"
-        apply_lora(copy, s.r, s.alpha, s.target_layers, dropout=s.dropout, init=init, use_rslora=s.use_rslora,
-                   use_dora=s.use_dora, warn_save_pretrained=False)  # fmt: skip
+        apply_lora(
+            copy,
+            s.r,
+            s.alpha,
+            s.target_layers,
+            dropout=s.dropout,
+            init=init,
+            use_rslora=s.use_rslora,
+            use_dora=s.use_dora,
+            warn_save_pretrained=False,
+        )
     dtype = next(iter(full_state_dict.values())).dtype
     copy.to(dtype)
     missing, unexpected = copy.load_state_dict(full_state_dict, strict=False)

@@ -10,9 +10,11 @@ from lorafit.errors import UserError, did_you_mean
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("components", help="list registered components and their config fields")
     parser.add_argument("component_key", nargs="?", help="only this component_key")
-    parser.add_argument("--modalities", action="store_true",
-                        help="the fields of the components that read Modalities configs too (listed by name only "
-                        "otherwise)")  # fmt: skip
+    parser.add_argument(
+        "--modalities",
+        action="store_true",
+        help="the fields of the components that read Modalities configs too (listed by name only otherwise)",
+    )
     parser.set_defaults(func=run)
 
 

@@ -28,8 +28,10 @@ def configs_folder() -> Path:
     for folder in (package, checkout):
         if folder.is_dir():
             return folder
-    raise UserError(f"the shipped configs are missing: neither {package} (a pip install) nor {checkout} (a checkout) "
-                    "is a folder; reinstall lorafit")  # fmt: skip
+    raise UserError(
+        f"the shipped configs are missing: neither {package} (a pip install) nor {checkout} (a checkout) "
+        "is a folder; reinstall lorafit"
+    )
 
 
 def shipped() -> dict[str, Path]:
@@ -70,7 +72,9 @@ def run_cp(args: argparse.Namespace) -> int:
     if not dest.parent.is_dir():
         raise UserError(f"{dest.parent} is not a folder")
     write_atomic(dest, configs[name].read_text(encoding="utf-8"))
-    info(f"copied {configs[name]} to {dest}; edit the lines marked '<-' (model folder, data file), check it "
-         f"with `lorafit validate --config {dest}`, preview the data with `lorafit data preview --config "
-         f"{dest}`")  # fmt: skip
+    info(
+        f"copied {configs[name]} to {dest}; edit the lines marked '<-' (model folder, data file), check it "
+        f"with `lorafit validate --config {dest}`, preview the data with `lorafit data preview --config "
+        f"{dest}`"
+    )
     return 0

@@ -18,21 +18,39 @@ def add_parser(subparsers) -> None:
         "EOS. JSONL with 'messages' or 'prompt'/'response' is rendered with the tokenizer's chat template and "
         "the loss is masked on everything but the assistant's answers (PREFIX.mask.bin).",
     )
-    pack.add_argument("--input", type=Path, required=True,
-                      help="a .txt file (documents separated by blank lines), a .jsonl file, or a local file or folder "
-                      "Hugging Face datasets reads (.json, .csv, .parquet, .arrow, save_to_disk)")  # fmt: skip
+    pack.add_argument(
+        "--input",
+        type=Path,
+        required=True,
+        help="a .txt file (documents separated by blank lines), a .jsonl file, or a local file or folder "
+        "Hugging Face datasets reads (.json, .csv, .parquet, .arrow, save_to_disk)",
+    )
     pack.add_argument("--tokenizer", type=Path, required=True, help="folder with the tokenizer (e.g. the model folder)")
     pack.add_argument("--output", type=Path, required=True, help="output prefix: writes PREFIX.bin and PREFIX.json")
     pack.add_argument("--jsonl_field", default="text", help="the JSONL field holding plain text (default: text)")
-    pack.add_argument("--format", dest="fmt", default="auto", choices=list(FORMATS),
-                      help="auto: from the first record (text, messages, sharegpt, alpaca or prompt_response); "
-                      "instruction: any conversation format")  # fmt: skip
-    pack.add_argument("--columns", type=_columns, default=None, metavar="FIELD=COLUMN,...",
-                      help="the format's fields under your names, e.g. prompt=question,response=answer")  # fmt: skip
+    pack.add_argument(
+        "--format",
+        dest="fmt",
+        default="auto",
+        choices=list(FORMATS),
+        help="auto: from the first record (text, messages, sharegpt, alpaca or prompt_response); "
+        "instruction: any conversation format",
+    )
+    pack.add_argument(
+        "--columns",
+        type=_columns,
+        default=None,
+        metavar="FIELD=COLUMN,...",
+        help="the format's fields under your names, e.g. prompt=question,response=answer",
+    )
     pack.add_argument("--split", default=None, help="the split of a save_to_disk folder with several")
-    pack.add_argument("--chat_template", default=None, metavar="NAME|FILE",
-                      help="conversations: chatml, llama3, plain (base models) or a Jinja file, instead of the "
-                      "tokenizer's own template")  # fmt: skip
+    pack.add_argument(
+        "--chat_template",
+        default=None,
+        metavar="NAME|FILE",
+        help="conversations: chatml, llama3, plain (base models) or a Jinja file, instead of the "
+        "tokenizer's own template",
+    )
     pack.add_argument("--overwrite", action="store_true", help="replace an existing output")
     pack.add_argument("--no_progress", action="store_true", help="no progress bar")
     pack.set_defaults(func=run_pack)
@@ -62,9 +80,13 @@ def add_parser(subparsers) -> None:
         help="config overrides (OmegaConf dotlist), e.g. settings.src_path=other.jsonl",
     )
     encoded.add_argument("--overwrite", action="store_true", help="replace an existing settings.dst_path")
-    encoded.add_argument("--modalities_release", default="0.5.0", choices=["0.5.0", "lora_branch"],
-                         help="whose bytes to write: 0.5.0 (the current release, default) appends eod_token only to "
-                         "a document not already ending with it; lora_branch always appends it")  # fmt: skip
+    encoded.add_argument(
+        "--modalities_release",
+        default="0.5.0",
+        choices=["0.5.0", "lora_branch"],
+        help="whose bytes to write: 0.5.0 (the current release, default) appends eod_token only to "
+        "a document not already ending with it; lora_branch always appends it",
+    )
     encoded.set_defaults(func=run_pack_encoded_data)
     _add_preview(commands)
 
@@ -83,13 +105,23 @@ def run_pack(args: argparse.Namespace) -> int:
     from lorafit.models.tokenizer import load_tokenizer
 
     tokenizer = use_template(load_tokenizer(args.tokenizer), args.chat_template)
-    packed = pack_file(args.input, tokenizer, args.output, jsonl_field=args.jsonl_field, fmt=args.fmt,
-                       columns=args.columns, split=args.split, overwrite=args.overwrite,
-                       progress=not args.no_progress)  # fmt: skip
+    packed = pack_file(
+        args.input,
+        tokenizer,
+        args.output,
+        jsonl_field=args.jsonl_field,
+        fmt=args.fmt,
+        columns=args.columns,
+        split=args.split,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
     trained = f", {packed.num_trained_tokens:,} of them trained on" if packed.kind == "instruction" else ""
     skipped = f"; {packed.skipped_empty_documents} empty documents skipped" if packed.skipped_empty_documents else ""
-    info(f"packed {packed.num_documents:,} {packed.kind} documents into {packed.num_tokens:,} tokens{trained}"
-         f" ({packed.dtype}){skipped}: {packed.bin_path}, {packed.meta_path}")  # fmt: skip
+    info(
+        f"packed {packed.num_documents:,} {packed.kind} documents into {packed.num_tokens:,} tokens{trained}"
+        f" ({packed.dtype}){skipped}: {packed.bin_path}, {packed.meta_path}"
+    )
     return 0
 
 
@@ -110,10 +142,16 @@ def run_pack_encoded_data(args: argparse.Namespace) -> int:
         overrides.insert(0, str(args.config))  # with --config_file_path, the first positional is an override
         args.config = None
     if (args.config is None) == (args.config_file_path is None):
-        raise UserError("give the data-preparation config once: `lorafit data pack_encoded_data CONFIG` "
-                        "(or --config_file_path CONFIG)")  # fmt: skip
-    pack_encoded_data(args.config or args.config_file_path, overrides=tuple(overrides), overwrite=args.overwrite,
-                      release=args.modalities_release)  # fmt: skip
+        raise UserError(
+            "give the data-preparation config once: `lorafit data pack_encoded_data CONFIG` "
+            "(or --config_file_path CONFIG)"
+        )
+    pack_encoded_data(
+        args.config or args.config_file_path,
+        overrides=tuple(overrides),
+        overwrite=args.overwrite,
+        release=args.modalities_release,
+    )
     return 0
 
 
@@ -149,9 +187,17 @@ def run_preview(args: argparse.Namespace) -> int:
     if args.input is not None:
         if args.tokenizer is None:
             raise UserError("--input needs --tokenizer (the folder that holds tokenizer.json)")
-        print(preview_file(args.input, args.tokenizer, fmt=args.fmt, chat_template=args.chat_template,
-                           sequence_length=args.sequence_length, packing=not args.no_packing,
-                           num_samples=args.num_samples))  # fmt: skip
+        print(
+            preview_file(
+                args.input,
+                args.tokenizer,
+                fmt=args.fmt,
+                chat_template=args.chat_template,
+                sequence_length=args.sequence_length,
+                packing=not args.no_packing,
+                num_samples=args.num_samples,
+            )
+        )
         return 0
     dataset, tokenizer, _seq = build_dataset(args.config_file_path, args.dataset, tuple(args.overrides))
     print(preview(dataset, tokenizer, args.dataset, args.num_samples))

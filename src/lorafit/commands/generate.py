@@ -17,25 +17,42 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--adapter", type=Path, help="adapter folder (PEFT format)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="one prompt; the answer is printed")
-    source.add_argument("--prompts_file", "--prompts-file", type=Path, metavar="FILE",
-                        help="one prompt per line (.txt), or JSON Lines with 'prompt' or 'messages' (.jsonl); "
-                        "answered in batches, printed as JSON Lines {prompt, output}")  # fmt: skip
-    source.add_argument("--interactive", action="store_true",
-                        help="a chat: each line you type is a user message, the conversation is kept ('/reset' "
-                        "starts over, '/exit' or end of input stops); implies --chat")  # fmt: skip
+    source.add_argument(
+        "--prompts_file",
+        "--prompts-file",
+        type=Path,
+        metavar="FILE",
+        help="one prompt per line (.txt), or JSON Lines with 'prompt' or 'messages' (.jsonl); "
+        "answered in batches, printed as JSON Lines {prompt, output}",
+    )
+    source.add_argument(
+        "--interactive",
+        action="store_true",
+        help="a chat: each line you type is a user message, the conversation is kept ('/reset' "
+        "starts over, '/exit' or end of input stops); implies --chat",
+    )
     parser.add_argument(
         "--chat",
         action=argparse.BooleanOptionalAction,
         default=None,
         help="wrap the prompt in the tokenizer's chat template (default: how the adapter was trained, else off)",
     )
-    parser.add_argument("--chat_template", default=None, metavar="NAME|FILE",
-                        help="chatml, llama3, plain or a Jinja file instead of the one the adapter was trained with "
-                        "(saved with it as chat_template.jinja) or the tokenizer's own")  # fmt: skip
+    parser.add_argument(
+        "--chat_template",
+        default=None,
+        metavar="NAME|FILE",
+        help="chatml, llama3, plain or a Jinja file instead of the one the adapter was trained with "
+        "(saved with it as chat_template.jinja) or the tokenizer's own",
+    )
     parser.add_argument("--max_new_tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    parser.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling: keep the smallest set of tokens "
-                        "with this much probability (1 = all; with --temperature > 0)")  # fmt: skip
+    parser.add_argument(
+        "--top_p",
+        type=float,
+        default=1.0,
+        help="nucleus sampling: keep the smallest set of tokens "
+        "with this much probability (1 = all; with --temperature > 0)",
+    )
     parser.add_argument("--top_k", type=int, default=0, help="sample among the k likeliest tokens (0 = all)")
     parser.add_argument("--seed", type=int, default=None, help="seed for sampling (reproducible answers)")
     parser.add_argument("--batch_size", type=int, default=8, help="prompts per batch with --prompts_file")
@@ -51,8 +68,10 @@ def run(args: argparse.Namespace) -> int:
     prompts = _read_prompts(args.prompts_file) if args.prompts_file else None
     if prompts and any(isinstance(p, list) for p in prompts):
         if args.chat is False:
-            raise UserError(f"--prompts_file {args.prompts_file} holds 'messages' conversations, which only a chat "
-                            "template turns into text: drop --no-chat")  # fmt: skip
+            raise UserError(
+                f"--prompts_file {args.prompts_file} holds 'messages' conversations, which only a chat "
+                "template turns into text: drop --no-chat"
+            )
         chat = True  # a conversation is a chat prompt, whatever the adapter was trained on
     model, tokenizer = load_with_adapter(args.model, args.adapter, flag="--model", chat_template=args.chat_template)
     if args.seed is not None:
@@ -64,8 +83,9 @@ def run(args: argparse.Namespace) -> int:
     if prompts is not None:
         for start in range(0, len(prompts), args.batch_size):
             batch = prompts[start : start + args.batch_size]
-            for prompt, text in zip(batch, generate_batch(model, tokenizer, batch, chat=chat, sampling=sampling),
-                                    strict=True):  # fmt: skip
+            for prompt, text in zip(
+                batch, generate_batch(model, tokenizer, batch, chat=chat, sampling=sampling), strict=True
+            ):
                 print(json.dumps({"prompt": prompt, "output": text}, ensure_ascii=False), flush=True)
         return 0
     (text,) = generate_batch(model, tokenizer, [args.prompt], chat=chat, sampling=sampling)
@@ -78,11 +98,13 @@ def run(args: argparse.Namespace) -> int:
 def _sampling(args: argparse.Namespace):
     from lorafit.outputs.inference import Sampling
 
-    checks = [(args.max_new_tokens >= 1, f"--max_new_tokens must be >= 1, got {args.max_new_tokens}"),
-              (args.temperature >= 0, f"--temperature must be >= 0, got {args.temperature}"),
-              (0 < args.top_p <= 1, f"--top_p must be in (0, 1], got {args.top_p}"),
-              (args.top_k >= 0, f"--top_k must be >= 0, got {args.top_k}"),
-              (args.batch_size >= 1, f"--batch_size must be >= 1, got {args.batch_size}")]  # fmt: skip
+    checks = [
+        (args.max_new_tokens >= 1, f"--max_new_tokens must be >= 1, got {args.max_new_tokens}"),
+        (args.temperature >= 0, f"--temperature must be >= 0, got {args.temperature}"),
+        (0 < args.top_p <= 1, f"--top_p must be in (0, 1], got {args.top_p}"),
+        (args.top_k >= 0, f"--top_k must be >= 0, got {args.top_k}"),
+        (args.batch_size >= 1, f"--batch_size must be >= 1, got {args.batch_size}"),
+    ]
     problems = [message for ok, message in checks if not ok]
     if problems:
         raise UserError("; ".join(problems))
@@ -155,8 +177,10 @@ def chat_default(adapter: Path | None) -> bool:
 
     trained = read_training_info(adapter).get("prompt_format")
     if trained == "chat":
-        note(f"{adapter / TRAINING_FILE}: the adapter was trained on chat-formatted data, so the prompt is wrapped in "
-             "the chat template (--no-chat sends the raw text)")  # fmt: skip
+        note(
+            f"{adapter / TRAINING_FILE}: the adapter was trained on chat-formatted data, so the prompt is wrapped in "
+            "the chat template (--no-chat sends the raw text)"
+        )
     return trained == "chat"
 
 
@@ -169,5 +193,7 @@ def explain_empty(args: argparse.Namespace, chat: bool, tokenizer) -> None:
         hint = " The model may expect its chat template: try --chat."
     elif chat:
         hint = " --no-chat sends the raw text instead, if the model or adapter was trained on plain text."
-    warn(f"the model generated no text within --max_new_tokens {args.max_new_tokens}: it produced only special "
-         f"tokens (e.g. {tokenizer.eos_token!r}, end of sequence) or whitespace.{hint}")  # fmt: skip
+    warn(
+        f"the model generated no text within --max_new_tokens {args.max_new_tokens}: it produced only special "
+        f"tokens (e.g. {tokenizer.eos_token!r}, end of sequence) or whitespace.{hint}"
+    )

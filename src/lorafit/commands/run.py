@@ -11,9 +11,13 @@ from lorafit import allocator
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("run", help="train from a config (works under torchrun too)")
     parser.add_argument("--config_file_path", "--config", type=Path, required=True, metavar="PATH")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                        help="config overrides (OmegaConf dotlist), e.g. settings.step_profile.sequence_length=256; "
-                        "recorded in config.resolved.yaml")  # fmt: skip
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="config overrides (OmegaConf dotlist), e.g. settings.step_profile.sequence_length=256; "
+        "recorded in config.resolved.yaml",
+    )
     parser.add_argument(
         "--experiments_root_path",
         type=Path,

@@ -14,9 +14,13 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--config_file_path", "--config", type=Path, required=True, metavar="PATH")
     parser.add_argument("--verbose", "-v", action="store_true", help="list every adapted module")
     parser.add_argument(
-        "--nproc_per_node", "--nproc-per-node", type=int, default=1, metavar="N",
+        "--nproc_per_node",
+        "--nproc-per-node",
+        type=int,
+        default=1,
+        metavar="N",
         help="processes the run will have on this machine (torchrun's --nproc_per_node): predicts each one's memory",
-    )  # fmt: skip
+    )
     parser.add_argument(
         "overrides",
         nargs="*",

@@ -129,8 +129,13 @@ class ConfigGraph:
             final, target = nxt, self.config[nxt]
         ck = str(target.get("component_key"))
         # an unknown component_key is reported where that component is defined
-        return Pending(ck, str(target.get("variant_key")), str(name), known=ck in self.registry.component_keys(),
-                       refers_to=str(final))  # fmt: skip
+        return Pending(
+            ck,
+            str(target.get("variant_key")),
+            str(name),
+            known=ck in self.registry.component_keys(),
+            refers_to=str(final),
+        )
 
     def _check_component(self, comp: dict, path: str, problems: list[Problem]) -> Pending:
         ck, vk = comp.get("component_key"), comp.get("variant_key")

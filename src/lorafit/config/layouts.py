@@ -171,5 +171,7 @@ def adapters_from_checkpoint(graph: ConfigGraph) -> bool:
             return False
         return node.variant_key == "lora" or has_lora(getattr(node.config, "model", None))
 
-    return any(p.variant_key == "checkpointed" and has_lora(getattr(p.config, "model", None))
-               for p in graph.components.values())  # fmt: skip
+    return any(
+        p.variant_key == "checkpointed" and has_lora(getattr(p.config, "model", None))
+        for p in graph.components.values()
+    )

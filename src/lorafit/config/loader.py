@@ -62,8 +62,12 @@ def _node_env(name: str) -> int:
 
 
 def _register_resolvers() -> None:
-    resolvers = (("cuda_env", _cuda_env), ("lorafit_env", _lorafit_env), ("modalities_env", _lorafit_env),
-                 ("node_env", _node_env))  # fmt: skip
+    resolvers = (
+        ("cuda_env", _cuda_env),
+        ("lorafit_env", _lorafit_env),
+        ("modalities_env", _lorafit_env),
+        ("node_env", _node_env),
+    )
     for name, fn in resolvers:
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_resolver(name, fn)
@@ -149,9 +153,14 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
             problems.append(Problem("", f"override {item!r} is not key.path=value"))
             continue
         if not _has_key(data, key.strip()):
-            problems.append(Problem(key.strip(), f"override {item!r}: no such key in the config{_suggest(data, key)} "
-                                                 "(only existing keys, or new keys of a component's config, which its "
-                                                 "component checks, can be set)"))  # fmt: skip
+            problems.append(
+                Problem(
+                    key.strip(),
+                    f"override {item!r}: no such key in the config{_suggest(data, key)} "
+                    "(only existing keys, or new keys of a component's config, which its "
+                    "component checks, can be set)",
+                )
+            )
     if problems:
         raise ConfigError("", problems=problems)
     try:

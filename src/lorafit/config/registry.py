@@ -41,8 +41,9 @@ class Pending:
     problem is reported where it is, so a field expecting some kind of component does not report it again.
     """
 
-    def __init__(self, component_key: str, variant_key: str, path: str, *, known: bool = True,
-                 refers_to: str | None = None):  # fmt: skip
+    def __init__(
+        self, component_key: str, variant_key: str, path: str, *, known: bool = True, refers_to: str | None = None
+    ):
         self.component_key = component_key
         self.variant_key = variant_key
         self.path = path

@@ -138,10 +138,12 @@ def num_steps(settings: RunSettings, world_size: int, num_samples: int | None = 
             raise ValueError("an epoch target needs the number of training samples")
         per_epoch = num_samples // global_batch
         if per_epoch < 1:
-            raise UserError(f"num_target_epochs: the training data has {num_samples:,} samples, fewer than one global "
-                            f"batch of {global_batch} (micro batch {sp.local_train_micro_batch_size} x accumulation "
-                            f"{sp.gradient_accumulation_steps} x {world_size} processes)",
-                            field="settings.training_target.num_target_epochs")  # fmt: skip
+            raise UserError(
+                f"num_target_epochs: the training data has {num_samples:,} samples, fewer than one global "
+                f"batch of {global_batch} (micro batch {sp.local_train_micro_batch_size} x accumulation "
+                f"{sp.gradient_accumulation_steps} x {world_size} processes)",
+                field="settings.training_target.num_target_epochs",
+            )
         return max(1, int(target.num_target_epochs * per_epoch + 1e-9))  # 2.3 x 10 is 22.999...96 in floats
     return max(1, target.num_target_tokens // (global_batch * sp.sequence_length))
 
@@ -154,27 +156,38 @@ def describe_steps(settings: RunSettings, num_samples: int | None, world_sizes: 
     epochs = target.num_target_epochs
     known = epochs is None or (num_samples is not None and num_samples >= micro * accum)
     steps = f"{num_steps(settings, 1, num_samples):,}" if known else "counted from the data at the start of the run"
-    lines = [f"steps: {steps} (one process); tokens per step per process: {micro * accum * seq} = micro batch "
-             f"{micro} x accumulation {accum} x sequence {seq} (global batch: micro batch x accumulation x "
-             "processes)"]  # fmt: skip
+    lines = [
+        f"steps: {steps} (one process); tokens per step per process: {micro * accum * seq} = micro batch "
+        f"{micro} x accumulation {accum} x sequence {seq} (global batch: micro batch x accumulation x "
+        "processes)"
+    ]
     if target.num_target_steps is not None:
         return lines[0]
     if epochs is None:
         more = ", ".join(f"{w} processes: {num_steps(settings, w):,}" for w in world_sizes)
-        lines.append(f"  num_target_tokens {target.num_target_tokens:,}: steps = tokens // (tokens per step per "
-                     f"process x processes); {more}")  # fmt: skip
+        lines.append(
+            f"  num_target_tokens {target.num_target_tokens:,}: steps = tokens // (tokens per step per "
+            f"process x processes); {more}"
+        )
         return "\n".join(lines)
-    lines.append(f"  num_target_epochs {epochs:g}: an epoch shows every training sample once (a sample: a packed "
-                 "block of conversations or text, or one conversation without packing); steps = floor(epochs x "
-                 "(samples // global batch)); samples that do not fill a last global batch are left out of that "
-                 "epoch (a different tail each epoch)")  # fmt: skip
+    lines.append(
+        f"  num_target_epochs {epochs:g}: an epoch shows every training sample once (a sample: a packed "
+        "block of conversations or text, or one conversation without packing); steps = floor(epochs x "
+        "(samples // global batch)); samples that do not fill a last global batch are left out of that "
+        "epoch (a different tail each epoch)"
+    )
     if num_samples is None:
-        lines.append("  the data is not tokenized yet, so the samples are not counted (`lorafit data preview "
-                     "--config ...` tokenizes it and shows them)")  # fmt: skip
+        lines.append(
+            "  the data is not tokenized yet, so the samples are not counted (`lorafit data preview "
+            "--config ...` tokenizes it and shows them)"
+        )
         return "\n".join(lines)
-    counts = [f"{w} process{'es' if w > 1 else ''}: {num_samples // (micro * accum * w):,} steps per epoch, "
-              f"{num_steps(settings, w, num_samples):,} in all"
-              for w in (1, *world_sizes) if num_samples >= micro * accum * w]  # fmt: skip
+    counts = [
+        f"{w} process{'es' if w > 1 else ''}: {num_samples // (micro * accum * w):,} steps per epoch, "
+        f"{num_steps(settings, w, num_samples):,} in all"
+        for w in (1, *world_sizes)
+        if num_samples >= micro * accum * w
+    ]
     lines.append(f"  {num_samples:,} training samples (the tokenized cache as it is now): {'; '.join(counts)}")
     return "\n".join(lines)
 

@@ -40,8 +40,10 @@ class _StrictLoader(yaml.SafeLoader):
         try:
             if self._depth > MAX_DEPTH:
                 mark = self.peek_event().start_mark
-                raise ConfigError(f"{self.source}: line {mark.line + 1}: the document is nested more than {MAX_DEPTH} "
-                                  "levels deep; a config needs far fewer")  # fmt: skip
+                raise ConfigError(
+                    f"{self.source}: line {mark.line + 1}: the document is nested more than {MAX_DEPTH} "
+                    "levels deep; a config needs far fewer"
+                )
             return super().compose_node(parent, index)
         finally:
             self._depth -= 1
@@ -93,13 +95,19 @@ def _check_expansion(root: Node, path: Path) -> None:
             on_path.discard(key)
             if size[key] > MAX_VALUES:
                 if aliased:
-                    raise ConfigError(f"{path}: line {_line(node)}: this value expands to more than {MAX_VALUES:,} "
-                                      "values through aliases (*name): refused")  # fmt: skip
-                raise ConfigError(f"{path}: line {_line(node)}: too many values (more than {MAX_VALUES:,}; a run "
-                                  "config holds hundreds): refused")  # fmt: skip
+                    raise ConfigError(
+                        f"{path}: line {_line(node)}: this value expands to more than {MAX_VALUES:,} "
+                        "values through aliases (*name): refused"
+                    )
+                raise ConfigError(
+                    f"{path}: line {_line(node)}: too many values (more than {MAX_VALUES:,}; a run "
+                    "config holds hundreds): refused"
+                )
             if depth[key] > MAX_DEPTH:
-                raise ConfigError(f"{path}: line {_line(node)}: this value nests more than {MAX_DEPTH} levels deep "
-                                  "once its aliases (*name) are expanded")  # fmt: skip
+                raise ConfigError(
+                    f"{path}: line {_line(node)}: this value nests more than {MAX_DEPTH} levels deep "
+                    "once its aliases (*name) are expanded"
+                )
             continue
         if key in size:
             aliased = True
@@ -129,6 +137,8 @@ def _check_duplicate_keys(root: Node, path: Path) -> None:
                 label = f"{where}.{key_node.value}" if where else key_node.value
                 earlier = first.setdefault((key_node.tag, key_node.value), key_node)
                 if earlier is not key_node:
-                    raise ConfigError(f"{path}: {label}: the key '{key_node.value}' is given twice, at line "
-                                      f"{_line(earlier)} and line {_line(key_node)}; keep one")  # fmt: skip
+                    raise ConfigError(
+                        f"{path}: {label}: the key '{key_node.value}' is given twice, at line "
+                        f"{_line(earlier)} and line {_line(key_node)}; keep one"
+                    )
                 stack.append((value_node, label))

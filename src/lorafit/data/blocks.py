@@ -86,13 +86,17 @@ class PackPlan:
         return self.docs[a:z], self.lengths[a:z]
 
     def summary(self, name: str) -> str:
-        parts = [f"{name}: {self.total - self.dropped_too_long - self.dropped_untrained:,} conversations packed whole "
-                 f"into {self.num_blocks:,} blocks of {self.capacity} tokens, packing efficiency "
-                 f"{100 * self.efficiency:.1f}% (real tokens / block tokens)"]  # fmt: skip
+        parts = [
+            f"{name}: {self.total - self.dropped_too_long - self.dropped_untrained:,} conversations packed whole "
+            f"into {self.num_blocks:,} blocks of {self.capacity} tokens, packing efficiency "
+            f"{100 * self.efficiency:.1f}% (real tokens / block tokens)"
+        ]
         if self.too_long:
             action = "truncated to it" if self.truncated else "dropped (too_long: drop)"
-            parts.append(f"{self.too_long:,} of {self.total:,} longer than sequence_length + 1 = {self.capacity + 1} "
-                         f"tokens were {action}")  # fmt: skip
+            parts.append(
+                f"{self.too_long:,} of {self.total:,} longer than sequence_length + 1 = {self.capacity + 1} "
+                f"tokens were {action}"
+            )
         if self.dropped_untrained:
             parts.append(f"{self.dropped_untrained:,} had no answer token (left out)")
         return "; ".join(parts)
@@ -120,11 +124,17 @@ def plan_conversations(token_counts: np.ndarray, trained_within, capacity: int, 
     docs = np.fromiter((kept[i] for b in bins for i in b), dtype=np.int64, count=len(kept))
     sizes = np.fromiter((len(b) for b in bins), dtype=np.int64, count=len(bins))
     n_over = int(over.sum())
-    return PackPlan(docs=docs, lengths=lengths[docs], block_offsets=np.concatenate([[0], np.cumsum(sizes)]),
-                    capacity=capacity, total=len(positions), too_long=n_over,
-                    truncated=n_over if too_long == "truncate" else 0,
-                    dropped_too_long=n_over if too_long == "drop" else 0,
-                    dropped_untrained=int(untrained.sum()))  # fmt: skip
+    return PackPlan(
+        docs=docs,
+        lengths=lengths[docs],
+        block_offsets=np.concatenate([[0], np.cumsum(sizes)]),
+        capacity=capacity,
+        total=len(positions),
+        too_long=n_over,
+        truncated=n_over if too_long == "truncate" else 0,
+        dropped_too_long=n_over if too_long == "drop" else 0,
+        dropped_untrained=int(untrained.sum()),
+    )
 
 
 def positions_and_boundaries(offsets: np.ndarray, start: int, length: int) -> tuple[np.ndarray, np.ndarray]:

@@ -54,8 +54,10 @@ def conversation(record: dict[str, Any], where: str) -> list[dict[str, Any]]:
         if "system" in record:
             messages.insert(0, {"role": "system", "content": check_string(record["system"], where, "'system'")})
     else:
-        raise UserError(f"{where}: an instruction record needs 'messages' or 'prompt'/'response' (it has: "
-                        f"{', '.join(record) or 'none'})")  # fmt: skip
+        raise UserError(
+            f"{where}: an instruction record needs 'messages' or 'prompt'/'response' (it has: "
+            f"{', '.join(record) or 'none'})"
+        )
     if not any(m["role"] == "assistant" for m in messages):
         raise UserError(f"{where}: no 'assistant' message, so nothing to train on")
     return messages

@@ -113,9 +113,11 @@ def use_template(tokenizer: Any, value: str | None, *, field: str | None = None)
     tokenizer.chat_template = text
     missing = [m for m in MARKERS.get(str(value), ()) if m not in tokenizer.get_vocab()]
     if missing:
-        info(f"chat template {value}: {', '.join(missing)} are not tokens of this tokenizer, so they are trained as "
-             "several ordinary tokens each, and generation stops only at the tokenizer's EOS "
-             f"({tokenizer.eos_token!r}); `plain` closes each answer with that EOS token")  # fmt: skip
+        info(
+            f"chat template {value}: {', '.join(missing)} are not tokens of this tokenizer, so they are trained as "
+            "several ordinary tokens each, and generation stops only at the tokenizer's EOS "
+            f"({tokenizer.eos_token!r}); `plain` closes each answer with that EOS token"
+        )
     return tokenizer
 
 
@@ -132,8 +134,9 @@ def default_system_prompt(tokenizer: Any) -> str | None:
         return None
     user = [{"role": "user", "content": _PROBE_USER}]
     try:
-        with_system = tokenizer.apply_chat_template([{"role": "system", "content": _PROBE_SYSTEM}, *user],
-                                                    tokenize=False)  # fmt: skip
+        with_system = tokenizer.apply_chat_template(
+            [{"role": "system", "content": _PROBE_SYSTEM}, *user], tokenize=False
+        )
         without = tokenizer.apply_chat_template(user, tokenize=False)
     except Exception:  # a template that refuses this shape (e.g. system messages): no default to report
         return None

@@ -28,10 +28,23 @@ RecordFormat = Literal["auto", "text", "instruction", "messages", "prompt_respon
 FORMATS: tuple[str, ...] = ("auto", "text", "instruction", "messages", "prompt_response", "sharegpt", "alpaca")
 INSTRUCTION_FORMATS = ("messages", "sharegpt", "alpaca", "prompt_response")
 # ShareGPT speakers -> chat roles (the names used by ShareGPT dumps, Vicuna, SlimOrca, OpenHermes, LLaMA-Factory)
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
-                  "bard": "assistant", "bing": "assistant", "model": "assistant", "system": "system"}  # fmt: skip
-_KEYS = {"messages": ("messages",), "sharegpt": ("conversations",), "alpaca": ("instruction", "output"),
-         "prompt_response": ("prompt", "response")}  # fmt: skip
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "bard": "assistant",
+    "bing": "assistant",
+    "model": "assistant",
+    "system": "system",
+}
+_KEYS = {
+    "messages": ("messages",),
+    "sharegpt": ("conversations",),
+    "alpaca": ("instruction", "output"),
+    "prompt_response": ("prompt", "response"),
+}
 
 
 def kind_of(fmt: str) -> str:
@@ -102,8 +115,10 @@ class FormatReader:
         record = apply_columns(record, self.columns, where)
         if self.text_field not in record:
             fields = ", ".join(f"'{k}'" for k in record) or "none"
-            raise UserError(f"{where}: no '{self.text_field}' field (the record's fields: {fields}); name the text "
-                            "field with text_field / --jsonl_field, or map it with `columns`")  # fmt: skip
+            raise UserError(
+                f"{where}: no '{self.text_field}' field (the record's fields: {fields}); name the text "
+                "field with text_field / --jsonl_field, or map it with `columns`"
+            )
         return check_string(record[self.text_field], where, f"field '{self.text_field}'")
 
     def describe(self) -> str:
@@ -141,8 +156,10 @@ class FormatReader:
 def _sharegpt(record: dict[str, Any], where: str) -> list[dict[str, Any]]:
     turns = record["conversations"]
     if not isinstance(turns, list) or not turns:
-        raise UserError(f"{where}: 'conversations' must be a non-empty array of {{from, value}} objects, got "
-                        f"{json_type_name(turns)}")  # fmt: skip
+        raise UserError(
+            f"{where}: 'conversations' must be a non-empty array of {{from, value}} objects, got "
+            f"{json_type_name(turns)}"
+        )
     messages = []
     if record.get("system") not in (None, ""):
         messages.append({"role": "system", "content": check_string(record["system"], where, "'system'")})
@@ -155,8 +172,9 @@ def _sharegpt(record: dict[str, Any], where: str) -> list[dict[str, Any]]:
                 raise UserError(f"{where}: conversations[{i}] has no '{key}' (it has: {', '.join(turn) or 'none'})")
         speaker = check_string(turn[speaker_key], where, f"conversations[{i}].{speaker_key}")
         if speaker.lower() not in SHAREGPT_ROLES:
-            raise UserError(f"{where}: conversations[{i}].{speaker_key} is '{speaker}'; valid: "
-                            f"{', '.join(SHAREGPT_ROLES)}")  # fmt: skip
+            raise UserError(
+                f"{where}: conversations[{i}].{speaker_key} is '{speaker}'; valid: {', '.join(SHAREGPT_ROLES)}"
+            )
         content = check_string(turn[text_key], where, f"conversations[{i}].{text_key}")
         messages.append({"role": SHAREGPT_ROLES[speaker.lower()], "content": content})
     return conversation({"messages": messages}, where)

@@ -96,8 +96,15 @@ def check_string(value: Any, where: str, what: str) -> str:
     return value
 
 
-DATASETS_SUFFIXES = {".csv": "csv", ".tsv": "csv", ".parquet": "parquet", ".arrow": "arrow", ".json": "json",
-                     ".jsonl": "json", ".ndjson": "json"}  # fmt: skip
+DATASETS_SUFFIXES = {
+    ".csv": "csv",
+    ".tsv": "csv",
+    ".parquet": "parquet",
+    ".arrow": "arrow",
+    ".json": "json",
+    ".jsonl": "json",
+    ".ndjson": "json",
+}
 
 
 def check_local(path: Path, field: str | None = None) -> Path:
@@ -106,9 +113,12 @@ def check_local(path: Path, field: str | None = None) -> Path:
         return path
     text = str(path)
     if text.count("/") == 1 and not text.startswith((".", "/", "~")) and not path.suffix:
-        raise UserError(f"{text}: not a local file or folder. lorafit reads no dataset hub at run time; download it "
-                        f"once (e.g. `datasets.load_dataset('{text}').save_to_disk('data/{path.name}')`) and give "
-                        "that folder", field=field)  # fmt: skip
+        raise UserError(
+            f"{text}: not a local file or folder. lorafit reads no dataset hub at run time; download it "
+            f"once (e.g. `datasets.load_dataset('{text}').save_to_disk('data/{path.name}')`) and give "
+            "that folder",
+            field=field,
+        )
     raise UserError(f"{'input ' if field is None else ''}file not found: {path}", field=field)
 
 
@@ -224,17 +234,26 @@ def _load_local(datasets: Any, path: Path, split: str | None):
         else:
             builder = DATASETS_SUFFIXES.get(path.suffix.lower())
             if builder is None:
-                raise UserError(f"{path}: unknown file type '{path.suffix}'; valid: .txt, "
-                                f"{', '.join(sorted(DATASETS_SUFFIXES))} or a save_to_disk folder")  # fmt: skip
+                raise UserError(
+                    f"{path}: unknown file type '{path.suffix}'; valid: .txt, "
+                    f"{', '.join(sorted(DATASETS_SUFFIXES))} or a save_to_disk folder"
+                )
             extra = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
-            loaded = datasets.load_dataset(builder, data_files=str(path), split="train",
-                                           cache_dir=str(cache_root() / "hf_datasets"), **extra)  # fmt: skip
+            loaded = datasets.load_dataset(
+                builder, data_files=str(path), split="train", cache_dir=str(cache_root() / "hf_datasets"), **extra
+            )
     except UserError:
         raise
     # KeyError / TypeError: a save_to_disk folder whose state.json or dataset_info.json is damaged (only
     # datasets' own calls are in this block, so these are the files' fault, not lorafit's)
-    except (FileNotFoundError, ValueError, OSError, KeyError, TypeError,
-            datasets.exceptions.DatasetGenerationError) as e:  # fmt: skip
+    except (
+        FileNotFoundError,
+        ValueError,
+        OSError,
+        KeyError,
+        TypeError,
+        datasets.exceptions.DatasetGenerationError,
+    ) as e:
         cause = e.__cause__ or e
         raise UserError(f"{path}: cannot read it with `datasets`: {type(cause).__name__}: {cause}") from None
     if isinstance(loaded, datasets.DatasetDict):
@@ -242,8 +261,11 @@ def _load_local(datasets: Any, path: Path, split: str | None):
         if split is None and len(splits) == 1:
             split = splits[0]
         if split not in loaded:
-            raise UserError(f"{path}: a saved dataset with splits {', '.join(splits)}; choose one with `split`"
-                            + (f" ('{split}' is not one)" if split else ""), field="split")  # fmt: skip
+            raise UserError(
+                f"{path}: a saved dataset with splits {', '.join(splits)}; choose one with `split`"
+                + (f" ('{split}' is not one)" if split else ""),
+                field="split",
+            )
         loaded = loaded[split]
     elif split not in (None, "train"):
         raise UserError(f"{path}: has no splits, so split '{split}' cannot be chosen", field="split")

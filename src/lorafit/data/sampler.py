@@ -65,8 +65,10 @@ class ResumableSampler(Sampler[int]):
         self.global_batch_size = global_batch_size
         if epoch_length is not None:
             if epoch_length % world_size or not 0 < epoch_length <= self.dataset_len:
-                raise ValueError(f"epoch_length {epoch_length}: a multiple of world_size {world_size}, "
-                                 f"at most the {self.dataset_len} samples")  # fmt: skip
+                raise ValueError(
+                    f"epoch_length {epoch_length}: a multiple of world_size {world_size}, "
+                    f"at most the {self.dataset_len} samples"
+                )
             self.epoch_length = epoch_length
         elif drop_last:
             self.epoch_length = self.dataset_len // unit * unit
@@ -128,8 +130,13 @@ class ResumableSampler(Sampler[int]):
         return self.epoch * self.epoch_length + self.consumed
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "consumed": self.consumed, "seed": self.seed, "dataset_len": self.dataset_len,
-                "shuffle": self.shuffle}  # fmt: skip
+        return {
+            "epoch": self.epoch,
+            "consumed": self.consumed,
+            "seed": self.seed,
+            "dataset_len": self.dataset_len,
+            "shuffle": self.shuffle,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume from `state_dict()`; a different dataset, seed or shuffle would silently change the data: refuse."""

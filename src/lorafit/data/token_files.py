@@ -204,9 +204,11 @@ def _pack_instruction(records, reader: FormatReader, tokenizer, writer: _Writer,
 
 
 def no_template_message(tokenizer) -> str:
-    return (f"conversations need a chat template, and the tokenizer ({tokenizer.name_or_path}) has none: name one "
-            "with the tokenizer's chat_template (chatml, llama3, plain for a base model, or a Jinja file; "
-            "--chat_template on the command line)")  # fmt: skip
+    return (
+        f"conversations need a chat template, and the tokenizer ({tokenizer.name_or_path}) has none: name one "
+        "with the tokenizer's chat_template (chatml, llama3, plain for a base model, or a Jinja file; "
+        "--chat_template on the command line)"
+    )
 
 
 def say_default_system_prompt(tokenizer, without_system: int) -> None:
@@ -214,17 +216,21 @@ def say_default_system_prompt(tokenizer, without_system: int) -> None:
     default = default_system_prompt(tokenizer) if without_system else None
     if default:
         shown = default if len(default) <= 120 else default[:117] + "..."
-        info(f"the chat template adds its default system prompt {shown!r} to the {without_system:,} conversations "
-             "without a system message (give them one, or choose another template with the tokenizer's "
-             "chat_template)")  # fmt: skip
+        info(
+            f"the chat template adds its default system prompt {shown!r} to the {without_system:,} conversations "
+            "without a system message (give them one, or choose another template with the tokenizer's "
+            "chat_template)"
+        )
 
 
 def open_records(source: RecordSource, reader: FormatReader):
     """(the format, the records from the first on); an empty source is an error."""
     if source.is_text_file:
         if reader.requested not in ("auto", "text"):
-            raise UserError(f"{source.path}: a .txt file is plain text; format '{reader.requested}' needs JSON Lines "
-                            "or a table (one record per line or row)")  # fmt: skip
+            raise UserError(
+                f"{source.path}: a .txt file is plain text; format '{reader.requested}' needs JSON Lines "
+                "or a table (one record per line or row)"
+            )
         reader.fmt, reader.detected = "text", "a .txt file"
         return "text", source.text_documents()
     records = source.records()
@@ -277,8 +283,17 @@ def pack_file(
         if len(writer.offsets) == 1:
             raise UserError(f"{source.path}: no documents (the file is empty or has only blank lines)")
         info(f"{source.path}: format {reader.describe()}")
-        packed = PackedInfo(prefix, kind, writer.offsets[-1], len(writer.offsets) - 1, writer.trained, dtype.name,
-                            vocab_size, skipped, fmt)  # fmt: skip
+        packed = PackedInfo(
+            prefix,
+            kind,
+            writer.offsets[-1],
+            len(writer.offsets) - 1,
+            writer.trained,
+            dtype.name,
+            vocab_size,
+            skipped,
+            fmt,
+        )
         writer.commit(_meta(packed, writer.offsets, tokenizer, source.path, jsonl_field if kind == "text" else None))
     except BaseException:
         writer.abort()
@@ -341,8 +356,10 @@ class PackedTokens:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise UserError(f"{paths['.json']}: not a packed-data index ({e})") from None
         if self.meta.get("format_version") != FORMAT_VERSION:
-            raise UserError(f"{paths['.json']}: format_version {self.meta.get('format_version')!r}, expected "
-                            f"{FORMAT_VERSION}; pack the data again")  # fmt: skip
+            raise UserError(
+                f"{paths['.json']}: format_version {self.meta.get('format_version')!r}, expected "
+                f"{FORMAT_VERSION}; pack the data again"
+            )
         self.dtype = np.dtype(self.meta["dtype"])
         self.num_tokens = int(self.meta["num_tokens"])
         self.tokens = self._map(paths[".bin"], self.dtype)

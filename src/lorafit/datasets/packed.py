@@ -95,8 +95,11 @@ class PackedDataset(_PackedBase):
     def _prepare(self) -> None:
         seq = self.sequence_length
         if self._data.num_tokens < seq + 1:
-            raise UserError(f"{self.prefix}.bin has {self._data.num_tokens} tokens, fewer than one block of "
-                            f"sequence_length + 1 = {seq + 1}", field="sequence_length")  # fmt: skip
+            raise UserError(
+                f"{self.prefix}.bin has {self._data.num_tokens} tokens, fewer than one block of "
+                f"sequence_length + 1 = {seq + 1}",
+                field="sequence_length",
+            )
 
     def __len__(self) -> int:
         return (self.data.num_tokens - 1) // self._seq()
@@ -132,13 +135,17 @@ class InstructionDataset(_PackedBase):
         cut = int(np.count_nonzero(data.offsets[1:] - starts > seq + 1))
         dropped = len(starts) - len(self._keep)
         if cut:
-            warn(f"{self.prefix}: {cut} of {len(starts)} conversations are longer than sequence_length + 1 = "
-                 f"{seq + 1} tokens and are cut")  # fmt: skip
+            warn(
+                f"{self.prefix}: {cut} of {len(starts)} conversations are longer than sequence_length + 1 = "
+                f"{seq + 1} tokens and are cut"
+            )
         if dropped:
             warn(f"{self.prefix}: {dropped} conversations have no answer token within sequence_length and are left out")
         if not len(self._keep):
-            raise UserError(f"{self.prefix}: no conversation has an answer token within the first {seq} tokens",
-                            field="sequence_length")  # fmt: skip
+            raise UserError(
+                f"{self.prefix}: no conversation has an answer token within the first {seq} tokens",
+                field="sequence_length",
+            )
 
     def __len__(self) -> int:
         self._seq()
@@ -178,8 +185,10 @@ class PackedInstructionDataset(_PackedBase):
         self.plan = plan_conversations(np.diff(data.offsets), trained_within, seq, self.too_long)
         if not self.plan.num_blocks:
             hint = " (too_long: drop; try sequence_length or too_long: truncate)" if self.plan.too_long else ""
-            raise UserError(f"{self.prefix}: no conversation with an answer token fits a block of {seq} tokens{hint}",
-                            field="sequence_length")  # fmt: skip
+            raise UserError(
+                f"{self.prefix}: no conversation with an answer token fits a block of {seq} tokens{hint}",
+                field="sequence_length",
+            )
         message = self.plan.summary(str(self.prefix))
         (warn if self.plan.too_long or self.plan.dropped_untrained else info)(message)
 

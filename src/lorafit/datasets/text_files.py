@@ -90,14 +90,21 @@ def tokenizer_fingerprint(tokenizer: Any) -> dict[str, Any]:
     definition = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
     special = {k: str(v) for k, v in sorted(getattr(tokenizer, "special_tokens_map", {}).items())}
     template = getattr(tokenizer, "chat_template", None)
-    return {"tokenizer_sha256": _sha256(definition + json.dumps(special)), "vocab_size": len(tokenizer),
-            "chat_template_sha256": _sha256(json.dumps(template, sort_keys=True)) if template else None}  # fmt: skip
+    return {
+        "tokenizer_sha256": _sha256(definition + json.dumps(special)),
+        "vocab_size": len(tokenizer),
+        "chat_template_sha256": _sha256(json.dumps(template, sort_keys=True)) if template else None,
+    }
 
 
 def _fingerprint(source: Path, tokenizer: Any, spec: dict[str, Any]) -> dict[str, Any]:
-    return {"written_by": CACHE_MARK, "source_path": str(source.resolve()), **spec,
-            "content_sha256": RecordSource(source, spec.get("split")).fingerprint(),
-            **tokenizer_fingerprint(tokenizer)}  # fmt: skip
+    return {
+        "written_by": CACHE_MARK,
+        "source_path": str(source.resolve()),
+        **spec,
+        "content_sha256": RecordSource(source, spec.get("split")).fingerprint(),
+        **tokenizer_fingerprint(tokenizer),
+    }
 
 
 def _read_json(path: Path) -> Any:
@@ -141,11 +148,17 @@ def check_cache_owner(source: Path, prefix: Path) -> None:
     else:
         index = _read_json(_file(prefix, ".json"))
         packed = isinstance(index, dict) and isinstance(index.get("source"), dict)
-        why = (f"they are a `lorafit data pack` output of {index['source'].get('path')}" if packed
-               else "lorafit did not write them")  # fmt: skip
+        why = (
+            f"they are a `lorafit data pack` output of {index['source'].get('path')}"
+            if packed
+            else "lorafit did not write them"
+        )
     names = ", ".join(p.name for p in existing)
-    raise UserError(f"{prefix} holds {names}, which the dataset cache may not replace ({why}); choose another "
-                    f"cache_path (or delete those files yourself)", field="cache_path")  # fmt: skip
+    raise UserError(
+        f"{prefix} holds {names}, which the dataset cache may not replace ({why}); choose another "
+        f"cache_path (or delete those files yourself)",
+        field="cache_path",
+    )
 
 
 def ensure_packed(source: Path, tokenizer: Any, prefix: Path, spec: dict[str, Any]) -> Path:
@@ -195,9 +208,18 @@ def _pack_if_stale(source: Path, tokenizer: Any, prefix: Path, spec: dict[str, A
         prefix.parent.mkdir(parents=True, exist_ok=True)
         # claim the prefix before writing: a pack interrupted from here on still leaves files known to be ours
         _write_stamp(prefix, {"written_by": CACHE_MARK, "source_path": str(source.resolve()), "state": "packing"})
-        pack_file(source, tokenizer, prefix, jsonl_field=spec.get("text_field") or "text", fmt=spec["format"],
-                  columns=spec.get("columns"), split=spec.get("split"), overwrite=True, progress=is_main_rank(),
-                  replace_checked=True)  # fmt: skip
+        pack_file(
+            source,
+            tokenizer,
+            prefix,
+            jsonl_field=spec.get("text_field") or "text",
+            fmt=spec["format"],
+            columns=spec.get("columns"),
+            split=spec.get("split"),
+            overwrite=True,
+            progress=is_main_rank(),
+            replace_checked=True,
+        )
         _write_stamp(prefix, {**_fingerprint(source, tokenizer, spec), "index": _index_stat(prefix)})
     except OSError as error:  # a read-only or full cache location: the user's to change, named by its YAML key
         reason = describe_storage_error(error) if storage_error(error) else str(error)
@@ -231,8 +253,12 @@ def build_cached(source: Path, tokenizer: Any, prefix: Path, spec: dict[str, Any
 def _spec(config: RawTextConfig | RawInstructionConfig) -> dict[str, Any]:
     if isinstance(config, RawTextConfig):
         return {"format": "text", "text_field": config.jsonl_field, "columns": None, "split": None}
-    return {"format": "instruction" if config.format == "auto" else config.format, "text_field": None,
-            "columns": config.columns, "split": None}  # fmt: skip
+    return {
+        "format": "instruction" if config.format == "auto" else config.format,
+        "text_field": None,
+        "columns": config.columns,
+        "split": None,
+    }
 
 
 def _build(config: RawTextConfig | RawInstructionConfig, kind: str, make: Any) -> Any:
@@ -240,8 +266,9 @@ def _build(config: RawTextConfig | RawInstructionConfig, kind: str, make: Any) -
     if not source.is_file():
         raise UserError(f"{source} is a folder: give a file, or read the folder with dataset/hf_datasets", field="path")
     prefix = cache_prefix(source, config.cache_path, kind)
-    return build_cached(source, config.tokenizer, prefix, _spec(config),
-                        lambda prefix, _kind: make(prefix, config.sequence_length))  # fmt: skip
+    return build_cached(
+        source, config.tokenizer, prefix, _spec(config), lambda prefix, _kind: make(prefix, config.sequence_length)
+    )
 
 
 @register_component("dataset", "text", RawTextConfig)

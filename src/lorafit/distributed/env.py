@@ -105,12 +105,16 @@ def _rendezvous(rank: int, world_size: int) -> dist.TCPStore:
     addr, port = os.environ["MASTER_ADDR"], _int_env("MASTER_PORT", 0)
     timeout = _int_env(RENDEZVOUS_TIMEOUT_ENV, 120)
     role = "to join this process" if rank == 0 else f"at the rank-0 process, {addr}:{port}"
-    info(f"WORLD_SIZE={world_size} RANK={rank} MASTER_ADDR={addr} MASTER_PORT={port} are set (not by torchrun): "
-         f"waiting up to {timeout} s for the other {world_size - 1} process(es) {role} "
-         f"({RENDEZVOUS_TIMEOUT_ENV} changes the wait)", all_ranks=True)  # fmt: skip
+    info(
+        f"WORLD_SIZE={world_size} RANK={rank} MASTER_ADDR={addr} MASTER_PORT={port} are set (not by torchrun): "
+        f"waiting up to {timeout} s for the other {world_size - 1} process(es) {role} "
+        f"({RENDEZVOUS_TIMEOUT_ENV} changes the wait)",
+        all_ranks=True,
+    )
     try:
-        return dist.TCPStore(addr, port, world_size, is_master=rank == 0, timeout=timedelta(seconds=timeout),
-                             wait_for_workers=True)  # fmt: skip
+        return dist.TCPStore(
+            addr, port, world_size, is_master=rank == 0, timeout=timedelta(seconds=timeout), wait_for_workers=True
+        )
     except (RuntimeError, ValueError) as error:  # DistStoreError / DistNetworkError are RuntimeErrors
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserError(
@@ -129,8 +133,13 @@ def current_env() -> DistEnv:
     backend = dist.get_backend()
     device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
     rank = dist.get_rank()
-    return DistEnv(rank=rank, local_rank=_int_env("LOCAL_RANK", rank), world_size=dist.get_world_size(),
-                   device=device, backend=backend)  # fmt: skip
+    return DistEnv(
+        rank=rank,
+        local_rank=_int_env("LOCAL_RANK", rank),
+        world_size=dist.get_world_size(),
+        device=device,
+        backend=backend,
+    )
 
 
 def init_distributed(device: str | None = None) -> DistEnv:

@@ -122,8 +122,10 @@ class Strategy:
         c, plan = self.config, self._plan
         precision = plan.precision if plan else c.mixed_precision
         compile_ = plan.compile if plan else c.compile
-        return f"{self.name} (precision {precision}, activation checkpointing {c.activation_checkpointing}, " \
-               f"compile {compile_})"  # fmt: skip
+        return (
+            f"{self.name} (precision {precision}, activation checkpointing {c.activation_checkpointing}, "
+            f"compile {compile_})"
+        )
 
 
 class DDPStrategy(Strategy):

@@ -63,6 +63,8 @@ def resolve_precision(
             info(f"mixed_precision auto: {best} ({why})")
         return best, f"auto: {why}"
     if asked == "bf16" and best == "fp32" and device.type == "cpu":
-        warn(f"mixed_precision: bf16 trains slower than fp32 here ({why}; measured 0.62x the tokens/s on an "
-             "AVX512-BF16 Xeon): set mixed_precision: fp32, or auto to pick the fastest")  # fmt: skip
+        warn(
+            f"mixed_precision: bf16 trains slower than fp32 here ({why}; measured 0.62x the tokens/s on an "
+            "AVX512-BF16 Xeon): set mixed_precision: fp32, or auto to pick the fastest"
+        )
     return asked, "as set"

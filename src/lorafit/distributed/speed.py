@@ -58,9 +58,11 @@ def compile_pays(device_type: str, precision: str, tokens_per_process: int | Non
         return False, "the run's length is not known"
     need = measured.break_even_tokens
     compare = ">=" if tokens_per_process >= need else "<"
-    why = (f"{tokens_per_process:,} training tokens per process {compare} {need:,}, where compiling (~"
-           f"{measured.compile_s:.0f} s once, {measured.compiled_tokens_s / measured.eager_tokens_s:.2f}x the "
-           f"tokens/s after) pays back ({device_type} {precision}, measured on a {measured.where})")  # fmt: skip
+    why = (
+        f"{tokens_per_process:,} training tokens per process {compare} {need:,}, where compiling (~"
+        f"{measured.compile_s:.0f} s once, {measured.compiled_tokens_s / measured.eager_tokens_s:.2f}x the "
+        f"tokens/s after) pays back ({device_type} {precision}, measured on a {measured.where})"
+    )
     return tokens_per_process >= need, why
 
 
@@ -72,8 +74,10 @@ class SpeedPlan:
     compile_why: str
 
     def lines(self) -> list[str]:
-        return [f"precision: {self.precision} ({self.precision_why})",
-                f"compile: {'on' if self.compile else 'off'} ({self.compile_why})"]  # fmt: skip
+        return [
+            f"precision: {self.precision} ({self.precision_why})",
+            f"compile: {'on' if self.compile else 'off'} ({self.compile_why})",
+        ]
 
 
 def plan_speed(

@@ -71,8 +71,11 @@ def frozen_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
     """(name, layer) of `model`'s linear layers with a frozen weight, the output head excepted (it stays as
     the loss needs it): what `store_frozen_linears` and `store_nf4_linears` convert."""
     head = output_head(model)
-    return [(name, module) for name, module in model.named_modules()
-            if isinstance(module, nn.Linear) and module is not head and not module.weight.requires_grad]  # fmt: skip
+    return [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and module is not head and not module.weight.requires_grad
+    ]
 
 
 def output_head(model: nn.Module) -> nn.Module | None:

@@ -156,11 +156,17 @@ def _converted_to_original_base(model: nn.Module, tensors: dict[str, torch.Tenso
     out = dict(tensors)
     for name, layer in lora_layers(model):
         if not layer.decomposed:
-            raise ValueError(f"{canonical_name(name)} was never decomposed ({layer.init}): reset_lora_parameters "
-                             "must run once the base weights are loaded")  # fmt: skip
+            raise ValueError(
+                f"{canonical_name(name)} was never decomposed ({layer.init}): reset_lora_parameters "
+                "must run once the base weights are loaded"
+            )
         key = PREFIX + canonical_name(name)
-        a, b = converted_factors(tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"],
-                                 _full(layer.lora_init_A), _full(layer.lora_init_B))  # fmt: skip
+        a, b = converted_factors(
+            tensors[f"{key}.lora_A.weight"],
+            tensors[f"{key}.lora_B.weight"],
+            _full(layer.lora_init_A),
+            _full(layer.lora_init_B),
+        )
         out[f"{key}.lora_A.weight"], out[f"{key}.lora_B.weight"] = a.contiguous(), b.contiguous()
     return out
 
@@ -168,8 +174,11 @@ def _converted_to_original_base(model: nn.Module, tensors: dict[str, torch.Tenso
 def _check_complete(tensors: Mapping[str, torch.Tensor], shapes: dict[str, tuple[int, ...]], what: str) -> None:
     missing = sorted(set(shapes) - set(tensors))
     extra = sorted(set(tensors) - set(shapes))
-    wrong = [f"{k}: {tuple(tensors[k].shape)} instead of {shapes[k]}" for k in sorted(set(shapes) & set(tensors))
-             if tuple(tensors[k].shape) != shapes[k]]  # fmt: skip
+    wrong = [
+        f"{k}: {tuple(tensors[k].shape)} instead of {shapes[k]}"
+        for k in sorted(set(shapes) & set(tensors))
+        if tuple(tensors[k].shape) != shapes[k]
+    ]
     if missing or extra or wrong:
         raise ValueError(f"{what} does not match the model's adapters: " + _listing(missing, extra, wrong))
 
@@ -178,8 +187,11 @@ def _listing(missing: list[str], extra: list[str], wrong: list[str]) -> str:
     def cut(keys: list[str]) -> str:
         return ", ".join(keys[:8]) + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "")
 
-    parts = [f"missing keys: {cut(missing)}" if missing else "", f"unexpected keys: {cut(extra)}" if extra else "",
-             f"wrong shapes: {cut(wrong)}" if wrong else ""]  # fmt: skip
+    parts = [
+        f"missing keys: {cut(missing)}" if missing else "",
+        f"unexpected keys: {cut(extra)}" if extra else "",
+        f"wrong shapes: {cut(wrong)}" if wrong else "",
+    ]
     return "; ".join(p for p in parts if p)
 
 
@@ -252,21 +264,35 @@ def read_adapter_config(path: Path) -> dict:
     problems = []
     if config.get("peft_type", "LORA") != "LORA":
         problems.append(Problem("peft_type", f"only LORA adapters are supported, got {config.get('peft_type')!r}"))
-    problems += hyper_problems(config.get("r"), config.get("lora_alpha"), config.get("lora_dropout") or 0.0,
-                               alpha_key="lora_alpha", dropout_key="lora_dropout")  # fmt: skip
+    problems += hyper_problems(
+        config.get("r"),
+        config.get("lora_alpha"),
+        config.get("lora_dropout") or 0.0,
+        alpha_key="lora_alpha",
+        dropout_key="lora_dropout",
+    )
     targets = config.get("target_modules")
     if not (isinstance(targets, str) and targets) and not (isinstance(targets, list) and targets):
         problems.append(Problem("target_modules", f"must be a non-empty list or a regex string, got {targets!r}"))
     elif isinstance(targets, list):
         bad = [t for t in targets if not (isinstance(t, str) and _MODULE_NAME.fullmatch(t))]
         if bad:
-            problems.append(Problem("target_modules", f"items must be module names (letters, digits, '_', '.', "
-                                                      f"'-'), got {', '.join(map(repr, bad[:5]))}"))  # fmt: skip
+            problems.append(
+                Problem(
+                    "target_modules",
+                    f"items must be module names (letters, digits, '_', '.', '-'), got {', '.join(map(repr, bad[:5]))}",
+                )
+            )
     if str(config.get("init_lora_weights")).lower().startswith(DECOMPOSING_INITS):
-        problems.append(Problem("init_lora_weights", f"{config['init_lora_weights']!r}: this adapter was saved "
-                                "unconverted and only applies to the residual base it was trained on; save it "
-                                "with PEFT's path_initial_model_for_weight_conversion (or from lorafit, which "
-                                "converts) to use it on the original model"))  # fmt: skip
+        problems.append(
+            Problem(
+                "init_lora_weights",
+                f"{config['init_lora_weights']!r}: this adapter was saved "
+                "unconverted and only applies to the residual base it was trained on; save it "
+                "with PEFT's path_initial_model_for_weight_conversion (or from lorafit, which "
+                "converts) to use it on the original model",
+            )
+        )
     for key, is_default in _UNSUPPORTED.items():
         if key in config and not is_default(config[key]):
             problems.append(Problem(key, f"{config[key]!r} is not supported by lorafit"))
@@ -278,8 +304,11 @@ def read_adapter_config(path: Path) -> dict:
 def _peft_targets(targets: list[str] | str) -> list[Target]:
     """PEFT's `target_modules` semantics: a string is a full-match regex (or all-linear), list items are names."""
     if isinstance(targets, str):
-        return [Target("all-linear", ALL_LINEAR, targets) if targets.lower() == ALL_LINEAR
-                else Target("regex", targets, "re:" + targets)]  # fmt: skip
+        return [
+            Target("all-linear", ALL_LINEAR, targets)
+            if targets.lower() == ALL_LINEAR
+            else Target("regex", targets, "re:" + targets)
+        ]
     return [Target("name", t, t) for t in targets]
 
 
@@ -353,11 +382,14 @@ def _check_same_adapter(model: nn.Module, settings: LoraSettings, targets: list[
     resolved = {canonical_name(n) for n in resolve_targets(unwrap(model), targets, field=where, each_must_match=False)}
     differences = [
         f"{what}: model has {ours!r}, adapter has {theirs!r}"
-        for what, ours, theirs in [("r", current.r, settings.r), ("lora_alpha", current.alpha, settings.alpha),
-                                   ("use_rslora", current.use_rslora, settings.use_rslora),
-                                   ("use_dora", current.use_dora, settings.use_dora)]
+        for what, ours, theirs in [
+            ("r", current.r, settings.r),
+            ("lora_alpha", current.alpha, settings.alpha),
+            ("use_rslora", current.use_rslora, settings.use_rslora),
+            ("use_dora", current.use_dora, settings.use_dora),
+        ]
         if ours != theirs
-    ]  # fmt: skip
+    ]
     if resolved != set(current.modules):
         differences.append(f"modules: model has LoRA on {len(current.modules)}, adapter targets {len(resolved)}")
     if differences:

@@ -97,12 +97,26 @@ def build_lora_model(config: LoraModelConfig) -> nn.Module:
         raise UserError(f"init {config.init} cannot be combined with frozen_dtype nf4: {reason}", field="init")
     in_bf16 = _nf4_skipped(model, config)
     # the numbers were checked once, by this typed config: inject (not apply_lora, the Python API's check)
-    settings = LoraSettings(r=config.r, alpha=config.alpha, target_layers=list(config.target_layers), modules={},
-                            dropout=config.dropout, use_rslora=config.use_rslora, init=config.init,
-                            use_dora=config.use_dora, embedding_init=config.embedding_init)  # fmt: skip
+    settings = LoraSettings(
+        r=config.r,
+        alpha=config.alpha,
+        target_layers=list(config.target_layers),
+        modules={},
+        dropout=config.dropout,
+        use_rslora=config.use_rslora,
+        init=config.init,
+        use_dora=config.use_dora,
+        embedding_init=config.embedding_init,
+    )
     # A and B drawn once, here, from the run's seed (run/build.py puts it into the build context)
-    inject(model, settings, list(config.target_layers), field_name="target_layers", each_must_match=True,
-           seed=current_context().adapter_seed)  # fmt: skip
+    inject(
+        model,
+        settings,
+        list(config.target_layers),
+        field_name="target_layers",
+        each_must_match=True,
+        seed=current_context().adapter_seed,
+    )
     if config.frozen_dtype:
         info(store_frozen_base(model, config.frozen_dtype, in_bf16))
     if current_context().announce:
@@ -132,6 +146,9 @@ def _nf4_skipped(model: nn.Module, config: LoraModelConfig) -> set[str]:
     if not config.nf4_skip_layers:
         return set()
     if config.frozen_dtype != "nf4":
-        raise UserError(f"only applies with frozen_dtype: nf4 (got frozen_dtype: {config.frozen_dtype}); "
-                        "remove it or set frozen_dtype: nf4", field="nf4_skip_layers")  # fmt: skip
+        raise UserError(
+            f"only applies with frozen_dtype: nf4 (got frozen_dtype: {config.frozen_dtype}); "
+            "remove it or set frozen_dtype: nf4",
+            field="nf4_skip_layers",
+        )
     return nf4_skip_names(model, config.nf4_skip_layers)

@@ -28,16 +28,44 @@ class _ConvLora(LoraLayer):
 
     lora_A: LoraWeight  # noqa: N815 - PEFT's names, kept for identical state-dict keys
     lora_B: LoraWeight  # noqa: N815
-    _conv_attrs = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "transposed",
-                   "output_padding", "groups", "padding_mode", "_reversed_padding_repeated_twice")  # fmt: skip
+    _conv_attrs = (
+        "in_channels",
+        "out_channels",
+        "kernel_size",
+        "stride",
+        "padding",
+        "dilation",
+        "transposed",
+        "output_padding",
+        "groups",
+        "padding_mode",
+        "_reversed_padding_repeated_twice",
+    )
 
-    def __init__(self, base: nn.Module, r: int, alpha: float, *, dropout: float = 0.0, use_rslora: bool = False,
-                 init: str = "kaiming"):  # fmt: skip
+    def __init__(
+        self,
+        base: nn.Module,
+        r: int,
+        alpha: float,
+        *,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        init: str = "kaiming",
+    ):
         check_hyper(r, alpha, dropout, init)
         self._build(base, r, alpha, dropout=dropout, use_rslora=use_rslora, init=init)
 
-    def _build(self, base: nn.Module, r: int, alpha: float, *, dropout: float = 0.0, use_rslora: bool = False,
-               init: str = "kaiming", generator: torch.Generator | None = None) -> None:  # fmt: skip
+    def _build(
+        self,
+        base: nn.Module,
+        r: int,
+        alpha: float,
+        *,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        init: str = "kaiming",
+        generator: torch.Generator | None = None,
+    ) -> None:
         nn.Module.__init__(self)  # not the conv's __init__: it would allocate a second weight
         for attr in self._conv_attrs:
             setattr(self, attr, getattr(base, attr))
@@ -55,14 +83,20 @@ class _ConvLora(LoraLayer):
         """Why this convolution takes no adapter (PEFT's would not be a change of its kernel), or None."""
         reasons = []
         if base.groups != 1:
-            reasons.append(f"groups={base.groups} (PEFT's adapter on it is an ungrouped convolution, which cannot be "
-                           "merged into the layer; PEFT refuses to merge it)")  # fmt: skip
+            reasons.append(
+                f"groups={base.groups} (PEFT's adapter on it is an ungrouped convolution, which cannot be "
+                "merged into the layer; PEFT refuses to merge it)"
+            )
         if any(d != 1 for d in base.dilation):
-            reasons.append(f"dilation={tuple(base.dilation)} (PEFT's lora_A ignores it, so the saved adapter would "
-                           "compute another convolution there)")  # fmt: skip
+            reasons.append(
+                f"dilation={tuple(base.dilation)} (PEFT's lora_A ignores it, so the saved adapter would "
+                "compute another convolution there)"
+            )
         if base.padding_mode != "zeros":
-            reasons.append(f"padding_mode='{base.padding_mode}' (PEFT's lora_A pads with zeros, so merging would "
-                           "change what the layer computes)")  # fmt: skip
+            reasons.append(
+                f"padding_mode='{base.padding_mode}' (PEFT's lora_A pads with zeros, so merging would "
+                "change what the layer computes)"
+            )
         return f"{'; '.join(reasons)}; LoRA on convolutions needs {VALID}" if reasons else None
 
     @property
@@ -93,8 +127,17 @@ class _ConvLora(LoraLayer):
         """The plain convolution owning this layer's weight/bias Parameters (the adapter is dropped)."""
         base_cls = next(c for c in type(self).__mro__ if c in (nn.Conv1d, nn.Conv2d, nn.Conv3d))
         with torch.device("meta"):
-            plain = base_cls(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
-                             self.dilation, self.groups, bias=False, padding_mode=self.padding_mode)  # fmt: skip
+            plain = base_cls(
+                self.in_channels,
+                self.out_channels,
+                self.kernel_size,
+                self.stride,
+                self.padding,
+                self.dilation,
+                self.groups,
+                bias=False,
+                padding_mode=self.padding_mode,
+            )
         plain.weight = self.weight
         plain.register_parameter("bias", self.bias)
         return plain.train(self.training)

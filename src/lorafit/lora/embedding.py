@@ -22,20 +22,45 @@ class LoraEmbedding(LoraLayer, nn.Embedding):
     ("modalities": A ~ N(0, 1), B zero); the adapter starts at zero either way.
     """
 
-    def __init__(self, base: nn.Embedding, r: int, alpha: float, *, dropout: float = 0.0, use_rslora: bool = False,
-                 init: str = "kaiming", embedding_init: str = "peft"):  # fmt: skip
+    def __init__(
+        self,
+        base: nn.Embedding,
+        r: int,
+        alpha: float,
+        *,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        init: str = "kaiming",
+        embedding_init: str = "peft",
+    ):
         check_hyper(r, alpha, dropout, init)
         if embedding_init not in EMBEDDING_INITS:
             raise ValueError(f"embedding_init must be one of {', '.join(EMBEDDING_INITS)}, got {embedding_init!r}")
         self._build(base, r, alpha, dropout=dropout, use_rslora=use_rslora, init=init, embedding_init=embedding_init)
 
-    def _build(self, base: nn.Embedding, r: int, alpha: float, *, dropout: float = 0.0, use_rslora: bool = False,
-               init: str = "kaiming", embedding_init: str = "peft",
-               generator: torch.Generator | None = None) -> None:  # fmt: skip
+    def _build(
+        self,
+        base: nn.Embedding,
+        r: int,
+        alpha: float,
+        *,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        init: str = "kaiming",
+        embedding_init: str = "peft",
+        generator: torch.Generator | None = None,
+    ) -> None:
         nn.Module.__init__(self)
         self.embedding_init = embedding_init
-        for attr in ("num_embeddings", "embedding_dim", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq",
-                     "sparse"):  # fmt: skip
+        for attr in (
+            "num_embeddings",
+            "embedding_dim",
+            "padding_idx",
+            "max_norm",
+            "norm_type",
+            "scale_grad_by_freq",
+            "sparse",
+        ):
             setattr(self, attr, getattr(base, attr))
         self.weight = base.weight
         # PEFT applies no dropout to embedding adapters (dropping token ids makes no sense); match it
@@ -71,8 +96,9 @@ class LoraEmbedding(LoraLayer, nn.Embedding):
         return a, b
 
     def _embed(self, x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-        return F.embedding(x, table, self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq,
-                           self.sparse)  # fmt: skip
+        return F.embedding(
+            x, table, self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq, self.sparse
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self._embed(x, self.weight)
@@ -83,8 +109,15 @@ class LoraEmbedding(LoraLayer, nn.Embedding):
 
     def to_base(self) -> nn.Embedding:
         with torch.device("meta"):
-            plain = nn.Embedding(self.num_embeddings, self.embedding_dim, self.padding_idx, self.max_norm,
-                                 self.norm_type, self.scale_grad_by_freq, self.sparse)  # fmt: skip
+            plain = nn.Embedding(
+                self.num_embeddings,
+                self.embedding_dim,
+                self.padding_idx,
+                self.max_norm,
+                self.norm_type,
+                self.scale_grad_by_freq,
+                self.sparse,
+            )
         plain.weight = self.weight
         return plain.train(self.training)
 

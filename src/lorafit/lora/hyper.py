@@ -23,8 +23,9 @@ def lora_scaling(alpha: float, r: int, use_rslora: bool) -> float:
     return alpha / (math.sqrt(r) if use_rslora else r)
 
 
-def hyper_problems(r, alpha, dropout, init: str | None = None, *, alpha_key: str = "alpha",
-                   dropout_key: str = "dropout") -> list[Problem]:  # fmt: skip
+def hyper_problems(
+    r, alpha, dropout, init: str | None = None, *, alpha_key: str = "alpha", dropout_key: str = "dropout"
+) -> list[Problem]:
     """The problems of LoRA's numbers, wherever they come from: `apply_lora`'s arguments, a layer's, or an
     adapter_config.json (which names them `lora_alpha` / `lora_dropout` and has no `init`)."""
     problems = []

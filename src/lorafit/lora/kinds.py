@@ -19,13 +19,24 @@ LORA_CLASSES: dict[type[nn.Module], type[LoraLayer]] = {
     nn.Conv2d: LoraConv2d,
     nn.Conv3d: LoraConv3d,
 }
-SUPPORTED_TYPES = ("nn.Linear, nn.Embedding, transformers Conv1D (GPT-2), nn.Conv1d/Conv2d/Conv3d (groups=1, "
-                   "dilation=1, padding_mode='zeros')")  # fmt: skip
+SUPPORTED_TYPES = (
+    "nn.Linear, nn.Embedding, transformers Conv1D (GPT-2), nn.Conv1d/Conv2d/Conv3d (groups=1, "
+    "dilation=1, padding_mode='zeros')"
+)
 
 
-def wrap(base: nn.Module, r: int, alpha: float, *, dropout: float, use_rslora: bool, init: str,
-         use_dora: bool = False, embedding_init: str = "peft",
-         generator: torch.Generator | None = None) -> LoraLayer:  # fmt: skip
+def wrap(
+    base: nn.Module,
+    r: int,
+    alpha: float,
+    *,
+    dropout: float,
+    use_rslora: bool,
+    init: str,
+    use_dora: bool = False,
+    embedding_init: str = "peft",
+    generator: torch.Generator | None = None,
+) -> LoraLayer:
     """`base` as its LoRA layer; `use_dora` goes to nn.Linear only and `embedding_init` to embeddings only (the
     targets were checked for both before). A and B are drawn once, here, from `generator` (None: the global RNG)."""
     cls = LORA_CLASSES[type(base)]
@@ -33,5 +44,6 @@ def wrap(base: nn.Module, r: int, alpha: float, *, dropout: float, use_rslora: b
     if cls is LoraEmbedding:
         extra["embedding_init"] = embedding_init
     # the numbers were checked once for all layers (apply_lora, or the typed model/lora config)
-    return cls.from_checked(base, r, alpha, dropout=dropout, use_rslora=use_rslora, init=init, generator=generator,
-                            **extra)  # fmt: skip
+    return cls.from_checked(
+        base, r, alpha, dropout=dropout, use_rslora=use_rslora, init=init, generator=generator, **extra
+    )

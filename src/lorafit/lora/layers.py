@@ -232,8 +232,9 @@ class LoraLayer:
         if self.lora_magnitude_vector is None:
             return combined
         as_linear = self._base_weight_layout(combined)
-        return self._delta_to_weight_layout(dora_merged_weight(as_linear, torch.zeros_like(as_linear),
-                                                               self.lora_magnitude_vector.detach()))  # fmt: skip
+        return self._delta_to_weight_layout(
+            dora_merged_weight(as_linear, torch.zeros_like(as_linear), self.lora_magnitude_vector.detach())
+        )
 
     def merge(self) -> None:
         """Fold the adapter into the base weight (explicit only). Safe to call twice."""
@@ -295,14 +296,32 @@ class LoraLinear(_MatrixLora, FrozenWeightLayer, nn.Linear):
     (PEFT's definition, DoRA paper section 4.3); m is `lora_magnitude_vector` (out,), trained with A and B.
     """
 
-    def __init__(self, base: nn.Linear, r: int, alpha: float, *, dropout: float = 0.0, use_rslora: bool = False,
-                 init: str = "kaiming", use_dora: bool = False):  # fmt: skip
+    def __init__(
+        self,
+        base: nn.Linear,
+        r: int,
+        alpha: float,
+        *,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        init: str = "kaiming",
+        use_dora: bool = False,
+    ):
         check_hyper(r, alpha, dropout, init)
         self._build(base, r, alpha, dropout=dropout, use_rslora=use_rslora, init=init, use_dora=use_dora)
 
-    def _build(self, base: nn.Linear, r: int, alpha: float, *, dropout: float = 0.0, use_rslora: bool = False,
-               init: str = "kaiming", use_dora: bool = False,
-               generator: torch.Generator | None = None) -> None:  # fmt: skip
+    def _build(
+        self,
+        base: nn.Linear,
+        r: int,
+        alpha: float,
+        *,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        init: str = "kaiming",
+        use_dora: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> None:
         nn.Module.__init__(self)  # not nn.Linear.__init__: it would allocate a second weight
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = base.weight
@@ -355,13 +374,30 @@ class LoraLinear(_MatrixLora, FrozenWeightLayer, nn.Linear):
 class LoraConv1D(_MatrixLora, Conv1D):
     """GPT-2's Conv1D (weight stored (in, out), i.e. PEFT's fan_in_fan_out) + LoRA."""
 
-    def __init__(self, base: Conv1D, r: int, alpha: float, *, dropout: float = 0.0, use_rslora: bool = False,
-                 init: str = "kaiming"):  # fmt: skip
+    def __init__(
+        self,
+        base: Conv1D,
+        r: int,
+        alpha: float,
+        *,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        init: str = "kaiming",
+    ):
         check_hyper(r, alpha, dropout, init)
         self._build(base, r, alpha, dropout=dropout, use_rslora=use_rslora, init=init)
 
-    def _build(self, base: Conv1D, r: int, alpha: float, *, dropout: float = 0.0, use_rslora: bool = False,
-               init: str = "kaiming", generator: torch.Generator | None = None) -> None:  # fmt: skip
+    def _build(
+        self,
+        base: Conv1D,
+        r: int,
+        alpha: float,
+        *,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        init: str = "kaiming",
+        generator: torch.Generator | None = None,
+    ) -> None:
         nn.Module.__init__(self)
         self.nf, self.nx = base.nf, base.nx
         self.weight = base.weight

@@ -153,12 +153,21 @@ def resolve_targets(
             continue
         refused = [c for c in hits if c.refusal is not None]
         for c in refused:
-            problems.append(Problem(where, f"'{target.text}' matched {c.name} ({type(c.module).__name__}), which "
-                                           f"LoRA cannot wrap with {c.refusal}"))  # fmt: skip
+            problems.append(
+                Problem(
+                    where,
+                    f"'{target.text}' matched {c.name} ({type(c.module).__name__}), which "
+                    f"LoRA cannot wrap with {c.refusal}",
+                )
+            )
         bad = [c for c in hits if c.kind is None and c.refusal is None]
         if bad:
-            problems.append(Problem(where, f"'{target.text}' matched {_by_type(bad)}, which LoRA cannot wrap; "
-                                           f"supported: {SUPPORTED_TYPES}"))  # fmt: skip
+            problems.append(
+                Problem(
+                    where,
+                    f"'{target.text}' matched {_by_type(bad)}, which LoRA cannot wrap; supported: {SUPPORTED_TYPES}",
+                )
+            )
         for c in hits:
             if c.kind is not None:
                 chosen.setdefault(c.name, target.text)
@@ -188,9 +197,14 @@ def nf4_skip_names(model: nn.Module, entries: list[str], field: str = "nf4_skip_
         if not hits:
             leaves = sorted({n.rsplit(".", 1)[-1] for n in quantisable})
             hint = did_you_mean(target.value, leaves)
-            problems.append(Problem(f"{field}[{i}]", f"'{text}' selects no layer that frozen_dtype nf4 stores in 4-bit "
-                                    f"(linear layers other than the output head, a multiple of {NF4_BLOCK} weights: "
-                                    f"{', '.join(leaves)}){hint}"))  # fmt: skip
+            problems.append(
+                Problem(
+                    f"{field}[{i}]",
+                    f"'{text}' selects no layer that frozen_dtype nf4 stores in 4-bit "
+                    f"(linear layers other than the output head, a multiple of {NF4_BLOCK} weights: "
+                    f"{', '.join(leaves)}){hint}",
+                )
+            )
         chosen |= hits
     if problems:
         raise UserError("", problems=problems)

@@ -57,9 +57,10 @@ def merge_lora(model: nn.Module) -> None:
     tied = _shared_weights(model, layers)
     if tied:
         raise UserError(
-            "cannot merge LoRA into a tied weight, it would change the other module too: " + "; ".join(tied)
+            "cannot merge LoRA into a tied weight, it would change the other module too: "
+            + "; ".join(tied)
             + ". Keep the adapter separate, or train with untied embeddings (tie_word_embeddings: false)"
-        )  # fmt: skip
+        )
     broken = []
     for name, layer in layers:
         weight = layer.weight

@@ -106,8 +106,15 @@ def trainable_summary(model: nn.Module) -> str:
     return f"trainable params: {trainable:,} / {total:,} ({share:.2f}%)"
 
 
-def inject(model: nn.Module, settings: LoraSettings, targets: list[Target] | list[str], *, field_name: str,
-           each_must_match: bool, seed: int | None) -> nn.Module:  # fmt: skip
+def inject(
+    model: nn.Module,
+    settings: LoraSettings,
+    targets: list[Target] | list[str],
+    *,
+    field_name: str,
+    each_must_match: bool,
+    seed: int | None,
+) -> nn.Module:
     """Resolve `targets`, replace each matched module by its LoRA layer, freeze the base, record `settings`."""
     model = unwrap(model)
     if has_lora(model):
@@ -122,9 +129,17 @@ def inject(model: nn.Module, settings: LoraSettings, targets: list[Target] | lis
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     for name, entry in matched.items():
         base = model.get_submodule(name)
-        layer = wrap(base, settings.r, settings.alpha, dropout=settings.dropout, use_rslora=settings.use_rslora,
-                     init=settings.init, use_dora=settings.use_dora, embedding_init=settings.embedding_init,
-                     generator=generator)  # fmt: skip
+        layer = wrap(
+            base,
+            settings.r,
+            settings.alpha,
+            dropout=settings.dropout,
+            use_rslora=settings.use_rslora,
+            init=settings.init,
+            use_dora=settings.use_dora,
+            embedding_init=settings.embedding_init,
+            generator=generator,
+        )
         _replace(model, name, layer)
         settings.modules[canonical_name(name)] = entry
         settings.kinds[canonical_name(name)] = layer.base_kind
@@ -165,15 +180,23 @@ def _check_tied_head(model: nn.Module, matched: dict[str, str], field_name: str)
 
 def _check_variant_targets(model: nn.Module, settings: LoraSettings, matched: dict[str, str]) -> None:
     """DoRA and the decomposing inits are defined here for nn.Linear only: name the modules they cannot take."""
-    wanted = [what for what, on in [("use_dora", settings.use_dora),
-                                    (f"init {settings.init}", settings.init in DECOMPOSING_INITS)] if on]  # fmt: skip
-    others = [f"{name} ({type(model.get_submodule(name)).__name__})" for name in matched
-              if type(model.get_submodule(name)) is not nn.Linear]  # fmt: skip
+    wanted = [
+        what
+        for what, on in [("use_dora", settings.use_dora), (f"init {settings.init}", settings.init in DECOMPOSING_INITS)]
+        if on
+    ]
+    others = [
+        f"{name} ({type(model.get_submodule(name)).__name__})"
+        for name in matched
+        if type(model.get_submodule(name)) is not nn.Linear
+    ]
     if wanted and others:
         listed = ", ".join(others[:4]) + (f", ... ({len(others)} in all)" if len(others) > 4 else "")
         verb = "supports" if len(wanted) == 1 else "support"
-        raise UserError(f"{' and '.join(wanted)} {verb} nn.Linear targets only, not {listed}: "
-                        "drop those targets (e.g. embeddings) or the option")  # fmt: skip
+        raise UserError(
+            f"{' and '.join(wanted)} {verb} nn.Linear targets only, not {listed}: "
+            "drop those targets (e.g. embeddings) or the option"
+        )
 
 
 def apply_lora(
@@ -217,13 +240,24 @@ def apply_lora(
     if not isinstance(target_layers, list | tuple) or not target_layers:
         problems.append(Problem("target_layers", "must be a non-empty list, e.g. [q_proj, v_proj] or [all-linear]"))
     elif any(not isinstance(t, str) or not t.strip() for t in target_layers):
-        problems += [Problem(f"target_layers[{i}]", f"must be a non-empty string, got {t!r}")
-                     for i, t in enumerate(target_layers) if not isinstance(t, str) or not t.strip()]  # fmt: skip
+        problems += [
+            Problem(f"target_layers[{i}]", f"must be a non-empty string, got {t!r}")
+            for i, t in enumerate(target_layers)
+            if not isinstance(t, str) or not t.strip()
+        ]
     if problems:
         raise UserError("", problems=problems)
-    settings = LoraSettings(r=r, alpha=float(alpha), target_layers=list(target_layers), modules={},
-                            dropout=float(dropout), use_rslora=use_rslora, init=init,
-                            use_dora=bool(use_dora), embedding_init=embedding_init)  # fmt: skip
+    settings = LoraSettings(
+        r=r,
+        alpha=float(alpha),
+        target_layers=list(target_layers),
+        modules={},
+        dropout=float(dropout),
+        use_rslora=use_rslora,
+        init=init,
+        use_dora=bool(use_dora),
+        embedding_init=embedding_init,
+    )
     model = inject(model, settings, list(target_layers), field_name="target_layers", each_must_match=True, seed=seed)
     if warn_save_pretrained and hasattr(model, "save_pretrained"):
         warnings.warn(

@@ -35,8 +35,9 @@ def save_pretrained(
 
     path = Path(path)
     if has_lora(model):
-        return save_adapter(model, path, base_model_name_or_path=base_model_name_or_path, overwrite=overwrite,
-                            tokenizer=tokenizer)  # fmt: skip
+        return save_adapter(
+            model, path, base_model_name_or_path=base_model_name_or_path, overwrite=overwrite, tokenizer=tokenizer
+        )
     if path.exists() and not path.is_dir():
         raise UserError(f"cannot save a model to {path}: it is a file")
     if path.is_dir() and any(path.iterdir()) and not overwrite:

@@ -57,8 +57,9 @@ def initial_factors(init: str, weight: torch.Tensor, r: int, scaling: float) -> 
     raise ValueError(f"{init!r} is not a decomposing initialisation ({', '.join(DECOMPOSING_INITS)})")
 
 
-def converted_factors(a: torch.Tensor, b: torch.Tensor, a0: torch.Tensor, b0: torch.Tensor
-                      ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def converted_factors(
+    a: torch.Tensor, b: torch.Tensor, a0: torch.Tensor, b0: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """[A; A0] and [B, -B0]: B'A' = BA - B0A0, the trained change relative to the original base (rank 2r).
 
     W_res + s BA = W - s B0A0 + s BA = W + s B'A'. PEFT's `LoraModel.subtract_mutated_init`.

@@ -51,8 +51,14 @@ class PackedMemMapDatasetContinuousConfig(ComponentConfig):
 
 
 class PackedContinuousDataset(torch.utils.data.Dataset):
-    def __init__(self, path: Path, sequence_length: int, sample_key: str, reuse_last_target: bool,
-                 release: Release = "lora_branch"):  # fmt: skip
+    def __init__(
+        self,
+        path: Path,
+        sequence_length: int,
+        sample_key: str,
+        reuse_last_target: bool,
+        release: Release = "lora_branch",
+    ):
         self.path, self.sample_key = Path(path), sample_key
         self.sequence_length = sequence_length
         self.block = sequence_length if release == "0.5.0" and not reuse_last_target else sequence_length + 1

@@ -93,8 +93,9 @@ class PackSettings(BaseModel):
     sequence_length: int | None = None  # only a value for interpolation (max_length: ${settings.sequence_length})
 
 
-def pack_encoded_data(config_path: Path, *, overrides: tuple[str, ...] = (), overwrite: bool = False,
-                      release: str = "0.5.0") -> Path:  # fmt: skip
+def pack_encoded_data(
+    config_path: Path, *, overrides: tuple[str, ...] = (), overwrite: bool = False, release: str = "0.5.0"
+) -> Path:
     """Tokenize the indexed JSONL file that a Modalities data-preparation config names into a `.pbin` file, the
     bytes `release`'s `pack_encoded_data` writes: "0.5.0" (the current release) appends eod_token only to a
     document that does not already end with it (a document padded with it, say); "lora_branch" always appends."""
@@ -156,15 +157,19 @@ def _check_output(dst: Path, inputs: dict[str, Path], overwrite: bool) -> None:
     """settings.dst_path may replace (with --overwrite) only an earlier .pbin, never an input of this very run."""
     for key, path in inputs.items():
         if dst.resolve() == path.resolve():
-            raise ConfigError(f"{dst} is also {key}: packing would replace its own input; choose another dst_path",
-                              field="settings.dst_path")  # fmt: skip
+            raise ConfigError(
+                f"{dst} is also {key}: packing would replace its own input; choose another dst_path",
+                field="settings.dst_path",
+            )
     if not (dst.exists() or dst.is_symlink()):
         return
     if not overwrite:
         raise UserError(f"{dst} already exists (settings.dst_path): delete it, or pass --overwrite")
     if dst.is_symlink() or not dst.is_file() or not looks_like_pbin(dst):
-        raise ConfigError(f"{dst} exists and is not a .pbin file, so --overwrite does not replace it; "
-                          "choose another dst_path", field="settings.dst_path")  # fmt: skip
+        raise ConfigError(
+            f"{dst} exists and is not a .pbin file, so --overwrite does not replace it; choose another dst_path",
+            field="settings.dst_path",
+        )
 
 
 def _check_index_matches(index, src: Path, index_path: Path) -> None:
@@ -191,9 +196,12 @@ def _check_index_matches(index, src: Path, index_path: Path) -> None:
             if _json_line_between(f, expected, size):
                 problem = "a JSON line after the last indexed line is not indexed"
     if problem:
-        raise ConfigError(f"the index {index_path} does not match {src}: {problem}; was the file changed after "
-                          f"the index was made? Remake it: delete {index_path} and run "
-                          f"`lorafit data create_raw_index {src}`", field="settings.index_path")  # fmt: skip
+        raise ConfigError(
+            f"the index {index_path} does not match {src}: {problem}; was the file changed after "
+            f"the index was made? Remake it: delete {index_path} and run "
+            f"`lorafit data create_raw_index {src}`",
+            field="settings.index_path",
+        )
 
 
 def _json_line_between(f, start: int, stop: int) -> bool:
@@ -256,8 +264,10 @@ def _documents(src: Path, index, program, tokenizer, eod: int, batch_size: int, 
         yield from _tokenized(texts, tokenizer, eod, src, release)
 
 
-RELEASE_RULES = {"0.5.0": "eod_token appended unless the document ends with it",
-                 "lora_branch": "eod_token always appended"}  # fmt: skip
+RELEASE_RULES = {
+    "0.5.0": "eod_token appended unless the document ends with it",
+    "lora_branch": "eod_token always appended",
+}
 
 
 def _tokenized(texts: list[str], tokenizer, eod: int, src: Path, release: str):

@@ -82,8 +82,10 @@ def build_device_mesh(config: DeviceMeshConfig) -> DeviceMesh:
                 field=key,
             )
     if config.enable_loss_parallel:
-        raise UserError("loss parallelism needs tensor parallelism, which lorafit does not do; valid: false",
-                        field="enable_loss_parallel")  # fmt: skip
+        raise UserError(
+            "loss parallelism needs tensor parallelism, which lorafit does not do; valid: false",
+            field="enable_loss_parallel",
+        )
     shard, replicate = config.data_parallel_shard_degree, config.data_parallel_replicate_degree
     if shard == -1:
         shard = config.world_size // replicate

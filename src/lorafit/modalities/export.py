@@ -41,8 +41,12 @@ FILE_NAME = "eid_{experiment_id}-model-num_steps_{steps}-num_tokens_{tokens}.bin
 # the branches' LoRA layer for each lorafit base kind (utils.convert_layer); their Conv LoRA keeps other shapes
 BRANCH_LAYERS = {"Linear": "LoRALinear", "Embedding": "LoRAEmbedding"}
 # lorafit's (PEFT's) parameter names -> the branches' bare parameters
-LORA_NAMES = {".lora_A.weight": ".lora_A", ".lora_B.weight": ".lora_B", ".lora_embedding_A": ".lora_A",
-              ".lora_embedding_B": ".lora_B"}  # fmt: skip
+LORA_NAMES = {
+    ".lora_A.weight": ".lora_A",
+    ".lora_B.weight": ".lora_B",
+    ".lora_embedding_A": ".lora_A",
+    ".lora_embedding_B": ".lora_B",
+}
 
 
 @dataclass(frozen=True)
@@ -55,9 +59,11 @@ class BranchLora:
 
     def yaml(self, model_key: str = "huggingface_smol_llm_model") -> str:
         targets = "".join(f"\n      - {name}" for name in self.target_layers)
-        return (f"lora_model:\n  component_key: model\n  variant_key: lora\n  config:\n    alpha: {self.alpha}\n"
-                f"    r: {self.r}\n    target_layers:{targets}\n    model:\n      instance_key: {model_key}\n"
-                "      pass_type: BY_REFERENCE")  # fmt: skip
+        return (
+            f"lora_model:\n  component_key: model\n  variant_key: lora\n  config:\n    alpha: {self.alpha}\n"
+            f"    r: {self.r}\n    target_layers:{targets}\n    model:\n      instance_key: {model_key}\n"
+            "      pass_type: BY_REFERENCE"
+        )
 
 
 def checkpoint_name(experiment_id: str, steps: int, tokens: int) -> str:
@@ -69,8 +75,10 @@ def _hf_model(model: nn.Module) -> nn.Module:
 
     model = unwrap(model)
     if not isinstance(model, PreTrainedModel):  # Modalities' huggingface_pretrained_model wraps one of these
-        raise UserError(f"the run's model is a {type(model).__name__}, not a Hugging Face model: Modalities loads it "
-                        "into model/huggingface_pretrained_model, which holds a Hugging Face model")  # fmt: skip
+        raise UserError(
+            f"the run's model is a {type(model).__name__}, not a Hugging Face model: Modalities loads it "
+            "into model/huggingface_pretrained_model, which holds a Hugging Face model"
+        )
     return model
 
 
@@ -93,15 +101,25 @@ def branch_lora(model: nn.Module) -> BranchLora:
     adapted = {name for name, _ in layers}
     leaves = sorted({name.rsplit(".", 1)[-1] for name in adapted})
     # the branches convert every leaf module of a target name (recursive_layer_conversion), adapted here or not
-    skipped = [canonical_name(name) for name, module in unwrap(model).named_modules()
-               if name.rsplit(".", 1)[-1] in leaves and name not in adapted and not list(module.children())
-               and isinstance(module, (nn.Linear, nn.Embedding))]  # fmt: skip
+    skipped = [
+        canonical_name(name)
+        for name, module in unwrap(model).named_modules()
+        if name.rsplit(".", 1)[-1] in leaves
+        and name not in adapted
+        and not list(module.children())
+        and isinstance(module, (nn.Linear, nn.Embedding))
+    ]
     if skipped:
-        problems.append(f"target names the branches would convert everywhere, while the run left {len(skipped)} "
-                        f"such modules without LoRA (e.g. {skipped[0]})")  # fmt: skip
+        problems.append(
+            f"target names the branches would convert everywhere, while the run left {len(skipped)} "
+            f"such modules without LoRA (e.g. {skipped[0]})"
+        )
     if problems:
-        raise UserError("the `lora` form cannot hold this run's LoRA: " + "; ".join(problems)
-                        + ". Export --form merged instead (the adapters folded into the weights)")  # fmt: skip
+        raise UserError(
+            "the `lora` form cannot hold this run's LoRA: "
+            + "; ".join(problems)
+            + ". Export --form merged instead (the adapters folded into the weights)"
+        )
     return BranchLora(r=settings.r, alpha=int(settings.alpha), target_layers=leaves)
 
 
@@ -140,5 +158,13 @@ def write_checkpoint(state: dict[str, torch.Tensor], output_dir: Path, name: str
     return target
 
 
-__all__ = ["FORMS", "RUN_MODEL_ENTITIES", "BranchLora", "branch_lora", "checkpoint_name", "lora_state_dict",
-           "merged_state_dict", "write_checkpoint"]  # fmt: skip
+__all__ = [
+    "FORMS",
+    "RUN_MODEL_ENTITIES",
+    "BranchLora",
+    "branch_lora",
+    "checkpoint_name",
+    "lora_state_dict",
+    "merged_state_dict",
+    "write_checkpoint",
+]

@@ -154,8 +154,9 @@ def check(config: dict[str, Any]) -> tuple[ConfigGraph, list[Problem]]:
     say_not_honoured(wrapped_model_block(graph))  # from the checked, typed configs
     say_keys_without_effect(graph.config)
     checkpointing = bool(settings.training and settings.training.activation_checkpointing_modules)
-    translated, block_names = translate(with_release(graph.config, release_of(settings)), graph,
-                                        activation_checkpointing=checkpointing)  # fmt: skip
+    translated, block_names = translate(
+        with_release(graph.config, release_of(settings)), graph, activation_checkpointing=checkpointing
+    )
     return ModalitiesGraph(translated, block_names), problems
 
 

@@ -138,17 +138,27 @@ def _consistency(s: ModalitiesSettings) -> list[Problem]:
     per_step *= s.cuda_env.world_size
     required = (target.num_target_tokens - progress.global_num_seen_tokens) / max(remaining, 1)
     if required != per_step:
-        checks.append(("tokens_per_step_consistency", "settings.training_target",
-                       f"{required:g} tokens per step are required, the step profile gives {per_step}"))  # fmt: skip
+        checks.append(
+            (
+                "tokens_per_step_consistency",
+                "settings.training_target",
+                f"{required:g} tokens per step are required, the step profile gives {per_step}",
+            )
+        )
     for name, key in (
         ("logged", "training_log_interval_in_steps"),
         ("evaluated", "evaluation_interval_in_steps"),
         ("checkpointed", "checkpointing_interval_in_steps"),
     ):
         if remaining % s.intervals[key]:
-            checks.append((f"last_step_{name}", f"settings.intervals.{key}",
-                           f"the last step will not be {name}: {remaining} remaining steps are not a multiple of "
-                           f"{s.intervals[key]}"))  # fmt: skip
+            checks.append(
+                (
+                    f"last_step_{name}",
+                    f"settings.intervals.{key}",
+                    f"the last step will not be {name}: {remaining} remaining steps are not a multiple of "
+                    f"{s.intervals[key]}",
+                )
+            )
     for flag, path, message in checks:
         if getattr(enforce, f"enforce_{flag}"):
             problems.append(Problem(path, f"{message} (enforce_{flag})"))

@@ -28,10 +28,16 @@ class RichProgressConfig(ComponentConfig):
 
     @model_validator(mode="after")
     def _one_layout(self) -> RichProgressConfig:
-        old = {"train_dataloader": self.train_dataloader, "global_num_seen_steps": self.global_num_seen_steps,
-               "gradient_acc_steps": self.gradient_acc_steps}  # fmt: skip
-        new = {"train_dataloader_tag": self.train_dataloader_tag, "num_seen_steps": self.num_seen_steps,
-               "num_target_steps": self.num_target_steps}  # fmt: skip
+        old = {
+            "train_dataloader": self.train_dataloader,
+            "global_num_seen_steps": self.global_num_seen_steps,
+            "gradient_acc_steps": self.gradient_acc_steps,
+        }
+        new = {
+            "train_dataloader_tag": self.train_dataloader_tag,
+            "num_seen_steps": self.num_seen_steps,
+            "num_target_steps": self.num_target_steps,
+        }
         for given, other in ((old, new), (new, old)):
             if any(v is not None for v in given.values()):
                 missing = [k for k, v in given.items() if v is None]

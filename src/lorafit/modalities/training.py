@@ -115,8 +115,12 @@ def say_not_honoured(wrapped: Pending | None) -> None:
         ("layers_per_fsdp_unit", cfg.layers_per_fsdp_unit, 1),
     ):
         if value != default:
-            log.info("model/fsdp2_wrapped %s %s: not honoured; lorafit reduces gradients in fp32, reshards every "
-                     "block after forward, one block a unit (docs/modalities.md)", key, value)  # fmt: skip
+            log.info(
+                "model/fsdp2_wrapped %s %s: not honoured; lorafit reduces gradients in fp32, reshards every "
+                "block after forward, one block a unit (docs/modalities.md)",
+                key,
+                value,
+            )
 
 
 def check_block_names(model: nn.Module, block_names: list[str], field: str) -> None:

@@ -104,9 +104,12 @@ def build_pretrained_model(config: PretrainedModelConfig) -> nn.Module:
     """AutoModelForCausalLM.from_pretrained on a local folder (meta device, no weights, under validate)."""
     field = "model_name_or_path" if config.model_name_or_path is not None else "model_name"
     return load_pretrained_model(
-        config.model_name_or_path or config.model_name, dtype=config.dtype,
-        attn_implementation=config.attn_implementation, field=field, kwargs=config.kwargs or {},
-    )  # fmt: skip
+        config.model_name_or_path or config.model_name,
+        dtype=config.dtype,
+        attn_implementation=config.attn_implementation,
+        field=field,
+        kwargs=config.kwargs or {},
+    )
 
 
 def load_pretrained_model(

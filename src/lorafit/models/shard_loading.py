@@ -68,16 +68,18 @@ def file_tensors(path: str | Path, *, field: str | None = None) -> dict[str, Fil
                 with safe_open(str(file), framework="pt", device="cpu") as f:
                     found.update({k: FileTensor(file, k, tuple(f.get_slice(k).get_shape())) for k in f.keys()})  # noqa: SIM118 - safe_open is no dict
             except Exception as e:  # SafetensorError, OSError: the library's message says which part is broken
-                raise UserError(f"cannot read {file}: not a valid safetensors file (truncated or corrupt?): {e}",
-                                field=field) from None  # fmt: skip
+                raise UserError(
+                    f"cannot read {file}: not a valid safetensors file (truncated or corrupt?): {e}", field=field
+                ) from None
         else:
             tensors = _as_state_dict(_read_torch(file, field), file, field)  # memory-mapped: no data is read
             found.update({k: FileTensor(file, k, tuple(v.shape)) for k, v in tensors.items()})
     return found
 
 
-def defer_weights(model: nn.Module, tensors: dict[str, FileTensor], *, source: str,
-                  field: str | None = None) -> nn.Module:  # fmt: skip
+def defer_weights(
+    model: nn.Module, tensors: dict[str, FileTensor], *, source: str, field: str | None = None
+) -> nn.Module:
     """Record `tensors` (named as the model's state dict) as `model`'s weights, to be read after sharding.
 
     `model` is on the meta device. Keys and shapes are checked now, every problem in one UserError.

@@ -34,8 +34,9 @@ def load_base(base: Path, dtype: str = "fp32", flag: str = "--base"):
     return model, tokenizer
 
 
-def load_with_adapter(base: Path, adapter: Path | None, dtype: str = "fp32", flag: str = "--base", *,
-                      chat_template: str | None = None):  # fmt: skip
+def load_with_adapter(
+    base: Path, adapter: Path | None, dtype: str = "fp32", flag: str = "--base", *, chat_template: str | None = None
+):
     """(model with the adapter, tokenizer). The tokenizer renders chats with `chat_template` (--chat_template:
     a name or a Jinja file) when given, else with the template saved with the adapter, else with its own."""
     model, tokenizer = load_base(base, dtype, flag)

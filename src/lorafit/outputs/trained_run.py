@@ -53,8 +53,10 @@ def _run_folder(path: Path) -> tuple[Path, Path | None]:
         return path.parent, None
     if path.parent.name == CHECKPOINTS and (path.parents[1] / RESOLVED_CONFIG).is_file():
         return path.parents[1], path
-    raise UserError(f"--run: {path} is not a lorafit run folder (no {RESOLVED_CONFIG}), nor its {ADAPTER_DIR}/ or "
-                    f"a {CHECKPOINTS}/step_N/ folder of one")  # fmt: skip
+    raise UserError(
+        f"--run: {path} is not a lorafit run folder (no {RESOLVED_CONFIG}), nor its {ADAPTER_DIR}/ or "
+        f"a {CHECKPOINTS}/step_N/ folder of one"
+    )
 
 
 def _base_model(config_or_folder: Path, entities: tuple[str, ...]) -> nn.Module:
@@ -64,8 +66,10 @@ def _base_model(config_or_folder: Path, entities: tuple[str, ...]) -> nn.Module:
         built = build_run_entities(config, list(entities))
     model = next((built[name] for name in entities if name in built), None)
     if not isinstance(model, nn.Module):
-        raise UserError(f"{config_or_folder}: no model entity ({' or '.join(entities)}) to rebuild the run's "
-                        "model from; name the base with --model")  # fmt: skip
+        raise UserError(
+            f"{config_or_folder}: no model entity ({' or '.join(entities)}) to rebuild the run's "
+            "model from; name the base with --model"
+        )
     return model
 
 
@@ -100,8 +104,12 @@ def load_checkpoint_adapters(checkpoint: Path, model: nn.Module) -> None:
     try:
         with torch.no_grad(), warnings.catch_warnings():  # "assuming ... a single process": that is the intent
             warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-            dcp.load({"model": params}, storage_reader=dcp_metadata.SafeFileSystemReader(checkpoint),
-                     planner=dcp_metadata.SafeLoadPlanner(), no_dist=True)  # fmt: skip
+            dcp.load(
+                {"model": params},
+                storage_reader=dcp_metadata.SafeFileSystemReader(checkpoint),
+                planner=dcp_metadata.SafeLoadPlanner(),
+                no_dist=True,
+            )
     except BaseException as error:  # DCP's CheckpointException (a BaseException) names the key that does not fit
         if isinstance(error, KeyboardInterrupt):
             raise
@@ -124,14 +132,22 @@ def find_trained_run(path: str | Path) -> TrainedRun:
     elif latest is not None:
         kind, source = "checkpoint", latest
     else:
-        raise UserError(f"--run: {run_dir} has neither a final {ADAPTER_DIR}/ nor a checkpoint (it stopped before "
-                        "its first one)")  # fmt: skip
-    return TrainedRun(run_dir=run_dir, experiment_id=run_dir.name, steps=int(state.get("step", 0)),
-                      tokens=int(state.get("tokens", 0)), kind=kind, source=source)  # fmt: skip
+        raise UserError(
+            f"--run: {run_dir} has neither a final {ADAPTER_DIR}/ nor a checkpoint (it stopped before its first one)"
+        )
+    return TrainedRun(
+        run_dir=run_dir,
+        experiment_id=run_dir.name,
+        steps=int(state.get("step", 0)),
+        tokens=int(state.get("tokens", 0)),
+        kind=kind,
+        source=source,
+    )
 
 
-def load_trained_model(run: TrainedRun, base: str | Path | None = None,
-                       entities: tuple[str, ...] = MODEL_ENTITIES) -> nn.Module:  # fmt: skip
+def load_trained_model(
+    run: TrainedRun, base: str | Path | None = None, entities: tuple[str, ...] = MODEL_ENTITIES
+) -> nn.Module:
     """The run's model with what it trained (eval mode): the base (`base`, else the run's config's first entity of
     `entities`) + its adapters."""
     if run.kind == "model":  # full fine-tuning: the trained model itself

@@ -95,10 +95,17 @@ def _sequence_length_problems(config: dict[str, Any]) -> list[Problem]:
         seq = RunSettings.model_validate(settings_of(config)).step_profile.sequence_length
     except ValidationError:
         return []  # RunSpec reported it
-    return [Problem(f"{path}.config.sequence_length", f"{own} differs from settings.step_profile.sequence_length "
-                    f"{seq}: a run has one sequence length; leave it null here (or set the run's in settings)")
-            for path, block in _datasets(config) if isinstance(block.get("config"), dict)
-            and (own := block["config"].get("sequence_length")) is not None and own != seq]  # fmt: skip
+    return [
+        Problem(
+            f"{path}.config.sequence_length",
+            f"{own} differs from settings.step_profile.sequence_length "
+            f"{seq}: a run has one sequence length; leave it null here (or set the run's in settings)",
+        )
+        for path, block in _datasets(config)
+        if isinstance(block.get("config"), dict)
+        and (own := block["config"].get("sequence_length")) is not None
+        and own != seq
+    ]
 
 
 def with_sequence_length(config: dict[str, Any], seq: int) -> dict[str, Any]:
@@ -248,12 +255,17 @@ def _after_meta_build(run: BuiltRun, outline: RunOutline) -> BuiltRun:
         return run
     recorded = weight_file(run.model)
     if recorded is None:  # a meta model no file fills: what builds it is not a weights-file model
-        raise UserError(f"the model ({type(run.model).__name__}) was built on the meta device for fsdp2, but no "
-                        "weights file was recorded for it; set parallelism.config.load_after_sharding: false, use "
-                        "parallelism ddp, or a model/checkpointed or "
-                        "model/huggingface_pretrained_model", field="model")  # fmt: skip
-    info(f"parallelism fsdp2: the model is built on the meta device; after sharding, each rank reads only its "
-         f"shards of {recorded.source}")  # fmt: skip
+        raise UserError(
+            f"the model ({type(run.model).__name__}) was built on the meta device for fsdp2, but no "
+            "weights file was recorded for it; set parallelism.config.load_after_sharding: false, use "
+            "parallelism ddp, or a model/checkpointed or "
+            "model/huggingface_pretrained_model",
+            field="model",
+        )
+    info(
+        f"parallelism fsdp2: the model is built on the meta device; after sharding, each rank reads only its "
+        f"shards of {recorded.source}"
+    )
     seed = None if outline.adapters_from_checkpoint else run.settings.seed
     run.fill_weights_after_sharding = functools.partial(fill_weights_after_sharding, seed=seed)
     return run
@@ -286,15 +298,20 @@ def _check_vocabulary(run: BuiltRun) -> None:
     if not rows:
         return
     if run.tokenizer is not None and len(run.tokenizer) > rows:
-        raise ConfigError(f"the tokenizer has {len(run.tokenizer):,} tokens but the model's embedding has {rows:,} "
-                          f"rows (config.json vocab_size): ids from {rows:,} on have no embedding; use the model's "
-                          "own tokenizer", field="tokenizer")  # fmt: skip
+        raise ConfigError(
+            f"the tokenizer has {len(run.tokenizer):,} tokens but the model's embedding has {rows:,} "
+            f"rows (config.json vocab_size): ids from {rows:,} on have no embedding; use the model's "
+            "own tokenizer",
+            field="tokenizer",
+        )
     for name, dataset in [("train_dataset", run.train_dataset), *run.eval_datasets.items()]:
         vocab = (_pack_meta(dataset) or {}).get("tokenizer", {}).get("vocab_size")
         if isinstance(vocab, int) and vocab > rows:
-            raise ConfigError(f"{dataset.prefix}.json was packed with a tokenizer of {vocab:,} tokens, more than "
-                              f"the model's {rows:,} embedding rows; pack it with the model's tokenizer",
-                              field=name)  # fmt: skip
+            raise ConfigError(
+                f"{dataset.prefix}.json was packed with a tokenizer of {vocab:,} tokens, more than "
+                f"the model's {rows:,} embedding rows; pack it with the model's tokenizer",
+                field=name,
+            )
 
 
 def _pack_meta(dataset: Any) -> dict[str, Any] | None:

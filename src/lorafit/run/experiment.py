@@ -50,15 +50,21 @@ def check_experiment_id(experiment_id: str | None) -> None:
         or experiment_id.startswith("-")
         or any(ord(c) < 32 or ord(c) == 127 for c in experiment_id)
     ):
-        raise UserError(f"--experiment_id {experiment_id!r}: an experiment id is a visible folder name: not blank, "
-                        "no control characters, not starting with '-' (it would read as an option)")  # fmt: skip
+        raise UserError(
+            f"--experiment_id {experiment_id!r}: an experiment id is a visible folder name: not blank, "
+            "no control characters, not starting with '-' (it would read as an option)"
+        )
     separators = {"/", os.sep, os.altsep or "/"}
     if not experiment_id or experiment_id in (".", "..") or any(s in experiment_id for s in separators):
-        raise UserError(f"--experiment_id {experiment_id!r}: an experiment id is one folder name (no '/', no '..'); "
-                        "the run folder is always <experiments_root_path>/<experiment_id>")  # fmt: skip
+        raise UserError(
+            f"--experiment_id {experiment_id!r}: an experiment id is one folder name (no '/', no '..'); "
+            "the run folder is always <experiments_root_path>/<experiment_id>"
+        )
     if "\0" in experiment_id or len(experiment_id.encode("utf-8", "surrogateescape")) > MAX_ID_BYTES:
-        raise UserError(f"--experiment_id: {len(experiment_id)} characters; a folder name holds at most "
-                        f"{MAX_ID_BYTES} bytes and no NUL")  # fmt: skip
+        raise UserError(
+            f"--experiment_id: {len(experiment_id)} characters; a folder name holds at most "
+            f"{MAX_ID_BYTES} bytes and no NUL"
+        )
 
 
 def create_run_dir(
@@ -68,13 +74,17 @@ def create_run_dir(
     root = Path(root)
     run_dir = root / experiment_id
     if run_dir.is_symlink() and not run_dir.exists():
-        raise UserError(f"--experiment_id {experiment_id}: {run_dir} is a broken link to {os.readlink(run_dir)}; "
-                        "remove the link or choose another --experiment_id")  # fmt: skip
+        raise UserError(
+            f"--experiment_id {experiment_id}: {run_dir} is a broken link to {os.readlink(run_dir)}; "
+            "remove the link or choose another --experiment_id"
+        )
     if run_dir.exists():
         if not any((run_dir / "checkpoints").glob("step_*/COMPLETE")):  # killed before its first checkpoint
-            raise UserError(f"run folder already exists: {run_dir}, with no checkpoint to continue from (the run "
-                            "stopped before its first one); lorafit never overwrites a run: pass another "
-                            f"--experiment_id, or delete {run_dir} to reuse this one")  # fmt: skip
+            raise UserError(
+                f"run folder already exists: {run_dir}, with no checkpoint to continue from (the run "
+                "stopped before its first one); lorafit never overwrites a run: pass another "
+                f"--experiment_id, or delete {run_dir} to reuse this one"
+            )
         raise UserError(
             f"run folder already exists: {run_dir}; lorafit never overwrites a run. Pass another --experiment_id, "
             f"or --resume_from latest (or a checkpoint path) with --experiment_id {experiment_id} to continue it"

@@ -31,8 +31,10 @@ def build_dataset(config_path: Path, name: str, overrides: tuple[str, ...]) -> t
     if key not in ("train_dataset", "eval_datasets") or (key == "eval_datasets") != bool(member):
         raise UserError(f"--dataset {name}: give train_dataset or eval_datasets.NAME")
     if key not in config:
-        raise UserError(f"{config_path} has no top-level '{key}' (a Modalities config: preview its dataset files "
-                        "with --input / --tokenizer)")  # fmt: skip
+        raise UserError(
+            f"{config_path} has no top-level '{key}' (a Modalities config: preview its dataset files "
+            "with --input / --tokenizer)"
+        )
     seq = RunSettings.model_validate(settings_of(config)).step_profile.sequence_length
     graph = ConfigGraph(with_sequence_length(config, seq))  # as the run builds it: one sequence length
     built = graph.build(key)
@@ -83,9 +85,11 @@ def summary(dataset: Any, name: str) -> list[str]:
     meta = data.meta
     trained = int(meta.get("num_trained_tokens", data.num_tokens))
     fmt = meta.get("format") or meta["kind"]
-    lines = [f"{name}: {type(dataset).__name__} over {dataset.prefix}.bin (format {fmt})",
-             f"  {len(dataset):,} samples of up to {dataset.sequence_length} tokens; {data.num_documents:,} documents, "
-             f"{data.num_tokens:,} tokens, {trained:,} of them trained on"]  # fmt: skip
+    lines = [
+        f"{name}: {type(dataset).__name__} over {dataset.prefix}.bin (format {fmt})",
+        f"  {len(dataset):,} samples of up to {dataset.sequence_length} tokens; {data.num_documents:,} documents, "
+        f"{data.num_tokens:,} tokens, {trained:,} of them trained on",
+    ]
     plan = getattr(dataset, "plan", None)
     if plan is not None:
         lines.append(f"  packing: {plan.summary('').removeprefix(': ')}")
@@ -93,11 +97,15 @@ def summary(dataset: Any, name: str) -> list[str]:
         starts = data.offsets[:-1]
         cut = int(((data.offsets[1:] - starts) > dataset.sequence_length + 1).sum())
         left_out = data.num_documents - len(dataset)
-        lines.append(f"  not packed (packing: false): {cut:,} conversations cut to sequence_length + 1 = "
-                     f"{dataset.sequence_length + 1} tokens, {left_out:,} left out (no answer token)")  # fmt: skip
+        lines.append(
+            f"  not packed (packing: false): {cut:,} conversations cut to sequence_length + 1 = "
+            f"{dataset.sequence_length + 1} tokens, {left_out:,} left out (no answer token)"
+        )
     else:
-        lines.append("  text: documents joined by EOS and cut into blocks of sequence_length + 1 tokens (a document "
-                     "may go on in the next block)")  # fmt: skip
+        lines.append(
+            "  text: documents joined by EOS and cut into blocks of sequence_length + 1 tokens (a document "
+            "may go on in the next block)"
+        )
     return lines
 
 
@@ -105,8 +113,10 @@ def preview(dataset: Any, tokenizer: Any, name: str, num_samples: int) -> str:
     if not len(dataset):
         raise UserError(f"{name}: no samples")
     lines = summary(dataset, name)
-    lines.append(f"trained tokens are inside {TRAINED_OPEN} {TRAINED_CLOSE}; '{NEW_DOCUMENT.strip()}' starts "
-                 "another document in the same block")  # fmt: skip
+    lines.append(
+        f"trained tokens are inside {TRAINED_OPEN} {TRAINED_CLOSE}; '{NEW_DOCUMENT.strip()}' starts "
+        "another document in the same block"
+    )
     for i in range(min(num_samples, len(dataset))):
         sample = dataset[i]
         n = len(sample["input_ids"])
@@ -114,8 +124,16 @@ def preview(dataset: Any, tokenizer: Any, name: str, num_samples: int) -> str:
     return "\n".join(lines)
 
 
-def preview_file(path: Path, tokenizer_dir: Path, *, fmt: str, chat_template: str | None, sequence_length: int,
-                 packing: bool, num_samples: int) -> str:  # fmt: skip
+def preview_file(
+    path: Path,
+    tokenizer_dir: Path,
+    *,
+    fmt: str,
+    chat_template: str | None,
+    sequence_length: int,
+    packing: bool,
+    num_samples: int,
+) -> str:
     """A data file packed into a temporary folder with the tokenizer, previewed as dataset/hf_datasets reads it."""
     import tempfile
 

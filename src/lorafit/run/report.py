@@ -48,20 +48,28 @@ def _training_lines(records: list[dict[str, Any]]) -> list[str]:
     lines = [f"## training (`{METRICS}`)", "", "| what | step | value |", "|---|---|---|"]
     lines.append(f"| train loss, first logged step | {first['step']} | {first['loss']:.4f} |")
     lines.append(f"| train loss, last logged step | {last['step']} | {last['loss']:.4f} |")
-    shown = {"tokens": "tokens trained", "elapsed_s": "time (s)", "tokens_per_s": "tokens/s (last window)",
-             "peak_rss_mb": "peak RSS (MB)"}  # fmt: skip
+    shown = {
+        "tokens": "tokens trained",
+        "elapsed_s": "time (s)",
+        "tokens_per_s": "tokens/s (last window)",
+        "peak_rss_mb": "peak RSS (MB)",
+    }
     for key, label in shown.items():
         if key in last:
             value = last[key]
-            lines.append(f"| {label} | {last['step']} | {value:,} |" if isinstance(value, int) else
-                         f"| {label} | {last['step']} | {value:,.1f} |")  # fmt: skip
+            lines.append(
+                f"| {label} | {last['step']} | {value:,} |"
+                if isinstance(value, int)
+                else f"| {label} | {last['step']} | {value:,.1f} |"
+            )
     evals = [r for r in records if any(k.startswith("eval/") for k in r)]
     if evals:
         last_eval = evals[-1]
         for key in sorted(k for k in last_eval if k.startswith("eval/") and k.endswith("/loss")):
             name = key.removeprefix("eval/").removesuffix("/loss")
-            lines.append(f"| eval_datasets.{name} loss (all target tokens) | {last_eval['step']} | "
-                         f"{last_eval[key]:.4f} |")  # fmt: skip
+            lines.append(
+                f"| eval_datasets.{name} loss (all target tokens) | {last_eval['step']} | {last_eval[key]:.4f} |"
+            )
     return [*lines, ""]
 
 

@@ -80,8 +80,9 @@ def _run(request: RunRequest, dist_env) -> Path:
         plan = dist_env.on_main(_check_and_place, plan, config, dist_env.world_size, sources, request, root)
         run_dir = plan.run_dir
         for change in plan.changes:
-            info(f"resuming with a changed config (allowed, applied from step {_step_of(plan.checkpoint) + 1}): "
-                 f"{change}")  # fmt: skip
+            info(
+                f"resuming with a changed config (allowed, applied from step {_step_of(plan.checkpoint) + 1}): {change}"
+            )
         if plan.new_run:
             info(f"new run {run_dir} continues from {plan.checkpoint} ({plan.source_run} is left as it is)")
     else:
@@ -98,8 +99,9 @@ def _run(request: RunRequest, dist_env) -> Path:
                 "unsynchronised copies; use variant_key fsdp2 or ddp (or leave parallelism out: fsdp2 under torchrun)",
             )
         refuse_if_too_big(built, config, dist_env)  # predicted peak memory vs the machine's (training/memory.py)
-        dist_env.on_main(lambda: trackers.extend(open_trackers(built.settings.loggers, run_dir, experiment_id,
-                                                               run_config=config)))  # fmt: skip
+        dist_env.on_main(
+            lambda: trackers.extend(open_trackers(built.settings.loggers, run_dir, experiment_id, run_config=config))
+        )
     except UserError:
         if (plan is None or plan.new_run) and dist_env.rank == 0:
             discard_unused_run_dir(run_dir)  # so the same --experiment_id works once the problem is fixed
@@ -151,14 +153,17 @@ def _check_allocator(config: dict[str, Any]) -> None:
     asked = settings.get("allocator") if isinstance(settings, dict) else None
     used = allocator.active()
     if asked and asked != used:
-        warn(f"settings.allocator: {asked} records the allocator a run ran under and chooses none; this process runs "
-             f"under {used} (choose with `lorafit run --allocator {asked}` or LORAFIT_MALLOC={asked})")  # fmt: skip
+        warn(
+            f"settings.allocator: {asked} records the allocator a run ran under and chooses none; this process runs "
+            f"under {used} (choose with `lorafit run --allocator {asked}` or LORAFIT_MALLOC={asked})"
+        )
 
 
 def _check_and_place(plan, config, world_size: int, sources: dict[str, str], request: RunRequest, root: Path):
     """Rank 0: refuse a resume that would not continue the same training; a new run folder for a new id."""
-    plan = resume.check_continuation(plan, read_resolved(plan.source_run), config, world_size, sources,
-                                     request.allow_config_change)  # fmt: skip
+    plan = resume.check_continuation(
+        plan, read_resolved(plan.source_run), config, world_size, sources, request.allow_config_change
+    )
     if plan.new_run:
         plan.run_dir = create_run_dir(
             root, request.experiment_id, Path(request.config_file_path), config, request.overrides
@@ -240,8 +245,9 @@ def log_evaluator_results(run_dir: Path, results: dict[str, Any], step: int, tra
 
 def export(built: BuiltRun, run_dir: Path, result) -> None:
     if result.adapter_dir is not None:  # how it was trained, for `lorafit generate` (lorafit/lora/provenance.py)
-        annotate_adapter(result.adapter_dir, prompt_format_of(built.train_dataset),
-                         built.settings.export.base_model_name_or_path)  # fmt: skip
+        annotate_adapter(
+            result.adapter_dir, prompt_format_of(built.train_dataset), built.settings.export.base_model_name_or_path
+        )
     if built.settings.export.merged_model and not has_lora(result.model_for_eval()):
         info("export.merged_model: nothing to merge (full fine-tuning); model/ is already a plain Hugging Face folder")
     elif built.settings.export.merged_model:

@@ -27,14 +27,26 @@ def default_collate(dataset: Any) -> Callable[[list[Batch]], Batch]:
     return lorafit_collate
 
 
-def train_sampler(dataset_len: int, settings: RunSettings, rank: int, world: int, shuffle: bool = True,
-                  samples_per_epoch: int | None = None) -> ResumableSampler:  # fmt: skip
+def train_sampler(
+    dataset_len: int,
+    settings: RunSettings,
+    rank: int,
+    world: int,
+    shuffle: bool = True,
+    samples_per_epoch: int | None = None,
+) -> ResumableSampler:
     """Rank `rank`'s sampler of a run's train data: the seed and global batch from `settings`; `samples_per_epoch`
     when the config layout fixes the epoch (BuiltRun.samples_per_epoch), else whole global batches."""
     sp = settings.step_profile
-    return ResumableSampler(dataset_len, rank=rank, world_size=world, seed=settings.seed, shuffle=shuffle,
-                            global_batch_size=sp.local_train_micro_batch_size * sp.gradient_accumulation_steps * world,
-                            epoch_length=samples_per_epoch)  # fmt: skip
+    return ResumableSampler(
+        dataset_len,
+        rank=rank,
+        world_size=world,
+        seed=settings.seed,
+        shuffle=shuffle,
+        global_batch_size=sp.local_train_micro_batch_size * sp.gradient_accumulation_steps * world,
+        epoch_length=samples_per_epoch,
+    )
 
 
 def train_micro_batches(dataset: Any, sampler: Any, micro_batch_size: int, collate: Callable) -> Iterator[Batch]:
@@ -48,8 +60,9 @@ def train_micro_batches(dataset: Any, sampler: Any, micro_batch_size: int, colla
         yield collate([dataset[next(indices)] for _ in range(micro_batch_size)])
 
 
-def eval_micro_batches(dataset: Any, env: DistEnv, micro_batch_size: int, max_batches: int | None,
-                       collate: Callable) -> Iterator[Batch]:  # fmt: skip
+def eval_micro_batches(
+    dataset: Any, env: DistEnv, micro_batch_size: int, max_batches: int | None, collate: Callable
+) -> Iterator[Batch]:
     """Samples 0..N-1 once over all ranks (rank r: r, r+W, ...), `micro_batch_size` at a time.
 
     Every rank yields the same number of batches, because a sharded forward is a collective: a rank that has

@@ -43,8 +43,11 @@ def check_gradient_flow(model: nn.Module, step: int, env: DistEnv) -> None:
     # random), A of an embedding under PEFT's init (A = 0, B random), B under Modalities' (embedding_init)
     first = _zero_started(model)
     wanted = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
-    params = [(n, p) for n, p in named_lora_parameters(model)
-              if (n in first if step == 1 else any(f".{w}" in n for w in wanted))]  # fmt: skip
+    params = [
+        (n, p)
+        for n, p in named_lora_parameters(model)
+        if (n in first if step == 1 else any(f".{w}" in n for w in wanted))
+    ]
     if not params:
         return
     stats = torch.zeros(len(params), 3, dtype=torch.float64, device=env.device)

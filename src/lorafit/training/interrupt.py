@@ -49,5 +49,8 @@ class StopRequest:
             raise KeyboardInterrupt  # the second signal: stop now, without a checkpoint of this step
         self.requested = signum
         # os.write, not print: a handler that prints while the main thread is printing can raise "reentrant call"
-        os.write(2, f"warning: {signal.Signals(signum).name}: finishing this step, then saving a checkpoint and "
-                    "stopping (send it again to stop at once)\n".encode())  # fmt: skip
+        os.write(
+            2,
+            f"warning: {signal.Signals(signum).name}: finishing this step, then saving a checkpoint and "
+            "stopping (send it again to stop at once)\n".encode(),
+        )

@@ -102,8 +102,7 @@ class TrainResult:
     def summary(self) -> str:
         last = f"{self.losses[-1][1]:.4f}" if self.losses else "n/a"
         first = f"{self.losses[0][1]:.4f}" if self.losses else "n/a"
-        lines = [f"steps: {self.steps}, tokens: {self.tokens:,}, time: {self.elapsed_s:.1f} s, "
-                 f"loss: {first} -> {last}"]  # fmt: skip
+        lines = [f"steps: {self.steps}, tokens: {self.tokens:,}, time: {self.elapsed_s:.1f} s, loss: {first} -> {last}"]
         lines += [f"eval {name} loss: {value:.4f}" for name, value in self.eval_losses.items()]
         if self.resumed_from:
             lines.append(f"resumed from: {self.resumed_from}")

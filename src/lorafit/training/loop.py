@@ -65,8 +65,14 @@ def train(job: TrainJob) -> TrainResult:
     last_checkpoint = resumed
     steps_with_targets = step  # a resumed run's earlier steps count as having had targets
 
-    metrics = MetricsLogger(run_dir, enabled=env.is_main, total_steps=total_steps, start_step=step,
-                            progress=job.progress, trackers=job.trackers)  # fmt: skip
+    metrics = MetricsLogger(
+        run_dir,
+        enabled=env.is_main,
+        total_steps=total_steps,
+        start_step=step,
+        progress=job.progress,
+        trackers=job.trackers,
+    )
     collate = job.collate_fn or default_collate(job.train_dataset)
     batches = train_micro_batches(job.train_dataset, sampler, micro_batch, collate)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -76,16 +82,29 @@ def train(job: TrainJob) -> TrainResult:
     start, window_start, window_tokens = time.perf_counter() - elapsed, time.perf_counter(), 0
 
     def run_eval() -> dict[str, float]:
-        results = held_out_losses(loss_fn, job.eval_datasets, env, micro_batch, settings.eval_max_batches,
-                                  lambda: strategy.autocast(env), job.collate_fn, job.eval_batch_sizes,
-                                  job.eval_loss)  # fmt: skip
+        results = held_out_losses(
+            loss_fn,
+            job.eval_datasets,
+            env,
+            micro_batch,
+            settings.eval_max_batches,
+            lambda: strategy.autocast(env),
+            job.collate_fn,
+            job.eval_batch_sizes,
+            job.eval_loss,
+        )
         metrics.log({"step": step, **{f"eval/{k}/loss": v for k, v in results.items()}})
         return results
 
     def checkpoint() -> Path:
-        trainer_state = {"tokens": tokens, "elapsed_s": time.perf_counter() - start, "sources": job.source_fingerprints,
-                         "global_batch_size": global_batch, "sampler": sampler.state_dict(),
-                         "scheduler": scheduler.state_dict()}  # fmt: skip
+        trainer_state = {
+            "tokens": tokens,
+            "elapsed_s": time.perf_counter() - start,
+            "sources": job.source_fingerprints,
+            "global_batch_size": global_batch,
+            "sampler": sampler.state_dict(),
+            "scheduler": scheduler.state_dict(),
+        }
         try:
             return save_checkpoint(
                 run_dir, step, model, optimizer, trainer_state, env, settings.checkpointing.keep_last
@@ -103,9 +122,15 @@ def train(job: TrainJob) -> TrainResult:
                 # the whole global batch's target count first: every micro-batch loss is divided by it. A Ctrl-C
                 # or SIGTERM on any rank rides along, so every rank stops before the same step (training/interrupt.py)
                 micro = [to_device(next(batches), env.device) for _ in range(accum)]
-                counts = torch.tensor([sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro),
-                                       sum(_real_tokens(b) for b in micro), float(stop.requested is not None)],
-                                      dtype=torch.float64, device=env.device)  # fmt: skip
+                counts = torch.tensor(
+                    [
+                        sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro),
+                        sum(_real_tokens(b) for b in micro),
+                        float(stop.requested is not None),
+                    ],
+                    dtype=torch.float64,
+                    device=env.device,
+                )
                 n_targets, n_tokens, stopping = env.all_reduce_sum(counts).tolist()
                 if stopping:  # the sampler has not advanced: the checkpoint below resumes with these batches
                     interrupted = True
@@ -146,9 +171,18 @@ def train(job: TrainJob) -> TrainResult:
 
                 if step % intervals.training_log_interval_in_steps == 0 or step == total_steps:
                     now = time.perf_counter()
-                    metrics.log({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
-                                 "tokens_per_s": round(window_tokens / max(now - window_start, 1e-9), 1),
-                                 **peak_memory_mb(env.device), "elapsed_s": round(now - start, 3)})  # fmt: skip
+                    metrics.log(
+                        {
+                            "step": step,
+                            "loss": loss,
+                            "lr": lr,
+                            "grad_norm": grad_norm,
+                            "tokens": tokens,
+                            "tokens_per_s": round(window_tokens / max(now - window_start, 1e-9), 1),
+                            **peak_memory_mb(env.device),
+                            "elapsed_s": round(now - start, 3),
+                        }
+                    )
                     window_start, window_tokens = now, 0
                 eval_every = intervals.evaluation_interval_in_steps  # None: at the end only
                 if job.eval_datasets and eval_every and step % eval_every == 0:
@@ -167,25 +201,40 @@ def train(job: TrainJob) -> TrainResult:
         metrics.close()
     if interrupted:
         if last_checkpoint and Path(run_dir) in Path(last_checkpoint).parents:
-            saved = (f"checkpoint {last_checkpoint}. Continue with the same command plus --resume_from latest "
-                     f"--experiment_id {run_dir.name}")  # fmt: skip
+            saved = (
+                f"checkpoint {last_checkpoint}. Continue with the same command plus --resume_from latest "
+                f"--experiment_id {run_dir.name}"
+            )
         elif last_checkpoint:  # a new run from another run's checkpoint, stopped before its own first one
             saved = f"nothing new was saved. Start again with --resume_from {last_checkpoint}"
         else:
             saved = f"no step was trained, so nothing was saved: start again (delete {run_dir} to reuse its id)"
-        raise TrainingInterrupted(f"interrupted after step {step} of {total_steps}; {saved}",
-                                  stop.requested or signal.SIGINT)  # fmt: skip
+        raise TrainingInterrupted(
+            f"interrupted after step {step} of {total_steps}; {saved}", stop.requested or signal.SIGINT
+        )
 
     # --- the results: adapter/ (LoRA) or model/ (full fine-tuning), gathered from the shards; the loss curve
-    weights = write_trained_weights(model, env, run_dir, write=job.write_adapter, keep_full=job.gather_full_model,
-                                    tokenizer=job.tokenizer)  # fmt: skip
+    weights = write_trained_weights(
+        model, env, run_dir, write=job.write_adapter, keep_full=job.gather_full_model, tokenizer=job.tokenizer
+    )
     if env.is_main:
         plot_loss(run_dir)
     env.barrier()
-    return TrainResult(model=model, run_dir=run_dir, env=env, steps=step, tokens=tokens,
-                       elapsed_s=time.perf_counter() - start, losses=losses, eval_losses=eval_losses,
-                       adapter_dir=weights.adapter_dir, model_dir=weights.model_dir, resumed_from=resumed,
-                       last_checkpoint=last_checkpoint, full_state_dict=weights.full_state_dict)  # fmt: skip
+    return TrainResult(
+        model=model,
+        run_dir=run_dir,
+        env=env,
+        steps=step,
+        tokens=tokens,
+        elapsed_s=time.perf_counter() - start,
+        losses=losses,
+        eval_losses=eval_losses,
+        adapter_dir=weights.adapter_dir,
+        model_dir=weights.model_dir,
+        resumed_from=resumed,
+        last_checkpoint=last_checkpoint,
+        full_state_dict=weights.full_state_dict,
+    )
 
 
 def _stop_asked(stop: StopRequest, env) -> bool:
@@ -203,8 +252,10 @@ def _checkpoint_failure(error: BaseException, target: Path, last_complete: Path 
     if last_complete is not None:
         kept = f"the last complete checkpoint, {last_complete}, is kept: make room, then add --resume_from latest"
     else:  # said plainly: --resume_from latest would find nothing
-        kept = (f"no checkpoint of this run was completed, so there is nothing to resume: make room, then start "
-                f"again (delete {run_dir} to reuse --experiment_id {run_dir.name})")  # fmt: skip
+        kept = (
+            f"no checkpoint of this run was completed, so there is nothing to resume: make room, then start "
+            f"again (delete {run_dir} to reuse --experiment_id {run_dir.name})"
+        )
     where = f"{target} ({cause.filename})" if cause.filename else target
     return UserError(describe_storage_error(cause, "saving a checkpoint", where) + f"; {kept}")
 

@@ -142,8 +142,14 @@ class CausalLMLoss(HoldsModel):
         # logits, and on CPU the head runs as fast in chunks of 256 as in one piece
         self.chunk_tokens = chunk_tokens
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, **model_inputs) -> torch.Tensor:  # fmt: skip
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        **model_inputs,
+    ) -> torch.Tensor:
         if position_ids is not None:
             # packed documents (lorafit.data.blocks): transformers builds the block-diagonal causal mask from the
             # position restarts only when no 2D mask is given; padding restarts at 0 too, so it is a document of its own

@@ -118,8 +118,10 @@ class MemoryPrediction:
         what = "RSS" if self.device == "cpu" else f"{self.device} memory, not measured on a GPU"
         other = "evaluation" if self.phase == "training" else "training"
         other_mib = sum((self.evaluation if other == "evaluation" else self.training).values())
-        return (f"predicted peak memory per process: {self.total_mib:,.0f} MiB ({what}; {parts}; set by "
-                f"{self.phase}, {other} {other_mib:,.0f} MiB)")  # fmt: skip
+        return (
+            f"predicted peak memory per process: {self.total_mib:,.0f} MiB ({what}; {parts}; set by "
+            f"{self.phase}, {other} {other_mib:,.0f} MiB)"
+        )
 
 
 def predict(job: MemoryJob) -> MemoryPrediction:
@@ -149,8 +151,11 @@ def predict(job: MemoryJob) -> MemoryPrediction:
         common["torchao"] = TORCHAO_MIB
     if autocast_copies:
         common["bf16 weight copies"] = autocast_copies / MIB
-    training = {**common, "activations" + (" (checkpointed)" if job.checkpointing else ""): activations / MIB,
-                "head": head / MIB}  # fmt: skip
+    training = {
+        **common,
+        "activations" + (" (checkpointed)" if job.checkpointing else ""): activations / MIB,
+        "head": head / MIB,
+    }
     evaluation = {**common, "generation": generation / MIB}
     return MemoryPrediction(training, evaluation, job.device)
 
@@ -235,17 +240,32 @@ def job_from_run(run, config: dict, world_size: int = 1, precision: str = "fp32"
         strategy = default_strategy(fake)
     sp = run.settings.step_profile
     full = trainable and not any("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
-    down = full or any(p.requires_grad and "lora_" in n and ("down_proj" in n or "mlp.c_proj" in n)
-                       for n, p in model.named_parameters())  # fmt: skip
+    down = full or any(
+        p.requires_grad and "lora_" in n and ("down_proj" in n or "mlp.c_proj" in n)
+        for n, p in model.named_parameters()
+    )
     return MemoryJob(
-        frozen_bytes=frozen, trainable=trainable, root_bytes=root_bytes, block_bytes=block_bytes, layers=layers,
-        hidden=hidden, intermediate=intermediate, vocab=vocab, kv_width=kv_heads * head_dim,
-        micro_batch=sp.local_train_micro_batch_size, sequence_length=sp.sequence_length,
-        checkpointing=strategy.config.activation_checkpointing, keeps_down_input=bool(down), precision=precision,
-        frozen_linear_bytes=frozen_linear, nf4=frozen_dtype == "nf4", world_size=world_size,
+        frozen_bytes=frozen,
+        trainable=trainable,
+        root_bytes=root_bytes,
+        block_bytes=block_bytes,
+        layers=layers,
+        hidden=hidden,
+        intermediate=intermediate,
+        vocab=vocab,
+        kv_width=kv_heads * head_dim,
+        micro_batch=sp.local_train_micro_batch_size,
+        sequence_length=sp.sequence_length,
+        checkpointing=strategy.config.activation_checkpointing,
+        keeps_down_input=bool(down),
+        precision=precision,
+        frozen_linear_bytes=frozen_linear,
+        nf4=frozen_dtype == "nf4",
+        world_size=world_size,
         sharded=strategy.name == "fsdp2",
-        device="cuda" if torch.cuda.is_available() else "cpu", evaluations=_evaluations(run),
-    )  # fmt: skip
+        device="cuda" if torch.cuda.is_available() else "cpu",
+        evaluations=_evaluations(run),
+    )
 
 
 def _frozen_storage(config: dict) -> tuple[str | None, list[str]]:
@@ -312,8 +332,9 @@ def describe(run, config: dict, world_size: int = 1) -> list[str]:
     if available is not None and prediction.device == "cpu":
         need = prediction.total_mib * world_size
         verdict = "fits" if need <= available else "DOES NOT FIT"
-        lines.append(f"memory available here: {available:,.0f} MiB ({verdict}: {need:,.0f} MiB for {world_size} "
-                     "process(es))")  # fmt: skip
+        lines.append(
+            f"memory available here: {available:,.0f} MiB ({verdict}: {need:,.0f} MiB for {world_size} process(es))"
+        )
     return lines
 
 

@@ -35,8 +35,16 @@ class MetricsLogger:
     """Appends to `<run_dir>/metrics.jsonl`; on resume, first drops lines after the resumed step (they belong to
     the part of the interrupted run that is being redone), so the file reads as one continuous run."""
 
-    def __init__(self, run_dir: Path, *, enabled: bool, total_steps: int, start_step: int = 0,
-                 progress: bool | None = None, trackers: list[Tracker] | None = None):  # fmt: skip
+    def __init__(
+        self,
+        run_dir: Path,
+        *,
+        enabled: bool,
+        total_steps: int,
+        start_step: int = 0,
+        progress: bool | None = None,
+        trackers: list[Tracker] | None = None,
+    ):
         self.enabled = enabled
         self.path = Path(run_dir) / METRICS
         self.total_steps, self.start_step = total_steps, start_step
@@ -61,8 +69,13 @@ class MetricsLogger:
         if progress if progress is not None else sys.stdout.isatty():
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-            self.bar = Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                                TextColumn("{task.fields[status]}"))  # fmt: skip
+            self.bar = Progress(
+                TextColumn("training"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeRemainingColumn(),
+                TextColumn("{task.fields[status]}"),
+            )
             self.task = self.bar.add_task("train", total=total_steps, completed=start_step, status="")
             self.bar.start()
 
@@ -110,8 +123,11 @@ def _fmt(key: str, value: Any) -> str:
 
 def _duration(seconds: float) -> str:
     seconds = round(seconds)
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
-        f"{seconds // 60}:{seconds % 60:02d}"  # fmt: skip
+    return (
+        f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+        if seconds >= 3600
+        else f"{seconds // 60}:{seconds % 60:02d}"
+    )
 
 
 def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:

@@ -60,8 +60,10 @@ class OptimizerFactory:
         ratio = c.loraplus_lr_ratio
         fast = [(n, p) for n, p in trainable if ratio is not None and n.endswith(LORAPLUS_FAST)]
         if ratio is not None and not fast:
-            raise UserError("loraplus_lr_ratio needs LoRA adapters (lora_B), and the model has none: drop it for "
-                            "full fine-tuning", field="optimizer.config.loraplus_lr_ratio")  # fmt: skip
+            raise UserError(
+                "loraplus_lr_ratio needs LoRA adapters (lora_B), and the model has none: drop it for full fine-tuning",
+                field="optimizer.config.loraplus_lr_ratio",
+            )
         fast_ids = {id(p) for _, p in fast}
         slow = [(n, p) for n, p in trainable if id(p) not in fast_ids]
         groups = []
@@ -69,8 +71,14 @@ class OptimizerFactory:
         for members, lr in ((slow, c.lr), (fast, c.lr * (ratio or 1.0))):
             decay = [p for n, p in members if decays(n, p)]
             no_decay = [p for n, p in members if not decays(n, p)]
-            groups += [g for g in ({"params": decay, "weight_decay": c.weight_decay, "lr": lr},
-                                   {"params": no_decay, "weight_decay": 0.0, "lr": lr}) if g["params"]]  # fmt: skip
+            groups += [
+                g
+                for g in (
+                    {"params": decay, "weight_decay": c.weight_decay, "lr": lr},
+                    {"params": no_decay, "weight_decay": 0.0, "lr": lr},
+                )
+                if g["params"]
+            ]
         return torch.optim.AdamW(groups, lr=c.lr, betas=tuple(c.betas), eps=c.eps)
 
     @property
@@ -152,11 +160,18 @@ class SchedulerFactory:
         c = self.config
         if isinstance(c, OneCycleConfig):
             return torch.optim.lr_scheduler.OneCycleLR(
-                optimizer, max_lr=c.max_lr, total_steps=c.total_steps or total_steps, pct_start=c.pct_start,
-                anneal_strategy=c.anneal_strategy, cycle_momentum=c.cycle_momentum, base_momentum=c.base_momentum,
-                max_momentum=c.max_momentum, div_factor=c.div_factor, final_div_factor=c.final_div_factor,
+                optimizer,
+                max_lr=c.max_lr,
+                total_steps=c.total_steps or total_steps,
+                pct_start=c.pct_start,
+                anneal_strategy=c.anneal_strategy,
+                cycle_momentum=c.cycle_momentum,
+                base_momentum=c.base_momentum,
+                max_momentum=c.max_momentum,
+                div_factor=c.div_factor,
+                final_div_factor=c.final_div_factor,
                 three_phase=c.three_phase,
-            )  # fmt: skip
+            )
         if isinstance(c, CosineConfig):
             warmup = c.warmup_steps if c.warmup_steps is not None else round((c.warmup_fraction or 0.0) * total_steps)
             schedule = WarmupCosine(warmup, total_steps, c.min_lr_ratio, cosine=True)

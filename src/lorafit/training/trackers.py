@@ -140,12 +140,22 @@ def open_wandb(config: WandbConfig, run_dir: Path, experiment_id: str, run_confi
             what = "is a file, not a folder" if directory.is_file() else f"cannot be made ({error.strerror})"
             raise ConfigError(f"{directory} {what}", field="settings.loggers.wandb.directory") from None
     try:
-        run = wandb.init(project=config.project, entity=config.entity, name=config.name or experiment_id,
-                         id=_wandb_id(experiment_id), resume="allow", mode=config.mode, dir=str(directory),
-                         config=run_config or {}, settings=wandb.Settings(console="off", silent=True))  # fmt: skip
+        run = wandb.init(
+            project=config.project,
+            entity=config.entity,
+            name=config.name or experiment_id,
+            id=_wandb_id(experiment_id),
+            resume="allow",
+            mode=config.mode,
+            dir=str(directory),
+            config=run_config or {},
+            settings=wandb.Settings(console="off", silent=True),
+        )
     except wandb.errors.Error as e:  # e.g. online without `wandb login`
-        raise ConfigError(f"cannot start the W&B run ({_first_line(e)}); mode: offline needs no account",
-                          field="settings.loggers.wandb") from None  # fmt: skip
+        raise ConfigError(
+            f"cannot start the W&B run ({_first_line(e)}); mode: offline needs no account",
+            field="settings.loggers.wandb",
+        ) from None
     return WandbTracker(run)
 
 
@@ -179,17 +189,23 @@ def open_mlflow(
     except MlflowException as e:
         hint = ""
         if (uri.startswith("file:") or "://" not in uri) and not os.environ.get("MLFLOW_ALLOW_FILE_STORE"):
-            hint = ("; MLflow 3 opens a file store only with MLFLOW_ALLOW_FILE_STORE=true in the environment: set it, "
-                    "or leave tracking_uri out for an SQLite store in the run folder")  # fmt: skip
-        raise ConfigError(f"cannot start the MLflow run at {uri} ({_first_line(e)}){hint}",
-                          field="settings.loggers.mlflow") from None  # fmt: skip
+            hint = (
+                "; MLflow 3 opens a file store only with MLFLOW_ALLOW_FILE_STORE=true in the environment: set it, "
+                "or leave tracking_uri out for an SQLite store in the run folder"
+            )
+        raise ConfigError(
+            f"cannot start the MLflow run at {uri} ({_first_line(e)}){hint}", field="settings.loggers.mlflow"
+        ) from None
     except ImportError as e:  # the SQLite store needs sqlalchemy and alembic (the mlflow extra installs them)
-        raise ConfigError(f"cannot open the MLflow store at {uri}: {e}; pip install 'lorafit[mlflow]'",
-                          field="settings.loggers.mlflow") from None  # fmt: skip
+        raise ConfigError(
+            f"cannot open the MLflow store at {uri}: {e}; pip install 'lorafit[mlflow]'",
+            field="settings.loggers.mlflow",
+        ) from None
 
 
-def _start_mlflow(client, config: MlflowConfig, experiment_id: str, run_config: dict | None,
-                  artifacts: str | None) -> MlflowTracker:  # fmt: skip
+def _start_mlflow(
+    client, config: MlflowConfig, experiment_id: str, run_config: dict | None, artifacts: str | None
+) -> MlflowTracker:
     experiment = client.get_experiment_by_name(config.experiment_name)
     exp_id = experiment.experiment_id if experiment else client.create_experiment(config.experiment_name, artifacts)
     name = config.run_name or experiment_id
@@ -250,9 +266,11 @@ def missing_packages(config: LoggersConfig) -> list[Problem]:
     """Trackers the config asks for whose package is not installed (for `lorafit validate` and before building)."""
     import importlib.util
 
-    wanted = [("tensorboard", "tensorboard", "tensorboard", config.tensorboard is True),
-              ("wandb", "wandb", "wandb", config.wandb is not None and config.wandb.mode != "disabled"),
-              ("mlflow", "mlflow", "mlflow", config.mlflow is not None)]  # fmt: skip
+    wanted = [
+        ("tensorboard", "tensorboard", "tensorboard", config.tensorboard is True),
+        ("wandb", "wandb", "wandb", config.wandb is not None and config.wandb.mode != "disabled"),
+        ("mlflow", "mlflow", "mlflow", config.mlflow is not None),
+    ]
     return [
         _missing(f"settings.loggers.{key}", module, extra).problems[0]
         for key, module, extra, asked in wanted

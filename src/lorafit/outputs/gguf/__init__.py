@@ -50,8 +50,16 @@ def _encode(array, qtype):
 
 
 @torch.no_grad()
-def export_gguf(model, tokenizer, output: str | os.PathLike, *, dtype: str = "f16", overwrite: bool = False,
-                name: str | None = None, pre_tokenizer: str | None = None) -> Path:  # fmt: skip
+def export_gguf(
+    model,
+    tokenizer,
+    output: str | os.PathLike,
+    *,
+    dtype: str = "f16",
+    overwrite: bool = False,
+    name: str | None = None,
+    pre_tokenizer: str | None = None,
+) -> Path:
     """Write `model` (a plain LlamaForCausalLM, adapters merged) and `tokenizer` to the GGUF file `output`.
 
     `pre_tokenizer` names llama.cpp's pre-tokenizer for a tokenizer llama.cpp does not know (vocab.py)."""

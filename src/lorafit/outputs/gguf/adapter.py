@@ -36,15 +36,19 @@ def _gguf_name(module: str, shape) -> str:
     weight = module + ".weight"
     if weight == "lm_head.weight":
         if shape.tied:
-            raise UserError("GGUF adapter: the adapter changes lm_head, which this model ties to the embedding; a "
-                            "llama.cpp adapter cannot change the output head alone (merge instead: lorafit export "
-                            "gguf --adapter)")  # fmt: skip
+            raise UserError(
+                "GGUF adapter: the adapter changes lm_head, which this model ties to the embedding; a "
+                "llama.cpp adapter cannot change the output head alone (merge instead: lorafit export "
+                "gguf --adapter)"
+            )
         return TOP_TENSORS[weight]
     parts = weight.split(".")
     if parts[:2] == ["model", "layers"] and len(parts) > 3 and ".".join(parts[3:]) in LAYER_TENSORS:
         return f"blk.{parts[2]}.{LAYER_TENSORS['.'.join(parts[3:])]}"
-    raise UserError(f"GGUF adapter: {module} has no llama.cpp tensor an adapter can apply to (llama.cpp adapts the "
-                    "attention and MLP projections and an untied output head)")  # fmt: skip
+    raise UserError(
+        f"GGUF adapter: {module} has no llama.cpp tensor an adapter can apply to (llama.cpp adapts the "
+        "attention and MLP projections and an untied output head)"
+    )
 
 
 def adapter_tensors(model, shape) -> tuple[float, list[tuple[str, torch.Tensor]]]:
@@ -52,17 +56,23 @@ def adapter_tensors(model, shape) -> tuple[float, list[tuple[str, torch.Tensor]]
 
     settings = get_settings(model)
     if settings.use_dora:
-        raise UserError("GGUF adapter: llama.cpp applies plain LoRA only; a DoRA adapter must be merged "
-                        "(lorafit export gguf --adapter) instead")  # fmt: skip
+        raise UserError(
+            "GGUF adapter: llama.cpp applies plain LoRA only; a DoRA adapter must be merged "
+            "(lorafit export gguf --adapter) instead"
+        )
     if settings.init in DECOMPOSING_INITS:  # its base is a residual: the saved (converted) folder is what applies
-        raise UserError(f"GGUF adapter: a {settings.init} model in memory adapts a residual base; save the adapter "
-                        "(lorafit.save_adapter converts it) and export from that folder")  # fmt: skip
+        raise UserError(
+            f"GGUF adapter: a {settings.init} model in memory adapts a residual base; save the adapter "
+            "(lorafit.save_adapter converts it) and export from that folder"
+        )
     tensors, alphas = [], set()
     for name, layer in lora_layers(model):
         module = canonical_name(name)
         if not isinstance(layer, LoraLinear):
-            raise UserError(f"GGUF adapter: {module} is a {type(layer).__name__}; llama.cpp adapters hold LoRA on "
-                            "linear layers only (merge instead: lorafit export gguf --adapter)")  # fmt: skip
+            raise UserError(
+                f"GGUF adapter: {module} is a {type(layer).__name__}; llama.cpp adapters hold LoRA on "
+                "linear layers only (merge instead: lorafit export gguf --adapter)"
+            )
         target = _gguf_name(module, shape)
         a, b = (full_tensor(t).detach().to("cpu", torch.float32) for t in layer.lora_factors())
         if target.endswith("attn_q.weight"):
@@ -80,8 +90,9 @@ def adapter_tensors(model, shape) -> tuple[float, list[tuple[str, torch.Tensor]]
 
 
 @torch.no_grad()
-def export_gguf_adapter(model, output: str | os.PathLike, *, dtype: str = "f32", overwrite: bool = False,
-                        name: str | None = None) -> Path:  # fmt: skip
+def export_gguf_adapter(
+    model, output: str | os.PathLike, *, dtype: str = "f32", overwrite: bool = False, name: str | None = None
+) -> Path:
     """Write the LoRA adapter on `model` (a LlamaForCausalLM with LoRA) to the GGUF adapter file `output`."""
     import gguf
 

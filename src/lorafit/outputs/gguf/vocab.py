@@ -53,12 +53,21 @@ def _likely_name(pre: dict | None) -> str | None:
     steps = (pre or {}).get("pretokenizers") if (pre or {}).get("type") == "Sequence" else [pre] if pre else []
     if len(steps) == 1 and _byte_level(steps[0]) and steps[0].get("use_regex", True):
         return "gpt-2"  # the GPT-2 regex inside ByteLevel
-    if (len(steps) == 2 and steps[0].get("type") == "Digits" and steps[0].get("individual_digits")
-            and _byte_level(steps[1]) and steps[1].get("use_regex", True)):  # fmt: skip
+    if (
+        len(steps) == 2
+        and steps[0].get("type") == "Digits"
+        and steps[0].get("individual_digits")
+        and _byte_level(steps[1])
+        and steps[1].get("use_regex", True)
+    ):
         return "smollm"  # every digit alone, then the GPT-2 regex
-    if (len(steps) == 2 and steps[0].get("type") == "Split"
-            and (steps[0].get("pattern") or {}).get("Regex") == LLAMA3_SPLIT
-            and _byte_level(steps[1]) and not steps[1].get("use_regex", True)):  # fmt: skip
+    if (
+        len(steps) == 2
+        and steps[0].get("type") == "Split"
+        and (steps[0].get("pattern") or {}).get("Regex") == LLAMA3_SPLIT
+        and _byte_level(steps[1])
+        and not steps[1].get("use_regex", True)
+    ):
         return "llama-bpe"
     return None
 
@@ -68,8 +77,10 @@ def pre_tokenizer_name(tokenizer, chosen: str | None = None) -> str:
     accepts), else the name llama.cpp's converter finds for the tokenizer's check hash, else a UserError."""
     if chosen is not None:
         if chosen not in NAMES:
-            raise UserError(f"--pre-tokenizer: {chosen!r} is not a pre-tokenizer llama.cpp knows (valid: "
-                            f"{', '.join(sorted(NAMES))})")  # fmt: skip
+            raise UserError(
+                f"--pre-tokenizer: {chosen!r} is not a pre-tokenizer llama.cpp knows (valid: "
+                f"{', '.join(sorted(NAMES))})"
+            )
         return chosen
     digest = check_hash(tokenizer)
     if digest in HASHES:
@@ -77,16 +88,19 @@ def pre_tokenizer_name(tokenizer, chosen: str | None = None) -> str:
     pre = json.loads(tokenizer.backend_tokenizer.to_str()).get("pre_tokenizer")
     likely = _likely_name(pre)
     if likely:
-        hint = (f"; its pre_tokenizer is the one llama.cpp calls {likely!r}, so --pre-tokenizer {likely} (Python: "
-                f"pre_tokenizer={likely!r}) writes a file llama.cpp tokenizes the same way")  # fmt: skip
+        hint = (
+            f"; its pre_tokenizer is the one llama.cpp calls {likely!r}, so --pre-tokenizer {likely} (Python: "
+            f"pre_tokenizer={likely!r}) writes a file llama.cpp tokenizes the same way"
+        )
     else:
         hint = f"; its pre_tokenizer ({json.dumps(pre)[:200]}) matches none lorafit can name"
     raise UserError(
         "GGUF export: llama.cpp does not know this tokenizer (its check hash "
         f"{digest[:16]}... is not in llama.cpp's convert_hf_to_gguf.py table, which lorafit uses to name the "
-        "pre-tokenizer; a tokenizer trained or edited for this model is new to it)" + hint +
-        ". Name the llama.cpp pre-tokenizer that splits text as yours does with --pre-tokenizer NAME"
-    )  # fmt: skip
+        "pre-tokenizer; a tokenizer trained or edited for this model is new to it)"
+        + hint
+        + ". Name the llama.cpp pre-tokenizer that splits text as yours does with --pre-tokenizer NAME"
+    )
 
 
 def bpe_vocab(tokenizer, vocab_size: int, pre_tokenizer: str | None = None) -> Vocab:
@@ -144,8 +158,12 @@ def write_vocab(writer, vocab: Vocab) -> None:
     writer.add_token_list(vocab.tokens)
     writer.add_token_types(vocab.types)
     writer.add_token_merges(vocab.merges)
-    adders = {"bos": writer.add_bos_token_id, "eos": writer.add_eos_token_id, "unk": writer.add_unk_token_id,
-              "pad": writer.add_pad_token_id}  # fmt: skip
+    adders = {
+        "bos": writer.add_bos_token_id,
+        "eos": writer.add_eos_token_id,
+        "unk": writer.add_unk_token_id,
+        "pad": writer.add_pad_token_id,
+    }
     for name, index in vocab.special_ids.items():
         adders[name](index)
     writer.add_add_space_prefix(False)  # byte-level BPE: no SentencePiece-style leading space
