@@ -12,16 +12,14 @@ files and the same config; nothing is lorafit's reading of Modalities.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
+from modalities_ref import modalities_venv_python, reference
+
 REPO = Path(__file__).resolve().parents[2]
-REFERENCE = REPO / "tests" / "modalities_ref" / "reference.py"
 TRAIN_PBIN = REPO / "data" / "modalities" / "chat_train.pbin"
 MICRO = 2
 
@@ -31,24 +29,7 @@ pytestmark = pytest.mark.modalities
 @pytest.fixture(scope="session")
 def modalities_python() -> str:
     """The python of Modalities' own venv (made once, kept outside the repository). Under CI it must be there."""
-    done = subprocess.run(
-        ["bash", str(REPO / "scripts" / "install_modalities_env.sh")], capture_output=True, text=True, timeout=1800
-    )
-    if done.returncode != 0:
-        message = f"modalities 0.5.0's venv could not be made:\n{done.stderr[-3000:]}"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message + "\nrun: bash scripts/install_modalities_env.sh")
-    return done.stdout.strip().splitlines()[-1]
-
-
-def reference(python: str, request: dict) -> dict:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": ""}
-    done = subprocess.run(
-        [python, str(REFERENCE)], input=json.dumps(request), capture_output=True, text=True, timeout=900, env=env
-    )
-    assert done.returncode == 0, done.stderr[-4000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return modalities_venv_python()
 
 
 def loader_config(sequence_length: int, *, seed: int = 0) -> dict:
