@@ -97,3 +97,21 @@ def test_lorem_ipsum_config_under_torchrun_two_processes(smollm2_dir, tmp_path):
     assert any(t.abs().sum() > 0 for k, t in adapter.items() if "lora_B" in k)
     config = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
     assert config["r"] == 2 and config["lora_alpha"] == 1
+
+
+def test_validate_leaves_a_cache_of_another_tokenizer_to_run(smollm2_dir, tiny_model_dir, tmp_path, monkeypatch):
+    """The data's cache, tokenized for another model (SmolLM2's 49,152 tokens), is stale for the tiny model: `run`
+    tokenizes it again, so `validate` must not read it as the data's pack index (it refused the config once: "packed
+    with a tokenizer of 49,152 tokens, more than the model's 384 embedding rows")."""
+    from lorafit.cli import main
+
+    monkeypatch.chdir(REPO)
+    copy = tmp_path / "mine.yaml"
+    assert main(["configs", "cp", "chat_sft", str(copy)]) == 0
+    root = ["--experiments_root_path", str(tmp_path / "exp")]
+    one_step = ["settings.training_target={num_target_steps: 1}", "settings.step_profile.sequence_length=128"]
+    big = [f"settings.paths.model_folder={smollm2_dir}", *one_step]
+    assert main(["run", "--config", str(copy), *root, "--experiment_id", "big", *big]) == 0  # caches the data
+    assert main(["validate", "--config", str(copy), *_on_tiny(tiny_model_dir)]) == 0
+    steps = "settings.training_target={num_target_steps: 1}"
+    assert main(["run", "--config", str(copy), *root, "--experiment_id", "tiny", *_on_tiny(tiny_model_dir, steps)]) == 0
