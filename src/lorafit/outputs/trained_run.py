@@ -75,7 +75,7 @@ def _base_model(config_or_folder: Path, entities: tuple[str, ...]) -> nn.Module:
 
 @contextlib.contextmanager
 def _without_run_records(config: Path) -> Iterator[Path]:
-    """`config`, or a temporary copy without what lorafit before 0.1 recorded into a run's config.resolved.yaml
+    """`config`, or a temporary copy without what earlier lorafit runs recorded into their config.resolved.yaml
     for the program (`settings.allocator`; now a comment, lorafit/allocator.py): another layout's settings block
     (Modalities') has no such key and refuses it."""
     resolved = yaml.safe_load(config.read_text(encoding="utf-8"))
