@@ -213,3 +213,50 @@ def test_component_builds_and_runs(tmp_path, tiny, monkeypatch):
         spec.config_model.model_validate({"path": "held.jsonl", "max_tokens": 4})
     with pytest.raises(UserError, match="^path: evaluation file not found"):
         spec.builder(spec.config_model.model_validate({"path": "missing.jsonl"}))
+
+
+def _sliding_window_mistral():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from tiny import LLAMA
+
+    torch.manual_seed(5)
+    config = MistralConfig(**{k: v for k, v in LLAMA.items() if k != "rope_theta"}, sliding_window=4)
+    return MistralForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("kind", ["llama", "sliding_window", "gpt2"])
+def test_one_prefill_serves_loss_and_answers_as_separate_references_do(tiny, kind):
+    """The evaluator computes each batch's prompts once and continues from their cache twice: the answers' loss
+    (then the cache is cut back to the prompts, or a copy is used where it cannot be cut: sliding-window layers)
+    and the greedy answers. Both equal plain references that recompute everything per example."""
+    from lorafit.evaluation.exact_match import _can_crop, score_chat
+    from tiny import make_gpt2
+
+    _, tokenizer = tiny
+    model = {
+        "llama": lambda: tiny[0],
+        "sliding_window": _sliding_window_mistral,
+        "gpt2": lambda: make_gpt2(seed=4, vocab_size=384, n_positions=128),
+    }
+    model = model[kind]()
+    if kind == "sliding_window":  # the prompts are longer than the window: its cache cannot roll back
+        out = model(torch.tensor([[5, 6, 7, 8, 9, 10]]), use_cache=True)
+        assert not _can_crop(out.past_key_values)
+    exs = examples(["blue", "four", "dolor sit amet", "Madrid", "d e f g h"])
+    eos = {tokenizer.eos_token_id}
+    total, count = 0.0, 0
+    for e in exs:
+        prompt = _prompt_ids(tokenizer, e)
+        answer = tokenizer(e.reference, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        with torch.no_grad():
+            loss = model(
+                input_ids=torch.tensor([prompt + answer]), labels=torch.tensor([[-100] * len(prompt) + answer])
+            )
+        total += loss.loss.item() * len(answer)
+        count += len(answer)
+    expected = [tokenizer.decode(greedy_reference(model, tokenizer, e, 6, eos)) for e in exs]
+    for batch_size in (2, 16):
+        scores = score_chat(model, tokenizer, exs, max_new_tokens=6, batch_size=batch_size)
+        assert scores.loss == pytest.approx(total / count, rel=1e-5)
+        assert scores.answers == expected

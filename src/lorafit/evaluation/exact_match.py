@@ -9,6 +9,7 @@ ends them: the tokens a chat fine-tune trains on.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from collections.abc import Sequence
@@ -22,7 +23,7 @@ from pydantic import Field
 from lorafit.config.registry import ComponentConfig, register_component
 from lorafit.errors import UserError
 from lorafit.models.wrappers import unwrap
-from lorafit.training.loss import IGNORE_INDEX, CausalLMLoss
+from lorafit.training.loss import IGNORE_INDEX, plain_head, summed_causal_lm_loss
 
 
 @dataclass(frozen=True)
@@ -156,10 +157,6 @@ def _device_of(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def _batches(order: list[int], batch_size: int) -> list[list[int]]:
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-
-
 class _EvalMode:
     """Switch a model to eval() for the block and restore its previous mode, so evaluating mid-training is safe."""
 
@@ -173,11 +170,114 @@ class _EvalMode:
         self.model.train(self.was_training)
 
 
+@dataclass(frozen=True)
+class _PromptBatch:
+    """Prompts LEFT-padded to one width, so every row's last prompt token sits in the last column."""
+
+    rows: list[int]  # indices into the examples
+    ids: torch.Tensor  # (rows, width)
+    mask: torch.Tensor  # 1 on prompt tokens
+    lengths: list[int]  # each row's prompt length
+
+    @property
+    def positions(self) -> torch.Tensor:
+        # each prompt's positions start at 0 after its padding, as generate() numbers them
+        return (self.mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def _prompt_batches(prompts: list[list[int]], batch_size: int, pad_id: int) -> list[_PromptBatch]:
+    # Similar lengths together: less padding, and the output does not depend on it (left padding + mask).
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    batches = []
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        width = max(len(prompts[i]) for i in rows)
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for row, i in enumerate(rows):
+            ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
+            mask[row, width - len(prompts[i]) :] = 1
+        batches.append(_PromptBatch(rows, ids, mask, [len(prompts[i]) for i in rows]))
+    return batches
+
+
+def _prefill(model, batch: _PromptBatch, device):
+    """The KV cache of every prompt token but the last. The loss of the answers and the generation both start
+    from it, so each prompt is computed once per evaluation, not once for the loss and once for generation;
+    the last token stays uncached because generate() needs at least one new token to start from."""
+    if batch.ids.shape[1] < 2:
+        return None
+    inputs = {
+        "input_ids": batch.ids[:, :-1].to(device),
+        "attention_mask": batch.mask[:, :-1].to(device),
+        "position_ids": batch.positions[:, :-1].to(device),
+        "use_cache": True,
+    }
+    parts = plain_head(model)
+    if parts is not None:  # the decoder alone: no logits are needed
+        return parts[0](**inputs).past_key_values
+    return model(**inputs).past_key_values
+
+
+def _answer_loss(model, batch: _PromptBatch, cache, answers: list[list[int]], device) -> torch.Tensor:
+    """Summed CE of each row's answer (+ EOS) after its prompt, continuing from the prompts' cache. The
+    continuation is [last prompt token, answer..., EOS], RIGHT-padded; position t predicts token t+1."""
+    rows = [[int(batch.ids[row, -1])] + answers[i] for row, i in enumerate(batch.rows)]
+    width = max(map(len, rows))
+    ids = torch.zeros((len(rows), width), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    targets = torch.full_like(ids, IGNORE_INDEX)
+    positions = torch.zeros_like(ids)
+    for row, seq in enumerate(rows):
+        ids[row, : len(seq)] = torch.tensor(seq)
+        mask[row, : len(seq)] = 1
+        targets[row, : len(seq) - 1] = torch.tensor(seq[1:])
+        positions[row] = batch.lengths[row] - 1 + torch.arange(width)
+    prompt_mask = batch.mask[:, :-1] if cache is not None else batch.mask[:, :0]
+    return summed_causal_lm_loss(
+        model,
+        targets.to(device),
+        input_ids=ids.to(device),
+        attention_mask=torch.cat([prompt_mask, mask], dim=1).to(device),
+        position_ids=positions.to(device),
+        past_key_values=cache,
+        use_cache=cache is not None,
+    )
+
+
+def _can_crop(cache) -> bool:
+    """Whether `cache.crop(-n)` drops the last n positions: a DynamicCache of full-attention layers (the meaning
+    of a negative crop in transformers 4.x and 5.x alike). Sliding-window and recurrent layers cannot roll back,
+    so the answers' loss runs on a copy of their cache."""
+    from transformers.cache_utils import DynamicCache
+
+    layers = getattr(cache, "layers", None)
+    if layers is None:  # transformers 4.x: a DynamicCache keeps every position
+        return type(cache) is DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    return type(cache) is DynamicCache and all(type(layer) is DynamicLayer for layer in layers)
+
+
+@dataclass(frozen=True)
+class ChatScores:
+    loss: float | None  # mean CE per reference token (+ EOS), None when not asked for
+    answers: list[str] | None  # greedy answers in example order, None when not asked for
+
+
 @torch.no_grad()
-def generate_greedy(
-    model, tokenizer, examples: Sequence[ChatExample], *, max_new_tokens: int, batch_size: int = 16, device=None
-) -> list[str]:
-    """Greedy answers (decoded, special tokens removed, cut at EOS), in the order of `examples`."""
+def score_chat(
+    model,
+    tokenizer,
+    examples: Sequence[ChatExample],
+    *,
+    max_new_tokens: int | None,
+    loss: bool = True,
+    batch_size: int = 16,
+    device=None,
+) -> ChatScores:
+    """The held-out loss (with `loss`) and the greedy answers (with `max_new_tokens`) of `examples`, from one
+    prefill of their prompts per batch."""
     from transformers import GenerationConfig
 
     model = unwrap(model)  # DDP wraps forward only; generate lives on the HF model
@@ -185,32 +285,55 @@ def generate_greedy(
     eos_ids = _eos_ids(model, tokenizer)
     pad_id = _pad_id(tokenizer, eos_ids)
     prompts = [_prompt_ids(tokenizer, ex) for ex in examples]
+    references = [tokenizer(ex.reference, add_special_tokens=False)["input_ids"] + [eos_ids[0]] for ex in examples]
     # An explicit config, so sampling settings in the model's generation_config.json cannot leak into the greedy run.
     config = GenerationConfig(
-        do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, eos_token_id=eos_ids, pad_token_id=pad_id
+        do_sample=False, num_beams=1, max_new_tokens=max_new_tokens or 1, eos_token_id=eos_ids, pad_token_id=pad_id
     )
     # Under FSDP every rank must run the same number of forwards, or the all-gathers deadlock.
     synced = torch.distributed.is_available() and torch.distributed.is_initialized()
     synced = synced and torch.distributed.get_world_size() > 1
     answers: list[str] = [""] * len(examples)
-    # Similar lengths together: less padding, and the output does not depend on it (left padding + mask).
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    total = torch.zeros((), dtype=torch.float64)
     with _EvalMode(model):
-        for batch in _batches(order, batch_size):
-            width = max(len(prompts[i]) for i in batch)
-            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, i in enumerate(batch):
-                ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
-                mask[row, width - len(prompts[i]) :] = 1
+        for batch in _prompt_batches(prompts, batch_size, pad_id):
+            cache = _prefill(model, batch, device)
+            if loss:
+                rollback = cache is None or _can_crop(cache)
+                before = cache.get_seq_length() if cache is not None else 0
+                loss_cache = cache if rollback else copy.deepcopy(cache)
+                total += _answer_loss(model, batch, loss_cache, references, device).double().cpu()
+                if cache is not None and rollback:  # back to the prompts alone for generation
+                    cache.crop(before - cache.get_seq_length())
+            if not max_new_tokens:
+                continue
+            width = batch.ids.shape[1]
             out = model.generate(
-                input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config, synced_gpus=synced
+                input_ids=batch.ids.to(device),
+                attention_mask=batch.mask.to(device),
+                past_key_values=cache,
+                generation_config=config,
+                synced_gpus=synced,
             )
-            for row, i in enumerate(batch):
+            for row, i in enumerate(batch.rows):
                 new = out[row, width:].tolist()
                 cut = next((j for j, t in enumerate(new) if t in eos_ids), len(new))
                 answers[i] = tokenizer.decode(new[:cut], skip_special_tokens=True)
-    return answers
+    count = sum(len(r) for r in references)
+    return ChatScores(
+        loss=float(total) / count if loss else None,
+        answers=answers if max_new_tokens else None,
+    )
+
+
+def generate_greedy(
+    model, tokenizer, examples: Sequence[ChatExample], *, max_new_tokens: int, batch_size: int = 16, device=None
+) -> list[str]:
+    """Greedy answers (decoded, special tokens removed, cut at EOS), in the order of `examples`."""
+    scores = score_chat(
+        model, tokenizer, examples, max_new_tokens=max_new_tokens, loss=False, batch_size=batch_size, device=device
+    )
+    return scores.answers
 
 
 def evaluate_exact_match(
@@ -226,41 +349,16 @@ def evaluate_exact_match(
     answers = generate_greedy(
         model, tokenizer, examples, max_new_tokens=max_new_tokens, batch_size=batch_size, device=device
     )
+    return _result(examples, answers)
+
+
+def _result(examples: Sequence[ChatExample], answers: list[str]) -> ExactMatchResult:
     return ExactMatchResult([Prediction(ex.question, ex.reference, a) for ex, a in zip(examples, answers, strict=True)])
 
 
-@torch.no_grad()
 def heldout_loss(model, tokenizer, examples: Sequence[ChatExample], *, batch_size: int = 16, device=None) -> float:
     """Mean cross-entropy (nats per token) over every reference token plus its EOS, all examples pooled."""
-    device = torch.device(device) if device is not None else _device_of(model)
-    eos_ids = _eos_ids(model, tokenizer)
-    pad_id = _pad_id(tokenizer, eos_ids)
-    rows = []
-    for ex in examples:
-        prompt = _prompt_ids(tokenizer, ex)
-        answer = tokenizer(ex.reference, add_special_tokens=False)["input_ids"] + [eos_ids[0]]
-        rows.append((prompt + answer, len(prompt)))
-    total, count = 0.0, 0
-    # The fused head + CE (CausalLMLoss) never holds the logits of the whole batch (batch x length x vocabulary
-    # floats: 0.7 GB for 64 short SmolLM2 examples).
-    loss_fn = CausalLMLoss(model)
-    with _EvalMode(model):
-        for batch in _batches(list(range(len(rows))), batch_size):
-            width = max(len(rows[i][0]) for i in batch)
-            # Right padding: positions then start at 0 in every row without passing position_ids.
-            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            targets = torch.full_like(ids, IGNORE_INDEX)  # position t predicts token t+1: targets are shifted labels
-            for row, i in enumerate(batch):
-                seq, n_prompt = rows[i]
-                ids[row, : len(seq)] = torch.tensor(seq)
-                mask[row, : len(seq)] = 1
-                first = max(n_prompt, 1)  # the first token has no position before it to predict it
-                targets[row, first - 1 : len(seq) - 1] = torch.tensor(seq[first:])
-            loss = loss_fn(input_ids=ids.to(device), labels=targets.to(device), attention_mask=mask.to(device))
-            total += loss.item()
-            count += int((targets != IGNORE_INDEX).sum())
-    return total / count
+    return score_chat(model, tokenizer, examples, max_new_tokens=None, batch_size=batch_size, device=device).loss
 
 
 def render_before_after(before: ExactMatchResult | dict, after: ExactMatchResult | dict, k: int = 3) -> str:
@@ -306,8 +404,14 @@ class ExactMatchEvaluator:
     def run(self, model, tokenizer) -> dict[str, Any]:
         """{"loss", "accuracy", "correct", "n", "predictions"}, each prediction {"question", "reference",
         "prediction", "correct"} in example order; accuracy is a fraction in [0, 1]."""
-        loss = heldout_loss(model, tokenizer, self.examples, batch_size=self.config.batch_size)
-        return {"loss": loss} | self.exact_match(model, tokenizer).to_dict()
+        scores = score_chat(
+            model,
+            tokenizer,
+            self.examples,
+            max_new_tokens=self.config.max_new_tokens,
+            batch_size=self.config.batch_size,
+        )
+        return {"loss": scores.loss} | _result(self.examples, scores.answers).to_dict()
 
 
 @register_component("evaluator", "exact_match", ExactMatchEvaluatorConfig)

@@ -155,13 +155,21 @@ class CausalLMLoss(HoldsModel):
             # position restarts only when no 2D mask is given; padding restarts at 0 too, so it is a document of its own
             attention_mask = None
         inputs = {"attention_mask": attention_mask, "position_ids": position_ids, "use_cache": False, **model_inputs}
-        parts = _plain_head(self.causal_lm)
-        if parts is None:  # the model's own forward (full logits), CE over chunks of them
-            logits = self.causal_lm(input_ids=input_ids, **inputs).logits
-            return summed_cross_entropy(nn.Identity(), logits, labels, self.chunk_tokens)
-        decoder, head = parts
-        hidden = decoder(input_ids=input_ids, **inputs).last_hidden_state
-        return head_cross_entropy(hidden, head, labels, self.chunk_tokens)
+        return summed_causal_lm_loss(self.causal_lm, labels, self.chunk_tokens, input_ids=input_ids, **inputs)
+
+
+def summed_causal_lm_loss(
+    causal_lm: nn.Module, labels: torch.Tensor, chunk_tokens: int | None = 256, **model_inputs
+) -> torch.Tensor:
+    """Summed token CE of `causal_lm(**model_inputs)` against `labels` (already shifted, -100: ignored), with the
+    head on the target positions only where the logits are a plain head over the decoder's hidden states."""
+    parts = plain_head(causal_lm)
+    if parts is None:  # the model's own forward (full logits), CE over chunks of them
+        logits = causal_lm(**model_inputs).logits
+        return summed_cross_entropy(nn.Identity(), logits, labels, chunk_tokens)
+    decoder, head = parts
+    hidden = decoder(**model_inputs).last_hidden_state
+    return head_cross_entropy(hidden, head, labels, chunk_tokens)
 
 
 def head_cross_entropy(
@@ -176,7 +184,7 @@ def head_cross_entropy(
     return summed_cross_entropy(head, flat_hidden[keep][None], flat_labels[keep][None], chunk_tokens)
 
 
-def _plain_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+def plain_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     """(decoder, head) when logits are exactly head(decoder(...).last_hidden_state), else None."""
     config = getattr(model, "config", None)
     if config is None or getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
