@@ -3,7 +3,7 @@
     python benchmarks/main_job_splits.py validate [--lrs 0.001 0.002 0.003 0.005] [--seeds 1 2 3]
                                                   [--steps 40] [--sequence-length 300] [--out benchmarks/results]
     python benchmarks/main_job_splits.py test [--seeds 1 2 3] [--parallel 1] [--precision auto|fp32|bf16]
-                                              [--out benchmarks/results]
+                                              [--config configs/smollm2_135m_lora.yaml] [--out benchmarks/results]
 
 Both run configs/smollm2_135m_lora.yaml (the quickstart's job) through `lorafit run`, each run its own process.
 
@@ -21,6 +21,9 @@ Writes <out>/main_job_validation.json.
 split) and reports the test exact match as the mean and range over the seeds: <out>/main_job_test.json.
 `--precision fp32|bf16` pins `parallelism.config.mixed_precision` (the shipped config leaves it `auto`) and writes
 <out>/main_job_test_<precision>.json: the quality check of a precision that `auto` picks on other machines.
+`--config` runs another shipped config the same way (test mode only; its own evaluator, seed and precision
+changed): the comparison task is `--config configs/smollm2_135m_hard_lora.yaml`, written to
+<out>/<config stem>_test_<precision>.json.
 Needs `lorafit models prepare smollm2-135m` first; wrap in `flock /tmp/lorafit-heavy.lock` on a shared machine.
 """
 
@@ -51,10 +54,11 @@ def derive(
     sequence_length: int | None = None,
     validation: bool = True,
     precision: str = "auto",
+    source: Path = CONFIG,
 ) -> dict:
     """The shipped config at `seed` (and `lr`, `steps`, `sequence_length`, `precision`); with `validation`, its
     evaluator reads the validation split instead of the test split."""
-    config = yaml.safe_load(CONFIG.read_text())
+    config = yaml.safe_load(source.read_text())
     if precision != "auto":
         config["parallelism"] = {
             "component_key": "parallelism",
@@ -187,8 +191,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--earlier", type=Path, default=None, help="validate: runs recorded before, a JSON list")
     parser.add_argument("--parallel", type=int, default=1, help="test: runs at once (say so when quoting times)")
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help="test: mixed_precision")
+    parser.add_argument("--config", type=Path, default=CONFIG, help="test: the shipped config to run")
     args = parser.parse_args(argv)
-    shipped = yaml.safe_load(CONFIG.read_text())
+    if args.mode == "validate" and args.config.resolve() != CONFIG:
+        parser.error("--config is for test mode: validate makes the main job's choices")
+    shipped = yaml.safe_load(args.config.read_text())
     with tempfile.TemporaryDirectory(prefix="main_job_") as tmp:
         work = Path(tmp)
         print(f"work folder: {work}", flush=True)
@@ -197,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
             with concurrent.futures.ThreadPoolExecutor(args.parallel) as pool:  # each run is its own process
 
                 def one(seed: int) -> dict[str, Any]:
-                    config = derive(seed, validation=False, precision=args.precision)
+                    config = derive(seed, validation=False, precision=args.precision, source=args.config)
                     return run(f"seed{seed}", config, work, args.reuse)
 
                 done = pool.map(one, args.seeds)
@@ -213,8 +220,10 @@ def main(argv: list[str] | None = None) -> None:
                 "n": n,
                 "lr": shipped["optimizer"]["config"]["lr"],
                 "precision": args.precision,
+                "config": str(args.config),
             }
-            name = "main_job_test.json" if args.precision == "auto" else f"main_job_test_{args.precision}.json"
+            stem = "main_job" if args.config.resolve() == CONFIG else args.config.stem
+            name = f"{stem}_test.json" if args.precision == "auto" else f"{stem}_test_{args.precision}.json"
             out = args.out / name
         else:
             settings: dict[str, dict] = {}
