@@ -225,12 +225,14 @@ def _sliding_window_mistral():
     return MistralForCausalLM(config).eval()
 
 
+@pytest.mark.parametrize("system", [None, "You are a terse assistant: answer with one word."])
 @pytest.mark.parametrize("kind", ["llama", "sliding_window", "gpt2"])
-def test_one_prefill_serves_loss_and_answers_as_separate_references_do(tiny, kind):
+def test_one_prefill_serves_loss_and_answers_as_separate_references_do(tiny, kind, system):
     """The evaluator computes each batch's prompts once and continues from their cache twice: the answers' loss
     (then the cache is cut back to the prompts, or a copy is used where it cannot be cut: sliding-window layers)
-    and the greedy answers. Both equal plain references that recompute everything per example."""
-    from lorafit.evaluation.exact_match import _can_crop, score_chat
+    and the greedy answers; a prefix common to the batch (the system prompt) is computed once and the padding
+    sits after it. Both equal plain references that recompute everything per example."""
+    from lorafit.evaluation.exact_match import _can_crop, _can_share_prefixes, _prompt_batches, score_chat
     from tiny import make_gpt2
 
     _, tokenizer = tiny
@@ -244,6 +246,16 @@ def test_one_prefill_serves_loss_and_answers_as_separate_references_do(tiny, kin
         out = model(torch.tensor([[5, 6, 7, 8, 9, 10]]), use_cache=True)
         assert not _can_crop(out.past_key_values)
     exs = examples(["blue", "four", "dolor sit amet", "Madrid", "d e f g h"])
+    if system:
+        exs = [ChatExample([{"role": "system", "content": system}, *e.prompt], e.reference) for e in exs]
+    prompts = [_prompt_ids(tokenizer, e) for e in exs]
+    share = _can_share_prefixes(model, prompts[0][0], "cpu")
+    assert share == (kind != "sliding_window")
+    shared = _prompt_batches(prompts, 16, 0, share)[0].shared
+    if kind == "sliding_window":
+        assert shared == 0
+    else:  # the chat template's user header at least; with a system prompt, the whole system turn too
+        assert shared >= (12 if system else 3)
     eos = {tokenizer.eos_token_id}
     total, count = 0.0, 0
     for e in exs:

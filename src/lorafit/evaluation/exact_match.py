@@ -172,51 +172,86 @@ class _EvalMode:
 
 @dataclass(frozen=True)
 class _PromptBatch:
-    """Prompts LEFT-padded to one width, so every row's last prompt token sits in the last column."""
+    """Prompts padded to one width with every row's last prompt token in the last column: LEFT-padded, or, with
+    `shared` > 0, their common first `shared` tokens in the first columns and the padding after them (the mask
+    has a hole there; positions count real tokens only, so each row sees exactly its own prompt)."""
 
     rows: list[int]  # indices into the examples
     ids: torch.Tensor  # (rows, width)
     mask: torch.Tensor  # 1 on prompt tokens
     lengths: list[int]  # each row's prompt length
+    shared: int  # leading columns that are the same tokens in every row (0: plain left padding)
 
     @property
     def positions(self) -> torch.Tensor:
-        # each prompt's positions start at 0 after its padding, as generate() numbers them
+        # each prompt's positions count its own tokens from 0, as generate() numbers them from the mask
         return (self.mask.cumsum(-1) - 1).clamp(min=0)
 
 
-def _prompt_batches(prompts: list[list[int]], batch_size: int, pad_id: int) -> list[_PromptBatch]:
-    # Similar lengths together: less padding, and the output does not depend on it (left padding + mask).
+def _common_prefix(prompts: list[list[int]]) -> int:
+    shortest = min(map(len, prompts))
+    first = prompts[0]
+    return next((k for k in range(shortest) if any(p[k] != first[k] for p in prompts)), shortest)
+
+
+def _prompt_batches(prompts: list[list[int]], batch_size: int, pad_id: int, share: bool) -> list[_PromptBatch]:
+    # Similar lengths together: less padding, and the output does not depend on it (padding is masked).
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     batches = []
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
-        width = max(len(prompts[i]) for i in rows)
+        mine = [prompts[i] for i in rows]
+        # every row keeps at least one token after the shared part: its last token starts generation
+        shared = min(_common_prefix(mine), min(map(len, mine)) - 1) if share and len(rows) > 1 else 0
+        width = shared + max(len(p) - shared for p in mine)
         ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for row, i in enumerate(rows):
-            ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
-            mask[row, width - len(prompts[i]) :] = 1
-        batches.append(_PromptBatch(rows, ids, mask, [len(prompts[i]) for i in rows]))
+        ids[:, :shared] = torch.tensor(mine[0][:shared])
+        mask[:, :shared] = 1
+        for row, prompt in enumerate(mine):
+            ids[row, width - (len(prompt) - shared) :] = torch.tensor(prompt[shared:])
+            mask[row, width - (len(prompt) - shared) :] = 1
+        batches.append(_PromptBatch(rows, ids, mask, list(map(len, mine)), shared))
     return batches
+
+
+def _decoder_call(model):
+    """The decoder alone where the logits are a plain head over its hidden states (no logits are needed to
+    fill a cache), else the whole model."""
+    parts = plain_head(model)
+    return parts[0] if parts is not None else model
+
+
+def _can_share_prefixes(model, token: int, device) -> bool:
+    """Whether a common prefix may be cached once for a whole batch: full-attention layers only. A sliding
+    window counts cache slots, padding included, so the hole after the prefix would shift it."""
+    cache = _decoder_call(model)(input_ids=torch.tensor([[token]], device=device), use_cache=True).past_key_values
+    return _can_crop(cache)
 
 
 def _prefill(model, batch: _PromptBatch, device):
     """The KV cache of every prompt token but the last. The loss of the answers and the generation both start
-    from it, so each prompt is computed once per evaluation, not once for the loss and once for generation;
-    the last token stays uncached because generate() needs at least one new token to start from."""
+    from it, so each prompt is computed once per evaluation, not once for the loss and once for generation
+    (and a prefix common to the batch, such as a default system prompt, once for the batch); the last token
+    stays uncached because generate() needs at least one new token to start from."""
     if batch.ids.shape[1] < 2:
         return None
-    inputs = {
-        "input_ids": batch.ids[:, :-1].to(device),
-        "attention_mask": batch.mask[:, :-1].to(device),
-        "position_ids": batch.positions[:, :-1].to(device),
-        "use_cache": True,
-    }
-    parts = plain_head(model)
-    if parts is not None:  # the decoder alone: no logits are needed
-        return parts[0](**inputs).past_key_values
-    return model(**inputs).past_key_values
+    call = _decoder_call(model)
+    cache = None
+    if batch.shared:
+        ids = batch.ids[:1, : batch.shared].to(device)
+        cache = call(input_ids=ids, position_ids=batch.positions[:1, : batch.shared].to(device), use_cache=True)
+        cache = cache.past_key_values
+        cache.batch_repeat_interleave(len(batch.rows))
+    if batch.ids.shape[1] - 1 > batch.shared:
+        cache = call(
+            input_ids=batch.ids[:, batch.shared : -1].to(device),
+            attention_mask=batch.mask[:, :-1].to(device),
+            position_ids=batch.positions[:, batch.shared : -1].to(device),
+            past_key_values=cache,
+            use_cache=True,
+        ).past_key_values
+    return cache
 
 
 def _answer_loss(model, batch: _PromptBatch, cache, answers: list[list[int]], device) -> torch.Tensor:
@@ -296,7 +331,8 @@ def score_chat(
     answers: list[str] = [""] * len(examples)
     total = torch.zeros((), dtype=torch.float64)
     with _EvalMode(model):
-        for batch in _prompt_batches(prompts, batch_size, pad_id):
+        share = _can_share_prefixes(model, prompts[0][0], device) if prompts and prompts[0] else False
+        for batch in _prompt_batches(prompts, batch_size, pad_id, share):
             cache = _prefill(model, batch, device)
             if loss:
                 rollback = cache is None or _can_crop(cache)
