@@ -56,7 +56,7 @@ def main() -> None:
     args = parser.parse_args()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lorafit.evaluation.exact_match import ChatExample, generate_greedy, heldout_loss, load_examples
+    from lorafit.evaluation import ChatExample, generate_greedy, heldout_loss, load_examples
 
     tokenizer = AutoTokenizer.from_pretrained(args.model_folder)
     prompts = load_examples(args.probe)

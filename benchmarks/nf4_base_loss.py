@@ -59,7 +59,7 @@ def main() -> None:
     args = parser.parse_args()
     from transformers import AutoTokenizer
 
-    from lorafit.evaluation.exact_match import heldout_loss, load_examples
+    from lorafit.evaluation import heldout_loss, load_examples
 
     tokenizer = AutoTokenizer.from_pretrained(args.model_folder)
     examples = load_examples(args.heldout)

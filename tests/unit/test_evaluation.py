@@ -18,7 +18,7 @@ from lorafit.evaluation import (
     normalize,
     render_before_after,
 )
-from lorafit.evaluation.exact_match import _prompt_ids
+from lorafit.evaluation.chat_scoring import _prompt_ids
 
 QUESTIONS = [
     "What colour is the sky?",
@@ -232,7 +232,7 @@ def test_one_prefill_serves_loss_and_answers_as_separate_references_do(tiny, kin
     (then the cache is cut back to the prompts, or a copy is used where it cannot be cut: sliding-window layers)
     and the greedy answers; a prefix common to the batch (the system prompt) is computed once and the padding
     sits after it. Both equal plain references that recompute everything per example."""
-    from lorafit.evaluation.exact_match import _can_crop, _can_share_prefixes, _prompt_batches, score_chat
+    from lorafit.evaluation.chat_scoring import _can_crop, _can_share_prefixes, _prompt_batches, score_chat
     from tiny import make_gpt2
 
     _, tokenizer = tiny

@@ -47,7 +47,7 @@ from lorafit.distributed.env import DistEnv
 from lorafit.distributed.parallel import decoder_blocks, default_strategy
 from lorafit.distributed.speed import plan_speed
 from lorafit.errors import UserError
-from lorafit.evaluation.exact_match import _prompt_ids
+from lorafit.evaluation.chat_scoring import _prompt_ids
 from lorafit.frozen.linear import output_head
 from lorafit.models.wrappers import unwrap
 
