@@ -203,3 +203,23 @@ def test_variants_benchmark_runs_real_lorafit_runs(tiny_model_dir, tmp_path):
     assert set(losses) == {"base", "pissa_s1"} and all(0 < v < 20 for v in losses.values())
     refused = subprocess.run([*forgetting, str(runs / "nf4_attn_bf16_s1")], capture_output=True, text=True, cwd=REPO)
     assert refused.returncode != 0 and "low-precision base" in refused.stderr
+
+
+def test_evaluation_speed_benchmark_checks_both_contenders_agree(tiny_model_dir, tmp_path):
+    data = tmp_path / "held.jsonl"
+    questions = ["What colour is the sky?", "The capital of Spain is", "abc", "Lorem ipsum dolor"]
+    data.write_text(
+        "".join(
+            json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": "blue"}]}) + "\n"
+            for q in questions
+        )
+    )
+    cmd = [sys.executable, str(REPO / "benchmarks" / "evaluation_speed.py"), "--model", str(tiny_model_dir)]
+    cmd += ["--reps", "1", "--threads", "1", "--out", str(tmp_path), "--data", str(data), "--max-new-tokens", "5"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "evaluation_speed.json").read_text())
+    assert result["table"] in proc.stdout
+    assert result["same_answers"] == len(questions) == result["examples"]
+    assert result["loss"]["one_prefill"] == pytest.approx(result["loss"]["two_passes"], rel=1e-5)
+    assert set(result["seconds"]) == {"two_passes", "one_prefill"}
