@@ -65,6 +65,29 @@ def test_multi_process_starting_config_under_torchrun(tiny_model_dir, tmp_path):
     assert (tmp_path / "mp" / "adapter" / "adapter_model.safetensors").is_file()
 
 
+def test_evaluators_under_torchrun_finish(tiny_model_dir, tmp_path):
+    """Rank 0 alone evaluates (on a whole model) while the other ranks wait at a barrier: generation must not
+    wait for them at every step. It did (generate's synced mode, switched on by the process group), and a
+    2-process run with an evaluator hung before training."""
+    held = tmp_path / "held.jsonl"
+    held.write_text("".join((REPO / "data" / "task" / "test.jsonl").read_text().splitlines(keepends=True)[:3]))
+    config = tmp_path / "mp.yaml"
+    config.write_text(
+        (REPO / "configs" / "multi_process.yaml").read_text()
+        + "\nevaluators:\n  - component_key: evaluator\n    variant_key: exact_match\n"
+        + f"    config: {{path: {held}, max_new_tokens: 4}}\n"
+    )
+    steps = "settings.training_target={num_target_steps: 2}"
+    overrides = _on_tiny(tiny_model_dir, steps, "parallelism.config.mixed_precision=fp32")
+    root = ["--experiments_root_path", str(tmp_path), "--experiment_id", "ev"]
+    command = lorafit_command("run", "--config", str(config), *root, *overrides, processes=2)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "[before training] heldout" in proc.stdout and "[after training] heldout" in proc.stdout
+    assert json.loads((tmp_path / "ev" / "eval_after.json").read_text())["heldout"]["n"] == 3
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("config", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_shipped_config_validates(config, smollm2_dir, monkeypatch):

@@ -233,9 +233,6 @@ def score_chat(
     config = GenerationConfig(
         do_sample=False, num_beams=1, max_new_tokens=max_new_tokens or 1, eos_token_id=eos_ids, pad_token_id=pad_id
     )
-    # Under FSDP every rank must run the same number of forwards, or the all-gathers deadlock.
-    synced = torch.distributed.is_available() and torch.distributed.is_initialized()
-    synced = synced and torch.distributed.get_world_size() > 1
     answers: list[str] = [""] * len(examples)
     total = torch.zeros((), dtype=torch.float64)
     with _EvalMode(model):
@@ -257,7 +254,9 @@ def score_chat(
                 attention_mask=batch.mask.to(device),
                 past_key_values=cache,
                 generation_config=config,
-                synced_gpus=synced,
+                # rank 0 alone evaluates, on a whole (unsharded) model: generate() must not wait at each step
+                # for the other ranks (its synced mode all-reduces a flag per step; they are at a barrier)
+                synced_gpus=False,
             )
             for row, i in enumerate(batch.rows):
                 new = out[row, width:].tolist()
