@@ -247,19 +247,10 @@ def _softcapped_gemma2():
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
     torch.manual_seed(7)
-    config = Gemma2Config(
-        vocab_size=384,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        final_logit_softcapping=5.0,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
+    from tiny import LLAMA
+
+    values = {k: v for k, v in LLAMA.items() if k != "rope_theta"}
+    config = Gemma2Config(**values, head_dim=8, final_logit_softcapping=5.0)
     return Gemma2ForCausalLM(config).eval()
 
 
