@@ -26,7 +26,14 @@ The prediction is the larger of two phases, each a sum of parts (MiB):
   CKPT_HIDDEN x hidden per token and layer, plus one layer's activations being recomputed.
 - head chunk: the fused head + cross-entropy's logits for up to 256 positions at a time (vocabulary floats each).
 - generation: an evaluator's KV cache at batch x (prompt + new tokens), and its prefill's intermediates, times
-  GENERATION_FACTOR (the cache's growth by concatenation; measured, see the constant).
+  GENERATION_FACTOR (the cache's growth by concatenation; measured, see the constant). Measured and left out
+  (benchmarks/memory_parts.py evaluation, the comparison task's evaluator, 2026-12-07): the unmerged adapters'
+  branch outputs in the prefill (+6 MiB over the plain model) and the held-out loss pass before the generation
+  (its memory is reused by the generation: the same peak).
+- not counted: what training and the evaluation before it leave in the allocator that the evaluation after
+  training does not reuse (160-230 MiB over the base on the comparison task, memory_parts.py run_sequence). It
+  depends on the order of earlier allocations, not on a shape found so far, so runs whose peak is the evaluation
+  after training are under-predicted by up to ~11% (docs/benchmarks.md, "Peak memory predicted before the run").
 
 ACT_HIDDEN and CKPT_HIDDEN and the two measured constants were fitted on one machine (AMD EPYC, 2 cores, torch 2.13
 CPU, tbbmalloc) from SmolLM2-135M runs at three batch shapes with and without checkpointing; the generation factor
