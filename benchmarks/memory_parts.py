@@ -2,6 +2,8 @@
 
     LD_PRELOAD=<tbbmalloc> python benchmarks/memory_parts.py generation
     LD_PRELOAD=<tbbmalloc> torchrun --nproc_per_node 2 benchmarks/memory_parts.py fsdp2
+    LD_PRELOAD=<tbbmalloc> python benchmarks/memory_parts.py evaluation [CONFIG]
+    LD_PRELOAD=<tbbmalloc> python benchmarks/memory_parts.py run_sequence [CONFIG]
 
 (<tbbmalloc>: `python -c "from lorafit.allocator import tbbmalloc_libraries as t; print(':'.join(t()))"`, the
 allocator `lorafit run` uses.) `generation`: SmolLM2-135M (fp32, `lorafit models prepare smollm2-135m`) after one
@@ -10,7 +12,13 @@ the warmed process (VmHWM reset through /proc/self/clear_refs) against the KV ca
 memory.py counts (with the linears stored as NF4 first, `lorafit.frozen.nf4.store_nf4_linears`, after
 `requires_grad_(False)`: +473 MiB instead of +452, 2026-12-07). `fsdp2`: a SmolLM2-sized root (embedding
 49152 x 576) and 30 blocks under fully_shard on 2 gloo ranks, RSS after unsharding the root and one block.
-Prints one dict per process.
+`evaluation`: the run a config builds (default: the comparison task, configs/smollm2_135m_hard_lora.yaml), after
+one forward, then its exact-match evaluator as `lorafit run` calls it (its batch, prompts and max_new_tokens),
+each variant in a fresh process: through the plain model (LoRA removed), through the LoRA-adapted unmerged model,
+and the held-out loss pass before the generation, as `ExactMatchEvaluator.run` does. `run_sequence`: the whole
+`lorafit run` of a config (10 steps), RSS and its anonymous / file-backed parts at the evaluation after training
+(before the loss pass, after it, the generation's peak), once as it runs and once without the evaluation before
+training. Prints one dict per process (per variant).
 """
 
 from __future__ import annotations
@@ -106,7 +114,104 @@ def fsdp2() -> dict[str, float]:
     return out
 
 
+HARD = "configs/smollm2_135m_hard_lora.yaml"
+SHORT = (  # the memory_prediction.py case's run: 10 steps, checkpoint and evaluation at the end only
+    "settings.training_target.num_target_steps=10",
+    "settings.intervals.checkpointing_interval_in_steps=1000",
+    "settings.intervals.evaluation_interval_in_steps=1000",
+)
+
+
+def _fresh(what: str, config: str, variant: str) -> None:
+    """Run `what` for one variant in its own process (the allocator's cache starts empty), environment inherited."""
+    import subprocess
+
+    subprocess.run([sys.executable, __file__, what, config, variant], check=True)
+
+
+def evaluation(config: str = HARD, variant: str | None = None) -> dict[str, float] | None:
+    if variant is None:
+        for v in ("plain", "lora", "lora+loss"):
+            _fresh("evaluation", config, v)
+        return None
+    import gc
+
+    from lorafit.evaluation.exact_match import _prompt_ids, evaluate_exact_match, heldout_loss
+    from lorafit.lora.model import remove_lora
+    from lorafit.run.build import build_run, load_run_config
+
+    _, graph = load_run_config(Path(config), None, SHORT)
+    run = build_run(graph)
+    model = remove_lora(run.model) if variant == "plain" else run.model
+    evaluator = run.evaluators[0]
+    torch.manual_seed(0)
+    with torch.no_grad():
+        model(torch.randint(0, model.config.vocab_size, (2, 128)))  # the first forward (memory.py's allocator part)
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")
+    out = {"warmed": status("VmRSS")}
+    out["prompt tokens (longest)"] = max(len(_prompt_ids(run.tokenizer, ex)) for ex in evaluator.examples)
+    batch = evaluator.config.batch_size
+    if "loss" in variant:
+        heldout_loss(model, run.tokenizer, evaluator.examples, batch_size=batch)
+        out["loss: peak over warmed"] = status("VmHWM") - out["warmed"]
+        out["loss: kept after"] = status("VmRSS") - out["warmed"]
+    new = evaluator.config.max_new_tokens
+    evaluate_exact_match(model, run.tokenizer, evaluator.examples, max_new_tokens=new, batch_size=batch)
+    out["generation: peak over warmed"] = status("VmHWM") - out["warmed"]
+    print(variant, config, end=" ")
+    return out
+
+
+def run_sequence(config: str = HARD, variant: str | None = None) -> dict[str, float] | None:
+    if variant is None:
+        for v in ("as run", "no evaluation before training"):
+            _fresh("run_sequence", config, v)
+        return None
+    import tempfile
+
+    import lorafit.evaluation.exact_match as exact_match
+    import lorafit.run.runner as runner
+
+    out: dict[str, float] = {}
+    after = [False]
+
+    def mark(name: str) -> None:
+        if after[0]:
+            for key in ("VmRSS", "RssAnon", "RssFile"):
+                out[f"{name}: {key}"] = status(key)
+            out[f"{name}: VmHWM"] = status("VmHWM")
+            Path("/proc/self/clear_refs").write_text("5")
+
+    def wrap(function, before: str, done: str):
+        def measured(*args, **kwargs):
+            mark(before)
+            result = function(*args, **kwargs)
+            mark(done)
+            return result
+
+        return measured
+
+    exact_match.heldout_loss = wrap(exact_match.heldout_loss, "before loss", "after loss")
+    exact_match.evaluate_exact_match = wrap(exact_match.evaluate_exact_match, "before generation", "generation")
+    evaluators = runner.run_evaluators
+
+    def run_evaluators(built, run_dir, when, *args, **kwargs):
+        after[0] = when == "after"
+        result = None if when == "before" and variant != "as run" else evaluators(built, run_dir, when, *args, **kwargs)
+        Path("/proc/self/clear_refs").write_text("5")  # "before loss: VmHWM" is then training's peak
+        return result
+
+    runner.run_evaluators = run_evaluators
+    with tempfile.TemporaryDirectory() as tmp:
+        runner.run(runner.RunRequest(Path(config), Path(tmp), "memory_parts", overrides=SHORT))
+    print(variant, config, end=" ")
+    return out
+
+
 if __name__ == "__main__":
     what = sys.argv[1] if len(sys.argv) > 1 else "generation"
-    result = {"generation": generation, "fsdp2": fsdp2}[what]()
-    print({k: round(v) for k, v in result.items()}, flush=True)
+    cases = {"generation": generation, "fsdp2": fsdp2, "evaluation": evaluation, "run_sequence": run_sequence}
+    result = cases[what](*sys.argv[2:])
+    if result is not None:
+        print({k: round(v) for k, v in result.items()}, flush=True)

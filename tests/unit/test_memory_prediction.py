@@ -10,7 +10,7 @@ import yaml
 
 from lorafit.cli import main
 from lorafit.errors import UserError
-from lorafit.training.memory import MIB, MemoryJob, check_fits, predict
+from lorafit.training.memory import KEPT_FROM_TRAINING, MIB, MemoryJob, check_fits, predict
 from tiny_runs import evaluated_run_config
 
 # SmolLM2-135M's shape, LoRA r=16 on q,k,v,o: the main job (configs/smollm2_135m_lora.yaml)
@@ -30,8 +30,12 @@ MAIN_JOB = MemoryJob(
 )
 
 
+# its training alone (with the evaluator, the evaluation after training sets the peak, by 14 MiB)
+TRAINING_ONLY = replace(MAIN_JOB, evaluations=())
+
+
 def test_parts_are_what_the_job_holds():
-    p = predict(MAIN_JOB)
+    p = predict(TRAINING_ONLY)
     assert p.phase == "training"
     assert list(p.parts) == ["runtime", "allocator", "weights", "adapters+optimizer", "activations", "head"]
     assert p.parts["weights"] == pytest.approx(134_514_816 * 4 / MIB)
@@ -44,11 +48,11 @@ def test_parts_are_what_the_job_holds():
 
 
 def test_more_tokens_more_memory_and_checkpointing_less():
-    base = predict(MAIN_JOB).total_mib
-    assert predict(replace(MAIN_JOB, micro_batch=4)).total_mib > base
-    assert predict(replace(MAIN_JOB, sequence_length=600)).total_mib > base
-    assert predict(replace(MAIN_JOB, sequence_length=150)).total_mib < base
-    checkpointed = predict(replace(MAIN_JOB, checkpointing=True, evaluations=()))
+    base = predict(TRAINING_ONLY).total_mib
+    assert predict(replace(TRAINING_ONLY, micro_batch=4)).total_mib > base
+    assert predict(replace(TRAINING_ONLY, sequence_length=600)).total_mib > base
+    assert predict(replace(TRAINING_ONLY, sequence_length=150)).total_mib < base
+    checkpointed = predict(replace(TRAINING_ONLY, checkpointing=True))
     assert "activations (checkpointed)" in checkpointed.parts and checkpointed.total_mib < base
     # activations grow linearly in tokens (no sequence-squared term: the attention kernels do not keep scores)
     a = [predict(replace(MAIN_JOB, micro_batch=b)).training["activations"] for b in (1, 2, 4)]
@@ -81,6 +85,26 @@ def test_full_fine_tuning_pays_for_every_parameter():
 def test_a_large_evaluation_batch_sets_the_peak():
     p = predict(replace(MAIN_JOB, micro_batch=1, sequence_length=64, evaluations=((512, 200, 64),)))
     assert p.phase == "evaluation" and "generation" in p.parts and "activations" not in p.parts
+
+
+def test_the_evaluation_after_training_counts_what_training_left_in_the_allocator():
+    # the comparison task's evaluator: 64 prompts of up to 65 tokens, 24 new (configs/smollm2_135m_hard_lora.yaml)
+    hard = replace(MAIN_JOB, sequence_length=128, trainable=921_600, evaluations=((64, 65, 24),))
+    p = predict(hard)
+    assert p.phase == "evaluation"
+    parts = ["runtime", "allocator", "weights", "adapters+optimizer", "kept from training", "generation"]
+    assert list(p.parts) == parts
+    kv = 64 * (65 + 24) * 30 * 2 * 192 * 4  # batch x (prompt + new) x layers x K and V x kv width x fp32
+    prefill = 64 * 65 * (3 * 1536 + 4 * 576) * 4
+    assert p.parts["generation"] == pytest.approx(1.26 * (kv + prefill) / MIB)
+    assert p.parts["kept from training"] == pytest.approx(KEPT_FROM_TRAINING * p.parts["generation"])
+    # both grow with the evaluator's batch
+    bigger = predict(replace(hard, evaluations=((128, 65, 24),))).parts
+    assert bigger["generation"] == pytest.approx(2 * p.parts["generation"])
+    assert bigger["kept from training"] == pytest.approx(2 * p.parts["kept from training"])
+    # no evaluator: nothing runs after training, so nothing is counted for it
+    assert "kept from training" not in predict(replace(hard, evaluations=())).evaluation
+    assert "kept from training" not in predict(replace(hard, device="cuda")).evaluation  # RSS only
 
 
 def test_bf16_autocast_on_cpu_counts_the_cast_copies():

@@ -4,7 +4,7 @@ refuses early when it will not fit in the machine's memory.
 The prediction is the larger of two phases, each a sum of parts (MiB):
 
     training    = runtime + allocator + frozen weights + adapters and optimizer + activations + head chunk
-    evaluation  = runtime + allocator + frozen weights + adapters and optimizer + generation (KV cache + prefill)
+    evaluation  = runtime + allocator + frozen weights + adapters and optimizer + kept from training + generation
 
 - runtime: the process after importing torch, transformers and lorafit (measured: 316 MiB).
 - allocator: what loading a model, its tokenizer and running a first forward add beyond the weights themselves
@@ -26,7 +26,15 @@ The prediction is the larger of two phases, each a sum of parts (MiB):
   CKPT_HIDDEN x hidden per token and layer, plus one layer's activations being recomputed.
 - head chunk: the fused head + cross-entropy's logits for up to 256 positions at a time (vocabulary floats each).
 - generation: an evaluator's KV cache at batch x (prompt + new tokens), and its prefill's intermediates, times
-  GENERATION_FACTOR (the cache's growth by concatenation; measured, see the constant).
+  GENERATION_FACTOR (the cache's growth by concatenation; measured, see the constant). Measured and left out
+  (benchmarks/memory_parts.py evaluation, the comparison task's evaluator, 2026-12-07): the unmerged adapters'
+  branch outputs in the prefill (+6 MiB over the plain model) and the held-out loss pass before the generation
+  (its memory is reused by the generation: the same peak).
+- kept from training: what training and the evaluation before it leave in the allocator that the evaluation
+  after training does not reuse (RSS before that evaluation minus the base parts above), as a fraction of the
+  generation part (KEPT_FROM_TRAINING, measured on the main job). It did not follow the training step's shape
+  (main job 119 MiB at 2 x 300 tokens, comparison task 158 at 2 x 128, 4-bit base with checkpointing 99, all
+  three with 64-prompt evaluators); scaling it with the generation is an assumption, not measured.
 
 ACT_HIDDEN and CKPT_HIDDEN and the two measured constants were fitted on one machine (AMD EPYC, 2 cores, torch 2.13
 CPU, tbbmalloc) from SmolLM2-135M runs at three batch shapes with and without checkpointing; the generation factor
@@ -62,6 +70,12 @@ CKPT_HIDDEN = 2.0  # with activation checkpointing: floats per token and layer k
 # allocates every layer's K and V one token longer while the old copy lives, and the allocator keeps the freed ones.
 # (1.12 before: measured from a freshly loaded model, where part of the increment is the allocator part's.)
 GENERATION_FACTOR = 1.26
+# RSS at the start of the evaluation after training minus runtime + allocator + weights + adapters and optimizer, over
+# the generation part, on the main job (configs/smollm2_135m_lora.yaml, 10 steps: (1,153 - 1,034) / 470 MiB;
+# benchmarks/memory_parts.py run_sequence, tbbmalloc, 2026-12-07, AMD EPYC avx512_bf16). Training and the
+# evaluation before it leave it in tbbmalloc, in blocks the held-out loss pass and the generation after training do
+# not reuse (an evaluation run twice before training reuses its own: +60 MiB, not +215, for the second loss pass).
+KEPT_FROM_TRAINING = 0.25
 OPTIMIZER_BYTES = 20  # per trainable parameter: value, gradient, two AdamW moments, the update's temporary
 HEAD_CHUNK = 256  # positions per fused head + cross-entropy chunk (TrainJob.loss_chunk_tokens)
 TORCHAO_MIB = 86.0  # RSS that importing torchao's NF4 adds (frozen_dtype: nf4)
@@ -156,7 +170,8 @@ def predict(job: MemoryJob) -> MemoryPrediction:
         "activations" + (" (checkpointed)" if job.checkpointing else ""): activations / MIB,
         "head": head / MIB,
     }
-    evaluation = {**common, "generation": generation / MIB}
+    kept = {"kept from training": KEPT_FROM_TRAINING * generation / MIB} if job.device == "cpu" else {}
+    evaluation = {**common, **(kept if generation else {}), "generation": generation / MIB}
     return MemoryPrediction(training, evaluation, job.device)
 
 
