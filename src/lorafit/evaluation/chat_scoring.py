@@ -82,8 +82,12 @@ class _PromptBatch:
     rows: list[int]  # indices into the examples
     ids: torch.Tensor  # (rows, width)
     mask: torch.Tensor  # 1 on prompt tokens
-    lengths: list[int]  # each row's prompt length
     shared: int  # leading columns that are the same tokens in every row (0: plain left padding)
+
+    @property
+    def lengths(self) -> list[int]:
+        """Each row's prompt length."""
+        return self.mask.sum(1).tolist()
 
     @property
     def positions(self) -> torch.Tensor:
@@ -114,7 +118,7 @@ def _prompt_batches(prompts: list[list[int]], batch_size: int, pad_id: int, shar
         for row, prompt in enumerate(mine):
             ids[row, width - (len(prompt) - shared) :] = torch.tensor(prompt[shared:])
             mask[row, width - (len(prompt) - shared) :] = 1
-        batches.append(_PromptBatch(rows, ids, mask, list(map(len, mine)), shared))
+        batches.append(_PromptBatch(rows, ids, mask, shared))
     return batches
 
 
@@ -171,11 +175,11 @@ def _answer_loss(model, batch: _PromptBatch, cache, answers: list[list[int]], de
     mask = torch.zeros_like(ids)
     targets = torch.full_like(ids, IGNORE_INDEX)
     positions = torch.zeros_like(ids)
-    for row, seq in enumerate(rows):
+    for row, (seq, length) in enumerate(zip(rows, batch.lengths, strict=True)):
         ids[row, : len(seq)] = torch.tensor(seq)
         mask[row, : len(seq)] = 1
         targets[row, : len(seq) - 1] = torch.tensor(seq[1:])
-        positions[row] = batch.lengths[row] - 1 + torch.arange(width)
+        positions[row] = length - 1 + torch.arange(width)
     prompt_mask = batch.mask[:, :-1] if cache is not None else batch.mask[:, :0]
     return summed_causal_lm_loss(
         model,
