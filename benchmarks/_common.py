@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import platform
+import socket
 import statistics
 import subprocess
 import sys
@@ -203,6 +204,16 @@ def run_child(argv: list[str], result_file: Path, log_file: Path, env: dict[str,
     result["peak_rss_bytes"] = usage.ru_maxrss * 1024  # Linux reports KiB
     result["process_wall_s"] = wall
     return result
+
+
+def torchrun_command(processes: int, script: str | Path, *args: str) -> list[str]:
+    """`python -m torch.distributed.run` on this node with `processes` ranks running `script args...`, its
+    rendezvous on a free local port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(processes)]
+    return [*launcher, f"--rdzv-endpoint=127.0.0.1:{port}", str(script), *args]
 
 
 def alternating(contenders: Sequence[str], reps: int) -> list[tuple[int, str]]:

@@ -23,9 +23,7 @@ import json
 import math
 import os
 import shutil
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -151,19 +149,9 @@ def run_contender(name: str, config: Path, workdir: Path, threads: int | None) -
     peaks = workdir / f"peak_{name}"
     shutil.rmtree(peaks, ignore_errors=True)
     peaks.mkdir(parents=True)
-    with socket.socket() as s:  # a free port for torchrun's rendezvous
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nnodes",
-        "1",
-        "--nproc_per_node",
-        "2",
-        f"--rdzv-endpoint=127.0.0.1:{port}",
-        str(common.BENCH_DIR / "_rank_peak_rss.py"),
+    command = common.torchrun_command(
+        2,
+        common.BENCH_DIR / "_rank_peak_rss.py",
         "run",
         "--config_file_path",
         str(config),
@@ -171,7 +159,7 @@ def run_contender(name: str, config: Path, workdir: Path, threads: int | None) -
         str(workdir / "runs"),
         "--experiment_id",
         name,
-    ]
+    )
     env = {
         **os.environ,
         "LORAFIT_PEAK_RSS_DIR": str(peaks),

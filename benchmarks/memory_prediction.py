@@ -17,12 +17,13 @@ import argparse
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _common import torchrun_command
 
 REPO = Path(__file__).resolve().parents[1]
 SHORT = [
@@ -51,12 +52,6 @@ CASES: dict[str, tuple[str, list[str], int]] = {  # name -> (config, overrides, 
 PREDICTED = re.compile(r"predicted peak memory per process: ([\d,]+) MiB \((.*)\)")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 
 
@@ -74,19 +69,7 @@ def measure(name: str, work: Path) -> dict:
     match = prediction_of(name)
     run = ["run", "--config", config, "--experiments_root_path", str(work), "--experiment_id", name, *overrides]
     if processes > 1:
-        rendezvous = f"--rdzv-endpoint=127.0.0.1:{free_port()}"
-        command = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nnodes",
-            "1",
-            "--nproc_per_node",
-            str(processes),
-            rendezvous,
-            "src/lorafit/__main__.py",
-            *run,
-        ]
+        command = torchrun_command(processes, "src/lorafit/__main__.py", *run)
     else:
         command = [sys.executable, "-m", "lorafit", *run]
     start = time.perf_counter()
